@@ -1,0 +1,56 @@
+# One entry point for developers, CI and ops. Every target uses the project's own virtualenv.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PACKAGES := libs/contracts libs/runtime services/orders services/payments services/calendar \
+            services/notifications services/gateway sandbox
+ROLE ?= admin
+SUB ?= dev-$(ROLE)
+
+.PHONY: install lock run test test-fast migrate lint format asyncapi token bench
+
+$(PY):
+	uv venv --python 3.11 $(VENV)
+
+## install: the locked, hashed dependencies plus every workspace package (editable)
+install: $(PY)
+	uv pip sync --python $(PY) --require-hashes requirements.lock
+	uv pip install --python $(PY) --no-deps $(addprefix -e ,$(PACKAGES))
+
+## lock: re-resolve and rewrite requirements.lock (exact versions, hashes, no download hosts)
+lock:
+	uv lock
+	uv export --frozen --all-packages --no-emit-workspace --all-groups --format requirements-txt -o requirements.lock
+
+## run: every service plus the sandbox providers as local processes; migrations first; Ctrl-C stops all
+run: install
+	$(PY) -m booking.runtime.devrun
+
+## migrate: each service migrates its own schema
+migrate: install
+	for s in orders payments calendar notifications; do $(PY) -m booking.$$s migrate || exit 1; done
+
+## test: every test against the local (or $$DATABASE_URL / $$RABBITMQ_URL) Postgres and RabbitMQ
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+## asyncapi: write the AsyncAPI document generated from libs/contracts
+asyncapi: install
+	$(PY) -m booking.contracts.asyncapi > docs/asyncapi.json
+	@echo "wrote docs/asyncapi.json"
+
+## token: print a signed dev token, e.g. make token ROLE=mentor SUB=<mentor id>
+token:
+	@$(PY) -m booking.runtime.auth $(ROLE) $(SUB)
+
+## bench: benchmarks (never part of make test)
+bench: install
+	$(PY) -m bench.messaging

@@ -1,0 +1,118 @@
+"""The generated AsyncAPI document covers every event, and the committed copy is current."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from booking.contracts import (
+    ADMIN_ALERTS_EXCHANGE,
+    EXCHANGE,
+    AdminNotificationRaised,
+    Event,
+    registered_events,
+)
+from booking.contracts.asyncapi import build_asyncapi, render
+
+COMMITTED = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.json"
+ENVELOPE_FIELDS = {
+    "message_id",
+    "type",
+    "version",
+    "occurred_at",
+    "correlation_id",
+    "causation_id",
+    "producer",
+    "payload",
+}
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    return build_asyncapi()
+
+
+def resolve(document: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """Follow local `$ref`s (JSON pointers into the document) until a real node."""
+    while "$ref" in node:
+        pointer = node["$ref"].removeprefix("#/")
+        node = document
+        for part in pointer.split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def message_payload(document: dict[str, Any], channel: dict[str, Any]) -> dict[str, Any]:
+    (message,) = channel["messages"].values()
+    return resolve(document, resolve(document, message)["payload"])
+
+
+def test_header(document: dict[str, Any]):
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"]["title"] == "Mentor booking events"
+    assert document["info"]["version"] == "1.0.0"
+
+
+def test_one_channel_per_event_plus_the_admin_alerts(document: dict[str, Any]):
+    names = {event.event_type() for event in registered_events()}
+    assert set(document["channels"]) == names | {"AdminAlerts.AdminNotificationRaised"}
+    assert set(document["operations"]) == set(document["channels"])
+    for operation in document["operations"].values():
+        assert operation["action"] == "send"
+        assert operation["bindings"]["amqp"]["deliveryMode"] == 2  # persistent
+
+
+@pytest.mark.parametrize("event", registered_events(), ids=lambda e: e.event_type())
+def test_event_channel_is_its_routing_key_on_the_topic_exchange(
+    document: dict[str, Any], event: type[Event]
+):
+    channel = document["channels"][event.event_type()]
+    assert channel["address"] == event.routing_key()
+    assert channel["description"] == " ".join(event.__doc__.split())
+    exchange = channel["bindings"]["amqp"]["exchange"]
+    assert exchange == exchange | {"name": EXCHANGE, "type": "topic", "durable": True}
+
+
+@pytest.mark.parametrize("event", registered_events(), ids=lambda e: e.event_type())
+def test_event_message_is_the_envelope_around_the_payload(
+    document: dict[str, Any], event: type[Event]
+):
+    envelope = message_payload(document, document["channels"][event.event_type()])
+    assert set(envelope["properties"]) == ENVELOPE_FIELDS
+    assert envelope["properties"]["type"]["const"] == event.event_type()
+    assert envelope["properties"]["version"]["const"] == event.version
+    assert envelope["properties"]["producer"]["const"] == event.producer
+
+    payload = resolve(document, envelope["properties"]["payload"])
+    assert set(payload["properties"]) == set(event.model_fields)
+    assert payload["additionalProperties"] is False
+
+
+def test_money_is_documented_as_integers(document: dict[str, Any]):
+    envelope = message_payload(document, document["channels"]["PaymentCompleted"])
+    payment = resolve(document, envelope["properties"]["payload"])
+    for field in ("amount", "amount_paid", "platform_fee", "escrow_amount"):
+        assert payment["properties"][field]["type"] == "integer"
+        assert payment["properties"][field]["minimum"] == 0
+    assert payment["properties"]["currency"]["pattern"] == "^[A-Z]{3}$"
+
+
+def test_admin_notifications_are_also_on_the_fanout_exchange(document: dict[str, Any]):
+    channel = document["channels"]["AdminAlerts.AdminNotificationRaised"]
+    exchange = channel["bindings"]["amqp"]["exchange"]
+    assert exchange["name"] == ADMIN_ALERTS_EXCHANGE
+    assert exchange["type"] == "fanout"
+    envelope = message_payload(document, channel)
+    payload = resolve(document, envelope["properties"]["payload"])
+    assert set(payload["properties"]) == set(AdminNotificationRaised.model_fields)
+
+
+def test_committed_document_is_current(document: dict[str, Any]):
+    hint = "regenerate it: python -m booking.contracts.asyncapi > docs/asyncapi.json"
+    assert COMMITTED.is_file(), f"{COMMITTED} is missing; {hint}"
+    committed = COMMITTED.read_text(encoding="utf-8")
+    assert json.loads(committed) == document, f"{COMMITTED} is stale; {hint}"
+    assert committed == render(document), f"{COMMITTED} is not formatted as generated; {hint}"

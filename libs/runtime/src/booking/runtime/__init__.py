@@ -1,0 +1,1 @@
+"""What every service shares: settings, database, broker, outbox, inbox, health, auth, logging."""

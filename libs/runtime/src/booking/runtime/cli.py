@@ -1,0 +1,45 @@
+"""`python -m booking.<service> serve|migrate`: the same two commands for every service."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from booking.runtime.logs import configure_logging
+from booking.runtime.migrations import upgrade
+from booking.runtime.settings import RuntimeSettings
+
+
+def main(
+    *,
+    name: str,
+    settings_type: type[RuntimeSettings],
+    create_app: Callable[[Any], FastAPI],
+    schema: str | None = None,
+    argv: list[str] | None = None,
+) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m booking.{name}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve HTTP, consume events and relay the outbox")
+    if schema is not None:
+        commands.add_parser("migrate", help=f"migrate the {schema} schema to the latest version")
+    args = parser.parse_args(argv)
+
+    settings = settings_type()
+    configure_logging(name, settings.log_level)
+    if args.command == "migrate":
+        assert schema is not None
+        upgrade(settings, f"booking.{name}", schema)
+        return
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind_host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,284 @@
+"""The idempotent consumer: inbox + handler in one transaction, bounded retries, dead letters.
+
+Each delivery runs its handler in one transaction that also inserts `(message_id, consumer)`
+into the inbox; the primary key turns a redelivery into a no-op. The message is acked only after
+that commit. A failing handler's message goes to a delay queue (growing delay) and comes back,
+a bounded number of times; then it is dead-lettered and a SystemErrorReported is raised. A body
+that cannot be parsed, or an event version this code does not know, is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from booking.contracts import (
+    Envelope,
+    Event,
+    MalformedMessage,
+    SystemErrorReported,
+    UnknownEvent,
+    decode,
+    parse_envelope,
+    wrap,
+)
+from booking.contracts.envelope import snake_case
+from booking.runtime import metrics
+from booking.runtime.broker import Broker, ConsumerQueues, OutgoingMessage
+from booking.runtime.context import correlated
+from booking.runtime.db import Database
+from booking.runtime.outbox import Outbox
+from booking.runtime.tables import MessagingTables
+
+log = logging.getLogger(__name__)
+
+# Deterministic ids for the SystemErrorReported of a dead letter: reporting twice stores once.
+_DEAD_LETTER_NAMESPACE = uuid.UUID("4f7c8f0e-6d0b-4a3e-9a51-8b1f5d0d2c11")
+
+
+@dataclass
+class MessageContext:
+    """What a handler gets besides its event: the open transaction and a way to record events."""
+
+    session: AsyncSession
+    envelope: Envelope
+    outbox: Outbox
+
+    async def record(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        return await self.outbox.record(self.session, event, message_id=message_id)
+
+
+Handler = Callable[[Any, MessageContext], Awaitable[None]]
+
+
+def binding_key(event_type: type[Event]) -> str:
+    # Events any service may report (SystemErrorReported) are bound for every producer.
+    if event_type.producer == "runtime":
+        return f"*.{snake_case(event_type.__name__)}"
+    return event_type.routing_key()
+
+
+class Consumer:
+    def __init__(
+        self,
+        *,
+        name: str,
+        db: Database,
+        tables: MessagingTables,
+        outbox: Outbox,
+        broker: Broker,
+        handlers: Mapping[type[Event], Handler],
+        max_attempts: int,
+        retry_base_delay_ms: int,
+        prefetch: int,
+    ) -> None:
+        self.name = name
+        self.db = db
+        self.tables = tables
+        self.outbox = outbox
+        self.broker = broker
+        self.handlers = dict(handlers)
+        self.queues = ConsumerQueues.named(name, max_attempts, retry_base_delay_ms)
+        self.prefetch = prefetch
+        self.queue: AbstractQueue | None = None
+        self._channel: AbstractRobustChannel | None = None
+
+    @property
+    def routing_keys(self) -> list[str]:
+        return sorted({binding_key(t) for t in self.handlers})
+
+    async def attach(self, connection: AbstractRobustConnection) -> None:
+        """Declare the topology and start consuming (aio-pika re-attaches after reconnects)."""
+        self._channel = await connection.channel(publisher_confirms=True)
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        self.queue = await self.broker.declare_consumer(
+            self._channel, self.queues, self.routing_keys
+        )
+        await self.queue.consume(self.on_message)
+        log.info("consuming %s (%s)", self.queues.main, ", ".join(self.routing_keys))
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        try:
+            envelope = parse_envelope(message.body)
+            event = decode(envelope)
+        except (MalformedMessage, UnknownEvent) as exc:
+            log.error(
+                "dead-lettering unreadable message %s on %s: %s",
+                message.message_id,
+                self.name,
+                exc,
+            )
+            await self._dead_letter(message, None, reason="unreadable", error=str(exc))
+            return
+        handler = self.handlers.get(type(event))
+        if handler is None:
+            # A valid event this consumer is not subscribed to: nothing to do.
+            log.warning("no handler for %s on %s; acked", envelope.type, self.name)
+            await message.ack()
+            return
+        with correlated(envelope.correlation_id, str(envelope.message_id)):
+            try:
+                outcome = await self._handle_once(handler, event, envelope)
+            except Exception as exc:  # noqa: BLE001 - every failure takes the retry path
+                await self._retry_or_dead_letter(message, envelope, exc)
+                return
+            await message.ack()
+        metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, outcome).inc()
+        metrics.HANDLER_LATENCY.labels(self.name).observe(time.perf_counter() - started)
+
+    async def _handle_once(self, handler: Handler, event: Event, envelope: Envelope) -> str:
+        inbox = self.tables.inbox
+        async with self.db.transaction() as session:
+            first_time = (
+                await session.execute(
+                    insert(inbox)
+                    .values(message_id=envelope.message_id, consumer=self.name, event_type=envelope.type)
+                    .on_conflict_do_nothing()
+                    .returning(inbox.c.message_id)
+                )
+            ).first()
+            if first_time is None:
+                return "duplicate"
+            await handler(event, MessageContext(session, envelope, self.outbox))
+        return "handled"
+
+    async def _retry_or_dead_letter(
+        self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception
+    ) -> None:
+        attempt = int((message.headers or {}).get("x-attempt", 0)) + 1
+        error = f"{type(exc).__name__}: {exc}"
+        if attempt >= self.queues.max_attempts:
+            log.error(
+                "dead-lettering %s %s after %d attempts: %s",
+                envelope.type,
+                envelope.message_id,
+                attempt,
+                error,
+                exc_info=exc,
+            )
+            trace = "".join(traceback.format_exception(exc))
+            await self._dead_letter(message, envelope, reason="retries_exhausted", error=trace)
+            return
+        log.warning(
+            "%s %s failed (attempt %d of %d), retrying: %s",
+            envelope.type,
+            envelope.message_id,
+            attempt,
+            self.queues.max_attempts,
+            error,
+        )
+        await self._forward(
+            message, self.queues.retry(attempt), {"x-attempt": attempt, "x-last-error": error[:1000]}
+        )
+        await message.ack()  # only now: the copy in the delay queue is confirmed
+        metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, "retried").inc()
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        envelope: Envelope | None,
+        *,
+        reason: str,
+        error: str,
+    ) -> None:
+        attempts = int((message.headers or {}).get("x-attempt", 0)) + 1
+        dead_id = str(envelope.message_id) if envelope else (message.message_id or None)
+        await self._report_dead_letter(
+            SystemErrorReported(
+                service=self.outbox.producer,
+                consumer=self.name,
+                message_type=envelope.type if envelope else message.type,
+                error=error[:8000],
+                dead_lettered_message_id=dead_id,
+                attempts=attempts,
+            ),
+            key=dead_id or message.body.hex()[:200],
+            correlation_id=envelope.correlation_id if envelope else message.correlation_id,
+        )
+        await self._forward(
+            message,
+            self.queues.dead_letter,
+            {
+                "x-attempt": attempts,
+                "x-dead-letter-reason": reason,
+                "x-error": error[:4000],
+                "x-consumer": self.name,
+                "x-original-routing-key": message.routing_key or "",
+            },
+        )
+        await message.ack()
+        metrics.MESSAGES_HANDLED.labels(
+            self.name, envelope.type if envelope else "unreadable", "dead_lettered"
+        ).inc()
+
+    async def _report_dead_letter(
+        self, report: SystemErrorReported, *, key: str, correlation_id: str | None
+    ) -> None:
+        message_id = uuid.uuid5(_DEAD_LETTER_NAMESPACE, f"{self.name}:{key}")
+        with correlated(correlation_id, report.dead_lettered_message_id):
+            try:
+                async with self.db.transaction() as session:
+                    await self.outbox.record(session, report, message_id=message_id)
+                return
+            except Exception as exc:  # noqa: BLE001 - the database may be what is failing
+                log.error("outbox unavailable for SystemErrorReported, publishing directly: %s", exc)
+            envelope = wrap(
+                report,
+                message_id=message_id,
+                correlation_id=correlation_id or str(uuid.uuid4()),
+                causation_id=report.dead_lettered_message_id,
+            ).model_copy(update={"producer": self.outbox.producer})
+            await self.broker.publish(
+                OutgoingMessage(
+                    body=envelope.model_dump_json().encode(),
+                    exchange=self.outbox.exchange,
+                    routing_key=envelope.routing_key,
+                    message_id=str(message_id),
+                    correlation_id=envelope.correlation_id,
+                    type=envelope.type,
+                )
+            )
+
+    async def _forward(
+        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+    ) -> None:
+        """Copy `message` to `queue` through the default exchange and wait for the confirm."""
+        assert self._channel is not None
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                body=message.body,
+                headers={**(message.headers or {}), **headers},
+                content_type=message.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                type=message.type,
+                timestamp=message.timestamp,
+                app_id=message.app_id,
+            ),
+            routing_key=queue,
+            timeout=10,
+        )
+
+    async def queue_depths(self) -> dict[str, tuple[int, int]]:
+        """(ready messages, consumers) of the main and dead-letter queues."""
+        return {
+            name: await self.broker.queue_stats(name)
+            for name in (self.queues.main, self.queues.dead_letter)
+        }

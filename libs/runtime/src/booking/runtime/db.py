@@ -1,0 +1,36 @@
+"""Async database access: one engine per process, one transaction per unit of work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from booking.runtime.settings import RuntimeSettings
+
+
+def create_engine(settings: RuntimeSettings, *, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(
+        settings.async_database_url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        # A dead database must fail a request quickly, not hang it.
+        connect_args={"timeout": 5, "command_timeout": 30},
+    )
+
+
+class Database:
+    """The engine and the session factory a service hands down to its handlers and routes."""
+
+    def __init__(self, engine: AsyncEngine, schema: str) -> None:
+        self.engine = engine
+        self.schema = schema
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commits at the end, rolls back on error. The only place that commits."""
+        async with self.sessions() as session, session.begin():
+            yield session

@@ -1,0 +1,13 @@
+"""Prometheus metrics every service exports at /metrics."""
+
+from prometheus_client import Counter, Histogram
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP request latency", ["route"])
+MESSAGES_HANDLED = Counter(
+    "messages_handled_total", "Messages consumed, by outcome", ["consumer", "type", "outcome"]
+)
+HANDLER_LATENCY = Histogram("message_handler_duration_seconds", "Handler latency", ["consumer"])
+OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox events published", ["schema"])

@@ -1,0 +1,108 @@
+"""Alembic for one service: its own schema, its own version table, nobody else's objects.
+
+A service's `migrations/env.py` calls `run_env(metadata, schema)`; `upgrade(settings, package,
+schema)` is what `python -m booking.<service> migrate` runs. Replicas that migrate at once are
+serialised by an advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import sqlalchemy as sa
+from alembic import command, context, op
+from alembic.config import Config
+from sqlalchemy import MetaData, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from booking.runtime.settings import RuntimeSettings
+
+
+def alembic_config(database_url: str, package: str, schema: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", f"{package}:migrations")
+    config.attributes["database_url"] = database_url
+    config.attributes["schema"] = schema
+    return config
+
+
+def upgrade(settings: RuntimeSettings, package: str, schema: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(settings.async_database_url, package, schema), revision)
+
+
+def run_env(target_metadata: MetaData, schema: str) -> None:
+    """The body of every service's env.py (online mode only: we always migrate a live database)."""
+    config = context.config
+    url = config.attributes.get("database_url") or RuntimeSettings().async_database_url
+
+    def only_own_schema(name, type_, parent_names) -> bool:  # noqa: ANN001
+        if type_ == "schema":
+            return name == schema
+        if type_ == "table":
+            return parent_names.get("schema_name") == schema
+        return True
+
+    def migrate(connection) -> None:  # noqa: ANN001
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            version_table_schema=schema,
+            include_schemas=True,
+            include_name=only_own_schema,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def go() -> None:
+        engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(
+                    text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": f"migrate:{schema}"}
+                )
+                await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                await connection.commit()
+                await connection.run_sync(migrate)
+                await connection.commit()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def create_messaging_tables(schema: str) -> None:
+    """Revision helper: the outbox and inbox of booking.runtime.tables, version 1."""
+    op.create_table(
+        "outbox",
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("message_id", sa.Uuid, nullable=False, unique=True),
+        sa.Column("exchange", sa.Text, nullable=False),
+        sa.Column("routing_key", sa.Text, nullable=False),
+        sa.Column("event_type", sa.Text, nullable=False),
+        sa.Column("correlation_id", sa.Text, nullable=False),
+        sa.Column("body", sa.Text, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.func.now()),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("last_error", sa.Text, nullable=True),
+        schema=schema,
+    )
+    op.create_index("ix_outbox_unsent", "outbox", ["id"], schema=schema,
+                    postgresql_where=sa.text("sent_at IS NULL"))
+    op.create_table(
+        "inbox",
+        sa.Column("message_id", sa.Uuid, nullable=False),
+        sa.Column("consumer", sa.Text, nullable=False),
+        sa.Column("event_type", sa.Text, nullable=False),
+        sa.Column("handled_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.func.now()),
+        sa.PrimaryKeyConstraint("message_id", "consumer", name="pk_inbox"),
+        schema=schema,
+    )
+
+
+def drop_messaging_tables(schema: str) -> None:
+    op.drop_table("inbox", schema=schema)
+    op.drop_table("outbox", schema=schema)

@@ -1,0 +1,226 @@
+"""Everything a service runs besides its own routes and handlers, wired once.
+
+A service's `app.py` builds a `ServiceRuntime` with its settings, schema and handlers, and hands
+it to `create_service_app` with its routes. The runtime owns the engine, the broker connection,
+the outbox and its relay, the consumer and the health checks, and starts and stops them with the
+app's lifespan. Nothing here connects at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from booking.contracts import Event
+from booking.runtime import context, metrics
+from booking.runtime.broker import Broker
+from booking.runtime.consumer import Consumer, Handler
+from booking.runtime.db import Database, create_engine
+from booking.runtime.health import Health, Observation, timed_ms
+from booking.runtime.outbox import Outbox, OutboxRelay
+from booking.runtime.problems import install_problem_handlers
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.tables import MessagingTables
+
+log = logging.getLogger(__name__)
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        *,
+        name: str,
+        settings: RuntimeSettings,
+        tables: MessagingTables | None = None,
+        handlers: Mapping[type[Event], Handler] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.broker = Broker(
+            settings.rabbitmq_url.get_secret_value(),
+            client_name=name,
+            events_exchange=settings.events_exchange,
+            alerts_exchange=settings.admin_alerts_exchange,
+        )
+        self.health = Health(service=name, timeout=settings.health_check_timeout_seconds)
+        self.db: Database | None = None
+        self.outbox: Outbox | None = None
+        self.relay: OutboxRelay | None = None
+        self.consumer: Consumer | None = None
+        if tables is not None:
+            self.db = Database(create_engine(settings), tables.schema)
+            self.outbox = Outbox(tables, producer=name, exchange=settings.events_exchange)
+            self.relay = OutboxRelay(
+                self.db.engine,
+                tables,
+                self.broker,
+                listen_dsn=settings.database_url,
+                batch_size=settings.outbox_batch_size,
+                poll_interval=settings.outbox_poll_interval_seconds,
+            )
+            if handlers:
+                self.consumer = Consumer(
+                    name=f"{settings.queue_prefix}{name}",
+                    db=self.db,
+                    tables=tables,
+                    outbox=self.outbox,
+                    broker=self.broker,
+                    handlers=handlers,
+                    max_attempts=settings.consumer_max_attempts,
+                    retry_base_delay_ms=settings.consumer_retry_base_delay_ms,
+                    prefetch=settings.consumer_prefetch,
+                )
+                self.broker.on_connected(self.consumer.attach)
+        self._add_standard_checks()
+
+    async def start(self) -> None:
+        self.broker.start()
+        if self.relay is not None:
+            self.relay.start()
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.broker.stop()
+        if self.db is not None:
+            await self.db.engine.dispose()
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    # --- health -----------------------------------------------------------------------------
+
+    def _add_standard_checks(self) -> None:
+        if self.db is not None:
+            self.health.add("database", "responseTime", self._check_database, ready=True,
+                            component_type="datastore")
+        self.health.add("rabbitmq", "connection", self._check_broker, ready=True,
+                        component_type="system")
+        if self.consumer is not None:
+            self.health.add("rabbitmq", "consumers", self._check_consumers, ready=True,
+                            component_type="system")
+            self.health.add("rabbitmq", "queues", self._check_queue_depths, ready=False,
+                            component_type="system")
+        if self.relay is not None:
+            self.health.add("outbox", "lag", self._check_outbox_lag, ready=False,
+                            component_type="component")
+
+    async def _check_database(self) -> Observation:
+        assert self.db is not None
+        start = time.perf_counter()
+        async with self.db.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return Observation("database", "responseTime", "pass", "datastore", timed_ms(start), "ms")
+
+    async def _check_broker(self) -> Observation:
+        if self.broker.is_connected:
+            return Observation("rabbitmq", "connection", "pass", "system")
+        return Observation("rabbitmq", "connection", "fail", "system",
+                           output="not connected to RabbitMQ")
+
+    async def _check_consumers(self) -> Observation:
+        assert self.consumer is not None
+        if not self.broker.is_connected:
+            return Observation("rabbitmq", "consumers", "fail", "system", 0,
+                               output="not connected to RabbitMQ")
+        _, consumers = await self.broker.queue_stats(self.consumer.queues.main)
+        status = "pass" if consumers > 0 else "fail"
+        output = None if consumers else f"no consumer attached to {self.consumer.queues.main}"
+        return Observation("rabbitmq", "consumers", status, "system", consumers, output=output)
+
+    async def _check_queue_depths(self) -> list[Observation]:
+        assert self.consumer is not None
+        ready, _ = await self.broker.queue_stats(self.consumer.queues.main)
+        dead, _ = await self.broker.queue_stats(self.consumer.queues.dead_letter)
+        return [
+            Observation("rabbitmq", "queues", "pass", "system", ready, "messages",
+                        output=f"{self.consumer.queues.main} ready messages"),
+            Observation("rabbitmq", "queues", "warn" if dead else "pass", "system", dead,
+                        "messages", output=f"{self.consumer.queues.dead_letter} dead letters"),
+        ]
+
+    async def _check_outbox_lag(self) -> Observation:
+        assert self.relay is not None
+        age = await self.relay.oldest_unsent_age()
+        status = "warn" if age > self.settings.outbox_lag_warn_seconds else "pass"
+        return Observation("outbox", "lag", status, "component", round(age, 3), "s",
+                           output="age of the oldest unsent event")
+
+
+class RequestContextMiddleware:
+    """Correlation id in (X-Correlation-ID) and out, plus request metrics. Plain ASGI: cheap."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-correlation-id", b"").decode("latin-1")
+        correlation = incoming if _valid_correlation_id(incoming) else str(uuid.uuid4())
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-correlation-id", correlation.encode()),
+                ]
+            await send(message)
+
+        with context.correlated(correlation):
+            try:
+                await self.app(scope, receive, send_with_header)
+            finally:
+                route = scope.get("route")
+                path = getattr(route, "path", "unmatched")
+                metrics.HTTP_REQUESTS.labels(
+                    scope["method"], path, str(status_holder["status"])
+                ).inc()
+                metrics.HTTP_LATENCY.labels(path).observe(time.perf_counter() - started)
+
+
+def _valid_correlation_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and all(c.isalnum() or c in "-_.:" for c in value)
+
+
+def create_service_app(
+    runtime: ServiceRuntime, routers: Iterable[APIRouter] = (), *, title: str | None = None
+) -> FastAPI:
+    app = FastAPI(
+        title=title or f"booking {runtime.name}",
+        lifespan=runtime.lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = runtime.settings
+    app.state.runtime = runtime
+    install_problem_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(runtime.health.router())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
+    return app

@@ -1,0 +1,56 @@
+"""Settings from the environment (DESIGN section 8), with defaults that run on a developer machine."""
+
+from __future__ import annotations
+
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def async_database_url(url: str) -> str:
+    """The SQLAlchemy asyncpg form of a plain `postgresql://` URL (as ops write it)."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+
+class RuntimeSettings(BaseSettings):
+    """What every service reads. A service subclasses this and adds its own settings."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    public_base_url: str = "http://127.0.0.1:8000"
+    auth_jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-0123456789abcdef")
+    log_level: str = "INFO"
+    bind_host: str = "127.0.0.1"
+    port: int = 8000  # each service reads its own <SERVICE>_PORT instead
+
+    # Broker topology. The names are the design's; tests give each run its own.
+    events_exchange: str = "booking.events"
+    admin_alerts_exchange: str = "admin.alerts"
+    queue_prefix: str = ""
+
+    # Consumers: bounded retries with growing delay, then the dead-letter queue.
+    consumer_prefetch: int = Field(default=64, ge=1)
+    consumer_max_attempts: int = Field(default=5, ge=1)
+    consumer_retry_base_delay_ms: int = Field(default=1000, ge=1)
+
+    # Outbox relay.
+    outbox_batch_size: int = Field(default=200, ge=1)
+    outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    outbox_lag_warn_seconds: float = Field(default=30.0, gt=0)
+
+    health_check_timeout_seconds: float = Field(default=2.0, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _plain_postgres_url(cls, value: str) -> str:
+        async_database_url(value)  # raises on anything that is not Postgres
+        return value
+
+    @property
+    def async_database_url(self) -> str:
+        return async_database_url(self.database_url)

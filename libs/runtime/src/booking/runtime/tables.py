@@ -1,0 +1,71 @@
+"""The runtime's own tables, created in every service's schema: the outbox and the inbox."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+
+
+def outbox_table(metadata: MetaData, schema: str) -> Table:
+    """Events written in the same transaction as the state change they record.
+
+    A row is unsent until a relay publishes it with confirms and stamps `sent_at`; sent rows stay
+    for audit and are pruned by age. The partial index keeps the relay's scan to unsent rows.
+    """
+    table = Table(
+        "outbox",
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        Column("message_id", Uuid, nullable=False, unique=True),
+        Column("exchange", Text, nullable=False),
+        Column("routing_key", Text, nullable=False),
+        Column("event_type", Text, nullable=False),
+        Column("correlation_id", Text, nullable=False),
+        Column("body", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("sent_at", DateTime(timezone=True), nullable=True),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("last_error", Text, nullable=True),
+        schema=schema,
+    )
+    Index("ix_outbox_unsent", table.c.id, postgresql_where=table.c.sent_at.is_(None))
+    return table
+
+
+def inbox_table(metadata: MetaData, schema: str) -> Table:
+    """Messages a consumer has handled. The primary key is what makes a redelivery a no-op."""
+    return Table(
+        "inbox",
+        metadata,
+        Column("message_id", Uuid, nullable=False),
+        Column("consumer", Text, nullable=False),
+        Column("event_type", Text, nullable=False),
+        Column("handled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        PrimaryKeyConstraint("message_id", "consumer", name="pk_inbox"),
+        schema=schema,
+    )
+
+
+class MessagingTables:
+    """The outbox and inbox of one schema, registered on that service's metadata."""
+
+    def __init__(self, metadata: MetaData, schema: str) -> None:
+        self.schema = schema
+        self.outbox = outbox_table(metadata, schema)
+        self.inbox = inbox_table(metadata, schema)
+
+    @property
+    def notify_channel(self) -> str:
+        return f"outbox_{self.schema}"

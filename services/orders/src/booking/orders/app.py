@@ -1,0 +1,13 @@
+"""Composition root of the orders service: settings, runtime, handlers and routes, wired once."""
+
+from fastapi import FastAPI
+
+from booking.orders.settings import OrdersSettings
+from booking.orders.tables import messaging
+from booking.runtime.service import ServiceRuntime, create_service_app
+
+
+def create_app(settings: OrdersSettings | None = None) -> FastAPI:
+    settings = settings or OrdersSettings()
+    runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging)
+    return create_service_app(runtime)

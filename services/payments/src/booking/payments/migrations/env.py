@@ -1,0 +1,6 @@
+from sqlmodel import SQLModel
+
+from booking.payments.tables import SCHEMA
+from booking.runtime.migrations import run_env
+
+run_env(SQLModel.metadata, SCHEMA)
