@@ -13,9 +13,13 @@ $(PY):
 	uv venv --python 3.11 $(VENV)
 
 ## install: the locked, hashed dependencies plus every workspace package (editable)
-install: $(PY)
+install: $(VENV)/.installed
+
+# Re-installs only when the lock or a package's pyproject changed.
+$(VENV)/.installed: requirements.lock pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES)) | $(PY)
 	uv pip sync --python $(PY) --require-hashes requirements.lock
-	uv pip install --python $(PY) --no-deps $(addprefix -e ,$(PACKAGES))
+	uv pip install --python $(PY) --no-deps --reinstall $(addprefix -e ,$(PACKAGES))
+	touch $@
 
 ## lock: re-resolve and rewrite requirements.lock (exact versions, hashes, no download hosts)
 lock:

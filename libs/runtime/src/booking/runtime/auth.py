@@ -64,7 +64,9 @@ def verify_token(secret: str, token: str) -> Identity:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def authenticated(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Identity:
+def authenticated(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> Identity:
     """Dependency: the caller's identity, or 401."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(
@@ -83,7 +85,9 @@ def require_roles(*roles: Role):
     def dependency(identity: Identity = Depends(authenticated)) -> Identity:
         if identity.role not in roles:
             allowed = ", ".join(str(r) for r in roles)
-            raise HTTPException(403, f"this needs the role {allowed}; the token has {identity.role}")
+            raise HTTPException(
+                403, f"this needs the role {allowed}; the token has {identity.role}"
+            )
         return identity
 
     return dependency

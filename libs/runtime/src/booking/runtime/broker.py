@@ -67,8 +67,17 @@ class Broker:
     keeps serving, and keeps writing its outbox, while RabbitMQ is away.
     """
 
-    def __init__(self, url: str, *, client_name: str, events_exchange: str, alerts_exchange: str):
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_name: str,
+        events_exchange: str,
+        alerts_exchange: str,
+        reconnect_interval: float = 2.0,
+    ) -> None:
         self._url = url
+        self._reconnect_interval = reconnect_interval
         self._client_name = client_name
         self.events_exchange = events_exchange
         self.alerts_exchange = alerts_exchange
@@ -111,13 +120,14 @@ class Broker:
                 self.connection = await aio_pika.connect_robust(
                     self._url,
                     timeout=5,
+                    reconnect_interval=self._reconnect_interval,
                     client_properties={"connection_name": self._client_name},
                 )
                 break
             except Exception as exc:  # noqa: BLE001 - any failure means: try again later
                 log.warning("broker unreachable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, self._reconnect_interval * 2)
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
         await self.declare_exchanges(self._publish_channel)
         for callback in self._on_connected:

@@ -148,7 +148,9 @@ class Consumer:
             first_time = (
                 await session.execute(
                     insert(inbox)
-                    .values(message_id=envelope.message_id, consumer=self.name, event_type=envelope.type)
+                    .values(
+                        message_id=envelope.message_id, consumer=self.name, event_type=envelope.type
+                    )
                     .on_conflict_do_nothing()
                     .returning(inbox.c.message_id)
                 )
@@ -184,7 +186,9 @@ class Consumer:
             error,
         )
         await self._forward(
-            message, self.queues.retry(attempt), {"x-attempt": attempt, "x-last-error": error[:1000]}
+            message,
+            self.queues.retry(attempt),
+            {"x-attempt": attempt, "x-last-error": error[:1000]},
         )
         await message.ack()  # only now: the copy in the delay queue is confirmed
         metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, "retried").inc()
@@ -237,7 +241,9 @@ class Consumer:
                     await self.outbox.record(session, report, message_id=message_id)
                 return
             except Exception as exc:  # noqa: BLE001 - the database may be what is failing
-                log.error("outbox unavailable for SystemErrorReported, publishing directly: %s", exc)
+                log.error(
+                    "outbox unavailable for SystemErrorReported, publishing directly: %s", exc
+                )
             envelope = wrap(
                 report,
                 message_id=message_id,

@@ -82,22 +82,29 @@ def create_messaging_tables(schema: str) -> None:
         sa.Column("event_type", sa.Text, nullable=False),
         sa.Column("correlation_id", sa.Text, nullable=False),
         sa.Column("body", sa.Text, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
-                  server_default=sa.func.now()),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("last_error", sa.Text, nullable=True),
         schema=schema,
     )
-    op.create_index("ix_outbox_unsent", "outbox", ["id"], schema=schema,
-                    postgresql_where=sa.text("sent_at IS NULL"))
+    op.create_index(
+        "ix_outbox_unsent",
+        "outbox",
+        ["id"],
+        schema=schema,
+        postgresql_where=sa.text("sent_at IS NULL"),
+    )
     op.create_table(
         "inbox",
         sa.Column("message_id", sa.Uuid, nullable=False),
         sa.Column("consumer", sa.Text, nullable=False),
         sa.Column("event_type", sa.Text, nullable=False),
-        sa.Column("handled_at", sa.DateTime(timezone=True), nullable=False,
-                  server_default=sa.func.now()),
+        sa.Column(
+            "handled_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.PrimaryKeyConstraint("message_id", "consumer", name="pk_inbox"),
         schema=schema,
     )

@@ -157,9 +157,7 @@ class OutboxRelay:
             failed = [(row.id, r) for row, r in zip(rows, results, strict=True) if r is not None]
             now = datetime.now(UTC)
             if sent:
-                await conn.execute(
-                    update(outbox).where(outbox.c.id.in_(sent)).values(sent_at=now)
-                )
+                await conn.execute(update(outbox).where(outbox.c.id.in_(sent)).values(sent_at=now))
             if failed:
                 await conn.execute(
                     update(outbox)

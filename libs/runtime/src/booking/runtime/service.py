@@ -51,6 +51,7 @@ class ServiceRuntime:
             client_name=name,
             events_exchange=settings.events_exchange,
             alerts_exchange=settings.admin_alerts_exchange,
+            reconnect_interval=settings.broker_reconnect_interval_seconds,
         )
         self.health = Health(service=name, timeout=settings.health_check_timeout_seconds)
         self.db: Database | None = None
@@ -107,18 +108,27 @@ class ServiceRuntime:
 
     def _add_standard_checks(self) -> None:
         if self.db is not None:
-            self.health.add("database", "responseTime", self._check_database, ready=True,
-                            component_type="datastore")
-        self.health.add("rabbitmq", "connection", self._check_broker, ready=True,
-                        component_type="system")
+            self.health.add(
+                "database",
+                "responseTime",
+                self._check_database,
+                ready=True,
+                component_type="datastore",
+            )
+        self.health.add(
+            "rabbitmq", "connection", self._check_broker, ready=True, component_type="system"
+        )
         if self.consumer is not None:
-            self.health.add("rabbitmq", "consumers", self._check_consumers, ready=True,
-                            component_type="system")
-            self.health.add("rabbitmq", "queues", self._check_queue_depths, ready=False,
-                            component_type="system")
+            self.health.add(
+                "rabbitmq", "consumers", self._check_consumers, ready=True, component_type="system"
+            )
+            self.health.add(
+                "rabbitmq", "queues", self._check_queue_depths, ready=False, component_type="system"
+            )
         if self.relay is not None:
-            self.health.add("outbox", "lag", self._check_outbox_lag, ready=False,
-                            component_type="component")
+            self.health.add(
+                "outbox", "lag", self._check_outbox_lag, ready=False, component_type="component"
+            )
 
     async def _check_database(self) -> Observation:
         assert self.db is not None
@@ -130,14 +140,16 @@ class ServiceRuntime:
     async def _check_broker(self) -> Observation:
         if self.broker.is_connected:
             return Observation("rabbitmq", "connection", "pass", "system")
-        return Observation("rabbitmq", "connection", "fail", "system",
-                           output="not connected to RabbitMQ")
+        return Observation(
+            "rabbitmq", "connection", "fail", "system", output="not connected to RabbitMQ"
+        )
 
     async def _check_consumers(self) -> Observation:
         assert self.consumer is not None
         if not self.broker.is_connected:
-            return Observation("rabbitmq", "consumers", "fail", "system", 0,
-                               output="not connected to RabbitMQ")
+            return Observation(
+                "rabbitmq", "consumers", "fail", "system", 0, output="not connected to RabbitMQ"
+            )
         _, consumers = await self.broker.queue_stats(self.consumer.queues.main)
         status = "pass" if consumers > 0 else "fail"
         output = None if consumers else f"no consumer attached to {self.consumer.queues.main}"
@@ -148,18 +160,39 @@ class ServiceRuntime:
         ready, _ = await self.broker.queue_stats(self.consumer.queues.main)
         dead, _ = await self.broker.queue_stats(self.consumer.queues.dead_letter)
         return [
-            Observation("rabbitmq", "queues", "pass", "system", ready, "messages",
-                        output=f"{self.consumer.queues.main} ready messages"),
-            Observation("rabbitmq", "queues", "warn" if dead else "pass", "system", dead,
-                        "messages", output=f"{self.consumer.queues.dead_letter} dead letters"),
+            Observation(
+                "rabbitmq",
+                "queues",
+                "pass",
+                "system",
+                ready,
+                "messages",
+                output=f"{self.consumer.queues.main} ready messages",
+            ),
+            Observation(
+                "rabbitmq",
+                "queues",
+                "warn" if dead else "pass",
+                "system",
+                dead,
+                "messages",
+                output=f"{self.consumer.queues.dead_letter} dead letters",
+            ),
         ]
 
     async def _check_outbox_lag(self) -> Observation:
         assert self.relay is not None
         age = await self.relay.oldest_unsent_age()
         status = "warn" if age > self.settings.outbox_lag_warn_seconds else "pass"
-        return Observation("outbox", "lag", status, "component", round(age, 3), "s",
-                           output="age of the oldest unsent event")
+        return Observation(
+            "outbox",
+            "lag",
+            status,
+            "component",
+            round(age, 3),
+            "s",
+            output="age of the oldest unsent event",
+        )
 
 
 class RequestContextMiddleware:

@@ -32,6 +32,7 @@ class RuntimeSettings(BaseSettings):
     events_exchange: str = "booking.events"
     admin_alerts_exchange: str = "admin.alerts"
     queue_prefix: str = ""
+    broker_reconnect_interval_seconds: float = Field(default=2.0, gt=0)
 
     # Consumers: bounded retries with growing delay, then the dead-letter queue.
     consumer_prefetch: int = Field(default=64, ge=1)

@@ -1,0 +1,2 @@
+# Shared fixtures for every package's tests: real Postgres and RabbitMQ, isolated per test.
+pytest_plugins = ["booking.runtime.testing"]

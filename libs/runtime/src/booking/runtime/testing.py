@@ -1,0 +1,193 @@
+"""Test fixtures every package's tests share (a pytest plugin, loaded by the root conftest).
+
+Real servers only: Postgres and RabbitMQ at DATABASE_URL / RABBITMQ_URL (default: the local
+ones). Each test session gets a database of its own; each test gets broker names of its own, so
+no test sees another's leftovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from booking.runtime.settings import RuntimeSettings
+
+T = TypeVar("T")
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T] | T],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.02,
+    what: str = "the condition",
+) -> T:
+    """Poll `probe` (sync or async) until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = probe()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+        except AssertionError as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s ({last_error})")
+        await asyncio.sleep(interval)
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    return os.environ.get("RABBITMQ_URL", DEFAULT_RABBITMQ_URL)
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    name = f"booking_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield with_database(server, name)
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def make_settings(database_url: str, rabbitmq_url: str) -> Callable[..., RuntimeSettings]:
+    """Settings with broker names unique to the test and fast retries; override anything."""
+
+    def build(settings_type: type[RuntimeSettings] = RuntimeSettings, **overrides: Any):
+        tag = uuid.uuid4().hex[:8]
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "rabbitmq_url": rabbitmq_url,
+            "events_exchange": f"test.{tag}.events",
+            "admin_alerts_exchange": f"test.{tag}.alerts",
+            "queue_prefix": f"test.{tag}.",
+            "consumer_retry_base_delay_ms": 50,
+            "consumer_max_attempts": 3,
+            "outbox_poll_interval_seconds": 0.5,
+            "broker_reconnect_interval_seconds": 0.3,
+        }
+        values.update(overrides)
+        return settings_type.model_validate(values)
+
+    return build
+
+
+class TcpProxy:
+    """A loopback TCP forwarder a test can cut and restore, to make a server 'unreachable'."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        with contextlib.suppress(Exception):
+            dst.close()
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            with contextlib.suppress(Exception):
+                writer.transport.abort()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        await self.start()
+
+    async def stop(self) -> None:
+        await self.cut()
+        for task in list(self._pipes):
+            task.cancel()
+
+
+def url_via(url: str, proxy: TcpProxy) -> str:
+    """`url` with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """Serve `app` (lifespan included) over real HTTP on a free loopback port; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

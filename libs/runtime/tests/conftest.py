@@ -1,0 +1,178 @@
+"""A throwaway service on the real servers: its own schema, exchange and queues per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy import Column, Integer, MetaData, Table, Text, func, select, text
+from sqlalchemy.dialects.postgresql import insert
+
+from booking.contracts import MentorRegistered
+from booking.runtime.consumer import MessageContext
+from booking.runtime.service import ServiceRuntime
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.tables import MessagingTables
+
+
+def mentor_registered(name: str = "Ada") -> MentorRegistered:
+    return MentorRegistered(
+        mentor_id=uuid.uuid4(), name=name, email="ada@example.com", timezone="Africa/Tunis"
+    )
+
+
+@pytest.fixture
+def new_event() -> Callable[..., MentorRegistered]:
+    """A fresh event for the test service to record or receive (mentor ids are unique)."""
+    return mentor_registered
+
+
+@dataclass
+class Spy:
+    """Every message published on the test's exchange, as the broker delivered it."""
+
+    messages: list[AbstractIncomingMessage] = field(default_factory=list)
+
+    def of_type(self, type_: str) -> list[AbstractIncomingMessage]:
+        return [m for m in self.messages if m.type == type_]
+
+    def ids(self) -> list[str]:
+        return [m.message_id for m in self.messages]
+
+
+@dataclass
+class TestService:
+    runtime: ServiceRuntime
+    tables: MessagingTables
+    effects: Table
+    settings: RuntimeSettings
+
+    @property
+    def db(self):
+        assert self.runtime.db is not None
+        return self.runtime.db
+
+    async def record(self, *events: Any) -> list[uuid.UUID]:
+        assert self.runtime.outbox is not None
+        async with self.db.transaction() as session:
+            return [await self.runtime.outbox.record(session, e) for e in events]
+
+    async def unsent(self) -> int:
+        outbox = self.tables.outbox
+        async with self.db.engine.connect() as conn:
+            return await conn.scalar(
+                select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+            )
+
+    async def effect_count(self, key: str) -> int:
+        async with self.db.engine.connect() as conn:
+            value = await conn.scalar(select(self.effects.c.count).where(self.effects.c.key == key))
+        return value or 0
+
+
+async def count_effect(event: MentorRegistered, ctx: MessageContext, effects: Table) -> None:
+    """The handler under test: one state change per handled message."""
+    await ctx.session.execute(
+        insert(effects)
+        .values(key=str(event.mentor_id), count=1)
+        .on_conflict_do_update(index_elements=[effects.c.key], set_={"count": effects.c.count + 1})
+    )
+
+
+async def delete_broker_objects(service: TestService, url: str) -> None:
+    """Durable queues and exchanges outlive the test: remove the ones it declared."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        consumer = service.runtime.consumer
+        if consumer is not None:
+            queues = consumer.queues
+            names = [queues.main, queues.dead_letter]
+            names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
+            for name in names:
+                await channel.queue_delete(name)
+        await channel.exchange_delete(service.settings.events_exchange)
+        await channel.exchange_delete(service.settings.admin_alerts_exchange)
+
+
+@pytest.fixture
+async def make_service(
+    make_settings: Callable[..., RuntimeSettings], rabbitmq_url: str
+) -> AsyncIterator[Callable[..., Any]]:
+    """Build (not start) a service with its own schema; `handlers` default to count_effect."""
+    made: list[TestService] = []
+
+    async def build(handler=None, *, start: bool = True, **overrides: Any) -> TestService:
+        settings = make_settings(**overrides)
+        schema = f"rt_{uuid.uuid4().hex[:10]}"
+        metadata = MetaData()
+        tables = MessagingTables(metadata, schema)
+        effects = Table(
+            "effects",
+            metadata,
+            Column("key", Text, primary_key=True),
+            Column("count", Integer, nullable=False),
+            schema=schema,
+        )
+
+        async def default_handler(event: MentorRegistered, ctx: MessageContext) -> None:
+            await count_effect(event, ctx, effects)
+
+        runtime = ServiceRuntime(
+            name=f"svc-{schema}",
+            settings=settings,
+            tables=tables,
+            handlers={MentorRegistered: handler or default_handler},
+        )
+        assert runtime.db is not None
+        async with runtime.db.engine.begin() as conn:
+            await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            await conn.run_sync(metadata.create_all)
+        service = TestService(runtime, tables, effects, settings)
+        made.append(service)
+        if start:
+            await runtime.start()
+            await runtime.broker.wait_ready(timeout=15)
+        return service
+
+    yield build
+    for service in made:
+        await service.runtime.stop()
+        await delete_broker_objects(service, rabbitmq_url)
+        engine = service.runtime.db.engine if service.runtime.db else None
+        if engine is not None:
+            async with engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA "{service.tables.schema}" CASCADE'))
+            await engine.dispose()
+
+
+@pytest.fixture
+async def spy_on() -> AsyncIterator[Callable[..., Any]]:
+    """Bind an exclusive queue to an exchange (all keys) and collect what arrives."""
+    connections: list[aio_pika.abc.AbstractConnection] = []
+
+    async def attach(settings: RuntimeSettings, binding: str = "#", url: str | None = None) -> Spy:
+        spy = Spy()
+        connection = await aio_pika.connect(url or settings.rabbitmq_url.get_secret_value())
+        connections.append(connection)
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, binding)
+
+        async def collect(message: AbstractIncomingMessage) -> None:
+            spy.messages.append(message)
+
+        await queue.consume(collect, no_ack=True)
+        return spy
+
+    yield attach
+    for connection in connections:
+        await connection.close()

@@ -1,0 +1,213 @@
+"""The idempotent consumer: inbox, bounded retries with growing delay, dead letters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+import aio_pika
+import pytest
+
+from booking.contracts import SystemErrorReported, parse_envelope, wrap
+from booking.runtime import metrics
+from booking.runtime.testing import eventually
+
+
+async def publish_raw(url: str, exchange: str, routing_key: str, body: bytes, **props) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        target = await channel.get_exchange(exchange)
+        await target.publish(aio_pika.Message(body=body, **props), routing_key)
+
+
+def envelope_bytes(event, message_id: uuid.UUID | None = None) -> tuple[uuid.UUID, bytes]:
+    message_id = message_id or uuid.uuid4()
+    envelope = wrap(event, message_id=message_id, correlation_id=str(uuid.uuid4()))
+    return message_id, envelope.model_dump_json().encode()
+
+
+def handled(consumer: str, type_: str, outcome: str) -> float:
+    return metrics.MESSAGES_HANDLED.labels(consumer, type_, outcome)._value.get()
+
+
+async def dead_letters(service) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Drain the service's dead-letter queue (the messages are acked: tests own them)."""
+    queue_name = service.runtime.consumer.queues.dead_letter
+    connection = await aio_pika.connect(service.settings.rabbitmq_url.get_secret_value())
+    found = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            found.append(message)
+    return found
+
+
+class TestIdempotentConsumer:
+    async def test_the_same_message_delivered_three_times_changes_state_once(
+        self, make_service, new_event, rabbitmq_url
+    ):
+        service = await make_service()
+        event = new_event()
+        message_id, body = envelope_bytes(event)
+        name = service.runtime.consumer.name
+        for _ in range(3):
+            await publish_raw(
+                rabbitmq_url,
+                service.settings.events_exchange,
+                event.routing_key(),
+                body,
+                message_id=str(message_id),
+            )
+        await eventually(
+            lambda: handled(name, "MentorRegistered", "duplicate") == 2,
+            what="two deliveries recognised as duplicates",
+        )
+        assert handled(name, "MentorRegistered", "handled") == 1
+        assert await service.effect_count(str(event.mentor_id)) == 1
+
+    async def test_events_recorded_by_a_handler_carry_the_correlation_chain(
+        self, make_service, new_event, spy_on, rabbitmq_url
+    ):
+        async def forward(event, ctx) -> None:
+            await ctx.record(new_event("caused"))
+
+        service = await make_service(forward)
+        spy = await spy_on(service.settings)
+        cause = new_event("cause")
+        message_id, body = envelope_bytes(cause)
+        await publish_raw(rabbitmq_url, service.settings.events_exchange, cause.routing_key(), body)
+        await eventually(lambda: len(spy.messages) >= 2, what="the caused event")
+        original = parse_envelope(spy.messages[0].body)
+        caused = parse_envelope(spy.messages[1].body)
+        assert caused.correlation_id == original.correlation_id
+        assert caused.causation_id == str(message_id)
+
+
+class TestRetriesAndDeadLetters:
+    async def test_a_handler_that_always_fails_is_retried_with_growing_delay_then_dead_lettered(
+        self, make_service, new_event, spy_on, rabbitmq_url
+    ):
+        attempts: list[float] = []
+
+        async def always_fails(event, ctx) -> None:
+            attempts.append(time.monotonic())
+            raise RuntimeError("the handler is broken")
+
+        service = await make_service(
+            always_fails, consumer_max_attempts=4, consumer_retry_base_delay_ms=150
+        )
+        spy = await spy_on(service.settings, "*.system_error_reported")
+        event = new_event()
+        message_id, body = envelope_bytes(event)
+        await publish_raw(
+            rabbitmq_url,
+            service.settings.events_exchange,
+            event.routing_key(),
+            body,
+            message_id=str(message_id),
+        )
+
+        reports = await eventually(
+            lambda: spy.of_type("SystemErrorReported"), timeout=20, what="SystemErrorReported"
+        )
+        assert len(attempts) == 4
+        gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+        for gap, delay in zip(gaps, (0.15, 0.3, 0.6), strict=True):
+            assert gap >= delay * 0.9, f"retry came after {gap:.3f}s, before its {delay}s delay"
+        assert gaps[0] < gaps[1] < gaps[2]
+
+        [dead] = await eventually(lambda: dead_letters(service), what="the dead letter")
+        assert dead.message_id == str(message_id)
+        assert dead.headers["x-dead-letter-reason"] == "retries_exhausted"
+        assert "the handler is broken" in dead.headers["x-error"]
+        assert dead.headers["x-attempt"] == 4
+        assert json.loads(dead.body) == json.loads(body)  # the message itself, unchanged
+
+        report = SystemErrorReported.model_validate(parse_envelope(reports[0].body).payload)
+        assert report.dead_lettered_message_id == str(message_id)
+        assert report.consumer == service.runtime.consumer.name
+        assert report.attempts == 4
+        assert "the handler is broken" in report.error
+        assert await service.effect_count(str(event.mentor_id)) == 0
+
+    async def test_a_handler_that_fails_once_succeeds_on_retry(
+        self, make_service, new_event, rabbitmq_url
+    ):
+        calls = []
+
+        async def flaky(event, ctx) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConnectionError("transient")
+            await ctx.session.execute(
+                service.effects.insert().values(key=str(event.mentor_id), count=1)
+            )
+
+        service = await make_service(flaky)
+        event = new_event()
+        _, body = envelope_bytes(event)
+        await publish_raw(rabbitmq_url, service.settings.events_exchange, event.routing_key(), body)
+        await eventually(
+            lambda: service.effect_count(str(event.mentor_id)), what="the retried handling"
+        )
+        assert len(calls) == 2
+        assert await dead_letters(service) == []
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("body", "reason_fragment"),
+        [
+            (b"not json at all", "not a valid envelope"),
+            (b'{"type": "MentorRegistered", "version": 1}', "message_id"),
+        ],
+    )
+    async def test_a_malformed_message_is_dead_lettered_and_the_queue_keeps_flowing(
+        self, make_service, new_event, spy_on, rabbitmq_url, body, reason_fragment
+    ):
+        service = await make_service()
+        spy = await spy_on(service.settings, "*.system_error_reported")
+        exchange = service.settings.events_exchange
+        await publish_raw(rabbitmq_url, exchange, "orders.mentor_registered", body)
+        good = new_event()
+        _, good_body = envelope_bytes(good)
+        await publish_raw(rabbitmq_url, exchange, good.routing_key(), good_body)
+
+        await eventually(lambda: service.effect_count(str(good.mentor_id)), what="the good one")
+        [dead] = await eventually(lambda: dead_letters(service), what="the dead letter")
+        assert dead.body == body
+        assert dead.headers["x-dead-letter-reason"] == "unreadable"
+        assert reason_fragment in dead.headers["x-error"]
+        [report] = await eventually(lambda: spy.of_type("SystemErrorReported"), what="report")
+        assert reason_fragment in parse_envelope(report.body).payload["error"]
+
+    async def test_an_unknown_event_version_is_refused_with_a_clear_log_line_and_dead_lettered(
+        self, make_service, new_event, spy_on, rabbitmq_url, caplog
+    ):
+        service = await make_service()
+        spy = await spy_on(service.settings, "*.system_error_reported")
+        event = new_event()
+        message_id, body = envelope_bytes(event)
+        future = json.loads(body) | {"version": 99}
+        with caplog.at_level(logging.ERROR, logger="booking.runtime.consumer"):
+            await publish_raw(
+                rabbitmq_url,
+                service.settings.events_exchange,
+                event.routing_key(),
+                json.dumps(future).encode(),
+                message_id=str(message_id),
+            )
+            [dead] = await eventually(lambda: dead_letters(service), what="the dead letter")
+        assert "MentorRegistered v99" in dead.headers["x-error"]
+        assert any(
+            "MentorRegistered v99" in r.getMessage() and str(message_id) in r.getMessage()
+            for r in caplog.records
+        )
+        [report] = await eventually(lambda: spy.of_type("SystemErrorReported"), what="report")
+        assert parse_envelope(report.body).payload["dead_lettered_message_id"] == str(message_id)
+        assert await service.effect_count(str(event.mentor_id)) == 0

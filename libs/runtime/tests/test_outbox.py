@@ -1,0 +1,124 @@
+"""The transactional outbox and its relay, against the real Postgres and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import pytest
+
+from booking.runtime.outbox import OutboxRelay
+from booking.runtime.testing import TcpProxy, eventually, url_via
+
+
+class Rollback(Exception):
+    pass
+
+
+class TestOutbox:
+    async def test_a_rolled_back_event_is_never_published(self, make_service, spy_on, new_event):
+        service = await make_service()
+        spy = await spy_on(service.settings)
+        with pytest.raises(Rollback):
+            async with service.db.transaction() as session:
+                await service.runtime.outbox.record(session, new_event("ghost"))
+                raise Rollback
+        # The relay publishes in commit order: once a later event arrives, an earlier one
+        # would have arrived before it.
+        [later] = await service.record(new_event("later"))
+        await eventually(lambda: str(later) in spy.ids(), what="the later event")
+        names = [m.body for m in spy.messages]
+        assert not any(b'"ghost"' in body for body in names)
+        assert len(spy.messages) == 1
+
+    async def test_a_committed_event_is_published_once_with_its_id_persistent(
+        self, make_service, spy_on, new_event
+    ):
+        service = await make_service(start=False)
+        spy = await spy_on(service.settings)
+        service.runtime.broker.start()
+        await service.runtime.broker.wait_ready(10)
+        relay = service.runtime.relay
+        ids = await service.record(*(new_event(f"m{i}") for i in range(3)))
+
+        assert await relay.relay_batch() == 3  # one claim publishes each row once
+        assert await relay.relay_batch() == 0  # and nothing is left to claim
+        await eventually(lambda: len(spy.messages) >= 3, what="three deliveries")
+
+        assert sorted(spy.ids()) == sorted(str(i) for i in ids)
+        for message in spy.messages:
+            assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+            assert message.content_type == "application/json"
+            assert message.type == "MentorRegistered"
+            assert message.routing_key == "orders.mentor_registered"
+        assert await service.unsent() == 0
+
+
+class TestBrokerOutage:
+    async def test_events_wait_in_the_outbox_while_the_broker_is_away_then_all_arrive(
+        self, make_service, spy_on, rabbitmq_url, new_event
+    ):
+        host, port = "127.0.0.1", int(rabbitmq_url.rsplit(":", 1)[1].split("/")[0])
+        proxy = TcpProxy(host, port)
+        await proxy.start()
+        try:
+            service = await make_service(rabbitmq_url=url_via(rabbitmq_url, proxy))
+            spy = await spy_on(service.settings, url=rabbitmq_url)  # not through the proxy
+
+            await proxy.cut()
+            await eventually(lambda: not service.runtime.broker.is_connected, what="the disconnect")
+            # The service keeps accepting work: every commit succeeds and waits in the outbox.
+            ids = []
+            for i in range(20):
+                ids += await service.record(new_event(f"during-outage-{i}"))
+            assert await service.unsent() == 20
+            report = await service.runtime.health.report(ready_only=True)
+            assert report["checks"]["rabbitmq:connection"][0]["status"] == "fail"
+
+            await proxy.restore()
+            await eventually(
+                lambda: set(spy.ids()) >= {str(i) for i in ids},
+                timeout=30,
+                what="every event delivered after the broker returned",
+            )
+            assert await service.unsent() == 0
+        finally:
+            await proxy.stop()
+
+
+class TestSeveralRelays:
+    async def test_two_relays_on_one_outbox_publish_no_row_twice(
+        self, make_service, spy_on, new_event
+    ):
+        service = await make_service(start=False, outbox_batch_size=50)
+        spy = await spy_on(service.settings)
+        runtime = service.runtime
+        runtime.broker.start()
+        await runtime.broker.wait_ready(10)
+        ids = []
+        for _ in range(10):
+            ids += await service.record(*(new_event() for _ in range(100)))
+
+        relays = [
+            OutboxRelay(
+                runtime.db.engine,
+                service.tables,
+                runtime.broker,
+                listen_dsn=service.settings.database_url,
+                batch_size=50,
+                poll_interval=0.2,
+            )
+            for _ in range(2)
+        ]
+        for relay in relays:
+            relay.start()
+        try:
+            await eventually(lambda: len(spy.messages) >= 1000, timeout=30, what="1000 deliveries")
+            # A sentinel after everything: any duplicate would have arrived before it.
+            [sentinel] = await service.record(new_event("sentinel"))
+            await eventually(lambda: str(sentinel) in spy.ids(), what="the sentinel")
+        finally:
+            await asyncio.gather(*(r.stop() for r in relays))
+        published = [i for i in spy.ids() if i != str(sentinel)]
+        assert len(published) == len(set(published)) == 1000
+        assert set(published) == {str(i) for i in ids}
