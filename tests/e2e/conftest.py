@@ -18,8 +18,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+from booking.runtime.testing import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, with_database
+
 PORT_VARIABLES = (
     "GATEWAY_PORT",
     "ORDERS_PORT",
@@ -39,11 +39,6 @@ DERIVED_VARIABLES = (
 )
 
 
-def with_path(url: str, path: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
-
-
 @pytest.fixture
 async def fresh_database() -> AsyncIterator[str]:
     """The URL of a new, empty database on the server of DATABASE_URL; dropped afterwards."""
@@ -55,7 +50,7 @@ async def fresh_database() -> AsyncIterator[str]:
     finally:
         await conn.close()
     try:
-        yield with_path(admin_url, f"/{name}")
+        yield with_database(admin_url, name)
     finally:
         conn = await asyncpg.connect(admin_url, timeout=10)
         try:
@@ -94,7 +89,8 @@ async def fresh_rabbitmq() -> AsyncIterator[dict[str, str]]:
     if shutil.which("rabbitmqctl") and await rabbitmqctl("add_vhost", run_id):
         try:
             assert await rabbitmqctl("set_permissions", "-p", run_id, user, ".*", ".*", ".*")
-            yield {"RABBITMQ_URL": with_path(base_url, "/" + quote(run_id, safe=""))}
+            vhost_url = urlunsplit(urlsplit(base_url)._replace(path="/" + quote(run_id, safe="")))
+            yield {"RABBITMQ_URL": vhost_url}
         finally:
             await rabbitmqctl("delete_vhost", run_id)
         return

@@ -122,7 +122,7 @@ def wait_until_ready(
     answers: dict[str, httpx.Response] = {}
     last_seen: dict[str, str] = {}
     deadline = time.monotonic() + READY_DEADLINE_SECONDS
-    with httpx.Client(timeout=2.0) as http:
+    with httpx.Client(timeout=2.0, trust_env=False) as http:
         while len(answers) < len(urls):
             if process.poll() is not None:
                 pytest.fail(f"make run exited ({process.returncode}) before ready:\n{tail(log)}")
@@ -193,7 +193,7 @@ class TestMakeRun:
             assert still_running(tree) == {}, f"left running after {stopped_in:.1f}s"
             for url in urls.values():
                 with pytest.raises(httpx.ConnectError):
-                    httpx.get(url, timeout=2.0)
+                    httpx.get(url, timeout=2.0, trust_env=False)
         finally:
             if process.poll() is None:
                 tree.update(descendants(process.pid))

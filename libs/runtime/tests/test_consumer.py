@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -116,7 +117,7 @@ class TestRetriesAndDeadLetters:
             lambda: spy.of_type("SystemErrorReported"), timeout=20, what="SystemErrorReported"
         )
         assert len(attempts) == 4
-        gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
         for gap, delay in zip(gaps, (0.15, 0.3, 0.6), strict=True):
             assert gap >= delay * 0.9, f"retry came after {gap:.3f}s, before its {delay}s delay"
         assert gaps[0] < gaps[1] < gaps[2]

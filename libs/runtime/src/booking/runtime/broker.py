@@ -124,7 +124,7 @@ class Broker:
                     client_properties={"connection_name": self._client_name},
                 )
                 break
-            except Exception as exc:  # noqa: BLE001 - any failure means: try again later
+            except Exception as exc:
                 log.warning("broker unreachable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._reconnect_interval * 2)

@@ -135,7 +135,7 @@ class Consumer:
         with correlated(envelope.correlation_id, str(envelope.message_id)):
             try:
                 outcome = await self._handle_once(handler, event, envelope)
-            except Exception as exc:  # noqa: BLE001 - every failure takes the retry path
+            except Exception as exc:
                 await self._retry_or_dead_letter(message, envelope, exc)
                 return
             await message.ack()
@@ -240,7 +240,7 @@ class Consumer:
                 async with self.db.transaction() as session:
                     await self.outbox.record(session, report, message_id=message_id)
                 return
-            except Exception as exc:  # noqa: BLE001 - the database may be what is failing
+            except Exception as exc:
                 log.error(
                     "outbox unavailable for SystemErrorReported, publishing directly: %s", exc
                 )

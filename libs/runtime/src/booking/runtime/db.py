@@ -36,6 +36,6 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One unit of work: commits at the end, rolls back on error. The only place that commits."""
+        """One unit of work: commits at the end, rolls back on error. Nothing else commits."""
         async with self.sessions() as session, session.begin():
             yield session

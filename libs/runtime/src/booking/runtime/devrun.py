@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -301,6 +302,7 @@ def check_ports(env: dict[str, str]) -> None:
 # --- children ---------------------------------------------------------------------------------
 
 
+@functools.cache
 def _die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGTERM the child when the supervisor dies, if it can."""
     if not sys.platform.startswith("linux"):
@@ -410,7 +412,7 @@ class Supervisor:
 
     async def wait_ready(self) -> bool:
         deadline = time.monotonic() + self.ready_timeout
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
 
             async def poll(running: Running) -> None:
                 url = running.url + running.child.ready_path

@@ -36,14 +36,14 @@ def run_env(target_metadata: MetaData, schema: str) -> None:
     config = context.config
     url = config.attributes.get("database_url") or RuntimeSettings().async_database_url
 
-    def only_own_schema(name, type_, parent_names) -> bool:  # noqa: ANN001
+    def only_own_schema(name, type_, parent_names) -> bool:
         if type_ == "schema":
             return name == schema
         if type_ == "table":
             return parent_names.get("schema_name") == schema
         return True
 
-    def migrate(connection) -> None:  # noqa: ANN001
+    def migrate(connection) -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -181,7 +181,7 @@ class OutboxRelay:
                     continue  # more may be waiting: no pause
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep the rows, try again later
+            except Exception as exc:
                 log.warning("outbox relay paused %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -196,13 +196,14 @@ class OutboxRelay:
             conn = None
             try:
                 conn = await asyncpg.connect(self._listen_dsn, timeout=5)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(self.tables.notify_channel, lambda *_: self._wake.set())
                 self._wake.set()  # catch up on anything committed while we were not listening
-                while not conn.is_closed():
-                    await asyncio.sleep(self.poll_interval)
+                await lost.wait()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - polling covers us until we listen again
+            except Exception as exc:
                 log.debug("outbox listener reconnecting: %s", exc)
                 await asyncio.sleep(1.0)
             finally:

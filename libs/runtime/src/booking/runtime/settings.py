@@ -1,7 +1,6 @@
-"""Settings from the environment (DESIGN section 8), with defaults that run on a developer machine."""
+"""Settings from the environment (DESIGN section 8), with defaults that run locally."""
 
 from __future__ import annotations
-
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict

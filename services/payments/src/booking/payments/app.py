@@ -1,4 +1,4 @@
-"""Composition root of the payments service: settings, runtime, handlers and routes, wired once."""
+"""Composition root of the payments service: settings, runtime, handlers and routes."""
 
 from fastapi import FastAPI
 
