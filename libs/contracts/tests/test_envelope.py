@@ -13,6 +13,7 @@ from booking.contracts import (
     Envelope,
     Event,
     MalformedMessage,
+    MentorRegistered,
     PaymentCompleted,
     UnknownEvent,
     decode,
@@ -209,3 +210,14 @@ def test_envelope_is_frozen():
     envelope = Envelope.model_validate(envelope_dict())
     with pytest.raises(ValueError):
         envelope.type = "Other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("email", ["not-an-email", "a@b", "two@@example.com", "sp ace@example.com"])
+def test_an_email_that_is_not_shaped_like_one_is_malformed(email: str):
+    event = MentorRegistered(
+        mentor_id=uuid4(), name="A", email="a@example.com", timezone="Africa/Tunis"
+    )
+    envelope = wrap(event, message_id=uuid4(), correlation_id="c")
+    bad = envelope.model_copy(update={"payload": {**envelope.payload, "email": email}})
+    with pytest.raises(MalformedMessage, match="email"):
+        decode(bad)

@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from booking.contracts.envelope import Event, UtcDatetime, register
 
@@ -19,6 +19,12 @@ Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 
 MinorUnits = Annotated[StrictInt, Field(ge=0)]
 """An amount of money in the currency's minor unit (millimes for TND); ints only, no floats."""
+
+EmailAddress = Annotated[
+    str, StringConstraints(pattern=r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s.]{2,63}$")
+]
+"""An email's shape. Emails are validated in full (pydantic's EmailStr) where they enter the
+system, at the API; full validation on every decode cost a tenth of a consumer's CPU."""
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -86,7 +92,7 @@ class MenteeContact(_Part):
 
     first_name: NonEmptyStr
     last_name: NonEmptyStr
-    email: EmailStr
+    email: EmailAddress
     phone: str | None
 
 
@@ -98,7 +104,7 @@ class MentorRegistered(Event):
 
     mentor_id: UUID
     name: NonEmptyStr
-    email: EmailStr
+    email: EmailAddress
     timezone: NonEmptyStr  # IANA name, e.g. Africa/Tunis
 
 
@@ -203,7 +209,7 @@ class OrderPaid(Event):
     order_id: UUID
     session_id: UUID
     mentor_id: UUID
-    mentee_email: EmailStr
+    mentee_email: EmailAddress
     title: NonEmptyStr
     start_at: UtcDatetime
     end_at: UtcDatetime

@@ -1,14 +1,18 @@
 """The idempotent consumer: inbox + handler in one transaction, bounded retries, dead letters.
 
-Each delivery runs its handler in one transaction that also inserts `(message_id, consumer)`
-into the inbox; the primary key turns a redelivery into a no-op. The message is acked only after
-that commit. A failing handler's message goes to a delay queue (growing delay) and comes back,
-a bounded number of times; then it is dead-lettered and a SystemErrorReported is raised. A body
-that cannot be parsed, or an event version this code does not know, is dead-lettered at once.
+Each delivery runs its handler in a transaction that also inserts `(message_id, consumer)` into
+the inbox; the primary key turns a redelivery into a no-op. The message is acked only after that
+commit. Under load, deliveries that are already waiting share one transaction (a commit is the
+dearest part of handling a message); if any of them fails, each is handled again on its own.
+
+A failing handler's message goes to a delay queue (growing delay) and comes back, a bounded
+number of times; then it is dead-lettered and a SystemErrorReported is raised. A body that
+cannot be parsed, or an event version this code does not know, is dead-lettered at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import traceback
@@ -86,6 +90,8 @@ class Consumer:
         max_attempts: int,
         retry_base_delay_ms: int,
         prefetch: int,
+        concurrency: int = 8,
+        max_batch: int = 32,
     ) -> None:
         self.name = name
         self.db = db
@@ -95,8 +101,16 @@ class Consumer:
         self.handlers = dict(handlers)
         self.queues = ConsumerQueues.named(name, max_attempts, retry_base_delay_ms)
         self.prefetch = prefetch
+        self.concurrency = concurrency
+        self.max_batch = max_batch
         self.queue: AbstractQueue | None = None
         self._channel: AbstractRobustChannel | None = None
+        self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._workers: list[asyncio.Task] = []
+        # Executed with a list of rows: one multi-row INSERT, compiled once and cached.
+        self._record_in_inbox = (
+            insert(tables.inbox).on_conflict_do_nothing().returning(tables.inbox.c.message_id)
+        )
 
     @property
     def routing_keys(self) -> list[str]:
@@ -104,6 +118,11 @@ class Consumer:
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
         """Declare the topology and start consuming (aio-pika re-attaches after reconnects)."""
+        if not self._workers:
+            self._workers = [
+                asyncio.create_task(self._work(), name=f"consumer-{self.name}-{i}")
+                for i in range(self.concurrency)
+            ]
         self._channel = await connection.channel(publisher_confirms=True)
         await self._channel.set_qos(prefetch_count=self.prefetch)
         self.queue = await self.broker.declare_consumer(
@@ -112,53 +131,102 @@ class Consumer:
         await self.queue.consume(self.on_message)
         log.info("consuming %s (%s)", self.queues.main, ", ".join(self.routing_keys))
 
+    async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
-        try:
-            envelope = parse_envelope(message.body)
-            event = decode(envelope)
-        except (MalformedMessage, UnknownEvent) as exc:
-            log.error(
-                "dead-lettering unreadable message %s on %s: %s",
-                message.message_id,
-                self.name,
-                exc,
-            )
-            await self._dead_letter(message, None, reason="unreadable", error=str(exc))
-            return
-        handler = self.handlers.get(type(event))
-        if handler is None:
-            # A valid event this consumer is not subscribed to: nothing to do.
-            log.warning("no handler for %s on %s; acked", envelope.type, self.name)
-            await message.ack()
-            return
-        with correlated(envelope.correlation_id, str(envelope.message_id)):
+        # Bounded by the prefetch count: the broker sends no more than that unacked.
+        self._deliveries.put_nowait(message)
+
+    async def _work(self) -> None:
+        """Take what has arrived (up to max_batch) and handle it; batches form only under load."""
+        while True:
+            batch = [await self._deliveries.get()]
+            while len(batch) < self.max_batch and not self._deliveries.empty():
+                batch.append(self._deliveries.get_nowait())
             try:
-                outcome = await self._handle_once(handler, event, envelope)
-            except Exception as exc:
-                await self._retry_or_dead_letter(message, envelope, exc)
+                await self.handle(batch)
+            except Exception:
+                # Unacked messages come back from the broker; never let a worker die.
+                log.exception("consumer %s failed on a batch of %d", self.name, len(batch))
+
+    async def handle(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Handle deliveries: readable ones in one transaction, each at most once."""
+        started = time.perf_counter()
+        work: list[tuple[AbstractIncomingMessage, Envelope, Event, Handler]] = []
+        for message in messages:
+            try:
+                envelope = parse_envelope(message.body)
+                event = decode(envelope)
+            except (MalformedMessage, UnknownEvent) as exc:
+                log.error(
+                    "dead-lettering unreadable message %s on %s: %s",
+                    message.message_id,
+                    self.name,
+                    exc,
+                )
+                await self._dead_letter(message, None, reason="unreadable", error=str(exc))
+                continue
+            handler = self.handlers.get(type(event))
+            if handler is None:
+                # A valid event this consumer is not subscribed to: nothing to do.
+                log.warning("no handler for %s on %s; acked", envelope.type, self.name)
+                await message.ack()
+                continue
+            work.append((message, envelope, event, handler))
+        if not work:
+            return
+        try:
+            outcomes = await self._handle_once(work)
+        except Exception as exc:
+            if len(work) > 1:
+                # One of them failed and took the others' transaction with it: handle each
+                # alone, so only the failing one takes the retry path.
+                for message, *_ in work:
+                    await self.handle([message])
                 return
-            await message.ack()
-        metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, outcome).inc()
+            message, envelope, *_ = work[0]
+            with correlated(envelope.correlation_id, str(envelope.message_id)):
+                await self._retry_or_dead_letter(message, envelope, exc)
+            return
+        for (message, envelope, *_), outcome in zip(work, outcomes, strict=True):
+            await message.ack()  # only now: the effects and the inbox record are committed
+            metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, outcome).inc()
         metrics.HANDLER_LATENCY.labels(self.name).observe(time.perf_counter() - started)
 
-    async def _handle_once(self, handler: Handler, event: Event, envelope: Envelope) -> str:
-        inbox = self.tables.inbox
+    async def _handle_once(
+        self, work: list[tuple[AbstractIncomingMessage, Envelope, Event, Handler]]
+    ) -> list[str]:
+        outcomes = []
         async with self.db.transaction() as session:
-            first_time = (
-                await session.execute(
-                    insert(inbox)
-                    .values(
-                        message_id=envelope.message_id, consumer=self.name, event_type=envelope.type
+            # One statement records the whole batch in the inbox; what it returns is new.
+            first_seen = set(
+                (
+                    await session.execute(
+                        self._record_in_inbox,
+                        [
+                            {
+                                "message_id": envelope.message_id,
+                                "consumer": self.name,
+                                "event_type": envelope.type,
+                            }
+                            for _, envelope, _, _ in work
+                        ],
                     )
-                    .on_conflict_do_nothing()
-                    .returning(inbox.c.message_id)
-                )
-            ).first()
-            if first_time is None:
-                return "duplicate"
-            await handler(event, MessageContext(session, envelope, self.outbox))
-        return "handled"
+                ).scalars()
+            )
+            for _, envelope, event, handler in work:
+                if envelope.message_id not in first_seen:
+                    outcomes.append("duplicate")
+                    continue
+                first_seen.discard(envelope.message_id)  # the same message twice in one batch
+                with correlated(envelope.correlation_id, str(envelope.message_id)):
+                    await handler(event, MessageContext(session, envelope, self.outbox))
+                outcomes.append("handled")
+        return outcomes
 
     async def _retry_or_dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception

@@ -20,7 +20,9 @@ def create_engine(settings: RuntimeSettings, *, pool_size: int = 10) -> AsyncEng
         settings.async_database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per transaction; a dropped connection fails its
+        # unit of work, which the caller retries (consumers redeliver, HTTP clients retry).
+        pool_recycle=1800,
         # A dead database must fail a request quickly, not hang it.
         connect_args={"timeout": 5, "command_timeout": 30},
     )

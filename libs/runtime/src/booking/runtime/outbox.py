@@ -26,6 +26,8 @@ from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
 
+_NOTIFIED = "booking.outbox.notified"
+
 
 class Outbox:
     """Writes events into one schema's outbox. Knows nothing of the broker."""
@@ -34,6 +36,11 @@ class Outbox:
         self.tables = tables
         self.producer = producer
         self.exchange = exchange
+        # Built once: statement construction is a measurable share of a hot path.
+        self._insert = insert(tables.outbox).on_conflict_do_nothing(
+            index_elements=[tables.outbox.c.message_id]
+        )
+        self._notify = text("SELECT pg_notify(:channel, '')")
 
     async def record(
         self,
@@ -56,23 +63,22 @@ class Outbox:
         )
         if event.producer == "runtime":  # reported by whichever service hit the error
             envelope = envelope.model_copy(update={"producer": self.producer})
-        table = self.tables.outbox
         await session.execute(
-            insert(table)
-            .values(
-                message_id=message_id,
-                exchange=self.exchange if exchange is None else exchange,
-                routing_key=envelope.routing_key,
-                event_type=envelope.type,
-                correlation_id=envelope.correlation_id,
-                body=envelope.model_dump_json(),
-            )
-            .on_conflict_do_nothing(index_elements=[table.c.message_id])
+            self._insert,
+            {
+                "message_id": message_id,
+                "exchange": self.exchange if exchange is None else exchange,
+                "routing_key": envelope.routing_key,
+                "event_type": envelope.type,
+                "correlation_id": envelope.correlation_id,
+                "body": envelope.model_dump_json(),
+            },
         )
-        # Delivered to the relays' LISTEN only when this transaction commits.
-        await session.execute(
-            text("SELECT pg_notify(:channel, '')"), {"channel": self.tables.notify_channel}
-        )
+        # One NOTIFY per transaction is enough; it reaches the relays' LISTEN on commit.
+        transaction = id(session.sync_session.get_transaction())
+        if session.info.get(_NOTIFIED) != transaction:
+            await session.execute(self._notify, {"channel": self.tables.notify_channel})
+            session.info[_NOTIFIED] = transaction
         return message_id
 
 
@@ -172,13 +178,14 @@ class OutboxRelay:
     async def _relay_forever(self) -> None:
         backoff = 0.1
         while True:
+            if not self.broker.is_connected:
+                # The broker reports its own outage; the rows simply wait for it.
+                await asyncio.sleep(0.1)
+                continue
+            # Cleared before the claim, so a commit that lands during it wakes the next round.
+            self._wake.clear()
             try:
-                if not self.broker.is_connected:
-                    raise ConnectionError("broker not connected")
                 published = await self.relay_batch()
-                backoff = 0.1
-                if published == self.batch_size:
-                    continue  # more may be waiting: no pause
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -186,7 +193,9 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            self._wake.clear()
+            backoff = 0.1
+            if published == self.batch_size:
+                continue  # more may be waiting: no pause
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 

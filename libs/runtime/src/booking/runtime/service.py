@@ -80,6 +80,8 @@ class ServiceRuntime:
                     max_attempts=settings.consumer_max_attempts,
                     retry_base_delay_ms=settings.consumer_retry_base_delay_ms,
                     prefetch=settings.consumer_prefetch,
+                    concurrency=settings.consumer_concurrency,
+                    max_batch=settings.consumer_max_batch,
                 )
                 self.broker.on_connected(self.consumer.attach)
         self._add_standard_checks()
@@ -92,6 +94,8 @@ class ServiceRuntime:
     async def stop(self) -> None:
         if self.relay is not None:
             await self.relay.stop()
+        if self.consumer is not None:
+            await self.consumer.stop()
         await self.broker.stop()
         if self.db is not None:
             await self.db.engine.dispose()

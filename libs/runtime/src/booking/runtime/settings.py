@@ -34,7 +34,9 @@ class RuntimeSettings(BaseSettings):
     broker_reconnect_interval_seconds: float = Field(default=2.0, gt=0)
 
     # Consumers: bounded retries with growing delay, then the dead-letter queue.
-    consumer_prefetch: int = Field(default=64, ge=1)
+    consumer_prefetch: int = Field(default=128, ge=1)
+    consumer_concurrency: int = Field(default=8, ge=1)
+    consumer_max_batch: int = Field(default=32, ge=1)
     consumer_max_attempts: int = Field(default=5, ge=1)
     consumer_retry_base_delay_ms: int = Field(default=1000, ge=1)
 

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): measured on this machine, never part of `make test`."""

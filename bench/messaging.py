@@ -1,0 +1,319 @@
+"""Messaging benchmark: commit -> outbox relay -> RabbitMQ -> inbox consumer -> handled.
+
+Two processes, as in production: this one commits events and runs one outbox relay; a second
+(`python -m bench.messaging consume ...`) runs one consumer whose handler stamps each message
+handled in its inbox transaction. Reported:
+
+- throughput: events per second from the first commit to the last handled, producing at full
+  speed (10 events per transaction, several writers);
+- latency at a steady 200 events/s (one event per transaction): p50/p95/p99 from commit to
+  handled.
+
+Targets (issue 2): >= 1,000 events/s; p99 <= 50 ms. Results also go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import uvloop
+from sqlalchemy import Column, DateTime, MetaData, Table, Uuid, func, text
+
+from booking.contracts import MentorRegistered
+from booking.runtime.consumer import MessageContext
+from booking.runtime.logs import configure_logging
+from booking.runtime.service import ServiceRuntime
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.tables import MessagingTables
+from booking.runtime.testing import with_database
+
+SCHEMA = "bench_messaging"
+RESULTS = Path(__file__).parent / "results"
+
+
+def bench_tables() -> tuple[MetaData, MessagingTables, Table]:
+    metadata = MetaData()
+    tables = MessagingTables(metadata, SCHEMA)
+    handled = Table(
+        "handled",
+        metadata,
+        Column("message_id", Uuid, primary_key=True),
+        Column("handled_at", DateTime(timezone=True), nullable=False),
+        schema=SCHEMA,
+    )
+    return metadata, tables, handled
+
+
+def settings_for(database_url: str, tag: str) -> RuntimeSettings:
+    return RuntimeSettings(
+        database_url=database_url,
+        events_exchange=f"bench.{tag}.events",
+        admin_alerts_exchange=f"bench.{tag}.alerts",
+        queue_prefix=f"bench.{tag}.",
+        log_level="WARNING",
+    )
+
+
+def event() -> MentorRegistered:
+    return MentorRegistered(
+        mentor_id=uuid.uuid4(), name="Bench", email="bench@example.com", timezone="UTC"
+    )
+
+
+# --- the consumer process --------------------------------------------------------------------
+
+
+async def consume(database_url: str, tag: str) -> None:
+    _, tables, handled = bench_tables()
+
+    async def stamp_handled(_event: MentorRegistered, ctx: MessageContext) -> None:
+        await ctx.session.execute(
+            handled.insert().values(
+                message_id=ctx.envelope.message_id, handled_at=func.clock_timestamp()
+            )
+        )
+
+    runtime = ServiceRuntime(
+        name="consumer",
+        settings=settings_for(database_url, tag),
+        tables=tables,
+        handlers={MentorRegistered: stamp_handled},
+    )
+    runtime.relay = None  # this process only consumes
+    await runtime.start()
+    await runtime.broker.wait_ready(30)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+# --- the producer and relay process ----------------------------------------------------------
+
+
+class Producer:
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+        self.committed: dict[uuid.UUID, float] = {}
+
+    async def commit(self, count: int) -> None:
+        assert self.runtime.db is not None and self.runtime.outbox is not None
+        async with self.runtime.db.transaction() as session:
+            ids = [await self.runtime.outbox.record(session, event()) for _ in range(count)]
+        now = time.time()
+        for message_id in ids:
+            self.committed[message_id] = now
+
+
+async def handled_times(conn: asyncpg.Connection, ids: list[uuid.UUID]) -> dict[uuid.UUID, float]:
+    rows = await conn.fetch(
+        f"SELECT message_id, extract(epoch from handled_at) AS t FROM {SCHEMA}.handled "
+        "WHERE message_id = ANY($1::uuid[])",
+        ids,
+    )
+    return {r["message_id"]: float(r["t"]) for r in rows}
+
+
+async def wait_all_handled(
+    conn: asyncpg.Connection, producer: Producer, ids: list[uuid.UUID], deadline: float
+) -> dict[uuid.UUID, float]:
+    """Poll a cheap count until every committed event is handled, then read the times once."""
+    expected = len(producer.committed)
+    while (count := await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.handled")) < expected:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {count} of {expected} events handled before the deadline")
+        await asyncio.sleep(0.1)
+    return await handled_times(conn, ids)
+
+
+def progress(label: str, done: int, total: int) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    print(
+        f"\r  {label:<12} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+        end="",
+        flush=True,
+    )
+
+
+async def run_throughput(producer: Producer, conn: asyncpg.Connection, total: int) -> dict:
+    writers, per_tx = 8, 10
+    started = time.time()
+    queue = asyncio.Queue()
+    for _ in range(total // per_tx):
+        queue.put_nowait(per_tx)
+
+    async def writer() -> None:
+        while not queue.empty():
+            await producer.commit(queue.get_nowait())
+
+    ids_before = set(producer.committed)
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    ids = [i for i in producer.committed if i not in ids_before]
+    found = await wait_all_handled(conn, producer, ids, time.monotonic() + 300)
+    elapsed = max(found.values()) - started
+    return {
+        "events": len(ids),
+        "writers": writers,
+        "events_per_transaction": per_tx,
+        "seconds": round(elapsed, 3),
+        "events_per_second": round(len(ids) / elapsed, 1),
+    }
+
+
+async def run_latency(
+    producer: Producer, conn: asyncpg.Connection, rate: int, seconds: int
+) -> dict:
+    total = rate * seconds
+    interval = 1 / rate
+    ids_before = set(producer.committed)
+    start = time.monotonic()
+    pending: set[asyncio.Task] = set()
+    for n in range(total):
+        # Paced against the clock, not by sleeping a fixed interval, so the rate holds.
+        delay = start + n * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(producer.commit(1))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        if n % rate == 0:
+            progress("latency", n, total)
+    await asyncio.gather(*pending)
+    progress("latency", total, total)
+    print()
+    ids = [i for i in producer.committed if i not in ids_before]
+    found = await wait_all_handled(conn, producer, ids, time.monotonic() + 120)
+    latencies = sorted((found[i] - producer.committed[i]) * 1000 for i in ids)
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "rate_per_second": rate,
+        "events": len(ids),
+        "p50_ms": round(quantiles[49], 2),
+        "p95_ms": round(quantiles[94], 2),
+        "p99_ms": round(quantiles[98], 2),
+        "max_ms": round(latencies[-1], 2),
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    server = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    database = f"bench_{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    admin = await asyncpg.connect(server)
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    await admin.close()
+    database_url = with_database(server, database)
+    consumer = None
+    runtime = None
+    try:
+        metadata, tables, _ = bench_tables()
+        runtime = ServiceRuntime(
+            name="producer", settings=settings_for(database_url, tag), tables=tables
+        )
+        async with runtime.db.engine.begin() as c:
+            await c.execute(text(f'CREATE SCHEMA "{SCHEMA}"'))
+            await c.run_sync(metadata.create_all)
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.messaging",
+            "consume",
+            database_url,
+            tag,
+            stdout=subprocess.PIPE,
+        )
+        line = await asyncio.wait_for(consumer.stdout.readline(), 60)
+        assert line.strip() == b"ready", line
+        await runtime.start()
+        await runtime.broker.wait_ready(30)
+        producer = Producer(runtime)
+        conn = await asyncpg.connect(database_url)
+        print("messaging benchmark: commit -> relay -> RabbitMQ -> consumer -> handled")
+        await run_throughput(producer, conn, 500)  # warm-up: connections, caches, JIT of queues
+        print(f"  throughput   {args.events} events at full speed ...", flush=True)
+        throughput = await run_throughput(producer, conn, args.events)
+        latency = await run_latency(producer, conn, args.rate, args.seconds)
+        await conn.close()
+    finally:
+        if runtime is not None:
+            await runtime.stop()
+        if consumer is not None and consumer.returncode is None:
+            consumer.terminate()
+            await consumer.wait()
+        admin = await asyncpg.connect(server)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+    report(throughput, latency)
+
+
+def report(throughput: dict, latency: dict) -> None:
+    rows = [
+        (
+            "events/s, full speed",
+            throughput["events_per_second"],
+            ">= 1000",
+            throughput["events_per_second"] >= 1000,
+        ),
+        (f"p50 at {latency['rate_per_second']}/s (ms)", latency["p50_ms"], "", True),
+        (f"p95 at {latency['rate_per_second']}/s (ms)", latency["p95_ms"], "", True),
+        (
+            f"p99 at {latency['rate_per_second']}/s (ms)",
+            latency["p99_ms"],
+            "<= 50",
+            latency["p99_ms"] <= 50,
+        ),
+    ]
+    print()
+    print(f"  {'measure':<26}{'value':>10}  {'target':<9}")
+    for name, value, target, ok in rows:
+        mark = "" if not target else ("ok" if ok else "MISSED")
+        print(f"  {name:<26}{value:>10}  {target:<9}{mark}")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    result = {
+        "benchmark": "messaging",
+        "at": datetime.now(UTC).isoformat(),
+        "commit": commit or None,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "throughput": throughput,
+        "latency": latency,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"messaging-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n  results: {path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.messaging")
+    sub = parser.add_subparsers(dest="command")
+    consume_cmd = sub.add_parser("consume", help="(internal) the consumer process")
+    consume_cmd.add_argument("database_url")
+    consume_cmd.add_argument("tag")
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=15)
+    args = parser.parse_args()
+    configure_logging("bench", "WARNING")
+    # The services run under uvicorn, which uses uvloop: measure on the same loop.
+    if args.command == "consume":
+        uvloop.run(consume(args.database_url, args.tag))
+    else:
+        uvloop.run(main(args))
