@@ -1,8 +1,8 @@
 """Messaging benchmark: commit -> outbox relay -> RabbitMQ -> inbox consumer -> handled.
 
-Two processes, as in production: this one commits events and runs one outbox relay; a second
-(`python -m bench.messaging consume ...`) runs one consumer whose handler stamps each message
-handled in its inbox transaction. Reported:
+Two processes, as a deployment runs them: this one is the producing service (it commits events
+and runs the outbox relay); the other (`python -m bench.messaging serve consumer ...`) runs the
+consumer, whose handler stamps each message handled in its inbox transaction. Reported:
 
 - throughput: events per second from the first commit to the last handled, producing at full
   speed (10 events per transaction, several writers);
@@ -72,33 +72,31 @@ def event() -> MentorRegistered:
     )
 
 
-# --- the consumer process --------------------------------------------------------------------
+# --- the consumer process -------------------------------------------------------------------------
 
 
 async def consume(database_url: str, tag: str) -> None:
+    """The consuming service: one consumer, no relay."""
     _, tables, handled = bench_tables()
+    stamp = handled.insert().values(handled_at=func.clock_timestamp())
 
     async def stamp_handled(_event: MentorRegistered, ctx: MessageContext) -> None:
-        await ctx.session.execute(
-            handled.insert().values(
-                message_id=ctx.envelope.message_id, handled_at=func.clock_timestamp()
-            )
-        )
+        await ctx.session.execute(stamp, {"message_id": ctx.envelope.message_id})
 
     runtime = ServiceRuntime(
         name="consumer",
         settings=settings_for(database_url, tag),
         tables=tables,
         handlers={MentorRegistered: stamp_handled},
+        relay=False,
     )
-    runtime.relay = None  # this process only consumes
     await runtime.start()
     await runtime.broker.wait_ready(30)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
-# --- the producer and relay process ----------------------------------------------------------
+# --- the producing process (this one) ----------------------------------------------------------
 
 
 class Producer:
@@ -134,6 +132,10 @@ async def wait_all_handled(
             raise SystemExit(f"only {count} of {expected} events handled before the deadline")
         await asyncio.sleep(0.1)
     return await handled_times(conn, ids)
+
+
+def percentile(sorted_values: list[float], q: int) -> float:
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[q - 1]
 
 
 def progress(label: str, done: int, total: int) -> None:
@@ -195,6 +197,18 @@ async def run_latency(
     ids = [i for i in producer.committed if i not in ids_before]
     found = await wait_all_handled(conn, producer, ids, time.monotonic() + 120)
     latencies = sorted((found[i] - producer.committed[i]) * 1000 for i in ids)
+    # Where the time goes: commit -> claimed by the relay, and claimed -> handled (publish,
+    # broker, consumer). The relay stamps sent_at when it claims.
+    rows = await conn.fetch(
+        f"SELECT message_id, extract(epoch from sent_at) AS s FROM {SCHEMA}.outbox "
+        "WHERE message_id = ANY($1::uuid[])",
+        ids,
+    )
+    claimed = {r["message_id"]: float(r["s"]) for r in rows}
+    split = {
+        "commit_to_claimed": sorted((claimed[i] - producer.committed[i]) * 1000 for i in ids),
+        "claimed_to_handled": sorted((found[i] - claimed[i]) * 1000 for i in ids),
+    }
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
     return {
         "rate_per_second": rate,
@@ -203,6 +217,11 @@ async def run_latency(
         "p95_ms": round(quantiles[94], 2),
         "p99_ms": round(quantiles[98], 2),
         "max_ms": round(latencies[-1], 2),
+        **{
+            f"{name}_p{q}_ms": round(percentile(xs, q), 2)
+            for name, xs in split.items()
+            for q in (50, 99)
+        },
     }
 
 
@@ -214,10 +233,11 @@ async def main(args: argparse.Namespace) -> None:
     await admin.execute(f'CREATE DATABASE "{database}"')
     await admin.close()
     database_url = with_database(server, database)
-    consumer = None
+    children: list[asyncio.subprocess.Process] = []
     runtime = None
     try:
         metadata, tables, _ = bench_tables()
+        # This process is the producing service: it commits events and runs their relay.
         runtime = ServiceRuntime(
             name="producer", settings=settings_for(database_url, tag), tables=tables
         )
@@ -233,6 +253,7 @@ async def main(args: argparse.Namespace) -> None:
             tag,
             stdout=subprocess.PIPE,
         )
+        children.append(consumer)
         line = await asyncio.wait_for(consumer.stdout.readline(), 60)
         assert line.strip() == b"ready", line
         await runtime.start()
@@ -248,9 +269,10 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         if runtime is not None:
             await runtime.stop()
-        if consumer is not None and consumer.returncode is None:
-            consumer.terminate()
-            await consumer.wait()
+        for child in children:
+            if child.returncode is None:
+                child.terminate()
+                await child.wait()
         admin = await asyncpg.connect(server)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
@@ -274,6 +296,8 @@ def report(throughput: dict, latency: dict) -> None:
             "<= 50",
             latency["p99_ms"] <= 50,
         ),
+        ("  commit -> claimed p99", latency["commit_to_claimed_p99_ms"], "", True),
+        ("  claimed -> handled p99", latency["claimed_to_handled_p99_ms"], "", True),
     ]
     print()
     print(f"  {'measure':<26}{'value':>10}  {'target':<9}")

@@ -113,3 +113,4 @@ def create_messaging_tables(schema: str) -> None:
 def drop_messaging_tables(schema: str) -> None:
     op.drop_table("inbox", schema=schema)
     op.drop_table("outbox", schema=schema)
+    op.execute(f'DROP FUNCTION IF EXISTS "{schema}".notify_outbox()')

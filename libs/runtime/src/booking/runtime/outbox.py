@@ -1,9 +1,10 @@
 """The transactional outbox: events are rows written with the state change, published by a relay.
 
-`record_event` adds the row inside the caller's transaction (and a NOTIFY that fires on commit),
-so an event exists if and only if its state change committed. The relay claims unsent rows with
-`FOR UPDATE SKIP LOCKED` (several replicas never claim the same row), publishes them with
-publisher confirms, and stamps them sent in the same transaction. Delivery is at least once.
+`Outbox.record` adds the row inside the caller's transaction, so an event exists if and only if
+its state change committed; the table's trigger NOTIFYs the relays on commit. A relay claims
+unsent rows with `FOR UPDATE SKIP LOCKED` (several replicas never claim the same row), publishes
+them with publisher confirms, and stamps them sent in the same transaction. Delivery is at least
+once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import uuid
 from datetime import UTC, datetime
 
 import asyncpg
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -25,8 +26,6 @@ from booking.runtime.broker import Broker, OutgoingMessage
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
-
-_NOTIFIED = "booking.outbox.notified"
 
 
 class Outbox:
@@ -40,7 +39,6 @@ class Outbox:
         self._insert = insert(tables.outbox).on_conflict_do_nothing(
             index_elements=[tables.outbox.c.message_id]
         )
-        self._notify = text("SELECT pg_notify(:channel, '')")
 
     async def record(
         self,
@@ -74,11 +72,7 @@ class Outbox:
                 "body": envelope.model_dump_json(),
             },
         )
-        # One NOTIFY per transaction is enough; it reaches the relays' LISTEN on commit.
-        transaction = id(session.sync_session.get_transaction())
-        if session.info.get(_NOTIFIED) != transaction:
-            await session.execute(self._notify, {"channel": self.tables.notify_channel})
-            session.info[_NOTIFIED] = transaction
+        # The outbox's trigger NOTIFYs the relays when this transaction commits.
         return message_id
 
 
@@ -94,22 +88,44 @@ class OutboxRelay:
         listen_dsn: str,
         batch_size: int = 200,
         poll_interval: float = 1.0,
+        concurrency: int = 2,
     ) -> None:
         self.engine = engine
+        self.concurrency = concurrency
         self.tables = tables
         self.broker = broker
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._listen_dsn = listen_dsn
-        self._wake = asyncio.Event()
+        # Wake-ups are tokens, one worker each: a commit wakes one worker, not all of them.
+        self._wakeups: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
         self._tasks: list[asyncio.Task] = []
+        table = f'"{tables.schema}".outbox'
+        self._claim = text(
+            f"""
+            WITH claimed AS (
+                SELECT id FROM {table} WHERE sent_at IS NULL
+                ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {table} AS o SET sent_at = clock_timestamp(), attempts = o.attempts + 1
+            FROM claimed WHERE o.id = claimed.id
+            RETURNING o.id, o.message_id, o.exchange, o.routing_key, o.event_type,
+                      o.correlation_id, o.body
+            """
+        )
+        self._unstamp = text(
+            f"UPDATE {table} SET sent_at = NULL, last_error = :error WHERE id = ANY(:ids)"
+        )
         self._stopping = False
 
     def start(self) -> None:
+        # Several workers: while one waits for the broker's confirms, another claims what has
+        # been committed since. SKIP LOCKED keeps their batches apart.
         self._tasks = [
-            asyncio.create_task(self._relay_forever(), name="outbox-relay"),
-            asyncio.create_task(self._listen_forever(), name="outbox-listen"),
+            asyncio.create_task(self._relay_forever(), name=f"outbox-relay-{i}")
+            for i in range(self.concurrency)
         ]
+        self._tasks.append(asyncio.create_task(self._listen_forever(), name="outbox-listen"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -118,29 +134,19 @@ class OutboxRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something was committed: let one idle worker claim it (a token already waiting will)."""
+        if not self._wakeups.full():
+            self._wakeups.put_nowait(None)
 
     async def relay_batch(self) -> int:
-        """Claim, publish and stamp one batch; returns how many rows were published."""
-        outbox = self.tables.outbox
+        """Claim, publish and stamp one batch; returns how many rows were published.
+
+        One statement claims and stamps the rows; their locks hold until the commit, after the
+        broker has confirmed them. A row the broker did not confirm is unstamped again, and a
+        crash before the commit leaves every row of the batch unsent: published again later.
+        """
         async with self.engine.begin() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        outbox.c.id,
-                        outbox.c.message_id,
-                        outbox.c.exchange,
-                        outbox.c.routing_key,
-                        outbox.c.event_type,
-                        outbox.c.correlation_id,
-                        outbox.c.body,
-                    )
-                    .where(outbox.c.sent_at.is_(None))
-                    .order_by(outbox.c.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
+            rows = (await conn.execute(self._claim, {"limit": self.batch_size})).all()
             if not rows:
                 return 0
             results = await asyncio.gather(
@@ -159,21 +165,17 @@ class OutboxRelay:
                 ),
                 return_exceptions=True,
             )
-            sent = [row.id for row, r in zip(rows, results, strict=True) if r is None]
             failed = [(row.id, r) for row, r in zip(rows, results, strict=True) if r is not None]
-            now = datetime.now(UTC)
-            if sent:
-                await conn.execute(update(outbox).where(outbox.c.id.in_(sent)).values(sent_at=now))
             if failed:
                 await conn.execute(
-                    update(outbox)
-                    .where(outbox.c.id.in_([i for i, _ in failed]))
-                    .values(attempts=outbox.c.attempts + 1, last_error=str(failed[0][1])[:500])
+                    self._unstamp,
+                    {"ids": [i for i, _ in failed], "error": str(failed[0][1])[:500]},
                 )
-        metrics.OUTBOX_PUBLISHED.labels(self.tables.schema).inc(len(sent))
+        sent = len(rows) - len(failed)
+        metrics.OUTBOX_PUBLISHED.labels(self.tables.schema).inc(sent)
         if failed:
             raise failed[0][1]
-        return len(sent)
+        return sent
 
     async def _relay_forever(self) -> None:
         backoff = 0.1
@@ -182,8 +184,10 @@ class OutboxRelay:
                 # The broker reports its own outage; the rows simply wait for it.
                 await asyncio.sleep(0.1)
                 continue
-            # Cleared before the claim, so a commit that lands during it wakes the next round.
-            self._wake.clear()
+            # Drop a waiting token: this claim covers it. A commit that lands during the
+            # claim leaves a new token, so it is not left waiting for the poll.
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._wakeups.get_nowait()
             try:
                 published = await self.relay_batch()
             except asyncio.CancelledError:
@@ -197,7 +201,7 @@ class OutboxRelay:
             if published == self.batch_size:
                 continue  # more may be waiting: no pause
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wakeups.get(), self.poll_interval)
 
     async def _listen_forever(self) -> None:
         """LISTEN for commits so the relay wakes at once instead of waiting for its next poll."""
@@ -207,8 +211,8 @@ class OutboxRelay:
                 conn = await asyncpg.connect(self._listen_dsn, timeout=5)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(self.tables.notify_channel, lambda *_: self._wake.set())
-                self._wake.set()  # catch up on anything committed while we were not listening
+                await conn.add_listener(self.tables.notify_channel, lambda *_: self.wake())
+                self.wake()  # catch up on anything committed while we were not listening
                 await lost.wait()
             except asyncio.CancelledError:
                 raise

@@ -43,6 +43,7 @@ class ServiceRuntime:
         settings: RuntimeSettings,
         tables: MessagingTables | None = None,
         handlers: Mapping[type[Event], Handler] | None = None,
+        relay: bool = True,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -61,14 +62,16 @@ class ServiceRuntime:
         if tables is not None:
             self.db = Database(create_engine(settings), tables.schema)
             self.outbox = Outbox(tables, producer=name, exchange=settings.events_exchange)
-            self.relay = OutboxRelay(
-                self.db.engine,
-                tables,
-                self.broker,
-                listen_dsn=settings.database_url,
-                batch_size=settings.outbox_batch_size,
-                poll_interval=settings.outbox_poll_interval_seconds,
-            )
+            if relay:
+                self.relay = OutboxRelay(
+                    self.db.engine,
+                    tables,
+                    self.broker,
+                    listen_dsn=settings.database_url,
+                    batch_size=settings.outbox_batch_size,
+                    poll_interval=settings.outbox_poll_interval_seconds,
+                    concurrency=settings.outbox_relay_concurrency,
+                )
             if handlers:
                 self.consumer = Consumer(
                     name=f"{settings.queue_prefix}{name}",

@@ -42,6 +42,7 @@ class RuntimeSettings(BaseSettings):
 
     # Outbox relay.
     outbox_batch_size: int = Field(default=200, ge=1)
+    outbox_relay_concurrency: int = Field(default=2, ge=1)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
     outbox_lag_warn_seconds: float = Field(default=30.0, gt=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Column,
     DateTime,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    event,
     func,
     text,
 )
@@ -41,7 +43,35 @@ def outbox_table(metadata: MetaData, schema: str) -> Table:
         schema=schema,
     )
     Index("ix_outbox_unsent", table.c.id, postgresql_where=table.c.sent_at.is_(None))
+    for statement in outbox_notify_ddl(schema):
+        event.listen(table, "after_create", DDL(statement))
     return table
+
+
+def notify_channel(schema: str) -> str:
+    return f"outbox_{schema}"
+
+
+def outbox_notify_ddl(schema: str) -> list[str]:
+    """A statement trigger that NOTIFYs the relays: they hear of a commit the moment it lands.
+
+    In the database rather than in `Outbox.record`, it costs the writer no round trip; Postgres
+    delivers one notification per transaction, on commit, and none on rollback.
+    """
+    return [
+        f"""
+        CREATE OR REPLACE FUNCTION "{schema}".notify_outbox() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{notify_channel(schema)}', '');
+            RETURN NULL;
+        END $$
+        """,
+        f"""
+        CREATE TRIGGER outbox_notify AFTER INSERT ON "{schema}".outbox
+        FOR EACH STATEMENT EXECUTE FUNCTION "{schema}".notify_outbox()
+        """,
+    ]
 
 
 def inbox_table(metadata: MetaData, schema: str) -> Table:
@@ -68,4 +98,4 @@ class MessagingTables:
 
     @property
     def notify_channel(self) -> str:
-        return f"outbox_{self.schema}"
+        return notify_channel(self.schema)
