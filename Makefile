@@ -52,7 +52,7 @@ asyncapi: install
 	@echo "wrote docs/asyncapi.json"
 
 ## token: print a signed dev token, e.g. make token ROLE=mentor SUB=<mentor id>
-token:
+token: install
 	@$(PY) -m booking.runtime.auth $(ROLE) $(SUB)
 
 ## bench: benchmarks (never part of make test)

@@ -15,6 +15,7 @@ from booking.contracts import (
     MalformedMessage,
     MentorRegistered,
     PaymentCompleted,
+    SystemErrorReported,
     UnknownEvent,
     decode,
     event_class,
@@ -221,3 +222,25 @@ def test_an_email_that_is_not_shaped_like_one_is_malformed(email: str):
     bad = envelope.model_copy(update={"payload": {**envelope.payload, "email": email}})
     with pytest.raises(MalformedMessage, match="email"):
         decode(bad)
+
+
+def test_an_event_from_any_service_names_its_sender():
+    report = SystemErrorReported(
+        service="orders",
+        consumer="orders",
+        message_type=None,
+        error="boom",
+        dead_lettered_message_id=None,
+        attempts=1,
+    )
+    with pytest.raises(ValueError, match="name the producer"):
+        wrap(report, message_id=uuid4(), correlation_id="c")
+    envelope = wrap(report, message_id=uuid4(), correlation_id="c", producer="orders")
+    assert envelope.producer == "orders"
+    assert envelope.routing_key == "orders.system_error_reported"
+    assert decode(parse_envelope(envelope.model_dump_json())) == report
+
+
+def test_an_event_cannot_claim_another_producer():
+    with pytest.raises(ValueError, match="produced by payments"):
+        wrap(payment_completed(), message_id=uuid4(), correlation_id="c", producer="orders")

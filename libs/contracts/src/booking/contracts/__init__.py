@@ -5,6 +5,7 @@ Importing this package registers every event, so `decode()` knows them all.
 
 from booking.contracts.envelope import (
     ADMIN_ALERTS_EXCHANGE,
+    ANY_PRODUCER,
     EXCHANGE,
     Envelope,
     Event,
@@ -47,6 +48,7 @@ from booking.contracts.events import (
 
 __all__ = [
     "ADMIN_ALERTS_EXCHANGE",
+    "ANY_PRODUCER",
     "EXCHANGE",
     "AdminNotificationRaised",
     "BookingRequested",

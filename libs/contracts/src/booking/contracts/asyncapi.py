@@ -15,6 +15,7 @@ from pydantic import create_model
 import booking.contracts.events  # noqa: F401  (registers every event)
 from booking.contracts.envelope import (
     ADMIN_ALERTS_EXCHANGE,
+    ANY_PRODUCER,
     EXCHANGE,
     Envelope,
     Event,
@@ -34,7 +35,7 @@ def envelope_model(event: type[Event]) -> type[Envelope]:
         __doc__=f"The envelope of a {event.event_type()} v{event.version} event.",
         type=(Literal[event.event_type()], ...),
         version=(Literal[event.version], ...),
-        producer=(Literal[event.producer], ...),
+        producer=(str if event.producer == ANY_PRODUCER else Literal[event.producer], ...),
         payload=(event, ...),
     )
 
@@ -50,7 +51,7 @@ def build_broker() -> RabbitBroker:
         description = _docstring(event)
         broker.publisher(
             exchange=events_exchange,
-            routing_key=event.routing_key(),
+            routing_key=event.binding_key(),
             persist=True,
             title=_channel_name(event),
             description=description,

@@ -20,6 +20,10 @@ EXCHANGE = "booking.events"
 ADMIN_ALERTS_EXCHANGE = "admin.alerts"
 """Fanout exchange the gateways bind to for live admin notifications."""
 
+ANY_PRODUCER = "*"
+"""The producer of an event every service may send (SystemErrorReported): the envelope names
+the service that did; consumers bind `*.<event>`."""
+
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
 """A timezone-aware datetime, normalised to UTC; naive datetimes are rejected."""
@@ -42,9 +46,17 @@ class Event(BaseModel):
         return cls.__name__
 
     @classmethod
-    def routing_key(cls) -> str:
-        """`<producer>.<event in snake case>`, e.g. `payments.payment_completed`."""
-        return f"{cls.producer}.{snake_case(cls.__name__)}"
+    def routing_key(cls, producer: str | None = None) -> str:
+        """`<producer>.<event in snake case>`, e.g. `payments.payment_completed`.
+
+        For an event any service may send (producer ANY_PRODUCER), name the sending service.
+        """
+        return f"{producer or cls.producer}.{snake_case(cls.__name__)}"
+
+    @classmethod
+    def binding_key(cls) -> str:
+        """What a consumer binds its queue with: the routing key, `*.<event>` for any producer."""
+        return cls.routing_key()
 
 
 class Envelope(BaseModel):
@@ -110,7 +122,14 @@ def wrap(
     correlation_id: str,
     causation_id: str | None = None,
     occurred_at: datetime | None = None,
+    producer: str | None = None,
 ) -> Envelope:
+    """The envelope of `event`. `producer` names the sender of an ANY_PRODUCER event."""
+    if event.producer == ANY_PRODUCER:
+        if not producer or producer == ANY_PRODUCER:
+            raise ValueError(f"{event.event_type()} can come from any service: name the producer")
+    elif producer not in (None, event.producer):
+        raise ValueError(f"{event.event_type()} is produced by {event.producer}, not {producer}")
     return Envelope(
         message_id=message_id,
         type=event.event_type(),
@@ -118,7 +137,7 @@ def wrap(
         occurred_at=occurred_at or datetime.now(UTC),
         correlation_id=correlation_id,
         causation_id=causation_id,
-        producer=event.producer,
+        producer=producer or event.producer,
         payload=event.model_dump(mode="json"),
     )
 

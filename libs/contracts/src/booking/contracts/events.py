@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-from booking.contracts.envelope import Event, UtcDatetime, register
+from booking.contracts.envelope import ANY_PRODUCER, Event, UtcDatetime, register
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 """ISO 4217 code in upper case, e.g. TND."""
@@ -280,8 +280,8 @@ class HealthCheckRecovered(Event):
 class SystemErrorReported(Event):
     """A service failed to handle a message and dead-lettered it."""
 
-    # Any service may report this; the reporting service is in `service`.
-    producer = "runtime"
+    # Any service may report this: its envelope names the reporting service, as does `service`.
+    producer = ANY_PRODUCER
 
     service: NonEmptyStr
     consumer: NonEmptyStr  # the queue the message was consumed from

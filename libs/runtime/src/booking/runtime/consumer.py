@@ -41,7 +41,6 @@ from booking.contracts import (
     parse_envelope,
     wrap,
 )
-from booking.contracts.envelope import snake_case
 from booking.runtime import metrics
 from booking.runtime.broker import Broker, ConsumerQueues, OutgoingMessage
 from booking.runtime.context import correlated
@@ -68,13 +67,6 @@ class MessageContext:
 
 
 Handler = Callable[[Any, MessageContext], Awaitable[None]]
-
-
-def binding_key(event_type: type[Event]) -> str:
-    # Events any service may report (SystemErrorReported) are bound for every producer.
-    if event_type.producer == "runtime":
-        return f"*.{snake_case(event_type.__name__)}"
-    return event_type.routing_key()
 
 
 class Consumer:
@@ -114,7 +106,7 @@ class Consumer:
 
     @property
     def routing_keys(self) -> list[str]:
-        return sorted({binding_key(t) for t in self.handlers})
+        return sorted({t.binding_key() for t in self.handlers})
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
         """Declare the topology and start consuming (aio-pika re-attaches after reconnects)."""
@@ -317,7 +309,8 @@ class Consumer:
                 message_id=message_id,
                 correlation_id=correlation_id or str(uuid.uuid4()),
                 causation_id=report.dead_lettered_message_id,
-            ).model_copy(update={"producer": self.outbox.producer})
+                producer=self.outbox.producer,
+            )
             await self.broker.publish(
                 OutgoingMessage(
                     body=envelope.model_dump_json().encode(),

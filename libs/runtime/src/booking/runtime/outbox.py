@@ -20,7 +20,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from booking.contracts import Event, wrap
+from booking.contracts import ANY_PRODUCER, Event, wrap
 from booking.runtime import context, metrics
 from booking.runtime.broker import Broker, OutgoingMessage
 from booking.runtime.tables import MessagingTables
@@ -58,9 +58,8 @@ class Outbox:
             message_id=message_id,
             correlation_id=context.current_correlation_id(),
             causation_id=context.causation_id.get(),
+            producer=self.producer if event.producer == ANY_PRODUCER else None,
         )
-        if event.producer == "runtime":  # reported by whichever service hit the error
-            envelope = envelope.model_copy(update={"producer": self.producer})
         await session.execute(
             self._insert,
             {
