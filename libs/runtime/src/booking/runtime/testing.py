@@ -1,8 +1,9 @@
 """Test fixtures every package's tests share (a pytest plugin, loaded by the root conftest).
 
 Real servers only: Postgres and RabbitMQ at DATABASE_URL / RABBITMQ_URL (default: the local
-ones). Each test session gets a database of its own; each test gets broker names of its own, so
-no test sees another's leftovers.
+ones), or throwaway containers with TESTCONTAINERS=1 where a Docker engine exists. Each test
+session gets a database of its own; each test gets broker names of its own, so no test sees
+another's leftovers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -66,27 +68,56 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def server_url(variable: str, default: str) -> Iterator[str]:
+    """The server at `variable` (else `default`); with TESTCONTAINERS=1, a throwaway container's.
+
+    The containers need Docker and the `testcontainers` package, imported only then. The fixture
+    that calls this is session-scoped, so each container starts once per test session and is
+    removed at its end.
+    """
+    if os.environ.get("TESTCONTAINERS") != "1":
+        yield os.environ.get(variable, default)
+    elif variable == "DATABASE_URL":
+        from testcontainers.community.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:15", driver=None) as postgres:
+            yield postgres.get_connection_url()  # postgresql://user:pass@host:port/db
+    elif variable == "RABBITMQ_URL":
+        with warnings.catch_warnings():  # its module uses a decorator testcontainers deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from testcontainers.community.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13-management") as rabbitmq:
+            host = rabbitmq.get_container_host_ip()
+            port = rabbitmq.get_exposed_port(rabbitmq.port)
+            yield f"amqp://{rabbitmq.username}:{rabbitmq.password}@{host}:{port}/"
+    else:
+        raise ValueError(f"no container for {variable}")
+
+
 @pytest.fixture(scope="session")
-def rabbitmq_url() -> str:
-    return os.environ.get("RABBITMQ_URL", DEFAULT_RABBITMQ_URL)
+def rabbitmq_url() -> Iterator[str]:
+    with server_url("RABBITMQ_URL", DEFAULT_RABBITMQ_URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 async def database_url() -> AsyncIterator[str]:
     """A fresh database for this test session, dropped at the end."""
-    server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
-    name = f"booking_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(server, name)
-    admin = await asyncpg.connect(server)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    with server_url("DATABASE_URL", DEFAULT_DATABASE_URL) as server:
+        name = f"booking_test_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(server)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        yield with_database(server, name)
+        admin = await asyncpg.connect(server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @pytest.fixture
