@@ -65,6 +65,29 @@ class TestMigrations:
             assert {(schema, "alembic_version"), (schema, "outbox"), (schema, "inbox")} <= tables
         assert not any(schema == "public" for schema, _ in tables)
 
+    async def test_each_outbox_notifies_its_relays_on_commit(self, migrated):
+        conn = await asyncpg.connect(migrated)
+        try:
+            triggers = await conn.fetch(
+                "SELECT n.nspname AS schema FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE t.tgname = 'outbox_notify' AND c.relname = 'outbox'"
+            )
+            schema = WITH_DATABASE[0]
+            await conn.execute(f"LISTEN outbox_{schema}")
+            heard = asyncio.Queue()
+            await conn.add_listener(f"outbox_{schema}", lambda *args: heard.put_nowait(args))
+            async with conn.transaction():
+                await conn.execute(
+                    f"INSERT INTO {schema}.outbox (message_id, exchange, routing_key, event_type,"
+                    " correlation_id, body) VALUES (gen_random_uuid(), 'x', 'k', 'T', 'c', '{{}}')"
+                )
+            await asyncio.wait_for(heard.get(), 5)
+        finally:
+            await conn.close()
+        assert {r["schema"] for r in triggers} == set(WITH_DATABASE)
+
     async def test_migrating_again_changes_nothing(self, migrated):
         result = await asyncio.to_thread(migrate, "orders", migrated)
         assert result.returncode == 0, result.stderr

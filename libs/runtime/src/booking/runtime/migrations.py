@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from booking.runtime.settings import RuntimeSettings
+from booking.runtime.tables import outbox_notify_ddl
 
 
 def alembic_config(database_url: str, package: str, schema: str) -> Config:
@@ -90,12 +91,21 @@ def create_messaging_tables(schema: str) -> None:
         sa.Column("last_error", sa.Text, nullable=True),
         schema=schema,
     )
+    for statement in outbox_notify_ddl(schema):
+        op.execute(statement)
     op.create_index(
         "ix_outbox_unsent",
         "outbox",
         ["id"],
         schema=schema,
         postgresql_where=sa.text("sent_at IS NULL"),
+    )
+    op.create_index(
+        "ix_outbox_sent_at",
+        "outbox",
+        ["sent_at"],
+        schema=schema,
+        postgresql_where=sa.text("sent_at IS NOT NULL"),
     )
     op.create_table(
         "inbox",
@@ -108,6 +118,7 @@ def create_messaging_tables(schema: str) -> None:
         sa.PrimaryKeyConstraint("message_id", "consumer", name="pk_inbox"),
         schema=schema,
     )
+    op.create_index("ix_inbox_handled_at", "inbox", ["handled_at"], schema=schema)
 
 
 def drop_messaging_tables(schema: str) -> None:

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -27,6 +28,7 @@ from booking.runtime.broker import Broker
 from booking.runtime.consumer import Consumer, Handler
 from booking.runtime.db import Database, create_engine
 from booking.runtime.health import Health, Observation, timed_ms
+from booking.runtime.housekeeping import Housekeeping
 from booking.runtime.outbox import Outbox, OutboxRelay
 from booking.runtime.problems import install_problem_handlers
 from booking.runtime.settings import RuntimeSettings
@@ -59,6 +61,7 @@ class ServiceRuntime:
         self.outbox: Outbox | None = None
         self.relay: OutboxRelay | None = None
         self.consumer: Consumer | None = None
+        self.housekeeping: Housekeeping | None = None
         if tables is not None:
             self.db = Database(create_engine(settings), tables.schema)
             self.outbox = Outbox(tables, producer=name, exchange=settings.events_exchange)
@@ -72,6 +75,13 @@ class ServiceRuntime:
                     poll_interval=settings.outbox_poll_interval_seconds,
                     concurrency=settings.outbox_relay_concurrency,
                 )
+            self.housekeeping = Housekeeping(
+                self.db.engine,
+                tables,
+                outbox_retention=timedelta(hours=settings.outbox_retention_hours),
+                inbox_retention=timedelta(hours=settings.inbox_retention_hours),
+                interval=settings.housekeeping_interval_seconds,
+            )
             if handlers:
                 self.consumer = Consumer(
                     name=f"{settings.queue_prefix}{name}",
@@ -93,8 +103,12 @@ class ServiceRuntime:
         self.broker.start()
         if self.relay is not None:
             self.relay.start()
+        if self.housekeeping is not None:
+            self.housekeeping.start()
 
     async def stop(self) -> None:
+        if self.housekeeping is not None:
+            await self.housekeeping.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self.consumer is not None:

@@ -46,6 +46,11 @@ class RuntimeSettings(BaseSettings):
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
     outbox_lag_warn_seconds: float = Field(default=30.0, gt=0)
 
+    # Housekeeping: sent events are kept for audit, inbox records far past any redelivery.
+    outbox_retention_hours: float = Field(default=168, gt=0)
+    inbox_retention_hours: float = Field(default=720, gt=0)
+    housekeeping_interval_seconds: float = Field(default=300, gt=0)
+
     health_check_timeout_seconds: float = Field(default=2.0, gt=0)
 
     @field_validator("database_url")

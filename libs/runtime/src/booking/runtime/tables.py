@@ -24,7 +24,8 @@ def outbox_table(metadata: MetaData, schema: str) -> Table:
     """Events written in the same transaction as the state change they record.
 
     A row is unsent until a relay publishes it with confirms and stamps `sent_at`; sent rows stay
-    for audit and are pruned by age. The partial index keeps the relay's scan to unsent rows.
+    for audit until housekeeping prunes them. The partial index keeps the relay's scan to unsent
+    rows; the other serves the pruning.
     """
     table = Table(
         "outbox",
@@ -43,6 +44,7 @@ def outbox_table(metadata: MetaData, schema: str) -> Table:
         schema=schema,
     )
     Index("ix_outbox_unsent", table.c.id, postgresql_where=table.c.sent_at.is_(None))
+    Index("ix_outbox_sent_at", table.c.sent_at, postgresql_where=table.c.sent_at.is_not(None))
     for statement in outbox_notify_ddl(schema):
         event.listen(table, "after_create", DDL(statement))
     return table
@@ -76,7 +78,7 @@ def outbox_notify_ddl(schema: str) -> list[str]:
 
 def inbox_table(metadata: MetaData, schema: str) -> Table:
     """Messages a consumer has handled. The primary key is what makes a redelivery a no-op."""
-    return Table(
+    table = Table(
         "inbox",
         metadata,
         Column("message_id", Uuid, nullable=False),
@@ -86,6 +88,8 @@ def inbox_table(metadata: MetaData, schema: str) -> Table:
         PrimaryKeyConstraint("message_id", "consumer", name="pk_inbox"),
         schema=schema,
     )
+    Index("ix_inbox_handled_at", table.c.handled_at)
+    return table
 
 
 class MessagingTables:

@@ -1,0 +1,85 @@
+"""Pruning what the messaging tables no longer need, so they do not grow without end.
+
+Sent outbox rows are kept for a while for audit, then deleted. Inbox records are what make a
+redelivery harmless, so they are kept much longer than any redelivery can come (retries take
+seconds; a dead letter replayed by hand may take days). Deletes go in bounded batches, and any
+number of replicas may prune at once: the same delete twice deletes once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from booking.runtime.tables import MessagingTables
+
+log = logging.getLogger(__name__)
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        tables: MessagingTables,
+        *,
+        outbox_retention: timedelta,
+        inbox_retention: timedelta,
+        interval: float = 300.0,
+        batch_size: int = 5000,
+    ) -> None:
+        self.engine = engine
+        self.interval = interval
+        self.batch_size = batch_size
+        schema = tables.schema
+        self._statements = [
+            (
+                text(
+                    f'DELETE FROM "{schema}".outbox WHERE id IN (SELECT id FROM "{schema}".outbox'
+                    " WHERE sent_at < now() - CAST(:keep AS interval) LIMIT :limit)"
+                ),
+                outbox_retention,
+            ),
+            (
+                text(
+                    f'DELETE FROM "{schema}".inbox WHERE ctid IN (SELECT ctid FROM "{schema}".inbox'
+                    " WHERE handled_at < now() - CAST(:keep AS interval) LIMIT :limit)"
+                ),
+                inbox_retention,
+            ),
+        ]
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._prune_forever(), name="housekeeping")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def prune(self) -> int:
+        """Delete everything past its retention, batch by batch; returns how many rows."""
+        deleted = 0
+        for statement, keep in self._statements:
+            while True:
+                async with self.engine.begin() as conn:
+                    result = await conn.execute(statement, {"keep": keep, "limit": self.batch_size})
+                deleted += result.rowcount
+                if result.rowcount < self.batch_size:
+                    break
+        return deleted
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                if deleted := await self.prune():
+                    log.info("pruned %d outbox and inbox rows past their retention", deleted)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("pruning the messaging tables failed; trying again later: %s", exc)
