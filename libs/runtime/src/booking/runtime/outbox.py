@@ -51,6 +51,7 @@ class Outbox:
         """Add `event` to the outbox in the session's open transaction; returns its message id.
 
         A given `message_id` makes recording idempotent: the same id twice stores one row.
+        `exchange` sends it elsewhere than the events exchange (admin alerts go to a fanout).
         """
         message_id = message_id or uuid.uuid4()
         envelope = wrap(
