@@ -139,22 +139,29 @@ class Health:
 
     def router(self) -> APIRouter:
         router = APIRouter(tags=["health"])
+        documented = {"status_code": 200, "responses": HEALTH_RESPONSES}
 
-        @router.get("/health/live", response_class=HealthResponse)
+        @router.get("/health/live", response_class=HealthResponse, **documented)
         async def live() -> HealthResponse:
             return HealthResponse(
                 {"status": "pass", "version": self.version, "serviceId": self.service}
             )
 
-        @router.get("/health/ready", response_class=HealthResponse)
+        @router.get("/health/ready", response_class=HealthResponse, **documented)
         async def ready() -> HealthResponse:
             return HealthResponse(await self.report(ready_only=True))
 
-        @router.get("/health", response_class=HealthResponse)
+        @router.get("/health", response_class=HealthResponse, **documented)
         async def full() -> HealthResponse:
             return HealthResponse(await self.report())
 
         return router
+
+
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "pass or warn", "content": {HEALTH_MEDIA_TYPE: {}}},
+    503: {"description": "fail", "content": {HEALTH_MEDIA_TYPE: {}}},
+}
 
 
 class HealthResponse(JSONResponse):

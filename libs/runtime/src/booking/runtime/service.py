@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -258,23 +259,44 @@ def _valid_correlation_id(value: str) -> bool:
 
 
 def create_service_app(
-    runtime: ServiceRuntime, routers: Iterable[APIRouter] = (), *, title: str | None = None
+    runtime: ServiceRuntime,
+    routers: Iterable[APIRouter] = (),
+    *,
+    title: str | None = None,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    middleware: Sequence[Middleware] = (),
 ) -> FastAPI:
+    """The service's FastAPI app around its runtime.
+
+    `routers` come before the standard health routes, so a service may answer `/health` itself
+    (the gateway's aggregate). `lifespan` runs inside the runtime's (the broker is being
+    connected, the database is there); `middleware` sits inside the correlation middleware.
+    """
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[None]:
+        async with runtime.lifespan(app):
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+
     app = FastAPI(
         title=title or f"booking {runtime.name}",
-        lifespan=runtime.lifespan,
+        lifespan=run,
         openapi_url="/openapi.json",
+        middleware=[Middleware(RequestContextMiddleware), *middleware],
     )
     app.state.settings = runtime.settings
     app.state.runtime = runtime
     install_problem_handlers(app)
-    app.add_middleware(RequestContextMiddleware)
+    for router in routers:
+        app.include_router(router)
     app.include_router(runtime.health.router())
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    for router in routers:
-        app.include_router(router)
     return app

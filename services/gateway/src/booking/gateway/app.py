@@ -1,12 +1,54 @@
-"""Composition root of the gateway: settings, runtime and routes, wired once. No database."""
+"""Composition root of the gateway: settings, runtime, limits, upstream clients, routes and the
+system health monitor. No database."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
+from booking.gateway.api import routers
+from booking.gateway.limits import BodyLimitMiddleware, RateLimiter
+from booking.gateway.monitor import HealthMonitor, SystemHealth, upstream_urls
 from booking.gateway.settings import GatewaySettings
+from booking.gateway.upstreams import Upstreams
 from booking.runtime.service import ServiceRuntime, create_service_app
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     runtime = ServiceRuntime(name="gateway", settings=settings)
-    return create_service_app(runtime, title="Mentor booking API")
+    system = SystemHealth(
+        runtime.health, upstream_urls(settings), timeout=settings.health_upstream_timeout_seconds
+    )
+    monitor = HealthMonitor(
+        system,
+        runtime.broker,
+        exchange=settings.events_exchange,
+        interval=settings.health_monitor_interval_seconds,
+        failures_to_alert=settings.health_monitor_failures_to_alert,
+    )
+
+    @asynccontextmanager
+    async def open_gateway(app: FastAPI) -> AsyncIterator[None]:
+        async with Upstreams.open(settings) as upstreams:
+            app.state.upstreams = upstreams
+            await system.start()
+            monitor.start()
+            try:
+                yield
+            finally:
+                await monitor.stop()
+                await system.stop()
+
+    app = create_service_app(
+        runtime,
+        # The aggregated /health first: it answers in place of the runtime's own.
+        routers=[system.router(), *routers],
+        title="Mentor booking API",
+        lifespan=open_gateway,
+        # Inside the correlation middleware, so a 413 still carries the correlation id.
+        middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
+    )
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    return app

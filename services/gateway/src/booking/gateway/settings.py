@@ -13,3 +13,18 @@ class GatewaySettings(RuntimeSettings):
     payments_url: str = "http://127.0.0.1:8002"
     calendar_url: str = "http://127.0.0.1:8003"
     notifications_url: str = "http://127.0.0.1:8004"
+
+    # Forwarding to the services: one pooled client per service.
+    upstream_timeout_seconds: float = Field(default=10.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    upstream_max_connections: int = Field(default=100, ge=1)
+    upstream_max_keepalive_connections: int = Field(default=20, ge=0)
+
+    # Limits on what callers may send.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1)
+    rate_limit_per_minute: int = Field(default=120, ge=1)  # per client IP, unauthenticated routes
+
+    # System health: the aggregated /health, and the monitor that alerts the admins.
+    health_upstream_timeout_seconds: float = Field(default=3.0, gt=0)
+    health_monitor_interval_seconds: float = Field(default=15.0, gt=0)
+    health_monitor_failures_to_alert: int = Field(default=3, ge=1)

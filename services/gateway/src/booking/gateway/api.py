@@ -1,0 +1,361 @@
+"""The public HTTP API (DESIGN section 5): each route declared, checked, and sent on to its service.
+
+The gateway checks the token, the role and the body, then forwards the request as it came to the
+owning service at the same path. Ownership the gateway cannot see (a mentee reading another's
+order) is the owning service's to refuse: it gets the caller's token and verifies it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from pydantic import AwareDatetime, BaseModel
+from starlette.responses import Response
+
+from booking.gateway.limits import rate_limited
+from booking.gateway.schemas import (
+    BookingAccepted,
+    BookingCreate,
+    CalendarConnection,
+    MarkedRead,
+    Mentor,
+    MentorCreate,
+    Notification,
+    NotificationPage,
+    NotificationSummary,
+    Offering,
+    OfferingCreate,
+    Order,
+    Problem,
+    WebhookResult,
+)
+from booking.gateway.upstreams import Service, Upstreams
+from booking.runtime.auth import Identity, Role, authenticated, require_roles
+
+
+def upstreams(request: Request) -> Upstreams:
+    return request.app.state.upstreams
+
+
+def mentor_himself_or_admin(
+    mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
+) -> Identity:
+    """An admin, or the mentor whose id is in the path (a mentor's `sub` is their id)."""
+    if identity.role is Role.MENTOR and not _same_id(identity.sub, mentor_id):
+        raise HTTPException(403, "a mentor may act only on their own offerings and calendar")
+    return identity
+
+
+def _same_id(sub: str, mentor_id: UUID) -> bool:
+    try:
+        return UUID(sub) == mentor_id
+    except ValueError:
+        return False
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    schema = Problem.model_json_schema()
+    return {
+        status: {
+            "description": _PROBLEM_WHEN[status],
+            "content": {"application/problem+json": {"schema": schema}},
+        }
+        for status in (*statuses, 502, 503, 504)
+    }
+
+
+_PROBLEM_WHEN = {
+    400: "a required parameter is missing or wrong",
+    401: "no token, or a malformed, expired or wrongly signed one",
+    403: "the token's role (or mentor) may not do this",
+    404: "no such resource",
+    409: "the slot is taken",
+    413: "the body is too large",
+    422: "the request does not match the contract",
+    429: "too many requests from this client; see Retry-After",
+    502: "the service behind the gateway failed",
+    503: "the service behind the gateway cannot be reached",
+    504: "the service behind the gateway did not answer in time",
+}
+SIGNED_IN = (401, 403, 422)
+WITH_BODY = (*SIGNED_IN, 413)
+PUBLIC = (400, 422, 429)
+
+
+def _json(body: BaseModel) -> bytes:
+    return body.model_dump_json(exclude_unset=True).encode()
+
+
+MentorId = Path(description="the mentor's id, as the system gave it")
+
+# --- orders: mentors, offerings, bookings, orders ----------------------------------------------
+
+orders = APIRouter(tags=["mentors and bookings"])
+
+
+@orders.post(
+    "/api/mentors",
+    status_code=201,
+    response_model=Mentor,
+    responses=_problems(*WITH_BODY),
+    dependencies=[Depends(require_roles(Role.ADMIN))],
+    summary="Register a mentor",
+)
+async def register_mentor(
+    body: MentorCreate, request: Request, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.ORDERS, content=_json(body))
+
+
+@orders.get(
+    "/api/mentors/{mentor_id}",
+    response_model=Mentor,
+    responses=_problems(*SIGNED_IN, 404),
+    dependencies=[Depends(authenticated)],
+    summary="A mentor",
+)
+async def get_mentor(
+    request: Request, mentor_id: UUID = MentorId, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.ORDERS)
+
+
+@orders.post(
+    "/api/mentors/{mentor_id}/offerings",
+    status_code=201,
+    response_model=Offering,
+    responses=_problems(*WITH_BODY, 404),
+    dependencies=[Depends(mentor_himself_or_admin)],
+    summary="Add an offering to a mentor",
+)
+async def add_offering(
+    body: OfferingCreate,
+    request: Request,
+    mentor_id: UUID = MentorId,
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.ORDERS, content=_json(body))
+
+
+@orders.get(
+    "/api/mentors/{mentor_id}/offerings",
+    response_model=list[Offering],
+    responses=_problems(*SIGNED_IN, 404),
+    dependencies=[Depends(authenticated)],
+    summary="A mentor's offerings",
+)
+async def list_offerings(
+    request: Request, mentor_id: UUID = MentorId, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.ORDERS)
+
+
+@orders.post(
+    "/api/bookings",
+    status_code=202,
+    response_model=BookingAccepted,
+    responses=_problems(*WITH_BODY, 404, 409),
+    dependencies=[Depends(require_roles(Role.MENTEE))],
+    summary="Book a session (the order then awaits payment)",
+)
+async def book_session(
+    body: BookingCreate,
+    request: Request,
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="a retried POST with the same key answers the first result",
+    ),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.ORDERS, content=_json(body))
+
+
+@orders.get(
+    "/api/orders/{order_id}",
+    response_model=Order,
+    responses=_problems(*SIGNED_IN, 404),
+    dependencies=[Depends(require_roles(Role.MENTEE, Role.ADMIN))],
+    summary="An order, its payment, session and escrow",
+)
+async def get_order(
+    request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.ORDERS)
+
+
+# --- payments: the Konnect webhook -------------------------------------------------------------
+
+payments = APIRouter(tags=["payments"])
+
+
+@payments.get(
+    "/api/payments/webhook",
+    response_model=WebhookResult,
+    responses=_problems(*PUBLIC, 404),
+    dependencies=[Depends(rate_limited)],
+    summary="Konnect's payment notification (unsigned: payments asks Konnect itself)",
+)
+async def konnect_webhook(
+    request: Request,
+    payment_ref: str | None = Query(None, max_length=200, description="required"),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    if not payment_ref:
+        raise HTTPException(400, "payment_ref is required: the Konnect payment reference")
+    return await up.forward(request, Service.PAYMENTS)
+
+
+# --- calendar: mentors' Google connections -----------------------------------------------------
+
+calendar = APIRouter(tags=["calendar"])
+
+
+@calendar.get(
+    "/api/mentors/{mentor_id}/calendar/connect",
+    status_code=302,
+    response_class=Response,
+    response_model=None,
+    responses={
+        302: {
+            "description": "to Google's consent page",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
+        **_problems(*SIGNED_IN, 404),
+    },
+    dependencies=[Depends(mentor_himself_or_admin)],
+    summary="Start connecting a mentor's Google Calendar",
+)
+async def connect_calendar(
+    request: Request, mentor_id: UUID = MentorId, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.CALENDAR)
+
+
+@calendar.get(
+    "/api/calendar/oauth/callback",
+    response_model=CalendarConnection,
+    responses=_problems(*PUBLIC),
+    dependencies=[Depends(rate_limited)],
+    summary="Where Google sends the browser back (the signed state says who)",
+)
+async def finish_calendar_connection(
+    request: Request,
+    code: str | None = Query(None, max_length=2000),
+    state: str | None = Query(None, max_length=2000),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.CALENDAR)
+
+
+@calendar.get(
+    "/api/mentors/{mentor_id}/calendar",
+    response_model=CalendarConnection,
+    responses=_problems(*SIGNED_IN, 404),
+    dependencies=[Depends(mentor_himself_or_admin)],
+    summary="A mentor's calendar connection",
+)
+async def calendar_connection(
+    request: Request, mentor_id: UUID = MentorId, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.CALENDAR)
+
+
+# --- notifications: the admins' feed -----------------------------------------------------------
+
+notifications = APIRouter(
+    prefix="/api/admin/notifications",
+    tags=["admin notifications"],
+    dependencies=[Depends(require_roles(Role.ADMIN))],
+)
+
+
+class _Filters:
+    """The feed's filters, checked here and passed on in the query string as they came."""
+
+    def __init__(
+        self,
+        unread_only: bool | None = Query(None, alias="unreadOnly"),
+        severity: str | None = Query(
+            None, max_length=20, description="a name (Error) or its number (0..3)"
+        ),
+        type: str | None = Query(
+            None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
+        ),
+        since: AwareDatetime | None = Query(None),
+    ) -> None:
+        pass
+
+
+@notifications.get(
+    "",
+    response_model=NotificationPage,
+    responses=_problems(*SIGNED_IN),
+    dependencies=[Depends(_Filters)],
+    summary="The notifications, newest first",
+)
+async def list_notifications(
+    request: Request,
+    limit: int | None = Query(None, ge=1, le=200),
+    cursor: str | None = Query(None, max_length=200),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.NOTIFICATIONS)
+
+
+@notifications.post(
+    "/read-all",
+    response_model=MarkedRead,
+    responses=_problems(*SIGNED_IN),
+    dependencies=[Depends(_Filters)],
+    summary="Mark every notification (matching the filters) read",
+)
+async def mark_all_read(request: Request, up: Upstreams = Depends(upstreams)) -> Response:
+    return await up.forward(request, Service.NOTIFICATIONS)
+
+
+@notifications.get(
+    "/summary",
+    response_model=NotificationSummary,
+    responses=_problems(*SIGNED_IN),
+    summary="Counts by day and severity",
+)
+async def summarize_notifications(
+    request: Request,
+    days: int = Query(7, ge=1, le=366),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.NOTIFICATIONS)
+
+
+@notifications.post(
+    "/{notification_id}/read",
+    response_model=Notification,
+    responses=_problems(*SIGNED_IN, 404),
+    summary="Mark a notification read",
+)
+async def mark_read(
+    request: Request, notification_id: int = Path(ge=1), up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.NOTIFICATIONS)
+
+
+@notifications.delete(
+    "/{notification_id}",
+    status_code=204,
+    response_class=Response,
+    response_model=None,
+    responses=_problems(*SIGNED_IN, 404),
+    summary="Delete a notification",
+)
+async def delete_notification(
+    request: Request, notification_id: int = Path(ge=1), up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.NOTIFICATIONS)
+
+
+routers = [orders, payments, calendar, notifications]

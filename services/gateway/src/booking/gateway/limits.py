@@ -1,0 +1,136 @@
+"""What a caller may send: a body size limit (413), and a rate limit (429) on the routes that
+need no token."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from fastapi import HTTPException, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from booking.runtime.problems import problem
+
+DRAIN_FACTOR = 16
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`: at once on its Content-Length, else while it streams in.
+
+    The body (small by definition) is read here before the app sees it, so a chunked body that
+    grows too large is refused before any route, validation or forwarding starts.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._drain(receive, more=message.get("more_body", False), size=size)
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    async def _drain(self, receive: Receive, *, more: bool, size: int) -> None:
+        """Read (and drop) the rest of a body a little over the limit, so that a client still
+        sending gets the 413 rather than a reset connection; a far larger one is cut off."""
+        while more and size <= DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(
+            413,
+            f"the request body is larger than the {self.max_bytes} bytes this API accepts",
+            instance=scope.get("path"),
+        )
+        response.headers["connection"] = "close"  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for the disconnect, as usual
+
+    return replay
+
+
+class RateLimiter:
+    """At most `per_minute` requests per client in each clock minute (a fixed window).
+
+    In-process, so the limit holds per gateway replica: n replicas let a client make up to
+    n x per_minute. Counts are dropped at each new window, so memory holds one minute's clients.
+    """
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._window = -1
+        self._counts: dict[str, int] = {}
+
+    def retry_after(self, client: str) -> int | None:
+        """Count one request from `client`; None if allowed, else seconds until it may retry."""
+        now = self.clock()
+        window = int(now // 60)
+        if window != self._window:
+            self._window = window
+            self._counts = {}
+        count = self._counts.get(client, 0) + 1
+        self._counts[client] = count
+        if count <= self.per_minute:
+            return None
+        return max(1, math.ceil((window + 1) * 60 - now))
+
+
+def rate_limited(request: Request) -> None:
+    """Dependency for unauthenticated routes: 429 with Retry-After past the client's limit."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    # The peer address; behind a proxy, uvicorn's --forwarded-allow-ips makes it the client's.
+    client = request.client.host if request.client else "unknown"
+    wait = limiter.retry_after(client)
+    if wait is not None:
+        raise HTTPException(
+            429,
+            f"too many requests from {client}; at most {limiter.per_minute} a minute. "
+            f"Retry after {wait}s",
+            headers={"Retry-After": str(wait)},
+        )

@@ -1,0 +1,181 @@
+"""The public contract's bodies (DESIGN section 5): what callers send and what they get back.
+
+Request bodies forbid unknown fields (422). Responses tolerate extra fields, so a service can add
+one without breaking the contract. Money is {amount: minor units, currency}; times are RFC 3339
+and timezone-aware; ids are the UUIDs the services give, notifications' increasing integers.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StrictInt
+from pydantic import StringConstraints as Text
+
+from booking.contracts import Currency
+
+Name = Annotated[str, Text(strip_whitespace=True, min_length=1, max_length=200)]
+TimeZone = Annotated[str, Text(pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")]
+Phone = Annotated[str, Text(pattern=r"^\+?[0-9][0-9 ().\-]{4,24}$")]
+
+OrderStatus = Literal[
+    "pending", "awaiting_payment", "paid", "confirmed", "payment_failed", "cancelled"
+]
+SessionStatus = Literal[
+    "pending_payment", "awaiting_calendar", "scheduled", "scheduling_failed", "cancelled"
+]
+NotificationType = Literal[
+    "IntegrationFailure", "PaymentAnomaly", "SessionIssue", "SystemError", "HealthCheckFailure"
+]
+Severity = Literal["Info", "Warning", "Error", "Critical"]
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Money(RequestBody):
+    amount: StrictInt = Field(ge=0, description="in the currency's minor unit (millimes for TND)")
+    currency: Currency = Field(description="ISO 4217 code in upper case", examples=["TND"])
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+class MentorCreate(RequestBody):
+    name: Name
+    email: EmailStr
+    timezone: TimeZone = Field(description="IANA name", examples=["Africa/Tunis"])
+
+
+class OfferingCreate(RequestBody):
+    title: Name
+    duration_minutes: StrictInt = Field(gt=0, le=24 * 60)
+    price: Money
+
+
+class MenteeContact(RequestBody):
+    first_name: Name
+    last_name: Name
+    email: EmailStr
+    phone: Phone | None = None
+
+
+class BookingCreate(RequestBody):
+    offering_id: UUID
+    start_at: AwareDatetime
+    mentee: MenteeContact
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+class Mentor(BaseModel):
+    id: UUID
+    name: str
+    email: str
+    timezone: str
+
+
+class Offering(BaseModel):
+    id: UUID
+    mentor_id: UUID
+    title: str
+    duration_minutes: int
+    price: Money
+
+
+class BookingAccepted(BaseModel):
+    order_id: UUID
+    session_id: UUID
+    status: OrderStatus
+
+
+class PaymentView(BaseModel):
+    ref: str | None
+    pay_url: str | None
+    status: str
+
+
+class SessionView(BaseModel):
+    id: UUID
+    status: SessionStatus
+    start_at: datetime
+    end_at: datetime
+    meet_link: str | None
+    calendar_event_id: str | None
+
+
+class EscrowView(BaseModel):
+    platform_fee: Money
+    escrow_amount: Money
+
+
+class Order(BaseModel):
+    id: UUID
+    status: OrderStatus
+    amount: Money
+    amount_paid: Money
+    payment: PaymentView | None
+    session: SessionView
+    escrow: EscrowView | None
+
+
+class WebhookResult(BaseModel):
+    payment_ref: str
+    status: str
+
+
+class CalendarConnection(BaseModel):
+    connected: bool
+    calendar_id: str | None
+    connected_at: datetime | None
+    revoked: bool
+
+
+class Notification(BaseModel):
+    id: int
+    type: NotificationType
+    severity: Severity
+    title: str
+    message: str
+    metadata: dict[str, Any]
+    is_read: bool
+    read_at: datetime | None
+    created_at: datetime
+    fingerprint: str
+    occurrences: int
+    last_occurred_at: datetime
+
+
+class NotificationPage(BaseModel):
+    items: list[Notification]
+    next_cursor: str | None
+
+
+class MarkedRead(BaseModel):
+    updated: int = Field(description="how many notifications were marked read")
+
+
+class DayCount(BaseModel):
+    day: date
+    severity: Severity
+    count: int
+
+
+class NotificationSummary(BaseModel):
+    days: int
+    counts: list[DayCount]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every error is answered."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, str]] | None = None

@@ -1,0 +1,163 @@
+"""Forwarding to the services behind the gateway: one pooled httpx client per service.
+
+A request goes on at the same path with its query string, the caller's Authorization header
+and the correlation id; the service's status, body and content type come back. Failures become
+problem+json: unreachable 503, too slow 504, a service's own 5xx 502 (a service's 503
+problem+json passes as it is). Every call is bounded in total time, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from enum import StrEnum
+
+import httpx
+from fastapi import Request
+from starlette.responses import Response
+
+from booking.gateway.settings import GatewaySettings
+from booking.runtime.context import current_correlation_id
+from booking.runtime.problems import PROBLEM_MEDIA_TYPE, problem
+
+log = logging.getLogger(__name__)
+
+
+class Service(StrEnum):
+    ORDERS = "orders"
+    PAYMENTS = "payments"
+    CALENDAR = "calendar"
+    NOTIFICATIONS = "notifications"
+
+
+FORWARDED_REQUEST_HEADERS = ("authorization", "accept", "content-type", "idempotency-key")
+RETURNED_RESPONSE_HEADERS = (
+    "content-type",
+    "location",
+    "retry-after",
+    "cache-control",
+    "www-authenticate",
+)
+
+
+class Upstreams:
+    def __init__(self, clients: dict[Service, httpx.AsyncClient], timeout: float) -> None:
+        self.clients = clients
+        self.timeout = timeout
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: GatewaySettings) -> AsyncIterator[Upstreams]:
+        urls = {
+            Service.ORDERS: settings.orders_url,
+            Service.PAYMENTS: settings.payments_url,
+            Service.CALENDAR: settings.calendar_url,
+            Service.NOTIFICATIONS: settings.notifications_url,
+        }
+        total = settings.upstream_timeout_seconds
+        connect = min(settings.upstream_connect_timeout_seconds, total)
+        timeout = httpx.Timeout(total, connect=connect)
+        limits = httpx.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=settings.upstream_max_keepalive_connections,
+        )
+        async with AsyncExitStack() as stack:
+            clients = {
+                service: await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=url.rstrip("/"),
+                        timeout=timeout,
+                        limits=limits,
+                        follow_redirects=False,  # a 302 to Google is the answer, not a hop
+                        trust_env=False,
+                    )
+                )
+                for service, url in urls.items()
+            }
+            yield cls(clients, total)
+
+    async def forward(
+        self, request: Request, service: Service, *, content: bytes | None = None
+    ) -> Response:
+        """Send `request` on to `service` as it came (or with `content` as its body)."""
+        client = self.clients[service]
+        headers = {
+            name: value
+            for name in FORWARDED_REQUEST_HEADERS
+            if (value := request.headers.get(name)) is not None
+        }
+        headers["x-correlation-id"] = current_correlation_id()
+        if request.client is not None:
+            prior = request.headers.get("x-forwarded-for")
+            headers["x-forwarded-for"] = (
+                f"{prior}, {request.client.host}" if prior else request.client.host
+            )
+        if content is None and request.method in ("POST", "PUT", "PATCH"):
+            content = await request.body()
+        target = client.base_url.copy_with(
+            raw_path=client.base_url.raw_path.rstrip(b"/") + _raw_path_and_query(request)
+        )
+        try:
+            # httpx's read timeout is per chunk; this bounds the whole exchange.
+            async with asyncio.timeout(self.timeout):
+                upstream = await client.request(
+                    request.method, target, headers=headers, content=content
+                )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            log.warning("%s unreachable: %r", service, exc)
+            return problem(
+                503,
+                f"the {service} service cannot be reached; try again shortly",
+                title="Service Unavailable",
+                service=str(service),
+            )
+        except httpx.PoolTimeout:
+            log.warning("%s: no free connection in the pool", service)
+            return problem(
+                503,
+                f"the gateway has no free connection to the {service} service; try again shortly",
+                service=str(service),
+            )
+        except (TimeoutError, httpx.TimeoutException):
+            log.warning("%s did not answer within %ss", service, self.timeout)
+            return problem(
+                504,
+                f"the {service} service did not answer within {self.timeout:g}s",
+                service=str(service),
+            )
+        except httpx.HTTPError as exc:
+            log.warning("%s broke the exchange: %r", service, exc)
+            return problem(
+                502,
+                f"the {service} service gave no valid answer",
+                service=str(service),
+            )
+        return _pass_back(upstream, service)
+
+
+def _raw_path_and_query(request: Request) -> bytes:
+    # The raw path, so percent-encoding reaches the service exactly as the caller wrote it.
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string", b"")
+    return raw + (b"?" + query if query else b"")
+
+
+def _pass_back(upstream: httpx.Response, service: Service) -> Response:
+    content_type = upstream.headers.get("content-type", "")
+    if upstream.status_code >= 500 and not (
+        upstream.status_code == 503 and content_type.startswith(PROBLEM_MEDIA_TYPE)
+    ):
+        log.warning("%s answered %s", service, upstream.status_code)
+        return problem(
+            502,
+            f"the {service} service failed ({upstream.status_code}); the error is in its logs",
+            service=str(service),
+        )
+    headers = {
+        name: value
+        for name in RETURNED_RESPONSE_HEADERS
+        if (value := upstream.headers.get(name)) is not None
+    }
+    return Response(upstream.content, status_code=upstream.status_code, headers=headers)

@@ -1,0 +1,281 @@
+"""The gateway served over real HTTP in front of recording stand-ins for the four services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from booking.gateway.app import create_app
+from booking.gateway.settings import GatewaySettings
+from booking.gateway.upstreams import Service
+from booking.runtime.auth import Role, issue_token
+from booking.runtime.health import HealthResponse
+from booking.runtime.testing import free_port, serving
+
+MENTOR_ID = "5d0c5b8e-7d0a-4a7e-9f57-1b1e1c7f2a01"
+ORDER_ID = "0b7e3f0e-3f5a-4a33-8d0e-2c6e4b9f1a03"
+OFFERING_ID = "c2a1e4d6-9b8f-4f1e-8a3c-5d7e6f8a9b04"
+SESSION_ID = "e4f5a6b7-c8d9-4e0f-a1b2-c3d4e5f6a705"
+NOW = "2030-05-01T09:00:00Z"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+def valid_answer(method: str, path: str) -> Response:
+    """What the owning service would answer to a valid request: bodies that fit the contract."""
+    money = {"amount": 120000, "currency": "TND"}
+    mentor = {"id": MENTOR_ID, "name": "Amel", "email": "amel@example.com", "timezone": "UTC"}
+    offering = {
+        "id": OFFERING_ID,
+        "mentor_id": MENTOR_ID,
+        "title": "Career chat",
+        "duration_minutes": 60,
+        "price": money,
+    }
+    connection = {
+        "connected": True,
+        "calendar_id": "primary",
+        "connected_at": NOW,
+        "revoked": False,
+    }
+    notification = {
+        "id": 7,
+        "type": "PaymentAnomaly",
+        "severity": "Error",
+        "title": "Amount mismatch",
+        "message": "paid less than due",
+        "metadata": {"order_id": ORDER_ID},
+        "is_read": True,
+        "read_at": NOW,
+        "created_at": NOW,
+        "fingerprint": "PaymentAnomaly:amount_mismatch:" + ORDER_ID,
+        "occurrences": 1,
+        "last_occurred_at": NOW,
+    }
+    order = {
+        "id": ORDER_ID,
+        "status": "confirmed",
+        "amount": money,
+        "amount_paid": money,
+        "payment": {"ref": "pay-1", "pay_url": "https://pay.example/1", "status": "completed"},
+        "session": {
+            "id": SESSION_ID,
+            "status": "scheduled",
+            "start_at": NOW,
+            "end_at": "2030-05-01T10:00:00Z",
+            "meet_link": "https://meet.example/abc",
+            "calendar_event_id": "evt1",
+        },
+        "escrow": {
+            "platform_fee": {"amount": 18000, "currency": "TND"},
+            "escrow_amount": {"amount": 102000, "currency": "TND"},
+        },
+    }
+    uuid_ = "[^/]+"
+    answers: list[tuple[str, str, Callable[[], Response]]] = [
+        ("POST", "/api/mentors", lambda: JSONResponse(mentor, 201)),
+        ("GET", f"/api/mentors/{uuid_}", lambda: JSONResponse(mentor)),
+        ("POST", f"/api/mentors/{uuid_}/offerings", lambda: JSONResponse(offering, 201)),
+        ("GET", f"/api/mentors/{uuid_}/offerings", lambda: JSONResponse([offering])),
+        (
+            "POST",
+            "/api/bookings",
+            lambda: JSONResponse(
+                {"order_id": ORDER_ID, "session_id": SESSION_ID, "status": "pending"}, 202
+            ),
+        ),
+        ("GET", f"/api/orders/{uuid_}", lambda: JSONResponse(order)),
+        (
+            "GET",
+            "/api/payments/webhook",
+            lambda: JSONResponse({"payment_ref": "pay-1", "status": "completed"}),
+        ),
+        (
+            "GET",
+            f"/api/mentors/{uuid_}/calendar/connect",
+            lambda: Response(status_code=302, headers={"location": "https://google.example/o"}),
+        ),
+        ("GET", "/api/calendar/oauth/callback", lambda: JSONResponse(connection)),
+        ("GET", f"/api/mentors/{uuid_}/calendar", lambda: JSONResponse(connection)),
+        (
+            "GET",
+            "/api/admin/notifications",
+            lambda: JSONResponse({"items": [notification], "next_cursor": None}),
+        ),
+        ("POST", "/api/admin/notifications/read-all", lambda: JSONResponse({"updated": 3})),
+        (
+            "GET",
+            "/api/admin/notifications/summary",
+            lambda: JSONResponse(
+                {"days": 7, "counts": [{"day": "2030-05-01", "severity": "Error", "count": 2}]}
+            ),
+        ),
+        ("POST", r"/api/admin/notifications/\d+/read", lambda: JSONResponse(notification)),
+        ("DELETE", r"/api/admin/notifications/\d+", lambda: Response(status_code=204)),
+    ]
+    for want_method, pattern, answer in answers:
+        if method == want_method and re.fullmatch(pattern, path):
+            return answer()
+    return JSONResponse({"detail": f"no stand-in answer for {method} {path}"}, 404)
+
+
+class RecordingUpstream:
+    """A stand-in service: records every request and answers as the real one would."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.requests: list[Recorded] = []
+        self.answer: Callable[[Recorded], Response] | None = None
+        self.delay = 0.0
+        self.released = asyncio.Event()  # set at teardown, so a slow answer ends at once
+
+    async def record(self, request: Request) -> Response:
+        prefix = f"/{self.service}".encode()
+        recorded = Recorded(
+            method=request.method,
+            path=request.scope["raw_path"].removeprefix(prefix).decode(),
+            query=request.scope["query_string"].decode(),
+            headers=dict(request.headers),
+            body=await request.body(),
+        )
+        self.requests.append(recorded)
+        if self.delay:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.released.wait(), self.delay)
+        if self.answer is not None:
+            return self.answer(recorded)
+        return valid_answer(recorded.method, recorded.path)
+
+
+def stand_in_app(upstreams: dict[Service, RecordingUpstream]) -> FastAPI:
+    """One server for the four stand-ins, each under its own path prefix (`/orders/...`): one
+    server starts and stops faster than four, and the gateway must keep a base URL's path."""
+    app = FastAPI()
+
+    # The gateway's health monitor asks each service for /health: that is not forwarded
+    # traffic, so it is answered without being recorded.
+    @app.get("/{service}/health")
+    async def health(service: Service) -> Response:
+        return HealthResponse({"status": "pass", "serviceId": str(service)})
+
+    async def record(service: Service, path: str, request: Request) -> Response:
+        return await upstreams[service].record(request)
+
+    app.add_api_route(
+        "/{service}/{path:path}", record, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]
+    )
+    return app
+
+
+@dataclass
+class System:
+    url: str
+    settings: GatewaySettings
+    upstreams: dict[Service, RecordingUpstream]
+    client: httpx.AsyncClient = field(init=False)
+
+    def token(self, role: Role | str, sub: str | None = None, **kwargs: Any) -> str:
+        secret = self.settings.auth_jwt_secret.get_secret_value()
+        return issue_token(secret, sub or f"{role}-{uuid.uuid4().hex[:6]}", role, **kwargs)
+
+    def auth(self, role: Role | str, sub: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(role, sub)}"}
+
+    def forget(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.requests.clear()
+
+    def received(self) -> dict[Service, list[Recorded]]:
+        return {s: list(u.requests) for s, u in self.upstreams.items() if u.requests}
+
+
+@contextlib.asynccontextmanager
+async def run_system(
+    settings: GatewaySettings, down: frozenset[Service] = frozenset()
+) -> AsyncIterator[System]:
+    """Stand-ins for the services (none listening for those in `down`) and the gateway."""
+    upstreams = {service: RecordingUpstream(service) for service in Service}
+    async with contextlib.AsyncExitStack() as stack:
+        base = await stack.enter_async_context(serving(stand_in_app(upstreams)))
+        urls = {}
+        for service, upstream in upstreams.items():
+            stack.callback(upstream.released.set)
+            closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+            urls[f"{service}_url"] = closed if service in down else f"{base}/{service}"
+        settings = settings.model_copy(update=urls)
+        url = await stack.enter_async_context(serving(create_app(settings)))
+        system = System(url, settings, upstreams)
+        system.client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, timeout=10, trust_env=False)
+        )
+        yield system
+
+
+@pytest.fixture
+def gateway_settings(make_settings: Callable[..., Any]) -> Callable[..., GatewaySettings]:
+    def build(**overrides: Any) -> GatewaySettings:
+        return make_settings(GatewaySettings, **overrides)
+
+    return build
+
+
+@pytest.fixture
+async def system(gateway_settings: Callable[..., GatewaySettings]) -> AsyncIterator[System]:
+    async with run_system(gateway_settings()) as system:
+        yield system
+
+
+@pytest.fixture
+def start_system(gateway_settings: Callable[..., GatewaySettings]) -> Callable[..., Any]:
+    """`async with start_system(down={Service.PAYMENTS}, max_body_bytes=10) as system: ...`"""
+
+    def start(down: set[Service] | frozenset[Service] = frozenset(), **overrides: Any):
+        return run_system(gateway_settings(**overrides), frozenset(down))
+
+    return start
+
+
+@pytest.fixture
+def system_in_thread(gateway_settings: Callable[..., GatewaySettings]) -> Iterator[str]:
+    """The system served from a thread with its own event loop, for synchronous clients
+    (schemathesis); yields the gateway's URL."""
+    settings = gateway_settings(rate_limit_per_minute=100_000)
+    started: Future[str] = Future()
+    stop = threading.Event()
+
+    async def run() -> None:
+        try:
+            async with run_system(settings) as system:
+                started.set_result(system.url)
+                await asyncio.to_thread(stop.wait)
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        yield started.result(timeout=20)
+    finally:
+        stop.set()
+        thread.join(timeout=20)

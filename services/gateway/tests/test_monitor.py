@@ -1,0 +1,468 @@
+"""System health: the gateway's /health aggregates every service's, and the monitor alerts.
+
+Real HTTP (stand-in services served on loopback ports, whose /health answers what the test says)
+and the real RabbitMQ (a test queue bound to the test's own exchange collects what is published).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
+
+from booking.contracts import HealthCheckFailed, HealthCheckRecovered, decode, parse_envelope
+from booking.gateway.app import create_app
+from booking.gateway.monitor import (
+    SERVICES,
+    HealthMonitor,
+    SystemHealth,
+)
+from booking.gateway.settings import GatewaySettings
+from booking.runtime.broker import Broker
+from booking.runtime.health import Health, HealthResponse
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.testing import TcpProxy, eventually, free_port, serving, url_via
+
+TIMEOUT = 0.5  # per service check, seconds
+
+
+# --- stand-in services ----------------------------------------------------------------------
+
+
+class StandIn:
+    """A service whose /health answers a report with the status the test sets.
+
+    mode "report" answers health+json (503 when fail); "hang" never answers in time;
+    "garbage" answers 502 with an HTML body, as a broken proxy would.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.status = "pass"
+        self.mode = "report"
+        self.url = ""
+        self.release = asyncio.Event()
+        self.app = FastAPI()
+        self.app.add_api_route("/health", self.health, methods=["GET"])
+
+    async def health(self) -> Response:
+        if self.mode == "hang":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), 30)
+        if self.mode == "garbage":
+            return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=502)
+        database: dict[str, Any] = {"componentType": "datastore", "status": "pass"}
+        if self.status != "pass":
+            database = {**database, "status": self.status, "output": "connection refused"}
+        return HealthResponse(
+            {
+                "status": self.status,
+                "serviceId": self.name,
+                "checks": {
+                    "database:responseTime": [database],
+                    "rabbitmq:connection": [{"componentType": "system", "status": "pass"}],
+                },
+            }
+        )
+
+
+@pytest.fixture
+async def standins() -> AsyncIterator[dict[str, StandIn]]:
+    """One served stand-in per service behind the gateway."""
+    made = {name: StandIn(name) for name in SERVICES}
+    async with contextlib.AsyncExitStack() as stack:
+        for standin in made.values():
+            standin.url = await stack.enter_async_context(serving(standin.app))
+        try:
+            yield made
+        finally:
+            for standin in made.values():
+                standin.release.set()
+
+
+def urls(standins: dict[str, StandIn], **replaced: str) -> dict[str, str]:
+    return {name: replaced.get(name, s.url) for name, s in standins.items()}
+
+
+def closed_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+# --- the test's view of the events exchange ------------------------------------------------
+
+
+@dataclass
+class Spy:
+    """Every message published on the test's events exchange, in the order the broker queued it."""
+
+    channel: aio_pika.abc.AbstractChannel
+    exchange_name: str
+    messages: list[AbstractIncomingMessage] = field(default_factory=list)
+
+    def of_type(self, type_: str) -> list[AbstractIncomingMessage]:
+        return [m for m in self.messages if m.type == type_]
+
+    def health_events(self) -> list[str]:
+        return [m.type for m in self.messages if m.type and m.type.startswith("HealthCheck")]
+
+    async def settle(self) -> None:
+        """Wait until everything published (and confirmed) before now has been received.
+
+        A sentinel published now is queued after every message confirmed before it, so once it
+        arrives nothing earlier is still on its way: "nothing (more) was published" can be
+        asserted without sleeping.
+        """
+        sentinel = f"sentinel-{uuid.uuid4()}"
+        exchange = await self.channel.get_exchange(self.exchange_name)
+        await exchange.publish(aio_pika.Message(b"{}", message_id=sentinel), "test.sentinel")
+        await eventually(
+            lambda: any(m.message_id == sentinel for m in self.messages), what="the sentinel"
+        )
+
+
+@pytest.fixture
+async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Any]]:
+    connections: list[aio_pika.abc.AbstractConnection] = []
+    exchanges: set[str] = set()
+
+    async def attach(settings: RuntimeSettings) -> Spy:
+        connection = await aio_pika.connect(rabbitmq_url)
+        connections.append(connection)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        exchanges.update((settings.events_exchange, settings.admin_alerts_exchange))
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, "#")
+        spy = Spy(channel, settings.events_exchange)
+
+        async def collect(message: AbstractIncomingMessage) -> None:
+            spy.messages.append(message)
+
+        await queue.consume(collect, no_ack=True)
+        return spy
+
+    yield attach
+    for connection in connections:
+        await connection.close()
+    # Durable exchanges outlive the test: remove the ones it declared.
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        for name in exchanges:
+            await channel.exchange_delete(name)
+
+
+@pytest.fixture
+async def make_broker() -> AsyncIterator[Callable[..., Any]]:
+    brokers: list[Broker] = []
+
+    async def build(settings: RuntimeSettings, url: str | None = None) -> Broker:
+        broker = Broker(
+            url or settings.rabbitmq_url.get_secret_value(),
+            client_name="gateway-test",
+            events_exchange=settings.events_exchange,
+            alerts_exchange=settings.admin_alerts_exchange,
+            reconnect_interval=settings.broker_reconnect_interval_seconds,
+        )
+        brokers.append(broker)
+        broker.start()
+        await broker.wait_ready(15)
+        return broker
+
+    yield build
+    for broker in brokers:
+        await broker.stop()
+
+
+@pytest.fixture
+async def make_monitor() -> AsyncIterator[Callable[..., Any]]:
+    """A started SystemHealth and its (not started) monitor; both stopped at the end."""
+    made: list[tuple[SystemHealth, HealthMonitor]] = []
+
+    async def build(
+        upstreams: dict[str, str], broker: Broker, exchange: str, **options: Any
+    ) -> HealthMonitor:
+        system = SystemHealth(Health(service="gateway"), upstreams, timeout=TIMEOUT)
+        await system.start()
+        options = {"interval": 0.05, "failures_to_alert": 2, "retry_interval": 0.05, **options}
+        monitor = HealthMonitor(system, broker, exchange=exchange, **options)
+        made.append((system, monitor))
+        return monitor
+
+    yield build
+    for system, monitor in made:
+        await monitor.stop()
+        await system.stop()
+
+
+async def polls_pass(monitor: HealthMonitor, count: int) -> None:
+    """Wait until the running monitor has polled `count` more times."""
+    target = monitor.polls + count
+    await eventually(lambda: monitor.polls >= target, what=f"{count} more polls")
+
+
+# --- the aggregated report ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def gateway(make_settings, upstreams: dict[str, str]) -> AsyncIterator[str]:
+    """The gateway app wired as app.py wires it, served over HTTP; yields its URL."""
+    settings = make_settings(
+        GatewaySettings,
+        orders_url=upstreams["orders"],
+        payments_url=upstreams["payments"],
+        calendar_url=upstreams["calendar"],
+        notifications_url=upstreams["notifications"],
+        health_upstream_timeout_seconds=TIMEOUT,
+        health_monitor_interval_seconds=3600,  # these tests drive the monitor themselves
+    )
+    app = create_app(settings)
+    async with serving(app) as url:
+        await app.state.runtime.broker.wait_ready(15)
+        yield url
+    async with await aio_pika.connect(settings.rabbitmq_url.get_secret_value()) as connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(settings.events_exchange)
+        await channel.exchange_delete(settings.admin_alerts_exchange)
+
+
+class TestAggregatedReport:
+    async def test_each_service_is_a_component_with_the_status_it_reports(
+        self, make_settings, standins
+    ):
+        standins["payments"].status = "warn"
+        async with gateway(make_settings, urls(standins)) as url, httpx.AsyncClient() as client:
+            full = await client.get(f"{url}/health")
+            ready = await client.get(f"{url}/health/ready")
+            live = await client.get(f"{url}/health/live")
+
+        assert full.status_code == 200, full.text
+        assert full.headers["content-type"].startswith("application/health+json")
+        report = full.json()
+        assert report["status"] == "warn"  # the worst of all
+        assert report["serviceId"] == "gateway"
+        assert set(report["checks"]) == {
+            "rabbitmq:connection",  # the gateway's own
+            "orders:health",
+            "payments:health",
+            "calendar:health",
+            "notifications:health",
+        }
+        for name in SERVICES:
+            [entry] = report["checks"][f"{name}:health"]
+            assert entry["componentType"] == "component"
+            assert entry["status"] == ("warn" if name == "payments" else "pass")
+            assert entry["observedUnit"] == "ms"
+            assert entry["observedValue"] >= 0
+            assert entry["time"].endswith("Z")
+        payments = report["checks"]["payments:health"][0]
+        assert payments["output"] == "database:responseTime warn: connection refused"
+        # Readiness stays the gateway's own dependencies; liveness checks nothing.
+        assert ready.status_code == 200
+        assert set(ready.json()["checks"]) == {"rabbitmq:connection"}
+        assert live.status_code == 200
+        assert "checks" not in live.json()
+
+    async def test_a_service_that_is_down_hangs_or_answers_garbage_fails_with_the_reason(
+        self, make_settings, standins
+    ):
+        standins["orders"].status = "fail"
+        standins["payments"].mode = "garbage"
+        standins["notifications"].mode = "hang"
+        upstreams = urls(standins, calendar=closed_url())
+        async with gateway(make_settings, upstreams) as url, httpx.AsyncClient() as client:
+            started = time.monotonic()
+            response = await client.get(f"{url}/health")
+            elapsed = time.monotonic() - started
+
+        assert response.status_code == 503
+        assert response.headers["content-type"].startswith("application/health+json")
+        report = response.json()
+        assert report["status"] == "fail"
+        assert report["checks"]["rabbitmq:connection"][0]["status"] == "pass"
+        entries = {name: report["checks"][f"{name}:health"][0] for name in SERVICES}
+        assert {e["status"] for e in entries.values()} == {"fail"}
+        assert entries["orders"]["output"] == "database:responseTime fail: connection refused"
+        assert "not JSON" in entries["payments"]["output"]
+        assert "502" in entries["payments"]["output"]
+        assert "unreachable" in entries["calendar"]["output"]
+        assert upstreams["calendar"] in entries["calendar"]["output"]
+        assert f"within {TIMEOUT:g}s" in entries["notifications"]["output"]
+        # Every service asked at once, each under its own timeout: one timeout, not the sum.
+        assert elapsed < TIMEOUT + 0.5
+
+
+# --- the monitor ----------------------------------------------------------------------------
+
+
+def only(spy: Spy, type_: str) -> Any:
+    [message] = spy.of_type(type_)
+    return message
+
+
+class TestMonitor:
+    async def test_one_failed_event_per_outage_however_long_then_one_recovered(
+        self, make_settings, standins, spy_on, make_broker, make_monitor
+    ):
+        settings = make_settings()
+        spy = await spy_on(settings)
+        broker = await make_broker(settings)
+        monitor = await make_monitor(urls(standins), broker, settings.events_exchange)
+        monitor.start()
+        await polls_pass(monitor, 3)
+
+        standins["orders"].status = "fail"
+        await eventually(lambda: spy.of_type("HealthCheckFailed"), what="HealthCheckFailed")
+        await polls_pass(monitor, 10)  # the service stays down through many more polls
+        await spy.settle()
+        assert spy.health_events() == ["HealthCheckFailed"]
+
+        failed = only(spy, "HealthCheckFailed")
+        assert failed.routing_key == "gateway.health_check_failed"
+        assert failed.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        envelope = parse_envelope(failed.body)
+        assert str(envelope.message_id) == failed.message_id
+        assert envelope.producer == "gateway"
+        assert envelope.correlation_id == failed.correlation_id
+        event = decode(envelope)
+        assert isinstance(event, HealthCheckFailed)
+        assert event.component == "orders:health"
+        assert event.status == "fail"
+        assert "connection refused" in event.output
+
+        standins["orders"].status = "pass"
+        await eventually(lambda: spy.of_type("HealthCheckRecovered"), what="HealthCheckRecovered")
+        await polls_pass(monitor, 10)
+        await spy.settle()
+        assert spy.health_events() == ["HealthCheckFailed", "HealthCheckRecovered"]
+
+        recovered = parse_envelope(only(spy, "HealthCheckRecovered").body)
+        assert isinstance(decode(recovered), HealthCheckRecovered)
+        assert decode(recovered).component == "orders:health"
+        assert decode(recovered).status == "pass"
+        # One outage, one trail: the recovery carries the failure's correlation and cause.
+        assert recovered.correlation_id == envelope.correlation_id
+        assert recovered.causation_id == str(envelope.message_id)
+
+    async def test_failed_polls_below_the_threshold_publish_nothing(
+        self, make_settings, standins, spy_on, make_broker, make_monitor
+    ):
+        settings = make_settings()
+        spy = await spy_on(settings)
+        broker = await make_broker(settings)
+        monitor = await make_monitor(urls(standins), broker, settings.events_exchange)
+        orders = standins["orders"]
+
+        for status in ("fail", "pass", "fail", "warn", "fail", "pass"):  # never two in a row
+            orders.status = status
+            await monitor.poll()
+        await spy.settle()
+        assert spy.health_events() == []
+        assert not monitor.pending
+
+        orders.status = "fail"
+        await monitor.poll()
+        await monitor.poll()  # the second in a row reaches the threshold
+        await spy.settle()
+        assert spy.health_events() == ["HealthCheckFailed"]
+
+    async def test_a_warning_service_is_no_failure_and_a_recovery_to_warn_is_reported(
+        self, make_settings, standins, spy_on, make_broker, make_monitor
+    ):
+        settings = make_settings()
+        spy = await spy_on(settings)
+        broker = await make_broker(settings)
+        monitor = await make_monitor(
+            urls(standins), broker, settings.events_exchange, failures_to_alert=1
+        )
+        payments = standins["payments"]
+        payments.status = "warn"
+        await monitor.poll()
+        payments.mode = "garbage"
+        await monitor.poll()
+        payments.mode = "report"
+        await monitor.poll()
+        await spy.settle()
+
+        assert spy.health_events() == ["HealthCheckFailed", "HealthCheckRecovered"]
+        failed = decode(parse_envelope(only(spy, "HealthCheckFailed").body))
+        recovered = decode(parse_envelope(only(spy, "HealthCheckRecovered").body))
+        assert failed.component == recovered.component == "payments:health"
+        assert "not JSON" in failed.output
+        assert recovered.status == "warn"
+
+
+class TestMonitorWhileTheBrokerIsAway:
+    @pytest.fixture
+    async def proxy(self, rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
+        host, port = "127.0.0.1", int(rabbitmq_url.rsplit(":", 1)[1].split("/")[0])
+        proxy = TcpProxy(host, port)
+        await proxy.start()
+        try:
+            yield proxy
+        finally:
+            await proxy.stop()
+
+    async def test_a_transition_waits_for_the_broker_and_is_published_once_it_is_back(
+        self, make_settings, standins, spy_on, make_broker, make_monitor, proxy, rabbitmq_url
+    ):
+        settings = make_settings()
+        spy = await spy_on(settings)  # straight to RabbitMQ, not through the proxy
+        broker = await make_broker(settings, url_via(rabbitmq_url, proxy))
+        monitor = await make_monitor(urls(standins), broker, settings.events_exchange)
+        monitor.start()
+        await polls_pass(monitor, 2)
+
+        await proxy.cut()
+        await eventually(lambda: not broker.is_connected, what="the disconnect")
+        standins["calendar"].status = "fail"
+        await eventually(lambda: monitor.pending, what="the transition pending")
+        await polls_pass(monitor, 10)  # still down, still one transition waiting
+        assert [p.event.event_type() for p in monitor.pending] == ["HealthCheckFailed"]
+        await spy.settle()
+        assert spy.health_events() == []
+
+        await proxy.restore()
+        await eventually(
+            lambda: spy.of_type("HealthCheckFailed"), timeout=30, what="the event after the outage"
+        )
+        assert not monitor.pending
+        await polls_pass(monitor, 5)
+        await spy.settle()
+        assert spy.health_events() == ["HealthCheckFailed"]
+        event = decode(parse_envelope(only(spy, "HealthCheckFailed").body))
+        assert event.component == "calendar:health"
+
+    async def test_an_outage_and_its_recovery_both_wait_and_arrive_in_order(
+        self, make_settings, standins, spy_on, make_broker, make_monitor, proxy, rabbitmq_url
+    ):
+        settings = make_settings()
+        spy = await spy_on(settings)
+        broker = await make_broker(settings, url_via(rabbitmq_url, proxy))
+        monitor = await make_monitor(urls(standins), broker, settings.events_exchange)
+        monitor.start()
+
+        await proxy.cut()
+        await eventually(lambda: not broker.is_connected, what="the disconnect")
+        standins["notifications"].status = "fail"
+        await eventually(lambda: len(monitor.pending) == 1, what="the failure pending")
+        standins["notifications"].status = "pass"
+        await eventually(lambda: len(monitor.pending) == 2, what="the recovery pending")
+
+        await proxy.restore()
+        await eventually(lambda: len(spy.health_events()) >= 2, timeout=30, what="both events")
+        await polls_pass(monitor, 5)
+        await spy.settle()
+        assert spy.health_events() == ["HealthCheckFailed", "HealthCheckRecovered"]
