@@ -109,6 +109,8 @@ class SystemHealth:
     async def start(self) -> None:
         if self._client is None:
             self._client = httpx.AsyncClient(
+                # As the forwarding clients: never through an HTTP_PROXY from the environment.
+                trust_env=False,
                 timeout=httpx.Timeout(self.timeout),
                 limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
                 headers={"accept": f"{HEALTH_MEDIA_TYPE}, application/json"},
@@ -311,7 +313,7 @@ class HealthMonitor:
             event = HealthCheckRecovered(
                 component=component,
                 status=observation.status,
-                output=observation.output or f"{component} {observation.status}",
+                output=observation.output or f"answers {observation.status} again",
             )
             self._enqueue(event, state.incident or str(uuid.uuid4()), state.failed_message_id)
             state.incident = state.failed_message_id = None
