@@ -9,9 +9,9 @@ from starlette.middleware import Middleware
 
 from booking.gateway.api import routers
 from booking.gateway.limits import BodyLimitMiddleware, RateLimiter
-from booking.gateway.monitor import HealthMonitor, SystemHealth, upstream_urls
+from booking.gateway.monitor import HealthMonitor, SystemHealth
 from booking.gateway.settings import GatewaySettings
-from booking.gateway.upstreams import Upstreams
+from booking.gateway.upstreams import Upstreams, service_urls
 from booking.runtime.service import ServiceRuntime, create_service_app
 
 
@@ -19,7 +19,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     runtime = ServiceRuntime(name="gateway", settings=settings)
     system = SystemHealth(
-        runtime.health, upstream_urls(settings), timeout=settings.health_upstream_timeout_seconds
+        runtime.health, service_urls(settings), timeout=settings.health_upstream_timeout_seconds
     )
     monitor = HealthMonitor(
         system,

@@ -29,6 +29,7 @@ import httpx
 from fastapi import APIRouter
 
 from booking.contracts import Event, HealthCheckFailed, HealthCheckRecovered, wrap
+from booking.gateway.upstreams import Service
 from booking.runtime import context
 from booking.runtime.broker import Broker, OutgoingMessage
 from booking.runtime.health import (
@@ -44,7 +45,7 @@ from booking.runtime.health import (
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("orders", "payments", "calendar", "notifications")
+SERVICES = tuple(str(service) for service in Service)
 """The services behind the gateway, in the order their checks are listed."""
 
 MEASUREMENT = "health"
@@ -53,16 +54,6 @@ MEASUREMENT = "health"
 PRODUCER = "gateway"
 _STATUSES: tuple[str, ...] = get_args(Status)
 _OUTPUT_LIMIT = 500
-
-
-def upstream_urls(settings: Any) -> dict[str, str]:
-    """Each service's base URL from the gateway's settings (`orders_url`, `payments_url`, ...)."""
-    return {
-        "orders": settings.orders_url,
-        "payments": settings.payments_url,
-        "calendar": settings.calendar_url,
-        "notifications": settings.notifications_url,
-    }
 
 
 def _clip(text: str) -> str:

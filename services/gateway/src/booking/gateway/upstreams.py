@@ -42,6 +42,16 @@ RETURNED_RESPONSE_HEADERS = (
 )
 
 
+def service_urls(settings: GatewaySettings) -> dict[Service, str]:
+    """Where each service behind the gateway is, from the settings (ORDERS_URL, ...)."""
+    return {
+        Service.ORDERS: settings.orders_url,
+        Service.PAYMENTS: settings.payments_url,
+        Service.CALENDAR: settings.calendar_url,
+        Service.NOTIFICATIONS: settings.notifications_url,
+    }
+
+
 class Upstreams:
     def __init__(self, clients: dict[Service, httpx.AsyncClient], timeout: float) -> None:
         self.clients = clients
@@ -50,12 +60,7 @@ class Upstreams:
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: GatewaySettings) -> AsyncIterator[Upstreams]:
-        urls = {
-            Service.ORDERS: settings.orders_url,
-            Service.PAYMENTS: settings.payments_url,
-            Service.CALENDAR: settings.calendar_url,
-            Service.NOTIFICATIONS: settings.notifications_url,
-        }
+        urls = service_urls(settings)
         total = settings.upstream_timeout_seconds
         connect = min(settings.upstream_connect_timeout_seconds, total)
         timeout = httpx.Timeout(total, connect=connect)
