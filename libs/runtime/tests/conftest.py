@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import Column, Integer, MetaData, Table, Text, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
@@ -30,19 +29,6 @@ def mentor_registered(name: str = "Ada") -> MentorRegistered:
 def new_event() -> Callable[..., MentorRegistered]:
     """A fresh event for the test service to record or receive (mentor ids are unique)."""
     return mentor_registered
-
-
-@dataclass
-class Spy:
-    """Every message published on the test's exchange, as the broker delivered it."""
-
-    messages: list[AbstractIncomingMessage] = field(default_factory=list)
-
-    def of_type(self, type_: str) -> list[AbstractIncomingMessage]:
-        return [m for m in self.messages if m.type == type_]
-
-    def ids(self) -> list[str]:
-        return [m.message_id for m in self.messages]
 
 
 @dataclass
@@ -149,30 +135,3 @@ async def make_service(
             async with engine.begin() as conn:
                 await conn.execute(text(f'DROP SCHEMA "{service.tables.schema}" CASCADE'))
             await engine.dispose()
-
-
-@pytest.fixture
-async def spy_on() -> AsyncIterator[Callable[..., Any]]:
-    """Bind an exclusive queue to an exchange (all keys) and collect what arrives."""
-    connections: list[aio_pika.abc.AbstractConnection] = []
-
-    async def attach(settings: RuntimeSettings, binding: str = "#", url: str | None = None) -> Spy:
-        spy = Spy()
-        connection = await aio_pika.connect(url or settings.rabbitmq_url.get_secret_value())
-        connections.append(connection)
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, binding)
-
-        async def collect(message: AbstractIncomingMessage) -> None:
-            spy.messages.append(message)
-
-        await queue.consume(collect, no_ack=True)
-        return spy
-
-    yield attach
-    for connection in connections:
-        await connection.close()

@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 import httpx
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 
@@ -32,7 +29,7 @@ from booking.gateway.settings import GatewaySettings
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, HealthResponse
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import TcpProxy, eventually, free_port, serving, url_via
+from booking.runtime.testing import Spy, TcpProxy, eventually, free_port, serving, url_via
 
 TIMEOUT = 0.5  # per service check, seconds
 
@@ -102,66 +99,8 @@ def closed_url() -> str:
 # --- the test's view of the events exchange ------------------------------------------------
 
 
-@dataclass
-class Spy:
-    """Every message published on the test's events exchange, in the order the broker queued it."""
-
-    channel: aio_pika.abc.AbstractChannel
-    exchange_name: str
-    messages: list[AbstractIncomingMessage] = field(default_factory=list)
-
-    def of_type(self, type_: str) -> list[AbstractIncomingMessage]:
-        return [m for m in self.messages if m.type == type_]
-
-    def health_events(self) -> list[str]:
-        return [m.type for m in self.messages if m.type and m.type.startswith("HealthCheck")]
-
-    async def settle(self) -> None:
-        """Wait until everything published (and confirmed) before now has been received.
-
-        A sentinel published now is queued after every message confirmed before it, so once it
-        arrives nothing earlier is still on its way: "nothing (more) was published" can be
-        asserted without sleeping.
-        """
-        sentinel = f"sentinel-{uuid.uuid4()}"
-        exchange = await self.channel.get_exchange(self.exchange_name)
-        await exchange.publish(aio_pika.Message(b"{}", message_id=sentinel), "test.sentinel")
-        await eventually(
-            lambda: any(m.message_id == sentinel for m in self.messages), what="the sentinel"
-        )
-
-
-@pytest.fixture
-async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Any]]:
-    connections: list[aio_pika.abc.AbstractConnection] = []
-    exchanges: set[str] = set()
-
-    async def attach(settings: RuntimeSettings) -> Spy:
-        connection = await aio_pika.connect(rabbitmq_url)
-        connections.append(connection)
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.declare_exchange(
-            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        exchanges.update((settings.events_exchange, settings.admin_alerts_exchange))
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, "#")
-        spy = Spy(channel, settings.events_exchange)
-
-        async def collect(message: AbstractIncomingMessage) -> None:
-            spy.messages.append(message)
-
-        await queue.consume(collect, no_ack=True)
-        return spy
-
-    yield attach
-    for connection in connections:
-        await connection.close()
-    # Durable exchanges outlive the test: remove the ones it declared.
-    async with await aio_pika.connect(rabbitmq_url) as connection:
-        channel = await connection.channel()
-        for name in exchanges:
-            await channel.exchange_delete(name)
+def health_events(spy: Spy) -> list[str]:
+    return [m.type for m in spy.messages if m.type and m.type.startswith("HealthCheck")]
 
 
 @pytest.fixture
@@ -327,7 +266,7 @@ class TestMonitor:
         await eventually(lambda: spy.of_type("HealthCheckFailed"), what="HealthCheckFailed")
         await polls_pass(monitor, 10)  # the service stays down through many more polls
         await spy.settle()
-        assert spy.health_events() == ["HealthCheckFailed"]
+        assert health_events(spy) == ["HealthCheckFailed"]
 
         failed = only(spy, "HealthCheckFailed")
         assert failed.routing_key == "gateway.health_check_failed"
@@ -346,7 +285,7 @@ class TestMonitor:
         await eventually(lambda: spy.of_type("HealthCheckRecovered"), what="HealthCheckRecovered")
         await polls_pass(monitor, 10)
         await spy.settle()
-        assert spy.health_events() == ["HealthCheckFailed", "HealthCheckRecovered"]
+        assert health_events(spy) == ["HealthCheckFailed", "HealthCheckRecovered"]
 
         recovered = parse_envelope(only(spy, "HealthCheckRecovered").body)
         assert isinstance(decode(recovered), HealthCheckRecovered)
@@ -369,14 +308,14 @@ class TestMonitor:
             orders.status = status
             await monitor.poll()
         await spy.settle()
-        assert spy.health_events() == []
+        assert health_events(spy) == []
         assert not monitor.pending
 
         orders.status = "fail"
         await monitor.poll()
         await monitor.poll()  # the second in a row reaches the threshold
         await spy.settle()
-        assert spy.health_events() == ["HealthCheckFailed"]
+        assert health_events(spy) == ["HealthCheckFailed"]
 
     async def test_a_warning_service_is_no_failure_and_a_recovery_to_warn_is_reported(
         self, make_settings, standins, spy_on, make_broker, make_monitor
@@ -396,7 +335,7 @@ class TestMonitor:
         await monitor.poll()
         await spy.settle()
 
-        assert spy.health_events() == ["HealthCheckFailed", "HealthCheckRecovered"]
+        assert health_events(spy) == ["HealthCheckFailed", "HealthCheckRecovered"]
         failed = decode(parse_envelope(only(spy, "HealthCheckFailed").body))
         recovered = decode(parse_envelope(only(spy, "HealthCheckRecovered").body))
         assert failed.component == recovered.component == "payments:health"
@@ -432,7 +371,7 @@ class TestMonitorWhileTheBrokerIsAway:
         await polls_pass(monitor, 10)  # still down, still one transition waiting
         assert [p.event.event_type() for p in monitor.pending] == ["HealthCheckFailed"]
         await spy.settle()
-        assert spy.health_events() == []
+        assert health_events(spy) == []
 
         await proxy.restore()
         await eventually(
@@ -441,7 +380,7 @@ class TestMonitorWhileTheBrokerIsAway:
         assert not monitor.pending
         await polls_pass(monitor, 5)
         await spy.settle()
-        assert spy.health_events() == ["HealthCheckFailed"]
+        assert health_events(spy) == ["HealthCheckFailed"]
         event = decode(parse_envelope(only(spy, "HealthCheckFailed").body))
         assert event.component == "calendar:health"
 
@@ -462,7 +401,7 @@ class TestMonitorWhileTheBrokerIsAway:
         await eventually(lambda: len(monitor.pending) == 2, what="the recovery pending")
 
         await proxy.restore()
-        await eventually(lambda: len(spy.health_events()) >= 2, timeout=30, what="both events")
+        await eventually(lambda: len(health_events(spy)) >= 2, timeout=30, what="both events")
         await polls_pass(monitor, 5)
         await spy.settle()
-        assert spy.health_events() == ["HealthCheckFailed", "HealthCheckRecovered"]
+        assert health_events(spy) == ["HealthCheckFailed", "HealthCheckRecovered"]

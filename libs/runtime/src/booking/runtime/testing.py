@@ -17,12 +17,15 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 import pytest
 import uvicorn
+from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 
 from booking.runtime.settings import RuntimeSettings
@@ -222,3 +225,72 @@ async def serving(app: FastAPI) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+# --- the test's view of an events exchange ----------------------------------------------------
+
+
+@dataclass
+class Spy:
+    """Every message published on a test's events exchange, in the order the broker queued it."""
+
+    channel: aio_pika.abc.AbstractChannel
+    exchange_name: str
+    messages: list[AbstractIncomingMessage] = field(default_factory=list)
+
+    def of_type(self, type_: str) -> list[AbstractIncomingMessage]:
+        return [m for m in self.messages if m.type == type_]
+
+    def ids(self) -> list[str]:
+        return [m.message_id for m in self.messages]
+
+    async def settle(self) -> None:
+        """Wait until everything published (and confirmed) before now has been received.
+
+        A sentinel published now is queued after every message confirmed before it, so once it
+        arrives nothing earlier is still on its way: "nothing (more) was published" can be
+        asserted without sleeping.
+        """
+        sentinel = f"sentinel-{uuid.uuid4()}"
+        exchange = await self.channel.get_exchange(self.exchange_name)
+        await exchange.publish(aio_pika.Message(b"{}", message_id=sentinel), "test.sentinel")
+        await eventually(
+            lambda: any(m.message_id == sentinel for m in self.messages), what="the sentinel"
+        )
+        self.messages[:] = [m for m in self.messages if m.message_id != sentinel]
+
+
+@pytest.fixture
+async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Awaitable[Spy]]]:
+    """`await spy_on(settings, binding="#", url=None)`: collect what reaches the exchange.
+
+    The exchanges a test spied on are deleted at its end (durable ones would outlive it).
+    """
+    connections: list[aio_pika.abc.AbstractConnection] = []
+    exchanges: set[str] = set()
+
+    async def attach(settings: RuntimeSettings, binding: str = "#", url: str | None = None) -> Spy:
+        connection = await aio_pika.connect(url or rabbitmq_url)
+        connections.append(connection)
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        exchanges.update((settings.events_exchange, settings.admin_alerts_exchange))
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, binding)
+        spy = Spy(channel, settings.events_exchange)
+
+        async def collect(message: AbstractIncomingMessage) -> None:
+            spy.messages.append(message)
+
+        await queue.consume(collect, no_ack=True)
+        return spy
+
+    yield attach
+    for connection in connections:
+        await connection.close()
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        for name in exchanges:
+            await channel.exchange_delete(name)
