@@ -1,0 +1,330 @@
+"""The orders service's rules: orders, their booked sessions and the moves between their states.
+
+Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now`. A move that the
+status machine (DESIGN section 4) does not allow raises `IllegalTransition` and changes nothing.
+
+Order::
+
+    pending --awaiting_payment--> awaiting_payment --set_amount_paid (paid in full)--> paid
+    pending --set_amount_paid (paid in full)--> paid  (payment seen before PaymentInitiated)
+    paid --confirm--> confirmed
+    pending | awaiting_payment --fail_payment--> payment_failed
+    pending | awaiting_payment | paid | confirmed --cancel--> cancelled
+
+Session::
+
+    pending_payment --await_calendar--> awaiting_calendar
+    awaiting_calendar | scheduling_failed --schedule--> scheduled
+    awaiting_calendar | scheduling_failed --fail_scheduling--> scheduling_failed
+    any but cancelled --cancel--> cancelled
+
+payment_failed and cancelled (order) and cancelled (session) are final.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class DomainError(Exception):
+    """Base of every rule the orders domain refuses."""
+
+
+class IllegalTransition(DomainError):
+    """A move the status machine does not allow; the entity is left as it was."""
+
+    def __init__(self, entity: str, entity_id: Any, from_state: StrEnum, to_state: StrEnum) -> None:
+        self.entity = entity
+        self.entity_id = entity_id
+        self.from_state = from_state
+        self.to_state = to_state
+        super().__init__(
+            f"{entity} {entity_id} cannot go from {from_state.value} to {to_state.value}"
+        )
+
+
+class InvalidMoney(DomainError, ValueError):
+    """An amount that is not a non-negative integer of minor units, or a bad currency code."""
+
+
+class CurrencyMismatch(DomainError):
+    """Money in one currency was offered for an order priced in another."""
+
+    def __init__(self, order_id: Any, expected: str, got: str) -> None:
+        self.order_id = order_id
+        self.expected = expected
+        self.got = got
+        super().__init__(f"order {order_id} is priced in {expected}, the payment is in {got}")
+
+
+class InvalidBooking(DomainError, ValueError):
+    """A booking whose times cannot be accepted (a start in the past, a bad duration)."""
+
+
+def _minor_units(value: object, what: str) -> int:
+    # bool is an int subclass; True is not one millime.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMoney(f"{what} must be an integer in minor units, got {value!r}")
+    if value < 0:
+        raise InvalidMoney(f"{what} must not be negative, got {value}")
+    return value
+
+
+def _currency(value: object) -> str:
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
+        raise InvalidMoney(f"currency must be three upper-case letters (ISO 4217), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    """An amount in the currency's minor unit (millimes for TND) and its ISO 4217 code.
+
+    Never a float: `Money(1.5, "TND")` and `Money(True, "TND")` are refused.
+    """
+
+    amount: int
+    currency: str
+
+    def __post_init__(self) -> None:
+        _minor_units(self.amount, "amount")
+        _currency(self.currency)
+
+
+class OrderStatus(StrEnum):
+    PENDING = "pending"
+    AWAITING_PAYMENT = "awaiting_payment"
+    PAID = "paid"
+    CONFIRMED = "confirmed"
+    PAYMENT_FAILED = "payment_failed"
+    CANCELLED = "cancelled"
+
+
+class SessionStatus(StrEnum):
+    PENDING_PAYMENT = "pending_payment"
+    AWAITING_CALENDAR = "awaiting_calendar"
+    SCHEDULED = "scheduled"
+    SCHEDULING_FAILED = "scheduling_failed"
+    CANCELLED = "cancelled"
+
+
+LIVE_SESSION_STATUSES: frozenset[SessionStatus] = frozenset(
+    {
+        SessionStatus.PENDING_PAYMENT,
+        SessionStatus.AWAITING_CALENDAR,
+        SessionStatus.SCHEDULED,
+        SessionStatus.SCHEDULING_FAILED,
+    }
+)
+"""Sessions that hold their mentor's slot (the exclusion constraint's WHERE clause).
+
+A session awaiting payment holds the slot, or two mentees could pay for it; a paid session whose
+calendar booking failed still holds it (it is paid for and will be retried). Only cancellation
+frees it; a failed or expired payment cancels the session.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Underpayment:
+    """What `Order.set_amount_paid` returns when less arrived than the order costs.
+
+    The order stays unpaid; the caller raises SessionIssueDetected (kind `underpayment`) with
+    `detail` so the admins hear of it.
+    """
+
+    order_id: Any
+    expected: int
+    paid: int
+    currency: str
+
+    @property
+    def shortfall(self) -> int:
+        return self.expected - self.paid
+
+    @property
+    def detail(self) -> str:
+        return (
+            f"order {self.order_id} costs {self.expected} {self.currency} in minor units; "
+            f"{self.paid} arrived, {self.shortfall} short"
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class Order:
+    """What a mentee owes for one booked session, and how far the payment has gone."""
+
+    id: UUID
+    mentee_id: str
+    mentor_id: UUID
+    offering_id: UUID
+    amount: Money
+    created_at: datetime
+    updated_at: datetime
+    status: OrderStatus = OrderStatus.PENDING
+    amount_paid: int = 0
+    payment_ref: str | None = None
+    pay_url: str | None = None
+
+    def _refuse(self, to_state: OrderStatus) -> IllegalTransition:
+        return IllegalTransition("order", self.id, self.status, to_state)
+
+    def _move(
+        self, allowed_from: frozenset[OrderStatus], to_state: OrderStatus, now: datetime
+    ) -> None:
+        if self.status not in allowed_from:
+            raise self._refuse(to_state)
+        self.status = to_state
+        self.updated_at = now
+
+    def awaiting_payment(self, payment_ref: str, pay_url: str, now: datetime) -> None:
+        """Payments opened a Konnect payment: store where the mentee pays.
+
+        Repeating it with the same ref while awaiting payment changes nothing; another ref, or any
+        other state, is refused.
+        """
+        if self.status is OrderStatus.AWAITING_PAYMENT and self.payment_ref == payment_ref:
+            return
+        self._move(
+            _BEFORE_PAYMENT - {OrderStatus.AWAITING_PAYMENT}, OrderStatus.AWAITING_PAYMENT, now
+        )
+        self.payment_ref = payment_ref
+        self.pay_url = pay_url
+
+    def set_amount_paid(
+        self, amount_paid: int, currency: str, now: datetime
+    ) -> Underpayment | None:
+        """Record what the payment reached (a total, not an increment).
+
+        The order becomes paid only when `amount_paid >= amount` and then returns None. Less than
+        that is recorded, leaves the status as it is (pending or awaiting_payment) and returns an
+        `Underpayment` for the caller to report. A currency other than the order's raises
+        `CurrencyMismatch`; an order that is not waiting for money (already paid, ended) raises
+        `IllegalTransition`; an amount below the one already recorded raises `InvalidMoney`.
+        Nothing is changed when it raises.
+        """
+        _minor_units(amount_paid, "amount_paid")
+        _currency(currency)
+        if self.status not in _BEFORE_PAYMENT:
+            raise self._refuse(OrderStatus.PAID)
+        if currency != self.amount.currency:
+            raise CurrencyMismatch(self.id, self.amount.currency, currency)
+        if amount_paid < self.amount_paid:
+            raise InvalidMoney(
+                f"order {self.id} already recorded {self.amount_paid} paid; "
+                f"a payment total cannot fall to {amount_paid}"
+            )
+        self.amount_paid = amount_paid
+        self.updated_at = now
+        if amount_paid < self.amount.amount:
+            return Underpayment(self.id, self.amount.amount, amount_paid, currency)
+        self.status = OrderStatus.PAID
+        return None
+
+    def confirm(self, now: datetime) -> None:
+        """The session is in the mentor's calendar."""
+        self._move(frozenset({OrderStatus.PAID}), OrderStatus.CONFIRMED, now)
+
+    def fail_payment(self, now: datetime) -> None:
+        """The payment expired or could not be made; the caller cancels the session too."""
+        self._move(_BEFORE_PAYMENT, OrderStatus.PAYMENT_FAILED, now)
+
+    def cancel(self, now: datetime) -> None:
+        """Cancel an order that has not ended yet; the caller cancels the session too.
+
+        A paid or confirmed order can be cancelled: its escrow is then never released.
+        """
+        self._move(_CANCELLABLE, OrderStatus.CANCELLED, now)
+
+    @property
+    def is_paid(self) -> bool:
+        return self.status in (OrderStatus.PAID, OrderStatus.CONFIRMED)
+
+
+_BEFORE_PAYMENT = frozenset({OrderStatus.PENDING, OrderStatus.AWAITING_PAYMENT})
+_CANCELLABLE = _BEFORE_PAYMENT | {OrderStatus.PAID, OrderStatus.CONFIRMED}
+
+
+@dataclass(kw_only=True, slots=True)
+class BookedSession:
+    """The mentor's time that an order pays for."""
+
+    id: UUID
+    order_id: UUID
+    mentor_id: UUID
+    start_at: datetime
+    end_at: datetime
+    status: SessionStatus = SessionStatus.PENDING_PAYMENT
+    meet_link: str | None = None
+    calendar_event_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.end_at <= self.start_at:
+            raise InvalidBooking(f"session {self.id} must end after it starts")
+
+    def _move(self, allowed_from: frozenset[SessionStatus], to_state: SessionStatus) -> None:
+        if self.status not in allowed_from:
+            raise IllegalTransition("session", self.id, self.status, to_state)
+        self.status = to_state
+
+    @property
+    def is_live(self) -> bool:
+        """Whether the session holds its mentor's slot (see LIVE_SESSION_STATUSES)."""
+        return self.status in LIVE_SESSION_STATUSES
+
+    def await_calendar(self) -> None:
+        """The order is paid: the session waits for its calendar event."""
+        self._move(frozenset({SessionStatus.PENDING_PAYMENT}), SessionStatus.AWAITING_CALENDAR)
+
+    def schedule(self, event_id: str, meet_link: str | None) -> None:
+        """The calendar event exists. A failed booking retried later may still succeed.
+
+        Repeating it with the same event id changes nothing (the meet link is filled in if it
+        arrives late); a different event id for a scheduled session is refused.
+        """
+        if self.status is SessionStatus.SCHEDULED and self.calendar_event_id == event_id:
+            if meet_link is not None:
+                self.meet_link = meet_link
+            return
+        self._move(_AWAITING_EVENT, SessionStatus.SCHEDULED)
+        self.calendar_event_id = event_id
+        self.meet_link = meet_link
+
+    def fail_scheduling(self) -> None:
+        """The calendar service could not create the event (again, when a retry also failed)."""
+        self._move(_AWAITING_EVENT, SessionStatus.SCHEDULING_FAILED)
+
+    def cancel(self) -> None:
+        """Free the slot: the booking is cancelled or its payment failed."""
+        self._move(frozenset(LIVE_SESSION_STATUSES), SessionStatus.CANCELLED)
+
+
+_AWAITING_EVENT = frozenset({SessionStatus.AWAITING_CALENDAR, SessionStatus.SCHEDULING_FAILED})
+
+
+def plan_session(offering_duration_minutes: int, start_at: datetime, now: datetime) -> datetime:
+    """Check a requested start and return the session's end (start + the offering's duration).
+
+    Raises `InvalidBooking` for a naive datetime, a start that is not in the future, or a
+    duration that is not a positive whole number of minutes.
+    """
+    duration = offering_duration_minutes
+    if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
+        raise InvalidBooking(
+            f"the offering's duration must be a positive number of minutes, got {duration!r}"
+        )
+    if start_at.tzinfo is None or start_at.utcoffset() is None:
+        raise InvalidBooking("start_at must carry a time zone (RFC 3339, e.g. ...Z)")
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise InvalidBooking("now must carry a time zone")
+    if start_at <= now:
+        raise InvalidBooking(
+            f"start_at {start_at.isoformat()} is not in the future; choose a later start"
+        )
+    return start_at + timedelta(minutes=duration)
