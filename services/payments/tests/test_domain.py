@@ -16,7 +16,6 @@ from booking.payments.domain import (
     EscrowStatus,
     IllegalTransition,
     InvalidFeeRate,
-    InvalidMoney,
     MalformedKonnectPayment,
     Payment,
     PaymentState,
@@ -26,6 +25,7 @@ from booking.payments.domain import (
     konnect_outcome,
     split_payment,
 )
+from booking.runtime.domain import InvalidMoney
 
 T0 = datetime(2030, 1, 6, 9, 0, tzinfo=UTC)
 LATER = T0 + timedelta(minutes=5)

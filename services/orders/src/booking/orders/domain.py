@@ -23,35 +23,19 @@ payment_failed and cancelled (order) and cancelled (session) are final.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-class DomainError(Exception):
-    """Base of every rule the orders domain refuses."""
-
-
-class IllegalTransition(DomainError):
-    """A move the status machine does not allow; the entity is left as it was."""
-
-    def __init__(self, entity: str, entity_id: Any, from_state: StrEnum, to_state: StrEnum) -> None:
-        self.entity = entity
-        self.entity_id = entity_id
-        self.from_state = from_state
-        self.to_state = to_state
-        super().__init__(
-            f"{entity} {entity_id} cannot go from {from_state.value} to {to_state.value}"
-        )
-
-
-class InvalidMoney(DomainError, ValueError):
-    """An amount that is not a non-negative integer of minor units, or a bad currency code."""
+from booking.runtime.domain import (
+    DomainError,
+    IllegalTransition,
+    InvalidMoney,
+    currency_code,
+    minor_units,
+)
 
 
 class CurrencyMismatch(DomainError):
@@ -68,21 +52,6 @@ class InvalidBooking(DomainError, ValueError):
     """A booking whose times cannot be accepted (a start in the past, a bad duration)."""
 
 
-def _minor_units(value: object, what: str) -> int:
-    # bool is an int subclass; True is not one millime.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidMoney(f"{what} must be an integer in minor units, got {value!r}")
-    if value < 0:
-        raise InvalidMoney(f"{what} must not be negative, got {value}")
-    return value
-
-
-def _currency(value: object) -> str:
-    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
-        raise InvalidMoney(f"currency must be three upper-case letters (ISO 4217), got {value!r}")
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class Money:
     """An amount in the currency's minor unit (millimes for TND) and its ISO 4217 code.
@@ -94,8 +63,8 @@ class Money:
     currency: str
 
     def __post_init__(self) -> None:
-        _minor_units(self.amount, "amount")
-        _currency(self.currency)
+        minor_units(self.amount, "amount")
+        currency_code(self.currency)
 
 
 class OrderStatus(StrEnum):
@@ -209,8 +178,8 @@ class Order:
         `IllegalTransition`; an amount below the one already recorded raises `InvalidMoney`.
         Nothing is changed when it raises.
         """
-        _minor_units(amount_paid, "amount_paid")
-        _currency(currency)
+        minor_units(amount_paid, "amount_paid")
+        currency_code(currency)
         if self.status not in _BEFORE_PAYMENT:
             raise self._refuse(OrderStatus.PAID)
         if currency != self.amount.currency:

@@ -20,7 +20,6 @@ Escrow hold::
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,32 +28,16 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 from uuid import UUID
 
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-class DomainError(Exception):
-    """Base of every rule the payments domain refuses."""
-
-
-class IllegalTransition(DomainError):
-    """A move the status machine does not allow; the entity is left as it was."""
-
-    def __init__(self, entity: str, entity_id: Any, from_state: StrEnum, to_state: StrEnum) -> None:
-        self.entity = entity
-        self.entity_id = entity_id
-        self.from_state = from_state
-        self.to_state = to_state
-        super().__init__(
-            f"{entity} {entity_id} cannot go from {from_state.value} to {to_state.value}"
-        )
+from booking.runtime.domain import (
+    DomainError,
+    IllegalTransition,
+    currency_code,
+    minor_units,
+)
 
 
 class AlreadyApplied(DomainError):
     """The change was made before (a duplicate webhook, a second release): nothing to do."""
-
-
-class InvalidMoney(DomainError, ValueError):
-    """An amount that is not a non-negative integer of minor units, or a bad currency code."""
 
 
 class InvalidFeeRate(DomainError, ValueError):
@@ -84,21 +67,6 @@ class ReleaseTooEarly(DomainError):
         super().__init__(f"escrow {hold_id} may be released from {due_at.isoformat()} on")
 
 
-def _minor_units(value: object, what: str) -> int:
-    # bool is an int subclass; True is not one millime.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidMoney(f"{what} must be an integer in minor units, got {value!r}")
-    if value < 0:
-        raise InvalidMoney(f"{what} must not be negative, got {value}")
-    return value
-
-
-def _currency(value: object) -> str:
-    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
-        raise InvalidMoney(f"currency must be three upper-case letters (ISO 4217), got {value!r}")
-    return value
-
-
 # -- the fee split -------------------------------------------------------------------------------
 
 
@@ -117,7 +85,7 @@ def split_payment(amount_paid: int, fee_rate: Decimal) -> Split:
     rest, so `fee + escrow == amount_paid` always and `0 <= fee <= amount_paid`. The rate must be
     a Decimal in [0, 1): a float is refused.
     """
-    _minor_units(amount_paid, "amount_paid")
+    minor_units(amount_paid, "amount_paid")
     if not isinstance(fee_rate, Decimal) or not fee_rate.is_finite():
         raise InvalidFeeRate(f"the fee rate must be a finite Decimal, got {fee_rate!r}")
     if not Decimal(0) <= fee_rate < Decimal(1):
@@ -252,8 +220,8 @@ class Payment:
     paid_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        _minor_units(self.amount, "amount")
-        _currency(self.currency)
+        minor_units(self.amount, "amount")
+        currency_code(self.currency)
 
     def apply_completion(
         self, amount_paid: int, currency: str, fee_rate: Decimal, now: datetime
@@ -265,8 +233,8 @@ class Payment:
         dropped); the returned `Completion.late` tells the caller to raise a Critical anomaly.
         A currency other than the payment's raises `CurrencyMismatch` and changes nothing.
         """
-        _minor_units(amount_paid, "amount_paid")
-        _currency(currency)
+        minor_units(amount_paid, "amount_paid")
+        currency_code(currency)
         if self.status is PaymentState.COMPLETED:
             raise AlreadyApplied(f"payment {self.payment_ref or self.id} is already completed")
         if currency != self.currency:
@@ -336,8 +304,8 @@ class EscrowHold:
     cancelled_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        _minor_units(self.amount, "amount")
-        _currency(self.currency)
+        minor_units(self.amount, "amount")
+        currency_code(self.currency)
 
     @staticmethod
     def due_at(session_end_at: datetime, delay: timedelta) -> datetime:

@@ -1,0 +1,50 @@
+"""The vocabulary every service's pure domain shares: its errors and the rules of money.
+
+No I/O and no framework here, so a service's `domain.py` may import it and stay pure.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any
+
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class DomainError(Exception):
+    """Base of every rule a domain refuses."""
+
+
+class IllegalTransition(DomainError):
+    """A move the status machine does not allow; the entity is left as it was."""
+
+    def __init__(self, entity: str, entity_id: Any, from_state: StrEnum, to_state: StrEnum) -> None:
+        self.entity = entity
+        self.entity_id = entity_id
+        self.from_state = from_state
+        self.to_state = to_state
+        super().__init__(
+            f"{entity} {entity_id} cannot go from {from_state.value} to {to_state.value}"
+        )
+
+
+class InvalidMoney(DomainError, ValueError):
+    """An amount that is not a non-negative integer of minor units, or a bad currency code."""
+
+
+def minor_units(value: object, what: str) -> int:
+    """`value` if it is a whole, non-negative number of minor units (millimes for TND)."""
+    # bool is an int subclass; True is not one millime.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMoney(f"{what} must be an integer in minor units, got {value!r}")
+    if value < 0:
+        raise InvalidMoney(f"{what} must not be negative, got {value}")
+    return value
+
+
+def currency_code(value: object) -> str:
+    """`value` if it is an ISO 4217 code: three upper-case letters."""
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
+        raise InvalidMoney(f"currency must be three upper-case letters (ISO 4217), got {value!r}")
+    return value
