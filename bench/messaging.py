@@ -35,7 +35,7 @@ from booking.contracts import MentorRegistered
 from booking.runtime.consumer import MessageContext
 from booking.runtime.logs import configure_logging
 from booking.runtime.service import ServiceRuntime
-from booking.runtime.settings import RuntimeSettings
+from booking.runtime.settings import DEFAULT_DATABASE_URL, RuntimeSettings
 from booking.runtime.tables import MessagingTables
 from booking.runtime.testing import with_database
 
@@ -226,7 +226,7 @@ async def run_latency(
 
 
 async def main(args: argparse.Namespace) -> None:
-    server = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
     database = f"bench_{uuid.uuid4().hex[:8]}"
     tag = uuid.uuid4().hex[:8]
     admin = await asyncpg.connect(server)

@@ -18,7 +18,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from booking.runtime.testing import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, with_database
+from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL
+from booking.runtime.testing import with_database
 
 PORT_VARIABLES = (
     "GATEWAY_PORT",

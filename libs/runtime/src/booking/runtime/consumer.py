@@ -342,10 +342,3 @@ class Consumer:
             routing_key=queue,
             timeout=10,
         )
-
-    async def queue_depths(self) -> dict[str, tuple[int, int]]:
-        """(ready messages, consumers) of the main and dead-letter queues."""
-        return {
-            name: await self.broker.queue_stats(name)
-            for name in (self.queues.main, self.queues.dead_letter)
-        }

@@ -34,8 +34,8 @@ import aio_pika
 import asyncpg
 import httpx
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL
+
 POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 RABBITMQ_START = "rabbitmq-server -detached"
 MIGRATED = ("orders", "payments", "calendar", "notifications")

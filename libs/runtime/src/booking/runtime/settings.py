@@ -5,6 +5,9 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
 
 def async_database_url(url: str) -> str:
     """The SQLAlchemy asyncpg form of a plain `postgresql://` URL (as ops write it)."""
@@ -19,8 +22,8 @@ class RuntimeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
-    rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: str = DEFAULT_DATABASE_URL
+    rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
     public_base_url: str = "http://127.0.0.1:8000"
     auth_jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-0123456789abcdef")
     log_level: str = "INFO"

@@ -28,12 +28,9 @@ import uvicorn
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 
-from booking.runtime.settings import RuntimeSettings
+from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
 
 T = TypeVar("T")
-
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 async def eventually(
