@@ -92,6 +92,52 @@ class TestIdempotentConsumer:
         assert caused.causation_id == str(message_id)
 
 
+class TestAfterCommitSteps:
+    async def test_a_step_runs_after_the_commit_and_sees_the_committed_state(
+        self, make_service, new_event, rabbitmq_url
+    ):
+        seen: list[int] = []
+        service = None
+
+        async def record_then_call(event, ctx) -> None:
+            await ctx.session.execute(
+                service.effects.insert().values(key=str(event.mentor_id), count=1)
+            )
+
+            async def step() -> None:
+                # A step runs outside the handler's transaction: what it committed is visible.
+                seen.append(await service.effect_count(str(event.mentor_id)))
+
+            ctx.call_after_commit(step)
+
+        service = await make_service(record_then_call)
+        event = new_event()
+        _, body = envelope_bytes(event)
+        await publish_raw(rabbitmq_url, service.settings.events_exchange, event.routing_key(), body)
+        await eventually(lambda: seen, what="the after-commit step")
+        assert seen == [1]
+
+    async def test_a_step_of_a_failed_handler_never_runs(
+        self, make_service, new_event, rabbitmq_url
+    ):
+        ran: list[str] = []
+
+        async def fail_after_registering(event, ctx) -> None:
+            async def step() -> None:
+                ran.append("step")
+
+            ctx.call_after_commit(step)
+            raise RuntimeError("the handler fails after asking for a step")
+
+        service = await make_service(fail_after_registering)
+        name = service.runtime.consumer.name
+        event = new_event()
+        _, body = envelope_bytes(event)
+        await publish_raw(rabbitmq_url, service.settings.events_exchange, event.routing_key(), body)
+        await eventually(lambda: handled(name, "MentorRegistered", "retried") >= 1, what="a retry")
+        assert ran == []
+
+
 class TestRetriesAndDeadLetters:
     async def test_a_handler_that_always_fails_is_retried_with_growing_delay_then_dead_lettered(
         self, make_service, new_event, spy_on, rabbitmq_url

@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -61,9 +61,20 @@ class MessageContext:
     session: AsyncSession
     envelope: Envelope
     outbox: Outbox
+    after_commit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def record(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
         return await self.outbox.record(self.session, event, message_id=message_id)
+
+    def call_after_commit(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` once this message's transaction has committed and it is acked.
+
+        For a call to an outside system, which must never run inside an open transaction: the
+        handler records the intent, and `step` makes the call and records the result in a
+        transaction of its own. A crash before `step` ends leaves the intent for a sweeper to
+        finish, so `step` is a fast path, never the only path. It is dropped if the commit fails.
+        """
+        self.after_commit.append(step)
 
 
 Handler = Callable[[Any, MessageContext], Awaitable[None]]
@@ -99,6 +110,7 @@ class Consumer:
         self._channel: AbstractRobustChannel | None = None
         self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._workers: list[asyncio.Task] = []
+        self._after_commit: set[asyncio.Task] = set()
         # Executed with a list of rows: one multi-row INSERT, compiled once and cached.
         self._record_in_inbox = (
             insert(tables.inbox).on_conflict_do_nothing().returning(tables.inbox.c.message_id)
@@ -124,9 +136,9 @@ class Consumer:
         log.info("consuming %s (%s)", self.queues.main, ", ".join(self.routing_keys))
 
     async def stop(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        for task in [*self._workers, *self._after_commit]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._after_commit, return_exceptions=True)
         self._workers = []
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
@@ -172,7 +184,7 @@ class Consumer:
         if not work:
             return
         try:
-            outcomes = await self._handle_once(work)
+            outcomes, after_commit = await self._handle_once(work)
         except Exception as exc:
             if len(work) > 1:
                 # One of them failed and took the others' transaction with it: handle each
@@ -188,11 +200,27 @@ class Consumer:
             await message.ack()  # only now: the effects and the inbox record are committed
             metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, outcome).inc()
         metrics.HANDLER_LATENCY.labels(self.name).observe(time.perf_counter() - started)
+        for step, envelope in after_commit:
+            self._run_after_commit(step, envelope)
+
+    def _run_after_commit(self, step: Callable[[], Awaitable[None]], envelope: Envelope) -> None:
+        async def run() -> None:
+            with correlated(envelope.correlation_id, str(envelope.message_id)):
+                try:
+                    await step()
+                except Exception:
+                    # The intent is committed; the service's sweeper finishes what this left.
+                    log.exception("after-commit step of %s %s failed", envelope.type, self.name)
+
+        task = asyncio.create_task(run())
+        self._after_commit.add(task)
+        task.add_done_callback(self._after_commit.discard)
 
     async def _handle_once(
         self, work: list[tuple[AbstractIncomingMessage, Envelope, Event, Handler]]
-    ) -> list[str]:
+    ) -> tuple[list[str], list[tuple[Callable[[], Awaitable[None]], Envelope]]]:
         outcomes = []
+        after_commit = []
         async with self.db.transaction() as session:
             # One statement records the whole batch in the inbox; what it returns is new.
             first_seen = set(
@@ -215,10 +243,12 @@ class Consumer:
                     outcomes.append("duplicate")
                     continue
                 first_seen.discard(envelope.message_id)  # the same message twice in one batch
+                context = MessageContext(session, envelope, self.outbox)
                 with correlated(envelope.correlation_id, str(envelope.message_id)):
-                    await handler(event, MessageContext(session, envelope, self.outbox))
+                    await handler(event, context)
+                after_commit.extend((step, envelope) for step in context.after_commit)
                 outcomes.append("handled")
-        return outcomes
+        return outcomes, after_commit
 
     async def _retry_or_dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception

@@ -14,8 +14,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from pydantic import AwareDatetime, BaseModel
 from starlette.responses import Response
 
-from booking.gateway.limits import rate_limited
-from booking.gateway.schemas import (
+from booking.contracts.http import (
     BookingAccepted,
     BookingCreate,
     CalendarConnection,
@@ -31,6 +30,7 @@ from booking.gateway.schemas import (
     Problem,
     WebhookResult,
 )
+from booking.gateway.limits import rate_limited
 from booking.gateway.upstreams import Service, Upstreams
 from booking.runtime.auth import Identity, Role, authenticated, require_roles
 

@@ -1,4 +1,7 @@
-"""The public contract's bodies (DESIGN section 5): what callers send and what they get back.
+"""The public HTTP contract's bodies (DESIGN section 5): what callers send and what they get back.
+
+Defined once, here: the gateway checks requests against these models and the services answer
+with them, so the two cannot drift apart.
 
 Request bodies forbid unknown fields (422). Responses tolerate extra fields, so a service can add
 one without breaking the contract. Money is {amount: minor units, currency}; times are RFC 3339
@@ -14,7 +17,7 @@ from uuid import UUID
 from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StrictInt
 from pydantic import StringConstraints as Text
 
-from booking.contracts import Currency
+from booking.contracts.events import Currency
 
 Name = Annotated[str, Text(strip_whitespace=True, min_length=1, max_length=200)]
 TimeZone = Annotated[str, Text(pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")]
