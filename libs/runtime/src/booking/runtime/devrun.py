@@ -110,6 +110,14 @@ def child_environment(base: dict[str, str]) -> dict[str, str]:
     env.setdefault("PUBLIC_BASE_URL", f"http://{host}:{ports['gateway']}")
     for name in MIGRATED:
         env.setdefault(f"{name.upper()}_URL", f"http://{host}:{ports[name]}")
+    # The outside systems: the sandboxes this run starts, unless pointed elsewhere.
+    konnect = f"http://{host}:{ports['sandbox-konnect']}"
+    google = f"http://{host}:{ports['sandbox-google']}"
+    env.setdefault("KONNECT_API_URL", f"{konnect}/api/v2")
+    env.setdefault("SANDBOX_KONNECT_PUBLIC_URL", konnect)
+    env.setdefault("GOOGLE_AUTH_URL", f"{google}/o/oauth2/v2/auth")
+    env.setdefault("GOOGLE_TOKEN_URL", f"{google}/token")
+    env.setdefault("GOOGLE_CALENDAR_API_URL", f"{google}/calendar/v3")
     return env
 
 
