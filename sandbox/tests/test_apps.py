@@ -1,4 +1,5 @@
-"""The sandbox providers answer their health probes, and speak problem+json for the rest."""
+"""The sandbox providers answer their health probes; Konnect's API speaks Konnect's errors form,
+the Google placeholder problem+json."""
 
 import httpx
 import pytest
@@ -35,12 +36,13 @@ class TestHealth:
 
 
 class TestPlaceholders:
-    async def test_konnect_api_is_a_problem_404_until_built(self):
+    async def test_konnect_unknown_api_paths_are_a_404_in_konnect_errors_form(self):
+        key = {"x-api-key": "sandbox-api-key-id:sandbox-api-key-secret"}
         async with client(konnect.create_app()) as http:
-            response = await http.post("/api/v2/payments/init-payment", json={})
+            response = await http.post("/api/v2/payments/refund", json={}, headers=key)
         assert response.status_code == 404
-        assert response.headers["content-type"] == "application/problem+json"
-        assert "init-payment" in response.json()["detail"]
+        assert response.headers["content-type"] == "application/json"
+        assert "payments/refund" in response.json()["errors"][0]["message"]
 
     async def test_google_paths_are_a_problem_404_until_built(self):
         async with client(google.create_app()) as http:

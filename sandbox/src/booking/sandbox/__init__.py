@@ -1,5 +1,6 @@
 """Local stand-ins for the outside systems (Konnect, Google) for runs and tests.
 
-For now each answers its health probe and a problem+json 404 for every provider path; later work
-gives them the providers' real wire behaviour (/work/shared/reference/providers.md).
+`konnect` speaks Konnect's payment API v2 as /work/shared/reference/providers.md describes it,
+with a pay page and a control API (/_sandbox) that stages payments, webhooks and faults. `google`
+is still a placeholder that answers its health probes and a problem+json 404 for the rest.
 """

@@ -12,9 +12,11 @@ from booking.runtime.logs import configure_logging
 from booking.sandbox import google, konnect
 from booking.sandbox.settings import SandboxSettings
 
-PROVIDERS: dict[str, tuple[Callable[[], FastAPI], Callable[[SandboxSettings], int]]] = {
+AppFactory = Callable[[SandboxSettings], FastAPI]
+# provider -> (its app, built from the settings; its port)
+PROVIDERS: dict[str, tuple[AppFactory, Callable[[SandboxSettings], int]]] = {
     "konnect": (konnect.create_app, lambda s: s.konnect_port),
-    "google": (google.create_app, lambda s: s.google_port),
+    "google": (lambda _settings: google.create_app(), lambda s: s.google_port),
 }
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(f"sandbox-{args.provider}", settings.log_level)
     create_app, port = PROVIDERS[args.provider]
     uvicorn.run(
-        create_app(),
+        create_app(settings),
         host=settings.bind_host,
         port=port(settings),
         log_config=None,

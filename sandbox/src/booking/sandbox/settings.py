@@ -1,13 +1,41 @@
-"""Where the sandbox providers listen: SANDBOX_KONNECT_PORT, SANDBOX_GOOGLE_PORT (DESIGN 8)."""
+"""The sandbox providers' settings: where they listen (DESIGN 8) and how the Konnect one behaves."""
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class SandboxSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+    # populate_by_name: tests build settings by field name, the environment uses the aliases.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", case_sensitive=False, populate_by_name=True
+    )
 
     bind_host: str = "127.0.0.1"
     konnect_port: int = Field(default=8010, validation_alias="SANDBOX_KONNECT_PORT")
     google_port: int = Field(default=8011, validation_alias="SANDBOX_GOOGLE_PORT")
     log_level: str = "INFO"
+
+    # The key every /api/v2 call must send as `x-api-key`: the payments service's default
+    # KONNECT_API_KEY, so a local run needs no configuration.
+    konnect_api_key: SecretStr = Field(
+        default=SecretStr("sandbox-api-key-id:sandbox-api-key-secret"),
+        validation_alias="SANDBOX_KONNECT_API_KEY",
+    )
+    # Where a payer's browser reaches the sandbox (payUrl points here); by default the sandbox
+    # itself on its port. In containers the API host and the browser's host differ.
+    konnect_public_url: str = Field(default="", validation_alias="SANDBOX_KONNECT_PUBLIC_URL")
+    # How long a "timeout" fault hangs before it answers 504: longer than a client's timeout.
+    konnect_timeout_fault_seconds: float = Field(
+        default=30.0, ge=0, validation_alias="SANDBOX_KONNECT_TIMEOUT_FAULT_SECONDS"
+    )
+    # How long the sandbox waits for a merchant's webhook endpoint to answer.
+    konnect_webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, validation_alias="SANDBOX_KONNECT_WEBHOOK_TIMEOUT_SECONDS"
+    )
+
+    @model_validator(mode="after")
+    def _default_public_url(self) -> "SandboxSettings":
+        if not self.konnect_public_url:
+            self.konnect_public_url = f"http://127.0.0.1:{self.konnect_port}"
+        self.konnect_public_url = self.konnect_public_url.rstrip("/")
+        return self
