@@ -1,0 +1,372 @@
+"""The orders service served over real HTTP, on the real Postgres and RabbitMQ.
+
+The schema is migrated once per test session; each test gets its own service (its own exchange
+and queues), a spy on that exchange, and ids of its own, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from booking.contracts import (
+    CalendarBookingConfirmed,
+    Event,
+    PaymentCompleted,
+    PaymentFailed,
+    PaymentFailureReason,
+    PaymentInitiated,
+    wrap,
+)
+from booking.orders.app import create_app
+from booking.orders.settings import OrdersSettings
+from booking.orders.tables import SCHEMA
+from booking.runtime.auth import Role, issue_token
+from booking.runtime.migrations import upgrade
+from booking.runtime.service import ServiceRuntime
+from booking.runtime.testing import Spy, eventually, serving
+
+PRICE = 120_000  # 120 TND in millimes
+FEE = 18_000  # 15 %
+ESCROW = PRICE - FEE
+
+
+@pytest.fixture(scope="session")
+async def migrated(database_url: str) -> str:
+    settings = OrdersSettings.model_validate({"database_url": database_url})
+    # Alembic's env runs its own event loop: keep it off this one.
+    await asyncio.to_thread(upgrade, settings, "booking.orders", SCHEMA)
+    return database_url
+
+
+def future(days: int = 30, hour: int = 9, minute: int = 0) -> datetime:
+    """A start that is safely in the future, on a whole minute, unique enough per call site."""
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day + timedelta(days=days, hours=hour, minutes=minute)
+
+
+@dataclass
+class Orders:
+    """One running orders service and the means to drive and watch it."""
+
+    client: httpx.AsyncClient
+    settings: OrdersSettings
+    runtime: ServiceRuntime
+    spy: Spy
+    engine: AsyncEngine
+
+    PRICE = PRICE
+    FEE = FEE
+    ESCROW = ESCROW
+    future = staticmethod(future)
+
+    @staticmethod
+    def problem(answer: httpx.Response, status: int) -> dict[str, Any]:
+        """The problem+json body of `answer`, which must have `status`."""
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        body = answer.json()
+        assert body["status"] == status and body["detail"], body
+        return body
+
+    # --- callers ------------------------------------------------------------------------------
+
+    def token(self, role: Role | str, sub: str | None = None) -> dict[str, str]:
+        secret = self.settings.auth_jwt_secret.get_secret_value()
+        token = issue_token(secret, sub or f"{role}-{uuid.uuid4().hex[:8]}", role)
+        return {"Authorization": f"Bearer {token}"}
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return self.token(Role.ADMIN, "admin-1")
+
+    def mentee(self, sub: str | None = None) -> dict[str, str]:
+        return self.token(Role.MENTEE, sub)
+
+    # --- the HTTP API -------------------------------------------------------------------------
+
+    async def add_mentor(self, name: str = "Amel Ben Salah") -> dict[str, Any]:
+        answer = await self.client.post(
+            "/api/mentors",
+            json={
+                "name": name,
+                "email": f"amel.{uuid.uuid4().hex[:8]}@example.com",
+                "timezone": "Africa/Tunis",
+            },
+            headers=self.admin,
+        )
+        assert answer.status_code == 201, answer.text
+        return answer.json()
+
+    async def add_offering(
+        self, mentor_id: str, *, duration: int = 60, price: int = PRICE
+    ) -> dict[str, Any]:
+        answer = await self.client.post(
+            f"/api/mentors/{mentor_id}/offerings",
+            json={
+                "title": "Career chat",
+                "duration_minutes": duration,
+                "price": {"amount": price, "currency": "TND"},
+            },
+            headers=self.admin,
+        )
+        assert answer.status_code == 201, answer.text
+        return answer.json()
+
+    async def new_offering(self, **kwargs: Any) -> dict[str, Any]:
+        mentor = await self.add_mentor()
+        return await self.add_offering(mentor["id"], **kwargs)
+
+    def booking(self, offering_id: str, start_at: datetime, **changes: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "offering_id": offering_id,
+            "start_at": start_at.isoformat().replace("+00:00", "Z"),
+            "mentee": {
+                "first_name": "Sami",
+                "last_name": "Trabelsi",
+                "email": "sami@example.com",
+                "phone": "+216 20 123 456",
+            },
+        }
+        body.update(changes)
+        return body
+
+    async def book(
+        self,
+        offering_id: str,
+        start_at: datetime,
+        *,
+        headers: dict[str, str] | None = None,
+        key: str | None = None,
+        **changes: Any,
+    ) -> httpx.Response:
+        headers = dict(self.mentee() if headers is None else headers)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        return await self.client.post(
+            "/api/bookings", json=self.booking(offering_id, start_at, **changes), headers=headers
+        )
+
+    async def booked(self, start_at: datetime | None = None) -> Booked:
+        """A fresh mentor and offering, and a booking accepted for them."""
+        offering = await self.new_offering()
+        mentee = self.mentee()
+        answer = await self.book(offering["id"], start_at or future(), headers=mentee)
+        assert answer.status_code == 202, answer.text
+        return self.booked_from(answer.json(), offering, mentee)
+
+    def booked_from(
+        self,
+        accepted: dict[str, Any],
+        offering: dict[str, Any],
+        mentee: dict[str, str] | None = None,
+    ) -> Booked:
+        return Booked(
+            order_id=accepted["order_id"],
+            session_id=accepted["session_id"],
+            mentor_id=offering["mentor_id"],
+            offering_id=offering["id"],
+            mentee=mentee or self.admin,
+        )
+
+    async def order(self, booked: Booked) -> dict[str, Any]:
+        answer = await self.client.get(f"/api/orders/{booked.order_id}", headers=booked.mentee)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    # --- events -------------------------------------------------------------------------------
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Publish `event` on the service's exchange as its producer would."""
+        envelope = wrap(event, message_id=message_id or uuid.uuid4(), correlation_id="test")
+        exchange = await self.spy.channel.get_exchange(self.settings.events_exchange)
+        await exchange.publish(
+            aio_pika.Message(
+                envelope.model_dump_json().encode(),
+                message_id=str(envelope.message_id),
+                type=envelope.type,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            envelope.routing_key,
+        )
+        return envelope.message_id
+
+    async def handled(self, *message_ids: uuid.UUID) -> None:
+        """Wait until the service has handled (committed) these messages."""
+
+        async def all_in_inbox() -> bool:
+            async with self.engine.connect() as conn:
+                count = await conn.scalar(
+                    text(f"SELECT count(*) FROM {SCHEMA}.inbox WHERE message_id = ANY(:ids)"),
+                    {"ids": list(message_ids)},
+                )
+            return count == len(set(message_ids))
+
+        await eventually(all_in_inbox, what=f"handling of {message_ids}")
+
+    async def quiet(self, *message_ids: uuid.UUID) -> None:
+        """These messages handled, every event they caused published and seen by the spy."""
+        await self.handled(*message_ids)
+        await eventually(self.outbox_drained, what="the outbox relay")
+        await self.spy.settle()
+
+    async def outbox_drained(self) -> bool:
+        async with self.engine.connect() as conn:
+            unsent = await conn.scalar(
+                text(f"SELECT count(*) FROM {SCHEMA}.outbox WHERE sent_at IS NULL")
+            )
+        return unsent == 0
+
+    def events(self, type_: str, **payload: Any) -> list[dict[str, Any]]:
+        """Payloads of the spied events of `type_` whose fields match `payload`."""
+        found = []
+        for message in self.spy.of_type(type_):
+            body = _payload(message.body)
+            if all(str(body.get(k)) == str(v) for k, v in payload.items()):
+                found.append(body)
+        return found
+
+    async def wait_for_event(self, type_: str, **payload: Any) -> dict[str, Any]:
+        found = await eventually(lambda: self.events(type_, **payload), what=f"a {type_}")
+        return found[0]
+
+    # --- the database -------------------------------------------------------------------------
+
+    async def scalar(self, sql: str, **params: Any) -> Any:
+        async with self.engine.connect() as conn:
+            return await conn.scalar(text(sql), params)
+
+    async def stored(self, offering: dict[str, Any], mentee_sub: str = "") -> dict[str, int]:
+        """What exists for an offering: orders, its mentor's sessions, events, the mentee's keys."""
+        params = {
+            "offering": offering["id"],
+            "mentor": offering["mentor_id"],
+            "like": f"%{offering['id']}%",
+            "mentee": mentee_sub,
+        }
+        queries = {
+            "orders": f"SELECT count(*) FROM {SCHEMA}.orders WHERE offering_id = :offering",
+            "sessions": f"SELECT count(*) FROM {SCHEMA}.booked_sessions WHERE mentor_id = :mentor",
+            "events": f"SELECT count(*) FROM {SCHEMA}.outbox WHERE body LIKE :like",
+            "keys": f"SELECT count(*) FROM {SCHEMA}.idempotency_keys WHERE mentee_id = :mentee",
+        }
+        async with self.engine.connect() as conn:
+            return {name: await conn.scalar(text(sql), params) for name, sql in queries.items()}
+
+    async def order_status(self, order_id: str) -> tuple[str, str]:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"SELECT o.status, s.status FROM {SCHEMA}.orders o "
+                        f"JOIN {SCHEMA}.booked_sessions s ON s.order_id = o.id WHERE o.id = :id"
+                    ),
+                    {"id": order_id},
+                )
+            ).one()
+        return row[0], row[1]
+
+    async def wait_for_status(self, order_id: str, order: str, session: str) -> None:
+        async def reached() -> bool:
+            return await self.order_status(order_id) == (order, session)
+
+        await eventually(reached, what=f"order {order_id} {order}, session {session}")
+
+
+@dataclass
+class Booked:
+    order_id: str
+    session_id: str
+    mentor_id: str
+    offering_id: str
+    mentee: dict[str, str]
+
+    def initiated(self, ref: str = "5f0c1e2d3a4b5c6d7e8f9a0b") -> PaymentInitiated:
+        return PaymentInitiated(
+            order_id=self.order_id,
+            payment_ref=ref,
+            pay_url=f"https://pay.example/pay?payment_ref={ref}",
+            expires_at=datetime.now(UTC) + timedelta(minutes=30),
+        )
+
+    def completed(
+        self, ref: str = "5f0c1e2d3a4b5c6d7e8f9a0b", *, paid: int = PRICE, fee: int = FEE
+    ) -> PaymentCompleted:
+        return PaymentCompleted(
+            order_id=self.order_id,
+            payment_ref=ref,
+            amount=PRICE,
+            amount_paid=paid,
+            platform_fee=fee,
+            escrow_amount=paid - fee,
+            currency="TND",
+            paid_at=datetime.now(UTC),
+        )
+
+    def failed(
+        self, ref: str = "5f0c1e2d3a4b5c6d7e8f9a0b", reason: str = "expired"
+    ) -> PaymentFailed:
+        return PaymentFailed(
+            order_id=self.order_id, payment_ref=ref, reason=PaymentFailureReason(reason)
+        )
+
+    def confirmed(self, event_id: str = "a1b2c3d4e5f6") -> CalendarBookingConfirmed:
+        return CalendarBookingConfirmed(
+            session_id=self.session_id,
+            order_id=self.order_id,
+            event_id=event_id,
+            meet_link="https://meet.google.com/abc-defg-hij",
+            html_link=f"https://calendar.google.com/event?eid={event_id}",
+        )
+
+
+def _payload(body: bytes) -> dict[str, Any]:
+    return json.loads(body)["payload"]
+
+
+@pytest.fixture
+async def orders(
+    migrated: str,
+    make_settings: Callable[..., OrdersSettings],
+    spy_on: Callable[..., Any],
+    rabbitmq_url: str,
+) -> AsyncIterator[Orders]:
+    settings = make_settings(OrdersSettings)
+    spy = await spy_on(settings)  # before the service starts: it misses nothing
+    app = create_app(settings)
+    runtime: ServiceRuntime = app.state.runtime
+    assert runtime.db is not None
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        await runtime.broker.wait_ready(timeout=15)
+        harness = Orders(client, settings, runtime, spy, runtime.db.engine)
+        yield harness
+        # Leave no unsent row behind: the next test's relay would publish it to an exchange
+        # that no longer exists.
+        await eventually(harness.outbox_drained, what="the outbox relay at teardown")
+    await _delete_queues(runtime, rabbitmq_url)
+
+
+async def _delete_queues(runtime: ServiceRuntime, url: str) -> None:
+    """The consumer's durable queues outlive the test: remove them."""
+    consumer = runtime.consumer
+    assert consumer is not None
+    queues = consumer.queues
+    names = [queues.main, queues.dead_letter]
+    names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
