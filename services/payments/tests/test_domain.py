@@ -16,12 +16,14 @@ from booking.payments.domain import (
     EscrowStatus,
     IllegalTransition,
     InvalidFeeRate,
+    KonnectVerdict,
     MalformedKonnectPayment,
     Payment,
     PaymentState,
     ReleaseTooEarly,
     Split,
     konnect_amount_paid,
+    konnect_currency,
     konnect_outcome,
     split_payment,
 )
@@ -362,3 +364,147 @@ class TestEscrowHold:
                 currency="TND",
                 created_at=T0,
             )
+
+
+class TestKonnectCurrency:
+    def test_the_token_is_the_currency(self) -> None:
+        assert konnect_currency(konnect("completed", token="EUR")) == "EUR"
+
+    def test_no_token_is_konnects_default_tnd(self) -> None:
+        assert konnect_currency(konnect("completed", token=None)) == "TND"
+
+    @pytest.mark.parametrize("token", ["TN", "T1D", 5, ["TND"]])
+    def test_a_token_that_is_no_currency_code_is_refused(self, token: Any) -> None:
+        with pytest.raises(MalformedKonnectPayment):
+            konnect_currency(konnect("completed", token=token))
+
+
+class TestInitiation:
+    def test_an_initiated_payment_is_pending_with_its_ref_link_and_expiry(self) -> None:
+        payment = make_payment(PaymentState.INITIATING)
+        payment.initiated("a" * 24, "https://pay.example/a", T0 + timedelta(minutes=30), LATER)
+        assert payment.status is PaymentState.PENDING
+        assert (payment.payment_ref, payment.pay_url) == ("a" * 24, "https://pay.example/a")
+        assert payment.expires_at == T0 + timedelta(minutes=30) and payment.updated_at == LATER
+
+    def test_a_refused_initiation_ends_the_payment(self) -> None:
+        payment = make_payment(PaymentState.INITIATING)
+        payment.initiation_failed(LATER)
+        assert payment.status is PaymentState.INITIATION_FAILED
+
+    @pytest.mark.parametrize("status", [PaymentState.PENDING, PaymentState.INITIATION_FAILED])
+    def test_only_an_initiating_payment_can_be_initiated(self, status: PaymentState) -> None:
+        payment = make_payment(status)
+        with pytest.raises(IllegalTransition):
+            payment.initiated("b" * 24, "https://pay.example/b", LATER, LATER)
+        with pytest.raises(IllegalTransition):
+            payment.initiation_failed(LATER)
+        assert payment.status is status
+
+
+def verdict(status: str, now: datetime = LATER, **fields: Any) -> KonnectVerdict:
+    return KonnectVerdict.read(konnect(status, **fields), now)
+
+
+class TestApplyVerdict:
+    def test_completed_completes_once(self) -> None:
+        payment = make_payment()
+        first = payment.apply_verdict(verdict("completed"), RATE, LATER)
+        again = payment.apply_verdict(verdict("completed"), RATE, LATER)
+        assert first.changed and first.completion is not None
+        assert first.completion.amount_paid == PRICE and not first.completion.late
+        assert not again.changed and again.completion is None
+
+    def test_pending_with_failed_attempts_changes_nothing(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("pending", failedTransactions=1), RATE, LATER)
+        assert not settlement.changed and payment.status is PaymentState.PENDING
+
+    def test_expired_at_konnect_expires_the_payment(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("expired"), RATE, LATER)
+        assert settlement.expired and payment.status is PaymentState.EXPIRED
+
+    def test_pending_past_our_own_expiry_expires_the_payment(self) -> None:
+        payment = make_payment()
+        payment.expires_at = LATER
+        still_open = KonnectVerdict(state=PaymentState.PENDING, amount_paid=0, currency="TND")
+        assert payment.apply_verdict(still_open, RATE, LATER).expired
+
+    def test_an_ended_payment_expires_only_once(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED)
+        assert not payment.apply_verdict(verdict("expired"), RATE, LATER).changed
+
+    def test_a_partial_payment_still_open_waits_for_the_rest(self) -> None:
+        payment = make_payment()
+        partial = verdict("pending", type="partial", reachedAmount=70_000)
+        assert not payment.apply_verdict(partial, RATE, LATER).changed
+
+    def test_a_partial_payment_that_ended_is_completed_short_never_dropped(self) -> None:
+        payment = make_payment()
+        partial = verdict("expired", type="partial", reachedAmount=70_000)
+        settlement = payment.apply_verdict(partial, RATE, LATER)
+        assert settlement.completion is not None and not settlement.expired
+        assert settlement.completion.amount_paid == 70_000
+        assert not settlement.completion.late and settlement.completion.amount_mismatch
+
+    def test_money_after_the_end_is_a_late_completion(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED)
+        settlement = payment.apply_verdict(verdict("completed"), RATE, LATER)
+        assert settlement.completion is not None and settlement.completion.late
+
+    def test_a_currency_mismatch_is_reported_and_changes_nothing(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("completed", token="EUR"), RATE, LATER)
+        assert isinstance(settlement.currency_mismatch, CurrencyMismatch)
+        assert not settlement.changed and payment.status is PaymentState.PENDING
+
+    def test_konnect_not_knowing_the_payment_only_lets_our_expiry_end_it(self) -> None:
+        payment = make_payment()
+        assert not payment.apply_verdict(KonnectVerdict.unknown("TND"), RATE, LATER).changed
+        overdue = T0 + timedelta(minutes=30)
+        assert payment.apply_verdict(KonnectVerdict.unknown("TND"), RATE, overdue).expired
+
+
+class TestEscrowForCompletion:
+    def completion(self, status: PaymentState = PaymentState.PENDING, paid: int = PRICE):
+        return make_payment(status).apply_completion(paid, "TND", RATE, LATER)
+
+    def hold(self, completion) -> EscrowHold:
+        return EscrowHold.for_completion(
+            completion,
+            id=uuid4(),
+            order_id=uuid4(),
+            mentor_id=uuid4(),
+            session_end_at=END,
+            delay=DELAY,
+            now=LATER,
+        )
+
+    def test_an_on_time_full_payment_is_held_until_the_session_ended_plus_the_delay(self):
+        hold = self.hold(self.completion())
+        assert hold.status is EscrowStatus.HELD and hold.release_due_at == END + DELAY
+        assert hold.amount == 102_000 and hold.currency == "TND"
+
+    def test_an_overpayment_is_held_too(self) -> None:
+        assert self.hold(self.completion(paid=PRICE + 1)).status is EscrowStatus.HELD
+
+    @pytest.mark.parametrize(
+        ("status", "paid"), [(PaymentState.EXPIRED, PRICE), (PaymentState.PENDING, 70_000)]
+    )
+    def test_a_late_or_short_payment_is_frozen_never_due(
+        self, status: PaymentState, paid: int
+    ) -> None:
+        hold = self.hold(self.completion(status, paid))
+        assert hold.status is EscrowStatus.FROZEN and hold.release_due_at is None
+        with pytest.raises(IllegalTransition):
+            hold.release_when_due(END + DELAY * 100)
+
+    def test_a_held_hold_is_released_when_due_and_not_before(self) -> None:
+        hold = self.hold(self.completion())
+        with pytest.raises(ReleaseTooEarly):
+            hold.release_when_due(END + DELAY - timedelta(microseconds=1))
+        hold.release_when_due(END + DELAY)
+        assert hold.status is EscrowStatus.RELEASED and hold.released_at == END + DELAY
+        with pytest.raises(AlreadyApplied):
+            hold.release_when_due(END + DELAY)

@@ -1,7 +1,22 @@
-"""Composition root of the payments service: settings, runtime, handlers and routes."""
+"""Composition root of the payments service: settings, runtime, Konnect, handlers, routes, sweeper.
+
+Nothing is created at import time; `create_app` builds it all and the lifespan opens the Konnect
+client and starts the sweeper (one per replica), after the runtime has started.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from uuid import UUID
 
 from fastapi import FastAPI
 
+from booking.contracts import BookingRequested
+from booking.payments.api import webhook_router
+from booking.payments.handlers import open_payment
+from booking.payments.konnect import KonnectClient, check_configured, check_reachable
+from booking.payments.reconciliation import Sweeper
+from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import messaging
 from booking.runtime.service import ServiceRuntime, create_service_app
@@ -9,5 +24,53 @@ from booking.runtime.service import ServiceRuntime, create_service_app
 
 def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
     settings = settings or PaymentsSettings()
-    runtime = ServiceRuntime(name="payments", settings=settings, tables=messaging)
-    return create_service_app(runtime)
+    konnect = KonnectClient.from_settings(settings)
+
+    # The handler initiates through the service, which needs the runtime's database: it is
+    # looked up when a message arrives, by which time it exists.
+    async def initiate(payment_id: UUID) -> None:
+        await service.initiate(payment_id)
+
+    runtime = ServiceRuntime(
+        name="payments",
+        settings=settings,
+        tables=messaging,
+        handlers={BookingRequested: partial(open_payment, initiate=initiate)},
+    )
+    assert runtime.db is not None and runtime.outbox is not None
+    service = PaymentService(
+        db=runtime.db, outbox=runtime.outbox, konnect=konnect, settings=settings
+    )
+    sweeper = Sweeper(service, settings)
+
+    runtime.health.add(
+        "konnect",
+        "configured",
+        partial(check_configured, konnect),
+        ready=False,
+        component_type="system",
+    )
+    runtime.health.add(
+        "konnect",
+        "reachable",
+        partial(check_reachable, konnect),
+        ready=False,  # an outage at Konnect must not take our pods out
+        component_type="system",
+        failure_status="warn",
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await konnect.open()
+        sweeper.start()
+        try:
+            yield
+        finally:
+            await sweeper.stop()
+            await konnect.aclose()
+
+    app = create_service_app(runtime, [webhook_router(service)], lifespan=lifespan)
+    app.state.payments = service
+    app.state.sweeper = sweeper
+    app.state.konnect = konnect
+    return app

@@ -4,6 +4,8 @@ Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now
 
 Payment::
 
+    initiating --initiated--> pending
+    initiating --initiation_failed--> initiation_failed
     pending --apply_completion--> completed
     expired | failed --apply_completion--> completed  (late money: recorded, `Completion.late`)
     pending --expire--> expired
@@ -15,6 +17,7 @@ Escrow hold::
     held --release (session end + delay passed)--> released
     held --cancel--> cancelled
     released --release--> AlreadyApplied
+    frozen (a late or short payment: an admin decides, never released automatically)
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ def split_payment(amount_paid: int, fee_rate: Decimal) -> Split:
 
 
 class PaymentState(StrEnum):
+    INITIATING = "initiating"
+    """Opened on our side; Konnect has not (yet) given it a ref."""
+    INITIATION_FAILED = "initiation_failed"
+    """Konnect refused to open it, or could not be reached: the order cannot be paid."""
     PENDING = "pending"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -174,6 +181,39 @@ def konnect_amount_paid(payment: dict[str, Any]) -> int:
     return amount
 
 
+def konnect_currency(payment: dict[str, Any]) -> str:
+    """The currency Konnect holds the payment in: its `token` (TND when absent, as Konnect)."""
+    token = payment.get("token")
+    if token is None or token == "":
+        return "TND"
+    if not isinstance(token, str) or not token.isascii() or len(token) != 3 or not token.isalpha():
+        raise MalformedKonnectPayment(f"token must be a currency code, got {token!r}")
+    return token.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class KonnectVerdict:
+    """What Konnect says of a payment, read once: its state, what it reached, in which currency."""
+
+    state: PaymentState
+    amount_paid: int
+    currency: str
+
+    @classmethod
+    def read(cls, payment: dict[str, Any], now: datetime) -> KonnectVerdict:
+        """Konnect's payment object decided at `now`; raises `MalformedKonnectPayment`."""
+        return cls(
+            state=konnect_outcome(payment, now),
+            amount_paid=konnect_amount_paid(payment),
+            currency=konnect_currency(payment),
+        )
+
+    @classmethod
+    def unknown(cls, currency: str) -> KonnectVerdict:
+        """Konnect knows no such payment: no money arrived; only our own expiry can end it."""
+        return cls(state=PaymentState.PENDING, amount_paid=0, currency=currency)
+
+
 # -- payments ------------------------------------------------------------------------------------
 
 
@@ -198,6 +238,19 @@ class Completion:
     def amount_mismatch(self) -> bool:
         """The payer paid more or less than the order's amount: an anomaly for the admins."""
         return self.amount_paid != self.amount
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What applying Konnect's verdict changed: nothing, a completion, or an expiry."""
+
+    completion: Completion | None = None
+    expired: bool = False
+    currency_mismatch: CurrencyMismatch | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.completion is not None or self.expired
 
 
 @dataclass(kw_only=True, slots=True)
@@ -257,6 +310,58 @@ class Payment:
             previous_state=previous,
         )
 
+    def initiated(
+        self, payment_ref: str, pay_url: str, expires_at: datetime, now: datetime
+    ) -> None:
+        """Konnect opened the payment: the payer can pay at `pay_url` until `expires_at`."""
+        if self.status is not PaymentState.INITIATING:
+            raise IllegalTransition("payment", self.id, self.status, PaymentState.PENDING)
+        if not payment_ref or not pay_url:
+            raise ValueError("an initiated payment has a ref and a pay URL")
+        self.status = PaymentState.PENDING
+        self.payment_ref = payment_ref
+        self.pay_url = pay_url
+        self.expires_at = expires_at
+        self.updated_at = now
+
+    def initiation_failed(self, now: datetime) -> None:
+        """Konnect refused the payment or stayed out of reach: PaymentInitiationFailed."""
+        if self.status is not PaymentState.INITIATING:
+            raise IllegalTransition("payment", self.id, self.status, PaymentState.INITIATION_FAILED)
+        self.status = PaymentState.INITIATION_FAILED
+        self.updated_at = now
+
+    def apply_verdict(
+        self, verdict: KonnectVerdict, fee_rate: Decimal, now: datetime
+    ) -> Settlement:
+        """Apply what Konnect says, once: the one rule the webhook and the sweeper share.
+
+        - Completed: `apply_completion` with what Konnect reached (a duplicate changes nothing;
+          a currency mismatch changes nothing and is reported).
+        - Ended (Konnect says expired, or it is pending past our own expiry) after some money
+          reached it (a partial payment): completed with what arrived, never dropped; the
+          shortfall is the caller's underpayment anomaly.
+        - Ended with nothing paid: the payment expires, if it was still pending.
+        - Pending otherwise (failed attempts or a partial payment included): nothing changes,
+          the payer may still pay (the rest).
+        """
+        ended = verdict.state is PaymentState.EXPIRED or self.is_overdue(now)
+        paid = verdict.state is PaymentState.COMPLETED or (ended and verdict.amount_paid > 0)
+        if paid:
+            try:
+                completion = self.apply_completion(
+                    verdict.amount_paid, verdict.currency, fee_rate, now
+                )
+            except AlreadyApplied:
+                return Settlement()
+            except CurrencyMismatch as mismatch:
+                return Settlement(currency_mismatch=mismatch)
+            return Settlement(completion=completion)
+        if ended and self.status is PaymentState.PENDING:
+            self.expire(now)
+            return Settlement(expired=True)
+        return Settlement()
+
     def is_overdue(self, now: datetime) -> bool:
         """Pending past its expiry: the sweeper asks Konnect once more, then expires it."""
         return (
@@ -287,6 +392,8 @@ class EscrowStatus(StrEnum):
     HELD = "held"
     RELEASED = "released"
     CANCELLED = "cancelled"
+    FROZEN = "frozen"
+    """Money that came late or short: kept, never released automatically; an admin decides."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -300,12 +407,43 @@ class EscrowHold:
     currency: str
     created_at: datetime
     status: EscrowStatus = EscrowStatus.HELD
+    release_due_at: datetime | None = None
     released_at: datetime | None = None
     cancelled_at: datetime | None = None
 
     def __post_init__(self) -> None:
         minor_units(self.amount, "amount")
         currency_code(self.currency)
+
+    @classmethod
+    def for_completion(
+        cls,
+        completion: Completion,
+        *,
+        id: UUID,
+        order_id: UUID,
+        mentor_id: UUID,
+        session_end_at: datetime,
+        delay: timedelta,
+        now: datetime,
+    ) -> EscrowHold:
+        """The hold for a completed payment's escrow.
+
+        Held until the session's end plus the delay only when the money came on time and in
+        full; money that came late (the payment had ended) or short is frozen: never released
+        automatically, an admin decides.
+        """
+        on_time_and_full = not completion.late and completion.amount_paid >= completion.amount
+        return cls(
+            id=id,
+            order_id=order_id,
+            mentor_id=mentor_id,
+            amount=completion.escrow_amount,
+            currency=completion.currency,
+            created_at=now,
+            status=EscrowStatus.HELD if on_time_and_full else EscrowStatus.FROZEN,
+            release_due_at=cls.due_at(session_end_at, delay) if on_time_and_full else None,
+        )
 
     @staticmethod
     def due_at(session_end_at: datetime, delay: timedelta) -> datetime:
@@ -325,6 +463,20 @@ class EscrowHold:
         due = self.due_at(session_end_at, delay)
         if now < due:
             raise ReleaseTooEarly(self.id, due)
+        self.status = EscrowStatus.RELEASED
+        self.released_at = now
+
+    def release_when_due(self, now: datetime) -> None:
+        """Release the hold at the due time it was given when made (`release_due_at`).
+
+        Refused like `release`; a hold without a due time (frozen) is never released here.
+        """
+        if self.status is EscrowStatus.RELEASED:
+            raise AlreadyApplied(f"escrow {self.id} is already released")
+        if self.status is not EscrowStatus.HELD or self.release_due_at is None:
+            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.RELEASED)
+        if now < self.release_due_at:
+            raise ReleaseTooEarly(self.id, self.release_due_at)
         self.status = EscrowStatus.RELEASED
         self.released_at = now
 

@@ -2,7 +2,7 @@
 
 from decimal import Decimal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from booking.runtime.settings import RuntimeSettings
 
@@ -22,3 +22,46 @@ class PaymentsSettings(RuntimeSettings):
     konnect_wallet_id: str = "000000000000000000000001"
     # How long a payment link stays payable.
     konnect_payment_lifespan_minutes: int = Field(default=30, ge=1)
+
+    # One Konnect call (connect, write, read) may take this long before it counts as a timeout.
+    konnect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Attempts per Konnect call, the first included; only timeouts, 429 and 5xx are retried.
+    konnect_max_attempts: int = Field(default=4, ge=1)
+    # The first retry waits up to this long; each further one up to twice as long (full jitter).
+    konnect_retry_base_seconds: float = Field(default=0.5, ge=0)
+    # A 429's Retry-After is honoured up to this long; a longer one ends the retries.
+    konnect_retry_after_max_seconds: float = Field(default=5.0, ge=0)
+    # Where Konnect sends the payer's browser after paying or failing; default: under
+    # PUBLIC_BASE_URL.
+    konnect_success_url: str | None = None
+    konnect_fail_url: str | None = None
+
+    # Reconciliation: pending payments older than the grace period are asked of Konnect at most
+    # once per interval (lost webhooks), and expired past their lifespan.
+    reconciliation_interval_seconds: float = Field(default=30.0, gt=0)
+    reconciliation_grace_seconds: float = Field(default=120.0, ge=0)
+    reconciliation_batch_size: int = Field(default=50, ge=1)
+    # A replica initiating a payment holds it this long; past it, the sweeper initiates it again
+    # (the replica crashed). Longer than a Konnect call with all its retries.
+    initiation_lease_seconds: float = Field(default=120.0, gt=0)
+    # A payment nobody claimed this long after it was opened is initiated by the sweeper (the
+    # replica crashed before its first attempt).
+    initiation_grace_seconds: float = Field(default=10.0, ge=0)
+
+    # The mentor's escrow is released this long after the session ends.
+    escrow_release_delay_minutes: float = Field(default=1440, ge=0)
+    escrow_release_interval_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _browser_urls_default_under_public_base_url(self) -> "PaymentsSettings":
+        base = self.public_base_url.rstrip("/")
+        if self.konnect_success_url is None:
+            self.konnect_success_url = f"{base}/payments/success"
+        if self.konnect_fail_url is None:
+            self.konnect_fail_url = f"{base}/payments/failed"
+        return self
+
+    @property
+    def konnect_webhook_url(self) -> str:
+        """Konnect calls it as `GET <this>?payment_ref=...` through the gateway (DESIGN 4.2)."""
+        return f"{self.public_base_url.rstrip('/')}/api/payments/webhook"

@@ -1,0 +1,394 @@
+"""The Konnect API v2 adapter: init-payment and get-payment, with bounded retries.
+
+One `httpx.AsyncClient` per process, opened and closed by the app's lifespan. Every call carries
+`x-api-key`. Timeouts, transport errors, 429 and 5xx are retried with exponential backoff and
+full jitter, a bounded number of times (a short Retry-After is honoured); any other 4xx is an
+answer, never retried. Konnect's `{"errors": [{code, target, message}]}` becomes an exception
+that says what Konnect said. The API key never reaches a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from pydantic import SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+)
+
+from booking.payments.settings import PaymentsSettings
+from booking.runtime.health import Observation, timed_ms
+
+log = logging.getLogger(__name__)
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class KonnectError(Exception):
+    """Konnect answered with an error: its HTTP status and its `errors` array."""
+
+    def __init__(self, status: int, errors: list[dict[str, Any]], *, what: str) -> None:
+        self.status = status
+        self.errors = errors
+        self.what = what
+        super().__init__(f"Konnect {what} answered {status}: {self.message}")
+
+    @property
+    def message(self) -> str:
+        """Konnect's own words: every error's message (and target), or the status alone."""
+        parts = []
+        for error in self.errors:
+            text = str(error.get("message") or error.get("code") or "").strip()
+            target = error.get("target")
+            if text and target:
+                text = f"{target}: {text}"
+            if text:
+                parts.append(text)
+        return "; ".join(parts) or f"HTTP {self.status}"
+
+
+class KonnectRefused(KonnectError):
+    """400/422 and any other 4xx we do not name: the request itself is wrong. Not retried."""
+
+
+class KonnectUnauthorized(KonnectError):
+    """401: the API key is missing or wrong (a configuration error). Not retried."""
+
+
+class PaymentNotFound(KonnectError):
+    """404: Konnect knows no payment with that ref."""
+
+
+class KonnectUnavailable(Exception):
+    """Konnect could not be reached or kept failing (timeouts, 429, 5xx) through every attempt."""
+
+    def __init__(self, what: str, attempts: int, last: BaseException | None) -> None:
+        self.what = what
+        self.attempts = attempts
+        self.last = last
+        cause = _describe(last) if last is not None else "no answer"
+        super().__init__(f"Konnect {what} failed after {attempts} attempt(s): {cause}")
+
+
+class _Transient(KonnectError):
+    """A 429 or 5xx: worth another attempt."""
+
+    def __init__(self, status: int, errors: list[dict[str, Any]], *, what: str, retry_after):
+        super().__init__(status, errors, what=what)
+        self.retry_after: float | None = retry_after
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, httpx.TimeoutException):
+        return f"timed out ({type(error).__name__})"
+    if isinstance(error, httpx.TransportError):
+        return f"unreachable ({type(error).__name__}: {error})"
+    return str(error)
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InitiatedPayment:
+    payment_ref: str
+    pay_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRequest:
+    """What we ask Konnect to open: one payment for one order (amount in minor units)."""
+
+    order_id: UUID
+    amount: int
+    currency: str
+    description: str
+    first_name: str
+    last_name: str
+    email: str
+    phone: str | None
+    lifespan_minutes: int
+    webhook_url: str
+    success_url: str
+    fail_url: str
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+class KonnectClient:
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        api_key: SecretStr,
+        wallet_id: str,
+        timeout: float = 10.0,
+        max_attempts: int = 4,
+        retry_base: float = 0.5,
+        retry_after_max: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        event_hooks: dict[str, list[Callable[..., Any]]] | None = None,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        self.wallet_id = wallet_id
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.retry_after_max = retry_after_max
+        self._transport = transport
+        self._event_hooks = event_hooks
+        self._http: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_settings(cls, settings: PaymentsSettings, **kwargs: Any) -> KonnectClient:
+        return cls(
+            api_url=settings.konnect_api_url,
+            api_key=settings.konnect_api_key,
+            wallet_id=settings.konnect_wallet_id,
+            timeout=settings.konnect_timeout_seconds,
+            max_attempts=settings.konnect_max_attempts,
+            retry_base=settings.konnect_retry_base_seconds,
+            retry_after_max=settings.konnect_retry_after_max_seconds,
+            **kwargs,
+        )
+
+    @property
+    def configured(self) -> list[str]:
+        """The settings Konnect needs that are missing (empty: configured)."""
+        missing = []
+        if not self.api_url:
+            missing.append("KONNECT_API_URL")
+        if not self._api_key.get_secret_value():
+            missing.append("KONNECT_API_KEY")
+        if not self.wallet_id:
+            missing.append("KONNECT_WALLET_ID")
+        return missing
+
+    async def open(self) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.api_url,
+                timeout=httpx.Timeout(self.timeout),
+                headers={"accept": "application/json"},
+                transport=self._transport,
+                event_hooks=self._event_hooks,
+                trust_env=False,  # Konnect is reached as configured, never via an env proxy
+            )
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> KonnectClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("the Konnect client is not open (the app's lifespan opens it)")
+        return self._http
+
+    # -- the API -----------------------------------------------------------------------------
+
+    async def init_payment(self, request: PaymentRequest) -> InitiatedPayment:
+        """Open a payment (Konnect has no idempotency key: each call makes a new one)."""
+        body: dict[str, Any] = {
+            "receiverWalletId": self.wallet_id,
+            "token": request.currency,
+            "amount": request.amount,
+            "type": "immediate",
+            "description": request.description,
+            "lifespan": request.lifespan_minutes,
+            "checkoutForm": False,
+            "addPaymentFeesToAmount": False,
+            "firstName": request.first_name,
+            "lastName": request.last_name,
+            "email": request.email,
+            "orderId": str(request.order_id),
+            "webhook": request.webhook_url,
+            # Konnect calls the webhook itself; the payer's browser goes to our pages.
+            "silentWebhook": True,
+            "successUrl": request.success_url,
+            "failUrl": request.fail_url,
+        }
+        if request.phone:
+            body["phoneNumber"] = request.phone
+        answer = await self._call("init-payment", "POST", "/payments/init-payment", json=body)
+        ref, pay_url = answer.get("paymentRef"), answer.get("payUrl")
+        if not isinstance(ref, str) or not ref or not isinstance(pay_url, str) or not pay_url:
+            raise KonnectError(200, [{"message": "no paymentRef or payUrl"}], what="init-payment")
+        return InitiatedPayment(payment_ref=ref, pay_url=pay_url)
+
+    async def get_payment(self, payment_ref: str) -> dict[str, Any]:
+        """The payment object (what Konnect returns under "payment")."""
+        answer = await self._call("get-payment", "GET", f"/payments/{payment_ref}")
+        payment = answer.get("payment")
+        if not isinstance(payment, dict):
+            raise KonnectError(200, [{"message": "no payment object"}], what="get-payment")
+        return payment
+
+    async def ping(self) -> int:
+        """One unauthenticated request, no retries: Konnect's HTTP status, whatever it is."""
+        response = await self.http.get("/")
+        return response.status_code
+
+    # -- retries -----------------------------------------------------------------------------
+
+    async def _call(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        attempts = AsyncRetrying(
+            retry=retry_if_exception(self._retryable),
+            stop=stop_after_attempt(self.max_attempts) | self._retry_after_too_long,
+            wait=self._wait,
+            before_sleep=lambda state: self._log_retry(what, state),
+        )
+        try:
+            async for attempt in attempts:
+                with attempt:
+                    return await self._once(what, method, path, **kwargs)
+        except RetryError as exhausted:
+            last = exhausted.last_attempt.exception()
+            raise KonnectUnavailable(what, exhausted.last_attempt.attempt_number, last) from last
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = await self.http.request(
+            method, path, headers={"x-api-key": self._api_key.get_secret_value()}, **kwargs
+        )
+        if response.is_success:
+            try:
+                body = response.json()
+            except ValueError as error:
+                raise KonnectError(
+                    response.status_code, [{"message": "the answer is not JSON"}], what=what
+                ) from error
+            if not isinstance(body, dict):
+                raise KonnectError(
+                    response.status_code, [{"message": "the answer is not an object"}], what=what
+                )
+            return body
+        status = response.status_code
+        errors = _errors_of(response)
+        if status == 429 or status >= 500:
+            raise _Transient(status, errors, what=what, retry_after=_retry_after(response))
+        if status == 401:
+            raise KonnectUnauthorized(status, errors, what=what)
+        if status == 404:
+            raise PaymentNotFound(status, errors, what=what)
+        raise KonnectRefused(status, errors, what=what)
+
+    @staticmethod
+    def _retryable(error: BaseException) -> bool:
+        return isinstance(error, _Transient | httpx.TimeoutException | httpx.TransportError)
+
+    def _retry_after_too_long(self, state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
+        return (
+            isinstance(error, _Transient)
+            and error.retry_after is not None
+            and error.retry_after > self.retry_after_max
+        )
+
+    def _wait(self, state: RetryCallState) -> float:
+        # Full jitter: a random wait up to base x 2^(n-1), so replicas do not retry in step.
+        backoff = random.uniform(0, self.retry_base * 2 ** (state.attempt_number - 1))
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, _Transient) and error.retry_after is not None:
+            return max(backoff, error.retry_after)
+        return backoff
+
+    @staticmethod
+    def _log_retry(what: str, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "Konnect %s attempt %d failed (%s); retrying in %.2fs",
+            what,
+            state.attempt_number,
+            _describe(error) if error else "?",
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
+
+def _errors_of(response: httpx.Response) -> list[dict[str, Any]]:
+    """Konnect's `errors` array; a body of another shape becomes one error with its text."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()[:300]
+        return [{"message": text}] if text else []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(errors, list):
+        return [e if isinstance(e, dict) else {"message": str(e)} for e in errors]
+    if isinstance(body, dict) and isinstance(body.get("message") or body.get("detail"), str):
+        return [{"message": body.get("message") or body.get("detail")}]
+    return [{"message": str(body)[:300]}]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (either form of the header), None when absent or unreadable."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+async def check_configured(client: KonnectClient) -> Observation:
+    missing = client.configured
+    if missing:
+        return Observation(
+            "konnect", "configured", "fail", "system", output=f"not set: {', '.join(missing)}"
+        )
+    return Observation("konnect", "configured", "pass", "system", output=client.api_url)
+
+
+async def check_reachable(client: KonnectClient) -> Observation:
+    """Any HTTP answer in time is reachable; no answer is warn, never fail (DESIGN 7)."""
+    start = time.perf_counter()
+    try:
+        status = await client.ping()
+    except httpx.HTTPError as error:
+        return Observation(
+            "konnect", "reachable", "warn", "system", output=f"no answer: {_describe(error)}"
+        )
+    return Observation(
+        "konnect",
+        "reachable",
+        "pass",
+        "system",
+        timed_ms(start),
+        "ms",
+        output=f"HTTP {status} from {client.api_url}",
+    )
