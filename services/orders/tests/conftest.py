@@ -17,6 +17,7 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -215,6 +216,20 @@ class Orders:
             return count == len(set(message_ids))
 
         await eventually(all_in_inbox, what=f"handling of {message_ids}")
+
+    async def consumed(self, type_: str, outcome: str) -> float:
+        """How many `type_` messages the service's consumer counted with `outcome` (/metrics)."""
+        answer = await self.client.get("/metrics")
+        consumer = f"{self.settings.queue_prefix}orders"
+        for family in text_string_to_metric_families(answer.text):
+            for sample in family.samples:
+                if sample.name == "messages_handled_total" and sample.labels == {
+                    "consumer": consumer,
+                    "type": type_,
+                    "outcome": outcome,
+                }:
+                    return sample.value
+        return 0.0
 
     async def quiet(self, *message_ids: uuid.UUID) -> None:
         """These messages handled, every event they caused published and seen by the spy."""
