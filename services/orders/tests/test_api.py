@@ -72,8 +72,9 @@ class TestMentors:
             {"name": "X", "email": "x@example.com", "timezone": "UTC", "role": "admin"},
             {"name": "", "email": "x@example.com", "timezone": "UTC"},
             {"name": "X", "email": "x@example.com"},
+            {"name": "A\u0000B", "email": "x@example.com", "timezone": "UTC"},
         ],
-        ids=["malformed email", "extra field", "empty name", "missing timezone"],
+        ids=["malformed email", "extra field", "empty name", "missing timezone", "NUL in name"],
     )
     async def test_a_bad_mentor_is_a_422_problem(self, orders, body: dict[str, Any]) -> None:
         before = await orders.scalar("SELECT count(*) FROM orders.mentors")
@@ -149,6 +150,7 @@ class TestOfferings:
             {"duration_minutes": 0},
             {"duration_minutes": 30.5},
             {"discount": 10},
+            {"price": {"amount": 2**63, "currency": "TND"}},
         ],
         ids=[
             "negative money",
@@ -160,6 +162,7 @@ class TestOfferings:
             "zero duration",
             "fractional duration",
             "extra field",
+            "money beyond 64 bits",
         ],
     )
     async def test_a_bad_offering_is_a_422_problem_and_stores_nothing(
@@ -371,7 +374,9 @@ BAD_BOOKINGS: dict[str, tuple[int, dict[str, Any]]] = {
     "unknown offering": (404, {"offering_id": "unknown"}),
     "start in the past": (422, {"start_at": "2001-01-01T09:00:00Z"}),
     "start without a time zone": (422, {"start_at": "2031-01-01T09:00:00"}),
+    "start at the end of time": (422, {"start_at": "9999-12-31T23:30:00Z"}),
     "malformed email": (422, {"mentee.email": "sami-at-example"}),
+    "NUL in a name": (422, {"mentee.first_name": "Sa\u0000mi"}),
     "malformed offering id": (422, {"offering_id": "not-a-uuid"}),
     "extra field": (422, {"coupon": "FREE"}),
     "extra mentee field": (422, {"mentee.role": "admin"}),

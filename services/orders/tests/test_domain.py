@@ -372,6 +372,11 @@ class TestPlanSession:
         with pytest.raises(InvalidBooking, match="not in the future"):
             plan_session(60, start, T0)
 
+    def test_a_session_that_would_end_past_the_end_of_time_is_refused(self) -> None:
+        last = datetime.max.replace(tzinfo=UTC) - timedelta(minutes=30)
+        with pytest.raises(InvalidBooking, match="earlier start"):
+            plan_session(60, last, T0)
+
     def test_a_naive_start_is_refused(self) -> None:
         with pytest.raises(InvalidBooking, match="time zone"):
             plan_session(60, datetime(2031, 1, 1, 9, 0), T0)

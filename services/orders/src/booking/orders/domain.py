@@ -280,8 +280,9 @@ _AWAITING_EVENT = frozenset({SessionStatus.AWAITING_CALENDAR, SessionStatus.SCHE
 def plan_session(offering_duration_minutes: int, start_at: datetime, now: datetime) -> datetime:
     """Check a requested start and return the session's end (start + the offering's duration).
 
-    Raises `InvalidBooking` for a naive datetime, a start that is not in the future, or a
-    duration that is not a positive whole number of minutes.
+    Raises `InvalidBooking` for a naive datetime, a start that is not in the future, a session
+    that would end past the end of time, or a duration that is not a positive whole number of
+    minutes.
     """
     duration = offering_duration_minutes
     if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
@@ -296,4 +297,10 @@ def plan_session(offering_duration_minutes: int, start_at: datetime, now: dateti
         raise InvalidBooking(
             f"start_at {start_at.isoformat()} is not in the future; choose a later start"
         )
-    return start_at + timedelta(minutes=duration)
+    try:
+        return start_at + timedelta(minutes=duration)
+    except OverflowError:
+        raise InvalidBooking(
+            f"start_at {start_at.isoformat()} is so late that the session would end after the "
+            f"last representable time; choose an earlier start"
+        ) from None
