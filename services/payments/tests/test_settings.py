@@ -14,6 +14,17 @@ NAMES = (
     "KONNECT_API_KEY",
     "KONNECT_WALLET_ID",
     "KONNECT_PAYMENT_LIFESPAN_MINUTES",
+    "PUBLIC_BASE_URL",
+    "KONNECT_TIMEOUT_SECONDS",
+    "KONNECT_MAX_ATTEMPTS",
+    "KONNECT_RETRY_BASE_SECONDS",
+    "KONNECT_SUCCESS_URL",
+    "KONNECT_FAIL_URL",
+    "RECONCILIATION_INTERVAL_SECONDS",
+    "RECONCILIATION_GRACE_SECONDS",
+    "INITIATION_LEASE_SECONDS",
+    "ESCROW_RELEASE_DELAY_MINUTES",
+    "ESCROW_RELEASE_INTERVAL_SECONDS",
 )
 
 
@@ -35,6 +46,22 @@ class TestDefaults:
     def test_the_fee_rate_is_an_exact_decimal(self) -> None:
         assert PaymentsSettings().platform_fee_rate == Decimal("0.15")
 
+    def test_reconciliation_and_escrow_defaults(self) -> None:
+        settings = PaymentsSettings()
+        assert settings.konnect_max_attempts == 4
+        assert settings.reconciliation_interval_seconds == 30
+        assert settings.reconciliation_grace_seconds == 120
+        assert settings.escrow_release_delay_minutes == 1440
+
+    def test_konnect_urls_default_under_the_public_base_url(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("PUBLIC_BASE_URL", "https://book.example/")
+        settings = PaymentsSettings()
+        assert settings.konnect_webhook_url == "https://book.example/api/payments/webhook"
+        assert settings.konnect_success_url.startswith("https://book.example/")
+        assert settings.konnect_fail_url.startswith("https://book.example/")
+
 
 class TestEnvironment:
     def test_every_design_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,6 +80,30 @@ class TestEnvironment:
         assert settings.konnect_api_key.get_secret_value() == "real-id:real-secret"
         assert settings.konnect_wallet_id == "5f7a209aeb3f76490ac4a3d1"
         assert settings.konnect_payment_lifespan_minutes == 45
+
+    def test_every_setting_of_konnect_calls_and_the_sweeper_is_read(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        values = {
+            "KONNECT_TIMEOUT_SECONDS": "3.5",
+            "KONNECT_MAX_ATTEMPTS": "6",
+            "KONNECT_RETRY_BASE_SECONDS": "0.25",
+            "KONNECT_SUCCESS_URL": "https://book.example/paid",
+            "KONNECT_FAIL_URL": "https://book.example/unpaid",
+            "RECONCILIATION_INTERVAL_SECONDS": "15",
+            "RECONCILIATION_GRACE_SECONDS": "60",
+            "INITIATION_LEASE_SECONDS": "90",
+            "ESCROW_RELEASE_DELAY_MINUTES": "60",
+            "ESCROW_RELEASE_INTERVAL_SECONDS": "5",
+        }
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+        settings = PaymentsSettings()
+
+        for name, value in values.items():
+            read = getattr(settings, name.lower())
+            assert str(read) == value or read == float(value), name
 
     def test_the_api_key_never_shows_in_repr(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("KONNECT_API_KEY", "real-id:real-secret")

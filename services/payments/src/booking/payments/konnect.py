@@ -236,8 +236,11 @@ class KonnectClient:
             body["phoneNumber"] = request.phone
         answer = await self._call("init-payment", "POST", "/payments/init-payment", json=body)
         ref, pay_url = answer.get("paymentRef"), answer.get("payUrl")
-        if not isinstance(ref, str) or not ref or not isinstance(pay_url, str) or not pay_url:
-            raise KonnectError(200, [{"message": "no paymentRef or payUrl"}], what="init-payment")
+        if not isinstance(ref, str) or not ref:
+            raise KonnectError(200, [{"message": "no paymentRef"}], what="init-payment")
+        if not isinstance(pay_url, str) or not pay_url.startswith(("https://", "http://")):
+            # Refused here, not later: a link no payer can open must not be retried forever.
+            raise KonnectError(200, [{"message": f"payUrl is no link: {pay_url!r}"}], what="init")
         return InitiatedPayment(payment_ref=ref, pay_url=pay_url)
 
     async def get_payment(self, payment_ref: str) -> dict[str, Any]:

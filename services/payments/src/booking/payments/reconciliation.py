@@ -143,11 +143,11 @@ class Sweeper:
         async with self.db.transaction() as session:
             return list((await session.execute(claim)).all())
 
-    async def _check(self, row: Row[Any], now: datetime) -> None:
+    async def _check(self, row: Row[Any], now: datetime, limit: asyncio.Semaphore) -> None:
         try:
-            verdict = KonnectVerdict.read(
-                await self.service.konnect.get_payment(row.payment_ref), now
-            )
+            async with limit:
+                konnect_payment = await self.service.konnect.get_payment(row.payment_ref)
+            verdict = KonnectVerdict.read(konnect_payment, now)
         except PaymentNotFound:
             # No money can come through a payment Konnect does not know; only our expiry ends it.
             log.error("Konnect does not know pending payment %s", row.payment_ref)

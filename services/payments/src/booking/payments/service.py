@@ -411,11 +411,12 @@ class PaymentService:
         # Ended payments are asked too: money that arrives after the end is never dropped.
         try:
             konnect_payment = await self.konnect.get_payment(payment_ref)
-            verdict = KonnectVerdict.read(konnect_payment, now or utcnow())
+            now = now or utcnow()
+            verdict = KonnectVerdict.read(konnect_payment, now)
         except (KonnectError, KonnectUnavailable, MalformedKonnectPayment) as error:
             log.warning("webhook for %s: Konnect could not be asked: %s", payment_ref, error)
             raise KonnectCannotBeAsked(str(error)) from error
-        status = await self.apply_verdict(found.id, verdict, now or utcnow())
+        status = await self.apply_verdict(found.id, verdict, now)
         return WebhookAnswer(payment_ref, status.value)
 
     async def _unknown_ref(self, payment_ref: str) -> None:

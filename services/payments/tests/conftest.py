@@ -1,0 +1,374 @@
+"""The payments service on the real servers, against the Konnect sandbox over real HTTP.
+
+The schema is migrated once per session; each test that runs the service starts from empty
+payments tables (the sweeper works on every row, so one test's leftovers would be another's
+work) and gets its own exchange and queues. One sandbox serves the session; each test clears
+its fault switches first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from booking.contracts import BookingRequested, MenteeContact, Offering, wrap
+from booking.payments.app import create_app
+from booking.payments.reconciliation import Sweeper
+from booking.payments.service import PaymentService
+from booking.payments.settings import PaymentsSettings
+from booking.payments.tables import SCHEMA
+from booking.runtime.broker import OutgoingMessage
+from booking.runtime.migrations import upgrade
+from booking.runtime.testing import Spy, eventually, free_port
+from booking.sandbox.konnect import create_app as create_sandbox
+from booking.sandbox.settings import SandboxSettings
+
+SANDBOX_HANG_SECONDS = 3.0  # a "timeout" fault: longer than the clients' timeouts here
+
+
+@contextlib.asynccontextmanager
+async def serving_on(app: FastAPI, port: int) -> AsyncIterator[str]:
+    """Serve `app` on `port` (its URL must be known before it starts: Konnect calls it)."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+# -- the database ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def migrated(database_url: str) -> str:
+    settings = PaymentsSettings(database_url=database_url)
+    await asyncio.to_thread(upgrade, settings, "booking.payments", SCHEMA)
+    return database_url
+
+
+@pytest.fixture
+async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to look at (and stage) rows with."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def status_changes(db: asyncpg.Connection) -> AsyncIterator[Callable[[], Awaitable[list]]]:
+    """Every status change of a payment or an escrow hold from now on, logged by a trigger:
+    `await status_changes()` -> [(table, order_id, new status), ...] in commit order."""
+    await db.execute(
+        f"""
+        CREATE TABLE {SCHEMA}.test_status_changes (
+            seq bigserial, tbl text, order_id uuid, status text);
+        CREATE FUNCTION {SCHEMA}.test_log_status() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {SCHEMA}.test_status_changes (tbl, order_id, status)
+            VALUES (TG_TABLE_NAME, NEW.order_id, NEW.status);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER test_status_changes AFTER UPDATE ON {SCHEMA}.payments FOR EACH ROW
+            WHEN (OLD.status IS DISTINCT FROM NEW.status)
+            EXECUTE FUNCTION {SCHEMA}.test_log_status();
+        CREATE TRIGGER test_status_changes AFTER UPDATE ON {SCHEMA}.escrow_holds FOR EACH ROW
+            WHEN (OLD.status IS DISTINCT FROM NEW.status)
+            EXECUTE FUNCTION {SCHEMA}.test_log_status();
+        """
+    )
+
+    async def changes() -> list[tuple[str, uuid.UUID, str]]:
+        rows = await db.fetch(f"SELECT * FROM {SCHEMA}.test_status_changes ORDER BY seq")
+        return [(r["tbl"], r["order_id"], r["status"]) for r in rows]
+
+    try:
+        yield changes
+    finally:
+        await db.execute(
+            f"""
+            DROP TRIGGER test_status_changes ON {SCHEMA}.payments;
+            DROP TRIGGER test_status_changes ON {SCHEMA}.escrow_holds;
+            DROP FUNCTION {SCHEMA}.test_log_status();
+            DROP TABLE {SCHEMA}.test_status_changes;
+            """
+        )
+
+
+async def empty_tables(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        f"TRUNCATE {SCHEMA}.escrow_holds, {SCHEMA}.payments, {SCHEMA}.outbox, {SCHEMA}.inbox"
+    )
+
+
+# -- the Konnect sandbox -----------------------------------------------------------------------
+
+
+@dataclass
+class Sandbox:
+    url: str
+    http: httpx.AsyncClient
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api/v2"
+
+    async def _control(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, f"/_sandbox{path}", **kwargs)
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    async def complete(self, ref: str, *, amount: int | None = None, webhook: str = "once"):
+        body: dict[str, Any] = {"webhook": webhook, "delay_seconds": 0}
+        if amount is not None:
+            body["amount"] = amount
+        return await self._control("POST", f"/payments/{ref}/complete", json=body)
+
+    async def fail(self, ref: str, *, webhook: str = "once") -> Any:
+        return await self._control(
+            "POST", f"/payments/{ref}/fail", json={"webhook": webhook, "delay_seconds": 0}
+        )
+
+    async def expire(self, ref: str) -> Any:
+        return await self._control("POST", f"/payments/{ref}/expire")
+
+    async def payments(self, order_id: uuid.UUID) -> list[dict[str, Any]]:
+        answer = await self._control("GET", "/payments", params={"order_id": str(order_id)})
+        return answer["payments"]
+
+    async def fault(self, kind: str, count: int = 1, endpoint: str = "any") -> None:
+        await self._control(
+            "POST", "/faults", json={"kind": kind, "count": count, "endpoint": endpoint}
+        )
+
+    async def faults(self) -> list[dict[str, Any]]:
+        return (await self._control("GET", "/faults"))["faults"]
+
+    async def clear_faults(self) -> None:
+        await self._control("DELETE", "/faults")
+
+    async def forge_webhook(self, url: str, ref: str) -> dict[str, Any]:
+        return await self._control("POST", "/webhooks/send", json={"url": url, "payment_ref": ref})
+
+
+@pytest.fixture(scope="session")
+async def sandbox_server() -> AsyncIterator[Sandbox]:
+    settings = SandboxSettings(konnect_timeout_fault_seconds=SANDBOX_HANG_SECONDS)
+    async with (
+        serving_on(create_sandbox(settings), free_port()) as url,
+        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
+    ):
+        yield Sandbox(url, http)
+
+
+@pytest.fixture
+async def sandbox(sandbox_server: Sandbox) -> Sandbox:
+    await sandbox_server.clear_faults()
+    return sandbox_server
+
+
+# -- the payments service ----------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """One running payments service, its spy on the events exchange, and ways to drive it."""
+
+    app: FastAPI
+    url: str
+    settings: PaymentsSettings
+    spy: Spy
+    http: httpx.AsyncClient
+
+    @property
+    def service(self) -> PaymentService:
+        return self.app.state.payments
+
+    @property
+    def sweeper(self) -> Sweeper:
+        return self.app.state.sweeper
+
+    async def request_booking(
+        self,
+        event: BookingRequested | None = None,
+        *,
+        message_id: uuid.UUID | None = None,
+        **fields: Any,
+    ) -> BookingRequested:
+        """Publish BookingRequested on the service's exchange, as orders would."""
+        event = event or booking_requested(**fields)
+        envelope = wrap(
+            event, message_id=message_id or uuid.uuid4(), correlation_id=str(uuid.uuid4())
+        )
+        await self.app.state.runtime.broker.publish(
+            OutgoingMessage(
+                body=envelope.model_dump_json().encode(),
+                exchange=self.settings.events_exchange,
+                routing_key=envelope.routing_key,
+                message_id=str(envelope.message_id),
+                correlation_id=envelope.correlation_id,
+                type=envelope.type,
+            )
+        )
+        return event
+
+    def published(self, event_type: str, order_id: uuid.UUID | None = None) -> list[dict]:
+        """Payloads of `event_type` seen on the exchange (about `order_id`, if given)."""
+        payloads = [json.loads(m.body)["payload"] for m in self.spy.of_type(event_type)]
+        if order_id is None:
+            return payloads
+        return [p for p in payloads if p.get("order_id") == str(order_id)]
+
+    async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
+        """Wait for the event, then make sure it came once."""
+        await eventually(
+            lambda: self.published(event_type, order_id), what=f"{event_type} for {order_id}"
+        )
+        await self.spy.settle()
+        found = self.published(event_type, order_id)
+        assert len(found) == 1, found
+        return found[0]
+
+    async def initiated(self, order_id: uuid.UUID) -> dict:
+        return await self.one("PaymentInitiated", order_id)
+
+    async def webhook(self, ref: str | None) -> httpx.Response:
+        params = {} if ref is None else {"payment_ref": ref}
+        return await self.http.get("/api/payments/webhook", params=params)
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.url}/api/payments/webhook"
+
+
+def booking_requested(
+    *,
+    amount: int = 120_000,
+    currency: str = "TND",
+    end_at: datetime | None = None,
+    title: str = "Career chat",
+) -> BookingRequested:
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+    return BookingRequested(
+        order_id=uuid.uuid4(),
+        session_id=uuid.uuid4(),
+        mentor_id=uuid.uuid4(),
+        offering=Offering(offering_id=uuid.uuid4(), title=title, duration_minutes=60),
+        amount=amount,
+        currency=currency,
+        mentee=MenteeContact(
+            first_name="Amira",
+            last_name="Ben Salah",
+            email="amira@example.com",
+            phone="+216 20 123 456",
+        ),
+        start_at=start,
+        end_at=end_at or start + timedelta(hours=1),
+    )
+
+
+async def delete_broker_objects(app: FastAPI, settings: PaymentsSettings, url: str) -> None:
+    """Durable queues and exchanges outlive the test: remove the ones it declared."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        consumer = app.state.runtime.consumer
+        queues = consumer.queues
+        names = [queues.main, queues.dead_letter]
+        names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
+        for name in names:
+            await channel.queue_delete(name)
+        await channel.exchange_delete(settings.events_exchange)
+        await channel.exchange_delete(settings.admin_alerts_exchange)
+
+
+def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **overrides: Any):
+    port = free_port()
+    values: dict[str, Any] = {
+        "konnect_api_url": sandbox.api_url,
+        "public_base_url": f"http://127.0.0.1:{port}",
+        "platform_fee_rate": Decimal("0.15"),
+        "konnect_timeout_seconds": 2.0,
+        "konnect_max_attempts": 3,
+        "konnect_retry_base_seconds": 0.01,
+        # The background loops stay asleep: tests sweep with run_once(now).
+        "reconciliation_interval_seconds": 3600,
+        "escrow_release_interval_seconds": 3600,
+        "reconciliation_grace_seconds": 0,
+        "initiation_grace_seconds": 0,
+    }
+    values.update(overrides)
+    return port, make_settings(PaymentsSettings, **values)
+
+
+@pytest.fixture
+async def start_payments(
+    make_settings: Callable[..., Any],
+    sandbox: Sandbox,
+    spy_on: Callable[..., Awaitable[Spy]],
+    db: asyncpg.Connection,
+    rabbitmq_url: str,
+) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    """`await start_payments(**settings)`: a running service on empty tables."""
+    await empty_tables(db)
+    stack = contextlib.AsyncExitStack()
+    started: list[Running] = []
+
+    async def start(**overrides: Any) -> Running:
+        port, settings = service_settings(make_settings, sandbox, **overrides)
+        spy = await spy_on(settings)
+        app = create_app(settings)
+        url = await stack.enter_async_context(serving_on(app, port))
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
+        )
+        await app.state.runtime.broker.wait_ready(15)
+        running = Running(app, url, settings, spy, http)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        await stack.aclose()
+        for running in started:
+            await delete_broker_objects(running.app, running.settings, rabbitmq_url)
+
+
+@pytest.fixture
+async def payments_service(start_payments: Callable[..., Awaitable[Running]]) -> Running:
+    return await start_payments()
+
+
+async def booked(running: Running, **fields: Any) -> tuple[BookingRequested, str]:
+    """A booking whose payment is open at Konnect: the event and the payment ref."""
+    event = await running.request_booking(**fields)
+    initiated = await running.initiated(event.order_id)
+    return event, initiated["payment_ref"]
+
+
+@pytest.fixture
+def book() -> Callable[..., Awaitable[tuple[BookingRequested, str]]]:
+    return booked
