@@ -163,6 +163,28 @@ class TestPaymentCompleted:
         [issue] = orders.events("SessionIssueDetected", order_id=booked.order_id)
         assert issue["kind"] == "payment_for_cancelled_order"
 
+    async def test_a_second_payment_for_a_paid_order_is_reported_not_applied(self, orders) -> None:
+        booked = await orders.booked()
+        await orders.quiet(await orders.publish(booked.completed(REF)))
+        other_ref = "0123456789abcdef01234567"
+        await orders.quiet(await orders.publish(booked.completed(other_ref)))
+
+        [issue] = orders.events("SessionIssueDetected", order_id=booked.order_id)
+        assert issue["kind"] == "payment_for_paid_order"
+        assert other_ref in issue["detail"]
+        assert len(orders.events("OrderPaid", order_id=booked.order_id)) == 1
+        assert_nothing_dead_lettered(orders)
+
+    async def test_money_in_another_currency_is_reported_not_applied(self, orders) -> None:
+        booked = await orders.booked()
+        in_euros = booked.completed(REF).model_copy(update={"currency": "EUR"})
+        await orders.quiet(await orders.publish(in_euros))
+
+        assert await orders.order_status(booked.order_id) == ("pending", "pending_payment")
+        [issue] = orders.events("SessionIssueDetected", order_id=booked.order_id)
+        assert issue["kind"] == "currency_mismatch"
+        assert_nothing_dead_lettered(orders)
+
 
 class TestPaymentEndsWithoutMoney:
     async def test_a_failed_payment_fails_the_order_and_frees_the_slot(self, orders) -> None:

@@ -76,6 +76,8 @@ class SessionIssueKind(StrEnum):
 
     PAYMENT_FOR_UNKNOWN_ORDER = "payment_for_unknown_order"
     PAYMENT_FOR_CANCELLED_ORDER = "payment_for_cancelled_order"
+    PAYMENT_FOR_PAID_ORDER = "payment_for_paid_order"
+    CURRENCY_MISMATCH = "currency_mismatch"
     UNDERPAYMENT = "underpayment"
 
 

@@ -19,7 +19,10 @@ from pydantic import StringConstraints as Text
 
 from booking.contracts.events import Currency
 
-Name = Annotated[str, Text(strip_whitespace=True, min_length=1, max_length=200)]
+# No NUL characters: Postgres cannot store them, so they are the caller's error (422), not a 500.
+Name = Annotated[
+    str, Text(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*$")
+]
 TimeZone = Annotated[str, Text(pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")]
 Phone = Annotated[str, Text(pattern=r"^\+?[0-9][0-9 ().\-]{4,24}$")]
 
@@ -35,12 +38,20 @@ NotificationType = Literal[
 Severity = Literal["Info", "Warning", "Error", "Critical"]
 
 
+MAX_MINOR_UNITS = 2**63 - 1
+"""The most money a column can hold (Postgres BIGINT): a larger amount is refused, not stored."""
+
+
 class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class Money(RequestBody):
-    amount: StrictInt = Field(ge=0, description="in the currency's minor unit (millimes for TND)")
+    amount: StrictInt = Field(
+        ge=0,
+        le=MAX_MINOR_UNITS,
+        description="in the currency's minor unit (millimes for TND)",
+    )
     currency: Currency = Field(description="ISO 4217 code in upper case", examples=["TND"])
 
 

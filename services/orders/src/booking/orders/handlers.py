@@ -154,12 +154,20 @@ async def apply_payment(event: PaymentCompleted, ctx: MessageContext) -> None:
         return
     try:
         underpayment = order.set_amount_paid(event.amount_paid, event.currency, _now())
-    except (IllegalTransition, CurrencyMismatch, InvalidMoney) as exc:
-        # Payments checks the amount and currency against the order and raises its own anomaly;
-        # a second payment for a paid order is payments' to refuse. Here: say so, loudly.
-        log.error(
-            "PaymentCompleted %s not applied to order %s: %s", event.payment_ref, order.id, exc
+    except (IllegalTransition, CurrencyMismatch) as exc:
+        # Money that cannot be applied is never dropped silently: the admins hear of it.
+        kind = (
+            SessionIssueKind.CURRENCY_MISMATCH
+            if isinstance(exc, CurrencyMismatch)
+            else SessionIssueKind.PAYMENT_FOR_PAID_ORDER
         )
+        await _raise_issue(
+            ctx, event, booked_row.id, kind, f"payment {event.payment_ref} not applied: {exc}"
+        )
+        return
+    except InvalidMoney as exc:
+        # A total below the one recorded: an older report of the same payment arriving late.
+        log.warning("stale PaymentCompleted %s for order %s: %s", event.payment_ref, order.id, exc)
         return
     row.record(order)
     row.payment_ref = event.payment_ref
