@@ -22,7 +22,6 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from booking.contracts import BookingRequested, MenteeContact, Offering, wrap
@@ -33,29 +32,11 @@ from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import SCHEMA
 from booking.runtime.broker import OutgoingMessage
 from booking.runtime.migrations import upgrade
-from booking.runtime.testing import Spy, eventually, free_port
+from booking.runtime.testing import Spy, eventually, free_port, serving
 from booking.sandbox.konnect import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings
 
 SANDBOX_HANG_SECONDS = 3.0  # a "timeout" fault: longer than the clients' timeouts here
-
-
-@contextlib.asynccontextmanager
-async def serving_on(app: FastAPI, port: int) -> AsyncIterator[str]:
-    """Serve `app` on `port` (its URL must be known before it starts: Konnect calls it)."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
 
 
 # -- the database ------------------------------------------------------------------------------
@@ -178,7 +159,7 @@ class Sandbox:
 async def sandbox_server() -> AsyncIterator[Sandbox]:
     settings = SandboxSettings(konnect_timeout_fault_seconds=SANDBOX_HANG_SECONDS)
     async with (
-        serving_on(create_sandbox(settings), free_port()) as url,
+        serving(create_sandbox(settings)) as url,
         httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
     ):
         yield Sandbox(url, http)
@@ -340,7 +321,7 @@ async def start_payments(
         port, settings = service_settings(make_settings, sandbox, **overrides)
         spy = await spy_on(settings)
         app = create_app(settings)
-        url = await stack.enter_async_context(serving_on(app, port))
+        url = await stack.enter_async_context(serving(app, port))
         http = await stack.enter_async_context(
             httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
         )

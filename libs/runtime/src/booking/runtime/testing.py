@@ -206,9 +206,13 @@ def url_via(url: str, proxy: TcpProxy) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """Serve `app` (lifespan included) over real HTTP on a free loopback port; yields its URL."""
-    port = free_port()
+async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
+    """Serve `app` (lifespan included) over real HTTP on a loopback port; yields its URL.
+
+    `port` defaults to a free one; give it when the URL must be known before the app starts
+    (an app that calls the other one back).
+    """
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
     )
