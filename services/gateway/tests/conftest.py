@@ -116,6 +116,7 @@ def valid_answer(method: str, path: str) -> Response:
         ),
         ("GET", "/api/calendar/oauth/callback", lambda: JSONResponse(connection)),
         ("GET", f"/api/mentors/{uuid_}/calendar", lambda: JSONResponse(connection)),
+        ("DELETE", f"/api/mentors/{uuid_}/calendar", lambda: Response(status_code=204)),
         (
             "GET",
             "/api/admin/notifications",

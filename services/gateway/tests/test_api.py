@@ -88,6 +88,13 @@ ROUTES = [
     ),
     Route("GET", "/api/calendar/oauth/callback?code=c&state=s", Service.CALENDAR, ANYONE),
     Route("GET", f"/api/mentors/{MENTOR_ID}/calendar", Service.CALENDAR, OWNER_OR_ADMIN),
+    Route(
+        "DELETE",
+        f"/api/mentors/{MENTOR_ID}/calendar",
+        Service.CALENDAR,
+        OWNER_OR_ADMIN,
+        status=204,
+    ),
     Route("GET", "/api/admin/notifications?unreadOnly=true", Service.NOTIFICATIONS, ADMIN),
     Route("POST", "/api/admin/notifications/7/read", Service.NOTIFICATIONS, ADMIN),
     Route("POST", "/api/admin/notifications/read-all", Service.NOTIFICATIONS, ADMIN),

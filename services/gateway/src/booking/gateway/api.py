@@ -265,6 +265,21 @@ async def calendar_connection(
     return await up.forward(request, Service.CALENDAR)
 
 
+@calendar.delete(
+    "/api/mentors/{mentor_id}/calendar",
+    status_code=204,
+    response_class=Response,
+    response_model=None,
+    responses=_problems(*SIGNED_IN, 404),
+    dependencies=[Depends(mentor_himself_or_admin)],
+    summary="Disconnect a mentor's calendar (its tokens are forgotten)",
+)
+async def disconnect_calendar(
+    request: Request, mentor_id: UUID = MentorId, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.CALENDAR)
+
+
 # --- notifications: the admins' feed -----------------------------------------------------------
 
 notifications = APIRouter(
