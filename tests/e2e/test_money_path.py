@@ -36,8 +36,6 @@ def system_overrides() -> dict[str, str]:
         "RECONCILIATION_INTERVAL_SECONDS": "0.5",
         "KONNECT_MAX_ATTEMPTS": "3",
         "KONNECT_RETRY_BASE_SECONDS": "0.05",
-        # Every webhook here comes from one address; the per-IP limit is not under test.
-        "RATE_LIMIT_PER_MINUTE": "100000",
     }
 
 

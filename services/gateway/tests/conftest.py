@@ -259,7 +259,9 @@ def start_system(gateway_settings: Callable[..., GatewaySettings]) -> Callable[.
 def system_in_thread(gateway_settings: Callable[..., GatewaySettings]) -> Iterator[str]:
     """The system served from a thread with its own event loop, for synchronous clients
     (schemathesis); yields the gateway's URL."""
-    settings = gateway_settings(rate_limit_per_minute=100_000)
+    settings = gateway_settings(
+        rate_limit_per_minute=100_000, webhook_rate_limit_per_minute=100_000
+    )
     started: Future[str] = Future()
     stop = threading.Event()
 

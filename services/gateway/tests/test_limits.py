@@ -56,7 +56,7 @@ class TestBodySize:
 
 class TestRateLimit:
     async def test_a_flood_of_webhooks_is_turned_away_with_429(self, start_system: Any) -> None:
-        async with start_system(rate_limit_per_minute=5) as system:
+        async with start_system(webhook_rate_limit_per_minute=5) as system:
             responses = await asyncio.gather(
                 *(system.client.get("/api/payments/webhook?payment_ref=p") for _ in range(40))
             )
@@ -68,6 +68,22 @@ class TestRateLimit:
         refused = next(r for r in responses if r.status_code == 429)
         assert refused.headers["content-type"] == "application/problem+json"
         assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+    async def test_the_webhook_and_the_oauth_callback_are_limited_apart(
+        self, start_system: Any
+    ) -> None:
+        limits = {"rate_limit_per_minute": 2, "webhook_rate_limit_per_minute": 50}
+        async with start_system(**limits) as system:
+            webhooks = [
+                (await system.client.get("/api/payments/webhook?payment_ref=p")).status_code
+                for _ in range(10)
+            ]
+            callbacks = [
+                (await system.client.get("/api/calendar/oauth/callback?code=c&state=s")).status_code
+                for _ in range(3)
+            ]
+        assert webhooks == [200] * 10  # Konnect's notifications are not held to the browsers' limit
+        assert callbacks == [200, 200, 429]
 
     async def test_routes_with_a_token_are_not_limited(self, start_system: Any) -> None:
         async with start_system(rate_limit_per_minute=2) as system:

@@ -30,7 +30,7 @@ from booking.contracts.http import (
     Problem,
     WebhookResult,
 )
-from booking.gateway.limits import rate_limited
+from booking.gateway.limits import Limit, rate_limited
 from booking.gateway.upstreams import Service, Upstreams
 from booking.runtime.auth import Identity, Role, authenticated, require_roles
 
@@ -197,7 +197,7 @@ payments = APIRouter(tags=["payments"])
     "/api/payments/webhook",
     response_model=WebhookResult,
     responses=_problems(*PUBLIC, 404),
-    dependencies=[Depends(rate_limited)],
+    dependencies=[Depends(rate_limited(Limit.WEBHOOK))],
     summary="Konnect's payment notification (unsigned: payments asks Konnect itself)",
 )
 async def konnect_webhook(
@@ -240,7 +240,7 @@ async def connect_calendar(
     "/api/calendar/oauth/callback",
     response_model=CalendarConnection,
     responses=_problems(*PUBLIC),
-    dependencies=[Depends(rate_limited)],
+    dependencies=[Depends(rate_limited(Limit.PUBLIC))],
     summary="Where Google sends the browser back (the signed state says who)",
 )
 async def finish_calendar_connection(

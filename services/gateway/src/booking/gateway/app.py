@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 
 from booking.gateway.api import routers
-from booking.gateway.limits import BodyLimitMiddleware, RateLimiter
+from booking.gateway.limits import BodyLimitMiddleware, rate_limiters
 from booking.gateway.monitor import HealthMonitor, SystemHealth
 from booking.gateway.settings import GatewaySettings
 from booking.gateway.upstreams import Upstreams, service_urls
@@ -50,5 +50,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # Inside the correlation middleware, so a 413 still carries the correlation id.
         middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
     )
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.rate_limiters = rate_limiters(settings)
     return app

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from booking.gateway.settings import GatewaySettings
 from booking.runtime.problems import problem
 
 DRAIN_FACTOR = 16
@@ -121,16 +123,34 @@ class RateLimiter:
         return max(1, math.ceil((window + 1) * 60 - now))
 
 
-def rate_limited(request: Request) -> None:
-    """Dependency for unauthenticated routes: 429 with Retry-After past the client's limit."""
-    limiter: RateLimiter = request.app.state.rate_limiter
-    # The peer address; behind a proxy, uvicorn's --forwarded-allow-ips makes it the client's.
-    client = request.client.host if request.client else "unknown"
-    wait = limiter.retry_after(client)
-    if wait is not None:
-        raise HTTPException(
-            429,
-            f"too many requests from {client}; at most {limiter.per_minute} a minute. "
-            f"Retry after {wait}s",
-            headers={"Retry-After": str(wait)},
-        )
+class Limit(StrEnum):
+    """The unauthenticated routes' limits, each counted on its own."""
+
+    WEBHOOK = "webhook"  # Konnect: a few addresses sending every payment's notification
+    PUBLIC = "public"  # browsers: the OAuth callback
+
+
+def rate_limiters(settings: GatewaySettings) -> dict[Limit, RateLimiter]:
+    return {
+        Limit.WEBHOOK: RateLimiter(settings.webhook_rate_limit_per_minute),
+        Limit.PUBLIC: RateLimiter(settings.rate_limit_per_minute),
+    }
+
+
+def rate_limited(limit: Limit) -> Callable[[Request], None]:
+    """Dependency for an unauthenticated route: 429 with Retry-After past the client's limit."""
+
+    def dependency(request: Request) -> None:
+        limiter: RateLimiter = request.app.state.rate_limiters[limit]
+        # The peer address; behind a proxy, uvicorn's --forwarded-allow-ips makes it the client's.
+        client = request.client.host if request.client else "unknown"
+        wait = limiter.retry_after(client)
+        if wait is not None:
+            raise HTTPException(
+                429,
+                f"too many requests from {client}; at most {limiter.per_minute} a minute. "
+                f"Retry after {wait}s",
+                headers={"Retry-After": str(wait)},
+            )
+
+    return dependency

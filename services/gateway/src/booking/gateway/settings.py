@@ -22,7 +22,10 @@ class GatewaySettings(RuntimeSettings):
 
     # Limits on what callers may send.
     max_body_bytes: int = Field(default=64 * 1024, ge=1)
-    rate_limit_per_minute: int = Field(default=120, ge=1)  # per client IP, unauthenticated routes
+    # Per client IP and replica on the unauthenticated routes: the OAuth callback, and apart from
+    # it Konnect's webhook, which comes from a few addresses for every payment.
+    rate_limit_per_minute: int = Field(default=120, ge=1)
+    webhook_rate_limit_per_minute: int = Field(default=6000, ge=1)
 
     # System health: the aggregated /health, and the monitor that alerts the admins.
     health_upstream_timeout_seconds: float = Field(default=3.0, gt=0)
