@@ -1,5 +1,5 @@
-"""The sandbox providers answer their health probes; Konnect's API speaks Konnect's errors form,
-the Google placeholder problem+json."""
+"""The sandbox providers answer their health probes; each API speaks its provider's errors form,
+the sandboxes' own paths problem+json."""
 
 import httpx
 import pytest
@@ -35,7 +35,7 @@ class TestHealth:
         assert response.json()["status"] == "pass"
 
 
-class TestPlaceholders:
+class TestUnknownPaths:
     async def test_konnect_unknown_api_paths_are_a_404_in_konnect_errors_form(self):
         key = {"x-api-key": "sandbox-api-key-id:sandbox-api-key-secret"}
         async with client(konnect.create_app()) as http:
@@ -44,8 +44,15 @@ class TestPlaceholders:
         assert response.headers["content-type"] == "application/json"
         assert "payments/refund" in response.json()["errors"][0]["message"]
 
-    async def test_google_paths_are_a_problem_404_until_built(self):
+    async def test_google_unknown_calendar_paths_are_a_404_in_googles_error_shape(self):
         async with client(google.create_app()) as http:
-            response = await http.post("/token", data={"grant_type": "refresh_token"})
+            response = await http.get("/calendar/v3/users/me/calendarList")
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["errors"][0]["reason"] == "notFound"
+
+    async def test_google_paths_outside_its_apis_are_a_problem_404(self):
+        async with client(google.create_app()) as http:
+            response = await http.get("/oauth2/v4/token")
         assert response.status_code == 404
         assert response.headers["content-type"] == "application/problem+json"

@@ -16,7 +16,7 @@ AppFactory = Callable[[SandboxSettings], FastAPI]
 # provider -> (its app, built from the settings; its port)
 PROVIDERS: dict[str, tuple[AppFactory, Callable[[SandboxSettings], int]]] = {
     "konnect": (konnect.create_app, lambda s: s.konnect_port),
-    "google": (lambda _settings: google.create_app(), lambda s: s.google_port),
+    "google": (google.create_app, lambda s: s.google_port),
 }
 
 

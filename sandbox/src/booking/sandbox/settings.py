@@ -1,4 +1,4 @@
-"""The sandbox providers' settings: where they listen (DESIGN 8) and how the Konnect one behaves."""
+"""The sandbox providers' settings: where they listen (DESIGN 8) and how each one behaves."""
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,9 +33,32 @@ class SandboxSettings(BaseSettings):
         default=10.0, gt=0, validation_alias="SANDBOX_KONNECT_WEBHOOK_TIMEOUT_SECONDS"
     )
 
+    # The OAuth client the calendar service uses by default (GOOGLE_CLIENT_ID / _SECRET), so a
+    # local run needs no configuration. The sandbox knows this one client only.
+    google_client_id: str = Field(
+        default="sandbox-client-id", validation_alias="SANDBOX_GOOGLE_CLIENT_ID"
+    )
+    google_client_secret: SecretStr = Field(
+        default=SecretStr("sandbox-client-secret"), validation_alias="SANDBOX_GOOGLE_CLIENT_SECRET"
+    )
+    # Where a browser reaches the sandbox (htmlLink points here); by default the sandbox itself.
+    google_public_url: str = Field(default="", validation_alias="SANDBOX_GOOGLE_PUBLIC_URL")
+    # Google's access tokens live about an hour: 3599 s is what its token endpoint answers.
+    google_access_token_seconds: int = Field(
+        default=3599, ge=1, validation_alias="SANDBOX_GOOGLE_ACCESS_TOKEN_SECONDS"
+    )
+    # How many reads of a new event (its insert's answer included) still show its Meet data
+    # `pending`: Google may attach the Meet link after answering, and clients must read again.
+    google_meet_pending_reads: int = Field(
+        default=0, ge=0, validation_alias="SANDBOX_GOOGLE_MEET_PENDING_READS"
+    )
+
     @model_validator(mode="after")
-    def _default_public_url(self) -> "SandboxSettings":
+    def _default_public_urls(self) -> "SandboxSettings":
         if not self.konnect_public_url:
             self.konnect_public_url = f"http://127.0.0.1:{self.konnect_port}"
         self.konnect_public_url = self.konnect_public_url.rstrip("/")
+        if not self.google_public_url:
+            self.google_public_url = f"http://127.0.0.1:{self.google_port}"
+        self.google_public_url = self.google_public_url.rstrip("/")
         return self
