@@ -296,7 +296,13 @@ class _Filters:
         self,
         unread_only: bool | None = Query(None, alias="unreadOnly"),
         severity: str | None = Query(
-            None, max_length=20, description="a name (Error) or its number (0..3)"
+            None, max_length=20, description="exactly this severity: a name (Error) or 0..3"
+        ),
+        min_severity: str | None = Query(
+            None,
+            alias="minSeverity",
+            max_length=20,
+            description="this severity or a graver one: a name (Error) or 0..3",
         ),
         type: str | None = Query(
             None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
