@@ -1,6 +1,7 @@
 """Local stand-ins for the outside systems (Konnect, Google) for runs and tests.
 
-`konnect` speaks Konnect's payment API v2 as /work/shared/reference/providers.md describes it,
-with a pay page and a control API (/_sandbox) that stages payments, webhooks and faults. `google`
-is still a placeholder that answers its health probes and a problem+json 404 for the rest.
+Each speaks its provider's wire format as /work/shared/reference/providers.md describes it, so a
+client tested against it works against the real thing: `konnect` is Konnect's payment API v2 with
+a pay page; `google` is Google's OAuth consent and token endpoints and Calendar API v3. Both have
+a control API under /_sandbox that stages outcomes (payments, webhooks, revoked tokens) and faults.
 """
