@@ -1,13 +1,85 @@
-"""Composition root of the calendar service: settings, runtime, handlers and routes."""
+"""Composition root of the calendar service: settings, runtime, Google, handlers, routes, sweeper.
+
+Nothing is created at import time; `create_app` builds it all and the lifespan opens the Google
+client and starts the sweeper (one per replica), after the runtime has started.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from uuid import UUID
 
 from fastapi import FastAPI
 
+from booking.calendar.api import calendar_router
+from booking.calendar.google import GoogleClient, check_configured, check_reachable
+from booking.calendar.handlers import register_mentor, schedule_session
+from booking.calendar.reconciliation import Sweeper
+from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import messaging
+from booking.calendar.tokens import TokenCipher
+from booking.contracts import MentorRegistered, OrderPaid
 from booking.runtime.service import ServiceRuntime, create_service_app
 
 
 def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     settings = settings or CalendarSettings()
-    runtime = ServiceRuntime(name="calendar", settings=settings, tables=messaging)
-    return create_service_app(runtime)
+    google = GoogleClient.from_settings(settings)
+
+    # The handler schedules through the service, which needs the runtime's database: it is
+    # looked up when a message arrives, by which time it exists.
+    async def schedule(session_id: UUID) -> None:
+        await service.schedule(session_id)
+
+    runtime = ServiceRuntime(
+        name="calendar",
+        settings=settings,
+        tables=messaging,
+        handlers={
+            MentorRegistered: register_mentor,
+            OrderPaid: partial(schedule_session, schedule=schedule),
+        },
+    )
+    assert runtime.db is not None and runtime.outbox is not None
+    service = CalendarService(
+        db=runtime.db,
+        outbox=runtime.outbox,
+        google=google,
+        cipher=TokenCipher(settings.token_encryption_key),
+        settings=settings,
+    )
+    sweeper = Sweeper(service, settings)
+
+    runtime.health.add(
+        "google",
+        "configured",
+        partial(check_configured, google),
+        ready=False,
+        component_type="system",
+    )
+    runtime.health.add(
+        "google",
+        "reachable",
+        partial(check_reachable, google),
+        ready=False,  # an outage at Google must not take our pods out
+        component_type="system",
+        failure_status="warn",
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await google.open()
+        sweeper.start()
+        try:
+            yield
+        finally:
+            await sweeper.stop()
+            await service.stop()
+            await google.aclose()
+
+    app = create_service_app(runtime, [calendar_router(service)], lifespan=lifespan)
+    app.state.calendar = service
+    app.state.sweeper = sweeper
+    app.state.google = google
+    return app

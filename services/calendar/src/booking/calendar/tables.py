@@ -1,9 +1,146 @@
-"""The calendar schema's tables."""
+"""The calendar schema's tables: mentors, their Google connections, the single-use consent
+states, the bookings of paid sessions, and the messaging tables. Times are timestamptz."""
 
-from sqlmodel import SQLModel
+from datetime import datetime
+from uuid import UUID
 
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    Uuid,
+    text,
+)
+from sqlmodel import Field, SQLModel
+
+from booking.calendar.domain import PRIMARY_CALENDAR, BookingStatus
+from booking.contracts import CalendarFailureReason
 from booking.runtime.tables import MessagingTables
 
 SCHEMA = "calendar"
 
+BOOKING_STATUSES = tuple(status.value for status in BookingStatus)
+FAILURE_REASONS = tuple(reason.value for reason in CalendarFailureReason)
+
 messaging = MessagingTables(SQLModel.metadata, SCHEMA)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _time(*, nullable: bool, default_now: bool = False) -> Column:
+    return Column(
+        DateTime(timezone=True),
+        nullable=nullable,
+        server_default=text("now()") if default_now else None,
+    )
+
+
+class MentorRow(SQLModel, table=True):
+    """A mentor as MentorRegistered told us: the calendar's own record (no other schema)."""
+
+    __tablename__ = "mentors"
+    __table_args__ = {"schema": SCHEMA}
+
+    id: UUID = Field(sa_column=Column(Uuid, primary_key=True))
+    name: str = Field(sa_column=Column(Text, nullable=False))
+    email: str = Field(sa_column=Column(Text, nullable=False))
+    timezone: str = Field(sa_column=Column(Text, nullable=False))  # IANA name
+    registered_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+
+
+class ConnectionRow(SQLModel, table=True):
+    """A mentor's Google connection. The refresh token is stored only Fernet-encrypted."""
+
+    __tablename__ = "connections"
+    __table_args__ = {"schema": SCHEMA}
+
+    mentor_id: UUID = Field(
+        sa_column=Column(Uuid, ForeignKey(f"{SCHEMA}.mentors.id"), primary_key=True)
+    )
+    calendar_id: str = Field(
+        sa_column=Column(Text, nullable=False, server_default=text(f"'{PRIMARY_CALENDAR}'"))
+    )
+    refresh_token_encrypted: str = Field(sa_column=Column(Text, nullable=False))
+    scope: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    connected_at: datetime = Field(sa_column=_time(nullable=False))
+    # Google answered invalid_grant: the mentor must connect again.
+    revoked_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+
+
+class OAuthStateRow(SQLModel, table=True):
+    """One consent round trip: its `state` is good once, until it expires."""
+
+    __tablename__ = "oauth_states"
+    __table_args__ = (
+        Index("ix_oauth_states_expires_at", "expires_at"),
+        {"schema": SCHEMA},
+    )
+
+    nonce: str = Field(sa_column=Column(Text, primary_key=True))
+    mentor_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
+    expires_at: datetime = Field(sa_column=_time(nullable=False))
+    used_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+
+
+class CalendarBookingRow(SQLModel, table=True):
+    """One paid session to put in its mentor's calendar: pending, confirmed or failed."""
+
+    __tablename__ = "calendar_bookings"
+    __table_args__ = (
+        # The sweeper's query: pending bookings whose lease lapsed or that nobody claimed.
+        Index(
+            "ix_calendar_bookings_pending",
+            "updated_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # The recovery's query: a mentor's failed bookings.
+        Index(
+            "ix_calendar_bookings_failed_mentor",
+            "mentor_id",
+            postgresql_where=text("status = 'failed'"),
+        ),
+        CheckConstraint(_one_of("status", BOOKING_STATUSES), name="ck_calendar_bookings_status"),
+        CheckConstraint(
+            f"reason IS NULL OR {_one_of('reason', FAILURE_REASONS)}",
+            name="ck_calendar_bookings_reason",
+        ),
+        {"schema": SCHEMA},
+    )
+
+    # One booking per session, however often OrderPaid arrives.
+    session_id: UUID = Field(sa_column=Column(Uuid, primary_key=True))
+    order_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
+    # No foreign key: a booking for a mentor we do not know is kept (failed store_not_found).
+    mentor_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
+    mentee_email: str = Field(sa_column=Column(Text, nullable=False))
+    title: str = Field(sa_column=Column(Text, nullable=False))
+    start_at: datetime = Field(sa_column=_time(nullable=False))
+    end_at: datetime = Field(sa_column=_time(nullable=False))
+    # Derived from the session id before Google is asked: the same on every attempt.
+    event_id: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(sa_column=Column(Text, nullable=False))
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Scheduling runs so far (each claim counts one).
+    attempts: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("0")))
+    meet_link: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    html_link: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The lease of the replica scheduling it (status pending).
+    claimed_until: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    # The booking's correlation id: every event about it carries it.
+    correlation_id: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+
+
+mentors = MentorRow.__table__
+connections = ConnectionRow.__table__
+oauth_states = OAuthStateRow.__table__
+calendar_bookings = CalendarBookingRow.__table__

@@ -1,0 +1,108 @@
+"""The calendar service's HTTP routes: connecting a mentor's Google calendar (DESIGN section 5).
+
+The gateway forwards the caller's Authorization header; every route but Google's callback
+verifies the token and the role again, so the service reached directly is no more open than
+through the gateway. Errors are problem+json.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi.responses import RedirectResponse
+
+from booking.calendar.service import CalendarService, ConnectRefused, UnknownMentor
+from booking.contracts.http import CalendarConnection
+from booking.runtime.auth import Identity, Role, require_roles
+
+_PROBLEM = {"content": {"application/problem+json": {}}}
+
+
+def mentor_himself_or_admin(
+    mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
+) -> Identity:
+    """An admin, or the mentor whose id is in the path (a mentor's token has it as `sub`)."""
+    if identity.role is Role.MENTOR and identity.sub != str(mentor_id):
+        raise HTTPException(403, "a mentor may act only on their own calendar")
+    return identity
+
+
+def _unknown(mentor_id: UUID) -> HTTPException:
+    return HTTPException(404, f"no mentor has the id {mentor_id}")
+
+
+def calendar_router(calendar: CalendarService) -> APIRouter:
+    router = APIRouter(tags=["calendar"])
+
+    @router.get(
+        "/api/mentors/{mentor_id}/calendar/connect",
+        status_code=302,
+        response_class=Response,
+        response_model=None,
+        responses={
+            302: {
+                "description": "to Google's consent page",
+                "headers": {"Location": {"schema": {"type": "string"}}},
+            },
+            404: {"description": "no such mentor", **_PROBLEM},
+        },
+        dependencies=[Depends(mentor_himself_or_admin)],
+        summary="Start connecting a mentor's Google Calendar",
+    )
+    async def connect_calendar(mentor_id: UUID) -> Response:
+        try:
+            url = await calendar.consent_url(mentor_id)
+        except UnknownMentor:
+            raise _unknown(mentor_id) from None
+        return RedirectResponse(url, status_code=302)
+
+    @router.get(
+        "/api/calendar/oauth/callback",
+        response_model=CalendarConnection,
+        responses={
+            400: {"description": "bad, expired or replayed state; consent denied", **_PROBLEM},
+            502: {"description": "Google refused or could not be reached", **_PROBLEM},
+        },
+        summary="Where Google sends the browser back (the signed state says who)",
+    )
+    async def finish_calendar_connection(
+        code: str | None = Query(None, max_length=2000),
+        state: str | None = Query(None, max_length=2000),
+        error: str | None = Query(None, max_length=200),
+    ) -> CalendarConnection:
+        try:
+            return await calendar.connect(code=code, state=state, error=error)
+        except ConnectRefused as refused:
+            raise HTTPException(refused.status, refused.detail) from None
+
+    @router.get(
+        "/api/mentors/{mentor_id}/calendar",
+        response_model=CalendarConnection,
+        responses={404: {"description": "no such mentor", **_PROBLEM}},
+        dependencies=[Depends(mentor_himself_or_admin)],
+        summary="A mentor's calendar connection",
+    )
+    async def calendar_connection(mentor_id: UUID) -> CalendarConnection:
+        try:
+            return await calendar.connection_status(mentor_id)
+        except UnknownMentor:
+            raise _unknown(mentor_id) from None
+
+    @router.delete(
+        "/api/mentors/{mentor_id}/calendar",
+        status_code=204,
+        response_class=Response,
+        response_model=None,
+        responses={404: {"description": "no such mentor", **_PROBLEM}},
+        dependencies=[Depends(mentor_himself_or_admin)],
+        summary="Disconnect a mentor's calendar (its tokens are forgotten)",
+    )
+    async def disconnect_calendar(mentor_id: UUID) -> Response:
+        try:
+            await calendar.disconnect(mentor_id)
+        except UnknownMentor:
+            raise _unknown(mentor_id) from None
+        return Response(status_code=204)
+
+    return router

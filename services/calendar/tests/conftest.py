@@ -1,0 +1,385 @@
+"""The calendar service on the real servers, against the Google sandbox over real HTTP.
+
+The schema is migrated once per session; each test that runs the service starts from empty
+calendar tables (the sweeper works on every row, so one test's leftovers would be another's
+work) and gets its own exchange and queues. One sandbox serves the session (each test's mentors
+have their own Google accounts, so they never meet); each test clears its fault switches first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from booking.calendar.app import create_app
+from booking.calendar.reconciliation import Sweeper
+from booking.calendar.service import CalendarService
+from booking.calendar.settings import CalendarSettings
+from booking.calendar.tables import SCHEMA
+from booking.contracts import Event, MentorRegistered, OrderPaid, wrap
+from booking.runtime.auth import issue_token
+from booking.runtime.broker import OutgoingMessage
+from booking.runtime.migrations import upgrade
+from booking.runtime.testing import Spy, eventually, free_port, serving
+from booking.sandbox.google import create_app as create_sandbox
+from booking.sandbox.settings import SandboxSettings
+
+CLIENT_ID = "calendar-tests-client"
+CLIENT_SECRET = "calendar-tests-secret"
+
+
+# -- the database ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def migrated(database_url: str) -> str:
+    settings = CalendarSettings(database_url=database_url)
+    await asyncio.to_thread(upgrade, settings, "booking.calendar", SCHEMA)
+    return database_url
+
+
+@pytest.fixture
+async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to look at (and stage) rows with."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def empty_tables(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        f"TRUNCATE {SCHEMA}.calendar_bookings, {SCHEMA}.connections, {SCHEMA}.oauth_states, "
+        f"{SCHEMA}.mentors, {SCHEMA}.outbox, {SCHEMA}.inbox"
+    )
+
+
+# -- the Google sandbox ------------------------------------------------------------------------
+
+
+@dataclass
+class Sandbox:
+    url: str
+    http: httpx.AsyncClient
+
+    @property
+    def auth_url(self) -> str:
+        return f"{self.url}/o/oauth2/v2/auth"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/token"
+
+    @property
+    def calendar_api_url(self) -> str:
+        return f"{self.url}/calendar/v3"
+
+    async def _control(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, f"/_sandbox{path}", **kwargs)
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    async def approve(self, auth_url: str, *, deny: bool = False) -> str:
+        """The mentor's click on Allow (or Deny): where Google sends the browser back."""
+        answer = await self._control(
+            "POST", "/oauth/approve", json={"auth_url": auth_url, "deny": deny}
+        )
+        return answer["location"]
+
+    async def events(self, account: str) -> list[dict[str, Any]]:
+        return (await self._control("GET", "/events", params={"account": account}))["events"]
+
+    async def tokens(self, account: str) -> dict[str, list[dict[str, Any]]]:
+        return await self._control("GET", "/tokens", params={"account": account})
+
+    async def refresh_tokens(self, account: str) -> list[str]:
+        return [t["token"] for t in (await self.tokens(account))["refresh_tokens"]]
+
+    async def access_tokens_issued(self, account: str) -> int:
+        """Every access token issued to the account: one per code exchange and per refresh."""
+        return len((await self.tokens(account))["access_tokens"])
+
+    async def revoke(self, account: str) -> None:
+        await self._control("POST", "/revoke", json={"account": account})
+
+    async def expire_access_tokens(self, account: str) -> None:
+        await self._control("POST", "/expire-access-tokens", json={"account": account})
+
+    async def fault(
+        self, kind: str, count: int = 1, endpoint: str = "any", seconds: float | None = None
+    ) -> None:
+        body: dict[str, Any] = {"kind": kind, "count": count, "endpoint": endpoint}
+        if seconds is not None:
+            body["seconds"] = seconds
+        await self._control("POST", "/faults", json=body)
+
+    async def clear_faults(self) -> None:
+        await self._control("DELETE", "/faults")
+
+
+@contextlib.asynccontextmanager
+async def google_sandbox(**settings: Any) -> AsyncIterator[Sandbox]:
+    values: dict[str, Any] = {
+        "google_client_id": CLIENT_ID,
+        "google_client_secret": CLIENT_SECRET,
+        **settings,
+    }
+    async with (
+        serving(create_sandbox(SandboxSettings(**values))) as url,
+        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
+    ):
+        yield Sandbox(url, http)
+
+
+@pytest.fixture(scope="session")
+async def sandbox_server() -> AsyncIterator[Sandbox]:
+    async with google_sandbox() as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+async def sandbox(sandbox_server: Sandbox) -> Sandbox:
+    await sandbox_server.clear_faults()
+    return sandbox_server
+
+
+@pytest.fixture
+async def pending_meet_sandbox() -> AsyncIterator[Sandbox]:
+    """A sandbox whose new events show their Meet data `pending` for their first 3 reads."""
+    async with google_sandbox(google_meet_pending_reads=3) as sandbox:
+        yield sandbox
+
+
+# -- the calendar service ----------------------------------------------------------------------
+
+
+def order_paid(mentor_id: uuid.UUID, **fields: Any) -> OrderPaid:
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
+    values: dict[str, Any] = {
+        "order_id": uuid.uuid4(),
+        "session_id": uuid.uuid4(),
+        "mentor_id": mentor_id,
+        "mentee_email": "amira@example.com",
+        "title": "Career chat",
+        "start_at": start,
+        "end_at": start + timedelta(hours=1),
+    }
+    values.update(fields)
+    return OrderPaid(**values)
+
+
+@dataclass
+class Mentor:
+    id: uuid.UUID
+    email: str  # also the mentor's account in the sandbox
+
+
+@dataclass
+class Running:
+    """One running calendar service, its spy on the events exchange, and ways to drive it."""
+
+    app: FastAPI
+    url: str
+    settings: CalendarSettings
+    spy: Spy
+    http: httpx.AsyncClient
+    sandbox: Sandbox
+    db: asyncpg.Connection
+
+    @property
+    def service(self) -> CalendarService:
+        return self.app.state.calendar
+
+    @property
+    def sweeper(self) -> Sweeper:
+        return self.app.state.sweeper
+
+    def token(self, role: str = "admin", sub: str | None = None) -> dict[str, str]:
+        secret = self.settings.auth_jwt_secret.get_secret_value()
+        token = issue_token(secret, sub or f"test-{role}", role)
+        return {"authorization": f"Bearer {token}"}
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> None:
+        """Publish `event` on the service's exchange, as its producer would."""
+        envelope = wrap(
+            event, message_id=message_id or uuid.uuid4(), correlation_id=str(uuid.uuid4())
+        )
+        await self.app.state.runtime.broker.publish(
+            OutgoingMessage(
+                body=envelope.model_dump_json().encode(),
+                exchange=self.settings.events_exchange,
+                routing_key=envelope.routing_key,
+                message_id=str(envelope.message_id),
+                correlation_id=envelope.correlation_id,
+                type=envelope.type,
+            )
+        )
+
+    async def register_mentor(self, timezone: str = "Africa/Tunis") -> Mentor:
+        mentor = Mentor(uuid.uuid4(), f"mentor-{uuid.uuid4().hex[:10]}@example.com")
+        await self.publish(
+            MentorRegistered(
+                mentor_id=mentor.id, name="Ada Lovelace", email=mentor.email, timezone=timezone
+            )
+        )
+
+        async def known() -> bool:
+            return await self.db.fetchval(
+                f"SELECT count(*) FROM {SCHEMA}.mentors WHERE id = $1", mentor.id
+            )
+
+        await eventually(known, what=f"mentor {mentor.id} registered")
+        return mentor
+
+    async def consent_redirect(self, mentor: Mentor) -> str:
+        response = await self.http.get(
+            f"/api/mentors/{mentor.id}/calendar/connect", headers=self.token()
+        )
+        assert response.status_code == 302, response.text
+        return response.headers["location"]
+
+    async def callback(self, location: str) -> httpx.Response:
+        """The browser, sent back by Google to our redirect_uri."""
+        assert location.startswith(self.settings.oauth_redirect_uri), location
+        return await self.http.get(location)
+
+    async def connect(self, mentor: Mentor) -> dict[str, Any]:
+        """The whole consent round trip; the connection as the callback answered it."""
+        back = await self.sandbox.approve(await self.consent_redirect(mentor))
+        response = await self.callback(back)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def connected(self, timezone: str = "Africa/Tunis") -> Mentor:
+        mentor = await self.register_mentor(timezone)
+        await self.connect(mentor)
+        return mentor
+
+    async def pay(self, mentor: Mentor | uuid.UUID, **fields: Any) -> OrderPaid:
+        mentor_id = mentor.id if isinstance(mentor, Mentor) else mentor
+        event = order_paid(mentor_id, **fields)
+        await self.publish(event)
+        return event
+
+    def published(self, event_type: str, session_id: uuid.UUID | None = None) -> list[dict]:
+        """Payloads of `event_type` seen on the exchange (about `session_id`, if given)."""
+        payloads = [json.loads(m.body)["payload"] for m in self.spy.of_type(event_type)]
+        if session_id is None:
+            return payloads
+        return [p for p in payloads if p.get("session_id") == str(session_id)]
+
+    async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
+        """Wait for the event, then make sure it came once."""
+        await eventually(
+            lambda: self.published(event_type, session_id), what=f"{event_type} for {session_id}"
+        )
+        await self.spy.settle()
+        found = self.published(event_type, session_id)
+        assert len(found) == 1, found
+        return found[0]
+
+    async def confirmed(self, session_id: uuid.UUID) -> dict:
+        return await self.one("CalendarBookingConfirmed", session_id)
+
+    async def failed(self, session_id: uuid.UUID) -> dict:
+        return await self.one("CalendarBookingFailed", session_id)
+
+    async def booking(self, session_id: uuid.UUID) -> asyncpg.Record:
+        return await self.db.fetchrow(
+            f"SELECT * FROM {SCHEMA}.calendar_bookings WHERE session_id = $1", session_id
+        )
+
+    async def connection(self, mentor: Mentor) -> asyncpg.Record | None:
+        return await self.db.fetchrow(
+            f"SELECT * FROM {SCHEMA}.connections WHERE mentor_id = $1", mentor.id
+        )
+
+
+async def delete_broker_objects(app: FastAPI, settings: CalendarSettings, url: str) -> None:
+    """Durable queues and exchanges outlive the test: remove the ones it declared."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        queues = app.state.runtime.consumer.queues
+        names = [queues.main, queues.dead_letter]
+        names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
+        for name in names:
+            await channel.queue_delete(name)
+        await channel.exchange_delete(settings.events_exchange)
+        await channel.exchange_delete(settings.admin_alerts_exchange)
+
+
+def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **overrides: Any):
+    port = free_port()
+    values: dict[str, Any] = {
+        # No gateway here: Google sends the browser straight back to the service.
+        "public_base_url": f"http://127.0.0.1:{port}",
+        "google_client_id": CLIENT_ID,
+        "google_client_secret": CLIENT_SECRET,
+        "google_auth_url": sandbox.auth_url,
+        "google_token_url": sandbox.token_url,
+        "google_calendar_api_url": sandbox.calendar_api_url,
+        "google_timeout_seconds": 2.0,
+        "google_max_attempts": 3,
+        "google_retry_base_seconds": 0.01,
+        "google_retry_after_max_seconds": 2.0,
+        "google_meet_poll_attempts": 4,
+        "google_meet_poll_base_seconds": 0.01,
+        # The background sweeper stays asleep: tests sweep with run_once(now).
+        "sweeper_interval_seconds": 3600,
+        "scheduling_grace_seconds": 0,
+    }
+    values.update(overrides)
+    return port, make_settings(CalendarSettings, **values)
+
+
+@pytest.fixture
+async def start_calendar(
+    make_settings: Callable[..., Any],
+    sandbox: Sandbox,
+    spy_on: Callable[..., Awaitable[Spy]],
+    db: asyncpg.Connection,
+    rabbitmq_url: str,
+) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    """`await start_calendar(sandbox=None, **settings)`: a running service on empty tables."""
+    await empty_tables(db)
+    stack = contextlib.AsyncExitStack()
+    started: list[Running] = []
+
+    async def start(google: Sandbox | None = None, **overrides: Any) -> Running:
+        google = google or sandbox
+        port, settings = service_settings(make_settings, google, **overrides)
+        spy = await spy_on(settings)
+        app = create_app(settings)
+        url = await stack.enter_async_context(serving(app, port))
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
+        )
+        await app.state.runtime.broker.wait_ready(15)
+        running = Running(app, url, settings, spy, http, google, db)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        await stack.aclose()
+        for running in started:
+            await delete_broker_objects(running.app, running.settings, rabbitmq_url)
+
+
+@pytest.fixture
+async def calendar(start_calendar: Callable[..., Awaitable[Running]]) -> Running:
+    return await start_calendar()

@@ -1,0 +1,259 @@
+"""The connection routes: consent, callback (single-use signed state), status, disconnect."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from pydantic import SecretStr
+
+from booking.calendar.domain import _b64, _unb64
+from booking.calendar.tables import SCHEMA
+from booking.calendar.tokens import TokenCipher
+
+PROBLEM = "application/problem+json"
+
+
+def query_of(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def with_params(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query=urlencode({**query_of(url), **params})))
+
+
+async def stored_nothing(calendar, mentor) -> bool:
+    return await calendar.connection(mentor) is None
+
+
+class TestConnectFlow:
+    async def test_connect_redirects_to_google_with_every_parameter(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+
+        location = await calendar.consent_redirect(mentor)
+
+        assert location.startswith(f"{sandbox.auth_url}?")
+        params = query_of(location)
+        state = params.pop("state")
+        assert params == {
+            "client_id": calendar.settings.google_client_id,
+            "redirect_uri": f"{calendar.url}/api/calendar/oauth/callback",
+            "response_type": "code",
+            "scope": "https://www.googleapis.com/auth/calendar.events",
+            "access_type": "offline",
+            "prompt": "consent",
+            "include_granted_scopes": "true",
+            "login_hint": mentor.email,
+        }
+        stored = await calendar.db.fetchrow(f"SELECT * FROM {SCHEMA}.oauth_states")
+        assert stored["mentor_id"] == mentor.id and stored["used_at"] is None
+        assert stored["nonce"] in _unb64(state.split(".")[0]).decode()
+        assert stored["expires_at"] - datetime.now(UTC) <= timedelta(minutes=10)
+
+    async def test_the_round_trip_connects_the_mentor(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+
+        answer = await calendar.connect(mentor)
+
+        assert answer["connected"] is True and answer["revoked"] is False
+        assert answer["calendar_id"] == "primary" and answer["connected_at"]
+        status = await calendar.http.get(
+            f"/api/mentors/{mentor.id}/calendar", headers=calendar.token()
+        )
+        assert status.status_code == 200
+        assert status.json() == answer
+        row = await calendar.connection(mentor)
+        assert row["scope"] and "calendar.events" in row["scope"]
+        state = await calendar.db.fetchrow(f"SELECT * FROM {SCHEMA}.oauth_states")
+        assert state["used_at"] is not None
+
+    async def test_the_refresh_token_is_stored_encrypted(self, calendar, sandbox):
+        mentor = await calendar.connected()
+
+        [refresh_token] = await sandbox.refresh_tokens(mentor.email)
+        stored = (await calendar.connection(mentor))["refresh_token_encrypted"]
+        assert refresh_token not in stored
+        everything = await calendar.db.fetch(f"SELECT * FROM {SCHEMA}.connections")
+        assert refresh_token not in repr([dict(r) for r in everything])
+        cipher = TokenCipher(calendar.settings.token_encryption_key)
+        assert cipher.decrypt(stored).get_secret_value() == refresh_token
+
+    async def test_the_mentor_may_connect_their_own_calendar_and_only_theirs(self, calendar):
+        mentor = await calendar.register_mentor()
+        own = calendar.token("mentor", str(mentor.id))
+        other = calendar.token("mentor", str(uuid.uuid4()))
+        path = f"/api/mentors/{mentor.id}/calendar/connect"
+
+        assert (await calendar.http.get(path, headers=own)).status_code == 302
+        assert (await calendar.http.get(path, headers=other)).status_code == 403
+        assert (await calendar.http.get(path, headers=calendar.token("mentee"))).status_code == 403
+        assert (await calendar.http.get(path)).status_code == 401
+
+    async def test_an_unknown_mentor_cannot_connect(self, calendar):
+        response = await calendar.http.get(
+            f"/api/mentors/{uuid.uuid4()}/calendar/connect", headers=calendar.token()
+        )
+
+        assert response.status_code == 404
+        assert response.headers["content-type"] == PROBLEM
+        assert await calendar.db.fetchval(f"SELECT count(*) FROM {SCHEMA}.oauth_states") == 0
+
+
+class TestRefusedCallbacks:
+    async def refused(self, calendar, location: str, mentor) -> dict:
+        response = await calendar.callback(location)
+        assert 400 <= response.status_code < 500, response.text
+        assert response.headers["content-type"] == PROBLEM
+        assert await stored_nothing(calendar, mentor)
+        return response.json()
+
+    async def test_a_tampered_state_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        victim = await calendar.register_mentor()
+        back = await sandbox.approve(await calendar.consent_redirect(mentor))
+        payload, signature = query_of(back)["state"].split(".")
+        claims = json.loads(_unb64(payload))
+        claims["m"] = str(victim.id)  # the attacker's code, stored as the victim's calendar
+        forged = f"{_b64(json.dumps(claims, separators=(',', ':')).encode())}.{signature}"
+
+        problem = await self.refused(calendar, with_params(back, state=forged), victim)
+
+        assert "signature" in problem["detail"]
+        assert await stored_nothing(calendar, mentor)
+        # The code was never exchanged: Google issued no refresh token for it.
+        assert await sandbox.refresh_tokens(mentor.email) == []
+
+    async def test_an_expired_state_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
+        consent = await calendar.service.consent_url(mentor.id, now=long_ago)
+        back = await sandbox.approve(consent)
+
+        problem = await self.refused(calendar, back, mentor)
+
+        assert "expired" in problem["detail"]
+        assert await sandbox.refresh_tokens(mentor.email) == []
+
+    async def test_a_replayed_state_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        consent = await calendar.consent_redirect(mentor)
+        first = await calendar.callback(await sandbox.approve(consent))
+        assert first.status_code == 200
+        stored = await calendar.connection(mentor)
+        # The same state again, with a fresh, valid code from Google.
+        again = await sandbox.approve(consent)
+
+        response = await calendar.callback(again)
+
+        assert response.status_code == 400
+        assert response.headers["content-type"] == PROBLEM
+        assert "used already" in response.json()["detail"]
+        assert await calendar.connection(mentor) == stored
+        assert len(await sandbox.refresh_tokens(mentor.email)) == 1  # the second code unused
+
+    async def test_a_state_replayed_concurrently_connects_once(self, calendar, sandbox):
+        import asyncio
+
+        mentor = await calendar.register_mentor()
+        consent = await calendar.consent_redirect(mentor)
+        backs = [await sandbox.approve(consent) for _ in range(5)]
+
+        answers = await asyncio.gather(*(calendar.callback(b) for b in backs))
+
+        assert sorted(a.status_code for a in answers) == [200, 400, 400, 400, 400]
+        assert len(await sandbox.refresh_tokens(mentor.email)) == 1
+
+    async def test_a_missing_code_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        back = await sandbox.approve(await calendar.consent_redirect(mentor))
+        query = query_of(back)
+        location = f"{calendar.settings.oauth_redirect_uri}?state={query['state']}"
+
+        problem = await self.refused(calendar, location, mentor)
+
+        assert "code" in problem["detail"]
+
+    async def test_a_missing_state_is_refused(self, calendar):
+        mentor = await calendar.register_mentor()
+
+        problem = await self.refused(
+            calendar, f"{calendar.settings.oauth_redirect_uri}?code=4/abc", mentor
+        )
+
+        assert "state" in problem["detail"]
+
+    async def test_a_declined_consent_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        back = await sandbox.approve(await calendar.consent_redirect(mentor), deny=True)
+        assert query_of(back)["error"] == "access_denied"
+
+        problem = await self.refused(calendar, back, mentor)
+
+        assert "declined" in problem["detail"]
+
+    async def test_a_code_google_refuses_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        back = await sandbox.approve(await calendar.consent_redirect(mentor))
+
+        problem = await self.refused(calendar, with_params(back, code="4/0Anot-a-code"), mentor)
+
+        assert "invalid_grant" in problem["detail"]
+
+    async def test_google_refusing_our_client_is_a_502(self, start_calendar, sandbox):
+        calendar = await start_calendar(google_client_secret=SecretStr("not-the-secret"))
+        mentor = await calendar.register_mentor()
+        back = await sandbox.approve(await calendar.consent_redirect(mentor))
+
+        response = await calendar.callback(back)
+
+        assert response.status_code == 502
+        assert response.headers["content-type"] == PROBLEM
+        assert "invalid_client" in response.json()["detail"]
+        assert "not-the-secret" not in response.text
+        assert await stored_nothing(calendar, mentor)
+
+
+class TestStatusAndDisconnect:
+    async def test_a_mentor_who_never_connected_is_not_connected(self, calendar):
+        mentor = await calendar.register_mentor()
+
+        response = await calendar.http.get(
+            f"/api/mentors/{mentor.id}/calendar", headers=calendar.token("mentor", str(mentor.id))
+        )
+
+        assert response.status_code == 200
+        assert response.json() == {
+            "connected": False,
+            "calendar_id": None,
+            "connected_at": None,
+            "revoked": False,
+        }
+
+    async def test_an_unknown_mentor_has_no_status(self, calendar):
+        response = await calendar.http.get(
+            f"/api/mentors/{uuid.uuid4()}/calendar", headers=calendar.token()
+        )
+        assert response.status_code == 404
+        assert response.headers["content-type"] == PROBLEM
+
+    async def test_disconnecting_forgets_the_tokens(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        path = f"/api/mentors/{mentor.id}/calendar"
+        other = calendar.token("mentor", str(uuid.uuid4()))
+
+        assert (await calendar.http.delete(path, headers=other)).status_code == 403
+        response = await calendar.http.delete(path, headers=calendar.token())
+
+        assert response.status_code == 204
+        assert await calendar.connection(mentor) is None
+        status = await calendar.http.get(path, headers=calendar.token())
+        assert status.json()["connected"] is False
+        again = await calendar.http.delete(path, headers=calendar.token())
+        assert again.status_code == 204
+        unknown = await calendar.http.delete(
+            f"/api/mentors/{uuid.uuid4()}/calendar", headers=calendar.token()
+        )
+        assert unknown.status_code == 404

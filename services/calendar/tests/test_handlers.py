@@ -1,0 +1,279 @@
+"""register_mentor and schedule_session: a paid session becomes exactly one calendar event."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from cryptography.fernet import Fernet
+
+from booking.calendar.tables import SCHEMA
+from booking.contracts import MentorRegistered
+from booking.runtime.testing import eventually
+
+
+async def handled(calendar, count: int) -> bool:
+    return await calendar.db.fetchval(f"SELECT count(*) FROM {SCHEMA}.inbox") >= count
+
+
+class TestRegisterMentor:
+    async def test_a_repeated_registration_keeps_one_mentor(self, calendar):
+        event = MentorRegistered(
+            mentor_id=uuid.uuid4(), name="Ada", email="ada@example.com", timezone="Europe/Paris"
+        )
+        await calendar.publish(event)
+        await calendar.publish(event)
+        await eventually(lambda: handled(calendar, 2), what="both deliveries handled")
+
+        rows = await calendar.db.fetch(f"SELECT * FROM {SCHEMA}.mentors")
+        assert [(r["id"], r["email"], r["timezone"]) for r in rows] == [
+            (event.mentor_id, "ada@example.com", "Europe/Paris")
+        ]
+
+
+class TestScheduleSession:
+    async def test_a_paid_session_gets_one_event_with_a_meet_link(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        paid = await calendar.pay(mentor, title="Mock interview", mentee_email="sami@example.com")
+
+        confirmed = await calendar.confirmed(paid.session_id)
+
+        [event] = await sandbox.events(mentor.email)
+        assert confirmed == {
+            "session_id": str(paid.session_id),
+            "order_id": str(paid.order_id),
+            "event_id": paid.session_id.hex,
+            "meet_link": event["hangoutLink"],
+            "html_link": event["htmlLink"],
+        }
+        assert event["id"] == paid.session_id.hex and event["summary"] == "Mock interview"
+        assert event["hangoutLink"].startswith("https://meet.google.com/")
+        # conferenceDataVersion=1 honoured: the Meet conference exists, its video entry the link.
+        entry = event["conferenceData"]["entryPoints"][0]
+        assert entry["entryPointType"] == "video" and entry["uri"] == event["hangoutLink"]
+        assert [a["email"] for a in event["attendees"]] == ["sami@example.com"]
+        assert event["sandbox"]["send_updates"] == "all"
+        booking = await calendar.booking(paid.session_id)
+        assert booking["status"] == "confirmed" and booking["meet_link"] == event["hangoutLink"]
+        assert booking["claimed_until"] is None
+        assert calendar.published("CalendarBookingFailed") == []
+
+    async def test_order_paid_delivered_twice_makes_one_event(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        paid = await calendar.pay(mentor)
+        await calendar.publish(paid)  # the same fact, under another message id
+        await eventually(lambda: handled(calendar, 3), what="mentor and both deliveries handled")
+
+        await calendar.confirmed(paid.session_id)  # once, the spy settled
+
+        assert len(await sandbox.events(mentor.email)) == 1
+
+    async def test_google_failing_twice_then_answering_makes_one_event(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        await sandbox.fault("http_500", count=2, endpoint="insert")
+
+        paid = await calendar.pay(mentor)
+
+        await calendar.confirmed(paid.session_id)
+        assert len(await sandbox.events(mentor.email)) == 1
+
+    async def test_google_failing_throughout_is_a_calendar_api_error(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        await sandbox.fault("http_503", count=calendar.settings.google_max_attempts)
+
+        paid = await calendar.pay(mentor)
+
+        failed = await calendar.failed(paid.session_id)
+        assert failed["reason"] == "calendar_api_error"
+        assert failed["attempts"] == calendar.settings.google_max_attempts
+        assert "503" in failed["detail"] and "currently unavailable" in failed["detail"]
+        assert failed["mentor_id"] == str(mentor.id)
+        assert failed["order_id"] == str(paid.order_id)
+        assert await sandbox.events(mentor.email) == []
+        booking = await calendar.booking(paid.session_id)
+        assert booking["status"] == "failed" and booking["reason"] == "calendar_api_error"
+
+    async def test_a_mentor_who_never_connected_is_not_integrated(self, calendar):
+        mentor = await calendar.register_mentor()
+
+        paid = await calendar.pay(mentor)
+
+        failed = await calendar.failed(paid.session_id)
+        assert failed["reason"] == "mentor_not_integrated" and failed["attempts"] == 1
+        assert (await calendar.booking(paid.session_id))["status"] == "failed"
+
+    async def test_a_disconnected_mentor_is_not_integrated(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        response = await calendar.http.delete(
+            f"/api/mentors/{mentor.id}/calendar", headers=calendar.token()
+        )
+        assert response.status_code == 204
+
+        paid = await calendar.pay(mentor)
+
+        assert (await calendar.failed(paid.session_id))["reason"] == "mentor_not_integrated"
+        assert await sandbox.events(mentor.email) == []
+
+    async def test_an_unknown_mentor_is_store_not_found(self, calendar):
+        paid = await calendar.pay(uuid.uuid4())
+
+        failed = await calendar.failed(paid.session_id)
+
+        assert failed["reason"] == "store_not_found"
+        assert str(paid.mentor_id) in failed["detail"]
+
+    async def test_a_revoked_token_is_integration_revoked_and_marks_the_connection(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.connected()
+        await sandbox.revoke(mentor.email)
+
+        paid = await calendar.pay(mentor)
+
+        failed = await calendar.failed(paid.session_id)
+        assert failed["reason"] == "integration_revoked"
+        assert "invalid_grant" in failed["detail"]
+        assert (await calendar.connection(mentor))["revoked_at"] is not None
+        status = await calendar.http.get(
+            f"/api/mentors/{mentor.id}/calendar", headers=calendar.token()
+        )
+        assert status.json()["revoked"] is True and status.json()["connected"] is False
+        # The next booking is refused at once, without asking Google again.
+        tokens_before = await sandbox.access_tokens_issued(mentor.email)
+        later = await calendar.pay(mentor)
+        assert (await calendar.failed(later.session_id))["reason"] == "integration_revoked"
+        assert await sandbox.access_tokens_issued(mentor.email) == tokens_before
+
+    async def test_an_exception_while_scheduling_is_an_unexpected_error_with_its_trace(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.connected()
+        # The stored token was encrypted under another key (a key rotated without migrating).
+        foreign = Fernet(Fernet.generate_key()).encrypt(b"1//0-some-token").decode()
+        await calendar.db.execute(
+            f"UPDATE {SCHEMA}.connections SET refresh_token_encrypted = $1 WHERE mentor_id = $2",
+            foreign,
+            mentor.id,
+        )
+
+        paid = await calendar.pay(mentor)
+
+        failed = await calendar.failed(paid.session_id)
+        assert failed["reason"] == "unexpected_error"
+        assert failed["detail"].startswith("Traceback (most recent call last)")
+        assert "InvalidToken" in failed["detail"] and "schedule_claimed" in failed["detail"]
+        assert await sandbox.events(mentor.email) == []
+
+    async def test_meet_data_pending_then_there_confirms_with_the_link(
+        self, start_calendar, pending_meet_sandbox
+    ):
+        calendar = await start_calendar(pending_meet_sandbox)
+        mentor = await calendar.connected()
+
+        paid = await calendar.pay(mentor)
+
+        confirmed = await calendar.confirmed(paid.session_id)
+        [event] = await pending_meet_sandbox.events(mentor.email)
+        assert confirmed["meet_link"] == event["hangoutLink"]
+
+    async def test_meet_data_still_pending_is_looked_at_again_by_the_sweeper(
+        self, start_calendar, pending_meet_sandbox
+    ):
+        calendar = await start_calendar(pending_meet_sandbox, google_meet_poll_attempts=0)
+        retry = timedelta(seconds=calendar.settings.meet_pending_retry_seconds)
+        mentor = await calendar.connected()
+        paid = await calendar.pay(mentor)
+
+        async def put_off() -> bool:
+            # The first run ended: the booking waits for a later look, not for its lease.
+            row = await calendar.booking(paid.session_id)
+            soon = datetime.now(UTC) + 2 * retry
+            return (
+                row is not None
+                and row["claimed_until"] is not None
+                and (row["claimed_until"] < soon)
+            )
+
+        await eventually(put_off, what="the first run to put the booking off")
+        assert calendar.published("CalendarBookingConfirmed") == []
+        later = datetime.now(UTC) + retry + timedelta(seconds=5)
+        runs = [await calendar.sweeper.run_once(later) for _ in range(3)]  # a read each
+
+        assert [run.scheduled for run in runs] == [1, 1, 1]
+        confirmed = await calendar.confirmed(paid.session_id)
+        assert confirmed["meet_link"].startswith("https://meet.google.com/")
+        assert len(await pending_meet_sandbox.events(mentor.email)) == 1
+
+    async def test_an_expired_access_token_is_refreshed_once(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        first = await calendar.pay(mentor)
+        await calendar.confirmed(first.session_id)
+        await sandbox.expire_access_tokens(mentor.email)
+        issued = await sandbox.access_tokens_issued(mentor.email)
+
+        later = await calendar.pay(mentor)
+
+        await calendar.confirmed(later.session_id)
+        assert await sandbox.access_tokens_issued(mentor.email) == issued + 1
+
+    async def test_a_cached_access_token_serves_the_next_bookings(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        code_exchange = await sandbox.access_tokens_issued(mentor.email)
+
+        first = await calendar.pay(mentor)
+        await calendar.confirmed(first.session_id)
+        second = await calendar.pay(mentor)
+        await calendar.confirmed(second.session_id)
+
+        # One refresh for two bookings.
+        assert await sandbox.access_tokens_issued(mentor.email) == code_exchange + 1
+        assert len(await sandbox.events(mentor.email)) == 2
+
+
+class TestRecovery:
+    async def test_a_mentor_who_connects_gets_the_failed_bookings_scheduled(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.register_mentor()
+        first = await calendar.pay(mentor)
+        second = await calendar.pay(mentor)
+        await calendar.failed(first.session_id)
+        await calendar.failed(second.session_id)
+
+        await calendar.connect(mentor)
+
+        await calendar.confirmed(first.session_id)
+        await calendar.confirmed(second.session_id)
+        assert len(await sandbox.events(mentor.email)) == 2
+
+    async def test_a_mentor_who_reconnects_after_a_revocation_gets_them_scheduled(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.connected()
+        await sandbox.revoke(mentor.email)
+        paid = await calendar.pay(mentor)
+        assert (await calendar.failed(paid.session_id))["reason"] == "integration_revoked"
+        other = await calendar.connected()
+        untouched = await calendar.pay(uuid.uuid4())  # store_not_found: not for a reconnect
+        await calendar.failed(untouched.session_id)
+
+        answer = await calendar.connect(mentor)
+
+        assert answer["revoked"] is False
+        await calendar.confirmed(paid.session_id)
+        assert len(await sandbox.events(mentor.email)) == 1
+        assert await sandbox.events(other.email) == []
+        assert (await calendar.booking(untouched.session_id))["status"] == "failed"
+        assert (await calendar.connection(mentor))["revoked_at"] is None
+
+    async def test_failures_google_caused_are_not_retried_by_a_reconnect(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        await sandbox.fault("quota_403", count=1, endpoint="insert")
+        paid = await calendar.pay(mentor)
+        assert (await calendar.failed(paid.session_id))["reason"] == "calendar_api_error"
+
+        await calendar.connect(mentor)
+        await calendar.service.settle()
+
+        assert (await calendar.booking(paid.session_id))["status"] == "failed"
+        assert await sandbox.events(mentor.email) == []
