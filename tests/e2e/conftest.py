@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,17 +19,22 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
+import httpx
 import pytest
 
 from booking.runtime.auth import issue_token
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
-from booking.runtime.testing import eventually, with_database
+from booking.runtime.testing import Spy, eventually, with_database
 
 ROOT = Path(__file__).resolve().parents[2]
+FLOW_SECONDS = 30  # one step of the flow (events through three services), on a loaded machine
 # Four migrations and seven processes starting at once, on a slow machine.
 SYSTEM_READY_SECONDS = 180
 
@@ -256,3 +262,155 @@ async def running_system(
             yield system
         finally:
             await system.stop()
+
+
+# --- driving the running system --------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(running_system) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=running_system.gateway, timeout=30, trust_env=False
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def konnect(running_system) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=running_system.konnect, timeout=30, trust_env=False
+    ) as client:
+        yield client
+        await client.delete("/_sandbox/faults")
+
+
+@pytest.fixture
+async def events(running_system) -> AsyncIterator[SystemEvents]:
+    """Every event the system publishes while the test runs."""
+    connection = await aio_pika.connect(running_system.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(running_system.events_exchange)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, "#")
+        spy = SystemEvents(channel, running_system.events_exchange)
+
+        async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            spy.messages.append(message)
+
+        await queue.consume(collect, no_ack=True)
+        yield spy
+
+
+class SystemEvents(Spy):
+    def payloads(self, type_: str, **match: Any) -> list[dict[str, Any]]:
+        """The payloads of the events of `type_` seen so far whose fields equal `match`."""
+        found = [json.loads(m.body)["payload"] for m in self.of_type(type_)]
+        return [p for p in found if all(p.get(k) == v for k, v in match.items())]
+
+    async def seen(self, type_: str, **match: Any) -> list[dict[str, Any]]:
+        """Wait for an event of `type_` whose fields equal `match`; the payloads found."""
+        return await eventually(
+            lambda: self.payloads(type_, **match),
+            timeout=FLOW_SECONDS,
+            what=f"{type_} with {match}",
+        )
+
+
+class Marketplace:
+    """What a test does through the gateway (as admin, mentor and mentee) and as the payer."""
+
+    @staticmethod
+    def next_week(hours: int = 0) -> datetime:
+        base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=7)
+        return base + timedelta(hours=hours)
+
+    async def pay(self, ref: str, **body: Any) -> dict[str, Any]:
+        """The payer pays at the sandbox Konnect (`amount`, `webhook` as its control API takes)."""
+        response = await self.konnect.post(f"/_sandbox/payments/{ref}/complete", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def __init__(
+        self, api: httpx.AsyncClient, konnect: httpx.AsyncClient, system: RunningSystem
+    ) -> None:
+        self.api = api
+        self.konnect = konnect
+        self.system = system
+        self.admin = system.token("admin")
+        self.mentee = system.token("mentee")
+
+    async def offering(self, *, price: int = 120_000, minutes: int = 60) -> dict[str, Any]:
+        mentor = await self.api.post(
+            "/api/mentors",
+            json={
+                "name": "Amira Ben Salah",
+                "email": "amira@example.com",
+                "timezone": "Africa/Tunis",
+            },
+            headers=self.admin,
+        )
+        assert mentor.status_code == 201, mentor.text
+        mentor_id = mentor.json()["id"]
+        offering = await self.api.post(
+            f"/api/mentors/{mentor_id}/offerings",
+            json={
+                "title": "System design review",
+                "duration_minutes": minutes,
+                "price": {"amount": price, "currency": "TND"},
+            },
+            headers=self.system.token("mentor", mentor_id),
+        )
+        assert offering.status_code == 201, offering.text
+        return offering.json()
+
+    async def book(
+        self,
+        offering: dict[str, Any],
+        start_at: datetime | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> httpx.Response:
+        start_at = start_at or self.next_week()
+        body = {
+            "offering_id": offering["id"],
+            "start_at": start_at.isoformat(),
+            "mentee": {
+                "first_name": "Youssef",
+                "last_name": "Trabelsi",
+                "email": "youssef@example.com",
+                "phone": "+216 20 123 456",
+            },
+            **extra,
+        }
+        return await self.api.post("/api/bookings", json=body, headers=headers or self.mentee)
+
+    async def order(self, order_id: str) -> dict[str, Any]:
+        response = await self.api.get(f"/api/orders/{order_id}", headers=self.mentee)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def order_when(self, order_id: str, what: str, predicate) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            order = await self.order(order_id)
+            return order if predicate(order) else None
+
+        return await eventually(probe, timeout=FLOW_SECONDS, interval=0.1, what=what)
+
+    async def payment_ref(self, order_id: str) -> str:
+        order = await self.order_when(
+            order_id, "the pay link", lambda o: o["payment"] and o["payment"]["pay_url"]
+        )
+        assert order["status"] == "awaiting_payment"
+        return order["payment"]["ref"]
+
+    async def booked(self, offering: dict[str, Any], start_at: datetime | None = None) -> str:
+        response = await self.book(offering, start_at)
+        assert response.status_code == 202, response.text
+        return response.json()["order_id"]
+
+
+@pytest.fixture
+def market(api, konnect, running_system) -> Marketplace:
+    return Marketplace(api, konnect, running_system)
