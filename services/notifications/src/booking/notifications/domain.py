@@ -1,0 +1,498 @@
+"""What an admin notification is, and which one each failure event raises. Pure: no I/O, no clock.
+
+The mapping table (`MAPPINGS`) is the one place that says, for every event this service
+consumes, the notification it becomes: its type and severity (per reason or kind), its title,
+its message, the metadata it carries and the ids that make its fingerprint. How severities are
+chosen:
+
+- **Critical**: money is held that no live order can take (it must be refunded or reconciled by
+  hand), a booking is stuck for a reason nobody but an admin will fix (the mentor unknown to the
+  calendar, an unexpected error), a message was dead-lettered, or a whole service (or its
+  database or broker) fails its health check.
+- **Error**: something failed and needs an admin, but nothing is lost: an integration to repair,
+  a payment that did not match its order, a component that is degraded.
+- **Warning**: suspicious but harmless on its own (a payment reference Konnect never issued).
+- **Info**: good news (a component passes its health check again).
+
+| event | reason / kind | type | severity |
+|---|---|---|---|
+| CalendarBookingFailed | store_not_found | IntegrationFailure | Critical |
+| CalendarBookingFailed | mentor_not_integrated | IntegrationFailure | Error |
+| CalendarBookingFailed | integration_revoked | IntegrationFailure | Error |
+| CalendarBookingFailed | calendar_api_error | IntegrationFailure | Error |
+| CalendarBookingFailed | unexpected_error | IntegrationFailure | Critical |
+| PaymentAnomalyDetected | unknown_payment_ref | PaymentAnomaly | Warning |
+| PaymentAnomalyDetected | amount_mismatch | PaymentAnomaly | Error |
+| PaymentAnomalyDetected | currency_mismatch | PaymentAnomaly | Error |
+| PaymentAnomalyDetected | underpayment | PaymentAnomaly | Error |
+| PaymentAnomalyDetected | payment_for_cancelled_order | PaymentAnomaly | Critical |
+| PaymentAnomalyDetected | payment_for_ended_order | PaymentAnomaly | Critical |
+| PaymentInitiationFailed | (any reason) | PaymentAnomaly | Error |
+| SessionIssueDetected | payment_for_unknown_order | SessionIssue | Critical |
+| SessionIssueDetected | payment_for_cancelled_order | SessionIssue | Critical |
+| SessionIssueDetected | payment_for_paid_order | SessionIssue | Critical |
+| SessionIssueDetected | currency_mismatch | SessionIssue | Error |
+| SessionIssueDetected | underpayment | SessionIssue | Error |
+| SystemErrorReported | dead_lettered | SystemError | Critical |
+| HealthCheckFailed | failing_vital (1) | HealthCheckFailure | Critical |
+| HealthCheckFailed | failing (2) | HealthCheckFailure | Error |
+| HealthCheckRecovered | recovered | HealthCheckFailure | Info |
+
+(1) status `fail`, and the component is a whole service (`orders:health`, as the gateway's
+monitor names them, or `orders`) or a database or broker (`database:...`, `rabbitmq:...`).
+(2) anything else: a `warn`, or a component such as an outside system.
+
+A kind this table does not know yet (a producer added one) still raises a notification, with the
+event's fallback (Error for payment anomalies and session issues): nothing is ever dropped.
+
+**Fingerprint.** The type, the event, the reason and the subject's ids (order, session, mentor,
+payment ref, component, dead-lettered message), hashed. A repeat of the same fingerprint within
+the dedup window of the notification's first occurrence counts up on that notification instead
+of adding one; alerts about different bookings stay apart. The window runs from the first
+occurrence, not the latest, so a notification that keeps recurring is renewed every window and
+stays near the top of a feed ordered newest first. A HealthCheckRecovered closes its component's
+open failure, so the next failure is a new notification (a new incident).
+
+Times are the events' `occurred_at`: when the failure happened, not when it was handled.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from enum import IntEnum
+from typing import Any, TypeVar
+
+from booking.contracts import (
+    CalendarBookingFailed,
+    Event,
+    HealthCheckFailed,
+    HealthCheckRecovered,
+    PaymentAnomalyDetected,
+    PaymentInitiationFailed,
+    SessionIssueDetected,
+    SystemErrorReported,
+)
+from booking.runtime.domain import DomainError
+
+
+class NotificationType(IntEnum):
+    """Stored as these small integers (DESIGN section 6); the API speaks the names."""
+
+    IntegrationFailure = 0
+    PaymentAnomaly = 1
+    SessionIssue = 2
+    SystemError = 3
+    HealthCheckFailure = 4
+
+
+class Severity(IntEnum):
+    """Stored as these small integers, so `severity = 3` reads as Critical in SQL."""
+
+    Info = 0
+    Warning = 1
+    Error = 2
+    Critical = 3
+
+
+IntegrationFailure = NotificationType.IntegrationFailure
+PaymentAnomaly = NotificationType.PaymentAnomaly
+SessionIssue = NotificationType.SessionIssue
+SystemError = NotificationType.SystemError
+HealthCheckFailure = NotificationType.HealthCheckFailure
+Info, Warning, Error, Critical = Severity.Info, Severity.Warning, Severity.Error, Severity.Critical
+
+MAX_TEXT = 8_000
+"""Longest detail kept in metadata (stack traces can be long); the message carries a summary."""
+MAX_SUMMARY = 300
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one reason of an event becomes. `title` is formatted with the event's payload."""
+
+    type: NotificationType
+    severity: Severity
+    title: str
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """How one event becomes a notification (one row of the table per reason in `kinds`)."""
+
+    kinds: dict[str, Kind]
+    reason: Callable[[Any], str]
+    """Which entry of `kinds` applies."""
+    message: Callable[[Any], str]
+    metadata: tuple[str, ...]
+    """Payload fields copied into the metadata (plus `reason`)."""
+    subject: tuple[str, ...]
+    """Payload fields that name what the alert is about: with the reason, the fingerprint."""
+    fallback: Kind | None = None
+    """For a reason `kinds` does not know (yet): the alert is raised all the same."""
+    metadata_reason: Callable[[Any], str] | None = None
+    """The `reason` in metadata, when it is not the mapping's (a free-form payload reason)."""
+
+
+def _summary(text: str) -> str:
+    """One line of a detail for a message: a stack trace's last line (the exception), clipped."""
+    lines = [line.strip() for line in clean(text).splitlines() if line.strip()]
+    if not lines:
+        return "no detail given"
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line if len(line) <= MAX_SUMMARY else line[: MAX_SUMMARY - 1] + "…"
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" if n == 1 else f"{n} attempts"
+
+
+def _calendar_message(e: CalendarBookingFailed) -> str:
+    return (
+        f"Session {e.session_id} of order {e.order_id} (mentor {e.mentor_id}) could not be put "
+        f"in the mentor's Google Calendar after {_attempts(e.attempts)}: {_summary(e.detail)}"
+    )
+
+
+def _anomaly_message(e: PaymentAnomalyDetected) -> str:
+    order = f"order {e.order_id}" if e.order_id else "no known order"
+    return f"Payment {e.payment_ref} ({order}): {_summary(e.detail)}"
+
+
+def _initiation_message(e: PaymentInitiationFailed) -> str:
+    return (
+        f"Konnect would not open the payment of order {e.order_id} ({e.reason}), so the mentee "
+        f"has nothing to pay with: {_summary(e.detail)}"
+    )
+
+
+def _session_message(e: SessionIssueDetected) -> str:
+    session = f", session {e.session_id}" if e.session_id else ""
+    return f"Order {e.order_id}{session}: {_summary(e.detail)}"
+
+
+def _system_message(e: SystemErrorReported) -> str:
+    what = f"a {e.message_type} message" if e.message_type else "an unreadable message"
+    ident = f" ({e.dead_lettered_message_id})" if e.dead_lettered_message_id else ""
+    return (
+        f"{e.service} could not handle {what}{ident} after {_attempts(e.attempts)}; it is in "
+        f"the dead-letter queue of {e.consumer}: {_summary(e.error)}"
+    )
+
+
+def _health_message(e: HealthCheckFailed | HealthCheckRecovered) -> str:
+    return f"{e.component} reports {e.status}: {_summary(e.output)}"
+
+
+_VITAL_COMPONENTS = ("database", "postgres", "rabbitmq", "broker")
+
+
+def health_reason(event: HealthCheckFailed) -> str:
+    """failing_vital (Critical) or failing (Error): see the module's table."""
+    name, _, measurement = event.component.partition(":")
+    whole_service = measurement in ("", "health")
+    vital = whole_service or name.lower().startswith(_VITAL_COMPONENTS)
+    return "failing_vital" if event.status == "fail" and vital else "failing"
+
+
+_CALENDAR_TITLE = "Calendar booking failed: "
+
+MAPPINGS: dict[type[Event], Mapping] = {
+    CalendarBookingFailed: Mapping(
+        kinds={
+            "store_not_found": Kind(
+                IntegrationFailure,
+                Critical,
+                _CALENDAR_TITLE + "the mentor is unknown to the calendar service",
+            ),
+            "mentor_not_integrated": Kind(
+                IntegrationFailure,
+                Error,
+                _CALENDAR_TITLE + "the mentor has not connected Google Calendar",
+            ),
+            "integration_revoked": Kind(
+                IntegrationFailure,
+                Error,
+                _CALENDAR_TITLE + "the mentor's Google access was revoked",
+            ),
+            "calendar_api_error": Kind(
+                IntegrationFailure, Error, _CALENDAR_TITLE + "Google Calendar kept failing"
+            ),
+            "unexpected_error": Kind(
+                IntegrationFailure, Critical, _CALENDAR_TITLE + "unexpected error"
+            ),
+        },
+        reason=lambda e: e.reason.value,
+        message=_calendar_message,
+        metadata=("order_id", "session_id", "mentor_id", "detail", "attempts"),
+        subject=("order_id", "session_id", "mentor_id"),
+        fallback=Kind(IntegrationFailure, Critical, _CALENDAR_TITLE + "{reason}"),
+    ),
+    PaymentAnomalyDetected: Mapping(
+        kinds={
+            "unknown_payment_ref": Kind(
+                PaymentAnomaly, Warning, "Payment notification for an unknown reference"
+            ),
+            "amount_mismatch": Kind(
+                PaymentAnomaly, Error, "Payment amount does not match its order"
+            ),
+            "currency_mismatch": Kind(
+                PaymentAnomaly, Error, "Payment currency does not match its order"
+            ),
+            "underpayment": Kind(PaymentAnomaly, Error, "Order underpaid"),
+            "payment_for_cancelled_order": Kind(
+                PaymentAnomaly, Critical, "Money received for a cancelled order"
+            ),
+            "payment_for_ended_order": Kind(
+                PaymentAnomaly, Critical, "Money received for an order that had ended"
+            ),
+        },
+        reason=lambda e: e.kind.value,
+        message=_anomaly_message,
+        metadata=("payment_ref", "order_id", "detail"),
+        subject=("payment_ref", "order_id"),
+        fallback=Kind(PaymentAnomaly, Error, "Payment anomaly: {kind}"),
+    ),
+    PaymentInitiationFailed: Mapping(
+        kinds={
+            "payment_initiation_failed": Kind(
+                PaymentAnomaly, Error, "Payment could not be opened at Konnect"
+            ),
+        },
+        reason=lambda e: "payment_initiation_failed",
+        message=_initiation_message,
+        metadata=("order_id", "detail"),
+        subject=("order_id",),
+        metadata_reason=lambda e: e.reason,
+    ),
+    SessionIssueDetected: Mapping(
+        kinds={
+            "payment_for_unknown_order": Kind(
+                SessionIssue, Critical, "Money received for an order we do not know"
+            ),
+            "payment_for_cancelled_order": Kind(
+                SessionIssue, Critical, "Money received for a cancelled order"
+            ),
+            "payment_for_paid_order": Kind(
+                SessionIssue, Critical, "A second payment for an order already paid"
+            ),
+            "currency_mismatch": Kind(
+                SessionIssue, Error, "Payment in another currency than its order's"
+            ),
+            "underpayment": Kind(SessionIssue, Error, "Order underpaid: it stays unpaid"),
+        },
+        reason=lambda e: e.kind.value,
+        message=_session_message,
+        metadata=("order_id", "session_id", "detail"),
+        subject=("order_id", "session_id"),
+        fallback=Kind(SessionIssue, Error, "Session issue: {kind}"),
+    ),
+    SystemErrorReported: Mapping(
+        kinds={
+            "dead_lettered": Kind(
+                SystemError, Critical, "Message dead-lettered by {service}: {message_type}"
+            ),
+        },
+        reason=lambda e: "dead_lettered",
+        message=_system_message,
+        metadata=(
+            "service",
+            "consumer",
+            "message_type",
+            "dead_lettered_message_id",
+            "error",
+            "attempts",
+        ),
+        subject=("service", "consumer", "message_type", "dead_lettered_message_id"),
+    ),
+    HealthCheckFailed: Mapping(
+        kinds={
+            "failing_vital": Kind(
+                HealthCheckFailure, Critical, "{component} is failing its health check"
+            ),
+            "failing": Kind(HealthCheckFailure, Error, "{component} is failing its health check"),
+        },
+        reason=health_reason,
+        message=_health_message,
+        metadata=("component", "status", "output"),
+        subject=("component",),
+    ),
+    HealthCheckRecovered: Mapping(
+        kinds={
+            "recovered": Kind(
+                HealthCheckFailure, Info, "{component} passes its health check again"
+            ),
+        },
+        reason=lambda e: "recovered",
+        message=_health_message,
+        metadata=("component", "status", "output"),
+        subject=("component",),
+    ),
+}
+"""The mapping table: every event this service consumes, and what it becomes."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A notification about to be stored (or counted up on the open one with its fingerprint)."""
+
+    type: NotificationType
+    severity: Severity
+    title: str
+    message: str
+    metadata: dict[str, Any]
+    fingerprint: str
+    occurred_at: datetime
+    reason: str = field(compare=False)
+
+
+def clean(text: str) -> str:
+    """Text Postgres can store: no NUL character (a detail may carry one from outside)."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, str):
+        value = clean(value)
+        return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
+    return value
+
+
+def fingerprint(*parts: str) -> str:
+    """A fixed-size key of an alert's identity (type, event, reason, subject ids)."""
+    joined = "\x1f".join(parts)  # a separator no id contains
+    return hashlib.sha256(joined.encode()).hexdigest()[:40]
+
+
+def _fingerprint_of(event: Event, mapping: Mapping, kind: Kind, reason: str) -> str:
+    payload = event.model_dump(mode="json")
+    subject = [f"{name}={payload.get(name) or ''}" for name in mapping.subject]
+    return fingerprint(kind.type.name, event.event_type(), reason, *subject)
+
+
+def alert_for(event: Event, occurred_at: datetime) -> Alert:
+    """The notification `event` raises, by the mapping table."""
+    mapping = MAPPINGS[type(event)]
+    reason = mapping.reason(event)
+    kind = mapping.kinds.get(reason) or mapping.fallback
+    if kind is None:
+        raise KeyError(f"{event.event_type()} reason {reason!r} is not in the mapping table")
+    payload = event.model_dump(mode="json")
+    metadata_reason = mapping.metadata_reason(event) if mapping.metadata_reason else reason
+    metadata = {name: _clean_value(payload.get(name)) for name in mapping.metadata}
+    metadata["reason"] = _clean_value(metadata_reason)
+    fields = {name: clean(str(value)) for name, value in payload.items()}
+    fields.setdefault("reason", reason)
+    if fields.get("message_type") in (None, "None"):
+        fields["message_type"] = "unreadable"
+    return Alert(
+        type=kind.type,
+        severity=kind.severity,
+        title=_clean_value(kind.title.format_map(fields)),
+        message=_clean_value(clean(mapping.message(event))),
+        metadata=metadata,
+        fingerprint=_fingerprint_of(event, mapping, kind, reason),
+        occurred_at=occurred_at,
+        reason=reason,
+    )
+
+
+def failures_closed_by(event: HealthCheckRecovered) -> list[str]:
+    """The fingerprints of the failure notifications a recovery closes (either severity)."""
+    mapping = MAPPINGS[HealthCheckFailed]
+    failed = HealthCheckFailed(component=event.component, status="fail", output="")
+    return [
+        _fingerprint_of(failed, mapping, kind, reason) for reason, kind in mapping.kinds.items()
+    ]
+
+
+# --- the feed's filters and cursor ----------------------------------------------------------
+
+
+class InvalidFilter(DomainError, ValueError):
+    """A filter value or cursor the feed does not understand (the API answers 422)."""
+
+
+L = TypeVar("L", bound=IntEnum)
+
+
+def parse_level(levels: type[L], value: str, what: str) -> L:
+    """A severity or type given by name (any case) or by its number."""
+    text = value.strip()
+    if text.isdigit():
+        try:
+            return levels(int(text))
+        except ValueError:
+            pass
+    else:
+        for level in levels:
+            if level.name.lower() == text.lower():
+                return level
+    names = ", ".join(f"{level.name} ({level.value})" for level in levels)
+    raise InvalidFilter(f"{what} must be one of {names}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: the last id given, and the order (newest first, or ascending)."""
+
+    last_id: int
+    ascending: bool = False
+
+    def encode(self) -> str:
+        raw = f"{'a' if self.ascending else 'd'}{self.last_id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raw = ""
+        if len(raw) < 2 or raw[0] not in "ad" or not raw[1:].isdigit() or len(raw) > 20:
+            raise InvalidFilter("cursor is not one this feed gave; start again without it")
+        return cls(int(raw[1:]), ascending=raw[0] == "a")
+
+
+def summary_days(today: date, days: int) -> list[date]:
+    """The last `days` UTC days, today included, oldest first."""
+    return [today - timedelta(days=n) for n in range(days - 1, -1, -1)]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The feed's filters; each one given narrows it (they combine with AND).
+
+    `since` compares with `last_occurred_at`: a notification shows if it happened, first or
+    again, at or after `since`.
+    """
+
+    unread_only: bool = False
+    severity: Severity | None = None
+    min_severity: Severity | None = None
+    type: NotificationType | None = None
+    since: datetime | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        unread_only: bool | None = None,
+        severity: str | None = None,
+        min_severity: str | None = None,
+        type: str | None = None,
+        since: datetime | None = None,
+    ) -> Filters:
+        return cls(
+            unread_only=bool(unread_only),
+            severity=None if severity is None else parse_level(Severity, severity, "severity"),
+            min_severity=(
+                None if min_severity is None else parse_level(Severity, min_severity, "minSeverity")
+            ),
+            type=None if type is None else parse_level(NotificationType, type, "type"),
+            since=since,
+        )

@@ -1,0 +1,523 @@
+"""What the notifications service makes of each failure event, published on its real exchange.
+
+Each event becomes a stored notification with the type, severity, title, message and metadata of
+the mapping table, published to the admin alerts fanout; repeats count up instead of flooding;
+a redelivery never counts twice; and a failure to handle a failure report does not loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from booking.contracts import (
+    CalendarBookingFailed,
+    Event,
+    HealthCheckFailed,
+    HealthCheckRecovered,
+    PaymentAnomalyDetected,
+    PaymentInitiationFailed,
+    SessionIssueDetected,
+    SystemErrorReported,
+    wrap,
+)
+from booking.notifications import feed
+from booking.notifications.app import create_app
+from booking.notifications.domain import alert_for
+from booking.notifications.handlers import raise_system_error
+from booking.runtime.consumer import MessageContext
+from booking.runtime.testing import eventually, serving
+
+TYPES = [
+    "IntegrationFailure",
+    "PaymentAnomaly",
+    "SessionIssue",
+    "SystemError",
+    "HealthCheckFailure",
+]
+SEVERITIES = ["Info", "Warning", "Error", "Critical"]
+
+TRACE = (
+    "Traceback (most recent call last):\n"
+    '  File "service.py", line 10, in schedule\n'
+    "KeyError: 'calendar_id'\n"
+)
+
+
+@dataclass
+class Case:
+    """An event, and the notification the mapping says it raises."""
+
+    event: Event
+    type: str
+    severity: str
+    title: str
+    message: str
+    metadata: dict[str, Any]
+    producer: str | None = None
+
+
+def calendar_case(reason: str, severity: str, title: str, detail: str = "", line: str = "") -> Case:
+    o, s, m = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    detail = detail or f"{reason} for mentor {m}"
+    event = CalendarBookingFailed(
+        session_id=s, order_id=o, mentor_id=m, reason=reason, detail=detail, attempts=3
+    )
+    return Case(
+        event,
+        "IntegrationFailure",
+        severity,
+        f"Calendar booking failed: {title}",
+        f"Session {s} of order {o} (mentor {m}) could not be put in the mentor's Google "
+        f"Calendar after 3 attempts: {line or detail}",
+        {
+            "order_id": str(o),
+            "session_id": str(s),
+            "mentor_id": str(m),
+            "reason": reason,
+            "detail": detail,
+            "attempts": 3,
+        },
+    )
+
+
+def anomaly_case(kind: str, severity: str, title: str, *, with_order: bool = True) -> Case:
+    ref, order = uuid.uuid4().hex[:24], (uuid.uuid4() if with_order else None)
+    detail = f"{kind} on {ref}"
+    event = PaymentAnomalyDetected(payment_ref=ref, order_id=order, kind=kind, detail=detail)
+    return Case(
+        event,
+        "PaymentAnomaly",
+        severity,
+        title,
+        f"Payment {ref} ({f'order {order}' if order else 'no known order'}): {detail}",
+        {
+            "payment_ref": ref,
+            "order_id": str(order) if order else None,
+            "reason": kind,
+            "detail": detail,
+        },
+    )
+
+
+def session_case(kind: str, severity: str, title: str) -> Case:
+    o, s = uuid.uuid4(), uuid.uuid4()
+    detail = f"{kind}: paid 100000 of 120000 TND"
+    event = SessionIssueDetected(order_id=o, session_id=s, kind=kind, detail=detail)
+    return Case(
+        event,
+        "SessionIssue",
+        severity,
+        title,
+        f"Order {o}, session {s}: {detail}",
+        {"order_id": str(o), "session_id": str(s), "reason": kind, "detail": detail},
+    )
+
+
+def initiation_case() -> Case:
+    o = uuid.uuid4()
+    event = PaymentInitiationFailed(
+        order_id=o, reason="konnect_rejected", detail="Konnect answered 400: wallet unknown"
+    )
+    return Case(
+        event,
+        "PaymentAnomaly",
+        "Error",
+        "Payment could not be opened at Konnect",
+        f"Konnect would not open the payment of order {o} (konnect_rejected), so the mentee "
+        "has nothing to pay with: Konnect answered 400: wallet unknown",
+        {
+            "order_id": str(o),
+            "reason": "konnect_rejected",
+            "detail": "Konnect answered 400: wallet unknown",
+        },
+    )
+
+
+def system_case() -> Case:
+    dead = str(uuid.uuid4())
+    event = SystemErrorReported(
+        service="orders",
+        consumer="orders",
+        message_type="PaymentCompleted",
+        error=TRACE,
+        dead_lettered_message_id=dead,
+        attempts=5,
+    )
+    return Case(
+        event,
+        "SystemError",
+        "Critical",
+        "Message dead-lettered by orders: PaymentCompleted",
+        f"orders could not handle a PaymentCompleted message ({dead}) after 5 attempts; it is "
+        "in the dead-letter queue of orders: KeyError: 'calendar_id'",
+        {
+            "service": "orders",
+            "consumer": "orders",
+            "message_type": "PaymentCompleted",
+            "dead_lettered_message_id": dead,
+            "error": TRACE,
+            "attempts": 5,
+            "reason": "dead_lettered",
+        },
+        producer="orders",
+    )
+
+
+def health_case(
+    event_type: type[HealthCheckFailed | HealthCheckRecovered],
+    component: str,
+    status: str,
+    severity: str,
+    reason: str,
+) -> Case:
+    name, _, measurement = component.partition(":")
+    component = f"{name}-{uuid.uuid4().hex[:6]}:{measurement}"  # each test its own component
+    event = event_type(component=component, status=status, output="no answer within 2s")
+    title = (
+        f"{component} is failing its health check"
+        if event_type is HealthCheckFailed
+        else f"{component} passes its health check again"
+    )
+    return Case(
+        event,
+        "HealthCheckFailure",
+        severity,
+        title,
+        f"{component} reports {status}: no answer within 2s",
+        {
+            "component": component,
+            "status": status,
+            "output": "no answer within 2s",
+            "reason": reason,
+        },
+    )
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "calendar store_not_found": lambda: calendar_case(
+        "store_not_found", "Critical", "the mentor is unknown to the calendar service"
+    ),
+    "calendar mentor_not_integrated": lambda: calendar_case(
+        "mentor_not_integrated", "Error", "the mentor has not connected Google Calendar"
+    ),
+    "calendar integration_revoked": lambda: calendar_case(
+        "integration_revoked", "Error", "the mentor's Google access was revoked"
+    ),
+    "calendar calendar_api_error": lambda: calendar_case(
+        "calendar_api_error", "Error", "Google Calendar kept failing"
+    ),
+    "calendar unexpected_error": lambda: calendar_case(
+        "unexpected_error",
+        "Critical",
+        "unexpected error",
+        detail=TRACE,
+        line="KeyError: 'calendar_id'",
+    ),
+    "anomaly unknown_payment_ref": lambda: anomaly_case(
+        "unknown_payment_ref",
+        "Warning",
+        "Payment notification for an unknown reference",
+        with_order=False,
+    ),
+    "anomaly amount_mismatch": lambda: anomaly_case(
+        "amount_mismatch", "Error", "Payment amount does not match its order"
+    ),
+    "anomaly currency_mismatch": lambda: anomaly_case(
+        "currency_mismatch", "Error", "Payment currency does not match its order"
+    ),
+    "anomaly underpayment": lambda: anomaly_case("underpayment", "Error", "Order underpaid"),
+    "anomaly payment_for_cancelled_order": lambda: anomaly_case(
+        "payment_for_cancelled_order", "Critical", "Money received for a cancelled order"
+    ),
+    "anomaly payment_for_ended_order": lambda: anomaly_case(
+        "payment_for_ended_order", "Critical", "Money received for an order that had ended"
+    ),
+    "payment initiation failed": initiation_case,
+    "session payment_for_unknown_order": lambda: session_case(
+        "payment_for_unknown_order", "Critical", "Money received for an order we do not know"
+    ),
+    "session payment_for_cancelled_order": lambda: session_case(
+        "payment_for_cancelled_order", "Critical", "Money received for a cancelled order"
+    ),
+    "session payment_for_paid_order": lambda: session_case(
+        "payment_for_paid_order", "Critical", "A second payment for an order already paid"
+    ),
+    "session currency_mismatch": lambda: session_case(
+        "currency_mismatch", "Error", "Payment in another currency than its order's"
+    ),
+    "session underpayment": lambda: session_case(
+        "underpayment", "Error", "Order underpaid: it stays unpaid"
+    ),
+    "system error": system_case,
+    "health failed: a whole service": lambda: health_case(
+        HealthCheckFailed, "orders:health", "fail", "Critical", "failing_vital"
+    ),
+    "health failed: a database": lambda: health_case(
+        HealthCheckFailed, "database:responseTime", "fail", "Critical", "failing_vital"
+    ),
+    "health failed: an outside system": lambda: health_case(
+        HealthCheckFailed, "konnect:reachable", "warn", "Error", "failing"
+    ),
+    "health recovered": lambda: health_case(
+        HealthCheckRecovered, "orders:health", "pass", "Info", "recovered"
+    ),
+}
+
+
+class TestMapping:
+    @pytest.mark.parametrize("name", list(CASES))
+    async def test_each_failure_event_raises_the_notification_of_the_mapping(
+        self, notifications, name: str
+    ) -> None:
+        case = CASES[name]()
+        occurred = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        row = await notifications.raise_(case.event, occurred_at=occurred, producer=case.producer)
+
+        assert (TYPES[row["type"]], SEVERITIES[row["severity"]]) == (case.type, case.severity)
+        assert row["title"] == case.title
+        assert row["message"] == case.message
+        assert row["metadata"] == case.metadata
+        assert (row["occurrences"], row["is_read"], row["read_at"]) == (1, False, None)
+        assert row["created_at"] == row["last_occurred_at"] == occurred
+
+        await notifications.quiet()
+        [raised] = notifications.alerts.payloads(row["id"])
+        assert raised == {
+            "id": row["id"],
+            "type": case.type,
+            "severity": case.severity,
+            "title": case.title,
+            "message": case.message,
+            "metadata": case.metadata,
+            "is_read": False,
+            "read_at": None,
+            "created_at": occurred.isoformat().replace("+00:00", "Z"),
+            "fingerprint": row["fingerprint"],
+            "occurrences": 1,
+            "last_occurred_at": occurred.isoformat().replace("+00:00", "Z"),
+        }
+        assert notifications.reported() == []
+
+
+class TestDedup:
+    async def test_the_same_alert_five_times_in_the_window_is_one_notification_raised_five_times(
+        self, notifications
+    ) -> None:
+        event = calendar_failed_event()
+        start = datetime.now(UTC) - timedelta(minutes=30)
+        sent = [
+            await notifications.publish(event, occurred_at=start + timedelta(minutes=n))
+            for n in range(5)
+        ]
+        await notifications.handled(*sent)
+
+        [row] = await notifications.rows()
+        assert row["occurrences"] == 5
+        assert row["created_at"] == start
+        assert row["last_occurred_at"] == start + timedelta(minutes=4)
+        await notifications.quiet()
+        raised = notifications.alerts.payloads(row["id"])
+        assert sorted(r["occurrences"] for r in raised) == [1, 2, 3, 4, 5]  # 1 new + 4 updates
+        assert len({m.message_id for m in notifications.alerts.messages}) == 5
+
+    async def test_an_event_delivered_twice_counts_once(self, notifications) -> None:
+        event = calendar_failed_event()
+        first = await notifications.publish(event)
+        await notifications.publish(event, message_id=first)  # the same message, redelivered
+        await notifications.handled(first)
+        await notifications.quiet()
+
+        [row] = await notifications.rows()
+        assert row["occurrences"] == 1
+        assert len(notifications.alerts.payloads(row["id"])) == 1
+
+    async def test_alerts_about_different_bookings_stay_apart(self, notifications) -> None:
+        mentor = uuid.uuid4()
+        one = calendar_failed_event(mentor_id=mentor)
+        other = calendar_failed_event(mentor_id=mentor)
+        await notifications.handled(
+            await notifications.publish(one), await notifications.publish(other)
+        )
+
+        rows = await notifications.rows()
+        assert len(rows) == 2
+        assert {r["metadata"]["order_id"] for r in rows} == {str(one.order_id), str(other.order_id)}
+        assert all(r["occurrences"] == 1 for r in rows)
+
+    async def test_a_repeat_after_the_window_is_a_new_notification(self, notifications) -> None:
+        event = calendar_failed_event()
+        now = datetime.now(UTC)
+        window = timedelta(seconds=notifications.settings.notification_dedup_window_seconds)
+        assert window == timedelta(hours=1)  # the default
+        first = await notifications.raise_(event, occurred_at=now - window - timedelta(minutes=1))
+        second = await notifications.raise_(event, occurred_at=now)
+
+        assert second["id"] > first["id"]
+        assert second["fingerprint"] == first["fingerprint"]
+        old, new = await notifications.rows()
+        assert (old["occurrences"], old["is_open"]) == (1, False)
+        assert (new["occurrences"], new["is_open"]) == (1, True)
+        # Within the window of the new one, repeats count up on it.
+        third = await notifications.raise_(event, occurred_at=now + timedelta(minutes=59))
+        assert (third["id"], third["occurrences"]) == (second["id"], 2)
+
+    async def test_a_late_repeat_counts_but_keeps_the_latest_message(self, notifications) -> None:
+        now = datetime.now(UTC)
+        ids = {"order_id": uuid.uuid4(), "session_id": uuid.uuid4(), "mentor_id": uuid.uuid4()}
+        await notifications.raise_(calendar_failed_event(**ids, detail="latest"), occurred_at=now)
+        row = await notifications.raise_(
+            calendar_failed_event(**ids, detail="older"), occurred_at=now - timedelta(minutes=5)
+        )
+        assert row["occurrences"] == 2
+        assert row["last_occurred_at"] == now
+        assert row["metadata"]["detail"] == "latest"
+
+    async def test_a_repeat_makes_a_read_notification_unread_again(self, notifications) -> None:
+        event = calendar_failed_event()
+        row = await notifications.raise_(event)
+        answer = await notifications.client.post(
+            f"/api/admin/notifications/{row['id']}/read", headers=notifications.admin
+        )
+        assert answer.json()["is_read"] is True
+
+        row = await notifications.raise_(event)
+        assert (row["occurrences"], row["is_read"], row["read_at"]) == (2, False, None)
+
+    async def test_a_recovery_ends_the_incident_so_the_next_failure_is_new(
+        self, notifications
+    ) -> None:
+        component = f"payments-{uuid.uuid4().hex[:6]}:health"
+        failed = HealthCheckFailed(component=component, status="fail", output="503")
+        first = await notifications.raise_(failed)
+        recovered = HealthCheckRecovered(component=component, status="pass", output="")
+        await notifications.raise_(recovered)
+        second = await notifications.raise_(failed)
+
+        assert second["id"] > first["id"]
+        rows = await notifications.rows()
+        assert [(TYPES[r["type"]], SEVERITIES[r["severity"]], r["is_open"]) for r in rows] == [
+            ("HealthCheckFailure", "Critical", False),
+            ("HealthCheckFailure", "Info", True),
+            ("HealthCheckFailure", "Critical", True),
+        ]
+
+    async def test_concurrent_stores_of_one_alert_make_one_row(self, notifications) -> None:
+        db = notifications.runtime.db
+        alert = alert_for(calendar_failed_event(), datetime.now(UTC))
+
+        async def store() -> None:
+            async with db.transaction() as session:
+                await feed.store_alert(session, alert, timedelta(hours=1))
+
+        await asyncio.gather(*(store() for _ in range(10)))
+        [row] = await notifications.rows()
+        assert row["occurrences"] == 10
+
+    async def test_two_consumers_at_once_count_one_alert_on_one_row(self, notifications) -> None:
+        # A second replica on the same queue: the broker shares the deliveries between them.
+        second = create_app(notifications.settings)
+        async with serving(second):
+            await second.state.runtime.broker.wait_ready(timeout=15)
+            event = calendar_failed_event()
+            sent = await asyncio.gather(*(notifications.publish(event) for _ in range(40)))
+            await notifications.handled(*sent)
+
+        [row] = await notifications.rows()
+        assert row["occurrences"] == 40
+        await notifications.quiet()
+        raised = notifications.alerts.payloads(row["id"])
+        assert sorted(r["occurrences"] for r in raised) == list(range(1, 41))
+
+
+class TestLoopGuard:
+    async def test_a_report_of_a_failed_report_is_stored_and_not_reported_again(
+        self, notifications
+    ) -> None:
+        report = SystemErrorReported(
+            service="notifications",
+            consumer="notifications",
+            message_type="SystemErrorReported",
+            error=TRACE,
+            dead_lettered_message_id=str(uuid.uuid4()),
+            attempts=5,
+        )
+        row = await notifications.raise_(report, producer="notifications")
+        assert (TYPES[row["type"]], SEVERITIES[row["severity"]]) == ("SystemError", "Critical")
+        await notifications.spy.settle()
+        assert notifications.reported() == []
+
+    async def test_when_storing_fails_the_chain_of_reports_ends_at_the_second(
+        self, notifications, monkeypatch
+    ) -> None:
+        async def broken_store(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("the notifications table is broken")
+
+        monkeypatch.setattr(feed, "store_alert", broken_store)
+        await notifications.publish(calendar_failed_event())
+
+        # The event is dead-lettered and reported; storing that report fails as well, so it is
+        # dead-lettered and reported in turn; that second report is the end of the line.
+        await eventually(lambda: len(notifications.reported()) >= 2, what="two reports")
+        first, second = notifications.reported()
+        assert _payload(first)["message_type"] == "CalendarBookingFailed"
+        assert _payload(second)["message_type"] == "SystemErrorReported"
+        await notifications.handled(uuid.UUID(second.message_id))  # acked, not dead-lettered
+        await notifications.spy.settle()
+        assert len(notifications.reported()) == 2
+        assert await notifications.rows() == []
+
+    async def test_the_guard_swallows_only_a_report_of_a_failed_report(
+        self, notifications, monkeypatch
+    ) -> None:
+        async def broken_store(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("the notifications table is broken")
+
+        monkeypatch.setattr(feed, "store_alert", broken_store)
+        runtime = notifications.runtime
+
+        async def handle(service: str, message_type: str) -> None:
+            report = SystemErrorReported(
+                service=service,
+                consumer=service,
+                message_type=message_type,
+                error="boom",
+                dead_lettered_message_id=None,
+                attempts=3,
+            )
+            envelope = wrap(
+                report, message_id=uuid.uuid4(), correlation_id="test", producer=service
+            )
+            async with runtime.db.transaction() as session:
+                ctx = MessageContext(session, envelope, runtime.outbox)
+                await raise_system_error(
+                    report, ctx, window=timedelta(hours=1), alerts_exchange="unused"
+                )
+
+        await handle("notifications", "SystemErrorReported")  # swallowed: the end of the line
+        with pytest.raises(RuntimeError):
+            await handle("orders", "PaymentCompleted")
+        with pytest.raises(RuntimeError):
+            await handle("notifications", "CalendarBookingFailed")
+
+
+def calendar_failed_event(**ids: Any) -> CalendarBookingFailed:
+    return CalendarBookingFailed(
+        session_id=ids.get("session_id", uuid.uuid4()),
+        order_id=ids.get("order_id", uuid.uuid4()),
+        mentor_id=ids.get("mentor_id", uuid.uuid4()),
+        reason="calendar_api_error",
+        detail=ids.get("detail", "Google answered 503 three times"),
+        attempts=3,
+    )
+
+
+def _payload(message: Any) -> dict[str, Any]:
+    return json.loads(message.body)["payload"]
