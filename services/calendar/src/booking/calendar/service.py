@@ -87,6 +87,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# An admin reads the trace in the alert; its head says what it is, its tail where it broke.
+_TRACE_LIMIT = 8000
+
+
+def stack_trace() -> str:
+    """The exception being handled, as Python prints it, within _TRACE_LIMIT characters."""
+    trace = traceback.format_exc()
+    if len(trace) <= _TRACE_LIMIT:
+        return trace
+    head, _, _ = trace.partition("\n")
+    return f"{head}\n  ... (cut) ...\n{trace[-(_TRACE_LIMIT - len(head) - 20) :]}"
+
+
 class UnknownMentor(Exception):
     """No MentorRegistered reached us for this id."""
 
@@ -527,7 +540,7 @@ class CalendarService:
             except Exception:
                 log.exception("scheduling session %s failed unexpectedly", row.session_id)
                 return await self._failed(
-                    row, CalendarFailureReason.UNEXPECTED_ERROR, traceback.format_exc()
+                    row, CalendarFailureReason.UNEXPECTED_ERROR, stack_trace()
                 )
             return await self._confirmed(row, confirmed)
 
