@@ -188,6 +188,11 @@ class RunningSystem:
         return self.url("SANDBOX_KONNECT_PORT")
 
     @property
+    def google(self) -> str:
+        """The sandbox Google: OAuth, Calendar v3, its control API under /_sandbox."""
+        return self.url("SANDBOX_GOOGLE_PORT")
+
+    @property
     def rabbitmq_url(self) -> str:
         return self.env["RABBITMQ_URL"]
 
@@ -332,26 +337,58 @@ class Marketplace:
         return response.json()
 
     def __init__(
-        self, api: httpx.AsyncClient, konnect: httpx.AsyncClient, system: RunningSystem
+        self,
+        api: httpx.AsyncClient,
+        konnect: httpx.AsyncClient,
+        google: httpx.AsyncClient,
+        system: RunningSystem,
     ) -> None:
         self.api = api
         self.konnect = konnect
+        self.google = google
         self.system = system
         self.admin = system.token("admin")
         self.mentee = system.token("mentee")
+        self.mentor_emails: dict[str, str] = {}
+
+    async def connect_calendar(self, mentor_id: str) -> dict[str, Any]:
+        """The mentor connects Google: the consent the gateway redirects to, approved."""
+        start = await self.api.get(
+            f"/api/mentors/{mentor_id}/calendar/connect",
+            headers=self.system.token("mentor", mentor_id),
+        )
+        assert start.status_code == 302, start.text
+        approved = await self.google.post(
+            "/_sandbox/oauth/approve", json={"auth_url": start.headers["location"]}
+        )
+        assert approved.status_code == 200, approved.text
+        back = approved.json()["location"]  # the callback, through the gateway
+        assert back.startswith(f"{self.system.gateway}/api/calendar/oauth/callback?"), back
+        finished = await self.api.get(back)
+        assert finished.status_code == 200, finished.text
+        return finished.json()
+
+    async def google_events(self, mentor_id: str) -> list[dict[str, Any]]:
+        listed = await self.google.get(
+            "/_sandbox/events", params={"account": self.mentor_emails[mentor_id]}
+        )
+        assert listed.status_code == 200, listed.text
+        return listed.json()["events"]
 
     async def offering(self, *, price: int = 120_000, minutes: int = 60) -> dict[str, Any]:
         mentor = await self.api.post(
             "/api/mentors",
             json={
                 "name": "Amira Ben Salah",
-                "email": "amira@example.com",
+                # Each mentor their own Google account (the consent's login_hint).
+                "email": f"amira-{uuid.uuid4().hex[:8]}@example.com",
                 "timezone": "Africa/Tunis",
             },
             headers=self.admin,
         )
         assert mentor.status_code == 201, mentor.text
         mentor_id = mentor.json()["id"]
+        self.mentor_emails[mentor_id] = mentor.json()["email"]
         offering = await self.api.post(
             f"/api/mentors/{mentor_id}/offerings",
             json={
@@ -412,5 +449,14 @@ class Marketplace:
 
 
 @pytest.fixture
-def market(api, konnect, running_system) -> Marketplace:
-    return Marketplace(api, konnect, running_system)
+async def google(running_system) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=running_system.google, timeout=30, trust_env=False
+    ) as client:
+        yield client
+        await client.delete("/_sandbox/faults")
+
+
+@pytest.fixture
+def market(api, konnect, google, running_system) -> Marketplace:
+    return Marketplace(api, konnect, google, running_system)

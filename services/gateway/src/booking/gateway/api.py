@@ -239,7 +239,7 @@ async def connect_calendar(
 @calendar.get(
     "/api/calendar/oauth/callback",
     response_model=CalendarConnection,
-    responses=_problems(*PUBLIC),
+    responses=_problems(*PUBLIC, 404),
     dependencies=[Depends(rate_limited(Limit.PUBLIC))],
     summary="Where Google sends the browser back (the signed state says who)",
 )
