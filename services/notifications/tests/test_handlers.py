@@ -354,11 +354,12 @@ class TestDedup:
 
     async def test_a_repeat_after_the_window_is_a_new_notification(self, notifications) -> None:
         event = calendar_failed_event()
-        now = datetime.now(UTC)
         window = timedelta(seconds=notifications.settings.notification_dedup_window_seconds)
         assert window == timedelta(hours=1)  # the default
-        first = await notifications.raise_(event, occurred_at=now - window - timedelta(minutes=1))
-        second = await notifications.raise_(event, occurred_at=now)
+        start = datetime.now(UTC) - timedelta(hours=3)
+        first = await notifications.raise_(event, occurred_at=start)
+        later = start + window + timedelta(minutes=1)
+        second = await notifications.raise_(event, occurred_at=later)
 
         assert second["id"] > first["id"]
         assert second["fingerprint"] == first["fingerprint"]
@@ -366,7 +367,7 @@ class TestDedup:
         assert (old["occurrences"], old["is_open"]) == (1, False)
         assert (new["occurrences"], new["is_open"]) == (1, True)
         # Within the window of the new one, repeats count up on it.
-        third = await notifications.raise_(event, occurred_at=now + timedelta(minutes=59))
+        third = await notifications.raise_(event, occurred_at=later + timedelta(minutes=59))
         assert (third["id"], third["occurrences"]) == (second["id"], 2)
 
     async def test_a_late_repeat_counts_but_keeps_the_latest_message(self, notifications) -> None:

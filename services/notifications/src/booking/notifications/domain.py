@@ -109,6 +109,8 @@ Info, Warning, Error, Critical = Severity.Info, Severity.Warning, Severity.Error
 MAX_TEXT = 8_000
 """Longest detail kept in metadata (stack traces can be long); the message carries a summary."""
 MAX_SUMMARY = 300
+MAX_ID = 2**63 - 1
+"""The largest notification id (BIGINT)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,11 @@ def _summary(text: str) -> str:
         return "no detail given"
     line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
     return line if len(line) <= MAX_SUMMARY else line[: MAX_SUMMARY - 1] + "…"
+
+
+def _name(value: Any) -> str:
+    """An enum member's value (or a plain string, as a newer producer may send)."""
+    return str(getattr(value, "value", value))
 
 
 def _attempts(n: int) -> str:
@@ -226,7 +233,7 @@ MAPPINGS: dict[type[Event], Mapping] = {
                 IntegrationFailure, Critical, _CALENDAR_TITLE + "unexpected error"
             ),
         },
-        reason=lambda e: e.reason.value,
+        reason=lambda e: _name(e.reason),
         message=_calendar_message,
         metadata=("order_id", "session_id", "mentor_id", "detail", "attempts"),
         subject=("order_id", "session_id", "mentor_id"),
@@ -251,7 +258,7 @@ MAPPINGS: dict[type[Event], Mapping] = {
                 PaymentAnomaly, Critical, "Money received for an order that had ended"
             ),
         },
-        reason=lambda e: e.kind.value,
+        reason=lambda e: _name(e.kind),
         message=_anomaly_message,
         metadata=("payment_ref", "order_id", "detail"),
         subject=("payment_ref", "order_id"),
@@ -285,7 +292,7 @@ MAPPINGS: dict[type[Event], Mapping] = {
             ),
             "underpayment": Kind(SessionIssue, Error, "Order underpaid: it stays unpaid"),
         },
-        reason=lambda e: e.kind.value,
+        reason=lambda e: _name(e.kind),
         message=_session_message,
         metadata=("order_id", "session_id", "detail"),
         subject=("order_id", "session_id"),
@@ -453,7 +460,8 @@ class Cursor:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raw = ""
-        if len(raw) < 2 or raw[0] not in "ad" or not raw[1:].isdigit() or len(raw) > 20:
+        valid = 2 <= len(raw) <= 20 and raw[0] in "ad" and raw[1:].isdigit()
+        if not valid or int(raw[1:]) > MAX_ID:
             raise InvalidFilter("cursor is not one this feed gave; start again without it")
         return cls(int(raw[1:]), ascending=raw[0] == "a")
 

@@ -52,7 +52,8 @@ async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) ->
 
     A repeat that comes `window` or more after the open notification's first occurrence closes
     it and opens a new one. A repeat that happened before the latest occurrence (it arrived
-    late) counts, but leaves the latest message and metadata as they are.
+    late) counts, but leaves the latest message and metadata as they are; one that happened
+    before the first becomes the first.
     """
     await session.execute(_lock)
     values = {
@@ -73,6 +74,8 @@ async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) ->
         index_where=table.c.is_open,
         set_={
             "occurrences": table.c.occurrences + 1,
+            # Repeats can be handled out of order: the first occurrence is the earliest.
+            "created_at": func.least(table.c.created_at, new.created_at),
             "last_occurred_at": func.greatest(table.c.last_occurred_at, new.last_occurred_at),
             "message": case((is_latest, new.message), else_=table.c.message),
             "metadata": case((is_latest, new.metadata), else_=table.c.metadata),
