@@ -1,5 +1,5 @@
-"""Composition root of the gateway: settings, runtime, limits, upstream clients, routes and the
-system health monitor. No database."""
+"""Composition root of the gateway: settings, runtime, limits, upstream clients, routes, the
+system health monitor and the admins' live alert websocket. No database."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
+from booking.gateway.alerts import AdminAlerts
 from booking.gateway.api import routers
 from booking.gateway.limits import BodyLimitMiddleware, rate_limiters
 from booking.gateway.monitor import HealthMonitor, SystemHealth
@@ -28,10 +29,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         interval=settings.health_monitor_interval_seconds,
         failures_to_alert=settings.health_monitor_failures_to_alert,
     )
+    alerts = AdminAlerts(settings, runtime.broker)
+    alerts.add_checks(runtime.health)
 
     @asynccontextmanager
     async def open_gateway(app: FastAPI) -> AsyncIterator[None]:
-        async with Upstreams.open(settings) as upstreams:
+        async with Upstreams.open(settings) as upstreams, alerts.running():
             app.state.upstreams = upstreams
             await system.start()
             monitor.start()
@@ -44,11 +47,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = create_service_app(
         runtime,
         # The aggregated /health first: it answers in place of the runtime's own.
-        routers=[system.router(), *routers],
+        routers=[system.router(), alerts.router(), *routers],
         title="Mentor booking API",
         lifespan=open_gateway,
         # Inside the correlation middleware, so a 413 still carries the correlation id.
         middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
     )
     app.state.rate_limiters = rate_limiters(settings)
+    app.state.admin_alerts = alerts
     return app

@@ -31,3 +31,14 @@ class GatewaySettings(RuntimeSettings):
     health_upstream_timeout_seconds: float = Field(default=3.0, gt=0)
     health_monitor_interval_seconds: float = Field(default=15.0, gt=0)
     health_monitor_failures_to_alert: int = Field(default=3, ge=1)
+
+    # The admins' live alert websocket, /ws/admin (see booking.gateway.alerts).
+    alerts_ping_interval_seconds: float = Field(default=20.0, gt=0)
+    alerts_ping_timeout_seconds: float = Field(default=20.0, gt=0)
+    # Frames that may wait for one admin's socket; beyond that the admin is dropped (4408).
+    alerts_client_queue_size: int = Field(default=256, ge=2)
+    # Notifications per page when a resume replays from the notifications service.
+    alerts_replay_page_size: int = Field(default=100, ge=1, le=1000)
+    alerts_notifications_timeout_seconds: float = Field(default=5.0, gt=0)
+    # How long the close frame of a dropped admin may wait behind what it has not read.
+    alerts_close_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -1,0 +1,203 @@
+"""This replica's alert feed: its own queue on the `admin.alerts` fanout, and the fan-out to the
+admins connected here.
+
+Each gateway replica declares a server-named, exclusive, auto-delete queue bound to the fanout
+exchange, so every replica gets every alert and an admin on any replica sees them all. The queue
+lives as long as the broker connection: after a reconnect it is declared, bound and consumed
+again (a new name). What was published while the connection was down is not in any queue of
+this replica; an admin who missed it gets it by resuming (the replay comes from the
+notifications service, which stores everything, not from the broker).
+
+Messages are taken without acks: an alert is worth something only live, the store is elsewhere.
+The fan-out never awaits a socket: it hands each admin's connection the frame (serialised once),
+and a connection that cannot take it is dropped by itself (see connection.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+
+from booking.contracts import (
+    AdminNotificationRaised,
+    MalformedMessage,
+    UnknownEvent,
+    decode,
+    parse_envelope,
+)
+from booking.gateway.alerts.frames import Alert, Sent
+from booking.runtime.broker import Broker
+from booking.runtime.health import Observation
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "admin-alerts"
+
+HISTORY = 1024
+"""The last alerts fanned out here, so that a client that resumes after it went live is not sent
+again what it was sent live (see AdminConnection.resume)."""
+
+REMEMBERED_IDS = 4096
+"""How many notification ids the feed remembers to drop redelivered or stale repeats."""
+
+
+class Subscriber(Protocol):
+    since: int
+
+    def offer(self, alert: Alert) -> None: ...
+
+
+class AlertFeed:
+    def __init__(self, broker: Broker, *, reattach_interval: float = 2.0) -> None:
+        self.broker = broker
+        self.exchange = broker.alerts_exchange
+        self.reattach_interval = reattach_interval
+        self.subscribers: set[Subscriber] = set()
+        self.history: deque[Alert] = deque(maxlen=HISTORY)
+        self.seq = 0  # of the last alert fanned out
+        self.received = 0
+        self.dropped_repeats = 0
+        self.queue_name: str | None = None
+        self._seen = Sent(REMEMBERED_IDS)
+        self._channel: AbstractRobustChannel | None = None
+        self._reattach: asyncio.Task | None = None
+        self._hooked: set[int] = set()
+
+    # --- the queue --------------------------------------------------------------------------
+
+    async def attach(self, connection: AbstractRobustConnection) -> None:
+        """`Broker.on_connected`: declare, bind and consume; again after every reconnect.
+
+        Broker.on_connected runs on the first connection only (aio-pika restores robust queues
+        itself, but a server-named one cannot be restored under its old name): the connection's
+        reconnect callbacks declare a fresh queue each time.
+        """
+        if id(connection) not in self._hooked:
+            self._hooked.add(id(connection))
+            connection.reconnect_callbacks.add(self._on_reconnected)
+        await self._declare(connection)
+
+    def _on_reconnected(self, connection: AbstractRobustConnection) -> None:
+        # Not awaited by aio-pika's reconnect path: it must not stall on our declarations.
+        self.queue_name = None
+        if self._reattach is None or self._reattach.done():
+            self._reattach = asyncio.create_task(
+                self._redeclare(connection), name="admin-alerts-reattach"
+            )
+
+    async def _redeclare(self, connection: AbstractRobustConnection) -> None:
+        while not connection.is_closed:
+            try:
+                await self._declare(connection)
+                return
+            except Exception as exc:
+                log.warning(
+                    "admin alert feed: could not declare its queue again, retrying in %gs: %s",
+                    self.reattach_interval,
+                    str(exc) or type(exc).__name__,
+                )
+                await asyncio.sleep(self.reattach_interval)
+
+    async def _declare(self, connection: AbstractRobustConnection) -> None:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await connection.channel(publisher_confirms=False)
+        channel = self._channel
+        await self.broker.declare_exchanges(channel)
+        # A plain (not robust) queue: declared with an empty name, the broker names it.
+        queue = aio_pika.Queue(
+            channel, None, durable=False, exclusive=True, auto_delete=True, arguments=None
+        )
+        await queue.declare()
+        await queue.bind(self.exchange, routing_key="")
+        await queue.consume(self._on_message, no_ack=True)
+        self.queue_name = queue.name
+        log.info("admin alert feed consuming %s (bound to %s)", queue.name, self.exchange)
+
+    async def stop(self) -> None:
+        if self._reattach is not None:
+            self._reattach.cancel()
+            await asyncio.gather(self._reattach, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            try:
+                await asyncio.wait_for(self._channel.close(), 5)
+            except Exception as exc:  # the connection may be gone already
+                log.debug("admin alert feed: closing its channel: %s", exc)
+        self.queue_name = None
+
+    # --- fan-out ----------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = decode(parse_envelope(message.body))
+        except (MalformedMessage, UnknownEvent) as exc:
+            log.error("admin alert feed: dropped %s: %s", message.message_id, exc)
+            return
+        if not isinstance(event, AdminNotificationRaised):
+            log.warning("admin alert feed: ignored a %s", type(event).__name__)
+            return
+        self.publish(event)
+
+    def publish(self, notification: AdminNotificationRaised) -> None:
+        """Hand the notification to every subscriber; synchronous, so the order is the queue's."""
+        self.received += 1
+        alert = Alert.of(notification, seq=self.seq + 1)
+        if not self._seen.take(alert):
+            # At-least-once delivery: the same (id, occurrences) again, or an older count late.
+            self.dropped_repeats += 1
+            return
+        self.seq = alert.seq
+        self.history.append(alert)
+        for subscriber in list(self.subscribers):
+            subscriber.offer(alert)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """From now on `subscriber` is offered every alert (its `since` marks where it joined)."""
+        subscriber.since = self.seq
+        self.subscribers.add(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+
+    def sent_since(self, seq: int) -> Iterable[Alert]:
+        """The alerts fanned out after `seq` (as far back as the history reaches)."""
+        return (alert for alert in self.history if alert.seq > seq)
+
+    # --- health -----------------------------------------------------------------------------
+
+    @property
+    def consuming(self) -> bool:
+        return self.queue_name is not None and self.broker.is_connected
+
+    async def check_queue(self) -> Observation:
+        """Pass when this replica's queue has its consumer; fail when the broker is up and it
+        does not. Without a broker the rabbitmq:connection check already says so: warn."""
+        measurement = "consumers"
+        if not self.broker.is_connected:
+            return Observation(
+                COMPONENT, measurement, "warn", "component", 0,
+                output="not connected to RabbitMQ: no live alerts until it is back",
+            )  # fmt: skip
+        name = self.queue_name
+        if name is None:
+            return Observation(
+                COMPONENT, measurement, "fail", "component", 0,
+                output=f"no queue bound to {self.exchange} yet",
+            )  # fmt: skip
+        try:
+            _, consumers = await self.broker.queue_stats(name)
+        except Exception as exc:
+            return Observation(
+                COMPONENT, measurement, "fail", "component", 0,
+                output=f"queue {name} is gone: {type(exc).__name__}",
+            )  # fmt: skip
+        status = "pass" if consumers > 0 else "fail"
+        return Observation(
+            COMPONENT, measurement, status, "component", consumers,
+            output=f"{name} bound to {self.exchange}",
+        )  # fmt: skip
