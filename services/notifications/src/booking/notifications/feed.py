@@ -140,7 +140,7 @@ def _fields(row: Any) -> dict[str, Any]:
 def _where(filters: Filters) -> list[Any]:
     clauses: list[Any] = []
     if filters.unread_only:
-        clauses.append(table.c.is_read.is_(False))
+        clauses.append(~table.c.is_read)  # NOT is_read: the partial index's own predicate
     if filters.severity is not None:
         clauses.append(table.c.severity == int(filters.severity))
     if filters.min_severity is not None:
@@ -236,9 +236,7 @@ async def mark_all_read(session: AsyncSession, filters: Filters, now: datetime) 
     # this statement never wait on each other's rows in opposite orders (no deadlock).
     await session.execute(_lock)
     result = await session.execute(
-        update(table)
-        .where(table.c.is_read.is_(False), *_where(filters))
-        .values(is_read=True, read_at=now)
+        update(table).where(~table.c.is_read, *_where(filters)).values(is_read=True, read_at=now)
     )
     return result.rowcount
 
