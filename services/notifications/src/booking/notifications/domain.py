@@ -99,12 +99,8 @@ class Severity(IntEnum):
     Critical = 3
 
 
-IntegrationFailure = NotificationType.IntegrationFailure
-PaymentAnomaly = NotificationType.PaymentAnomaly
-SessionIssue = NotificationType.SessionIssue
-SystemError = NotificationType.SystemError
-HealthCheckFailure = NotificationType.HealthCheckFailure
-Info, Warning, Error, Critical = Severity.Info, Severity.Warning, Severity.Error, Severity.Critical
+# Short names for the mapping table (not the bare names: Warning and SystemError are builtins).
+T, S = NotificationType, Severity
 
 MAX_TEXT = 8_000
 """Longest detail kept in metadata (stack traces can be long); the message carries a summary."""
@@ -212,62 +208,62 @@ MAPPINGS: dict[type[Event], Mapping] = {
     CalendarBookingFailed: Mapping(
         kinds={
             "store_not_found": Kind(
-                IntegrationFailure,
-                Critical,
+                T.IntegrationFailure,
+                S.Critical,
                 _CALENDAR_TITLE + "the mentor is unknown to the calendar service",
             ),
             "mentor_not_integrated": Kind(
-                IntegrationFailure,
-                Error,
+                T.IntegrationFailure,
+                S.Error,
                 _CALENDAR_TITLE + "the mentor has not connected Google Calendar",
             ),
             "integration_revoked": Kind(
-                IntegrationFailure,
-                Error,
+                T.IntegrationFailure,
+                S.Error,
                 _CALENDAR_TITLE + "the mentor's Google access was revoked",
             ),
             "calendar_api_error": Kind(
-                IntegrationFailure, Error, _CALENDAR_TITLE + "Google Calendar kept failing"
+                T.IntegrationFailure, S.Error, _CALENDAR_TITLE + "Google Calendar kept failing"
             ),
             "unexpected_error": Kind(
-                IntegrationFailure, Critical, _CALENDAR_TITLE + "unexpected error"
+                T.IntegrationFailure, S.Critical, _CALENDAR_TITLE + "unexpected error"
             ),
         },
         reason=lambda e: _name(e.reason),
         message=_calendar_message,
         metadata=("order_id", "session_id", "mentor_id", "detail", "attempts"),
         subject=("order_id", "session_id", "mentor_id"),
-        fallback=Kind(IntegrationFailure, Critical, _CALENDAR_TITLE + "{reason}"),
+        fallback=Kind(T.IntegrationFailure, S.Critical, _CALENDAR_TITLE + "{reason}"),
     ),
     PaymentAnomalyDetected: Mapping(
         kinds={
             "unknown_payment_ref": Kind(
-                PaymentAnomaly, Warning, "Payment notification for an unknown reference"
+                T.PaymentAnomaly, S.Warning, "Payment notification for an unknown reference"
             ),
             "amount_mismatch": Kind(
-                PaymentAnomaly, Error, "Payment amount does not match its order"
+                T.PaymentAnomaly, S.Error, "Payment amount does not match its order"
             ),
             "currency_mismatch": Kind(
-                PaymentAnomaly, Error, "Payment currency does not match its order"
+                T.PaymentAnomaly, S.Error, "Payment currency does not match its order"
             ),
-            "underpayment": Kind(PaymentAnomaly, Error, "Order underpaid"),
+            "underpayment": Kind(T.PaymentAnomaly, S.Error, "Order underpaid"),
             "payment_for_cancelled_order": Kind(
-                PaymentAnomaly, Critical, "Money received for a cancelled order"
+                T.PaymentAnomaly, S.Critical, "Money received for a cancelled order"
             ),
             "payment_for_ended_order": Kind(
-                PaymentAnomaly, Critical, "Money received for an order that had ended"
+                T.PaymentAnomaly, S.Critical, "Money received for an order that had ended"
             ),
         },
         reason=lambda e: _name(e.kind),
         message=_anomaly_message,
         metadata=("payment_ref", "order_id", "detail"),
         subject=("payment_ref", "order_id"),
-        fallback=Kind(PaymentAnomaly, Error, "Payment anomaly: {kind}"),
+        fallback=Kind(T.PaymentAnomaly, S.Error, "Payment anomaly: {kind}"),
     ),
     PaymentInitiationFailed: Mapping(
         kinds={
             "payment_initiation_failed": Kind(
-                PaymentAnomaly, Error, "Payment could not be opened at Konnect"
+                T.PaymentAnomaly, S.Error, "Payment could not be opened at Konnect"
             ),
         },
         reason=lambda e: "payment_initiation_failed",
@@ -279,29 +275,29 @@ MAPPINGS: dict[type[Event], Mapping] = {
     SessionIssueDetected: Mapping(
         kinds={
             "payment_for_unknown_order": Kind(
-                SessionIssue, Critical, "Money received for an order we do not know"
+                T.SessionIssue, S.Critical, "Money received for an order we do not know"
             ),
             "payment_for_cancelled_order": Kind(
-                SessionIssue, Critical, "Money received for a cancelled order"
+                T.SessionIssue, S.Critical, "Money received for a cancelled order"
             ),
             "payment_for_paid_order": Kind(
-                SessionIssue, Critical, "A second payment for an order already paid"
+                T.SessionIssue, S.Critical, "A second payment for an order already paid"
             ),
             "currency_mismatch": Kind(
-                SessionIssue, Error, "Payment in another currency than its order's"
+                T.SessionIssue, S.Error, "Payment in another currency than its order's"
             ),
-            "underpayment": Kind(SessionIssue, Error, "Order underpaid: it stays unpaid"),
+            "underpayment": Kind(T.SessionIssue, S.Error, "Order underpaid: it stays unpaid"),
         },
         reason=lambda e: _name(e.kind),
         message=_session_message,
         metadata=("order_id", "session_id", "detail"),
         subject=("order_id", "session_id"),
-        fallback=Kind(SessionIssue, Error, "Session issue: {kind}"),
+        fallback=Kind(T.SessionIssue, S.Error, "Session issue: {kind}"),
     ),
     SystemErrorReported: Mapping(
         kinds={
             "dead_lettered": Kind(
-                SystemError, Critical, "Message dead-lettered by {service}: {message_type}"
+                T.SystemError, S.Critical, "Message dead-lettered by {service}: {message_type}"
             ),
         },
         reason=lambda e: "dead_lettered",
@@ -319,9 +315,11 @@ MAPPINGS: dict[type[Event], Mapping] = {
     HealthCheckFailed: Mapping(
         kinds={
             "failing_vital": Kind(
-                HealthCheckFailure, Critical, "{component} is failing its health check"
+                T.HealthCheckFailure, S.Critical, "{component} is failing its health check"
             ),
-            "failing": Kind(HealthCheckFailure, Error, "{component} is failing its health check"),
+            "failing": Kind(
+                T.HealthCheckFailure, S.Error, "{component} is failing its health check"
+            ),
         },
         reason=health_reason,
         message=_health_message,
@@ -331,7 +329,7 @@ MAPPINGS: dict[type[Event], Mapping] = {
     HealthCheckRecovered: Mapping(
         kinds={
             "recovered": Kind(
-                HealthCheckFailure, Info, "{component} passes its health check again"
+                T.HealthCheckFailure, S.Info, "{component} passes its health check again"
             ),
         },
         reason=lambda e: "recovered",
