@@ -93,7 +93,9 @@ async def make_service(
     """Build (not start) a service with its own schema; `handlers` default to count_effect."""
     made: list[TestService] = []
 
-    async def build(handler=None, *, start: bool = True, **overrides: Any) -> TestService:
+    async def build(
+        handler=None, *, start: bool = True, event_type: type = MentorRegistered, **overrides: Any
+    ) -> TestService:
         settings = make_settings(**overrides)
         schema = f"rt_{uuid.uuid4().hex[:10]}"
         metadata = MetaData()
@@ -113,7 +115,7 @@ async def make_service(
             name=f"svc-{schema}",
             settings=settings,
             tables=tables,
-            handlers={MentorRegistered: handler or default_handler},
+            handlers={event_type: handler or default_handler},
         )
         assert runtime.db is not None
         async with runtime.db.engine.begin() as conn:

@@ -187,6 +187,40 @@ class TestRetriesAndDeadLetters:
         assert "the handler is broken" in report.error
         assert await service.effect_count(str(event.mentor_id)) == 0
 
+    async def test_a_report_that_cannot_be_handled_is_dead_lettered_without_a_new_report(
+        self, make_service, spy_on, rabbitmq_url
+    ):
+        async def always_fails(event, ctx) -> None:
+            raise RuntimeError("the alert store is broken")
+
+        service = await make_service(always_fails, event_type=SystemErrorReported)
+        spy = await spy_on(service.settings)
+        report = SystemErrorReported(
+            service="orders",
+            consumer="orders",
+            message_type="PaymentCompleted",
+            error="boom",
+            dead_lettered_message_id=str(uuid.uuid4()),
+            attempts=5,
+        )
+        message_id = uuid.uuid4()
+        envelope = wrap(
+            report, message_id=message_id, correlation_id=str(uuid.uuid4()), producer="orders"
+        )
+        await publish_raw(
+            rabbitmq_url,
+            service.settings.events_exchange,
+            envelope.routing_key,
+            envelope.model_dump_json().encode(),
+            message_id=str(message_id),
+        )
+
+        [dead] = await eventually(lambda: dead_letters(service), what="the dead letter")
+        assert dead.message_id == str(message_id)
+        await spy.settle()
+        # Only the report published above: failing on it published nothing, no report of it.
+        assert spy.ids() == [str(message_id)]
+
     async def test_a_handler_that_fails_once_succeeds_on_retry(
         self, make_service, new_event, rabbitmq_url
     ):

@@ -63,8 +63,12 @@ class MessageContext:
     outbox: Outbox
     after_commit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
-    async def record(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
-        return await self.outbox.record(self.session, event, message_id=message_id)
+    async def record(
+        self, event: Event, *, message_id: uuid.UUID | None = None, exchange: str | None = None
+    ) -> uuid.UUID:
+        return await self.outbox.record(
+            self.session, event, message_id=message_id, exchange=exchange
+        )
 
     def call_after_commit(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run `step` once this message's transaction has committed and it is acked.
@@ -293,18 +297,28 @@ class Consumer:
     ) -> None:
         attempts = int((message.headers or {}).get("x-attempt", 0)) + 1
         dead_id = str(envelope.message_id) if envelope else (message.message_id or None)
-        await self._report_dead_letter(
-            SystemErrorReported(
-                service=self.outbox.producer,
-                consumer=self.name,
-                message_type=envelope.type if envelope else message.type,
-                error=error[:8000],
-                dead_lettered_message_id=dead_id,
-                attempts=attempts,
-            ),
-            key=dead_id or message.body.hex()[:200],
-            correlation_id=envelope.correlation_id if envelope else message.correlation_id,
-        )
+        if envelope is not None and envelope.type == SystemErrorReported.__name__:
+            # Reporting a report that could not be handled would feed the same failing handler
+            # again, in a loop; it stays in the dead-letter queue, which health reports.
+            log.critical(
+                "dead-lettered SystemErrorReported %s on %s; not reported again: %s",
+                dead_id,
+                self.name,
+                error[:500],
+            )
+        else:
+            await self._report_dead_letter(
+                SystemErrorReported(
+                    service=self.outbox.producer,
+                    consumer=self.name,
+                    message_type=envelope.type if envelope else message.type,
+                    error=error[:8000],
+                    dead_lettered_message_id=dead_id,
+                    attempts=attempts,
+                ),
+                key=dead_id or message.body.hex()[:200],
+                correlation_id=envelope.correlation_id if envelope else message.correlation_id,
+            )
         await self._forward(
             message,
             self.queues.dead_letter,
