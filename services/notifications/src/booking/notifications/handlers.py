@@ -5,12 +5,9 @@ redelivered event is never counted twice. A stored or counted-up notification is
 the outbox as AdminNotificationRaised to the admin alerts fanout, in the same transaction; its
 message id is derived from (notification id, occurrences), so each count is its own message.
 
-**The loop guard.** When this service fails to handle a message, its consumer dead-letters it
-and reports a SystemErrorReported, which this service consumes again. Were handling that report
-to fail too, it would be dead-lettered and reported again, and so on without end. So a report
-about a SystemErrorReported that this very service failed to handle is the end of the line: it
-is stored if it can be (inside a savepoint), and otherwise logged, never raised. Every other
-report takes the ordinary path, which has no lookups and nothing to fail but the store itself.
+There is no loop when storing fails: a message this service cannot handle is dead-lettered and
+reported as a SystemErrorReported, which comes back here; should that fail too, the runtime's
+consumer dead-letters it without reporting it again (the dead-letter queue shows in health).
 """
 
 from __future__ import annotations
@@ -50,8 +47,7 @@ async def raise_alert(
     alert = alert_for(event, ctx.envelope.occurred_at)
     stored = await feed.store_alert(ctx.session, alert, window)
     row = stored.row
-    await ctx.outbox.record(
-        ctx.session,
+    await ctx.record(
         feed.raised(row),
         message_id=uuid.uuid5(_RAISED, f"{row.id}:{row.occurrences}"),
         exchange=alerts_exchange,
@@ -74,32 +70,6 @@ async def raise_recovery(
     await raise_alert(event, ctx, window=window, alerts_exchange=alerts_exchange)
 
 
-def is_own_report_failure(event: SystemErrorReported) -> bool:
-    """A report that this service could not handle a SystemErrorReported (the loop's 2nd turn)."""
-    return event.service == SERVICE and event.message_type == SystemErrorReported.event_type()
-
-
-async def raise_system_error(
-    event: SystemErrorReported, ctx: MessageContext, *, window: timedelta, alerts_exchange: str
-) -> None:
-    """A dead-lettered message: a Critical SystemError. See the loop guard above."""
-    if not is_own_report_failure(event):
-        await raise_alert(event, ctx, window=window, alerts_exchange=alerts_exchange)
-        return
-    try:
-        async with ctx.session.begin_nested():
-            await raise_alert(event, ctx, window=window, alerts_exchange=alerts_exchange)
-    except Exception:
-        log.critical(
-            "could not store the report that %s failed to handle a SystemErrorReported "
-            "(dead-lettered message %s); dropped here to end the loop. Its error: %s",
-            event.consumer,
-            event.dead_lettered_message_id,
-            event.error,
-            exc_info=True,
-        )
-
-
 def handlers(window: timedelta, alerts_exchange: str) -> Mapping[type[Event], Handler]:
     """Every event this service consumes, and what it does with it."""
     alert = partial(raise_alert, window=window, alerts_exchange=alerts_exchange)
@@ -112,7 +82,5 @@ def handlers(window: timedelta, alerts_exchange: str) -> Mapping[type[Event], Ha
         HealthCheckRecovered: partial(
             raise_recovery, window=window, alerts_exchange=alerts_exchange
         ),
-        SystemErrorReported: partial(
-            raise_system_error, window=window, alerts_exchange=alerts_exchange
-        ),
+        SystemErrorReported: alert,
     }
