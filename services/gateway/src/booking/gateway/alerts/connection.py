@@ -6,9 +6,12 @@ send queue, or, when the queue is full (the client does not read fast enough), t
 closed with 4408 and the reason. Only this connection's writer ever awaits its socket.
 
 Resume, and the start of every connection, work the same way: while the connection is not live,
-the alerts the feed offers wait in `pending`; the replay (or the hello) is sent; then `pending` is
-drained, skipping what was already sent, and the connection goes live. Draining and going live
-are one synchronous step once `pending` is empty, so nothing slips between them.
+the alerts the feed offers wait in `pending`; the hello (and the replay) are sent; then `pending`
+is drained, skipping what was already sent, and the connection goes live. Going live happens
+once `pending` is empty, with nothing awaited in between, so no alert slips between the two.
+
+An idle connection costs two tasks (reader, writer) and a few timers: a thousand admins on a
+replica is the expected load, so nothing here is allocated before it is needed.
 """
 
 from __future__ import annotations
@@ -51,16 +54,23 @@ class Policy:
     close_timeout: float = 5.0  # how long a dropped client's close frame may wait its turn
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class SendQueue:
-    """A bounded FIFO of frames. `offer` never waits (False when full); `put` waits while the
-    queue holds `limit` frames or more, so a replay leaves room for pings and errors."""
+    """A bounded FIFO of frames for one writer. `offer` never waits (False when full); `put`
+    (one caller at a time) waits while `limit` frames or more are queued, so that a replay
+    leaves room for pings and errors."""
+
+    __slots__ = ("_frames", "_getter", "_putter", "capacity")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._frames: deque[str] = deque()
-        self._nonempty = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -69,26 +79,52 @@ class SendQueue:
         if len(self._frames) >= self.capacity:
             return False
         self._frames.append(frame)
-        self._nonempty.set()
+        _wake(self._getter)
         return True
 
     async def put(self, frame: str, *, limit: int) -> None:
         while len(self._frames) >= limit:
-            self._room.clear()
-            await self._room.wait()
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
         self._frames.append(frame)
-        self._nonempty.set()
+        _wake(self._getter)
 
     async def get(self) -> str:
         while not self._frames:
-            self._nonempty.clear()
-            await self._nonempty.wait()
+            self._getter = asyncio.get_running_loop().create_future()
+            await self._getter
         frame = self._frames.popleft()
-        self._room.set()
+        _wake(self._putter)
         return frame
 
 
 class AdminConnection:
+    __slots__ = (
+        "_closed",
+        "_control",
+        "_finished",
+        "_last_heard",
+        "_resume_wanted",
+        "_timers",
+        "client_gone",
+        "close_code",
+        "close_reason",
+        "expires_at",
+        "feed",
+        "live",
+        "notifications",
+        "pending",
+        "policy",
+        "queue",
+        "replay_limit",
+        "replayed",
+        "resuming",
+        "since",
+        "sub",
+        "token",
+        "websocket",
+    )
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -100,6 +136,7 @@ class AdminConnection:
         notifications: Notifications,
         policy: Policy,
     ) -> None:
+        loop = asyncio.get_running_loop()
         self.websocket = websocket
         self.sub = sub
         self.token = token
@@ -112,21 +149,23 @@ class AdminConnection:
         self.replay_limit = max(1, policy.queue_size // 2)
         self.live = False
         self.since = 0  # the feed's seq when this connection subscribed (set by the feed)
-        self.pending: deque[Alert] = deque()
+        self.pending: list[Alert] = []  # offered while not live
         self.replayed: Sent | None = None  # after a resume: the newest of what replays sent
-        self.commands: asyncio.Queue[Resume] = asyncio.Queue()
         self.resuming = False
         self.close_code: int | None = None
         self.close_reason = ""
-        self.closed = asyncio.Event()  # asked to end
-        self.finished = asyncio.Event()  # ended, and no longer in the feed
         self.client_gone = False
-        self._heard = asyncio.Event()
+        self._closed: asyncio.Future[None] = loop.create_future()  # asked to end
+        self._finished: asyncio.Future[None] = loop.create_future()  # ended, out of the feed
+        self._control: asyncio.Task | None = None  # hello, replays: only while catching up
+        self._resume_wanted: int | None = None
+        self._last_heard = loop.time()
+        self._timers: list[asyncio.TimerHandle] = []
 
     # --- called by the feed (never awaits) ----------------------------------------------------
 
     def offer(self, alert: Alert) -> None:
-        if self.closed.is_set():
+        if self.close_code is not None:
             return
         if not self.live:
             if len(self.pending) >= self.policy.queue_size:
@@ -152,33 +191,42 @@ class AdminConnection:
 
         It leaves the feed at once: its close frame may have to wait behind what it has not read.
         """
-        if not self.closed.is_set():
+        if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-            self.closed.set()
+            _wake(self._closed)
             self.feed.unsubscribe(self)
+
+    @property
+    def finished(self) -> asyncio.Future[None]:
+        """Done once the connection has ended."""
+        return self._finished
 
     # --- the connection's life ----------------------------------------------------------------
 
     async def run(self, *, after_id: int | None) -> None:
         """Serve until the client leaves or is dropped. The feed must already include this
-        connection (not live): whatever arrives from now on is in `pending`."""
-        if after_id is not None:
-            self.commands.put_nowait(Resume(after_id))
+        connection (not live): whatever it offers from now on waits in `pending`."""
+        self._resume_wanted = after_id
         tasks = [
             asyncio.create_task(self._write(), name=f"admin-ws-write-{self.sub}"),
             asyncio.create_task(self._read(), name=f"admin-ws-read-{self.sub}"),
-            asyncio.create_task(self._keep_alive(), name=f"admin-ws-ping-{self.sub}"),
-            asyncio.create_task(self._control(), name=f"admin-ws-control-{self.sub}"),
         ]
         for task in tasks:
             task.add_done_callback(self._ended)
+        self._catch_up(hello=True)
+        self._start_timers()
         try:
-            await self.closed.wait()
+            await self._closed
         finally:
+            for timer in self._timers:
+                timer.cancel()
+            if self._control is not None:
+                tasks.append(self._control)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close_socket()
+            _wake(self._finished)
 
     def _ended(self, task: asyncio.Task) -> None:
         if task.cancelled():
@@ -187,7 +235,7 @@ class AdminConnection:
         if exc is not None and not isinstance(exc, WebSocketDisconnect):
             log.error("admin websocket of %s: %s failed", self.sub, task.get_name(), exc_info=exc)
             self.close(1011, "internal error")
-        self.close(1000, "")  # a task only ends by itself when the client has gone
+        self.close(1000, "")  # the reader and writer end by themselves only when the client left
 
     async def _close_socket(self) -> None:
         if self.client_gone:
@@ -196,7 +244,7 @@ class AdminConnection:
         if code == TOO_SLOW:
             log.warning("admin websocket of %s dropped: %s", self.sub, self.close_reason)
         # The close frame queues behind what the client has not read; a client that never reads
-        # again is left to the server's own close timeout.
+        # again is left to the server, which closes the connection when this handler returns.
         reason = self.close_reason.encode()[:CLOSE_REASON_BYTES].decode(errors="ignore")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.websocket.close(code, reason), self.policy.close_timeout)
@@ -211,12 +259,13 @@ class AdminConnection:
                 return
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 self.client_gone = True
                 return
-            self._heard.set()
+            self._last_heard = loop.time()
             text = message.get("text")
             if text is None:
                 self._reply(frames.error("bad_message", "messages are JSON text, not binary"))
@@ -229,46 +278,85 @@ class AdminConnection:
             if isinstance(command, Ping):
                 self._reply(frames.PONG)
             elif isinstance(command, Resume):
-                if self.resuming or not self.commands.empty():
-                    self._reply(frames.error("resume_busy", "a resume is running; wait for it"))
-                else:
-                    self.commands.put_nowait(command)
-            # Pong: hearing from the client is all a pong is for.
+                self._want_resume(command.after_id)
+            # A pong: hearing from the client is all it is for.
 
     def _reply(self, frame: str) -> None:
-        if not self.queue.offer(frame):
+        if self.close_code is None and not self.queue.offer(frame):
             self.close(TOO_SLOW, f"too slow: {self.policy.queue_size} frames unread")
 
-    async def _keep_alive(self) -> None:
-        interval, timeout = self.policy.ping_interval, self.policy.ping_timeout
-        while True:
-            await asyncio.sleep(self._until_expiry(interval))
-            if self.expires_at is not None and time.time() >= self.expires_at:
-                self.close(TOKEN_EXPIRED, "the token has expired; connect again with a new one")
-                return
-            self._heard.clear()
-            self._reply(frames.PING)
-            try:
-                await asyncio.wait_for(self._heard.wait(), self._until_expiry(timeout))
-            except TimeoutError:
-                if self.expires_at is None or time.time() < self.expires_at:
-                    self.close(TOO_SLOW, f"no answer to a ping within {timeout:g}s")
-                    return
+    # --- pings and the token's end: timers, no task ---------------------------------------------
 
-    def _until_expiry(self, seconds: float) -> float:
-        if self.expires_at is None:
-            return seconds
-        return max(0.0, min(seconds, self.expires_at - time.time()))
+    def _start_timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.policy.ping_interval, self._ping))
+        if self.expires_at is not None:
+            self._timers.append(
+                loop.call_later(
+                    max(0.0, self.expires_at - time.time()),
+                    self.close,
+                    TOKEN_EXPIRED,
+                    "the token has expired; connect again with a new one",
+                )
+            )
+
+    def _ping(self) -> None:
+        if self.close_code is not None:
+            return
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        self._reply(frames.PING)
+        # Keep the list short: only the latest ping and pong timers matter.
+        self._timers = [t for t in self._timers if not t.cancelled() and t.when() > sent_at]
+        self._timers.append(loop.call_later(self.policy.ping_timeout, self._check_pong, sent_at))
+        self._timers.append(loop.call_later(self.policy.ping_interval, self._ping))
+
+    def _check_pong(self, sent_at: float) -> None:
+        # Any message from the client after the ping will do.
+        if self._last_heard < sent_at:
+            self.close(TOO_SLOW, f"no answer to a ping within {self.policy.ping_timeout:g}s")
 
     # --- hello, resume, going live --------------------------------------------------------------
 
-    async def _control(self) -> None:
-        await self._hello()
+    def _want_resume(self, after_id: int) -> None:
+        if self.resuming or self._resume_wanted is not None:
+            self._reply(frames.error("resume_busy", "a resume is running; wait for it"))
+            return
+        self._resume_wanted = after_id
+        if self._control is None or self._control.done():
+            self._catch_up(hello=False)
+        # else: the hello is being prepared; the resume follows it, before anything live.
+
+    def _catch_up(self, *, hello: bool) -> None:
+        self._control = asyncio.create_task(
+            self._catching_up(hello), name=f"admin-ws-catch-up-{self.sub}"
+        )
+        self._control.add_done_callback(self._ended_catching_up)
+
+    def _ended_catching_up(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("admin websocket of %s: catching up failed", self.sub, exc_info=exc)
+            self.close(1011, "internal error")
+
+    async def _catching_up(self, hello: bool) -> None:
+        if hello:
+            await self._hello()
         while True:
-            if self.commands.empty():
-                await self._go_live()
-            command = await self.commands.get()
-            await self._resume(command.after_id)
+            if self._resume_wanted is not None:
+                after_id, self._resume_wanted = self._resume_wanted, None
+                await self._resume(after_id)
+            replayed = self.replayed
+            while self.pending:
+                alert = self.pending.pop(0)
+                if replayed is None or replayed.take(alert):
+                    await self.queue.put(alert.frame, limit=self.queue.capacity)
+            # Nothing was awaited since `pending` was last seen empty: no alert falls in between.
+            if self._resume_wanted is None:
+                self.live = True
+                self.resuming = False
+                if replayed is not None:
+                    replayed.trim(RESUME_MEMORY)
+                return
 
     async def _hello(self) -> None:
         try:
@@ -279,7 +367,7 @@ class AdminConnection:
         await self.queue.put(frames.hello(last_id), limit=self.queue.capacity)
 
     async def _resume(self, after_id: int) -> None:
-        """Every notification after `after_id`, oldest first; then `_go_live`.
+        """Every notification after `after_id`, oldest first, from the notifications service.
 
         What this connection was already sent (live, or by an earlier replay) is not sent again:
         a client that waited for the hello before resuming may have had a live one meanwhile.
@@ -312,15 +400,3 @@ class AdminConnection:
             )
         else:
             self._reply(frames.resumed(after_id, count))
-
-    async def _go_live(self) -> None:
-        replayed = self.replayed
-        while self.pending:
-            alert = self.pending.popleft()
-            if replayed is None or replayed.take(alert):
-                await self.queue.put(alert.frame, limit=self.queue.capacity)
-        # `pending` is empty and nothing awaits from here on: no alert can fall between the two.
-        self.live = True
-        self.resuming = False
-        if replayed is not None:
-            replayed.trim(RESUME_MEMORY)

@@ -85,11 +85,9 @@ class AdminAlerts:
             await self.notifications.close()
 
     async def _wait_closed(self) -> None:
-        waits = [asyncio.ensure_future(c.finished.wait()) for c in self.connections]
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=self.policy.close_timeout + 5)
-            for wait in late:
-                wait.cancel()
+        ends = [connection.finished for connection in self.connections]
+        if ends:
+            await asyncio.wait(ends, timeout=self.policy.close_timeout + 5)
 
     def add_checks(self, health: Health) -> None:
         # Not part of readiness: the gateway's HTTP routes do not need the feed, and its queue
@@ -143,7 +141,6 @@ class AdminAlerts:
             finally:
                 self.feed.unsubscribe(connection)
                 self.connections.discard(connection)
-                connection.finished.set()
                 CONNECTED.dec()
                 if connection.close_code == TOO_SLOW:
                     self.dropped += 1

@@ -81,7 +81,12 @@ class AlertFeed:
         if id(connection) not in self._hooked:
             self._hooked.add(id(connection))
             connection.reconnect_callbacks.add(self._on_reconnected)
-        await self._declare(connection)
+        try:
+            await self._declare(connection)
+        except Exception as exc:
+            # Never fail the broker's start: the rest of the gateway does not need the feed.
+            log.warning("admin alert feed: could not declare its queue: %s", exc)
+            self._on_reconnected(connection)
 
     def _on_reconnected(self, connection: AbstractRobustConnection) -> None:
         # Not awaited by aio-pika's reconnect path: it must not stall on our declarations.
