@@ -32,12 +32,28 @@ from websockets.uri import parse_uri
 
 from booking.contracts import AdminNotificationRaised, wrap
 from booking.gateway.alerts import AdminAlerts
+from booking.gateway.alerts.frames import Alert, Sent
 from booking.gateway.app import create_app
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.testing import TcpProxy, eventually, free_port, serving, url_via
 
 FRAME_TIMEOUT = 15.0  # seconds to wait for a frame that must come (a bound, not a measure)
+
+NOTIFICATION = {
+    "id": 7,
+    "type": "IntegrationFailure",
+    "severity": "Error",
+    "title": "Calendar booking failed",
+    "message": "the mentor has no Google connection",
+    "metadata": {"session_id": "s-1", "reason": "mentor_not_integrated"},
+    "is_read": False,
+    "read_at": None,
+    "created_at": "2030-05-01T09:00:00Z",
+    "fingerprint": "IntegrationFailure:mentor_not_integrated:m-1",
+    "occurrences": 2,
+    "last_occurred_at": "2030-05-01T09:05:00Z",
+}
 
 
 # --- the notifications service, as the websocket sees it ----------------------------------------
@@ -286,6 +302,60 @@ async def nothing_more(world: AlertsWorld, *admins: Admin) -> None:
         assert keys([await admin.notification()]) == [(marker["id"], 1)]
 
 
+# --- the rules, without a server ---------------------------------------------------------------
+
+
+def an_alert(id_: int, occurrences: int) -> Alert:
+    return Alert(id=id_, occurrences=occurrences, frame="{}")
+
+
+class TestWhatIsNews:
+    def test_a_new_id_or_a_higher_count_is_news_a_repeat_or_a_lower_count_is_not(self) -> None:
+        sent = Sent(limit=10)
+        assert sent.take(an_alert(1, 1))
+        assert not sent.take(an_alert(1, 1))
+        assert sent.take(an_alert(1, 3))
+        assert not sent.take(an_alert(1, 2))
+        assert sent.take(an_alert(2, 1))
+
+    def test_the_ids_seen_longest_ago_are_forgotten_first(self) -> None:
+        sent = Sent(limit=2)
+        for id_ in (1, 2, 3):
+            sent.take(an_alert(id_, 1))
+        assert len(sent) == 2
+        assert sent.is_news(an_alert(1, 1))  # forgotten: at worst sent twice, never lost
+        assert not sent.is_news(an_alert(3, 1))
+
+    def test_a_listed_notification_reads_as_the_live_one(self) -> None:
+        item = {**NOTIFICATION, "links": {"self": "/x"}}  # a field the event does not have
+        live = Alert.of(AdminNotificationRaised.model_validate(NOTIFICATION))
+        assert Alert.from_item(item) == live
+        with pytest.raises(ValueError):
+            Alert.from_item({"id": 1})
+
+
+class TestSettings:
+    def test_the_websocket_settings_come_from_the_environment(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name, value in {
+            "ALERTS_PING_INTERVAL_SECONDS": "5",
+            "ALERTS_PING_TIMEOUT_SECONDS": "7",
+            "ALERTS_CLIENT_QUEUE_SIZE": "32",
+            "ALERTS_REPLAY_PAGE_SIZE": "50",
+            "ALERTS_NOTIFICATIONS_TIMEOUT_SECONDS": "2",
+            "ALERTS_CLOSE_TIMEOUT_SECONDS": "3",
+        }.items():
+            monkeypatch.setenv(name, value)
+        settings = GatewaySettings()
+        assert settings.alerts_ping_interval_seconds == 5
+        assert settings.alerts_ping_timeout_seconds == 7
+        assert settings.alerts_client_queue_size == 32
+        assert settings.alerts_replay_page_size == 50
+        assert settings.alerts_notifications_timeout_seconds == 2
+        assert settings.alerts_close_timeout_seconds == 3
+
+
 # --- who may connect ----------------------------------------------------------------------------
 
 
@@ -334,6 +404,13 @@ class TestHandshake:
         alert = await world.notifications.raise_alert()
         assert (await by_header.notification())["id"] == alert["id"]
         assert (await by_query.notification())["id"] == alert["id"]
+
+    async def test_a_bad_after_id_on_the_url_is_refused_with_400(self, world: AlertsWorld) -> None:
+        gateway = await world.gateway()
+        token = world.token()
+        response = await world.refusal(gateway, "?after_id=x", Authorization=f"Bearer {token}")
+        assert response.status_code == 400
+        assert "after_id" in json.loads(response.body)["detail"]
 
     async def test_the_token_in_the_query_never_reaches_the_logs(
         self, world: AlertsWorld, caplog: pytest.LogCaptureFixture

@@ -46,8 +46,11 @@ class Alert:
 
     @classmethod
     def from_item(cls, item: Any) -> Alert:
-        """A notification as the notifications service lists it (the same fields as the event,
-        so a replayed notification reads exactly as a live one). ValueError if it is not one."""
+        """A notification as the notifications service lists it: the event's fields (anything
+        more is left out), so a replayed notification reads exactly as a live one. ValueError if
+        it is not one."""
+        if isinstance(item, dict):
+            item = {k: v for k, v in item.items() if k in AdminNotificationRaised.model_fields}
         try:
             return cls.of(AdminNotificationRaised.model_validate(item))
         except ValidationError as exc:
