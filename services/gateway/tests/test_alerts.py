@@ -759,7 +759,7 @@ class TestFeedQueue:
         finally:
             await proxy.stop()
 
-    async def test_the_queue_is_declared_again_after_a_broker_reconnect(
+    async def test_after_a_broker_reconnect_a_new_queue_is_consumed_and_admins_catch_up(
         self, world: AlertsWorld, proxy: TcpProxy, rabbitmq_url: str
     ) -> None:
         gateway = await world.gateway(rabbitmq_url=url_via(rabbitmq_url, proxy))
@@ -767,14 +767,23 @@ class TestFeedQueue:
         admin = await world.admin(gateway)
         before = feed.queue_name
 
+        seen = await world.notifications.raise_alert()
+        assert await admin.notification() == seen
+
         await proxy.cut()
         await eventually(lambda: not feed.consuming, what="the feed noticing the cut")
+        # Published while this replica has no queue: no queue of its own holds it.
+        missed = await world.notifications.raise_alert()
         await proxy.restore()
         await eventually(
             lambda: feed.consuming and feed.queue_name != before, what="a new queue consumed"
         )
+        # The admin catches up from the last id it was sent, then goes on live.
+        assert await admin.notification() == missed
+        assert await admin.next() == {"type": "resumed", "after_id": seen["id"], "replayed": 1}
         alert = await world.notifications.raise_alert()
         assert await admin.notification() == alert
+        await nothing_more(world, admin)
 
     async def test_health_shows_the_queue_consumed_and_the_admins_connected(
         self, world: AlertsWorld

@@ -14,8 +14,8 @@ Protocol (JSON text frames):
   counted-up one has the same id and more `occurrences`); `{"type": "resumed", "after_id": K,
   "replayed": n}` when a replay is over; `{"type": "ping"}` every ALERTS_PING_INTERVAL_SECONDS;
   `{"type": "pong"}` to a client's ping; `{"type": "error", "code": ..., "detail": ...}` for a
-  message the server cannot act on (codes bad_message, resume_busy, resume_failed); the
-  connection stays open.
+  message the server cannot act on or a failure the client should know of (codes bad_message,
+  resume_busy, resume_failed, feed_interrupted); the connection stays open.
 - Client to server: `{"type": "resume", "after_id": K}` replays every notification after K,
   oldest first, from the notifications service, then the live feed continues, with no gap and no
   duplicate. `?after_id=K` on the URL does the same from the start. Sent before the hello
@@ -23,6 +23,10 @@ Protocol (JSON text frames):
   was already sent live. `{"type": "pong"}` answers a ping: any message within
   ALERTS_PING_TIMEOUT_SECONDS of a ping will do, else the connection is closed (4408).
   `{"type": "ping"}` is answered with a pong.
+- After a broker reconnect the replica's queue is new, and what was published meanwhile is in
+  no queue of its own: each admin connected there is caught up at once, as if it had resumed
+  from the last id it was sent (or told in the hello); without such an id it gets an error
+  feed_interrupted and resumes itself.
 - A client that does not read fast enough (ALERTS_CLIENT_QUEUE_SIZE frames waiting for it) is
   closed with 4408 and the reason; it reconnects and resumes from its last id. It never slows
   the others. 1001: the gateway is shutting down.

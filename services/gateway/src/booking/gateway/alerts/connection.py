@@ -111,6 +111,7 @@ class AdminConnection:
         "close_reason",
         "expires_at",
         "feed",
+        "last_id",
         "live",
         "notifications",
         "pending",
@@ -152,6 +153,7 @@ class AdminConnection:
         self.pending: list[Alert] = []  # offered while not live
         self.replayed: Sent | None = None  # after a resume: the newest of what replays sent
         self.resuming = False
+        self.last_id: int | None = None  # the highest id this client is known to have
         self.close_code: int | None = None
         self.close_reason = ""
         self.client_gone = False
@@ -185,6 +187,26 @@ class AdminConnection:
                 f"too slow: {self.policy.queue_size} frames unread; reconnect and resume "
                 "from your last id",
             )
+            return
+        self._sent(alert)
+
+    def interrupted(self) -> None:
+        """The feed missed what was published for a while: catch up from the last id sent."""
+        if self.close_code is not None:
+            return
+        if self.last_id is None:
+            self._reply(
+                frames.error(
+                    "feed_interrupted",
+                    "the live feed was interrupted; resume from your last id to catch up",
+                )
+            )
+            return
+        self._want_resume(self.last_id, by_client=False)
+
+    def _sent(self, alert: Alert) -> None:
+        if self.last_id is None or alert.id > self.last_id:
+            self.last_id = alert.id
 
     def close(self, code: int, reason: str) -> None:
         """Ask for this connection to end (the first reason wins); `run` does the closing.
@@ -318,9 +340,14 @@ class AdminConnection:
 
     # --- hello, resume, going live --------------------------------------------------------------
 
-    def _want_resume(self, after_id: int) -> None:
+    def _want_resume(self, after_id: int, *, by_client: bool = True) -> None:
         if self.resuming or self._resume_wanted is not None:
-            self._reply(frames.error("resume_busy", "a resume is running; wait for it"))
+            if by_client:
+                self._reply(frames.error("resume_busy", "a resume is running; wait for it"))
+                return
+            # The feed's own catch-up follows the running one, and goes back far enough.
+            wanted = self._resume_wanted
+            self._resume_wanted = after_id if wanted is None else min(wanted, after_id)
             return
         self._resume_wanted = after_id
         if self._control is None or self._control.done():
@@ -350,6 +377,7 @@ class AdminConnection:
                 alert = self.pending.pop(0)
                 if replayed is None or replayed.take(alert):
                     await self.queue.put(alert.frame, limit=self.queue.capacity)
+                    self._sent(alert)
             # Nothing was awaited since `pending` was last seen empty: no alert falls in between.
             if self._resume_wanted is None:
                 self.live = True
@@ -365,6 +393,8 @@ class AdminConnection:
             log.warning("admin websocket hello without last_id: %s", exc)
             last_id = None
         await self.queue.put(frames.hello(last_id), limit=self.queue.capacity)
+        if last_id is not None and (self.last_id is None or last_id > self.last_id):
+            self.last_id = last_id  # the client is told it exists; it may resume from there
 
     async def _resume(self, after_id: int) -> None:
         """Every notification after `after_id`, oldest first, from the notifications service.
@@ -388,6 +418,7 @@ class AdminConnection:
                 for alert in page:
                     if alert.id > after_id and already.is_news(alert) and sent.take(alert):
                         await self.queue.put(alert.frame, limit=self.replay_limit)
+                        self._sent(alert)
                         count += 1
         except NotificationsUnavailable as exc:
             log.warning("admin websocket resume after %d of %s failed: %s", after_id, self.sub, exc)

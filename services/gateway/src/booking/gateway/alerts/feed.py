@@ -4,9 +4,9 @@ admins connected here.
 Each gateway replica declares a server-named, exclusive, auto-delete queue bound to the fanout
 exchange, so every replica gets every alert and an admin on any replica sees them all. The queue
 lives as long as the broker connection: after a reconnect it is declared, bound and consumed
-again (a new name). What was published while the connection was down is not in any queue of
-this replica; an admin who missed it gets it by resuming (the replay comes from the
-notifications service, which stores everything, not from the broker).
+again (a new name). What was published while the connection was down is in no queue of this
+replica: each admin connected here then resumes from the last id it was sent (the replay comes
+from the notifications service, which stores everything, not from the broker).
 
 Messages are taken without acks: an alert is worth something only live, the store is elsewhere.
 The fan-out never awaits a socket: it hands each admin's connection the frame (serialised once),
@@ -52,6 +52,9 @@ class Subscriber(Protocol):
 
     def offer(self, alert: Alert) -> None: ...
 
+    def interrupted(self) -> None:
+        """The feed had no queue for a while (a broker reconnect): alerts may have been missed."""
+
 
 class AlertFeed:
     def __init__(self, broker: Broker, *, reattach_interval: float = 2.0) -> None:
@@ -64,6 +67,7 @@ class AlertFeed:
         self.received = 0
         self.dropped_repeats = 0
         self.queue_name: str | None = None
+        self.attachments = 0  # queues declared and consumed so far
         self._seen = Sent(REMEMBERED_IDS)
         self._channel: AbstractRobustChannel | None = None
         self._reattach: asyncio.Task | None = None
@@ -123,6 +127,12 @@ class AlertFeed:
         await queue.consume(self._on_message, no_ack=True)
         self.queue_name = queue.name
         log.info("admin alert feed consuming %s (bound to %s)", queue.name, self.exchange)
+        if self.attachments:
+            # What was published while this replica had no queue is in no queue of its own:
+            # each admin here catches up from the notifications service.
+            for subscriber in list(self.subscribers):
+                subscriber.interrupted()
+        self.attachments += 1
 
     async def stop(self) -> None:
         if self._reattach is not None:
