@@ -10,7 +10,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from booking.runtime.logs import configure_logging
-from booking.runtime.migrations import upgrade
 from booking.runtime.settings import RuntimeSettings
 
 
@@ -33,6 +32,8 @@ def main(
     configure_logging(name, settings.log_level)
     if args.command == "migrate":
         assert schema is not None
+        from booking.runtime.migrations import upgrade  # Alembic only where there is a schema
+
         upgrade(settings, f"booking.{name}", schema)
         return
     uvicorn.run(
@@ -42,4 +43,7 @@ def main(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # Alerts are small JSON: compressing each for every admin cost more memory (~40 KB a
+        # connection) and CPU than it saved bytes.
+        ws_per_message_deflate=False,
     )

@@ -14,11 +14,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,14 +25,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from booking.contracts import Event
 from booking.runtime import context, metrics
 from booking.runtime.broker import Broker
-from booking.runtime.consumer import Consumer, Handler
-from booking.runtime.db import Database, create_engine
 from booking.runtime.health import Health, Observation, timed_ms
-from booking.runtime.housekeeping import Housekeeping
-from booking.runtime.outbox import Outbox, OutboxRelay
 from booking.runtime.problems import install_problem_handlers
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.tables import MessagingTables
+
+if TYPE_CHECKING:
+    from booking.runtime.consumer import Consumer, Handler
+    from booking.runtime.db import Database
+    from booking.runtime.housekeeping import Housekeeping
+    from booking.runtime.outbox import Outbox, OutboxRelay
+    from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ class ServiceRuntime:
         self.consumer: Consumer | None = None
         self.housekeeping: Housekeeping | None = None
         if tables is not None:
+            # Loaded only by a service with a database: the gateway never pays for SQLAlchemy.
+            from booking.runtime.consumer import Consumer
+            from booking.runtime.db import Database, create_engine
+            from booking.runtime.housekeeping import Housekeeping
+            from booking.runtime.outbox import Outbox, OutboxRelay
+
             self.db = Database(create_engine(settings), tables.schema)
             self.outbox = Outbox(tables, producer=name, exchange=settings.events_exchange)
             if relay:
@@ -153,6 +160,8 @@ class ServiceRuntime:
             )
 
     async def _check_database(self) -> Observation:
+        from sqlalchemy import text
+
         assert self.db is not None
         start = time.perf_counter()
         async with self.db.engine.connect() as conn:
