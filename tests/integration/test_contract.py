@@ -17,14 +17,15 @@ from fastapi.routing import APIRoute
 
 from booking.calendar.app import create_app as create_calendar
 from booking.gateway import api as gateway_api
+from booking.notifications.app import create_app as create_notifications
 from booking.orders.app import create_app as create_orders
 from booking.payments.app import create_app as create_payments
 
-# The services whose routes are built; notifications joins with its issue.
 OWNERS = {
     "orders": (gateway_api.orders, create_orders),
     "payments": (gateway_api.payments, create_payments),
     "calendar": (gateway_api.calendar, create_calendar),
+    "notifications": (gateway_api.notifications, create_notifications),
 }
 
 
