@@ -58,3 +58,5 @@ token: install
 ## bench: benchmarks (never part of make test)
 bench: install
 	$(PY) -m bench.messaging
+	$(PY) -m bench.notifications_listing
+	$(PY) -m bench.alerts_fanout
