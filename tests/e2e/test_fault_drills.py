@@ -1,0 +1,1368 @@
+"""Fault drills: under a steady load of bookings, parts of the system die and nothing is lost.
+
+The whole system runs as separate processes, with two replicas of payments and of calendar (each
+its own port; the gateway's PAYMENTS_URL and CALENDAR_URL point at replica "a", the webhook and
+OAuth path, while "b" consumes events and runs its sweepers too), against a PRIVATE Postgres
+cluster and a PRIVATE RabbitMQ node this module starts on free ports, so that stopping them never
+touches the shared servers other tests and CI use. A background load books and pays about three
+sessions a second through the gateway and the sandbox Konnect; four mentors are connected to the
+sandbox Google and a fifth never connects (its bookings end `scheduling_failed`, which gives the
+notifications service steady work).
+
+The drills, one after the other on the same running system:
+(a) kill -9 each service in turn mid-flow (orders, payments "a", calendar "b", notifications,
+    gateway) and start it again;
+(b) restart RabbitMQ (`rabbitmqctl stop_app`, then `start_app`);
+(c) restart Postgres (`pg_ctl stop`, then `start`);
+(d) the sandbox providers fail: first for a few calls each, which the retries absorb; then for a
+    window longer than the retries, which ends bookings in their defined failure states.
+
+After each, within a bound: every order in the database is in a terminal state; each paid booking
+has exactly one completed Konnect payment (any other Konnect payment of its order is an orphan of
+an interrupted initiation that nobody was ever shown), one escrow hold, one Google event and one
+CalendarBookingConfirmed; each failure exactly one admin notification, counted once; every event
+any outbox holds is sent and is in the inbox of every service that subscribes to it; every queue
+is drained and every dead-letter queue empty; every process answers 200 on /health/ready.
+
+The drill settings (fast sweepers, short leases and grace periods, consumer retries that outlast
+a Postgres restart) are in DRILL_SETTINGS below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from booking.runtime.auth import issue_token
+from booking.runtime.devrun import child_environment
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.testing import eventually
+
+pytestmark = pytest.mark.e2e
+
+# --- bounds -----------------------------------------------------------------------------------
+
+RATE_PER_SECOND = 3.0  # bookings started per second by the load
+BOOKINGS_BEFORE_FAULT = 8  # the load runs this many bookings before each fault ...
+BOOKINGS_DURING_FAULT = 6  # ... this many while the part is down ...
+BOOKINGS_AFTER_RECOVERY = 8  # ... and this many once everything is ready again
+BOOKING_DEADLINE_SECONDS = 150  # one booking's client steps: accepted, pay link, paid
+SETTLE_SECONDS = 120  # after the load stops: every booking terminal, outboxes sent, queues drained
+READY_SECONDS = 120  # a restarted process (or all of them) answering 200 on /health/ready
+SYSTEM_READY_SECONDS = 240  # the private servers, four migrations and nine processes
+INFRA_SECONDS = 90  # a private server starting or stopping
+DRILL_SECONDS = BOOKING_DEADLINE_SECONDS + SETTLE_SECONDS + READY_SECONDS
+# The first drill also starts the system (module-scoped), so every marker allows for it.
+DRILL_TIMEOUT = SYSTEM_READY_SECONDS + DRILL_SECONDS
+RETRY_PAUSE_SECONDS = 0.2  # the load's pause between attempts at a step that failed
+
+CONSUMER_MAX_ATTEMPTS = 7
+# Fast, but longer than every drill's outage: 0.25 + 0.5 + ... + 8 s = 15.75 s of redeliveries
+# before a message is dead-lettered, while a Postgres restart takes a few seconds.
+CONSUMER_RETRY_BASE_DELAY_MS = 250
+PROVIDER_MAX_ATTEMPTS = 6
+# Faults per endpoint in the drill the retries must absorb: fewer than one call's attempts, so
+# no booking can meet more faults than it has retries, however the calls interleave.
+ABSORBED_FAULTS = PROVIDER_MAX_ATTEMPTS - 1
+
+DRILL_SETTINGS = {
+    "LOG_LEVEL": "INFO",
+    "EVENTS_EXCHANGE": "booking.events",
+    "ADMIN_ALERTS_EXCHANGE": "admin.alerts",
+    "QUEUE_PREFIX": "",
+    "BROKER_RECONNECT_INTERVAL_SECONDS": "0.5",
+    "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
+    "CONSUMER_MAX_ATTEMPTS": str(CONSUMER_MAX_ATTEMPTS),
+    "CONSUMER_RETRY_BASE_DELAY_MS": str(CONSUMER_RETRY_BASE_DELAY_MS),
+    # payments: lost webhooks reconciled within seconds; an interrupted initiation redone soon.
+    "RECONCILIATION_INTERVAL_SECONDS": "1",
+    "RECONCILIATION_GRACE_SECONDS": "2",
+    "INITIATION_LEASE_SECONDS": "5",
+    "INITIATION_GRACE_SECONDS": "2",
+    "KONNECT_MAX_ATTEMPTS": str(PROVIDER_MAX_ATTEMPTS),
+    "KONNECT_RETRY_BASE_SECONDS": "0.05",
+    "KONNECT_TIMEOUT_SECONDS": "5",
+    # calendar: a lapsed lease or an unclaimed booking is swept within seconds.
+    "SCHEDULING_LEASE_SECONDS": "5",
+    "SCHEDULING_GRACE_SECONDS": "2",
+    "SWEEPER_INTERVAL_SECONDS": "1",
+    "MEET_PENDING_RETRY_SECONDS": "2",
+    "GOOGLE_MAX_ATTEMPTS": str(PROVIDER_MAX_ATTEMPTS),
+    "GOOGLE_RETRY_BASE_SECONDS": "0.05",
+    "GOOGLE_TIMEOUT_SECONDS": "5",
+    "GOOGLE_MEET_POLL_BASE_SECONDS": "0.05",
+    # gateway: a service that is down answers at once; a slow one is not waited on for long.
+    "UPSTREAM_TIMEOUT_SECONDS": "10",
+    "UPSTREAM_CONNECT_TIMEOUT_SECONDS": "2",
+    # sandbox Konnect: a webhook to a dead gateway is given up quickly (reconciliation follows).
+    "SANDBOX_KONNECT_WEBHOOK_TIMEOUT_SECONDS": "5",
+}
+
+# Who consumes what (each service's handlers), for the check that no event was lost.
+SUBSCRIBERS: dict[str, tuple[str, ...]] = {
+    "MentorRegistered": ("calendar",),
+    "BookingRequested": ("payments",),
+    "PaymentInitiated": ("orders",),
+    "PaymentInitiationFailed": ("orders", "notifications"),
+    "PaymentCompleted": ("orders",),
+    "PaymentFailed": ("orders",),
+    "PaymentAnomalyDetected": ("notifications",),
+    "OrderPaid": ("calendar",),
+    "SessionIssueDetected": ("notifications",),
+    "CalendarBookingConfirmed": ("orders",),
+    "CalendarBookingFailed": ("orders", "notifications"),
+    "SystemErrorReported": ("notifications",),
+}
+SCHEMAS = ("orders", "payments", "calendar", "notifications")
+CONSUMERS = {"orders": 1, "payments": 2, "calendar": 2, "notifications": 1}  # replicas each
+
+# Outcomes of a booking, read from the orders schema.
+CONFIRMED = "confirmed"  # order confirmed, session scheduled
+CALENDAR_FAILED = "calendar_failed"  # order paid, session scheduling_failed
+UNPAID = "unpaid"  # order cancelled or payment_failed, session cancelled
+
+
+def outcome_of(order_status: str, session_status: str) -> str | None:
+    """The booking's terminal outcome, or None while it is still in flight."""
+    if order_status == "confirmed" and session_status == "scheduled":
+        return CONFIRMED
+    if order_status == "paid" and session_status == "scheduling_failed":
+        return CALENDAR_FAILED
+    if order_status in ("cancelled", "payment_failed") and session_status == "cancelled":
+        return UNPAID
+    return None
+
+
+# --- a private Postgres cluster and a private RabbitMQ node -----------------------------------
+
+
+async def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None):
+    """Run a command to its end without blocking the load; its exit code and output."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), INFRA_SECONDS)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"{' '.join(argv)} did not finish within {INFRA_SECONDS}s") from None
+    return process.returncode, output.decode(errors="replace")
+
+
+def postgres_bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: p.split("/")[4])
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class PrivatePostgres:
+    """A throwaway Postgres cluster of our own, in a temporary directory, on a free port.
+
+    As root it runs as the `postgres` OS user (Postgres refuses root), in a directory it owns.
+    """
+
+    bindir: Path
+    port: int
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="drill-pg-")))
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_owner(self, *argv: str) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *argv]
+        return list(argv)
+
+    async def create(self) -> None:
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.base, owner.pw_uid, owner.pw_gid)
+        code, output = await run(
+            self._as_owner(
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.base / "data"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            )
+        )
+        assert code == 0, f"initdb failed:\n{output}"
+        await self.start()
+
+    async def start(self) -> None:
+        options = " ".join(
+            [
+                f"-p {self.port}",
+                f"-k {self.base}",
+                "-c listen_addresses=127.0.0.1",
+                "-c max_connections=300",
+                # Only a crash of the machine could lose what fsync protects; a drill stops the
+                # server, never the machine, and the disk is shared with everyone's tests.
+                "-c fsync=off",
+            ]
+        )
+        code, output = await run(
+            self._as_owner(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.base / "data"),
+                "-o",
+                options,
+                "-l",
+                str(self.base / "server.log"),
+                "-w",
+                "-t",
+                str(INFRA_SECONDS - 10),
+                "start",
+            )
+        )
+        assert code == 0, f"pg_ctl start failed:\n{output}\n{self.log_tail()}"
+
+    async def stop(self) -> None:
+        code, output = await run(
+            self._as_owner(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.base / "data"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                str(INFRA_SECONDS - 10),
+                "stop",
+            )
+        )
+        assert code == 0, f"pg_ctl stop failed:\n{output}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.base / "server.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def destroy(self) -> None:
+        if (self.base / "data" / "postmaster.pid").exists():
+            with contextlib.suppress(AssertionError):
+                await self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+RABBITMQ_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+
+
+@dataclass
+class PrivateRabbitMQ:
+    """A RabbitMQ node of our own (its own name, ports, data, logs and Erlang cookie).
+
+    The node runs the scripts of the installed RabbitMQ directly (the /usr/sbin wrappers would
+    switch to the rabbitmq user and its home, hence its cookie): everything it reads and writes
+    is in a temporary directory, and its config names its own listener, so the machine's
+    /etc/rabbitmq (whose listener is the shared node's 5672) is never read.
+    """
+
+    port: int
+    dist_port: int
+    node: str = field(default_factory=lambda: f"drill-{uuid.uuid4().hex[:8]}@localhost")
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="drill-rabbitmq-")))
+    process: subprocess.Popen | None = None
+    started_epmd: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def env(self) -> dict[str, str]:
+        base = self.base
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": str(base),  # where the Erlang cookie is, for the node and for rabbitmqctl
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),
+        }
+
+    async def start(self) -> None:
+        base = self.base
+        cookie = base / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.chmod(0o400)
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (base / "rabbitmq-env.conf").write_text("")
+        (base / "enabled_plugins").write_text("[].\n")
+        self.started_epmd = not listening(4369)
+        self._spawn()
+        code, output = await self.ctl("--timeout", str(INFRA_SECONDS - 10), "await_startup")
+        assert code == 0, f"the private RabbitMQ did not start:\n{output}\n{self.log_tail()}"
+
+    def _spawn(self) -> None:
+        with (self.base / "server.out").open("wb") as out:
+            self.process = subprocess.Popen(
+                [str(RABBITMQ_SCRIPTS / "rabbitmq-server")],
+                cwd=self.base,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def ctl(self, *args: str) -> tuple[int, str]:
+        return await run(
+            [str(RABBITMQ_SCRIPTS / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env,
+            cwd=self.base,
+        )
+
+    async def stop_app(self) -> None:
+        code, output = await self.ctl("stop_app")
+        assert code == 0, f"rabbitmqctl stop_app failed:\n{output}"
+
+    async def start_app(self) -> None:
+        code, output = await self.ctl("start_app")
+        assert code == 0, f"rabbitmqctl start_app failed:\n{output}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.base / "server.out"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def destroy(self) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            await self.ctl("stop")
+            try:
+                await asyncio.to_thread(process.wait, 30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.to_thread(process.wait, 10)
+        if self.started_epmd:
+            # We started the port mapper with our node: stop it again (it refuses while any
+            # other node is registered with it).
+            await run(["epmd", "-kill"])
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+# --- the processes ----------------------------------------------------------------------------
+
+
+@dataclass
+class Process:
+    """One `python -m ...` process of the system, which a drill may kill and start again."""
+
+    name: str
+    module: str
+    args: tuple[str, ...]
+    port: int
+    env: dict[str, str]
+    logs: Path
+    ready_path: str = "/health/ready"
+    starts: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert not self.running(), f"{self.name} runs already"
+        self.starts += 1
+        with (self.logs / f"{self.name}-{self.starts}.log").open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: kill -9 reaches it alone
+            )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def kill9(self) -> None:
+        assert self.process is not None and self.running(), f"{self.name} is not running"
+        os.killpg(self.process.pid, signal.SIGKILL)
+        await asyncio.to_thread(self.process.wait, 10)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await asyncio.to_thread(process.wait, 10)
+
+    async def ready(self, http: httpx.AsyncClient) -> bool:
+        if not self.running():
+            code = self.process.returncode if self.process else None
+            pytest.fail(f"{self.name} exited ({code}):\n{self.tail()}")
+        try:
+            return (await http.get(self.url + self.ready_path, timeout=5)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def tail(self, lines: int = 40) -> str:
+        path = self.logs / f"{self.name}-{self.starts}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Mentor:
+    id: str
+    email: str
+    offering_id: str
+    connected: bool
+
+
+@dataclass
+class DrillSystem:
+    postgres: PrivatePostgres
+    rabbitmq: PrivateRabbitMQ
+    env: dict[str, str]
+    processes: dict[str, Process]
+    http: httpx.AsyncClient
+    mentors: list[Mentor] = field(default_factory=list)
+    numbers: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def gateway(self) -> str:
+        return self.processes["gateway"].url
+
+    @property
+    def konnect(self) -> str:
+        return self.processes["sandbox-konnect"].url
+
+    @property
+    def google(self) -> str:
+        return self.processes["sandbox-google"].url
+
+    def token(self, role: str, sub: str) -> dict[str, str]:
+        secret = self.env.get("AUTH_JWT_SECRET") or RuntimeSettings().auth_jwt_secret
+        if not isinstance(secret, str):
+            secret = secret.get_secret_value()
+        return {"Authorization": f"Bearer {issue_token(secret, sub, role)}"}
+
+    async def wait_ready(self, *names: str) -> None:
+        processes = [self.processes[n] for n in names] if names else self.processes.values()
+
+        async def all_ready() -> bool:
+            answers = await asyncio.gather(*(p.ready(self.http) for p in processes))
+            return all(answers)
+
+        await eventually(
+            all_ready, timeout=READY_SECONDS, interval=0.2, what=f"{names or 'all'} ready"
+        )
+
+    async def restart(self, name: str) -> None:
+        self.processes[name].start()
+        await self.wait_ready(name)
+
+    @contextlib.asynccontextmanager
+    async def database(self) -> AsyncIterator[asyncpg.Connection]:
+        conn = await asyncpg.connect(self.postgres.url, timeout=10)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    def tails(self) -> str:
+        parts = [f"----- {p.name}\n{p.tail()}" for p in self.processes.values()]
+        parts.append(f"----- private postgres\n{self.postgres.log_tail()}")
+        parts.append(f"----- private rabbitmq\n{self.rabbitmq.log_tail()}")
+        return "\n".join(parts)
+
+
+async def migrate(name: str, env: dict[str, str], logs: Path) -> None:
+    code, output = await run([sys.executable, "-m", f"booking.{name}", "migrate"], env=env)
+    (logs / f"{name}-migrate.log").write_text(output)
+    assert code == 0, f"{name} migrate failed:\n{output}"
+
+
+def system_processes(env: dict[str, str], logs: Path, ports: list[int]) -> dict[str, Process]:
+    """The nine processes: two sandboxes, the services (payments and calendar twice), gateway."""
+    ports_of = dict(
+        zip(
+            [
+                "sandbox-konnect",
+                "sandbox-google",
+                "orders",
+                "payments-a",
+                "payments-b",
+                "calendar-a",
+                "calendar-b",
+                "notifications",
+                "gateway",
+            ],
+            ports,
+            strict=True,
+        )
+    )
+    base = dict(
+        env,
+        SANDBOX_KONNECT_PORT=str(ports_of["sandbox-konnect"]),
+        SANDBOX_GOOGLE_PORT=str(ports_of["sandbox-google"]),
+        ORDERS_PORT=str(ports_of["orders"]),
+        PAYMENTS_PORT=str(ports_of["payments-a"]),
+        CALENDAR_PORT=str(ports_of["calendar-a"]),
+        NOTIFICATIONS_PORT=str(ports_of["notifications"]),
+        GATEWAY_PORT=str(ports_of["gateway"]),
+    )
+    # The addresses `make run` derives from the ports: the gateway reaches replica "a" of
+    # payments and calendar (the webhook and OAuth path); Konnect calls back the gateway.
+    base = child_environment(base)
+
+    def process(name: str, module: str, *args: str, ready: str = "/health/ready", **extra):
+        return Process(
+            name,
+            module,
+            args,
+            ports_of[name],
+            dict(base, **extra),
+            logs,
+            ready_path=ready,
+        )
+
+    return {
+        "sandbox-konnect": process(
+            "sandbox-konnect", "booking.sandbox", "konnect", "serve", ready="/health/live"
+        ),
+        "sandbox-google": process(
+            "sandbox-google", "booking.sandbox", "google", "serve", ready="/health/live"
+        ),
+        "orders": process("orders", "booking.orders", "serve"),
+        "payments-a": process("payments-a", "booking.payments", "serve"),
+        "payments-b": process(
+            "payments-b", "booking.payments", "serve", PAYMENTS_PORT=str(ports_of["payments-b"])
+        ),
+        "calendar-a": process("calendar-a", "booking.calendar", "serve"),
+        "calendar-b": process(
+            "calendar-b", "booking.calendar", "serve", CALENDAR_PORT=str(ports_of["calendar-b"])
+        ),
+        "notifications": process("notifications", "booking.notifications", "serve"),
+        "gateway": process("gateway", "booking.gateway", "serve"),
+    }
+
+
+@pytest.fixture(scope="module")
+async def drill_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DrillSystem]:
+    """The system on a private Postgres and RabbitMQ, with its mentors, for the whole module."""
+    bindir = postgres_bindir()
+    if bindir is None or not (bindir / "pg_ctl").exists():
+        pytest.skip("the fault drills need Postgres' initdb and pg_ctl for a private cluster")
+    if not (RABBITMQ_SCRIPTS / "rabbitmq-server").exists():
+        pytest.skip(f"the fault drills need RabbitMQ's scripts in {RABBITMQ_SCRIPTS}")
+    if os.geteuid() == 0 and not shutil.which("runuser"):
+        pytest.skip("as root, the fault drills need runuser to run Postgres as postgres")
+
+    logs = tmp_path_factory.mktemp("drills")
+    pg_port, amqp_port, dist_port, *ports = pick_ports(12)
+    postgres = PrivatePostgres(bindir, pg_port)
+    rabbitmq = PrivateRabbitMQ(amqp_port, dist_port)
+    processes: dict[str, Process] = {}
+    async with httpx.AsyncClient(timeout=15, trust_env=False) as http:
+        try:
+            await asyncio.gather(postgres.create(), rabbitmq.start())
+            env = {k: v for k, v in os.environ.items() if not k.endswith("_URL")}
+            env.update(DRILL_SETTINGS)
+            env.update(
+                DATABASE_URL=postgres.url,
+                RABBITMQ_URL=rabbitmq.url,
+                BIND_HOST="127.0.0.1",
+                PYTHONUNBUFFERED="1",
+            )
+            await asyncio.gather(*(migrate(name, env, logs) for name in SCHEMAS))
+            processes.update(system_processes(env, logs, ports))
+            system = DrillSystem(postgres, rabbitmq, env, processes, http)
+            for name, process in processes.items():
+                if name != "gateway":
+                    process.start()
+            await system.wait_ready(*(n for n in processes if n != "gateway"))
+            processes["gateway"].start()
+            await system.wait_ready("gateway")
+            system.mentors = await register_mentors(system)
+            yield system
+        except BaseException:
+            tails = [f"----- {p.name}\n{p.tail()}" for p in processes.values()]
+            tails += [postgres.log_tail(), rabbitmq.log_tail()]
+            print("process output:\n" + "\n".join(tails))
+            raise
+        finally:
+            await asyncio.gather(*(p.stop() for p in processes.values()), return_exceptions=True)
+            await asyncio.gather(rabbitmq.destroy(), postgres.destroy(), return_exceptions=True)
+
+
+def pick_ports(count: int) -> list[int]:
+    """`count` distinct ports nothing listens on right now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+async def register_mentors(system: DrillSystem) -> list[Mentor]:
+    """Five mentors with an offering each; the first four connect their (sandbox) Google."""
+    admin = system.token("admin", "drill-admin")
+    api = system.gateway
+    mentors = []
+    for number in range(5):
+        email = f"drill-mentor-{number}-{uuid.uuid4().hex[:6]}@example.com"
+        created = await system.http.post(
+            f"{api}/api/mentors",
+            json={"name": f"Mentor {number}", "email": email, "timezone": "Africa/Tunis"},
+            headers=admin,
+        )
+        assert created.status_code == 201, created.text
+        mentor_id = created.json()["id"]
+        offering = await system.http.post(
+            f"{api}/api/mentors/{mentor_id}/offerings",
+            json={
+                "title": "Architecture review",
+                "duration_minutes": 60,
+                "price": {"amount": 90_000, "currency": "TND"},
+            },
+            headers=admin,
+        )
+        assert offering.status_code == 201, offering.text
+        mentors.append(Mentor(mentor_id, email, offering.json()["id"], connected=number < 4))
+    for mentor in mentors:
+        if mentor.connected:
+            await connect_google(system, mentor)
+    return mentors
+
+
+async def connect_google(system: DrillSystem, mentor: Mentor) -> None:
+    """The mentor's consent, approved at the sandbox, back through the gateway's callback."""
+    headers = system.token("mentor", mentor.id)
+
+    async def consent_url() -> str | None:
+        # The calendar service knows the mentor once it has consumed MentorRegistered.
+        start = await system.http.get(
+            f"{system.gateway}/api/mentors/{mentor.id}/calendar/connect", headers=headers
+        )
+        return start.headers["location"] if start.status_code == 302 else None
+
+    auth_url = await eventually(consent_url, timeout=30, interval=0.1, what="the consent URL")
+    approved = await system.http.post(
+        f"{system.google}/_sandbox/oauth/approve", json={"auth_url": auth_url}
+    )
+    assert approved.status_code == 200, approved.text
+    back = await system.http.get(approved.json()["location"])
+    assert back.status_code == 200, back.text
+    assert back.json()["connected"] is True
+
+
+# --- the load ---------------------------------------------------------------------------------
+
+RETRYABLE = {429, 500, 502, 503, 504}
+
+
+@dataclass
+class Booking:
+    number: int
+    mentor: Mentor
+    start_at: datetime
+    key: str = field(default_factory=lambda: f"drill-{uuid.uuid4()}")
+    order_id: str | None = None
+    paid: bool = False
+    ended_unpaid: bool = False
+    error: str | None = None
+    done: bool = False
+
+
+class Load:
+    """Books and pays sessions at a steady rate through the gateway and the sandbox Konnect.
+
+    Each booking is its own task, a client that keeps at it through an outage: it retries the
+    POST with its Idempotency-Key until the gateway accepts it, reads the order until the pay
+    link appears (or the order ends unpaid), then pays at the sandbox, which calls the webhook.
+    """
+
+    def __init__(self, system: DrillSystem) -> None:
+        self.system = system
+        self.bookings: list[Booking] = []
+        self.mentee = system.token("mentee", "drill-mentee")
+        self._tasks: set[asyncio.Task] = set()
+        self._stop = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self._client = httpx.AsyncClient(
+            timeout=15,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+        self._first_slot = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        self._first_slot += timedelta(days=7)
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="drill-load")
+
+    async def stop(self) -> None:
+        """Start no more bookings; wait for the ones under way to finish their client steps."""
+        self._stop.set()
+        if self._runner is not None:
+            await self._runner
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=BOOKING_DEADLINE_SECONDS + 30)
+        for task in self._tasks:
+            task.cancel()
+        await self._client.aclose()
+
+    async def made(self, count: int, what: str) -> None:
+        """Let the load start `count` more bookings (it paces itself)."""
+        target = len(self.bookings) + count
+        await eventually(
+            lambda: len(self.bookings) >= target,
+            timeout=count / RATE_PER_SECOND + 30,
+            interval=0.05,
+            what=f"{count} more bookings {what}",
+        )
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        mentors = self.system.mentors
+        while not self._stop.is_set():
+            number = next(self.system.numbers)
+            # A slot of its own: booking n starts n hours after the first slot.
+            booking = Booking(
+                number,
+                mentors[number % len(mentors)],
+                self._first_slot + timedelta(hours=number),
+            )
+            self.bookings.append(booking)
+            task = asyncio.create_task(self._book_and_pay(booking))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            next_at += 1 / RATE_PER_SECOND
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.0, next_at - loop.time()))
+
+    async def _book_and_pay(self, booking: Booking) -> None:
+        deadline = time.monotonic() + BOOKING_DEADLINE_SECONDS
+        try:
+            booking.order_id = await self._book(booking, deadline)
+            ref = await self._pay_link(booking, deadline)
+            if ref is None:
+                booking.ended_unpaid = True
+            else:
+                await self._pay(booking, ref, deadline)
+                booking.paid = True
+        except Exception as exc:
+            booking.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            booking.done = True
+
+    async def _attempt(self, deadline: float, what: str, step: Callable[[], Any]) -> Any:
+        """Run `step` until it returns something other than None, through outages."""
+        last = "no answer"
+        while True:
+            try:
+                result = await step()
+                if result is not None:
+                    return result
+                last = "not yet"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            except Retry as retry:
+                last = str(retry)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: no success by the deadline (last: {last})")
+            await asyncio.sleep(RETRY_PAUSE_SECONDS)
+
+    async def _book(self, booking: Booking, deadline: float) -> str:
+        body = {
+            "offering_id": booking.mentor.offering_id,
+            "start_at": booking.start_at.isoformat(),
+            "mentee": {
+                "first_name": "Youssef",
+                "last_name": "Trabelsi",
+                "email": "youssef@example.com",
+                "phone": "+216 20 123 456",
+            },
+        }
+        headers = {**self.mentee, "Idempotency-Key": booking.key}
+
+        async def post() -> str:
+            answer = await self._client.post(
+                f"{self.system.gateway}/api/bookings", json=body, headers=headers
+            )
+            if answer.status_code in RETRYABLE:
+                raise Retry(f"{answer.status_code} {answer.text[:200]}")
+            assert answer.status_code == 202, f"booking {booking.number}: {answer.text}"
+            return answer.json()["order_id"]
+
+        return await self._attempt(deadline, f"booking {booking.number} accepted", post)
+
+    async def _pay_link(self, booking: Booking, deadline: float) -> str | None:
+        url = f"{self.system.gateway}/api/orders/{booking.order_id}"
+
+        async def read() -> tuple[str | None] | None:
+            answer = await self._client.get(url, headers=self.mentee)
+            if answer.status_code in RETRYABLE:
+                raise Retry(f"{answer.status_code} {answer.text[:200]}")
+            assert answer.status_code == 200, f"order {booking.order_id}: {answer.text}"
+            order = answer.json()
+            if order["status"] in ("cancelled", "payment_failed"):
+                return (None,)
+            payment = order["payment"]
+            if payment and payment["ref"] and payment["pay_url"]:
+                return (payment["ref"],)
+            return None
+
+        (ref,) = await self._attempt(deadline, f"the pay link of order {booking.order_id}", read)
+        return ref
+
+    async def _pay(self, booking: Booking, ref: str, deadline: float) -> None:
+        url = f"{self.system.konnect}/_sandbox/payments/{ref}/complete"
+
+        async def pay() -> bool:
+            # Konnect calls the webhook before answering; when the gateway or payments is
+            # down that call fails, and reconciliation finds the payment later.
+            answer = await self._client.post(url, json={}, timeout=30)
+            if answer.status_code == 409:  # paid by an earlier attempt whose answer was lost
+                return True
+            assert answer.status_code == 200, f"paying {ref}: {answer.text}"
+            return True
+
+        await self._attempt(deadline, f"paying order {booking.order_id}", pay)
+
+
+class Retry(Exception):
+    """An answer that says: try again (the system is recovering)."""
+
+
+@pytest.fixture
+async def load(drill_system: DrillSystem) -> AsyncIterator[Load]:
+    load = Load(drill_system)
+    load.start()
+    try:
+        yield load
+    finally:
+        if not load._stop.is_set():
+            await load.stop()
+
+
+# --- what must hold after each drill ----------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """Everything the checks compare, read from the databases, the broker and the sandboxes."""
+
+    orders: dict[str, dict[str, Any]]
+    payments: dict[str, dict[str, Any]]
+    escrows: Counter
+    konnect: dict[str, list[dict[str, Any]]]
+    google: dict[str, list[dict[str, Any]]]
+    events: dict[tuple[str, str], int]
+    notifications: dict[str, list[dict[str, Any]]]
+    calendar_reasons: dict[str, str | None]
+
+
+async def in_flight(system: DrillSystem) -> list[str]:
+    """Orders that have not reached a terminal outcome yet."""
+    async with system.database() as db:
+        rows = await db.fetch(
+            "SELECT o.id::text AS id, o.status, s.status AS session_status"
+            " FROM orders.orders o JOIN orders.booked_sessions s ON s.order_id = o.id"
+        )
+    return [r["id"] for r in rows if outcome_of(r["status"], r["session_status"]) is None]
+
+
+async def read_ledger(system: DrillSystem) -> Ledger:
+    async with system.database() as db:
+        orders = {
+            r["id"]: dict(r)
+            for r in await db.fetch(
+                "SELECT o.id::text AS id, o.status, o.mentor_id::text AS mentor_id,"
+                " o.payment_ref, o.amount, o.amount_paid, o.escrow_amount,"
+                " s.id AS session_id, s.status AS session_status, s.calendar_event_id"
+                " FROM orders.orders o JOIN orders.booked_sessions s ON s.order_id = o.id"
+            )
+        }
+        payments = {
+            r["order_id"]: dict(r)
+            for r in await db.fetch(
+                "SELECT order_id::text AS order_id, status, payment_ref, amount_paid,"
+                " escrow_amount FROM payments.payments"
+            )
+        }
+        escrows = Counter(
+            {
+                r["order_id"]: r["holds"]
+                for r in await db.fetch(
+                    "SELECT order_id::text AS order_id, count(*) AS holds"
+                    " FROM payments.escrow_holds GROUP BY order_id"
+                )
+            }
+        )
+        events: dict[tuple[str, str], int] = {}
+        for schema in SCHEMAS:
+            for r in await db.fetch(
+                f"SELECT event_type, (body::jsonb -> 'payload' ->> 'order_id') AS order_id,"
+                f" count(*) AS n FROM {schema}.outbox GROUP BY 1, 2"
+            ):
+                key = (r["event_type"], r["order_id"])
+                events[key] = events.get(key, 0) + r["n"]
+        notifications: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in await db.fetch(
+            "SELECT metadata ->> 'order_id' AS order_id, type, occurrences,"
+            " metadata ->> 'reason' AS reason FROM notifications.admin_notifications"
+            " WHERE metadata ? 'order_id'"
+        ):
+            notifications[r["order_id"]].append(dict(r))
+        calendar_reasons = {
+            r["order_id"]: r["reason"]
+            for r in await db.fetch(
+                "SELECT order_id::text AS order_id, reason FROM calendar.calendar_bookings"
+            )
+        }
+    listed = await system.http.get(f"{system.konnect}/_sandbox/payments")
+    assert listed.status_code == 200, listed.text
+    konnect: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for payment in listed.json()["payments"]:
+        konnect[payment["orderId"]].append(payment)
+    listed = await system.http.get(f"{system.google}/_sandbox/events")
+    assert listed.status_code == 200, listed.text
+    google: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in listed.json()["events"]:
+        google[event["id"]].append(event)
+    return Ledger(
+        orders, payments, escrows, konnect, google, events, notifications, calendar_reasons
+    )
+
+
+def check_booking(ledger: Ledger, order_id: str, mentors: dict[str, Mentor]) -> list[str]:
+    """What is wrong with one booking's effects, given its outcome (empty: nothing)."""
+    order = ledger.orders[order_id]
+    outcome = outcome_of(order["status"], order["session_status"])
+    problems = []
+
+    def expect(what: str, actual: object, wanted: object) -> None:
+        if actual != wanted:
+            problems.append(f"{what}: {actual!r}, expected {wanted!r}")
+
+    event_id = order["session_id"].hex
+    konnect = ledger.konnect.get(order_id, [])
+    completed = [p for p in konnect if p["status"] == "completed"]
+    events = ledger.google.get(event_id, [])
+    alerts = ledger.notifications.get(order_id, [])
+    expect("BookingRequested recorded", ledger.events.get(("BookingRequested", order_id)), 1)
+    paid = outcome in (CONFIRMED, CALENDAR_FAILED)
+    if paid:
+        payment = ledger.payments.get(order_id) or {}
+        expect("completed Konnect payments", [p["id"] for p in completed], [order["payment_ref"]])
+        expect(
+            "our payment",
+            (payment.get("status"), payment.get("payment_ref")),
+            (
+                "completed",
+                order["payment_ref"],
+            ),
+        )
+        # Any other Konnect payment of the order is an orphan of an interrupted initiation:
+        # harmless only if nobody was ever shown it and it was never paid.
+        for orphan in konnect:
+            if orphan["id"] != order["payment_ref"]:
+                expect(f"orphan Konnect payment {orphan['id']}", orphan["status"], "pending")
+        expect("escrow holds", ledger.escrows.get(order_id, 0), 1)
+        expect("escrow amount", payment.get("escrow_amount"), order["escrow_amount"])
+        expect("PaymentCompleted recorded", ledger.events.get(("PaymentCompleted", order_id)), 1)
+        expect("OrderPaid recorded", ledger.events.get(("OrderPaid", order_id)), 1)
+    else:
+        expect("completed Konnect payments", completed, [])
+        expect("escrow holds", ledger.escrows.get(order_id, 0), 0)
+        expect("OrderPaid recorded", ledger.events.get(("OrderPaid", order_id)), None)
+    if outcome == CONFIRMED:
+        expect(
+            "Google events",
+            [e["sandbox"]["account"] for e in events],
+            [mentors[order["mentor_id"]].email],
+        )
+        expect("the session's event", order["calendar_event_id"], event_id)
+        expect(
+            "CalendarBookingConfirmed recorded",
+            ledger.events.get(("CalendarBookingConfirmed", order_id)),
+            1,
+        )
+        expect("admin notifications", alerts, [])
+    elif outcome == CALENDAR_FAILED:
+        expect("Google events", events, [])
+        expect(
+            "CalendarBookingConfirmed recorded",
+            ledger.events.get(("CalendarBookingConfirmed", order_id)),
+            None,
+        )
+        expect(
+            "CalendarBookingFailed recorded",
+            ledger.events.get(("CalendarBookingFailed", order_id)),
+            1,
+        )
+        reason = ledger.calendar_reasons.get(order_id)
+        expect(
+            "admin notifications (reason, counted)",
+            [(a["reason"], a["occurrences"]) for a in alerts],
+            [(reason, 1)],
+        )
+    elif outcome == UNPAID:
+        expect("Google events", events, [])
+        if order["status"] == "cancelled":
+            expect(
+                "PaymentInitiationFailed recorded",
+                ledger.events.get(("PaymentInitiationFailed", order_id)),
+                1,
+            )
+            expect("admin notifications", len(alerts), 1)
+            expect("alert counted once", [a["occurrences"] for a in alerts], [1])
+    else:
+        problems.append(f"not terminal: order {order['status']}, session {order['session_status']}")
+    return problems
+
+
+async def queue_depths(system: DrillSystem) -> dict[str, tuple[int, int]]:
+    """(ready messages, consumers) of every queue of every consumer, on the private broker."""
+    names = []
+    for consumer in CONSUMERS:
+        names += [consumer, f"{consumer}.dlq"]
+        names += [f"{consumer}.retry.{n}" for n in range(1, CONSUMER_MAX_ATTEMPTS)]
+    depths = {}
+    connection = await aio_pika.connect(system.rabbitmq.url, timeout=10)
+    async with connection:
+        for name in names:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            depths[name] = (result.message_count or 0, result.consumer_count or 0)
+            await channel.close()
+    return depths
+
+
+async def unhandled_events(system: DrillSystem) -> list[str]:
+    """Events some outbox sent on the events exchange that a subscriber's inbox lacks."""
+    missing = []
+    async with system.database() as db:
+        inbox = {
+            consumer: {
+                r["message_id"]
+                for r in await db.fetch(
+                    f"SELECT message_id FROM {consumer}.inbox WHERE consumer = $1", consumer
+                )
+            }
+            for consumer in CONSUMERS
+        }
+        for schema in SCHEMAS:
+            for r in await db.fetch(
+                f"SELECT message_id, event_type FROM {schema}.outbox WHERE exchange = $1",
+                DRILL_SETTINGS["EVENTS_EXCHANGE"],
+            ):
+                for consumer in SUBSCRIBERS.get(r["event_type"], ()):
+                    if r["message_id"] not in inbox[consumer]:
+                        missing.append(
+                            f"{r['event_type']} {r['message_id']} from {schema}"
+                            f" not in {consumer}'s inbox"
+                        )
+    return missing
+
+
+async def unsent_events(system: DrillSystem) -> dict[str, int]:
+    async with system.database() as db:
+        counts = {
+            schema: await db.fetchval(f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL")
+            for schema in SCHEMAS
+        }
+    return {schema: n for schema, n in counts.items() if n}
+
+
+async def assert_nothing_lost(
+    system: DrillSystem, load: Load, allowed: Callable[[Booking], set[str]]
+) -> dict[str, int]:
+    """Every check of the drills, within their bounds; the outcomes of the load's bookings."""
+    started = time.monotonic()
+    await load.stop()
+    # Every client did its part: each booking was accepted and paid (or ended unpaid).
+    stuck = [(b.number, b.error) for b in load.bookings if b.error or not b.done]
+    assert not stuck, f"bookings the load could not complete: {stuck}"
+
+    # Every order in the database reaches a terminal state within the bound.
+    async def all_terminal() -> bool:
+        pending = await in_flight(system)
+        assert not pending, f"{len(pending)} orders in flight, e.g. {pending[:3]}"
+        return True
+
+    await eventually(all_terminal, timeout=SETTLE_SECONDS, interval=0.5, what="every booking ended")
+
+    # Nothing stuck in an outbox, nothing waiting or dead in the broker, nothing lost between.
+    async def outboxes_sent() -> bool:
+        unsent = await unsent_events(system)
+        assert not unsent, f"unsent outbox rows: {unsent}"
+        return True
+
+    await eventually(outboxes_sent, timeout=SETTLE_SECONDS, interval=0.5, what="outboxes sent")
+
+    async def queues_drained() -> dict[str, tuple[int, int]]:
+        depths = await queue_depths(system)
+        waiting = {q: d for q, d in depths.items() if d[0]}
+        assert not waiting, f"messages waiting: {waiting}"
+        consumers = {c: depths[c][1] for c in CONSUMERS}
+        assert consumers == CONSUMERS, f"consumers attached: {consumers}"
+        return depths
+
+    await eventually(queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained")
+
+    async def all_handled() -> bool:
+        missing = await unhandled_events(system)
+        assert not missing, f"{len(missing)} events never handled, e.g. {missing[:3]}"
+        return True
+
+    await eventually(all_handled, timeout=SETTLE_SECONDS, interval=0.5, what="events handled")
+
+    # One payment, one escrow, one calendar event, one confirmation per paid booking; one alert
+    # per failure; for every order there is, not only this drill's.
+    ledger = await read_ledger(system)
+    mentors = {m.id: m for m in system.mentors}
+    problems = {
+        order_id: found
+        for order_id in ledger.orders
+        if (found := check_booking(ledger, order_id, mentors))
+    }
+    assert not problems, f"bookings whose effects are wrong: {problems}"
+    outcomes = Counter()
+    for booking in load.bookings:
+        order = ledger.orders[booking.order_id]
+        outcome = outcome_of(order["status"], order["session_status"])
+        assert outcome in allowed(booking), (booking, order)
+        outcomes[outcome] += 1
+
+    # And every process is ready again.
+    await system.wait_ready()
+    orphans = sum(
+        1
+        for order_id, made in ledger.konnect.items()
+        for p in made
+        if p["id"] != (ledger.orders.get(order_id) or {}).get("payment_ref")
+    )
+    print(
+        f"\n{len(load.bookings)} bookings {dict(outcomes)}; settled and checked in "
+        f"{time.monotonic() - started:.1f}s; {len(ledger.orders)} orders in all,"
+        f" {orphans} orphan Konnect payment(s)"
+    )
+    return dict(outcomes)
+
+
+def as_planned(booking: Booking) -> set[str]:
+    """Without provider outages: confirmed, unless the mentor never connected Google."""
+    return {CONFIRMED} if booking.mentor.connected else {CALENDAR_FAILED}
+
+
+@contextlib.asynccontextmanager
+async def showing_logs(system: DrillSystem) -> AsyncIterator[None]:
+    try:
+        yield
+    except BaseException:
+        print(f"process output:\n{system.tails()}")
+        raise
+
+
+# --- the drills -------------------------------------------------------------------------------
+
+KILLED = ["orders", "payments-a", "calendar-b", "notifications", "gateway"]
+
+
+class TestKillingEachService:
+    @pytest.mark.timeout(DRILL_TIMEOUT)
+    @pytest.mark.parametrize("name", KILLED)
+    async def test_a_service_killed_mid_flow_and_started_again_loses_nothing(
+        self, drill_system: DrillSystem, load: Load, name: str
+    ):
+        async with showing_logs(drill_system):
+            await load.made(BOOKINGS_BEFORE_FAULT, "before the kill")
+            # Mid-flow: some bookings are between their steps when the process dies.
+            await eventually(lambda: in_flight(drill_system), timeout=30, what="bookings in flight")
+            await drill_system.processes[name].kill9()
+            await load.made(BOOKINGS_DURING_FAULT, f"while {name} is dead")
+            await drill_system.restart(name)
+            await load.made(BOOKINGS_AFTER_RECOVERY, f"after {name} restarted")
+
+            await assert_nothing_lost(drill_system, load, as_planned)
+
+
+class TestRestartingTheServers:
+    @pytest.mark.timeout(DRILL_TIMEOUT)
+    async def test_a_rabbitmq_restart_loses_nothing(self, drill_system: DrillSystem, load: Load):
+        async with showing_logs(drill_system):
+            await load.made(BOOKINGS_BEFORE_FAULT, "before RabbitMQ stops")
+            await eventually(lambda: in_flight(drill_system), timeout=30, what="bookings in flight")
+            await drill_system.rabbitmq.stop_app()
+            try:
+                await load.made(BOOKINGS_DURING_FAULT, "while RabbitMQ is stopped")
+            finally:
+                await drill_system.rabbitmq.start_app()
+            await drill_system.wait_ready()
+            await load.made(BOOKINGS_AFTER_RECOVERY, "after RabbitMQ started")
+
+            await assert_nothing_lost(drill_system, load, as_planned)
+
+    @pytest.mark.timeout(DRILL_TIMEOUT)
+    async def test_a_postgres_restart_loses_nothing(self, drill_system: DrillSystem, load: Load):
+        async with showing_logs(drill_system):
+            await load.made(BOOKINGS_BEFORE_FAULT, "before Postgres stops")
+            await eventually(lambda: in_flight(drill_system), timeout=30, what="bookings in flight")
+            await drill_system.postgres.stop()
+            try:
+                await load.made(BOOKINGS_DURING_FAULT, "while Postgres is stopped")
+            finally:
+                await drill_system.postgres.start()
+            await drill_system.wait_ready()
+            await load.made(BOOKINGS_AFTER_RECOVERY, "after Postgres started")
+
+            await assert_nothing_lost(drill_system, load, as_planned)
+
+
+class TestProvidersFailing:
+    @pytest.mark.timeout(DRILL_TIMEOUT)
+    async def test_provider_faults_within_the_retries_change_no_outcome(
+        self, drill_system: DrillSystem, load: Load
+    ):
+        http, konnect, google = drill_system.http, drill_system.konnect, drill_system.google
+        async with showing_logs(drill_system):
+            await load.made(BOOKINGS_BEFORE_FAULT, "before the providers fail")
+            try:
+                for endpoint in ("init", "get"):
+                    fault = {"kind": "http_503", "count": ABSORBED_FAULTS, "endpoint": endpoint}
+                    assert (await http.post(f"{konnect}/_sandbox/faults", json=fault)).is_success
+                fault = {"kind": "http_503", "count": ABSORBED_FAULTS, "endpoint": "insert"}
+                assert (await http.post(f"{google}/_sandbox/faults", json=fault)).is_success
+
+                # The load meets every fault: each is a 503 some call was retried after.
+                async def faults_used_up() -> bool:
+                    left = [
+                        (await http.get(f"{url}/_sandbox/faults")).json()["faults"]
+                        for url in (konnect, google)
+                    ]
+                    return not any(left)
+
+                await eventually(faults_used_up, timeout=60, interval=0.2, what="faults met")
+            finally:
+                await clear_faults(drill_system)
+            await load.made(BOOKINGS_AFTER_RECOVERY, "after the faults")
+
+            await assert_nothing_lost(drill_system, load, as_planned)
+
+    @pytest.mark.timeout(DRILL_TIMEOUT)
+    async def test_providers_down_beyond_the_retries_end_bookings_in_defined_failures(
+        self, drill_system: DrillSystem, load: Load
+    ):
+        http, konnect, google = drill_system.http, drill_system.konnect, drill_system.google
+        outage = {"kind": "http_503", "count": 100_000}
+        async with showing_logs(drill_system):
+            await load.made(BOOKINGS_BEFORE_FAULT, "before the providers go down")
+            try:
+                # Google refuses every insert until a booking has failed for it.
+                fault = dict(outage, endpoint="insert")
+                assert (await http.post(f"{google}/_sandbox/faults", json=fault)).is_success
+                await eventually(
+                    lambda: failed_for(drill_system, "calendar_api_error"),
+                    timeout=60,
+                    interval=0.2,
+                    what="a booking failed for Google's outage",
+                )
+                await clear_faults(drill_system)
+                # Konnect refuses every call until an order was cancelled for it; webhooks and
+                # reconciliation cannot ask it either while it lasts.
+                for endpoint in ("init", "get"):
+                    fault = dict(outage, endpoint=endpoint)
+                    assert (await http.post(f"{konnect}/_sandbox/faults", json=fault)).is_success
+                await eventually(
+                    lambda: failed_for(drill_system, "initiation_failed"),
+                    timeout=60,
+                    interval=0.2,
+                    what="an order cancelled for Konnect's outage",
+                )
+            finally:
+                await clear_faults(drill_system)
+            await load.made(BOOKINGS_AFTER_RECOVERY, "after the outage")
+
+            def defined_outcomes(booking: Booking) -> set[str]:
+                return {CONFIRMED, CALENDAR_FAILED, UNPAID}
+
+            outcomes = await assert_nothing_lost(drill_system, load, defined_outcomes)
+            assert outcomes.get(CALENDAR_FAILED) and outcomes.get(UNPAID), outcomes
+
+
+async def failed_for(system: DrillSystem, reason: str) -> bool:
+    async with system.database() as db:
+        if reason == "initiation_failed":
+            query = "SELECT count(*) FROM payments.payments WHERE status = 'initiation_failed'"
+            return bool(await db.fetchval(query))
+        query = "SELECT count(*) FROM calendar.calendar_bookings WHERE reason = $1"
+        return bool(await db.fetchval(query, reason))
+
+
+async def clear_faults(system: DrillSystem) -> None:
+    for url in (system.konnect, system.google):
+        cleared = await system.http.delete(f"{url}/_sandbox/faults")
+        assert cleared.status_code == 200, cleared.text
