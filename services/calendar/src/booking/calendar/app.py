@@ -12,7 +12,7 @@ from uuid import UUID
 from fastapi import FastAPI
 
 from booking.calendar.api import calendar_router
-from booking.calendar.google import GoogleClient, check_configured, check_reachable
+from booking.calendar.google import GoogleClient
 from booking.calendar.handlers import register_mentor, schedule_session
 from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService
@@ -20,6 +20,7 @@ from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import messaging
 from booking.calendar.tokens import TokenCipher
 from booking.contracts import MentorRegistered, OrderPaid
+from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
 
 
@@ -54,14 +55,14 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     runtime.health.add(
         "google",
         "configured",
-        partial(check_configured, google),
+        lambda: configured_check("google", google.configured, google.token_url),
         ready=False,
         component_type="system",
     )
     runtime.health.add(
         "google",
         "reachable",
-        partial(check_reachable, google),
+        lambda: reachable_check("google", google.ping, google.token_url),
         ready=False,  # an outage at Google must not take our pods out
         component_type="system",
         failure_status="warn",

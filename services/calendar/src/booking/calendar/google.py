@@ -20,8 +20,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 from uuid import UUID
@@ -38,7 +36,7 @@ from tenacity import (
 
 from booking.calendar.domain import CALENDAR_SCOPE, SessionEvent
 from booking.calendar.settings import CalendarSettings
-from booking.runtime.health import Observation, timed_ms
+from booking.runtime.outside import describe_failure, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +379,7 @@ class GoogleClient:
             raise _InvalidGrant(what, message, status=status, reason=error)
         if status == 429 or status >= 500 or (status == 403 and "rate_limit" in error):
             raise _Transient(
-                what, message, status=status, reason=error, retry_after=_retry_after(response)
+                what, message, status=status, reason=error, retry_after=retry_after(response)
             )
         raise GoogleRefused(what, message, status=status, reason=error)
 
@@ -478,7 +476,7 @@ class GoogleClient:
             raise _Duplicate(what, message, status=status, reason="duplicate")
         if status == 429 or status >= 500 or (status == 403 and RATE_LIMIT_REASONS & set(reasons)):
             raise _Transient(
-                what, message, status=status, reason=reason, retry_after=_retry_after(response)
+                what, message, status=status, reason=reason, retry_after=retry_after(response)
             )
         raise GoogleRefused(what, message, status=status, reason=reason)
 
@@ -571,14 +569,9 @@ def _bearer(token: SecretStr) -> dict[str, str]:
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, httpx.TimeoutException):
-        return f"timed out ({type(error).__name__})"
-    if isinstance(error, httpx.TransportError):
-        # The exception's text may hold the URL, never a token (those travel in headers/bodies).
-        return f"unreachable ({type(error).__name__}: {error})"
     if isinstance(error, GoogleError):
         return error.describe()
-    return f"{type(error).__name__}: {error}"
+    return describe_failure(error)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -623,53 +616,3 @@ def _calendar_error(response: httpx.Response) -> tuple[str, list[str]]:
         if isinstance(item, dict) and item.get("reason")
     ]
     return str(error.get("message") or f"HTTP {response.status_code}"), reasons
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (either form of the header), None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-# -- health ----------------------------------------------------------------------------------
-
-
-async def check_configured(client: GoogleClient) -> Observation:
-    missing = client.configured
-    if missing:
-        return Observation(
-            "google", "configured", "fail", "system", output=f"not set: {', '.join(missing)}"
-        )
-    return Observation("google", "configured", "pass", "system", output=client.token_url)
-
-
-async def check_reachable(client: GoogleClient) -> Observation:
-    """The token endpoint gives any HTTP answer in time: reachable; else warn, never fail."""
-    start = time.perf_counter()
-    try:
-        status = await client.ping()
-    except httpx.HTTPError as error:
-        return Observation(
-            "google", "reachable", "warn", "system", output=f"no answer: {_describe(error)}"
-        )
-    return Observation(
-        "google",
-        "reachable",
-        "pass",
-        "system",
-        timed_ms(start),
-        "ms",
-        output=f"HTTP {status} from {client.token_url}",
-    )

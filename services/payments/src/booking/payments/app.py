@@ -14,11 +14,12 @@ from fastapi import FastAPI
 from booking.contracts import BookingRequested
 from booking.payments.api import webhook_router
 from booking.payments.handlers import open_payment
-from booking.payments.konnect import KonnectClient, check_configured, check_reachable
+from booking.payments.konnect import KonnectClient
 from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import messaging
+from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
 
 
@@ -46,14 +47,14 @@ def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
     runtime.health.add(
         "konnect",
         "configured",
-        partial(check_configured, konnect),
+        lambda: configured_check("konnect", konnect.configured, konnect.api_url),
         ready=False,
         component_type="system",
     )
     runtime.health.add(
         "konnect",
         "reachable",
-        partial(check_reachable, konnect),
+        lambda: reachable_check("konnect", konnect.ping, konnect.api_url),
         ready=False,  # an outage at Konnect must not take our pods out
         component_type="system",
         failure_status="warn",

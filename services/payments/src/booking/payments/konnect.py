@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from uuid import UUID
 
@@ -30,7 +27,7 @@ from tenacity import (
 )
 
 from booking.payments.settings import PaymentsSettings
-from booking.runtime.health import Observation, timed_ms
+from booking.runtime.outside import describe_failure, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +90,8 @@ class _Transient(KonnectError):
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, httpx.TimeoutException):
-        return f"timed out ({type(error).__name__})"
-    if isinstance(error, httpx.TransportError):
-        return f"unreachable ({type(error).__name__}: {error})"
+    if isinstance(error, httpx.HTTPError):
+        return describe_failure(error)
     return str(error)
 
 
@@ -293,7 +288,7 @@ class KonnectClient:
         status = response.status_code
         errors = _errors_of(response)
         if status == 429 or status >= 500:
-            raise _Transient(status, errors, what=what, retry_after=_retry_after(response))
+            raise _Transient(status, errors, what=what, retry_after=retry_after(response))
         if status == 401:
             raise KonnectUnauthorized(status, errors, what=what)
         if status == 404:
@@ -345,53 +340,3 @@ def _errors_of(response: httpx.Response) -> list[dict[str, Any]]:
     if isinstance(body, dict) and isinstance(body.get("message") or body.get("detail"), str):
         return [{"message": body.get("message") or body.get("detail")}]
     return [{"message": str(body)[:300]}]
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (either form of the header), None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-# -- health ----------------------------------------------------------------------------------
-
-
-async def check_configured(client: KonnectClient) -> Observation:
-    missing = client.configured
-    if missing:
-        return Observation(
-            "konnect", "configured", "fail", "system", output=f"not set: {', '.join(missing)}"
-        )
-    return Observation("konnect", "configured", "pass", "system", output=client.api_url)
-
-
-async def check_reachable(client: KonnectClient) -> Observation:
-    """Any HTTP answer in time is reachable; no answer is warn, never fail (DESIGN 7)."""
-    start = time.perf_counter()
-    try:
-        status = await client.ping()
-    except httpx.HTTPError as error:
-        return Observation(
-            "konnect", "reachable", "warn", "system", output=f"no answer: {_describe(error)}"
-        )
-    return Observation(
-        "konnect",
-        "reachable",
-        "pass",
-        "system",
-        timed_ms(start),
-        "ms",
-        output=f"HTTP {status} from {client.api_url}",
-    )
