@@ -1,0 +1,1336 @@
+"""Bookings benchmark: the whole system, booking -> paid -> confirmed, through the gateway.
+
+It starts the system as `make run` does (its own database, its own RabbitMQ vhost, free ports,
+the supervisor `booking.runtime.devrun`), or drives a running one (`--url`). Mentors are
+registered and connected to the sandbox Google; then each booking goes as a mentee and a payer
+make it go: `POST /api/bookings` at the gateway; when payments has opened the Konnect payment
+(PaymentInitiated, seen on the events exchange) the payer pays through the sandbox Konnect's
+control API, which calls the webhook back through the gateway; when calendar has put the session
+in Google (CalendarBookingConfirmed) the mentee's `GET /api/orders/{id}` is polled until the
+order reads `confirmed`, the contract's word for done. Reported:
+
+- bookings confirmed per second, sustained, at full speed (a fixed number in flight);
+- p50/p95/p99 from the POST to the order read confirmed, at a steady 50 bookings per second,
+  and where the time goes (each event's arrival on the exchange);
+- webhook -> alert: a forged webhook (a ref Konnect never issued) until its PaymentAnomaly
+  Warning frame arrives on an admin's `/ws/admin`;
+- the duplicate-webhook storm: 1,000 concurrent webhooks for one paid payment; requests per
+  second, their answers, and the effects (exactly one PaymentCompleted, one OrderPaid, one
+  calendar event);
+- CPU per booking per process (utime + stime from /proc before and after), the machine's load,
+  and a py-spy profile of the hottest service during a second full-speed burst.
+
+Targets (issue 8, a 2-core machine with everything on it): >= 100 bookings confirmed per second
+sustained (aim 150); p99 booking -> confirmed <= 1 s at 50/s; p99 webhook -> alert <= 100 ms.
+The system it starts gets high webhook and callback rate limits (one client IP sends all the
+traffic). Results also go to bench/results/bookings-<time>.json.
+Run: `python -m bench.bookings` (see --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import httpx
+import uvloop
+from websockets.asyncio.client import ClientConnection, connect
+
+from booking.runtime.auth import issue_token
+from booking.runtime.devrun import CHILDREN, probe_host
+from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
+from booking.runtime.testing import with_database
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+TARGET_PER_SECOND, AIM_PER_SECOND = 100.0, 150.0
+TARGET_CONFIRMED_P99_MS = 1000.0
+TARGET_ALERT_P99_MS = 100.0
+SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
+SANDBOXES = ("sandbox-konnect", "sandbox-google")
+SYSTEM_READY_SECONDS = 180
+# One client IP sends every booking, webhook and OAuth callback: the per-IP limits, meant for
+# the internet, would measure the limiter instead of the system.
+BENCH_ENVIRONMENT = {
+    "WEBHOOK_RATE_LIMIT_PER_MINUTE": "100000000",
+    "RATE_LIMIT_PER_MINUTE": "100000000",
+    "NO_COLOR": "1",
+}
+FLOW_EVENTS = (
+    "BookingRequested",
+    "PaymentInitiated",
+    "PaymentCompleted",
+    "OrderPaid",
+    "CalendarBookingConfirmed",
+)
+FAILURES = (
+    "PaymentInitiationFailed",
+    "PaymentFailed",
+    "CalendarBookingFailed",
+    "SessionIssueDetected",
+)
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+# --- the system under test ------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    gateway: str
+    konnect: str
+    google: str
+    secret: str
+    rabbitmq_url: str
+    events_exchange: str
+    database_url: str | None
+    pids: dict[str, int] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def token(self, role: str, sub: str) -> dict[str, str]:
+        token = issue_token(self.secret, sub, role, ttl_seconds=6 * 3600)
+        return {"Authorization": f"Bearer {token}"}
+
+
+def pick_free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+async def rabbitmqctl(*args: str) -> bool:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        return await asyncio.wait_for(process.wait(), 60) == 0
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return False
+
+
+@contextlib.asynccontextmanager
+async def own_database() -> AsyncIterator[str]:
+    server = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    name = f"bench_bookings_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(server, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield with_database(server, name)
+    finally:
+        conn = await asyncpg.connect(server, timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def own_vhost() -> AsyncIterator[dict[str, str]]:
+    """A RabbitMQ vhost of our own (deleted afterwards); else unique names in the default one."""
+    base = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    run_id = f"bench_bookings_{uuid.uuid4().hex[:8]}"
+    user = urlsplit(base).username or "guest"
+    if shutil.which("rabbitmqctl") and await rabbitmqctl("add_vhost", run_id):
+        try:
+            if not await rabbitmqctl("set_permissions", "-p", run_id, user, ".*", ".*", ".*"):
+                raise BenchError(f"rabbitmqctl could not give {user} the vhost {run_id}")
+            url = urlunsplit(urlsplit(base)._replace(path="/" + quote(run_id, safe="")))
+            yield {"RABBITMQ_URL": url}
+        finally:
+            await rabbitmqctl("delete_vhost", run_id)
+        return
+    yield {
+        "RABBITMQ_URL": base,
+        "QUEUE_PREFIX": f"{run_id}.",
+        "EVENTS_EXCHANGE": f"{run_id}.booking.events",
+        "ADMIN_ALERTS_EXCHANGE": f"{run_id}.admin.alerts",
+    }
+
+
+@contextlib.asynccontextmanager
+async def started_system(overrides: dict[str, str]) -> AsyncIterator[System]:
+    """The whole system as `make run` starts it, on its own database, vhost and free ports."""
+    async with own_database() as database_url, own_vhost() as rabbitmq:
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_URL") or k in rabbitmq}
+        env.update(rabbitmq)
+        env.update(BENCH_ENVIRONMENT)
+        env.update(overrides)
+        env["DATABASE_URL"] = database_url
+        env["BIND_HOST"] = "127.0.0.1"
+        ports = pick_free_ports(len(CHILDREN))
+        env.update({child.port_env: str(port) for child, port in zip(CHILDREN, ports, strict=True)})
+        log = Path(tempfile.mkdtemp(prefix="bench-bookings-")) / "make-run.log"
+        process = spawn_devrun(env, log)
+        try:
+            deadline = time.monotonic() + SYSTEM_READY_SECONDS
+            while not re.search(r"all \d+ processes are ready", log.read_text(errors="replace")):
+                if process.poll() is not None:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                    raise BenchError(f"the system exited ({process.returncode}):\n{tail}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the system was not ready in {SYSTEM_READY_SECONDS}s: {log}")
+                await asyncio.sleep(0.25)
+            text = log.read_text(errors="replace")
+            pids = {m[1]: int(m[2]) for m in re.finditer(r"started (\S+) \(pid (\d+)\)", text)}
+            pids["devrun"] = process.pid
+            port = {child.name: env[child.port_env] for child in CHILDREN}
+            yield System(
+                gateway=f"http://127.0.0.1:{port['gateway']}",
+                konnect=f"http://127.0.0.1:{port['sandbox-konnect']}",
+                google=f"http://127.0.0.1:{port['sandbox-google']}",
+                secret=RuntimeSettings(**_auth_override(env)).auth_jwt_secret.get_secret_value(),
+                rabbitmq_url=env["RABBITMQ_URL"],
+                events_exchange=env.get("EVENTS_EXCHANGE", "booking.events"),
+                database_url=database_url,
+                pids=pids,
+                environment={**BENCH_ENVIRONMENT, **overrides},
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C stops `make run`
+            try:
+                await asyncio.to_thread(process.wait, 40)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.to_thread(process.wait, 10)
+
+
+def spawn_devrun(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`make run`'s supervisor in its own process group, its output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "booking.runtime.devrun"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _auth_override(env: dict[str, str]) -> dict[str, Any]:
+    secret = env.get("AUTH_JWT_SECRET")
+    return {"auth_jwt_secret": secret} if secret else {}
+
+
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP `port` on this machine, if we may see it (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
+
+
+def running_system(url: str) -> System:
+    """A system someone started (`make run`), found with the same environment as it."""
+    env = dict(os.environ)
+    host = probe_host(env.get("BIND_HOST", "127.0.0.1"))
+    ports = {child.name: child.port(env) for child in CHILDREN}
+    pids = {}
+    for child in CHILDREN:
+        pid = listening_pid(ports[child.name])
+        if pid is not None:
+            pids[child.name] = pid
+    return System(
+        gateway=url.rstrip("/"),
+        konnect=f"http://{host}:{ports['sandbox-konnect']}",
+        google=f"http://{host}:{ports['sandbox-google']}",
+        secret=RuntimeSettings().auth_jwt_secret.get_secret_value(),
+        rabbitmq_url=env.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL,
+        events_exchange=env.get("EVENTS_EXCHANGE", "booking.events"),
+        database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+        pids=pids,
+    )
+
+
+# --- CPU accounting -------------------------------------------------------------------------------
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time process `pid` has used so far (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core together."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / TICK, sum(values) / TICK
+
+
+def pids_named(name: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "comm").read_text().strip() == name:
+                    found.append(int(proc.name))
+    return found
+
+
+@dataclass
+class CpuSnapshot:
+    at: float
+    processes: dict[str, float]
+    postgres: dict[int, float]
+    machine: tuple[float, float]
+    generator: float
+
+
+class CpuMeter:
+    """CPU used by each process of the system between two snapshots."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.named = dict(system.pids)
+        beam = pids_named("beam.smp")
+        if len(beam) == 1:
+            self.named["rabbitmq (whole broker)"] = beam[0]
+        self.database = urlsplit(system.database_url or "").path.lstrip("/") or None
+
+    async def _postgres(self) -> dict[int, float]:
+        """Our database's backends (pg_stat_activity), each one's CPU so far."""
+        if not self.system.database_url:
+            return {}
+        try:
+            conn = await asyncpg.connect(self.system.database_url, timeout=5)
+        except (OSError, asyncpg.PostgresError):
+            return {}
+        try:
+            pids = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+        return {r["pid"]: cpu for r in pids if (cpu := cpu_seconds(r["pid"])) is not None}
+
+    async def snapshot(self) -> CpuSnapshot:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return CpuSnapshot(
+            at=time.monotonic(),
+            processes={n: cpu_seconds(p) or 0.0 for n, p in self.named.items()},
+            postgres=await self._postgres(),
+            machine=machine_cpu(),
+            generator=usage.ru_utime + usage.ru_stime,
+        )
+
+    @staticmethod
+    def used(before: CpuSnapshot, after: CpuSnapshot, bookings: int) -> dict[str, Any]:
+        """CPU ms per booking of each process, and how busy the machine was."""
+        per: dict[str, float] = {}
+        for name, seconds in after.processes.items():
+            per[name] = seconds - before.processes.get(name, 0.0)
+        # A backend that appeared meanwhile started from nothing.
+        per["postgres (our database's backends)"] = sum(
+            cpu - before.postgres.get(pid, 0.0) for pid, cpu in after.postgres.items()
+        )
+        per["load generator (this process)"] = after.generator - before.generator
+        wall = after.at - before.at
+        busy = after.machine[0] - before.machine[0]
+        total = after.machine[1] - before.machine[1]
+        accounted = sum(per.values())
+        per["everything else on the machine"] = max(busy - accounted, 0.0)
+        n = max(bookings, 1)
+        ours = [*SERVICES, "postgres (our database's backends)", "rabbitmq (whole broker)"]
+        system_ms = sum(per.get(k, 0.0) for k in ours) * 1000 / n
+        cores = os.cpu_count() or 1
+        return {
+            "wall_seconds": round(wall, 2),
+            "bookings": bookings,
+            "machine_busy_percent": round(100 * busy / total, 1) if total else None,
+            "cores_busy": round(busy / wall, 2) if wall else None,
+            "cpu_ms_per_booking": {k: round(v * 1000 / n, 2) for k, v in per.items()},
+            "cpu_seconds": {k: round(v, 2) for k, v in per.items()},
+            # The services, their database and broker only: without the stand-ins, the load
+            # generator and the machine's other tenants, this is what one booking costs.
+            "system_cpu_ms_per_booking": round(system_ms, 2),
+            "bookings_per_second_if_alone_on_the_cores": (
+                round(cores * 1000 / system_ms, 1) if system_ms else None
+            ),
+        }
+
+
+# --- watching the events exchange -----------------------------------------------------------------
+
+
+class EventWatch:
+    """Every event the system publishes, by order: when each type first arrived, and counts."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, dict[str, float]] = defaultdict(dict)
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.payloads: dict[tuple[str, str], dict[str, Any]] = {}
+        self.changed: dict[str, asyncio.Event] = {}
+        self.received = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def on(cls, system: System) -> AsyncIterator[EventWatch]:
+        watch = cls()
+        connection = await aio_pika.connect(system.rabbitmq_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(system.events_exchange)
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(exchange, "#")
+            await queue.consume(watch._arrived, no_ack=True)
+            yield watch
+
+    async def _arrived(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        now = time.perf_counter()
+        self.received += 1
+        try:
+            envelope = json.loads(message.body)
+            type_ = envelope["type"]
+            payload = envelope["payload"]
+        except (ValueError, KeyError, TypeError):
+            return
+        order_id = payload.get("order_id")
+        if not order_id:
+            return
+        self.counts[(type_, order_id)] += 1
+        self.first[order_id].setdefault(type_, now)
+        self.payloads.setdefault((type_, order_id), payload)
+        if (event := self.changed.get(order_id)) is not None:
+            event.set()
+
+    async def first_of(self, order_id: str, types: tuple[str, ...], deadline: float) -> str | None:
+        """The first of `types` to arrive for the order (waiting until `deadline`), or None."""
+        event = self.changed.setdefault(order_id, asyncio.Event())
+        while True:
+            seen = self.first.get(order_id, {})
+            arrived = [t for t in types if t in seen]
+            if arrived:
+                return min(arrived, key=seen.__getitem__)
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
+
+    def forget(self, order_id: str) -> None:
+        self.changed.pop(order_id, None)
+
+
+# --- driving the system ---------------------------------------------------------------------------
+
+
+@dataclass
+class Booking:
+    posted_at: float
+    order_id: str | None = None
+    accepted_at: float | None = None
+    paid_at: float | None = None  # the pay call (and its webhook) answered
+    confirmed_at: float | None = None  # the order read confirmed
+    gets: int = 0
+    outcome: str = "pending"  # confirmed, or what went wrong
+
+    @property
+    def latency_ms(self) -> float | None:
+        if self.confirmed_at is None:
+            return None
+        return (self.confirmed_at - self.posted_at) * 1000
+
+
+@dataclass
+class Mentor:
+    id: str
+    email: str
+    offering_id: str
+    slots: int = 0
+
+
+class Driver:
+    def __init__(self, system: System, watch: EventWatch, concurrency: int, timeout: float):
+        self.system = system
+        self.watch = watch
+        self.timeout = timeout
+        self.run_id = uuid.uuid4().hex[:6]
+        self.admin = system.token("admin", f"bench-admin-{self.run_id}")
+        self.mentee = system.token("mentee", f"bench-mentee-{self.run_id}")
+        limits = httpx.Limits(max_connections=concurrency + 50, max_keepalive_connections=200)
+        self.api = httpx.AsyncClient(
+            base_url=system.gateway, timeout=60, trust_env=False, limits=limits
+        )
+        self.konnect = httpx.AsyncClient(
+            base_url=system.konnect, timeout=60, trust_env=False, limits=limits
+        )
+        self.google = httpx.AsyncClient(base_url=system.google, timeout=60, trust_env=False)
+        self.mentors: list[Mentor] = []
+        self._next = 0
+        # Sessions a month ahead, one hour apart per mentor: no two ever overlap.
+        self.first_slot = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        self.first_slot += timedelta(days=30)
+
+    async def close(self) -> None:
+        for client in (self.api, self.konnect, self.google):
+            await client.aclose()
+
+    async def _expect(self, response: Awaitable[httpx.Response], status: int, what: str):
+        answer = await response
+        if answer.status_code != status:
+            raise BenchError(f"{what}: {answer.status_code} {answer.text[:300]}")
+        return answer
+
+    async def add_mentor(self, connected: bool = True) -> Mentor:
+        n = len(self.mentors)
+        email = f"bench-{self.run_id}-{n}-{uuid.uuid4().hex[:4]}@example.com"
+        mentor = (
+            await self._expect(
+                self.api.post(
+                    "/api/mentors",
+                    json={"name": f"Mentor {n}", "email": email, "timezone": "Africa/Tunis"},
+                    headers=self.admin,
+                ),
+                201,
+                "registering a mentor",
+            )
+        ).json()
+        offering = (
+            await self._expect(
+                self.api.post(
+                    f"/api/mentors/{mentor['id']}/offerings",
+                    json={
+                        "title": "Benchmark session",
+                        "duration_minutes": 60,
+                        "price": {"amount": 50_000, "currency": "TND"},
+                    },
+                    headers=self.admin,
+                ),
+                201,
+                "adding an offering",
+            )
+        ).json()
+        result = Mentor(mentor["id"], email, offering["id"])
+        if connected:
+            await self.connect_google(result)
+        return result
+
+    async def connect_google(self, mentor: Mentor) -> None:
+        # The calendar service learns of the mentor from MentorRegistered: 404 until then.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            start = await self.api.get(
+                f"/api/mentors/{mentor.id}/calendar/connect", headers=self.admin
+            )
+            if start.status_code == 302:
+                break
+            if start.status_code != 404 or time.monotonic() > deadline:
+                raise BenchError(f"connecting Google: {start.status_code} {start.text[:300]}")
+            await asyncio.sleep(0.1)
+        approved = await self._expect(
+            self.google.post(
+                "/_sandbox/oauth/approve", json={"auth_url": start.headers["location"]}
+            ),
+            200,
+            "approving the consent",
+        )
+        finished = await self._expect(
+            self.api.get(approved.json()["location"]), 200, "the OAuth callback"
+        )
+        if not finished.json().get("connected"):
+            raise BenchError(f"the OAuth callback did not connect: {finished.text[:300]}")
+
+    async def add_mentors(self, count: int) -> None:
+        gate = asyncio.Semaphore(8)
+
+        async def one() -> Mentor:
+            async with gate:
+                return await self.add_mentor()
+
+        self.mentors.extend(await asyncio.gather(*(one() for _ in range(count))))
+
+    def next_slot(self) -> tuple[Mentor, datetime]:
+        mentor = self.mentors[self._next % len(self.mentors)]
+        self._next += 1
+        mentor.slots += 1
+        return mentor, self.first_slot + timedelta(hours=mentor.slots)
+
+    async def book(
+        self, mentor: Mentor | None = None, *, pay: bool = True, webhook: str = "once"
+    ) -> Booking:
+        """One booking, from the POST to the order read confirmed (or what stopped it)."""
+        if mentor is None:
+            mentor, start_at = self.next_slot()
+        else:
+            mentor.slots += 1
+            start_at = self.first_slot + timedelta(hours=mentor.slots)
+        booking = Booking(posted_at=time.perf_counter())
+        deadline = booking.posted_at + self.timeout
+        try:
+            await self._book(booking, mentor, start_at, deadline, pay, webhook)
+        except httpx.HTTPError as exc:
+            booking.outcome = f"http error: {type(exc).__name__}"
+        finally:
+            if booking.order_id:
+                self.watch.forget(booking.order_id)
+        return booking
+
+    async def _book(
+        self,
+        booking: Booking,
+        mentor: Mentor,
+        start_at: datetime,
+        deadline: float,
+        pay: bool,
+        webhook: str,
+    ) -> None:
+        accepted = await self.api.post(
+            "/api/bookings",
+            json={
+                "offering_id": mentor.offering_id,
+                "start_at": start_at.isoformat(),
+                "mentee": {"first_name": "Bench", "last_name": "Mark", "email": mentor.email},
+            },
+            headers=self.mentee,
+        )
+        if accepted.status_code != 202:
+            booking.outcome = f"booking answered {accepted.status_code}"
+            return
+        booking.accepted_at = time.perf_counter()
+        order_id = booking.order_id = accepted.json()["order_id"]
+        first = await self.watch.first_of(
+            order_id, ("PaymentInitiated", "PaymentInitiationFailed"), deadline
+        )
+        if first != "PaymentInitiated":
+            booking.outcome = first or "no PaymentInitiated in time"
+            return
+        if not pay:
+            booking.outcome = "initiated"
+            return
+        ref = self.watch.payloads[("PaymentInitiated", order_id)]["payment_ref"]
+        paid = await self.konnect.post(
+            f"/_sandbox/payments/{ref}/complete", json={"webhook": webhook}
+        )
+        booking.paid_at = time.perf_counter()
+        if paid.status_code != 200:
+            booking.outcome = f"paying answered {paid.status_code}"
+            return
+        webhooks = [d.get("status_code") for d in paid.json().get("webhooks", [])]
+        if webhook == "none":
+            booking.outcome = "paid, no webhook yet"
+            return
+        if webhooks != [200]:
+            booking.outcome = f"webhook answered {webhooks}"
+            return
+        await self.until_confirmed(booking, deadline)
+
+    async def until_confirmed(self, booking: Booking, deadline: float) -> None:
+        order_id = booking.order_id
+        assert order_id is not None
+        first = await self.watch.first_of(
+            order_id, ("CalendarBookingConfirmed", *FAILURES), deadline
+        )
+        if first != "CalendarBookingConfirmed":
+            booking.outcome = first or "no CalendarBookingConfirmed in time"
+            return
+        # The order's own status is the contract: read it until orders has applied the event.
+        pause = 0.005
+        while time.perf_counter() < deadline:
+            response = await self.api.get(f"/api/orders/{order_id}", headers=self.mentee)
+            booking.gets += 1
+            if response.status_code == 200 and response.json()["status"] == "confirmed":
+                booking.confirmed_at = time.perf_counter()
+                booking.outcome = "confirmed"
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        booking.outcome = "not confirmed in time"
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A plain progress bar on stderr (a line every few seconds when stderr is no terminal)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.started = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.shown = 0.0
+
+    def update(self, done: int, note: str = "", *, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.shown < (0.2 if self.tty else 5.0):
+            return
+        self.shown = now
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        line = (
+            f"  {self.label:<11} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}"
+            f"  {now - self.started:5.1f}s  {note}"
+        )
+        if self.tty:
+            print(f"\r{line:<100}", end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+# --- the phases -----------------------------------------------------------------------------------
+
+
+def quantiles_ms(values: list[float]) -> dict[str, float | None]:
+    if len(values) < 2:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {
+        "p50_ms": round(q[49], 1),
+        "p95_ms": round(q[94], 1),
+        "p99_ms": round(q[98], 1),
+        "max_ms": round(max(values), 1),
+    }
+
+
+def outcomes(bookings: list[Booking]) -> dict[str, int]:
+    return dict(Counter(b.outcome for b in bookings).most_common())
+
+
+def where_time_goes(bookings: list[Booking], watch: EventWatch) -> dict[str, dict[str, Any]]:
+    """p50/p99 of each stage: the POST, each event's arrival on the exchange, the order read
+    confirmed; and, beside them, the payer's call (the sandbox calls the webhook, through the
+    gateway, before it answers), which overlaps PaymentInitiated -> PaymentCompleted."""
+    stages: dict[str, list[float]] = defaultdict(list)
+    for b in bookings:
+        if b.confirmed_at is None or b.order_id is None:
+            continue
+        seen = watch.first.get(b.order_id, {})
+        marks = [("POST answered", b.accepted_at)]
+        marks += [(t, seen.get(t)) for t in FLOW_EVENTS]
+        marks += [("order read confirmed", b.confirmed_at)]
+        previous, previous_name = b.posted_at, "POST sent"
+        for name, at in marks:
+            if at is None:
+                continue
+            stages[f"{previous_name} -> {name}"].append((at - previous) * 1000)
+            previous, previous_name = at, name
+        if (initiated := seen.get("PaymentInitiated")) and b.paid_at:
+            stages["(PaymentInitiated -> the pay call answered)"].append(
+                (b.paid_at - initiated) * 1000
+            )
+    result = {}
+    for name, values in stages.items():
+        qs = quantiles_ms(values)
+        result[name] = {"p50_ms": qs["p50_ms"], "p99_ms": qs["p99_ms"]}
+    return result
+
+
+async def warm_up(driver: Driver, count: int) -> None:
+    gate = asyncio.Semaphore(16)
+
+    async def one() -> Booking:
+        async with gate:
+            return await driver.book()
+
+    done = await asyncio.gather(*(one() for _ in range(count)))
+    bad = [b.outcome for b in done if b.outcome != "confirmed"]
+    if bad:
+        raise BenchError(f"warm-up: {len(bad)} of {count} bookings failed: {Counter(bad)}")
+
+
+async def at_rate(driver: Driver, meter: CpuMeter, rate: float, seconds: float) -> dict[str, Any]:
+    """Bookings started at a steady `rate` (paced by the clock), each followed to the end."""
+    total = int(rate * seconds)
+    progress = Progress(f"{rate:g}/s", total)
+    tasks: list[asyncio.Task[Booking]] = []
+    finished = 0
+
+    def count(_: asyncio.Task) -> None:
+        nonlocal finished
+        finished += 1
+
+    before = await meter.snapshot()
+    start = time.perf_counter()
+    for n in range(total):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(driver.book())
+        task.add_done_callback(count)
+        tasks.append(task)
+        progress.update(n + 1, f"started, {finished} done")
+    late = time.perf_counter() - (start + (total - 1) / rate)
+    while finished < total:
+        progress.update(total, f"started, {finished} done")
+        await asyncio.sleep(0.1)
+    progress.update(total, "done", final=True)
+    bookings = [t.result() for t in tasks]
+    after = await meter.snapshot()
+    latencies = [b.latency_ms for b in bookings if b.latency_ms is not None]
+    return {
+        "rate_per_second": rate,
+        "seconds": seconds,
+        "bookings": total,
+        "pacing_lag_ms": round(max(late, 0) * 1000, 1),
+        "outcomes": outcomes(bookings),
+        **quantiles_ms(latencies),
+        "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(total, 1), 2),
+        "stages": where_time_goes(bookings, driver.watch),
+        "cpu": CpuMeter.used(before, after, len(latencies)),
+    }
+
+
+async def keep_busy(driver: Driver, in_flight: int, stop: asyncio.Event) -> Counter[str]:
+    """Bookings, `in_flight` at a time, until `stop` is set (those under way are abandoned)."""
+    seen: Counter[str] = Counter()
+
+    async def worker() -> None:
+        while not stop.is_set():
+            seen[(await driver.book()).outcome] += 1
+
+    workers = [asyncio.create_task(worker()) for _ in range(in_flight)]
+    await stop.wait()
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    return seen
+
+
+async def full_speed(
+    driver: Driver, meter: CpuMeter, total: int, in_flight: int, label: str = "full speed"
+) -> dict[str, Any]:
+    """`total` bookings with `in_flight` of them under way at any time."""
+    progress = Progress(label, total)
+    queue = iter(range(total))
+    bookings: list[Booking] = []
+    before = await meter.snapshot()
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        for _ in queue:
+            booking = await driver.book()
+            bookings.append(booking)
+            if booking.confirmed_at is not None:
+                confirmed.append(booking.confirmed_at)
+            elapsed = time.perf_counter() - start
+            progress.update(len(bookings), f"{len(confirmed) / elapsed:6.1f} confirmed/s")
+
+    confirmed: list[float] = []
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    progress.update(len(bookings), f"{len(confirmed) / elapsed:6.1f} confirmed/s", final=True)
+    after = await meter.snapshot()
+    confirmed.sort()
+    # Sustained: the middle 80% of the confirmations, past the ramp-up and the drain.
+    sustained = None
+    if len(confirmed) >= 20:
+        low, high = confirmed[len(confirmed) // 10], confirmed[len(confirmed) * 9 // 10]
+        if high > low:
+            sustained = round((len(confirmed) * 9 // 10 - len(confirmed) // 10) / (high - low), 1)
+    latencies = [b.latency_ms for b in bookings if b.latency_ms is not None]
+    result = {
+        "bookings": total,
+        "in_flight": in_flight,
+        "seconds": round(elapsed, 2),
+        "outcomes": outcomes(bookings),
+        "confirmed_per_second_overall": round(len(confirmed) / elapsed, 1),
+        "confirmed_per_second_sustained": sustained,
+        "latency_under_load": quantiles_ms(latencies),
+        "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(total, 1), 2),
+        "cpu": CpuMeter.used(before, after, len(confirmed)),
+    }
+    return result
+
+
+async def admin_socket(system: System, headers: dict[str, str]) -> ClientConnection:
+    url = system.gateway.replace("http://", "ws://", 1) + "/ws/admin"
+    socket_ = await connect(url, additional_headers=headers, open_timeout=30, proxy=None)
+    hello = json.loads(await asyncio.wait_for(socket_.recv(), 30))
+    if hello.get("type") != "hello":
+        raise BenchError(f"the admin websocket said {hello} instead of hello")
+    return socket_
+
+
+async def webhook_to_alert(driver: Driver, samples: int) -> dict[str, Any]:
+    """A forged webhook each time (a ref Konnect never issued): send -> its Warning frame."""
+    socket_ = await admin_socket(driver.system, driver.admin)
+    arrivals: dict[str, tuple[float, dict[str, Any]]] = {}
+    arrived = asyncio.Event()
+
+    async def read() -> None:
+        async for raw in socket_:
+            now = time.perf_counter()
+            frame = json.loads(raw)
+            if frame.get("type") == "ping":
+                await socket_.send('{"type": "pong"}')
+            elif frame.get("type") == "notification":
+                ref = (frame["data"].get("metadata") or {}).get("payment_ref")
+                if ref:
+                    arrivals.setdefault(ref, (now, frame["data"]))
+                    arrived.set()
+
+    reader = asyncio.create_task(read())
+    latencies, answers, severities = [], Counter(), Counter()
+    progress = Progress("ws alerts", samples)
+    try:
+        for n in range(samples):
+            ref = uuid.uuid4().hex[:24]  # Konnect's refs are 24 hex digits
+            sent = time.perf_counter()
+            response = await driver.api.get("/api/payments/webhook", params={"payment_ref": ref})
+            answers[response.status_code] += 1
+            deadline = sent + 10
+            while ref not in arrivals and time.perf_counter() < deadline:
+                arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), deadline - time.perf_counter())
+            if ref in arrivals:
+                at, data = arrivals[ref]
+                latencies.append((at - sent) * 1000)
+                severities[f"{data['type']}/{data['severity']}"] += 1
+            progress.update(n + 1)
+            await asyncio.sleep(0.02)  # one at a time: the latency of one, not of a queue
+        progress.update(samples, final=True)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+        await socket_.close()
+    return {
+        "samples": samples,
+        "alerts_received": len(latencies),
+        "webhook_answers": dict(answers),
+        "alerts": dict(severities),
+        **quantiles_ms(latencies),
+    }
+
+
+async def duplicate_storm(driver: Driver, duplicates: int) -> dict[str, Any]:
+    """One payment paid at Konnect, then `duplicates` webhooks for it at once through the gateway.
+
+    The payer pays without the webhook (Konnect's control API, `webhook: none`), so every one of
+    the storm's calls races to be the one that applies it.
+    """
+    mentor = await driver.add_mentor()
+    booking = await driver.book(mentor, webhook="none")
+    if booking.outcome != "paid, no webhook yet":
+        raise BenchError(f"the storm's booking could not be paid: {booking.outcome}")
+    order_id = booking.order_id
+    assert order_id is not None
+    ref = driver.watch.payloads[("PaymentInitiated", order_id)]["payment_ref"]
+    limits = httpx.Limits(max_connections=duplicates, max_keepalive_connections=duplicates)
+    async with httpx.AsyncClient(
+        base_url=driver.system.gateway, timeout=60, trust_env=False, limits=limits
+    ) as storm:
+        # Connections first, so the storm measures requests, not TCP handshakes.
+        await asyncio.gather(*(storm.get("/health/live") for _ in range(min(duplicates, 200))))
+        statuses: Counter[str] = Counter()
+        gate = asyncio.Event()
+
+        async def one() -> None:
+            await gate.wait()
+            try:
+                response = await storm.get("/api/payments/webhook", params={"payment_ref": ref})
+                statuses[str(response.status_code)] += 1
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+
+        tasks = [asyncio.create_task(one()) for _ in range(duplicates)]
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        gate.set()
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    # Effects: the order goes on to confirmed, once; then let any straggler arrive.
+    deadline = time.perf_counter() + driver.timeout
+    await driver.until_confirmed(booking, deadline)
+    await asyncio.sleep(3)
+    counts = {t: driver.watch.counts[(t, order_id)] for t in FLOW_EVENTS}
+    counts["SessionIssueDetected"] = driver.watch.counts[("SessionIssueDetected", order_id)]
+    events = await driver.google.get("/_sandbox/events", params={"account": mentor.email})
+    counts["Google calendar events"] = len(events.json().get("events", []))
+    exactly_once = all(counts[t] == 1 for t in FLOW_EVENTS) and counts["SessionIssueDetected"] == 0
+    return {
+        "duplicates": duplicates,
+        "seconds": round(elapsed, 3),
+        "requests_per_second": round(duplicates / elapsed, 1),
+        "answers": dict(statuses),
+        "order": booking.outcome,
+        "effects": counts,
+        "exactly_once": exactly_once and counts["Google calendar events"] == 1,
+    }
+
+
+# --- profiling ------------------------------------------------------------------------------------
+
+
+def py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+# Where a sample's stack passes, by the code it passes through (a sample can be in several).
+PROFILE_AREAS = {
+    "HTTP requests (uvicorn, starlette, fastapi)": ("httptools_impl.py",),
+    "sync dependencies sent to the thread pool": ("run_in_threadpool",),
+    "event handling (runtime consumer)": ("runtime/consumer.py",),
+    "outbox relay": ("runtime/outbox.py",),
+    "SQLAlchemy": ("sqlalchemy/",),
+    "asyncpg": ("asyncpg/",),
+    "pydantic": ("pydantic/", "pydantic_core/"),
+    "logging": ("logging/", "runtime/logs.py"),
+    "httpx (calls out)": ("httpx/", "httpcore/"),
+    "aio-pika, aiormq (broker)": ("aio_pika/", "aiormq/", "pamqp/"),
+    "JWT checks": ("jwt/",),
+    "metrics": ("prometheus_client/", "runtime/metrics.py"),
+}
+
+
+def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
+    """From py-spy's collapsed stacks: the share of samples in each area of the code, and the
+    frames with the most samples of their own."""
+    own: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        own[stack.rsplit(";", 1)[-1]] += n
+        for area, needles in PROFILE_AREAS.items():
+            if any(needle in stack for needle in needles):
+                areas[area] += n
+    if not total:
+        return {"samples": 0}
+
+    def share(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(f, round(100 * c / total, 1)) for f, c in counter.most_common(top)]
+
+    return {"samples": total, "areas": share(areas), "self": share(own)}
+
+
+async def profile_hottest(
+    driver: Driver, cpu: dict[str, Any], seconds: float, in_flight: int, stamp: str
+) -> dict[str, Any] | None:
+    spy = py_spy()
+    per = cpu["cpu_ms_per_booking"]
+    candidates = [s for s in SERVICES if s in driver.system.pids and s in per]
+    if spy is None or not candidates:
+        return None
+    hottest = max(candidates, key=per.__getitem__)
+    pid = driver.system.pids[hottest]
+    RESULTS.mkdir(exist_ok=True)
+    raw = RESULTS / f"bookings-{stamp}-profile-{hottest}.txt"
+    recorder = await asyncio.create_subprocess_exec(
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        "100",
+        "--format",
+        "raw",
+        "--nonblocking",
+        "--gil",  # only samples holding the GIL: where the CPU goes, not where it waits
+        "--output",
+        str(raw),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stop = asyncio.Event()
+    load = asyncio.create_task(keep_busy(driver, in_flight, stop))
+    _, errors = await recorder.communicate()
+    stop.set()
+    driven = await load
+    if recorder.returncode != 0 or not raw.exists():
+        return {"service": hottest, "error": errors.decode(errors="replace").strip()[-300:]}
+    return {
+        "service": hottest,
+        "seconds": seconds,
+        "raw_stacks": str(raw.relative_to(ROOT)),
+        "bookings_meanwhile": dict(driven),
+        **summarise_profile(raw),
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+async def machine_busy(seconds: float) -> float:
+    """How busy the machine is (percent of every core) over the next `seconds`."""
+    busy0, total0 = machine_cpu()
+    await asyncio.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return round(100 * (busy1 - busy0) / max(total1 - total0, 1e-9), 1)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = dict(kv.split("=", 1) for kv in args.env)
+    busy_before = await machine_busy(3.0)
+    print(f"  the machine is {busy_before}% busy before the benchmark starts")
+    if args.url:
+        system_cm: contextlib.AbstractAsyncContextManager[System] = contextlib.nullcontext(
+            running_system(args.url)
+        )
+    else:
+        print("  starting the system (make run: fresh database and vhost, free ports) ...")
+        system_cm = started_system(overrides)
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    async with system_cm as system, EventWatch.on(system) as watch:
+        in_flight = args.in_flight
+        driver = Driver(system, watch, int(max(in_flight, args.rate * 4, 100)), args.timeout)
+        meter = CpuMeter(system)
+        try:
+            print(f"  {args.mentors} mentors, each connected to the sandbox Google ...")
+            await driver.add_mentors(args.mentors)
+            print(f"  warm-up: {args.warm_up} bookings ...")
+            await warm_up(driver, args.warm_up)
+            print(f"  at {args.rate}/s for {args.seconds}s: booking -> confirmed ...")
+            steady = await at_rate(driver, meter, args.rate, args.seconds)
+            print(f"  full speed: {args.bookings} bookings, {in_flight} in flight ...")
+            fast = await full_speed(driver, meter, args.bookings, in_flight)
+            print(f"  webhook -> alert: {args.alerts} forged webhooks, one at a time ...")
+            alerts = await webhook_to_alert(driver, args.alerts)
+            print(f"  duplicate-webhook storm: {args.duplicates} at once for one payment ...")
+            storm = await duplicate_storm(driver, args.duplicates)
+            profile = None
+            if args.profile_seconds > 0:
+                if py_spy() is None:
+                    print("  (no py-spy: `uv pip install py-spy` to profile the hottest service)")
+                else:
+                    print(f"  profiling the hottest service for {args.profile_seconds:g}s ...")
+                    profile = await profile_hottest(
+                        driver, fast["cpu"], args.profile_seconds, in_flight, stamp
+                    )
+        finally:
+            await driver.close()
+    return {
+        "benchmark": "bookings",
+        "at": datetime.now(UTC).isoformat(),
+        "commit": git_commit(),
+        "machine": machine(busy_before),
+        "settings": {
+            "system": "given: " + args.url if args.url else "started by the benchmark",
+            "environment": system.environment,
+            "mentors": args.mentors,
+            "warm_up": args.warm_up,
+            "rate_per_second": args.rate,
+            "rate_seconds": args.seconds,
+            "full_speed_bookings": args.bookings,
+            "in_flight": in_flight,
+            "alert_samples": args.alerts,
+            "duplicates": args.duplicates,
+            "profile_seconds": args.profile_seconds,
+            "timeout_seconds": args.timeout,
+        },
+        "full_speed": fast,
+        "at_rate": steady,
+        "webhook_to_alert": alerts,
+        "duplicate_storm": storm,
+        "profile": profile,
+        "_stamp": stamp,
+    }
+
+
+def git_commit() -> str | None:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() or None
+
+
+def machine(busy_before: float) -> dict[str, Any]:
+    return {
+        "busy_percent_before_start": busy_before,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def report(result: dict[str, Any]) -> Path:
+    fast, steady = result["full_speed"], result["at_rate"]
+    alerts, storm = result["webhook_to_alert"], result["duplicate_storm"]
+    sustained = fast["confirmed_per_second_sustained"] or 0.0
+    rate = steady["rate_per_second"]
+
+    def at_most(value: float | None, target: float) -> bool:
+        return value is not None and value <= target
+
+    rows: list[tuple[str, Any, str, bool | None]] = [
+        (
+            "confirmed/s, sustained",
+            sustained,
+            f">= {TARGET_PER_SECOND:g}",
+            sustained >= TARGET_PER_SECOND,
+        ),
+        ("  aim", sustained, f">= {AIM_PER_SECOND:g}", sustained >= AIM_PER_SECOND),
+        ("  confirmed/s, overall", fast["confirmed_per_second_overall"], "", None),
+        ("  p99 under load (ms)", fast["latency_under_load"]["p99_ms"], "", None),
+        (f"p50 at {rate:g}/s (ms)", steady["p50_ms"], "", None),
+        (f"p95 at {rate:g}/s (ms)", steady["p95_ms"], "", None),
+        (
+            f"p99 at {rate:g}/s (ms)",
+            steady["p99_ms"],
+            f"<= {TARGET_CONFIRMED_P99_MS:g}",
+            at_most(steady["p99_ms"], TARGET_CONFIRMED_P99_MS),
+        ),
+        ("webhook -> alert p50 (ms)", alerts["p50_ms"], "", None),
+        (
+            "webhook -> alert p99 (ms)",
+            alerts["p99_ms"],
+            f"<= {TARGET_ALERT_P99_MS:g}",
+            at_most(alerts["p99_ms"], TARGET_ALERT_P99_MS),
+        ),
+        ("storm: requests/s", storm["requests_per_second"], "", None),
+        (
+            "storm: effects once",
+            "yes" if storm["exactly_once"] else "NO",
+            "exactly 1",
+            storm["exactly_once"],
+        ),
+    ]
+    print()
+    print(f"  {'measure':<28}{'value':>10}  {'target':<10}")
+    for name, value, target, ok in rows:
+        mark = "" if ok is None else ("ok" if ok else "MISSED")
+        print(f"  {name:<28}{value!s:>10}  {target:<10}{mark}")
+    print(f"\n  outcomes at {rate:g}/s: {steady['outcomes']}; full speed: {fast['outcomes']}")
+    print(f"  storm answers: {storm['answers']}; effects: {storm['effects']}")
+    print(f"\n  where the time goes at {rate:g}/s (p50 / p99 ms):")
+    for stage, qs in steady["stages"].items():
+        print(f"    {stage:<58}{qs['p50_ms']!s:>8} {qs['p99_ms']!s:>8}")
+    cpu = fast["cpu"]
+    print(
+        f"\n  CPU per confirmed booking at full speed (ms; machine {cpu['machine_busy_percent']}%"
+        f" busy, {cpu['cores_busy']} cores):"
+    )
+    for name, ms in sorted(cpu["cpu_ms_per_booking"].items(), key=lambda kv: -kv[1]):
+        print(f"    {name:<40}{ms:>8}")
+    print(
+        f"    the system alone (services, postgres, rabbitmq): {cpu['system_cpu_ms_per_booking']}"
+        f" ms, so at most {cpu['bookings_per_second_if_alone_on_the_cores']} bookings/s on"
+        f" {os.cpu_count()} cores with nothing else on them"
+    )
+    print(f"    (the machine was {result['machine']['busy_percent_before_start']}% busy before)")
+    profile = result.get("profile")
+    if profile and profile.get("self"):
+        print(f"\n  py-spy, {profile['service']} at full speed ({profile['samples']} samples):")
+        print("    samples in each area (one sample can be in several):")
+        for area, share in profile["areas"]:
+            print(f"      {share:5.1f}%  {area}")
+        print("    frames with the most samples of their own:")
+        for frame, share in profile["self"][:10]:
+            print(f"      {share:5.1f}%  {frame[:100]}")
+    elif profile:
+        print(f"\n  py-spy failed on {profile['service']}: {profile.get('error')}")
+    stamp = result.pop("_stamp")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bookings-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n  results: {path.relative_to(ROOT)}")
+    return path
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bookings",
+        description="Bookings through the whole system: throughput, latency, alerts, a storm.",
+    )
+    parser.add_argument(
+        "--url",
+        help="drive the system running at this gateway URL (`make run`) instead of starting one;"
+        " the sandboxes are found from the same port variables",
+    )
+    parser.add_argument("--mentors", type=int, default=50, help="mentors connected to Google")
+    parser.add_argument("--warm-up", type=int, default=100, help="bookings before measuring")
+    parser.add_argument("--rate", type=float, default=50, help="bookings per second, steady")
+    parser.add_argument("--seconds", type=float, default=30, help="how long at that rate")
+    parser.add_argument("--bookings", type=int, default=3000, help="bookings at full speed")
+    parser.add_argument("--in-flight", type=int, default=200, help="bookings under way at once")
+    parser.add_argument("--alerts", type=int, default=200, help="forged webhooks, one at a time")
+    parser.add_argument("--duplicates", type=int, default=1000, help="the storm's webhooks")
+    parser.add_argument(
+        "--profile-seconds", type=float, default=20, help="py-spy on the hottest service (0: no)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="seconds one booking may take before it counts"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the system it starts (repeatable), e.g. --env CONSUMER_CONCURRENCY=16",
+    )
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> int:
+    try:
+        result = await run(args)
+    except BenchError as exc:
+        print(f"\nbench stopped: {exc}", file=sys.stderr)
+        return 1
+    report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    # The services run under uvicorn, which uses uvloop: drive them from the same loop.
+    sys.exit(uvloop.run(main(arguments())))
