@@ -1,0 +1,216 @@
+"""docker-compose.yml: valid against the Compose specification, every long-running service
+checked on its health endpoint, only the gateway and the sandbox pages published, every service
+scalable and logged in as its own database role."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
+MIGRATED = ("orders", "payments", "calendar", "notifications")
+SANDBOXES = ("sandbox-konnect", "sandbox-google")
+PUBLISHED = {"gateway": 8000, "sandbox-konnect": 8010, "sandbox-google": 8011}
+PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "calendar": 8003}
+PORTS |= {"notifications": 8004, "sandbox-konnect": 8010, "sandbox-google": 8011}
+
+
+def validator(deploy) -> list[str]:
+    """check-jsonschema with the Compose specification's schema it vendors (Apache-2.0)."""
+    return [deploy.tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: Any) -> Any:
+    """`value` as Compose reads it with nothing set in the environment: the defaults."""
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda m: m.group(2) or "", value).replace("$$", "$")
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict[str, Any]]:
+    return interpolate(compose["services"])
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "environment as a mapping"
+    return {k: str(v) for k, v in env.items()}
+
+
+def host_port(published: str | int | dict) -> str:
+    """The host side of a `ports` entry ("" when Docker picks one)."""
+    if isinstance(published, dict):
+        return str(published.get("published") or "")
+    parts = str(published).split(":")
+    return "" if len(parts) == 1 else parts[-2]
+
+
+def is_one_shot(service: dict[str, Any]) -> bool:
+    return service.get("restart") == "no"
+
+
+class TestTheSpecification:
+    def test_the_file_validates_against_the_compose_specification(self, deploy):
+        result = deploy.run([*validator(deploy), str(deploy.root / "docker-compose.yml")])
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_the_validator_refuses_what_the_specification_does_not_allow(self, deploy, tmp_path):
+        text = (deploy.root / "docker-compose.yml").read_text()
+        broken = tmp_path / "docker-compose.yml"
+        broken.write_text(text.replace("healthcheck:", "healthchek:", 1))
+        result = deploy.run([*validator(deploy), str(broken)])
+        assert result.returncode != 0
+        assert "healthchek" in result.stdout + result.stderr
+
+    def test_every_variable_has_a_working_default(self, deploy):
+        text = (deploy.root / "docker-compose.yml").read_text()
+        variables = _VARIABLE.findall(text)
+        assert variables
+        assert [name for name, default in variables if not default] == []
+
+
+class TestHealth:
+    def test_every_long_running_service_has_a_healthcheck_and_a_restart_policy(self, services):
+        for name, service in services.items():
+            if is_one_shot(service):
+                continue
+            check = service.get("healthcheck") or {}
+            assert check.get("test") and not check.get("disable"), name
+            assert service.get("restart") == "unless-stopped", name
+
+    @pytest.mark.parametrize("name", [*SERVICES, *SANDBOXES])
+    def test_each_process_is_checked_on_its_own_port(self, services, name):
+        service = services[name]
+        path = "/health/live" if name in SANDBOXES else "/health/ready"
+        test = " ".join(service["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{PORTS[name]}{path}" in test
+        port_variable = {
+            "sandbox-konnect": "SANDBOX_KONNECT_PORT",
+            "sandbox-google": "SANDBOX_GOOGLE_PORT",
+        }.get(name, f"{name.upper()}_PORT")
+        assert environment(service)[port_variable] == str(PORTS[name])
+
+    def test_the_one_shots_are_awaited_to_completion(self, services):
+        one_shots = {n for n, s in services.items() if is_one_shot(s)}
+        assert one_shots == {"postgres-roles", "migrate"}
+        for name in one_shots:
+            assert services[name]["healthcheck"] == {"disable": True}
+        awaited = {
+            dependency
+            for service in services.values()
+            for dependency, how in (service.get("depends_on") or {}).items()
+            if how.get("condition") == "service_completed_successfully"
+        }
+        assert awaited == one_shots
+
+
+class TestPortsAndScaling:
+    def test_only_the_gateway_and_the_sandbox_pages_have_a_fixed_host_port(self, services):
+        fixed = {
+            name: [host_port(p) for p in service.get("ports", []) if host_port(p)]
+            for name, service in services.items()
+        }
+        assert {n: p for n, p in fixed.items() if p} == {
+            n: [str(port)] for n, port in PUBLISHED.items()
+        }
+
+    @pytest.mark.parametrize("name", [n for n in SERVICES if n != "gateway"])
+    def test_each_service_behind_the_gateway_scales(self, services, name):
+        # `docker compose up --scale payments=3`: no fixed name, no host port to collide on.
+        service = services[name]
+        assert "container_name" not in service
+        assert "ports" not in service
+
+    def test_no_service_has_a_fixed_container_name(self, services):
+        assert [n for n, s in services.items() if "container_name" in s] == []
+
+    def test_the_gateway_finds_each_service_by_its_name(self, services):
+        env = environment(services["gateway"])
+        for name in MIGRATED:
+            assert env[f"{name.upper()}_URL"] == f"http://{name}:{PORTS[name]}"
+
+    def test_the_services_reach_the_sandboxes_inside_and_browsers_from_outside(self, services):
+        payments = environment(services["payments"])
+        calendar = environment(services["calendar"])
+        assert payments["KONNECT_API_URL"] == "http://sandbox-konnect:8010/api/v2"
+        assert calendar["GOOGLE_TOKEN_URL"] == "http://sandbox-google:8011/token"
+        assert calendar["GOOGLE_CALENDAR_API_URL"] == "http://sandbox-google:8011/calendar/v3"
+        # What a browser opens is published on the host.
+        assert calendar["GOOGLE_AUTH_URL"] == "http://localhost:8011/o/oauth2/v2/auth"
+        sandbox = environment(services["sandbox-konnect"])
+        assert sandbox["SANDBOX_KONNECT_PUBLIC_URL"] == "http://localhost:8010"
+        assert environment(services["gateway"])["PUBLIC_BASE_URL"] == "http://localhost:8000"
+        # The sandboxes accept what the services send by default.
+        assert sandbox["SANDBOX_KONNECT_API_KEY"] == payments["KONNECT_API_KEY"]
+        google = environment(services["sandbox-google"])
+        assert google["SANDBOX_GOOGLE_CLIENT_SECRET"] == calendar["GOOGLE_CLIENT_SECRET"]
+
+
+class TestDatabaseRoles:
+    def test_the_roles_are_made_before_the_migrations_and_those_before_the_services(self, services):
+        assert services["migrate"]["depends_on"] == {
+            "postgres-roles": {"condition": "service_completed_successfully"}
+        }
+        assert services["postgres-roles"]["depends_on"]["postgres"] == {
+            "condition": "service_healthy"
+        }
+        for name in MIGRATED:
+            depends = services[name]["depends_on"]
+            assert depends["migrate"] == {"condition": "service_completed_successfully"}
+            assert depends["rabbitmq"] == {"condition": "service_healthy"}
+
+    @pytest.mark.parametrize("name", MIGRATED)
+    def test_each_service_serves_and_migrates_as_its_own_role(self, services, name):
+        url = urlsplit(environment(services[name])["DATABASE_URL"])
+        assert (url.username, url.hostname, url.port) == (f"booking_{name}", "postgres", 5432)
+        # The migration step runs this service's migration with this same URL.
+        migrate = services["migrate"]
+        variable = f"{name.upper()}_DATABASE_URL"
+        assert environment(migrate)[variable] == url.geturl()
+        script = migrate["command"][-1]
+        assert f'DATABASE_URL="${variable}" python -m booking.{name} migrate' in script
+        # And the role's password is the one postgres-roles gives it.
+        given = {
+            arg.split("=", 1)[1].split("=", 1)[0]: arg.split("=", 2)[2]
+            for arg in services["postgres-roles"]["command"]
+            if arg.startswith("--set=") and arg.count("=") >= 2
+        }
+        assert given[f"{name}_password"] == url.password
+
+    def test_the_roles_script_is_the_repository_s(self, services, deploy):
+        roles = services["postgres-roles"]
+        assert "./deploy/postgres:/deploy/postgres:ro" in roles["volumes"]
+        assert "--file=/deploy/postgres/roles.sql" in roles["command"]
+        assert (deploy.root / "deploy" / "postgres" / "roles.sql").exists()
+
+    def test_every_service_runs_the_one_image_with_its_command(self, services, compose):
+        for name in SERVICES:
+            assert services[name]["command"] == ["python", "-m", f"booking.{name}", "serve"]
+        for name in SANDBOXES:
+            provider = name.removeprefix("sandbox-")
+            assert services[name]["command"] == [
+                "python", "-m", "booking.sandbox", provider, "serve",
+            ]  # fmt: skip
+        for name in (*SERVICES, *SANDBOXES, "migrate"):
+            assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+            assert services[name]["image"] == "booking:local"
+        assert shlex.split(services["migrate"]["command"][-1]).count("migrate") == len(MIGRATED)
+
+
+def test_the_infrastructure_is_the_one_the_tests_use(services):
+    assert services["postgres"]["image"].startswith("postgres:15")
+    assert services["rabbitmq"]["image"] == "rabbitmq:3.13-management"
+    assert yaml.safe_dump(services["rabbitmq"]["ports"]) == "- 127.0.0.1::15672\n"

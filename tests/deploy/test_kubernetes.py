@@ -1,0 +1,303 @@
+"""deploy/k8s: the kustomize output of the base and of the example overlay (kubectl kustomize)
+validates against the Kubernetes 1.37 schemas, strictly; every Deployment is probed on the right
+paths and port, has resources and runs unprivileged; each service scales on its own."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+
+KUBERNETES = "1.37.0"
+SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
+MIGRATED = ("orders", "payments", "calendar", "notifications")
+SANDBOXES = ("sandbox-konnect", "sandbox-google")
+PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "calendar": 8003}
+PORTS |= {"notifications": 8004, "sandbox-konnect": 8010, "sandbox-google": 8011}
+OUTPUTS = ("base", "example")
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def by_generated_name(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """A generated ConfigMap or Secret, whose name kustomize suffixes with a hash."""
+    (found,) = [
+        d for d in docs if d["kind"] == kind and d["metadata"]["name"].rsplit("-", 1)[0] == name
+    ]
+    return found
+
+
+def secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+def referenced(container: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """The ConfigMaps and Secrets a container reads."""
+    config_maps, secrets = set(), set()
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            config_maps.add(source["configMapRef"]["name"])
+        if "secretRef" in source:
+            secrets.add(source["secretRef"]["name"])
+    for variable in container.get("env", []):
+        ref = variable.get("valueFrom", {})
+        if "configMapKeyRef" in ref:
+            config_maps.add(ref["configMapKeyRef"]["name"])
+        if "secretKeyRef" in ref:
+            secrets.add(ref["secretKeyRef"]["name"])
+    return config_maps, secrets
+
+
+class TestTheSchemas:
+    @pytest.mark.parametrize("output", OUTPUTS)
+    def test_every_object_validates_strictly_against_kubernetes_1_37(self, rendered, output):
+        problems = []
+        for doc in rendered[output]:
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                problems.append(f"{doc['kind']}/{doc['metadata']['name']}: {error.message}")
+        assert problems == []
+
+    def test_the_validator_refuses_what_kubernetes_would(self, rendered):
+        deployment = dict(of_kind(rendered["base"], "Deployment")["orders"])
+        broken = {**deployment, "spec": {**deployment["spec"], "replica": 2}}
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+    def test_the_outputs_hold_what_they_should(self, rendered):
+        kinds = {o: sorted({d["kind"] for d in rendered[o]}) for o in OUTPUTS}
+        expected = [
+            "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Ingress", "Job",
+            "PodDisruptionBudget", "Secret", "Service",
+        ]  # fmt: skip
+        assert kinds["base"] == expected
+        assert kinds["example"] == sorted([*expected, "Namespace"])
+        assert set(of_kind(rendered["base"], "Deployment")) == set(SERVICES)
+        assert set(of_kind(rendered["example"], "Deployment")) == {*SERVICES, *SANDBOXES}
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+class TestEveryDeployment:
+    def test_is_probed_on_the_health_paths_of_its_port(self, rendered, output):
+        for name, deployment in of_kind(rendered[output], "Deployment").items():
+            (container,) = containers(deployment)
+            (port,) = container["ports"]
+            assert port == {"name": "http", "containerPort": PORTS[name]}, name
+            env = {v["name"]: v.get("value") for v in container.get("env", [])}
+            assert str(PORTS[name]) in env.values(), f"{name} listens on its port"
+            probes = {
+                kind: (container[kind]["httpGet"]["path"], container[kind]["httpGet"]["port"])
+                for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+            }
+            assert probes == {
+                "startupProbe": ("/health/live", "http"),
+                "livenessProbe": ("/health/live", "http"),
+                "readinessProbe": ("/health/ready", "http"),
+            }, name
+
+    def test_has_resource_requests_and_limits(self, rendered, output):
+        workloads = [*of_kind(rendered[output], "Deployment").values()]
+        workloads += of_kind(rendered[output], "Job").values()
+        for workload in workloads:
+            for container in containers(workload):
+                resources = container["resources"]
+                assert set(resources["requests"]) == {"cpu", "memory"}, container["name"]
+                assert set(resources["limits"]) == {"cpu", "memory"}, container["name"]
+
+    def test_runs_unprivileged_on_a_read_only_root(self, rendered, output):
+        workloads = [*of_kind(rendered[output], "Deployment").values()]
+        workloads += of_kind(rendered[output], "Job").values()
+        for workload in workloads:
+            pod = workload["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["runAsUser"] == 10001  # deploy/Dockerfile's user
+            assert pod["automountServiceAccountToken"] is False
+            # Service links would set ORDERS_PORT=tcp://... over the settings of that name.
+            assert pod["enableServiceLinks"] is False
+            for container in pod["containers"]:
+                assert container["securityContext"] == {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                }
+
+    def test_runs_the_one_image_with_its_command(self, rendered, output):
+        image = {"base": "booking:latest", "example": "registry.example.com/booking:0.1.0"}
+        for name, deployment in of_kind(rendered[output], "Deployment").items():
+            (container,) = containers(deployment)
+            assert container["image"] == image[output]
+            module = name.replace("sandbox-", "sandbox ")
+            assert " ".join(container["command"]) == f"python -m booking.{module} serve"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+class TestEachServiceScalesOnItsOwn:
+    def test_with_a_service_an_autoscaler_and_a_disruption_budget(self, rendered, output):
+        docs = rendered[output]
+        deployments = of_kind(docs, "Deployment")
+        services = of_kind(docs, "Service")
+        autoscalers = of_kind(docs, "HorizontalPodAutoscaler")
+        budgets = of_kind(docs, "PodDisruptionBudget")
+        assert set(autoscalers) == set(budgets) == set(SERVICES)
+        for name in SERVICES:
+            pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+            # The autoscaler owns the count: an apply must not reset it.
+            assert "replicas" not in deployments[name]["spec"]
+            service = services[name]["spec"]
+            assert service["selector"].items() <= pod_labels.items()
+            assert service["ports"] == [{"name": "http", "port": PORTS[name], "targetPort": "http"}]
+            scaler = autoscalers[name]
+            assert scaler["apiVersion"] == "autoscaling/v2"
+            assert scaler["spec"]["scaleTargetRef"] == {
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": name,
+            }  # fmt: skip
+            assert scaler["spec"]["minReplicas"] >= 2  # several replicas, always
+            assert scaler["spec"]["maxReplicas"] > scaler["spec"]["minReplicas"]
+            budget = budgets[name]
+            assert budget["apiVersion"] == "policy/v1"
+            assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+            assert budget["spec"]["maxUnavailable"] == 1
+
+    def test_the_gateway_finds_each_service_by_its_service_name(self, rendered, output):
+        config = by_generated_name(rendered[output], "ConfigMap", "booking-config")["data"]
+        for name in MIGRATED:
+            assert config[f"{name.upper()}_URL"] == f"http://{name}:{PORTS[name]}"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+class TestSettingsAndSecrets:
+    def test_each_service_reads_only_its_own_secrets(self, rendered, output):
+        docs = rendered[output]
+        for name, deployment in of_kind(docs, "Deployment").items():
+            (container,) = containers(deployment)
+            config_maps, secrets = referenced(container)
+            stems = {s.rsplit("-", 1)[0] for s in secrets}
+            if name in SANDBOXES:
+                assert stems == {"sandbox-secrets"}
+            elif name == "gateway":
+                assert stems == {"booking-shared"}
+            else:
+                assert stems == {"booking-shared", f"booking-{name}"}
+            existing = {d["metadata"]["name"] for d in docs}
+            assert config_maps | secrets <= existing, name
+
+    @pytest.mark.parametrize("name", MIGRATED)
+    def test_each_service_logs_in_as_its_own_role_through_the_external_postgres(
+        self, rendered, output, name
+    ):
+        docs = rendered[output]
+        url = urlsplit(secret_data(by_generated_name(docs, "Secret", f"booking-{name}"))[
+            "DATABASE_URL"
+        ])  # fmt: skip
+        assert (url.scheme, url.username, url.hostname, url.port) == (
+            "postgresql", f"booking_{name}", "postgres", 5432,
+        )  # fmt: skip
+        shared = secret_data(by_generated_name(docs, "Secret", "booking-shared"))
+        assert urlsplit(shared["RABBITMQ_URL"]).hostname == "rabbitmq"
+        services = of_kind(docs, "Service")
+        for external in ("postgres", "rabbitmq"):
+            assert services[external]["spec"]["type"] == "ExternalName"
+            assert services[external]["spec"]["externalName"]
+
+
+def test_every_secret_of_the_base_is_a_placeholder(rendered):
+    # (The example overlay sets the sandboxes' own credentials, which are public.)
+    for secret in of_kind(rendered["base"], "Secret").values():
+        for key, value in secret_data(secret).items():
+            assert "REPLACE-WITH" in value, f"{secret['metadata']['name']}.{key}"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+class TestTheMigrationJob:
+    def test_migrates_each_schema_as_its_own_role(self, rendered, output):
+        (job,) = of_kind(rendered[output], "Job").values()
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+        found = {}
+        for container in containers(job):
+            (database_url,) = [v for v in container["env"] if v["name"] == "DATABASE_URL"]
+            secret = database_url["valueFrom"]["secretKeyRef"]
+            found[container["name"]] = (
+                " ".join(container["command"]),
+                secret["name"].rsplit("-", 1)[0],
+                secret["key"],
+            )
+        assert found == {
+            name: (f"python -m booking.{name} migrate", f"booking-{name}", "DATABASE_URL")
+            for name in MIGRATED
+        }
+
+    def test_can_run_before_anything_else_is_applied(self, rendered, output):
+        # docs/operations.md: apply -l 'app.kubernetes.io/component in (config,external,
+        # migration)', wait for the Job, then apply the rest.
+        docs = rendered[output]
+        component = "app.kubernetes.io/component"
+        selected = [
+            d
+            for d in docs
+            if d["metadata"].get("labels", {}).get(component) in {"config", "external", "migration"}
+        ]
+        names = {(d["kind"], d["metadata"]["name"]) for d in selected}
+        (job,) = of_kind(selected, "Job").values()
+        for container in containers(job):
+            config_maps, secrets = referenced(container)
+            assert {("ConfigMap", n) for n in config_maps} <= names
+            assert {("Secret", n) for n in secrets} <= names
+        assert {("Service", "postgres"), ("Service", "rabbitmq")} <= names
+        if output == "example":
+            assert ("Namespace", "booking") in names
+
+
+class TestTheIngress:
+    @pytest.mark.parametrize("output", OUTPUTS)
+    def test_the_gateway_is_the_one_public_entry_and_its_websocket_stays_open(
+        self, rendered, output
+    ):
+        ingresses = of_kind(rendered[output], "Ingress")
+        backends = {
+            (name, path["path"], path["backend"]["service"]["name"])
+            for name, ingress in ingresses.items()
+            for rule in ingress["spec"]["rules"]
+            for path in rule["http"]["paths"]
+        }
+        public = {b for b in backends if not b[0].startswith("sandbox")}
+        assert public == {
+            ("gateway", "/", "gateway"),
+            ("gateway-websocket", "/ws/admin", "gateway"),
+        }
+        websocket = ingresses["gateway-websocket"]["metadata"]["annotations"]
+        for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+            assert int(websocket[f"nginx.ingress.kubernetes.io/{timeout}"]) >= 3600
+
+    def test_the_example_serves_the_host_over_tls(self, rendered):
+        for name in ("gateway", "gateway-websocket"):
+            spec = of_kind(rendered["example"], "Ingress")[name]["spec"]
+            assert spec["rules"][0]["host"] == "booking.example.com"
+            assert spec["tls"] == [{"hosts": ["booking.example.com"], "secretName": "booking-tls"}]
+        config = by_generated_name(rendered["example"], "ConfigMap", "booking-config")["data"]
+        assert config["PUBLIC_BASE_URL"] == "https://booking.example.com"
+
+
+class TestTheSandboxes:
+    def test_only_the_example_runs_them_and_points_the_services_at_them(self, rendered):
+        base = by_generated_name(rendered["base"], "ConfigMap", "booking-config")["data"]
+        example = by_generated_name(rendered["example"], "ConfigMap", "booking-config")["data"]
+        assert base["KONNECT_API_URL"] == "https://api.konnect.network/api/v2"
+        assert base["GOOGLE_TOKEN_URL"] == "https://oauth2.googleapis.com/token"
+        assert example["KONNECT_API_URL"] == "http://sandbox-konnect:8010/api/v2"
+        assert example["GOOGLE_TOKEN_URL"] == "http://sandbox-google:8011/token"
+
+    def test_each_keeps_one_replica_for_its_state_in_memory(self, rendered):
+        deployments = of_kind(rendered["example"], "Deployment")
+        for name in SANDBOXES:
+            assert deployments[name]["spec"]["replicas"] == 1
+            assert deployments[name]["spec"]["strategy"] == {"type": "Recreate"}
