@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
+from booking.gateway import dashboard
 from booking.gateway.alerts import AdminAlerts
 from booking.gateway.api import routers
 from booking.gateway.limits import BodyLimitMiddleware, rate_limiters
@@ -47,7 +48,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = create_service_app(
         runtime,
         # The aggregated /health first: it answers in place of the runtime's own.
-        routers=[system.router(), alerts.router(), *routers],
+        routers=[system.router(), alerts.router(), dashboard.router(), *routers],
         title="Mentor booking API",
         lifespan=open_gateway,
         # Inside the correlation middleware, so a 413 still carries the correlation id.

@@ -1,0 +1,92 @@
+// The gateway's public API as the dashboard uses it (DESIGN sections 5 and 7). Errors are
+// problem+json; an ApiError carries the status and the server's own `detail`.
+
+export class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status; // 0: the gateway could not be reached
+    this.detail = detail;
+  }
+}
+
+async function problemDetail(response) {
+  try {
+    const body = await response.json();
+    if (body && typeof body.detail === "string") return body.detail;
+  } catch {
+    // not JSON: say what HTTP said
+  }
+  return `HTTP ${response.status} ${response.statusText}`.trim();
+}
+
+export class Api {
+  /** token: () => the current bearer token; onUnauthorized(error) is told of every 401/403. */
+  constructor(token, onUnauthorized) {
+    this.token = token;
+    this.onUnauthorized = onUnauthorized;
+  }
+
+  async request(method, path, params) {
+    const url = new URL(path, location.origin);
+    for (const [name, value] of Object.entries(params || {})) {
+      if (value !== null && value !== undefined && value !== "" && value !== false) {
+        url.searchParams.set(name, String(value));
+      }
+    }
+    let response;
+    try {
+      response = await fetch(url, {
+        method,
+        headers: { Authorization: `Bearer ${this.token()}`, Accept: "application/json" },
+        cache: "no-store",
+      });
+    } catch {
+      throw new ApiError(0, "The gateway cannot be reached.");
+    }
+    if (!response.ok) {
+      const error = new ApiError(response.status, await problemDetail(response));
+      if (response.status === 401 || response.status === 403) this.onUnauthorized(error);
+      throw error;
+    }
+    return response.status === 204 ? null : response.json();
+  }
+
+  /** filters: {unreadOnly, severity, type, since}; -> {items, next_cursor} newest first */
+  notifications(filters, { cursor, limit } = {}) {
+    return this.request("GET", "/api/admin/notifications", { ...filters, cursor, limit });
+  }
+
+  markRead(id) {
+    return this.request("POST", `/api/admin/notifications/${encodeURIComponent(id)}/read`);
+  }
+
+  markAllRead(filters) {
+    return this.request("POST", "/api/admin/notifications/read-all", filters);
+  }
+
+  remove(id) {
+    return this.request("DELETE", `/api/admin/notifications/${encodeURIComponent(id)}`);
+  }
+
+  summary(days) {
+    return this.request("GET", "/api/admin/notifications/summary", { days });
+  }
+}
+
+/** The gateway's aggregated health report; answered 200 (pass, warn) or 503 (fail), no token. */
+export async function fetchHealth() {
+  let response;
+  try {
+    response = await fetch("/health", {
+      headers: { Accept: "application/health+json, application/json" },
+      cache: "no-store",
+    });
+  } catch {
+    throw new ApiError(0, "The gateway cannot be reached.");
+  }
+  try {
+    return await response.json();
+  } catch {
+    throw new ApiError(response.status, `The gateway answered HTTP ${response.status} without a health report.`);
+  }
+}

@@ -1,0 +1,102 @@
+// Every component's health from the gateway's /health (application/health+json, checks keyed
+// "component:measurement", each a list of observations), refreshed on an interval.
+
+import { fetchHealth } from "./api.js";
+import { byId, fill, h, timeElement } from "./dom.js";
+
+export const HEALTH_EVERY_MS = 5_000;
+const RANK = { pass: 0, warn: 1, fail: 2 };
+const STATUSES = ["pass", "warn", "fail"];
+
+function observedText(entry) {
+  if (entry.observedValue === undefined || entry.observedValue === null) return null;
+  const value = typeof entry.observedValue === "object" ? JSON.stringify(entry.observedValue) : entry.observedValue;
+  return entry.observedUnit ? `${value} ${entry.observedUnit}` : String(value);
+}
+
+function tile(key, entries) {
+  const list = Array.isArray(entries) ? entries : [entries];
+  const status = STATUSES[rank(list)];
+  const [component, measurement] = key.split(":");
+  return h(
+    "li",
+    { class: `check status-${status}`, dataset: { key, status } },
+    h(
+      "div",
+      { class: "check-head" },
+      h("span", { class: "component" }, component),
+      measurement ? h("span", { class: "measurement" }, measurement) : null,
+      h("span", { class: `badge status-${status}` }, status === "fail" ? "FAILING" : status),
+    ),
+    list.map((entry) => {
+      const observed = observedText(entry || {});
+      return h(
+        "p",
+        { class: "observation" },
+        observed ? h("span", { class: "observed" }, observed) : null,
+        entry?.output ? h("span", { class: "output" }, entry.output) : null,
+      );
+    }),
+  );
+}
+
+export class HealthGrid {
+  constructor() {
+    this.grid = byId("health-grid");
+    this.overall = byId("health-overall");
+    this.note = byId("health-note");
+    this.timer = null;
+    this.running = false;
+  }
+
+  start() {
+    if (this.running) return;
+    this.running = true;
+    this.tick();
+  }
+
+  stop() {
+    this.running = false;
+    clearTimeout(this.timer);
+  }
+
+  async tick() {
+    await this.refresh();
+    if (this.running) this.timer = setTimeout(() => this.tick(), HEALTH_EVERY_MS);
+  }
+
+  async refresh() {
+    let report;
+    try {
+      report = await fetchHealth();
+    } catch (error) {
+      this.show("fail", [tile("gateway:reachable", [{ status: "fail", output: error.message }])]);
+      return;
+    }
+    const checks = Object.entries(report.checks || {});
+    // Failing first, then warnings: what needs a look is at the top.
+    checks.sort(([, a], [, b]) => rank(b) - rank(a));
+    this.show(report.status in RANK ? report.status : "fail", checks.map(([key, entries]) => tile(key, entries)));
+  }
+
+  show(status, tiles) {
+    this.overall.className = `badge status-${status}`;
+    this.overall.textContent = status === "fail" ? "FAILING" : status;
+    this.overall.dataset.status = status;
+    fill(this.grid, tiles);
+    const failing = tiles.filter((t) => t.dataset.status === "fail").map((t) => t.dataset.key);
+    fill(
+      this.note,
+      failing.length ? `Failing: ${failing.join(", ")}. ` : "",
+      "Checked ",
+      timeElement(new Date().toISOString()),
+      ` · every ${HEALTH_EVERY_MS / 1000} s`,
+    );
+  }
+}
+
+/** The worst status among a check's observations (anything unreadable counts as fail). */
+function rank(entries) {
+  const list = Array.isArray(entries) ? entries : [entries];
+  return Math.max(0, ...list.map((e) => RANK[e?.status] ?? 2));
+}

@@ -1,0 +1,454 @@
+"""The admin dashboard at `/admin`, in a real browser against the running system.
+
+Debian's Chromium (`/usr/bin/chromium`), headless, driven by Playwright's Python API; never a
+browser Playwright downloads. Every wait is Playwright's auto-waiting `expect` or the runtime's
+`eventually`: no sleeps.
+
+Two tests need more than the shared system offers:
+- the websocket cut: the page is opened through a loopback TCP proxy in front of the gateway,
+  and the test cuts the proxy (every open connection dropped, new ones refused), then restores
+  it. That is a real network outage for the page, HTTP and websocket alike.
+- a stopped service: `make run`'s supervisor treats a child that dies as fatal and stops the
+  whole system, so the test does not stop one of its children. It starts its own calendar
+  replica (a real `python -m booking.calendar serve` on the same database and broker) and a
+  second gateway (in this process) whose CALENDAR_URL is that replica, opens the page on that
+  gateway, sees calendar pass, stops the replica with SIGTERM, and sees calendar fail. The rest of
+  that gateway's view is the shared system's: its orders, payments and notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from booking.contracts import PaymentAnomalyDetected, PaymentAnomalyKind, wrap
+from booking.gateway.app import create_app
+from booking.gateway.settings import GatewaySettings
+from booking.runtime.auth import issue_token
+from booking.runtime.devrun import child_environment
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.testing import TcpProxy, eventually, free_port, serving
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+FLOW_MS = 30_000  # an alert travels through four services on a loaded machine
+FLOW_SECONDS = FLOW_MS / 1000
+# The page retries its websocket with a backoff capped at 10 s; the health grid polls every 5 s.
+RECONNECT_MS = 30_000
+SERVICE_READY_SECONDS = 90
+
+ROWS = "#notifications > li"
+
+
+# --- the browser -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the dashboard's tests drive Debian's Chromium "
+            "(apt-get install -y chromium)"
+        )
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh browser context (its own sessionStorage); an uncaught script error fails the test."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def bare(header: dict[str, str]) -> str:
+    return header["Authorization"].removeprefix("Bearer ")
+
+
+async def sign_in(page: Page, base_url: str, token: str) -> None:
+    await page.goto(f"{base_url}/admin")
+    await page.locator("#token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#dashboard")).to_be_visible()
+    await expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=FLOW_MS)
+
+
+def row_about(page: Page, text: str):
+    return page.locator(ROWS, has_text=text)
+
+
+def unread_count(page: Page, severity: str):
+    return page.locator(f'#unread-counts li[data-severity="{severity}"] .number')
+
+
+# --- raising alerts in the system --------------------------------------------------------------
+
+
+async def unschedulable_booking(market) -> str:
+    """A paid booking whose mentor never connected Google: calendar fails it, an Error alert."""
+    offering = await market.offering()
+    order_id = await market.booked(offering)
+    await market.pay(await market.payment_ref(order_id))
+    return order_id
+
+
+async def forged_webhook(market) -> str:
+    """A webhook for a ref Konnect never issued: a Warning alert (PaymentAnomaly)."""
+    ref = uuid.uuid4().hex[:24]
+    await market.api.get("/api/payments/webhook", params={"payment_ref": ref})
+    return ref
+
+
+async def stored(market, text: str) -> dict[str, Any]:
+    """The stored notification whose message mentions `text` (waits until there is one)."""
+
+    async def probe() -> dict[str, Any] | None:
+        listed = await market.api.get(
+            "/api/admin/notifications", params={"limit": 200}, headers=market.admin
+        )
+        assert listed.status_code == 200, listed.text
+        found = [n for n in listed.json()["items"] if text in n["message"]]
+        return found[0] if found else None
+
+    return await eventually(probe, timeout=FLOW_SECONDS, interval=0.2, what=f"an alert on {text}")
+
+
+async def unread(market, severity: str) -> int:
+    listed = await market.api.get(
+        "/api/admin/notifications",
+        params={"unreadOnly": "true", "severity": severity, "limit": 200},
+        headers=market.admin,
+    )
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["next_cursor"] is None, "more than a page of unread: counts read N+"
+    return len(listed.json()["items"])
+
+
+async def repeat_anomaly(running_system, ref: str) -> None:
+    """The same anomaly again, as payments would report it (a new message, the same subject)."""
+    event = PaymentAnomalyDetected(
+        payment_ref=ref,
+        order_id=None,
+        kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
+        detail=f"a webhook named {ref} again",
+    )
+    envelope = wrap(event, message_id=uuid.uuid4(), correlation_id=str(uuid.uuid4()))
+    connection = await aio_pika.connect(running_system.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(running_system.events_exchange)
+        await exchange.publish(
+            aio_pika.Message(
+                body=envelope.model_dump_json().encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(envelope.message_id),
+                correlation_id=envelope.correlation_id,
+                type=envelope.type,
+            ),
+            event.routing_key(),
+        )
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+class TestServedByTheGateway:
+    async def test_the_page_and_its_files_come_from_the_gateway_alone(self, api):
+        moved = await api.get("/admin")
+        assert moved.status_code == 308 and moved.headers["location"] == "/admin/"
+
+        index = await api.get("/admin/")
+        assert index.status_code == 200
+        assert index.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in index.headers["content-security-policy"]
+        assert "http" not in index.text.replace("http-equiv", "")  # nothing from elsewhere
+
+        script = await api.get("/admin/app.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")
+
+        for missing in ("/admin/nope.js", "/admin/__init__.py", "/admin/..%2f__init__.py"):
+            answer = await api.get(missing)
+            assert answer.status_code == 404, missing
+            assert answer.headers["content-type"] == "application/problem+json"
+
+
+class TestSigningIn:
+    async def test_a_missing_expired_or_non_admin_token_is_refused_and_an_admins_accepted(
+        self, page, running_system
+    ):
+        secret = running_system.env.get("AUTH_JWT_SECRET") or (
+            RuntimeSettings().auth_jwt_secret.get_secret_value()
+        )
+        message = page.locator("#sign-in-message")
+        sign_in_button = page.get_by_role("button", name="Sign in")
+        await page.goto(f"{running_system.gateway}/admin")
+        assert page.url.endswith("/admin/")
+
+        await sign_in_button.click()
+        await expect(message).to_contain_text("No token")
+
+        await page.locator("#token").fill(bare(running_system.token("mentee")))
+        await sign_in_button.click()
+        await expect(message).to_contain_text("not an admin's")
+
+        await page.locator("#token").fill(issue_token(secret, "admin-x", "admin", ttl_seconds=-60))
+        await sign_in_button.click()
+        await expect(message).to_contain_text("expired")
+
+        forged = issue_token("not-the-system-secret-0123456789abcdef", "admin-x", "admin")
+        await page.locator("#token").fill(forged)
+        await sign_in_button.click()
+        await expect(message).to_contain_text("refused this token (401")
+        await expect(page.locator("#dashboard")).to_be_hidden()
+
+        # The keyboard alone: the field has the focus, Enter signs in.
+        await page.locator("#token").focus()
+        await page.keyboard.type(bare(running_system.token("admin", "admin-ops")))
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#dashboard")).to_be_visible()
+        await expect(page.locator("#sign-in")).to_be_hidden()
+        await expect(page.locator("#who")).to_contain_text("admin-ops")
+        await expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=FLOW_MS)
+
+        # Kept for the browser session: a reload stays signed in; signing out forgets it.
+        await page.reload()
+        await expect(page.locator("#dashboard")).to_be_visible()
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.locator("#sign-in")).to_be_visible()
+        await page.reload()
+        await expect(page.locator("#sign-in")).to_be_visible()
+
+
+class TestTheLiveFeed:
+    async def test_an_alert_raised_in_the_system_appears_on_the_open_page(
+        self, page, running_system, market
+    ):
+        await sign_in(page, running_system.gateway, bare(market.admin))
+        await page.evaluate("window.sameDocument = true")
+
+        order_id = await unschedulable_booking(market)
+
+        row = row_about(page, order_id)
+        await expect(row).to_have_count(1, timeout=FLOW_MS)
+        await expect(row.locator(".badge")).to_have_text("Error")
+        await expect(row.locator(".type")).to_have_text("IntegrationFailure")
+        assert await page.evaluate("window.sameDocument") is True, "the page was reloaded"
+
+        # The metadata on demand.
+        details = row.locator("details")
+        await expect(details.locator("dl")).to_be_hidden()
+        await details.locator("summary").click()
+        await expect(details.locator("dl")).to_contain_text("mentor_not_integrated")
+
+
+class TestReadingAndFiltering:
+    async def test_mark_read_lowers_the_unread_count_and_a_severity_filter_shows_only_it(
+        self, page, running_system, market
+    ):
+        await sign_in(page, running_system.gateway, bare(market.admin))
+        order_id = await unschedulable_booking(market)
+        ref = await forged_webhook(market)
+        await expect(row_about(page, order_id)).to_have_count(1, timeout=FLOW_MS)
+        await expect(row_about(page, ref)).to_have_count(1, timeout=FLOW_MS)
+        errors = await unread(market, "Error")
+        await expect(unread_count(page, "Error")).to_have_text(str(errors), timeout=FLOW_MS)
+
+        await row_about(page, order_id).get_by_role("button", name="Mark read").click()
+
+        await expect(unread_count(page, "Error")).to_have_text(str(errors - 1), timeout=FLOW_MS)
+        await expect(row_about(page, order_id)).to_have_attribute("data-read", "true")
+        assert await unread(market, "Error") == errors - 1
+
+        await page.get_by_label("Severity", exact=True).select_option("Warning")
+
+        await expect(row_about(page, ref)).to_have_count(1)
+        await expect(row_about(page, order_id)).to_have_count(0)
+        await expect(page.locator(f'{ROWS}:not([data-severity="Warning"])')).to_have_count(0)
+
+
+class TestReconnecting:
+    async def test_alerts_raised_while_the_socket_is_cut_appear_once_each(
+        self, page, running_system, market
+    ):
+        gateway_port = int(running_system.env["GATEWAY_PORT"])
+        proxy = TcpProxy("127.0.0.1", gateway_port)
+        await proxy.start()
+        try:
+            await sign_in(page, f"http://127.0.0.1:{proxy.port}", bare(market.admin))
+            repeated = await forged_webhook(market)
+            await expect(row_about(page, repeated)).to_have_count(1, timeout=FLOW_MS)
+
+            await proxy.cut()
+            await expect(page.locator("#live")).not_to_have_attribute("data-state", "live")
+
+            missed = [await unschedulable_booking(market), await unschedulable_booking(market)]
+            missed.append(await forged_webhook(market))
+            await repeat_anomaly(running_system, repeated)
+            for text in missed:
+                await stored(market, text)
+
+            async def counted_up() -> bool:
+                return (await stored(market, repeated))["occurrences"] == 2
+
+            await eventually(counted_up, timeout=FLOW_SECONDS, what="the repeat counted up")
+            for text in missed:  # nothing reached the page while it was cut off
+                await expect(row_about(page, text)).to_have_count(0)
+
+            await proxy.restore()
+
+            await expect(page.locator("#live")).to_have_attribute(
+                "data-state", "live", timeout=RECONNECT_MS
+            )
+            for text in missed:
+                await expect(row_about(page, text)).to_have_count(1, timeout=FLOW_MS)
+            # The one counted up meanwhile is updated in its row, not added again.
+            await expect(row_about(page, repeated)).to_have_count(1)
+            await expect(row_about(page, repeated).locator(".occurrences")).to_have_text(
+                "\N{MULTIPLICATION SIGN}2", timeout=FLOW_MS
+            )
+            ids = await page.locator(ROWS).evaluate_all("rows => rows.map(r => r.dataset.id)")
+            assert len(ids) == len(set(ids)), f"a notification is shown twice: {ids}"
+        finally:
+            await proxy.stop()
+
+
+# --- a stopped service -------------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    process: asyncio.subprocess.Process
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def calendar_replica(env: dict[str, str], logs: Path) -> AsyncIterator[Replica]:
+    """One more calendar service, as `make run` starts one, on a port of its own."""
+    port = free_port()
+    log_path = logs / "calendar-replica.log"
+    with log_path.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "booking.calendar",
+            "serve",
+            env={**env, "CALENDAR_PORT": str(port)},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    replica = Replica(process, f"http://127.0.0.1:{port}")
+    try:
+        async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
+
+            async def ready() -> bool:
+                if process.returncode is not None:
+                    pytest.fail(f"the calendar replica exited; its log: {log_path}")
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await http.get(f"{replica.url}/health/ready")).status_code == 200
+                return False
+
+            await eventually(
+                ready, timeout=SERVICE_READY_SECONDS, interval=0.2, what="the calendar replica"
+            )
+        yield replica
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), 30)
+
+
+def gateway_settings(env: dict[str, str], **overrides: Any) -> GatewaySettings:
+    fields = GatewaySettings.model_fields
+    values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k.lower() in fields}
+    values.update(overrides)
+    return GatewaySettings.model_validate(values)
+
+
+class TestHealth:
+    async def test_a_stopped_service_shows_as_failing_in_the_health_grid(
+        self, page, running_system, market, tmp_path
+    ):
+        env = child_environment(running_system.env)  # the addresses `make run` derives
+        async with calendar_replica(env, tmp_path) as calendar:
+            settings = gateway_settings(
+                env,
+                calendar_url=calendar.url,
+                health_monitor_interval_seconds=1.0,
+                health_monitor_failures_to_alert=2,
+                health_upstream_timeout_seconds=5.0,
+            )
+            async with serving(create_app(settings)) as gateway:
+                await sign_in(page, gateway, bare(market.admin))
+                tile = page.locator('#health-grid li[data-key="calendar:health"]')
+                await expect(tile).to_have_attribute("data-status", "pass", timeout=FLOW_MS)
+                order_id = await unschedulable_booking(market)  # an alert on the page too
+                await expect(row_about(page, order_id)).to_have_count(1, timeout=FLOW_MS)
+
+                calendar.process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(calendar.process.wait(), 30)
+
+                await expect(tile).to_have_attribute("data-status", "fail", timeout=FLOW_MS)
+                await expect(tile).to_contain_text("FAILING")
+                await expect(page.locator("#health-overall")).to_have_text("FAILING")
+                await expect(page.locator("#health-note")).to_contain_text("calendar:health")
+                # The gateway's monitor tells the admins too, and the page shows it live.
+                alert = page.locator(f'{ROWS}[data-type="HealthCheckFailure"]', has_text="calendar")
+                await expect(alert.first).to_be_visible(timeout=FLOW_MS)
+
+                desktop = tmp_path / "dashboard-desktop.png"
+                await page.screenshot(path=str(desktop), full_page=True)
+                # A phone's width: one column, nothing wider than the screen.
+                await page.set_viewport_size({"width": 390, "height": 844})
+                await expect(page.locator(ROWS).first).to_be_visible()
+                overflow = await page.evaluate(
+                    "document.documentElement.scrollWidth - window.innerWidth"
+                )
+                assert overflow <= 0, f"the page is {overflow}px wider than a phone's screen"
+                phone = tmp_path / "dashboard-phone.png"
+                await page.screenshot(path=str(phone), full_page=True)
+                print(f"dashboard screenshots: {desktop} {phone}")
