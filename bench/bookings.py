@@ -332,6 +332,8 @@ class CpuSnapshot:
     at: float
     processes: dict[str, float]
     postgres: dict[int, float]
+    database: dict[str, int]
+    events: int
     machine: tuple[float, float]
     generator: float
 
@@ -339,37 +341,51 @@ class CpuSnapshot:
 class CpuMeter:
     """CPU used by each process of the system between two snapshots."""
 
-    def __init__(self, system: System) -> None:
+    def __init__(self, system: System, watch: EventWatch | None = None) -> None:
         self.system = system
+        self.watch = watch
         self.named = dict(system.pids)
-        beam = pids_named("beam.smp")
-        if len(beam) == 1:
-            self.named["rabbitmq (whole broker)"] = beam[0]
+        # rabbitmqctl runs on an Erlang VM too: the server is the one that has worked most.
+        beam = [(cpu_seconds(pid) or 0.0, pid) for pid in pids_named("beam.smp")]
+        if beam:
+            self.named["rabbitmq (whole broker)"] = max(beam)[1]
         self.database = urlsplit(system.database_url or "").path.lstrip("/") or None
 
-    async def _postgres(self) -> dict[int, float]:
-        """Our database's backends (pg_stat_activity), each one's CPU so far."""
+    async def _postgres(self) -> tuple[dict[int, float], dict[str, int]]:
+        """Our database's backends (pg_stat_activity), each one's CPU so far; and its counters
+        (pg_stat_database: commits, rows read and written)."""
         if not self.system.database_url:
-            return {}
+            return {}, {}
         try:
             conn = await asyncpg.connect(self.system.database_url, timeout=5)
         except (OSError, asyncpg.PostgresError):
-            return {}
+            return {}, {}
         try:
             pids = await conn.fetch(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> pg_backend_pid()"
             )
+            # Backends publish their counters about once a second: a snapshot lags that much.
+            counters = await conn.fetchrow(
+                "SELECT xact_commit AS commits, xact_rollback AS rollbacks,"
+                " tup_fetched AS rows_fetched, tup_inserted AS rows_inserted,"
+                " tup_updated AS rows_updated, tup_deleted AS rows_deleted"
+                " FROM pg_stat_database WHERE datname = current_database()"
+            )
         finally:
             await conn.close()
-        return {r["pid"]: cpu for r in pids if (cpu := cpu_seconds(r["pid"])) is not None}
+        cpu = {r["pid"]: cpu for r in pids if (cpu := cpu_seconds(r["pid"])) is not None}
+        return cpu, dict(counters) if counters else {}
 
     async def snapshot(self) -> CpuSnapshot:
+        postgres, database = await self._postgres()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return CpuSnapshot(
             at=time.monotonic(),
             processes={n: cpu_seconds(p) or 0.0 for n, p in self.named.items()},
-            postgres=await self._postgres(),
+            postgres=postgres,
+            database=database,
+            events=self.watch.received if self.watch else 0,
             machine=machine_cpu(),
             generator=usage.ru_utime + usage.ru_stime,
         )
@@ -404,6 +420,13 @@ class CpuMeter:
             # The services, their database and broker only: without the stand-ins, the load
             # generator and the machine's other tenants, this is what one booking costs.
             "system_cpu_ms_per_booking": round(system_ms, 2),
+            "per_booking": {
+                "events_published": round((after.events - before.events) / n, 2),
+                **{
+                    f"database_{k}": round((after.database[k] - before.database.get(k, 0)) / n, 1)
+                    for k in after.database
+                },
+            },
             "bookings_per_second_if_alone_on_the_cores": (
                 round(cores * 1000 / system_ms, 1) if system_ms else None
             ),
@@ -848,49 +871,52 @@ async def keep_busy(driver: Driver, in_flight: int, stop: asyncio.Event) -> Coun
 
 
 async def full_speed(
-    driver: Driver, meter: CpuMeter, total: int, in_flight: int, label: str = "full speed"
+    driver: Driver, meter: CpuMeter, seconds: float, in_flight: int
 ) -> dict[str, Any]:
-    """`total` bookings with `in_flight` of them under way at any time."""
-    progress = Progress(label, total)
-    queue = iter(range(total))
+    """Bookings for `seconds`, `in_flight` of them under way at any time, then the drain.
+
+    Sustained: confirmations per second once the pipeline is full (after the first fifth of the
+    time) until the last booking is started; the CPU is counted until the drain ends, over every
+    booking confirmed.
+    """
+    progress = Progress("full speed", int(seconds))
     bookings: list[Booking] = []
+    confirmed: list[float] = []
     before = await meter.snapshot()
     start = time.perf_counter()
+    stop_starting = start + seconds
 
     async def worker() -> None:
-        for _ in queue:
+        while time.perf_counter() < stop_starting:
             booking = await driver.book()
             bookings.append(booking)
             if booking.confirmed_at is not None:
                 confirmed.append(booking.confirmed_at)
             elapsed = time.perf_counter() - start
-            progress.update(len(bookings), f"{len(confirmed) / elapsed:6.1f} confirmed/s")
+            progress.update(
+                min(int(elapsed), int(seconds)), f"{len(confirmed) / elapsed:6.1f} confirmed/s"
+            )
 
-    confirmed: list[float] = []
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     elapsed = time.perf_counter() - start
-    progress.update(len(bookings), f"{len(confirmed) / elapsed:6.1f} confirmed/s", final=True)
+    progress.update(int(seconds), f"{len(confirmed) / elapsed:6.1f} confirmed/s", final=True)
     after = await meter.snapshot()
-    confirmed.sort()
-    # Sustained: the middle 80% of the confirmations, past the ramp-up and the drain.
-    sustained = None
-    if len(confirmed) >= 20:
-        low, high = confirmed[len(confirmed) // 10], confirmed[len(confirmed) * 9 // 10]
-        if high > low:
-            sustained = round((len(confirmed) * 9 // 10 - len(confirmed) // 10) / (high - low), 1)
+    ramp = start + max(seconds / 5, 2.0)
+    window = [t for t in confirmed if ramp <= t <= stop_starting]
+    sustained = round(len(window) / (stop_starting - ramp), 1) if stop_starting > ramp else None
     latencies = [b.latency_ms for b in bookings if b.latency_ms is not None]
-    result = {
-        "bookings": total,
+    return {
+        "seconds_starting_bookings": seconds,
+        "seconds_with_the_drain": round(elapsed, 2),
         "in_flight": in_flight,
-        "seconds": round(elapsed, 2),
+        "bookings": len(bookings),
         "outcomes": outcomes(bookings),
-        "confirmed_per_second_overall": round(len(confirmed) / elapsed, 1),
         "confirmed_per_second_sustained": sustained,
+        "confirmed_per_second_overall": round(len(confirmed) / elapsed, 1),
         "latency_under_load": quantiles_ms(latencies),
-        "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(total, 1), 2),
+        "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(len(bookings), 1), 2),
         "cpu": CpuMeter.used(before, after, len(confirmed)),
     }
-    return result
 
 
 async def admin_socket(system: System, headers: dict[str, str]) -> ClientConnection:
@@ -1062,14 +1088,20 @@ def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
 
 
 async def profile_hottest(
-    driver: Driver, cpu: dict[str, Any], seconds: float, in_flight: int, stamp: str
+    driver: Driver,
+    cpu: dict[str, Any],
+    seconds: float,
+    in_flight: int,
+    stamp: str,
+    chosen: str | None = None,
 ) -> dict[str, Any] | None:
+    """py-spy on the service that used the most CPU per booking (or `chosen`), under load."""
     spy = py_spy()
     per = cpu["cpu_ms_per_booking"]
     candidates = [s for s in SERVICES if s in driver.system.pids and s in per]
     if spy is None or not candidates:
         return None
-    hottest = max(candidates, key=per.__getitem__)
+    hottest = chosen if chosen in candidates else max(candidates, key=per.__getitem__)
     pid = driver.system.pids[hottest]
     RESULTS.mkdir(exist_ok=True)
     raw = RESULTS / f"bookings-{stamp}-profile-{hottest}.txt"
@@ -1133,7 +1165,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with system_cm as system, EventWatch.on(system) as watch:
         in_flight = args.in_flight
         driver = Driver(system, watch, int(max(in_flight, args.rate * 4, 100)), args.timeout)
-        meter = CpuMeter(system)
+        meter = CpuMeter(system, watch)
         try:
             print(f"  {args.mentors} mentors, each connected to the sandbox Google ...")
             await driver.add_mentors(args.mentors)
@@ -1141,8 +1173,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await warm_up(driver, args.warm_up)
             print(f"  at {args.rate}/s for {args.seconds}s: booking -> confirmed ...")
             steady = await at_rate(driver, meter, args.rate, args.seconds)
-            print(f"  full speed: {args.bookings} bookings, {in_flight} in flight ...")
-            fast = await full_speed(driver, meter, args.bookings, in_flight)
+            print(f"  full speed: {args.full_seconds:g}s, {in_flight} bookings in flight ...")
+            fast = await full_speed(driver, meter, args.full_seconds, in_flight)
             print(f"  webhook -> alert: {args.alerts} forged webhooks, one at a time ...")
             alerts = await webhook_to_alert(driver, args.alerts)
             print(f"  duplicate-webhook storm: {args.duplicates} at once for one payment ...")
@@ -1154,7 +1186,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     print(f"  profiling the hottest service for {args.profile_seconds:g}s ...")
                     profile = await profile_hottest(
-                        driver, fast["cpu"], args.profile_seconds, in_flight, stamp
+                        driver, fast["cpu"], args.profile_seconds, in_flight, stamp, args.profile
                     )
         finally:
             await driver.close()
@@ -1170,7 +1202,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "warm_up": args.warm_up,
             "rate_per_second": args.rate,
             "rate_seconds": args.seconds,
-            "full_speed_bookings": args.bookings,
+            "full_speed_seconds": args.full_seconds,
             "in_flight": in_flight,
             "alert_samples": args.alerts,
             "duplicates": args.duplicates,
@@ -1268,6 +1300,8 @@ def report(result: dict[str, Any]) -> Path:
         f" {os.cpu_count()} cores with nothing else on them"
     )
     print(f"    (the machine was {result['machine']['busy_percent_before_start']}% busy before)")
+    counts = ", ".join(f"{k.replace('database_', '')} {v}" for k, v in cpu["per_booking"].items())
+    print(f"  per booking: {counts}")
     profile = result.get("profile")
     if profile and profile.get("self"):
         print(f"\n  py-spy, {profile['service']} at full speed ({profile['samples']} samples):")
@@ -1301,12 +1335,17 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--warm-up", type=int, default=100, help="bookings before measuring")
     parser.add_argument("--rate", type=float, default=50, help="bookings per second, steady")
     parser.add_argument("--seconds", type=float, default=30, help="how long at that rate")
-    parser.add_argument("--bookings", type=int, default=3000, help="bookings at full speed")
+    parser.add_argument(
+        "--full-seconds", type=float, default=45, help="how long bookings start at full speed"
+    )
     parser.add_argument("--in-flight", type=int, default=200, help="bookings under way at once")
     parser.add_argument("--alerts", type=int, default=200, help="forged webhooks, one at a time")
     parser.add_argument("--duplicates", type=int, default=1000, help="the storm's webhooks")
     parser.add_argument(
         "--profile-seconds", type=float, default=20, help="py-spy on the hottest service (0: no)"
+    )
+    parser.add_argument(
+        "--profile", choices=SERVICES, help="the service to profile (default: the hottest)"
     )
     parser.add_argument(
         "--timeout", type=float, default=120, help="seconds one booking may take before it counts"
