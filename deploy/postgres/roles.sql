@@ -1,7 +1,8 @@
 -- One Postgres role per service, each owning only its own schema (DESIGN section 3).
 --
--- Run once per database, as its owner or a superuser, with psql (it uses psql variables and
--- \gexec); running it again changes nothing:
+-- Run once per database, as a superuser (on a managed Postgres, its admin user: see
+-- docs/operations.md), with psql: it uses psql variables and \gexec. Running it again changes
+-- nothing:
 --
 --   psql "postgresql://postgres@db.example:5432/booking" -v ON_ERROR_STOP=1 \
 --     -v orders_password="$ORDERS_DB_PASSWORD" -v payments_password="$PAYMENTS_DB_PASSWORD" \
@@ -68,11 +69,21 @@ FROM pg_temp.booking_services
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_name)
 \gexec
 
-SELECT format(
-    'ALTER ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS',
-    role_name
-)
+SELECT format('ALTER ROLE %I LOGIN NOCREATEDB NOCREATEROLE', role_name)
 FROM pg_temp.booking_services
+\gexec
+
+-- Only a superuser may even name these (a role that is not one cannot have made them otherwise).
+SELECT format('ALTER ROLE %I NOSUPERUSER NOREPLICATION NOBYPASSRLS', role_name)
+FROM pg_temp.booking_services
+WHERE (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+\gexec
+
+-- Whoever runs this must belong to the roles to give them their schemas below. A superuser does;
+-- a managed Postgres's admin user (CREATEROLE, owner of the database) makes itself a member.
+SELECT format('GRANT %I TO %I', role_name, current_user)
+FROM pg_temp.booking_services
+WHERE NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
 \gexec
 
 -- The password is sent as written; keep log_statement from logging this session's DDL.

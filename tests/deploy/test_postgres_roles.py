@@ -7,13 +7,14 @@ import asyncio
 import importlib
 import uuid
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import pytest
 
 from booking.runtime.auth import issue_token
-from booking.runtime.testing import serving
+from booking.runtime.testing import serving, with_database
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -181,7 +182,7 @@ class TestTheRoles:
                     ),
                     *await admin.fetch(
                         "SELECT nspname, nspowner::regrole::text, nspacl::text FROM pg_namespace"
-                        " ORDER BY nspname"
+                        " WHERE nspname !~ '^pg_(toast_)?temp_' ORDER BY nspname"
                     ),
                     await admin.fetchrow(
                         "SELECT datacl::text FROM pg_database WHERE datname = current_database()"
@@ -307,3 +308,39 @@ class TestServicesRunAsTheirRoles:
         assert checks["outbox:lag"][0]["status"] == "pass", checks
         if written is not None:
             assert written.status_code == 201, written.text
+
+
+async def test_a_managed_postgres_admin_who_is_no_superuser_can_apply_it(database_url, deploy):
+    # RDS, Cloud SQL and Azure give an admin user with CREATEROLE that owns the database.
+    tag = uuid.uuid4().hex[:8]
+    admin_role, database, prefix = f"t{tag}_admin", f"booking_managed_{tag}", f"t{tag}_"
+    server = await asyncpg.connect(database_url)
+    try:
+        await server.execute(f"CREATE ROLE \"{admin_role}\" LOGIN CREATEROLE PASSWORD '{tag}'")
+        await server.execute(f'CREATE DATABASE "{database}" OWNER "{admin_role}"')
+        parts = urlsplit(with_database(database_url, database))
+        netloc = f"{admin_role}:{tag}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        owner_url = parts._replace(netloc=netloc).geturl()
+        await asyncio.to_thread(deploy.apply_roles_sql, owner_url, prefix, {"orders": tag})
+        conn = await asyncpg.connect(owner_url)
+        try:
+            owners = dict(
+                await conn.fetch(
+                    "SELECT nspname, pg_get_userbyid(nspowner) FROM pg_namespace"
+                    " WHERE nspname = ANY($1::text[])",
+                    list(MIGRATED),
+                )
+            )
+            extension = await conn.fetchval(
+                "SELECT extnamespace::regnamespace::text FROM pg_extension"
+                " WHERE extname = 'btree_gist'"
+            )
+        finally:
+            await conn.close()
+        assert owners == {s: f"{prefix}{s}" for s in MIGRATED}
+        assert extension == "extensions"
+    finally:
+        await server.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        for role in (*(f"{prefix}{s}" for s in MIGRATED), admin_role):
+            await server.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await server.close()
