@@ -62,7 +62,15 @@ def run_env(target_metadata: MetaData, schema: str) -> None:
                 await connection.execute(
                     text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": f"migrate:{schema}"}
                 )
-                await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                # Created only when missing: a service's role in deployment owns its schema
+                # (made by the database owner) and may not CREATE on the database, which
+                # Postgres checks even for CREATE SCHEMA IF NOT EXISTS.
+                exists = await connection.scalar(
+                    text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"),
+                    {"schema": schema},
+                )
+                if not exists:
+                    await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
                 await connection.commit()
                 await connection.run_sync(migrate)
                 await connection.commit()
