@@ -202,14 +202,6 @@ class TestTheRoles:
 # --- migrations and services, as the roles ------------------------------------------------------
 
 
-RUNTIME_FIX = (
-    "booking.runtime.migrations runs `CREATE SCHEMA IF NOT EXISTS` before every migration, and "
-    "Postgres checks CREATE on the database even when the schema exists; a service's role has "
-    "none (deploy/postgres/roles.sql). Fix in libs/runtime: create the schema only when "
-    "pg_namespace does not have it."
-)
-
-
 @pytest.fixture(scope="module")
 async def migrated(roles, deploy):
     """Each service migrated by `python -m booking.<service> migrate` as its own role."""
@@ -217,11 +209,6 @@ async def migrated(roles, deploy):
         *(asyncio.to_thread(deploy.migrate, s, roles.url(s)) for s in MIGRATED)
     )
     failed = {s: r.stderr for s, r in zip(MIGRATED, results, strict=True) if r.returncode}
-    if failed and all(
-        "CREATE SCHEMA IF NOT EXISTS" in err and "permission denied for database" in err
-        for err in failed.values()
-    ):
-        pytest.xfail(RUNTIME_FIX)
     assert not failed, "\n\n".join(f"{s} migrate failed:\n{err}" for s, err in failed.items())
     return roles
 
