@@ -2,7 +2,7 @@
 // and the health grid, all started together and stopped together on sign-out.
 
 import { Api } from "./api.js";
-import { byId } from "./dom.js";
+import { byId, fill, h } from "./dom.js";
 import { Feed } from "./feed.js";
 import { HealthGrid } from "./health.js";
 import { LiveFeed } from "./live.js";
@@ -57,6 +57,12 @@ const api = new Api(
   },
 );
 
+/** Notifications per page: 50, or `?limit=N` (1..200) to page in smaller steps. */
+function pageSize() {
+  const asked = Number.parseInt(new URLSearchParams(location.search).get("limit") ?? "", 10);
+  return Number.isInteger(asked) && asked >= 1 && asked <= 200 ? asked : 50;
+}
+
 function reportFeed(text) {
   page.feedMessage.textContent = text;
 }
@@ -67,7 +73,7 @@ function reportBanner(text) {
 }
 
 const stats = new Stats(api, reportBanner);
-const feed = new Feed(api, () => stats.soon(), reportFeed);
+const feed = new Feed(api, () => stats.soon(), reportFeed, pageSize());
 const health = new HealthGrid();
 const live = new LiveFeed(() => token, {
   notification: (n) => feed.receive(n),
@@ -101,9 +107,12 @@ function showLive(state, detail = {}) {
     page.live.textContent = texts[state] || state;
     return;
   }
+  // "Offline" is announced once; the countdown beside it is for the eyes only.
+  const countdownText = h("span", { "aria-hidden": "true" });
+  fill(page.live, "Offline", countdownText);
   const tell = () => {
     const seconds = Math.max(0, Math.ceil((detail.retryAt - Date.now()) / 1000));
-    page.live.textContent = `Offline · retrying in ${seconds} s`;
+    countdownText.textContent = ` · retrying in ${seconds} s`;
   };
   tell();
   countdown = setInterval(tell, 1000);

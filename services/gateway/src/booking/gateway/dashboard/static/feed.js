@@ -3,8 +3,6 @@
 
 import { byId, fill, h, timeElement } from "./dom.js";
 
-const PAGE_SIZE = 50;
-
 /** The merge of two states of one notification: a live frame and a page may cross. */
 function merged(old, incoming) {
   if (!old) return incoming;
@@ -24,8 +22,9 @@ function merged(old, incoming) {
 
 export class Feed {
   /** api: Api; changed(): the counts may have changed; report(text): a line for the admin */
-  constructor(api, changed, report) {
+  constructor(api, changed, report, pageSize = 50) {
     this.api = api;
+    this.pageSize = pageSize;
     this.changed = changed;
     this.report = report;
     this.list = byId("notifications");
@@ -78,7 +77,7 @@ export class Feed {
     const generation = this.generation;
     let page;
     try {
-      page = await this.api.notifications(this.filters, { cursor, limit: PAGE_SIZE });
+      page = await this.api.notifications(this.filters, { cursor, limit: this.pageSize });
     } catch (error) {
       this.report(`Could not load the notifications: ${error.message}`);
       return;

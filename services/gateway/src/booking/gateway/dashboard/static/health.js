@@ -45,6 +45,7 @@ export class HealthGrid {
     this.grid = byId("health-grid");
     this.overall = byId("health-overall");
     this.note = byId("health-note");
+    this.pill = byId("health-pill"); // the header's summary: seen first on a phone
     this.timer = null;
     this.running = false;
   }
@@ -58,6 +59,7 @@ export class HealthGrid {
   stop() {
     this.running = false;
     clearTimeout(this.timer);
+    this.pill.hidden = true;
   }
 
   async tick() {
@@ -85,6 +87,12 @@ export class HealthGrid {
     this.overall.dataset.status = status;
     fill(this.grid, tiles);
     const failing = tiles.filter((t) => t.dataset.status === "fail").map((t) => t.dataset.key);
+    this.pill.className = `badge pill status-${status}`;
+    this.pill.dataset.status = status;
+    this.pill.textContent = failing.length
+      ? `Health: ${failing.length} failing`
+      : `Health: ${status}`;
+    this.pill.hidden = false;
     fill(
       this.note,
       failing.length ? `Failing: ${failing.join(", ")}. ` : "",
