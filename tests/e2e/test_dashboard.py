@@ -56,7 +56,7 @@ CHROMIUM_ARGS = [
 ]
 FLOW_MS = 30_000  # an alert travels through four services on a loaded machine
 FLOW_SECONDS = FLOW_MS / 1000
-# The page retries its websocket with a backoff capped at 10 s; the health grid polls every 5 s.
+# The page retries its websocket with a backoff capped at 10 s (and some jitter).
 RECONNECT_MS = 30_000
 SERVICE_READY_SECONDS = 90
 

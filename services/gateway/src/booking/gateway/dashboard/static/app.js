@@ -141,12 +141,18 @@ async function signIn(text, { remembered = false } = {}) {
   page.signInMessage.textContent = "Signing in…";
   // The server has the last word: one cheap call with the token.
   const probe = new Api(() => candidate, () => {});
+  let unchecked = null;
   try {
     await probe.notifications({}, { limit: 1 });
   } catch (error) {
-    if (remembered && error.status !== 0) forgetToken();
-    showSignIn(error.status === 0 ? "The gateway cannot be reached; try again." : refusal(error));
-    return;
+    if (error.status === 401 || error.status === 403) {
+      if (remembered) forgetToken();
+      showSignIn(refusal(error));
+      return;
+    }
+    // The feed is down, not the token: in; the health grid will say what is failing, and
+    // every call still checks the token.
+    unchecked = `The token could not be checked yet (${error.message}).`;
   }
   token = candidate;
   storeToken(candidate);
@@ -168,6 +174,7 @@ async function signIn(text, { remembered = false } = {}) {
   health.start();
   live.start();
   statsTimer = setInterval(() => stats.soon(), STATS_EVERY_MS);
+  reportBanner(unchecked ?? "");
   await Promise.all([feed.reset(currentFilters()), stats.refresh()]);
 }
 

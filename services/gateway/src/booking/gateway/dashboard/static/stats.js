@@ -36,7 +36,8 @@ export class Stats {
     }
     this.running = true;
     try {
-      await Promise.all([this.refreshCounts(), this.refreshSummary()]);
+      const done = await Promise.all([this.refreshCounts(), this.refreshSummary()]);
+      if (done.every(Boolean)) this.report(""); // what went wrong before is over
     } finally {
       this.running = false;
       if (this.again) {
@@ -56,7 +57,7 @@ export class Stats {
       );
     } catch (error) {
       this.report(`Could not count the unread notifications: ${error.message}`);
-      return;
+      return false;
     }
     const items = SEVERITIES.map((severity, i) => {
       const page = pages[i];
@@ -70,6 +71,7 @@ export class Stats {
       );
     });
     fill(this.counts, items);
+    return true;
   }
 
   async refreshSummary() {
@@ -78,7 +80,7 @@ export class Stats {
       summary = await this.api.summary(DAYS);
     } catch (error) {
       this.report(`Could not load the 7-day summary: ${error.message}`);
-      return;
+      return false;
     }
     const byDay = new Map();
     for (const { day, severity, count } of summary.counts) {
@@ -109,6 +111,7 @@ export class Stats {
       );
     });
     fill(this.chart, bars);
+    return true;
   }
 
   clear() {
