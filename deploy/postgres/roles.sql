@@ -1,7 +1,7 @@
 -- One Postgres role per service, each owning only its own schema (DESIGN section 3).
 --
 -- Run once per database, as a superuser (on a managed Postgres, its admin user: see
--- docs/operations.md), with psql: it uses psql variables and \gexec. Running it again changes
+-- the README's Operations section), with psql: it uses psql variables and \gexec. Running it again changes
 -- nothing:
 --
 --   psql "postgresql://postgres@db.example:5432/booking" -v ON_ERROR_STOP=1 \

@@ -237,8 +237,8 @@ class TestTheMigrationJob:
         }
 
     def test_can_run_before_anything_else_is_applied(self, rendered, output):
-        # docs/operations.md: apply -l 'app.kubernetes.io/component in (config,external,
-        # migration)', wait for the Job, then apply the rest.
+        # The README's Operations section: apply -l 'app.kubernetes.io/component in (config,
+        # external,migration)', wait for the Job, then apply the rest.
         docs = rendered[output]
         component = "app.kubernetes.io/component"
         selected = [
