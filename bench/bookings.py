@@ -310,11 +310,28 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, every core together."""
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, total, interrupts) CPU seconds of the whole machine so far, every core together;
+    interrupts (irq + softirq: much of loopback networking) belong to no process."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     idle = values[3] + values[4]
-    return (sum(values) - idle) / TICK, sum(values) / TICK
+    return (sum(values) - idle) / TICK, sum(values) / TICK, (values[5] + values[6]) / TICK
+
+
+def every_process() -> dict[int, tuple[str, float]]:
+    """Every process's short command and CPU so far."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            words = [w.decode(errors="replace") for w in argv if w][:4]
+            command = " ".join(Path(w).name if w.startswith("/") else w for w in words)
+            cpu = cpu_seconds(int(proc.name))
+            if cpu is not None and command:
+                found[int(proc.name)] = (command[:60], cpu)
+    return found
 
 
 def pids_named(name: str) -> list[int]:
@@ -334,8 +351,9 @@ class CpuSnapshot:
     postgres: dict[int, float]
     database: dict[str, int]
     events: int
-    machine: tuple[float, float]
+    machine: tuple[float, float, float]
     generator: float
+    everyone: dict[int, tuple[str, float]]
 
 
 class CpuMeter:
@@ -369,7 +387,8 @@ class CpuMeter:
             counters = await conn.fetchrow(
                 "SELECT xact_commit AS commits, xact_rollback AS rollbacks,"
                 " tup_fetched AS rows_fetched, tup_inserted AS rows_inserted,"
-                " tup_updated AS rows_updated, tup_deleted AS rows_deleted"
+                " tup_updated AS rows_updated, tup_deleted AS rows_deleted,"
+                " sessions AS new_connections"
                 " FROM pg_stat_database WHERE datname = current_database()"
             )
         finally:
@@ -388,10 +407,10 @@ class CpuMeter:
             events=self.watch.received if self.watch else 0,
             machine=machine_cpu(),
             generator=usage.ru_utime + usage.ru_stime,
+            everyone=every_process(),
         )
 
-    @staticmethod
-    def used(before: CpuSnapshot, after: CpuSnapshot, bookings: int) -> dict[str, Any]:
+    def used(self, before: CpuSnapshot, after: CpuSnapshot, bookings: int) -> dict[str, Any]:
         """CPU ms per booking of each process, and how busy the machine was."""
         per: dict[str, float] = {}
         for name, seconds in after.processes.items():
@@ -404,11 +423,19 @@ class CpuMeter:
         wall = after.at - before.at
         busy = after.machine[0] - before.machine[0]
         total = after.machine[1] - before.machine[1]
+        per["kernel interrupts (irq, softirq)"] = after.machine[2] - before.machine[2]
         accounted = sum(per.values())
         per["everything else on the machine"] = max(busy - accounted, 0.0)
+        # Who "everything else" is: every other process's CPU meanwhile, by command (processes
+        # that ended meanwhile, short-lived database connections among them, are not seen).
+        counted = {*self.named.values(), *after.postgres, os.getpid()}
+        others: Counter[str] = Counter()
+        for pid, (command, cpu) in after.everyone.items():
+            if pid not in counted:
+                others[command] += cpu - before.everyone.get(pid, (command, 0.0))[1]
         n = max(bookings, 1)
-        ours = [*SERVICES, "postgres (our database's backends)", "rabbitmq (whole broker)"]
-        system_ms = sum(per.get(k, 0.0) for k in ours) * 1000 / n
+        system = [*SERVICES, "postgres (our database's backends)", "rabbitmq (whole broker)"]
+        system_ms = sum(per.get(k, 0.0) for k in system) * 1000 / n
         cores = os.cpu_count() or 1
         return {
             "wall_seconds": round(wall, 2),
@@ -420,6 +447,9 @@ class CpuMeter:
             # The services, their database and broker only: without the stand-ins, the load
             # generator and the machine's other tenants, this is what one booking costs.
             "system_cpu_ms_per_booking": round(system_ms, 2),
+            "other_processes_cpu_seconds": {
+                k: round(v, 2) for k, v in others.most_common(6) if v >= 0.05
+            },
             "per_booking": {
                 "events_published": round((after.events - before.events) / n, 2),
                 **{
@@ -850,7 +880,7 @@ async def at_rate(driver: Driver, meter: CpuMeter, rate: float, seconds: float) 
         **quantiles_ms(latencies),
         "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(total, 1), 2),
         "stages": where_time_goes(bookings, driver.watch),
-        "cpu": CpuMeter.used(before, after, len(latencies)),
+        "cpu": meter.used(before, after, len(latencies)),
     }
 
 
@@ -915,7 +945,7 @@ async def full_speed(
         "confirmed_per_second_overall": round(len(confirmed) / elapsed, 1),
         "latency_under_load": quantiles_ms(latencies),
         "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(len(bookings), 1), 2),
-        "cpu": CpuMeter.used(before, after, len(confirmed)),
+        "cpu": meter.used(before, after, len(confirmed)),
     }
 
 
@@ -948,6 +978,7 @@ async def webhook_to_alert(driver: Driver, samples: int) -> dict[str, Any]:
 
     reader = asyncio.create_task(read())
     latencies, answers, severities = [], Counter(), Counter()
+    missed = 0
     progress = Progress("ws alerts", samples)
     try:
         for n in range(samples):
@@ -955,7 +986,7 @@ async def webhook_to_alert(driver: Driver, samples: int) -> dict[str, Any]:
             sent = time.perf_counter()
             response = await driver.api.get("/api/payments/webhook", params={"payment_ref": ref})
             answers[response.status_code] += 1
-            deadline = sent + 10
+            deadline = sent + 5
             while ref not in arrivals and time.perf_counter() < deadline:
                 arrived.clear()
                 with contextlib.suppress(TimeoutError):
@@ -964,6 +995,12 @@ async def webhook_to_alert(driver: Driver, samples: int) -> dict[str, Any]:
                 at, data = arrivals[ref]
                 latencies.append((at - sent) * 1000)
                 severities[f"{data['type']}/{data['severity']}"] += 1
+                missed = 0
+            else:
+                missed += 1
+                if missed == 5:
+                    print("\n  five alerts in a row did not come: giving up", file=sys.stderr)
+                    break
             progress.update(n + 1)
             await asyncio.sleep(0.02)  # one at a time: the latency of one, not of a queue
         progress.update(samples, final=True)
@@ -1144,16 +1181,34 @@ async def profile_hottest(
 
 async def machine_busy(seconds: float) -> float:
     """How busy the machine is (percent of every core) over the next `seconds`."""
-    busy0, total0 = machine_cpu()
+    busy0, total0, _ = machine_cpu()
     await asyncio.sleep(seconds)
-    busy1, total1 = machine_cpu()
+    busy1, total1, _ = machine_cpu()
     return round(100 * (busy1 - busy0) / max(total1 - total0, 1e-9), 1)
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def after_the_load(driver: Driver) -> dict[str, Any]:
+    """One more booking once the load is over: does the system still confirm one, and how fast?"""
+    await asyncio.sleep(5)  # what the load left in the queues has a moment to drain
+    booking = await driver.book()
+    return {"outcome": booking.outcome, "ms": round(booking.latency_ms or 0, 1) or None}
+
+
+async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """The phases, each result into `result` as soon as it is known (so a stop keeps them).
+
+    The webhook -> alert latency and the storm come first, on a warm and quiet system; then full
+    speed (a closed loop: at most `--in-flight` bookings wait); then the steady rate, an open
+    loop that overloads a system slower than the rate; last, a booking after all that.
+    """
     overrides = dict(kv.split("=", 1) for kv in args.env)
     busy_before = await machine_busy(3.0)
     print(f"  the machine is {busy_before}% busy before the benchmark starts")
+    result["machine"] = machine(busy_before)
+    result["settings"] = {
+        "system": "given: " + args.url if args.url else "started by the benchmark",
+        **{k: v for k, v in vars(args).items() if k != "url"},
+    }
     if args.url:
         system_cm: contextlib.AbstractAsyncContextManager[System] = contextlib.nullcontext(
             running_system(args.url)
@@ -1161,8 +1216,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         print("  starting the system (make run: fresh database and vhost, free ports) ...")
         system_cm = started_system(overrides)
-    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     async with system_cm as system, EventWatch.on(system) as watch:
+        result["settings"]["environment"] = system.environment
         in_flight = args.in_flight
         driver = Driver(system, watch, int(max(in_flight, args.rate * 4, 100)), args.timeout)
         meter = CpuMeter(system, watch)
@@ -1171,51 +1226,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await driver.add_mentors(args.mentors)
             print(f"  warm-up: {args.warm_up} bookings ...")
             await warm_up(driver, args.warm_up)
-            print(f"  at {args.rate}/s for {args.seconds}s: booking -> confirmed ...")
-            steady = await at_rate(driver, meter, args.rate, args.seconds)
-            print(f"  full speed: {args.full_seconds:g}s, {in_flight} bookings in flight ...")
-            fast = await full_speed(driver, meter, args.full_seconds, in_flight)
             print(f"  webhook -> alert: {args.alerts} forged webhooks, one at a time ...")
-            alerts = await webhook_to_alert(driver, args.alerts)
+            result["webhook_to_alert"] = await webhook_to_alert(driver, args.alerts)
             print(f"  duplicate-webhook storm: {args.duplicates} at once for one payment ...")
-            storm = await duplicate_storm(driver, args.duplicates)
-            profile = None
+            result["duplicate_storm"] = await duplicate_storm(driver, args.duplicates)
+            print(f"  full speed: {args.full_seconds:g}s, {in_flight} bookings in flight ...")
+            result["full_speed"] = await full_speed(driver, meter, args.full_seconds, in_flight)
             if args.profile_seconds > 0:
                 if py_spy() is None:
                     print("  (no py-spy: `uv pip install py-spy` to profile the hottest service)")
                 else:
                     print(f"  profiling the hottest service for {args.profile_seconds:g}s ...")
-                    profile = await profile_hottest(
-                        driver, fast["cpu"], args.profile_seconds, in_flight, stamp, args.profile
+                    result["profile"] = await profile_hottest(
+                        driver,
+                        result["full_speed"]["cpu"],
+                        args.profile_seconds,
+                        in_flight,
+                        result["_stamp"],
+                        args.profile,
                     )
+            print(f"  at {args.rate:g}/s for {args.seconds:g}s: booking -> confirmed ...")
+            result["at_rate"] = await at_rate(driver, meter, args.rate, args.seconds)
+            print("  one more booking, after the load ...")
+            result["after_the_load"] = await after_the_load(driver)
         finally:
             await driver.close()
-    return {
-        "benchmark": "bookings",
-        "at": datetime.now(UTC).isoformat(),
-        "commit": git_commit(),
-        "machine": machine(busy_before),
-        "settings": {
-            "system": "given: " + args.url if args.url else "started by the benchmark",
-            "environment": system.environment,
-            "mentors": args.mentors,
-            "warm_up": args.warm_up,
-            "rate_per_second": args.rate,
-            "rate_seconds": args.seconds,
-            "full_speed_seconds": args.full_seconds,
-            "in_flight": in_flight,
-            "alert_samples": args.alerts,
-            "duplicates": args.duplicates,
-            "profile_seconds": args.profile_seconds,
-            "timeout_seconds": args.timeout,
-        },
-        "full_speed": fast,
-        "at_rate": steady,
-        "webhook_to_alert": alerts,
-        "duplicate_storm": storm,
-        "profile": profile,
-        "_stamp": stamp,
-    }
 
 
 def git_commit() -> str | None:
@@ -1235,73 +1270,108 @@ def machine(busy_before: float) -> dict[str, Any]:
     }
 
 
+def at_most(value: float | None, target: float) -> bool:
+    return value is not None and value <= target
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any, str, bool | None]]:
+    rows: list[tuple[str, Any, str, bool | None]] = []
+    if fast := result.get("full_speed"):
+        sustained = fast["confirmed_per_second_sustained"] or 0.0
+        rows += [
+            (
+                "confirmed/s, sustained",
+                sustained,
+                f">= {TARGET_PER_SECOND:g}",
+                sustained >= TARGET_PER_SECOND,
+            ),
+            ("  aim", sustained, f">= {AIM_PER_SECOND:g}", sustained >= AIM_PER_SECOND),
+            ("  confirmed/s, overall", fast["confirmed_per_second_overall"], "", None),
+            ("  p99 under load (ms)", fast["latency_under_load"]["p99_ms"], "", None),
+        ]
+    if steady := result.get("at_rate"):
+        rate = steady["rate_per_second"]
+        rows += [
+            (f"p50 at {rate:g}/s (ms)", steady["p50_ms"], "", None),
+            (f"p95 at {rate:g}/s (ms)", steady["p95_ms"], "", None),
+            (
+                f"p99 at {rate:g}/s (ms)",
+                steady["p99_ms"],
+                f"<= {TARGET_CONFIRMED_P99_MS:g}",
+                at_most(steady["p99_ms"], TARGET_CONFIRMED_P99_MS),
+            ),
+        ]
+    if alerts := result.get("webhook_to_alert"):
+        rows += [
+            ("webhook -> alert p50 (ms)", alerts["p50_ms"], "", None),
+            (
+                "webhook -> alert p99 (ms)",
+                alerts["p99_ms"],
+                f"<= {TARGET_ALERT_P99_MS:g}",
+                at_most(alerts["p99_ms"], TARGET_ALERT_P99_MS),
+            ),
+        ]
+    if storm := result.get("duplicate_storm"):
+        rows += [
+            ("storm: requests/s", storm["requests_per_second"], "", None),
+            (
+                "storm: effects once",
+                "yes" if storm["exactly_once"] else "NO",
+                "exactly 1",
+                storm["exactly_once"],
+            ),
+        ]
+    if after := result.get("after_the_load"):
+        rows.append(("a booking after the load", after["outcome"], "", None))
+    return rows
+
+
 def report(result: dict[str, Any]) -> Path:
-    fast, steady = result["full_speed"], result["at_rate"]
-    alerts, storm = result["webhook_to_alert"], result["duplicate_storm"]
-    sustained = fast["confirmed_per_second_sustained"] or 0.0
-    rate = steady["rate_per_second"]
-
-    def at_most(value: float | None, target: float) -> bool:
-        return value is not None and value <= target
-
-    rows: list[tuple[str, Any, str, bool | None]] = [
-        (
-            "confirmed/s, sustained",
-            sustained,
-            f">= {TARGET_PER_SECOND:g}",
-            sustained >= TARGET_PER_SECOND,
-        ),
-        ("  aim", sustained, f">= {AIM_PER_SECOND:g}", sustained >= AIM_PER_SECOND),
-        ("  confirmed/s, overall", fast["confirmed_per_second_overall"], "", None),
-        ("  p99 under load (ms)", fast["latency_under_load"]["p99_ms"], "", None),
-        (f"p50 at {rate:g}/s (ms)", steady["p50_ms"], "", None),
-        (f"p95 at {rate:g}/s (ms)", steady["p95_ms"], "", None),
-        (
-            f"p99 at {rate:g}/s (ms)",
-            steady["p99_ms"],
-            f"<= {TARGET_CONFIRMED_P99_MS:g}",
-            at_most(steady["p99_ms"], TARGET_CONFIRMED_P99_MS),
-        ),
-        ("webhook -> alert p50 (ms)", alerts["p50_ms"], "", None),
-        (
-            "webhook -> alert p99 (ms)",
-            alerts["p99_ms"],
-            f"<= {TARGET_ALERT_P99_MS:g}",
-            at_most(alerts["p99_ms"], TARGET_ALERT_P99_MS),
-        ),
-        ("storm: requests/s", storm["requests_per_second"], "", None),
-        (
-            "storm: effects once",
-            "yes" if storm["exactly_once"] else "NO",
-            "exactly 1",
-            storm["exactly_once"],
-        ),
-    ]
     print()
     print(f"  {'measure':<28}{'value':>10}  {'target':<10}")
-    for name, value, target, ok in rows:
+    for name, value, target, ok in summary_rows(result):
         mark = "" if ok is None else ("ok" if ok else "MISSED")
         print(f"  {name:<28}{value!s:>10}  {target:<10}{mark}")
-    print(f"\n  outcomes at {rate:g}/s: {steady['outcomes']}; full speed: {fast['outcomes']}")
-    print(f"  storm answers: {storm['answers']}; effects: {storm['effects']}")
-    print(f"\n  where the time goes at {rate:g}/s (p50 / p99 ms):")
-    for stage, qs in steady["stages"].items():
-        print(f"    {stage:<58}{qs['p50_ms']!s:>8} {qs['p99_ms']!s:>8}")
-    cpu = fast["cpu"]
-    print(
-        f"\n  CPU per confirmed booking at full speed (ms; machine {cpu['machine_busy_percent']}%"
-        f" busy, {cpu['cores_busy']} cores):"
-    )
-    for name, ms in sorted(cpu["cpu_ms_per_booking"].items(), key=lambda kv: -kv[1]):
-        print(f"    {name:<40}{ms:>8}")
-    print(
-        f"    the system alone (services, postgres, rabbitmq): {cpu['system_cpu_ms_per_booking']}"
-        f" ms, so at most {cpu['bookings_per_second_if_alone_on_the_cores']} bookings/s on"
-        f" {os.cpu_count()} cores with nothing else on them"
-    )
-    print(f"    (the machine was {result['machine']['busy_percent_before_start']}% busy before)")
-    counts = ", ".join(f"{k.replace('database_', '')} {v}" for k, v in cpu["per_booking"].items())
-    print(f"  per booking: {counts}")
+    if stopped := result.get("stopped"):
+        print(f"\n  stopped early: {stopped}")
+    if alerts := result.get("webhook_to_alert"):
+        print(
+            f"\n  webhook -> alert: {alerts['alerts_received']} of {alerts['samples']} alerts"
+            f" arrived; webhook answers {alerts['webhook_answers']}; alerts {alerts['alerts']}"
+        )
+    if storm := result.get("duplicate_storm"):
+        print(f"  storm answers: {storm['answers']}; effects: {storm['effects']}")
+    if fast := result.get("full_speed"):
+        print(f"  outcomes at full speed: {fast['outcomes']}")
+    if steady := result.get("at_rate"):
+        rate = steady["rate_per_second"]
+        print(f"  outcomes at {rate:g}/s: {steady['outcomes']}")
+        print(f"\n  where the time goes at {rate:g}/s (p50 / p99 ms):")
+        for stage, qs in steady["stages"].items():
+            print(f"    {stage:<58}{qs['p50_ms']!s:>8} {qs['p99_ms']!s:>8}")
+    if fast:
+        cpu = fast["cpu"]
+        print(
+            f"\n  CPU per confirmed booking at full speed (ms; the machine"
+            f" {cpu['machine_busy_percent']}% busy, {cpu['cores_busy']} cores):"
+        )
+        for name, ms in sorted(cpu["cpu_ms_per_booking"].items(), key=lambda kv: -kv[1]):
+            print(f"    {name:<40}{ms:>8}")
+        print(
+            "    the system alone (services, postgres, rabbitmq):"
+            f" {cpu['system_cpu_ms_per_booking']} ms, so at most"
+            f" {cpu['bookings_per_second_if_alone_on_the_cores']} bookings/s on"
+            f" {os.cpu_count()} cores with nothing else on them"
+        )
+        before = result["machine"]["busy_percent_before_start"]
+        print(f"    (the machine was {before}% busy before)")
+        if others := cpu["other_processes_cpu_seconds"]:
+            listed = "; ".join(f"{k}: {v} s" for k, v in others.items())
+            print(f"    everything else, the busiest: {listed}")
+        counts = ", ".join(
+            f"{k.replace('database_', '')} {v}" for k, v in cpu["per_booking"].items()
+        )
+        print(f"  per booking: {counts}")
     profile = result.get("profile")
     if profile and profile.get("self"):
         print(f"\n  py-spy, {profile['service']} at full speed ({profile['samples']} samples):")
@@ -1338,7 +1408,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--full-seconds", type=float, default=45, help="how long bookings start at full speed"
     )
-    parser.add_argument("--in-flight", type=int, default=200, help="bookings under way at once")
+    parser.add_argument(
+        "--in-flight", type=int, default=64, help="bookings under way at once at full speed"
+    )
     parser.add_argument("--alerts", type=int, default=200, help="forged webhooks, one at a time")
     parser.add_argument("--duplicates", type=int, default=1000, help="the storm's webhooks")
     parser.add_argument(
@@ -1361,15 +1433,29 @@ def arguments() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
+    result: dict[str, Any] = {
+        "benchmark": "bookings",
+        "at": datetime.now(UTC).isoformat(),
+        "commit": git_commit(),
+        "_stamp": f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}",
+    }
+    code = 0
     try:
-        result = await run(args)
+        await run(args, result)
     except BenchError as exc:
         print(f"\nbench stopped: {exc}", file=sys.stderr)
-        return 1
-    report(result)
-    return 0
+        result["stopped"], code = str(exc), 1
+    except asyncio.CancelledError:  # Ctrl-C: the system is stopped, what was measured is kept
+        print("\nbench interrupted", file=sys.stderr)
+        result["stopped"], code = "interrupted", 130
+    if any(k in result for k in ("full_speed", "webhook_to_alert", "duplicate_storm")):
+        report(result)
+    return code
 
 
 if __name__ == "__main__":
     # The services run under uvicorn, which uses uvloop: drive them from the same loop.
-    sys.exit(uvloop.run(main(arguments())))
+    try:
+        sys.exit(uvloop.run(main(arguments())))
+    except KeyboardInterrupt:
+        sys.exit(130)
