@@ -7,7 +7,7 @@ PACKAGES := libs/contracts libs/runtime services/orders services/payments servic
 ROLE ?= admin
 SUB ?= dev-$(ROLE)
 
-.PHONY: install lock run test test-fast migrate lint format asyncapi token bench
+.PHONY: install lock run test test-fast migrate lint format asyncapi token bench demo
 
 $(PY):
 	uv venv --python 3.11 $(VENV)
@@ -55,8 +55,13 @@ asyncapi: install
 token: install
 	@$(PY) -m booking.runtime.auth $(ROLE) $(SUB)
 
+## demo: a narrated walkthrough against the system `make run` started (run it in another terminal)
+demo: install
+	$(PY) -m demo
+
 ## bench: benchmarks (never part of make test)
 bench: install
+	$(PY) -m bench.bookings
 	$(PY) -m bench.messaging
 	$(PY) -m bench.notifications_listing
 	$(PY) -m bench.alerts_fanout
