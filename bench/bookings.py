@@ -1210,9 +1210,16 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         **{k: v for k, v in vars(args).items() if k != "url"},
     }
     if args.url:
-        system_cm: contextlib.AbstractAsyncContextManager[System] = contextlib.nullcontext(
-            running_system(args.url)
-        )
+        given = running_system(args.url)
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+                (await http.get(f"{given.gateway}/health/live")).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise BenchError(
+                f"the gateway at {given.gateway} does not answer ({type(exc).__name__}):"
+                " start the system with `make run`, or leave out --url"
+            ) from None
+        system_cm: contextlib.AbstractAsyncContextManager[System] = contextlib.nullcontext(given)
     else:
         print("  starting the system (make run: fresh database and vhost, free ports) ...")
         system_cm = started_system(overrides)
@@ -1445,6 +1452,11 @@ async def main(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"\nbench stopped: {exc}", file=sys.stderr)
         result["stopped"], code = str(exc), 1
+    except (httpx.HTTPError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        where = f"the system at {args.url}" if args.url else "the system it started"
+        stopped = f"{where} failed us: {type(exc).__name__}: {exc}"
+        print(f"\nbench stopped: {stopped}", file=sys.stderr)
+        result["stopped"], code = stopped, 1
     except asyncio.CancelledError:  # Ctrl-C: the system is stopped, what was measured is kept
         print("\nbench interrupted", file=sys.stderr)
         result["stopped"], code = "interrupted", 130
