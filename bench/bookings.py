@@ -391,10 +391,17 @@ class CpuMeter:
                 " sessions AS new_connections"
                 " FROM pg_stat_database WHERE datname = current_database()"
             )
+            tables = await conn.fetch(
+                "SELECT schemaname || '.' || relname AS name,"
+                " coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS read"
+                " FROM pg_stat_user_tables"
+            )
         finally:
             await conn.close()
         cpu = {r["pid"]: cpu for r in pids if (cpu := cpu_seconds(r["pid"])) is not None}
-        return cpu, dict(counters) if counters else {}
+        found = dict(counters) if counters else {}
+        found.update({f"rows read from {r['name']}": r["read"] for r in tables})
+        return cpu, found
 
     async def snapshot(self) -> CpuSnapshot:
         postgres, database = await self._postgres()
@@ -455,8 +462,21 @@ class CpuMeter:
                 **{
                     f"database_{k}": round((after.database[k] - before.database.get(k, 0)) / n, 1)
                     for k in after.database
+                    if not k.startswith("rows read from")
                 },
             },
+            # Where the rows fetched come from: the tables read most, per booking.
+            "rows_read_per_booking_by_table": dict(
+                Counter(
+                    {
+                        k.removeprefix("rows read from "): round(
+                            (v - before.database.get(k, 0)) / n, 1
+                        )
+                        for k, v in after.database.items()
+                        if k.startswith("rows read from")
+                    }
+                ).most_common(5)
+            ),
             "bookings_per_second_if_alone_on_the_cores": (
                 round(cores * 1000 / system_ms, 1) if system_ms else None
             ),
@@ -1379,6 +1399,8 @@ def report(result: dict[str, Any]) -> Path:
             f"{k.replace('database_', '')} {v}" for k, v in cpu["per_booking"].items()
         )
         print(f"  per booking: {counts}")
+        tables = ", ".join(f"{k} {v}" for k, v in cpu["rows_read_per_booking_by_table"].items())
+        print(f"  rows read per booking, by table: {tables}")
     profile = result.get("profile")
     if profile and profile.get("self"):
         print(f"\n  py-spy, {profile['service']} at full speed ({profile['samples']} samples):")
