@@ -1293,7 +1293,7 @@ def machine(busy_before: float) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
