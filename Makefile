@@ -7,7 +7,7 @@ PACKAGES := libs/contracts libs/runtime services/orders services/payments servic
 ROLE ?= admin
 SUB ?= dev-$(ROLE)
 
-.PHONY: install lock run test test-fast migrate lint format asyncapi token bench demo
+.PHONY: install lock run test test-fast migrate lint format asyncapi token bench demo drills
 
 $(PY):
 	uv venv --python 3.11 $(VENV)
@@ -36,7 +36,12 @@ migrate: install
 
 ## test: every test against the local (or $$DATABASE_URL / $$RABBITMQ_URL) Postgres and RabbitMQ
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/e2e/test_fault_drills.py
+
+## drills: the fault drills (kill -9, broker and database restarts, provider outages) under load;
+## kept out of `make test` until they are proven steady in a full run on a loaded machine
+drills: install
+	$(PY) -m pytest tests/e2e/test_fault_drills.py
 
 lint: install
 	$(VENV)/bin/ruff check .
