@@ -49,7 +49,7 @@ def create_app(settings: SandboxSettings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         # Late webhooks not sent yet die with the sandbox, as they would with Konnect's outage.
-        await webhooks.cancel_pending()
+        await webhooks.aclose()
 
     app = FastAPI(title="Konnect sandbox", openapi_url=None, lifespan=lifespan)
     # problem+json for the sandbox's own routes (/_sandbox, /health); /api/v2 answers in

@@ -16,6 +16,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from booking.runtime.transport import CancelSafeTransport
 from booking.sandbox.konnect.payments import iso
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,27 @@ class Webhooks:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     deliveries: list[Delivery] = field(default_factory=list)
     _pending: set[asyncio.Task] = field(default_factory=set)
+    _http: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        # One client for every call: a client per webhook cost more CPU than the webhook itself.
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.timeout_seconds,
+                # A proxy from the environment must not swallow loopback calls.
+                trust_env=False,
+                follow_redirects=False,
+                transport=CancelSafeTransport(),
+            )
+        return self._http
 
     async def deliver(self, url: str, ref: str, trigger: str) -> Delivery:
         """One GET to the merchant; its outcome (status or error) goes to the log either way."""
         delivery = Delivery(with_payment_ref(url, ref), ref, trigger, iso(self.clock()))
         self.deliveries.append(delivery)
         try:
-            # trust_env=False: a proxy from the environment must not swallow loopback calls.
-            async with httpx.AsyncClient(
-                timeout=self.timeout_seconds, trust_env=False, follow_redirects=False
-            ) as http:
-                response = await http.get(delivery.url)
+            response = await self.http.get(delivery.url)
             delivery.status_code = response.status_code
         except httpx.HTTPError as exc:
             delivery.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -105,6 +116,12 @@ class Webhooks:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.cancel_pending()
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
 
     async def reset(self) -> None:
         await self.cancel_pending()

@@ -37,6 +37,7 @@ from tenacity import (
 from booking.calendar.domain import CALENDAR_SCOPE, SessionEvent
 from booking.calendar.settings import CalendarSettings
 from booking.runtime.outside import describe_failure, retry_after
+from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class GoogleClient:
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.timeout),
                 headers={"accept": "application/json"},
-                transport=self.transport,
+                transport=CancelSafeTransport(inner=self.transport),
                 event_hooks=self.event_hooks,
                 trust_env=False,  # Google is reached as configured, never via an env proxy
             )

@@ -42,6 +42,7 @@ from booking.runtime.health import (
     timed_ms,
     worst,
 )
+from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class SystemHealth:
                 # As the forwarding clients: never through an HTTP_PROXY from the environment.
                 trust_env=False,
                 timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+                transport=CancelSafeTransport(50, 10),
                 headers={"accept": f"{HEALTH_MEDIA_TYPE}, application/json"},
             )
 

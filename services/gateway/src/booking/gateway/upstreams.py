@@ -21,6 +21,7 @@ from starlette.responses import Response
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.context import current_correlation_id
 from booking.runtime.problems import PROBLEM_MEDIA_TYPE, problem
+from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,16 @@ class Upstreams:
         total = settings.upstream_timeout_seconds
         connect = min(settings.upstream_connect_timeout_seconds, total)
         timeout = httpx.Timeout(total, connect=connect)
-        limits = httpx.Limits(
-            max_connections=settings.upstream_max_connections,
-            max_keepalive_connections=settings.upstream_max_keepalive_connections,
-        )
         async with AsyncExitStack() as stack:
             clients = {
                 service: await stack.enter_async_context(
                     httpx.AsyncClient(
                         base_url=url.rstrip("/"),
                         timeout=timeout,
-                        limits=limits,
+                        transport=CancelSafeTransport(
+                            settings.upstream_max_connections,
+                            settings.upstream_max_keepalive_connections,
+                        ),
                         follow_redirects=False,  # a 302 to Google is the answer, not a hop
                         trust_env=False,
                     )

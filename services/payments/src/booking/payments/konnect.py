@@ -28,6 +28,7 @@ from tenacity import (
 
 from booking.payments.settings import PaymentsSettings
 from booking.runtime.outside import describe_failure, retry_after
+from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class KonnectClient:
                 base_url=self.api_url,
                 timeout=httpx.Timeout(self.timeout),
                 headers={"accept": "application/json"},
-                transport=self._transport,
+                transport=CancelSafeTransport(inner=self._transport),
                 event_hooks=self._event_hooks,
                 trust_env=False,  # Konnect is reached as configured, never via an env proxy
             )

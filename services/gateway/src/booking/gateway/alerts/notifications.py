@@ -13,6 +13,7 @@ import httpx
 
 from booking.gateway.alerts.frames import Alert
 from booking.runtime.context import current_correlation_id
+from booking.runtime.transport import CancelSafeTransport
 
 PATH = "/api/admin/notifications"
 
@@ -41,7 +42,7 @@ class Notifications:
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
                 timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+                transport=CancelSafeTransport(50, 20),
                 trust_env=False,  # as the forwarding clients: never through an HTTP_PROXY
             )
 
