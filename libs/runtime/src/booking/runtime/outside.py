@@ -1,16 +1,32 @@
-"""What every client of an outside system (Konnect, Google) shares: reading Retry-After, naming
-a failed call, and the two health checks of DESIGN section 7 (configured; reachable)."""
+"""What every client of an outside system (Konnect, Google) shares: reading Retry-After, the
+retry policy, naming a failed call, and the two health checks of DESIGN section 7 (configured;
+reachable)."""
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
 
 import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+)
 
 from booking.runtime.health import Observation, timed_ms
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def retry_after(response: httpx.Response) -> float | None:
@@ -31,9 +47,107 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+class TransientAnswer(Exception):
+    """An answer worth another attempt (a 429, a 5xx, a rate limit), and the Retry-After it
+    carried. Mixed in ahead of a client's own error, so the error keeps its client's fields:
+    `class _Transient(TransientAnswer, KonnectError)`."""
+
+    def __init__(self, *args: Any, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retry_after = retry_after
+
+
+class RetriesExhausted(Exception):
+    """Every attempt the policy allows failed, or a Retry-After asked for longer than it waits.
+    The client turns it into its own "unavailable" error."""
+
+    def __init__(self, what: str, attempts: int, last: BaseException) -> None:
+        self.what = what
+        self.attempts = attempts
+        self.last = last
+        super().__init__(f"{what} failed after {attempts} attempt(s): {describe_failure(last)}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded retries of one call to an outside system. Timeouts, transport errors and
+    `TransientAnswer`s are retried with exponential backoff and full jitter, at most
+    `max_attempts` in all; a Retry-After is honoured up to `retry_after_max`, and a longer one
+    ends the retries (the caller has better things to do than wait). Anything else is an
+    answer and goes straight back to the caller."""
+
+    system: str  # who is called, for the log line: "Konnect", "Google"
+    max_attempts: int
+    base: float  # seconds; the n-th wait is at most base x 2^(n-1)
+    retry_after_max: float
+    log: logging.Logger = log  # a client passes its own, so its lines stay under its name
+
+    @staticmethod
+    def retryable(error: BaseException) -> bool:
+        return isinstance(error, TransientAnswer | httpx.TimeoutException | httpx.TransportError)
+
+    def waits_too_long(self, error: BaseException | None) -> bool:
+        """The answer asks us to wait longer than we are willing to."""
+        return (
+            isinstance(error, TransientAnswer)
+            and error.retry_after is not None
+            and error.retry_after > self.retry_after_max
+        )
+
+    def wait(self, attempt: int, error: BaseException | None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (from 1)."""
+        # Full jitter: a random wait up to base x 2^(n-1), so replicas do not retry in step.
+        backoff = random.uniform(0, self.base * 2 ** (attempt - 1))
+        if isinstance(error, TransientAnswer) and error.retry_after is not None:
+            return max(backoff, error.retry_after)
+        return backoff
+
+    async def call(self, what: str, once: Callable[[int], Awaitable[T]]) -> T:
+        """`once(attempt)` (attempt counts from 1) until it returns, raises what is not worth
+        another attempt, or the retries end in `RetriesExhausted`."""
+        attempts = AsyncRetrying(
+            retry=retry_if_exception(self.retryable),
+            stop=stop_after_attempt(self.max_attempts) | self._stop_when_waits_too_long,
+            wait=self._wait,
+            before_sleep=lambda state: self._log_retry(what, state),
+        )
+        try:
+            async for attempt in attempts:
+                with attempt:
+                    return await once(attempt.retry_state.attempt_number)
+        except RetryError as exhausted:
+            last = exhausted.last_attempt.exception()
+            assert last is not None  # only a failed attempt is retried, so only one ends them
+            raise RetriesExhausted(what, exhausted.last_attempt.attempt_number, last) from last
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stop_when_waits_too_long(self, state: RetryCallState) -> bool:
+        return self.waits_too_long(_failure(state))
+
+    def _wait(self, state: RetryCallState) -> float:
+        return self.wait(state.attempt_number, _failure(state))
+
+    def _log_retry(self, what: str, state: RetryCallState) -> None:
+        error = _failure(state)
+        self.log.warning(
+            "%s %s attempt %d failed (%s); retrying in %.2fs",
+            self.system,
+            what,
+            state.attempt_number,
+            describe_failure(error) if error else "?",
+            state.next_action.sleep if state.next_action else 0.0,
+        )
+
+
+def _failure(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
+
+
 def describe_failure(error: BaseException) -> str:
     """A failed call in a few words. The text may hold the URL, never a credential: those
     travel in headers and bodies, which httpx's exceptions do not repeat."""
+    if isinstance(error, TransientAnswer):
+        return str(error)  # the client's own words for what the system answered
     if isinstance(error, httpx.TimeoutException):
         return f"timed out ({type(error).__name__})"
     if isinstance(error, httpx.TransportError):

@@ -26,17 +26,16 @@ from uuid import UUID
 
 import httpx
 from pydantic import SecretStr
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    retry_if_exception,
-    stop_after_attempt,
-)
 
 from booking.calendar.domain import CALENDAR_SCOPE, SessionEvent
 from booking.calendar.settings import CalendarSettings
-from booking.runtime.outside import describe_failure, retry_after
+from booking.runtime.outside import (
+    RetriesExhausted,
+    RetryPolicy,
+    TransientAnswer,
+    describe_failure,
+    retry_after,
+)
 from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
@@ -101,12 +100,8 @@ class GoogleClientClosed(RuntimeError):
     """The client is not open: the app is starting or stopping. Not Google's answer."""
 
 
-class _Transient(GoogleError):
+class _Transient(TransientAnswer, GoogleError):
     """Worth another attempt."""
-
-    def __init__(self, *args: Any, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.retry_after = retry_after
 
 
 class _Unauthorized(GoogleError):
@@ -488,6 +483,10 @@ class GoogleClient:
 
     # -- retries -----------------------------------------------------------------------------
 
+    @property
+    def retries(self) -> RetryPolicy:
+        return RetryPolicy("Google", self.max_attempts, self.retry_base, self.retry_after_max, log)
+
     async def _call(
         self,
         what: str,
@@ -500,79 +499,34 @@ class GoogleClient:
         **kwargs: Any,
     ) -> httpx.Response:
         """One request, retried while it is transient; `outcome` raises for what is not 2xx."""
-        attempts = AsyncRetrying(
-            retry=retry_if_exception(self._retryable),
-            stop=stop_after_attempt(self.max_attempts) | self._retry_after_too_long,
-            wait=self._wait,
-            before_sleep=lambda state: self._log_retry(what, state),
-        )
+
+        async def once(attempt: int) -> httpx.Response:
+            try:
+                if send is not None:
+                    assert token is not None
+                    response = await send(token)
+                else:
+                    assert method is not None and url is not None
+                    response = await self.http.request(method, url, **kwargs)
+                outcome(what, response)
+                return response
+            except GoogleError as error:
+                error.attempts = attempt
+                raise
+
         try:
-            async for attempt in attempts:
-                with attempt:
-                    try:
-                        if send is not None:
-                            assert token is not None
-                            response = await send(token)
-                        else:
-                            assert method is not None and url is not None
-                            response = await self.http.request(method, url, **kwargs)
-                        outcome(what, response)
-                        return response
-                    except GoogleError as error:
-                        error.attempts = attempt.retry_state.attempt_number
-                        raise
-        except RetryError as exhausted:
-            last = exhausted.last_attempt.exception()
-            tried = exhausted.last_attempt.attempt_number
+            return await self.retries.call(what, once)
+        except RetriesExhausted as exhausted:
+            last, tried = exhausted.last, exhausted.attempts
             if isinstance(last, GoogleError):
                 raise GoogleUnavailable(
                     what, last.message, status=last.status, reason=last.reason, attempts=tried
                 ) from None
-            raise GoogleUnavailable(
-                what, _describe(last) if last else "no answer", attempts=tried
-            ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _retryable(error: BaseException) -> bool:
-        return isinstance(error, _Transient | httpx.TimeoutException | httpx.TransportError)
-
-    def _retry_after_too_long(self, state: RetryCallState) -> bool:
-        error = state.outcome.exception() if state.outcome else None
-        return (
-            isinstance(error, _Transient)
-            and error.retry_after is not None
-            and error.retry_after > self.retry_after_max
-        )
-
-    def _wait(self, state: RetryCallState) -> float:
-        # Full jitter: a random wait up to base x 2^(n-1), so replicas do not retry in step.
-        backoff = random.uniform(0, self.retry_base * 2 ** (state.attempt_number - 1))
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, _Transient) and error.retry_after is not None:
-            return max(backoff, error.retry_after)
-        return backoff
-
-    @staticmethod
-    def _log_retry(what: str, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "Google %s attempt %d failed (%s); retrying in %.2fs",
-            what,
-            state.attempt_number,
-            _describe(error) if error else "?",
-            state.next_action.sleep if state.next_action else 0.0,
-        )
+            raise GoogleUnavailable(what, describe_failure(last), attempts=tried) from None
 
 
 def _bearer(token: SecretStr) -> dict[str, str]:
     return {"authorization": f"Bearer {token.get_secret_value()}"}
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, GoogleError):
-        return error.describe()
-    return describe_failure(error)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

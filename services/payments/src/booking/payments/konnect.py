@@ -10,7 +10,6 @@ that says what Konnect said. The API key never reaches a log line or an exceptio
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +17,15 @@ from uuid import UUID
 
 import httpx
 from pydantic import SecretStr
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    retry_if_exception,
-    stop_after_attempt,
-)
 
 from booking.payments.settings import PaymentsSettings
-from booking.runtime.outside import describe_failure, retry_after
+from booking.runtime.outside import (
+    RetriesExhausted,
+    RetryPolicy,
+    TransientAnswer,
+    describe_failure,
+    retry_after,
+)
 from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
@@ -78,22 +76,12 @@ class KonnectUnavailable(Exception):
         self.what = what
         self.attempts = attempts
         self.last = last
-        cause = _describe(last) if last is not None else "no answer"
+        cause = describe_failure(last) if last is not None else "no answer"
         super().__init__(f"Konnect {what} failed after {attempts} attempt(s): {cause}")
 
 
-class _Transient(KonnectError):
+class _Transient(TransientAnswer, KonnectError):
     """A 429 or 5xx: worth another attempt."""
-
-    def __init__(self, status: int, errors: list[dict[str, Any]], *, what: str, retry_after):
-        super().__init__(status, errors, what=what)
-        self.retry_after: float | None = retry_after
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, httpx.HTTPError):
-        return describe_failure(error)
-    return str(error)
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -254,21 +242,18 @@ class KonnectClient:
 
     # -- retries -----------------------------------------------------------------------------
 
+    @property
+    def retries(self) -> RetryPolicy:
+        return RetryPolicy("Konnect", self.max_attempts, self.retry_base, self.retry_after_max, log)
+
     async def _call(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        attempts = AsyncRetrying(
-            retry=retry_if_exception(self._retryable),
-            stop=stop_after_attempt(self.max_attempts) | self._retry_after_too_long,
-            wait=self._wait,
-            before_sleep=lambda state: self._log_retry(what, state),
-        )
+        async def once(_attempt: int) -> dict[str, Any]:
+            return await self._once(what, method, path, **kwargs)
+
         try:
-            async for attempt in attempts:
-                with attempt:
-                    return await self._once(what, method, path, **kwargs)
-        except RetryError as exhausted:
-            last = exhausted.last_attempt.exception()
-            raise KonnectUnavailable(what, exhausted.last_attempt.attempt_number, last) from last
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await self.retries.call(what, once)
+        except RetriesExhausted as exhausted:
+            raise KonnectUnavailable(what, exhausted.attempts, exhausted.last) from exhausted.last
 
     async def _once(self, what: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = await self.http.request(
@@ -295,37 +280,6 @@ class KonnectClient:
         if status == 404:
             raise PaymentNotFound(status, errors, what=what)
         raise KonnectRefused(status, errors, what=what)
-
-    @staticmethod
-    def _retryable(error: BaseException) -> bool:
-        return isinstance(error, _Transient | httpx.TimeoutException | httpx.TransportError)
-
-    def _retry_after_too_long(self, state: RetryCallState) -> bool:
-        error = state.outcome.exception() if state.outcome else None
-        return (
-            isinstance(error, _Transient)
-            and error.retry_after is not None
-            and error.retry_after > self.retry_after_max
-        )
-
-    def _wait(self, state: RetryCallState) -> float:
-        # Full jitter: a random wait up to base x 2^(n-1), so replicas do not retry in step.
-        backoff = random.uniform(0, self.retry_base * 2 ** (state.attempt_number - 1))
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, _Transient) and error.retry_after is not None:
-            return max(backoff, error.retry_after)
-        return backoff
-
-    @staticmethod
-    def _log_retry(what: str, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "Konnect %s attempt %d failed (%s); retrying in %.2fs",
-            what,
-            state.attempt_number,
-            _describe(error) if error else "?",
-            state.next_action.sleep if state.next_action else 0.0,
-        )
 
 
 def _errors_of(response: httpx.Response) -> list[dict[str, Any]]:
