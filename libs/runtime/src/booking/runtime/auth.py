@@ -64,7 +64,7 @@ def verify_token(secret: str, token: str) -> Identity:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def authenticated(
+async def authenticated(
     request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> Identity:
     """Dependency: the caller's identity, or 401."""
@@ -82,7 +82,7 @@ def authenticated(
 def require_roles(*roles: Role):
     """Dependency factory: the caller's identity if it has one of `roles`, else 403."""
 
-    def dependency(identity: Identity = Depends(authenticated)) -> Identity:
+    async def dependency(identity: Identity = Depends(authenticated)) -> Identity:
         if identity.role not in roles:
             allowed = ", ".join(str(r) for r in roles)
             raise HTTPException(

@@ -19,7 +19,7 @@ from booking.runtime.auth import Identity, Role, require_roles
 _PROBLEM = {"content": {"application/problem+json": {}}}
 
 
-def mentor_himself_or_admin(
+async def mentor_himself_or_admin(
     mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
 ) -> Identity:
     """An admin, or the mentor whose id is in the path (a mentor's token has it as `sub`)."""

@@ -35,11 +35,11 @@ from booking.gateway.upstreams import Service, Upstreams
 from booking.runtime.auth import Identity, Role, authenticated, require_roles
 
 
-def upstreams(request: Request) -> Upstreams:
+async def upstreams(request: Request) -> Upstreams:
     return request.app.state.upstreams
 
 
-def mentor_himself_or_admin(
+async def mentor_himself_or_admin(
     mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
 ) -> Identity:
     """An admin, or the mentor whose id is in the path (a mentor's `sub` is their id)."""
@@ -289,34 +289,30 @@ notifications = APIRouter(
 )
 
 
-class _Filters:
+async def _filters(
+    unread_only: bool | None = Query(None, alias="unreadOnly"),
+    severity: str | None = Query(
+        None, max_length=20, description="exactly this severity: a name (Error) or 0..3"
+    ),
+    min_severity: str | None = Query(
+        None,
+        alias="minSeverity",
+        max_length=20,
+        description="this severity or a graver one: a name (Error) or 0..3",
+    ),
+    type: str | None = Query(
+        None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
+    ),
+    since: AwareDatetime | None = Query(None),
+) -> None:
     """The feed's filters, checked here and passed on in the query string as they came."""
-
-    def __init__(
-        self,
-        unread_only: bool | None = Query(None, alias="unreadOnly"),
-        severity: str | None = Query(
-            None, max_length=20, description="exactly this severity: a name (Error) or 0..3"
-        ),
-        min_severity: str | None = Query(
-            None,
-            alias="minSeverity",
-            max_length=20,
-            description="this severity or a graver one: a name (Error) or 0..3",
-        ),
-        type: str | None = Query(
-            None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
-        ),
-        since: AwareDatetime | None = Query(None),
-    ) -> None:
-        pass
 
 
 @notifications.get(
     "",
     response_model=NotificationPage,
     responses=_problems(*SIGNED_IN),
-    dependencies=[Depends(_Filters)],
+    dependencies=[Depends(_filters)],
     summary="The notifications, newest first",
 )
 async def list_notifications(
@@ -332,7 +328,7 @@ async def list_notifications(
     "/read-all",
     response_model=MarkedRead,
     responses=_problems(*SIGNED_IN),
-    dependencies=[Depends(_Filters)],
+    dependencies=[Depends(_filters)],
     summary="Mark every notification (matching the filters) read",
 )
 async def mark_all_read(request: Request, up: Upstreams = Depends(upstreams)) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from fastapi import HTTPException, Request
@@ -137,10 +137,10 @@ def rate_limiters(settings: GatewaySettings) -> dict[Limit, RateLimiter]:
     }
 
 
-def rate_limited(limit: Limit) -> Callable[[Request], None]:
+def rate_limited(limit: Limit) -> Callable[[Request], Awaitable[None]]:
     """Dependency for an unauthenticated route: 429 with Retry-After past the client's limit."""
 
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:
         limiter: RateLimiter = request.app.state.rate_limiters[limit]
         # The peer address; behind a proxy, uvicorn's --forwarded-allow-ips makes it the client's.
         client = request.client.host if request.client else "unknown"

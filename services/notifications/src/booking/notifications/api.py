@@ -31,13 +31,13 @@ router = APIRouter(
 )
 
 
-def database(request: Request) -> Database:
+async def database(request: Request) -> Database:
     db = request.app.state.runtime.db
     assert db is not None
     return db
 
 
-def filters(
+async def filters(
     unread_only: bool | None = Query(None, alias="unreadOnly"),
     severity: str | None = Query(
         None, max_length=20, description="exactly this severity: a name (Error) or 0..3"

@@ -41,19 +41,19 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def database(request: Request) -> Database:
+async def database(request: Request) -> Database:
     db = request.app.state.runtime.db
     assert db is not None
     return db
 
 
-def outbox(request: Request) -> Outbox:
+async def outbox(request: Request) -> Outbox:
     box = request.app.state.runtime.outbox
     assert box is not None
     return box
 
 
-def mentor_himself_or_admin(
+async def mentor_himself_or_admin(
     mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
 ) -> Identity:
     """An admin, or the mentor whose id is in the path (a mentor's token has it as `sub`)."""
