@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, func, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -17,6 +16,7 @@ from booking.runtime.consumer import MessageContext
 from booking.runtime.service import ServiceRuntime
 from booking.runtime.settings import RuntimeSettings
 from booking.runtime.tables import MessagingTables
+from booking.runtime.testing import delete_broker_objects
 
 
 def mentor_registered(name: str = "Ada") -> MentorRegistered:
@@ -70,22 +70,6 @@ async def count_effect(event: MentorRegistered, ctx: MessageContext, effects: Ta
     )
 
 
-async def delete_broker_objects(service: TestService, url: str) -> None:
-    """Durable queues and exchanges outlive the test: remove the ones it declared."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        consumer = service.runtime.consumer
-        if consumer is not None:
-            queues = consumer.queues
-            names = [queues.main, queues.dead_letter]
-            names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
-            for name in names:
-                await channel.queue_delete(name)
-        await channel.exchange_delete(service.settings.events_exchange)
-        await channel.exchange_delete(service.settings.admin_alerts_exchange)
-
-
 @pytest.fixture
 async def make_service(
     make_settings: Callable[..., RuntimeSettings], rabbitmq_url: str
@@ -131,7 +115,8 @@ async def make_service(
     yield build
     for service in made:
         await service.runtime.stop()
-        await delete_broker_objects(service, rabbitmq_url)
+        # Its consumer is named for its schema, not a service: make_settings would not find it.
+        await delete_broker_objects(rabbitmq_url, service.settings, [service.runtime.name])
         engine = service.runtime.db.engine if service.runtime.db else None
         if engine is not None:
             async with engine.begin() as conn:

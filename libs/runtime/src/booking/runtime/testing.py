@@ -3,7 +3,11 @@
 Real servers only: Postgres and RabbitMQ at DATABASE_URL / RABBITMQ_URL (default: the local
 ones), or throwaway containers with TESTCONTAINERS=1 where a Docker engine exists. Each test
 session gets a database of its own; each test gets broker names of its own, so no test sees
-another's leftovers.
+another's leftovers, and deletes them at its end: durable quorum queues left in the shared vhost
+pile up, and a node with hundreds of them stalls recovering them on restart.
+
+Also here, for whole-system runs (tests/e2e, bench): a private database and vhost, free ports,
+and `rabbitmqctl`.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import asyncio
 import contextlib
 import inspect
 import os
+import shutil
+import signal
 import socket
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
@@ -28,6 +34,8 @@ import uvicorn
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 
+from booking.runtime.broker import ConsumerQueues
+from booking.runtime.devrun import MIGRATED
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
 
 T = TypeVar("T")
@@ -66,6 +74,92 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def pick_free_ports(count: int) -> list[int]:
+    """`count` distinct ports nothing listens on right now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+# --- a database and a vhost of one's own, for whole-system runs ----------------------------------
+
+
+async def rabbitmqctl(*args: str, timeout: float = 60.0) -> str | None:
+    """`rabbitmqctl -q args`: its output, or None when it fails or outlasts `timeout`.
+
+    The script runs an Erlang VM of its own: on a timeout (or a cancel) its whole process group
+    is killed, else that VM lives on, one more client of a node that is already not answering.
+    """
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        return None
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    return output.decode(errors="replace") if process.returncode == 0 else None
+
+
+@contextlib.asynccontextmanager
+async def private_database(name_prefix: str) -> AsyncIterator[str]:
+    """The URL of a new, empty database on the server of DATABASE_URL; dropped afterwards."""
+    server = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    name = f"{name_prefix}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield with_database(server, name)
+    finally:
+        conn = await asyncpg.connect(server, timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def private_vhost(name_prefix: str) -> AsyncIterator[dict[str, str]]:
+    """Settings (environment variables) for a RabbitMQ vhost of one's own, deleted afterwards.
+
+    Without `rabbitmqctl` the default vhost is shared, so queue and exchange names get a unique
+    prefix instead (those are then left behind in that vhost).
+    """
+    base_url = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
+    run_id = f"{name_prefix}_{uuid.uuid4().hex[:12]}"
+    user = urlsplit(base_url).username or "guest"
+    if shutil.which("rabbitmqctl") and await rabbitmqctl("add_vhost", run_id) is not None:
+        try:
+            if await rabbitmqctl("set_permissions", "-p", run_id, user, ".*", ".*", ".*") is None:
+                raise RuntimeError(f"rabbitmqctl could not give {user} the vhost {run_id}")
+            vhost_url = urlunsplit(urlsplit(base_url)._replace(path="/" + quote(run_id, safe="")))
+            yield {"RABBITMQ_URL": vhost_url}
+        finally:
+            await rabbitmqctl("delete_vhost", run_id)
+        return
+    yield {
+        "RABBITMQ_URL": base_url,
+        "QUEUE_PREFIX": f"{run_id}.",
+        "EVENTS_EXCHANGE": f"{run_id}.booking.events",
+        "ADMIN_ALERTS_EXCHANGE": f"{run_id}.admin.alerts",
+    }
 
 
 @contextlib.contextmanager
@@ -120,27 +214,112 @@ async def database_url() -> AsyncIterator[str]:
             await admin.close()
 
 
+# --- broker objects a test leaves behind ----------------------------------------------------
+
+TEST_PREFIX = "test."
+
+
+def consumer_queue_names(settings: RuntimeSettings, consumer: str) -> list[str]:
+    """Every queue the runtime declares for `consumer` (a ServiceRuntime name) under `settings`."""
+    queues = ConsumerQueues.named(
+        f"{settings.queue_prefix}{consumer}",
+        settings.consumer_max_attempts,
+        settings.consumer_retry_base_delay_ms,
+    )
+    retries = [queues.retry(attempt) for attempt in range(1, queues.max_attempts)]
+    return [queues.main, *retries, queues.dead_letter]
+
+
+async def delete_broker_objects(
+    url: str, settings: RuntimeSettings, consumers: Iterable[str] = MIGRATED
+) -> None:
+    """Delete the exchanges `settings` names and the queues of `consumers` (retry, dead-letter).
+
+    Durable quorum queues outlive the test that declared them. Names come from the settings and
+    the topology, not from a listing (no management plugin is assumed); `consumers` defaults to
+    every service that has one. Deleting what does not exist is no error. Only names under a
+    non-empty `queue_prefix` are touched, so a real system's queues never are.
+    """
+    prefix = settings.queue_prefix
+    if not prefix:
+        raise ValueError("no queue_prefix: these would be the real system's queues")
+    queues = [name for consumer in consumers for name in consumer_queue_names(settings, consumer)]
+    exchanges = [settings.events_exchange, settings.admin_alerts_exchange]
+    async with asyncio.timeout(30):
+        async with await aio_pika.connect(url, timeout=10) as connection:
+            channel = await connection.channel()
+            for name in queues:
+                await channel.queue_delete(name)
+            for name in exchanges:
+                if name.startswith(prefix):
+                    await channel.exchange_delete(name)
+
+
+async def leftover_queues(url: str, prefixes: Iterable[str]) -> list[str] | None:
+    """Queues whose names start with one of `prefixes`, by `rabbitmqctl list_queues`.
+
+    None when that cannot be told: no rabbitmqctl, or a broker it does not reach (a container,
+    another host).
+    """
+    parts = urlsplit(url)
+    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if not local or os.environ.get("TESTCONTAINERS") == "1" or not shutil.which("rabbitmqctl"):
+        return None
+    vhost = unquote(parts.path[1:]) or "/"
+    args = ("list_queues", "-p", vhost, "--no-table-headers", "name")
+    listing = await rabbitmqctl(*args, timeout=30)
+    if listing is None:
+        return None
+    prefixes = tuple(prefixes)
+    return [name for name in listing.split() if name.startswith(prefixes)]
+
+
+@pytest.fixture(scope="session")
+async def broker_prefixes(rabbitmq_url: str) -> AsyncIterator[set[str]]:
+    """Every queue prefix make_settings hands out this session; at its end, none names a queue."""
+    prefixes: set[str] = set()
+    yield prefixes
+    if prefixes:
+        left = await leftover_queues(rabbitmq_url, prefixes)
+        assert not left, f"tests left these queues in RabbitMQ: {sorted(left)}"
+
+
 @pytest.fixture
-def make_settings(database_url: str, rabbitmq_url: str) -> Callable[..., RuntimeSettings]:
-    """Settings with broker names unique to the test and fast retries; override anything."""
+async def make_settings(
+    database_url: str, rabbitmq_url: str, broker_prefixes: set[str]
+) -> AsyncIterator[Callable[..., RuntimeSettings]]:
+    """Settings with broker names unique to the test and fast retries; override anything.
+
+    At the test's end the exchanges and every service's queues under those names are deleted
+    (a test that runs a consumer of another name deletes its queues itself).
+    """
+    made: list[RuntimeSettings] = []
 
     def build(settings_type: type[RuntimeSettings] = RuntimeSettings, **overrides: Any):
         tag = uuid.uuid4().hex[:8]
         values: dict[str, Any] = {
             "database_url": database_url,
             "rabbitmq_url": rabbitmq_url,
-            "events_exchange": f"test.{tag}.events",
-            "admin_alerts_exchange": f"test.{tag}.alerts",
-            "queue_prefix": f"test.{tag}.",
+            "events_exchange": f"{TEST_PREFIX}{tag}.events",
+            "admin_alerts_exchange": f"{TEST_PREFIX}{tag}.alerts",
+            "queue_prefix": f"{TEST_PREFIX}{tag}.",
             "consumer_retry_base_delay_ms": 50,
             "consumer_max_attempts": 3,
             "outbox_poll_interval_seconds": 0.5,
             "broker_reconnect_interval_seconds": 0.3,
         }
         values.update(overrides)
-        return settings_type.model_validate(values)
+        settings = settings_type.model_validate(values)
+        if settings.queue_prefix.startswith(TEST_PREFIX):
+            made.append(settings)
+            broker_prefixes.add(settings.queue_prefix)
+        return settings
 
-    return build
+    yield build
+    # Last: the fixtures that run services with these settings depend on this one, so every
+    # consumer has stopped (and cannot declare its queues again) by now.
+    for settings in made:
+        await delete_broker_objects(rabbitmq_url, settings)
 
 
 class TcpProxy:
@@ -268,7 +447,7 @@ async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Awaitable[Spy
     The exchanges a test spied on are deleted at its end (durable ones would outlive it).
     """
     connections: list[aio_pika.abc.AbstractConnection] = []
-    exchanges: set[str] = set()
+    spied: list[RuntimeSettings] = []
 
     async def attach(settings: RuntimeSettings, binding: str = "#", url: str | None = None) -> Spy:
         connection = await aio_pika.connect(url or rabbitmq_url)
@@ -277,7 +456,7 @@ async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Awaitable[Spy
         exchange = await channel.declare_exchange(
             settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        exchanges.update((settings.events_exchange, settings.admin_alerts_exchange))
+        spied.append(settings)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, binding)
         spy = Spy(channel, settings.events_exchange)
@@ -291,7 +470,5 @@ async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Awaitable[Spy
     yield attach
     for connection in connections:
         await connection.close()
-    async with await aio_pika.connect(rabbitmq_url) as connection:
-        channel = await connection.channel()
-        for name in exchanges:
-            await channel.exchange_delete(name)
+    for settings in spied:
+        await delete_broker_objects(rabbitmq_url, settings, consumers=())

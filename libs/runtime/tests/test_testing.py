@@ -1,0 +1,123 @@
+"""The test machinery's cleanup: what a test declares in RabbitMQ is gone at its end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aio_pika
+import pytest
+from aio_pika.exceptions import ChannelNotFoundEntity
+
+from booking.runtime.broker import Broker, ConsumerQueues
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.testing import (
+    consumer_queue_names,
+    delete_broker_objects,
+    eventually,
+    rabbitmqctl,
+)
+
+
+async def existing(url: str, queues: list[str], exchanges: list[str]) -> list[str]:
+    """Which of these names exist, by passive declares (each miss closes its channel)."""
+    found = []
+    async with await aio_pika.connect(url) as connection:
+        for name in [*queues, *exchanges]:
+            channel = await connection.channel()
+            try:
+                if name in queues:
+                    await channel.declare_queue(name, passive=True)
+                else:
+                    await channel.declare_exchange(name, passive=True)
+            except ChannelNotFoundEntity:
+                continue
+            found.append(name)
+            await channel.close()
+    return found
+
+
+async def declare_consumer(url: str, settings: RuntimeSettings, consumer: str) -> None:
+    """Declare `consumer`'s queues and the exchanges as the runtime does, then disconnect."""
+    broker = Broker(
+        url,
+        client_name="testing-test",
+        events_exchange=settings.events_exchange,
+        alerts_exchange=settings.admin_alerts_exchange,
+    )
+    broker.start()
+    try:
+        await broker.wait_ready(15)
+        assert broker.connection is not None
+        channel = await broker.connection.channel()
+        queues = ConsumerQueues.named(
+            f"{settings.queue_prefix}{consumer}",
+            settings.consumer_max_attempts,
+            settings.consumer_retry_base_delay_ms,
+        )
+        await broker.declare_consumer(channel, queues, ["#"])
+    finally:
+        await broker.stop()
+
+
+class TestDeleteBrokerObjects:
+    async def test_every_service_queue_and_both_exchanges_are_deleted(
+        self, make_settings, rabbitmq_url
+    ):
+        settings = make_settings(consumer_max_attempts=4)
+        await declare_consumer(rabbitmq_url, settings, "payments")
+        names = consumer_queue_names(settings, "payments")
+        exchanges = [settings.events_exchange, settings.admin_alerts_exchange]
+        # main, three delay queues, dead letters: all of them really were declared
+        assert len(await existing(rabbitmq_url, names, exchanges)) == 7
+
+        await delete_broker_objects(rabbitmq_url, settings)
+
+        assert await existing(rabbitmq_url, names, exchanges) == []
+
+    async def test_the_names_are_the_ones_the_running_consumer_uses(self, make_service):
+        service = await make_service(consumer_max_attempts=3)
+        queues = service.runtime.consumer.queues
+        assert consumer_queue_names(service.settings, service.runtime.name) == [
+            queues.main,
+            queues.retry(1),
+            queues.retry(2),
+            queues.dead_letter,
+        ]
+
+    async def test_without_a_queue_prefix_nothing_is_deleted(self, rabbitmq_url):
+        # The default names are a running system's: refusing beats deleting its queues.
+        with pytest.raises(ValueError, match="queue_prefix"):
+            await delete_broker_objects(rabbitmq_url, RuntimeSettings())
+
+
+FAKE_RABBITMQCTL = """#!/bin/sh
+# Like the real script: the work is done by a VM it starts, here a sleep that would outlive it.
+sleep 300 &
+echo $! > "$VM_PIDFILE"
+wait
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"  # killed, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+async def test_rabbitmqctl_past_its_timeout_kills_the_vm_it_started(tmp_path, monkeypatch):
+    script = tmp_path / "rabbitmqctl"
+    script.write_text(FAKE_RABBITMQCTL)
+    script.chmod(0o755)
+    pidfile = tmp_path / "vm.pid"
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("VM_PIDFILE", str(pidfile))
+
+    # Killing only the script would leave its VM holding the output pipe: the call would hang.
+    async with asyncio.timeout(30):
+        assert await rabbitmqctl("list_queues", timeout=2) is None
+
+    vm = int(pidfile.read_text())
+    await eventually(lambda: gone(vm), timeout=5, what=f"the end of process {vm}")
