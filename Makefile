@@ -36,10 +36,10 @@ migrate: install
 
 ## test: every test against the local (or $$DATABASE_URL / $$RABBITMQ_URL) Postgres and RabbitMQ
 test: install
-	$(PY) -m pytest --ignore=tests/e2e/test_fault_drills.py
+	$(PY) -m pytest
 
-## drills: the fault drills (kill -9, broker and database restarts, provider outages) under load;
-## kept out of `make test` until they are proven steady in a full run on a loaded machine
+## drills: only the fault drills (kill -9, broker and database restarts, provider outages) under
+## load; `make test` runs them too
 drills: install
 	$(PY) -m pytest tests/e2e/test_fault_drills.py
 
