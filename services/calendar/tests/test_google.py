@@ -21,6 +21,7 @@ from booking.calendar.google import (
     MeetLinkPending,
     MentorCredentials,
 )
+from booking.runtime.transport import CancelSafeTransport
 
 CLIENT_ID = "calendar-tests-client"
 CLIENT_SECRET = "calendar-tests-secret"
@@ -391,3 +392,9 @@ class TestSecrets:
             CLIENT_SECRET,
         ):
             assert secret not in shown
+
+
+async def test_the_client_sends_through_the_cancel_safe_transport(make_client):
+    # httpx's own pool leaks a slot per request cancelled under contention (httpcore #1093).
+    client, _ = await make_client()
+    assert isinstance(client.http._transport, CancelSafeTransport)

@@ -20,6 +20,7 @@ from booking.payments.konnect import (
     PaymentRequest,
 )
 from booking.runtime.testing import free_port
+from booking.runtime.transport import CancelSafeTransport
 
 KEY = "sandbox-api-key-id:sandbox-api-key-secret"
 
@@ -224,3 +225,10 @@ class TestSecrets:
         assert "retrying" in caplog.text  # the retries were logged...
         for text in [caplog.text, *map(str, errors), *map(repr, errors), repr(client)]:
             assert "sandbox-api-key-secret" not in text  # ...and the key never
+
+
+async def test_the_client_sends_through_the_cancel_safe_transport(make_client):
+    # httpx's own pool leaks a slot per request cancelled under contention (httpcore #1093):
+    # payments then answered PoolTimeout to every Konnect call after an overload.
+    client, _ = await make_client()
+    assert isinstance(client.http._transport, CancelSafeTransport)
