@@ -38,9 +38,23 @@ class Database:
         self.engine = engine
         self.schema = schema
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # The same pool, its connections in autocommit while checked out (no round trip to
+        # switch): a statement there commits on its own, with no BEGIN and COMMIT around it.
+        self._single = async_sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: commits at the end, rolls back on error. Nothing else commits."""
         async with self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[AsyncSession]:
+        """For a unit of work that is ONE statement (a read, or a claim by UPDATE ... RETURNING):
+        it commits by itself, as atomic as in a transaction, and saves the BEGIN and the COMMIT
+        (or ROLLBACK) round trips. Two statements here would be two units of work: use
+        `transaction()` for those."""
+        async with self._single() as session:
             yield session

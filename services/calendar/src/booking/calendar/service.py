@@ -477,7 +477,7 @@ class CalendarService:
             .values(claimed_until=now + self.lease, attempts=calendar_bookings.c.attempts + 1)
             .returning(*calendar_bookings.c)
         )
-        async with self.db.transaction() as session:
+        async with self.db.single_statement() as session:
             row = (await session.execute(claim)).one_or_none()
         if row is not None:
             await self.schedule_claimed(row)
@@ -490,8 +490,8 @@ class CalendarService:
         event is read, so there is still exactly one.
         """
         with correlated(row.correlation_id):
-            async with self.db.engine.connect() as conn:
-                connection = await connection_of(conn, row.mentor_id)
+            async with self.db.single_statement() as session:
+                connection = await connection_of(session, row.mentor_id)
             missing = missing_connection(connection)
             if missing is not None:
                 return await self._failed(row, *missing, seen=connection)

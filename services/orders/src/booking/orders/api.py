@@ -357,15 +357,20 @@ async def get_order(
     identity: Identity = Depends(require_roles(Role.MENTEE, Role.ADMIN)),
     db: Database = Depends(database),
 ) -> http.Order:
-    async with db.transaction() as session:
-        order = await session.get(OrderRow, order_id)
-        # Another mentee's order is answered like a missing one: its existence is not theirs.
-        if order is None or (not identity.is_admin and order.mentee_id != identity.sub):
-            raise HTTPException(404, f"there is no order {order_id}")
-        booked = await session.scalar(
-            select(BookedSessionRow).where(BookedSessionRow.order_id == order_id)
-        )
-    assert booked is not None  # created with its order, never deleted
+    # One statement, no transaction: the order and its session (created together, never
+    # deleted) from the same snapshot, in one round trip. Clients poll this route.
+    async with db.single_statement() as session:
+        found = (
+            await session.execute(
+                select(OrderRow, BookedSessionRow)
+                .join(BookedSessionRow, BookedSessionRow.order_id == OrderRow.id)
+                .where(OrderRow.id == order_id)
+            )
+        ).one_or_none()
+    # Another mentee's order is answered like a missing one: its existence is not theirs.
+    if found is None or (not identity.is_admin and found[0].mentee_id != identity.sub):
+        raise HTTPException(404, f"there is no order {order_id}")
+    order, booked = found
     return _order_view(order, booked)
 
 

@@ -145,7 +145,7 @@ class PaymentService:
             .values(claimed_until=now + self.lease)
             .returning(*payments.c)
         )
-        async with self.db.transaction() as session:
+        async with self.db.single_statement() as session:
             row = (await session.execute(claim)).one_or_none()
         if row is not None:
             await self.initiate_claimed(row)
@@ -397,11 +397,11 @@ class PaymentService:
         Raises `UnknownPaymentRef` (after raising the anomaly) for a ref that is not ours and
         `KonnectCannotBeAsked` when Konnect cannot be asked (reconciliation makes it good).
         """
-        async with self.db.engine.connect() as conn:
+        async with self.db.single_statement() as session:
             query = select(payments.c.id, payments.c.status).where(
                 payments.c.payment_ref == payment_ref
             )
-            found = (await conn.execute(query)).one_or_none()
+            found = (await session.execute(query)).one_or_none()
         if found is None:
             await self._unknown_ref(payment_ref)
             raise UnknownPaymentRef(payment_ref)

@@ -1,0 +1,81 @@
+"""Database: the pool, and single statements without a transaction around them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from booking.runtime.db import Database, create_engine
+from booking.runtime.settings import RuntimeSettings
+
+
+async def log_queries(session: AsyncSession) -> list[str]:
+    """The commands asyncpg sends on the session's connection from now on (BEGIN, COMMIT...)."""
+    conn = await session.connection()
+    raw = (await conn.get_raw_connection()).driver_connection
+    sent: list[str] = []
+    raw.add_query_logger(lambda record: sent.append(record.query))
+    return sent
+
+
+@pytest.fixture
+async def db(make_settings: Callable[..., RuntimeSettings]) -> AsyncIterator[Database]:
+    # One connection: what single_statement sets on it must not follow it into transaction().
+    engine = create_engine(make_settings(), pool_size=1)
+    try:
+        yield Database(engine, "public")
+    finally:
+        await engine.dispose()
+
+
+async def test_single_statement_sends_no_begin(db: Database) -> None:
+    async with db.single_statement() as session:
+        sent = await log_queries(session)
+        assert await session.scalar(text("SELECT 1")) == 1
+    assert sent == [], "no BEGIN, COMMIT or ROLLBACK around a single statement"
+    # The same connection (a pool of one) still begins and commits a transaction.
+    async with db.transaction() as session:
+        assert await session.scalar(text("SELECT 1")) == 1
+    assert [q.split()[0] for q in sent] == ["BEGIN", "COMMIT;"]
+
+
+async def test_a_transaction_after_a_single_statement_still_begins_and_rolls_back(
+    db: Database,
+) -> None:
+    table = f"rt_db_{id(db)}"
+    async with db.transaction() as session:
+        await session.execute(text(f"CREATE TABLE {table} (n int)"))
+    try:
+        async with db.single_statement() as session:
+            await session.execute(text(f"INSERT INTO {table} VALUES (1)"))
+        with pytest.raises(RuntimeError):
+            async with db.transaction() as session:
+                await session.execute(text(f"INSERT INTO {table} VALUES (2)"))
+                raise RuntimeError("undo")
+        async with db.single_statement() as session:
+            # The single statement committed by itself; the failed transaction left nothing.
+            assert (await session.scalars(text(f"SELECT n FROM {table}"))).all() == [1]
+    finally:
+        async with db.transaction() as session:
+            await session.execute(text(f"DROP TABLE {table}"))
+
+
+async def test_the_pool_keeps_every_connection_it_opens(
+    make_settings: Callable[..., RuntimeSettings],
+) -> None:
+    engine = create_engine(make_settings(), pool_size=3)
+    try:
+        conns = [await engine.connect() for _ in range(3)]
+        pids = {await c.scalar(text("SELECT pg_backend_pid()")) for c in conns}
+        for c in conns:
+            await c.close()
+        # Returned connections stay open: the same backends answer again (no new connections).
+        again = [await engine.connect() for _ in range(3)]
+        assert {await c.scalar(text("SELECT pg_backend_pid()")) for c in again} == pids
+        for c in again:
+            await c.close()
+    finally:
+        await engine.dispose()
