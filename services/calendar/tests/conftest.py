@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -308,19 +307,6 @@ class Running:
         )
 
 
-async def delete_broker_objects(app: FastAPI, settings: CalendarSettings, url: str) -> None:
-    """Durable queues and exchanges outlive the test: remove the ones it declared."""
-    async with await aio_pika.connect(url) as connection:
-        channel = await connection.channel()
-        queues = app.state.runtime.consumer.queues
-        names = [queues.main, queues.dead_letter]
-        names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
-        for name in names:
-            await channel.queue_delete(name)
-        await channel.exchange_delete(settings.events_exchange)
-        await channel.exchange_delete(settings.admin_alerts_exchange)
-
-
 def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **overrides: Any):
     port = free_port()
     values: dict[str, Any] = {
@@ -351,12 +337,10 @@ async def start_calendar(
     sandbox: Sandbox,
     spy_on: Callable[..., Awaitable[Spy]],
     db: asyncpg.Connection,
-    rabbitmq_url: str,
 ) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     """`await start_calendar(sandbox=None, **settings)`: a running service on empty tables."""
     await empty_tables(db)
     stack = contextlib.AsyncExitStack()
-    started: list[Running] = []
 
     async def start(google: Sandbox | None = None, **overrides: Any) -> Running:
         google = google or sandbox
@@ -369,15 +353,12 @@ async def start_calendar(
         )
         await app.state.runtime.broker.wait_ready(15)
         running = Running(app, url, settings, spy, http, google, db)
-        started.append(running)
         return running
 
     try:
         yield start
     finally:
-        await stack.aclose()
-        for running in started:
-            await delete_broker_objects(running.app, running.settings, rabbitmq_url)
+        await stack.aclose()  # make_settings then deletes the queues and exchanges
 
 
 @pytest.fixture

@@ -235,7 +235,6 @@ async def notifications(
     db: asyncpg.Connection,
     make_settings: Callable[..., NotificationsSettings],
     spy_on: Callable[..., Any],
-    rabbitmq_url: str,
 ) -> AsyncIterator[Notifications]:
     settings = make_settings(NotificationsSettings)
     spy = await spy_on(settings)  # declares the events exchange; deletes both at the end
@@ -252,7 +251,6 @@ async def notifications(
         # Leave no unsent row behind: the next test's relay would publish it to an exchange
         # that no longer exists.
         await eventually(harness.outbox_drained, what="the outbox relay at teardown")
-    await delete_queues(runtime, rabbitmq_url)
 
 
 async def watch_alerts(spy: Spy, settings: NotificationsSettings) -> Alerts:
@@ -269,17 +267,3 @@ async def watch_alerts(spy: Spy, settings: NotificationsSettings) -> Alerts:
 
     await queue.consume(collect, no_ack=True)
     return alerts
-
-
-async def delete_queues(runtime: ServiceRuntime, url: str) -> None:
-    """The consumer's durable queues outlive the test: remove them."""
-    consumer = runtime.consumer
-    assert consumer is not None
-    queues = consumer.queues
-    names = [queues.main, queues.dead_letter]
-    names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(name)

@@ -356,7 +356,6 @@ async def orders(
     migrated: str,
     make_settings: Callable[..., OrdersSettings],
     spy_on: Callable[..., Any],
-    rabbitmq_url: str,
 ) -> AsyncIterator[Orders]:
     settings = make_settings(OrdersSettings)
     spy = await spy_on(settings)  # before the service starts: it misses nothing
@@ -370,18 +369,3 @@ async def orders(
         # Leave no unsent row behind: the next test's relay would publish it to an exchange
         # that no longer exists.
         await eventually(harness.outbox_drained, what="the outbox relay at teardown")
-    await _delete_queues(runtime, rabbitmq_url)
-
-
-async def _delete_queues(runtime: ServiceRuntime, url: str) -> None:
-    """The consumer's durable queues outlive the test: remove them."""
-    consumer = runtime.consumer
-    assert consumer is not None
-    queues = consumer.queues
-    names = [queues.main, queues.dead_letter]
-    names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(name)

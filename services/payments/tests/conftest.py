@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -271,20 +270,6 @@ def booking_requested(
     )
 
 
-async def delete_broker_objects(app: FastAPI, settings: PaymentsSettings, url: str) -> None:
-    """Durable queues and exchanges outlive the test: remove the ones it declared."""
-    async with await aio_pika.connect(url) as connection:
-        channel = await connection.channel()
-        consumer = app.state.runtime.consumer
-        queues = consumer.queues
-        names = [queues.main, queues.dead_letter]
-        names += [queues.retry(i + 1) for i in range(len(queues.retry_delays_ms))]
-        for name in names:
-            await channel.queue_delete(name)
-        await channel.exchange_delete(settings.events_exchange)
-        await channel.exchange_delete(settings.admin_alerts_exchange)
-
-
 def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **overrides: Any):
     port = free_port()
     values: dict[str, Any] = {
@@ -310,12 +295,10 @@ async def start_payments(
     sandbox: Sandbox,
     spy_on: Callable[..., Awaitable[Spy]],
     db: asyncpg.Connection,
-    rabbitmq_url: str,
 ) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     """`await start_payments(**settings)`: a running service on empty tables."""
     await empty_tables(db)
     stack = contextlib.AsyncExitStack()
-    started: list[Running] = []
 
     async def start(**overrides: Any) -> Running:
         port, settings = service_settings(make_settings, sandbox, **overrides)
@@ -327,15 +310,12 @@ async def start_payments(
         )
         await app.state.runtime.broker.wait_ready(15)
         running = Running(app, url, settings, spy, http)
-        started.append(running)
         return running
 
     try:
         yield start
     finally:
-        await stack.aclose()
-        for running in started:
-            await delete_broker_objects(running.app, running.settings, rabbitmq_url)
+        await stack.aclose()  # make_settings then deletes the queues and exchanges
 
 
 @pytest.fixture
