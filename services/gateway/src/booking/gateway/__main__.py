@@ -1,5 +1,16 @@
-from booking.gateway.app import create_app
-from booking.gateway.settings import GatewaySettings
-from booking.runtime.cli import main
+import sys
+
+# Resident memory (issue 6: <= 100 MB with 1,000 admin websockets). Before anything imports them:
+# - cryptography (~10 MB resident: its Rust extension and libcrypto's pages) is in the image for
+#   the calendar's Google keys; PyJWT loads it when present, but the gateway verifies HS256 only.
+# - httpx imports its command line (click, rich, pygments: ~3 MB) when they are installed, as in
+#   the dev environment; the image has no rich, and the gateway runs no CLI.
+# A None entry makes their import fail, which both libraries expect and handle.
+for _unused in ("cryptography", "httpx._main"):
+    sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
+
+from booking.gateway.app import create_app  # noqa: E402
+from booking.gateway.settings import GatewaySettings  # noqa: E402
+from booking.runtime.cli import main  # noqa: E402
 
 main(name="gateway", settings_type=GatewaySettings, create_app=create_app)
