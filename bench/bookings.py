@@ -39,7 +39,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -63,10 +62,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from booking.runtime.auth import issue_token
 from booking.runtime.devrun import CHILDREN, probe_host
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
-from booking.runtime.testing import with_database
+from booking.runtime.testing import pick_free_ports, private_database, private_vhost
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
+RUN_PREFIX = "bench_bookings"  # of its database and vhost
 TARGET_PER_SECOND, AIM_PER_SECOND = 100.0, 150.0
 TARGET_CONFIRMED_P99_MS = 1000.0
 TARGET_ALERT_P99_MS = 100.0
@@ -119,77 +119,10 @@ class System:
         return {"Authorization": f"Bearer {token}"}
 
 
-def pick_free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-async def rabbitmqctl(*args: str) -> bool:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "-q",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        return await asyncio.wait_for(process.wait(), 60) == 0
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return False
-
-
-@contextlib.asynccontextmanager
-async def own_database() -> AsyncIterator[str]:
-    server = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
-    name = f"bench_bookings_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(server, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield with_database(server, name)
-    finally:
-        conn = await asyncpg.connect(server, timeout=10)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def own_vhost() -> AsyncIterator[dict[str, str]]:
-    """A RabbitMQ vhost of our own (deleted afterwards); else unique names in the default one."""
-    base = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
-    run_id = f"bench_bookings_{uuid.uuid4().hex[:8]}"
-    user = urlsplit(base).username or "guest"
-    if shutil.which("rabbitmqctl") and await rabbitmqctl("add_vhost", run_id):
-        try:
-            if not await rabbitmqctl("set_permissions", "-p", run_id, user, ".*", ".*", ".*"):
-                raise BenchError(f"rabbitmqctl could not give {user} the vhost {run_id}")
-            url = urlunsplit(urlsplit(base)._replace(path="/" + quote(run_id, safe="")))
-            yield {"RABBITMQ_URL": url}
-        finally:
-            await rabbitmqctl("delete_vhost", run_id)
-        return
-    yield {
-        "RABBITMQ_URL": base,
-        "QUEUE_PREFIX": f"{run_id}.",
-        "EVENTS_EXCHANGE": f"{run_id}.booking.events",
-        "ADMIN_ALERTS_EXCHANGE": f"{run_id}.admin.alerts",
-    }
-
-
 @contextlib.asynccontextmanager
 async def started_system(overrides: dict[str, str]) -> AsyncIterator[System]:
     """The whole system as `make run` starts it, on its own database, vhost and free ports."""
-    async with own_database() as database_url, own_vhost() as rabbitmq:
+    async with private_database(RUN_PREFIX) as database_url, private_vhost(RUN_PREFIX) as rabbitmq:
         env = {k: v for k, v in os.environ.items() if not k.endswith("_URL") or k in rabbitmq}
         env.update(rabbitmq)
         env.update(BENCH_ENVIRONMENT)
