@@ -11,9 +11,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -22,18 +20,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
-import asyncpg
 import httpx
 import pytest
 
 from booking.runtime.auth import issue_token
-from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
-from booking.runtime.testing import Spy, eventually, with_database
+from booking.runtime.settings import RuntimeSettings
+from booking.runtime.testing import (
+    Spy,
+    eventually,
+    pick_free_ports,
+    private_database,
+    private_vhost,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+RUN_PREFIX = "booking_e2e"  # of each run's database and vhost
 FLOW_SECONDS = 30  # one step of the flow (events through three services), on a loaded machine
 # Four migrations and seven processes starting at once, on a slow machine.
 SYSTEM_READY_SECONDS = 180
@@ -62,88 +65,16 @@ DERIVED_VARIABLES = (
 )
 
 
-@contextlib.asynccontextmanager
-async def new_database() -> AsyncIterator[str]:
-    """The URL of a new, empty database on the server of DATABASE_URL; dropped afterwards."""
-    admin_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
-    name = f"booking_e2e_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_url, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        conn = await asyncpg.connect(admin_url, timeout=10)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-
 @pytest.fixture
 async def fresh_database() -> AsyncIterator[str]:
-    async with new_database() as url:
+    async with private_database(RUN_PREFIX) as url:
         yield url
-
-
-async def rabbitmqctl(*args: str) -> bool:
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        "-q",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        return await asyncio.wait_for(process.wait(), 60) == 0
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return False
-
-
-@contextlib.asynccontextmanager
-async def new_rabbitmq() -> AsyncIterator[dict[str, str]]:
-    """Settings for a RabbitMQ of our own: a new vhost, deleted afterwards.
-
-    Without `rabbitmqctl` the default vhost is shared, so queue and exchange names get a unique
-    prefix instead (those are then left behind in that vhost).
-    """
-    base_url = os.environ.get("RABBITMQ_URL") or DEFAULT_RABBITMQ_URL
-    run_id = f"booking_e2e_{uuid.uuid4().hex[:12]}"
-    user = urlsplit(base_url).username or "guest"
-    if shutil.which("rabbitmqctl") and await rabbitmqctl("add_vhost", run_id):
-        try:
-            assert await rabbitmqctl("set_permissions", "-p", run_id, user, ".*", ".*", ".*")
-            vhost_url = urlunsplit(urlsplit(base_url)._replace(path="/" + quote(run_id, safe="")))
-            yield {"RABBITMQ_URL": vhost_url}
-        finally:
-            await rabbitmqctl("delete_vhost", run_id)
-        return
-    yield {
-        "RABBITMQ_URL": base_url,
-        "QUEUE_PREFIX": f"{run_id}.",
-        "EVENTS_EXCHANGE": f"{run_id}.booking.events",
-        "ADMIN_ALERTS_EXCHANGE": f"{run_id}.admin.alerts",
-    }
 
 
 @pytest.fixture
 async def fresh_rabbitmq() -> AsyncIterator[dict[str, str]]:
-    async with new_rabbitmq() as settings:
+    async with private_vhost(RUN_PREFIX) as settings:
         yield settings
-
-
-def pick_free_ports(count: int) -> list[int]:
-    """`count` distinct ports nothing listens on right now."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @pytest.fixture
@@ -257,7 +188,7 @@ async def running_system(
     system_overrides: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningSystem]:
     """Every service and sandbox running against a fresh database and vhost, for one module."""
-    async with new_database() as database_url, new_rabbitmq() as rabbitmq:
+    async with private_database(RUN_PREFIX) as database_url, private_vhost(RUN_PREFIX) as rabbitmq:
         env = system_environment(database_url, rabbitmq)
         env.update(system_overrides)
         system = RunningSystem(env, tmp_path_factory.mktemp("system") / "make-run.log")
