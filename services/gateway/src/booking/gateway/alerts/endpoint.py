@@ -13,6 +13,7 @@ import jwt
 from fastapi import APIRouter, WebSocket
 from prometheus_client import Counter, Gauge
 from pydantic import SecretStr
+from starlette.routing import WebSocketRoute
 
 from booking.gateway.alerts.connection import (
     GOING_AWAY,
@@ -108,7 +109,10 @@ class AdminAlerts:
 
     def router(self) -> APIRouter:
         router = APIRouter()
-        router.add_api_websocket_route(PATH, self.serve, name="admin_alerts")
+        # Starlette's plain route, not FastAPI's: `serve` takes no dependencies, and FastAPI's
+        # dependency solving keeps its exit stacks and frames for each connection's lifetime
+        # (~5 KB an admin, issue 6).
+        router.routes.append(WebSocketRoute(PATH, self.serve, name="admin_alerts"))
         return router
 
     # --- one connection ---------------------------------------------------------------------
