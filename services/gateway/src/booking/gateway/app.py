@@ -48,11 +48,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = create_service_app(
         runtime,
         # The aggregated /health first: it answers in place of the runtime's own.
-        routers=[system.router(), alerts.router(), dashboard.router(), *routers],
+        routers=[system.router(), dashboard.router(), *routers],
         title="Mentor booking API",
         lifespan=open_gateway,
         # Inside the correlation middleware, so a 413 still carries the correlation id.
-        middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
+        middleware=[
+            alerts.middleware(),  # /ws/admin: before the layers below, kept for every admin
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        ],
     )
     app.state.rate_limiters = rate_limiters(settings)
     app.state.admin_alerts = alerts

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import jwt
-from fastapi import APIRouter, WebSocket
 from prometheus_client import Counter, Gauge
 from pydantic import SecretStr
-from starlette.routing import WebSocketRoute
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from booking.gateway.alerts.connection import (
     GOING_AWAY,
@@ -107,13 +108,9 @@ class AdminAlerts:
             output=f"admins connected to this replica; {self.dropped} dropped as too slow",
         )
 
-    def router(self) -> APIRouter:
-        router = APIRouter()
-        # Starlette's plain route, not FastAPI's: `serve` takes no dependencies, and FastAPI's
-        # dependency solving keeps its exit stacks and frames for each connection's lifetime
-        # (~5 KB an admin, issue 6).
-        router.routes.append(WebSocketRoute(PATH, self.serve, name="admin_alerts"))
-        return router
+    def middleware(self) -> Middleware:
+        """`WS /ws/admin`, answered before the app's routing (see AlertsShortcut)."""
+        return Middleware(AlertsShortcut, alerts=self)
 
     # --- one connection ---------------------------------------------------------------------
 
@@ -212,6 +209,32 @@ async def refuse(websocket: WebSocket, refused: Refused) -> None:
     except RuntimeError:
         # A server without the denial-response extension: a close before accept is a 403.
         await websocket.close(4000 + refused.status, refused.detail)
+
+
+class AlertsShortcut:
+    """Plain ASGI: `/ws/admin` goes straight to `AdminAlerts.serve`, everything else on to the app.
+
+    Each layer a websocket passes through (body limit, exception middleware, FastAPI's exit
+    stack, the router, the route's wrappers) keeps its frame for the connection's whole life: a
+    thousand admins on a replica is the expected load, and those layers do nothing for this one
+    route (issue 6: ~5 KB an admin). Install it first among the app's own middleware.
+    """
+
+    def __init__(self, app: ASGIApp, alerts: AdminAlerts) -> None:
+        self.app = app
+        self.alerts = alerts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and _route_path(scope) == PATH:
+            await self.alerts.serve(WebSocket(scope, receive, send))
+            return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 # --- logs ---------------------------------------------------------------------------------------
