@@ -6,6 +6,7 @@ import asyncio
 
 import aio_pika
 import pytest
+from sqlalchemy import func, select
 
 from booking.runtime.outbox import OutboxRelay
 from booking.runtime.testing import TcpProxy, eventually, url_via
@@ -128,3 +129,83 @@ class TestSeveralRelays:
 
 async def _is_zero(count) -> bool:
     return await count == 0
+
+
+class _Broker:
+    """Confirms every publish, but refuses the messages named in `refuse`; or hangs on each."""
+
+    def __init__(self, refuse: frozenset[str] = frozenset(), hang: bool = False) -> None:
+        self.refuse = refuse
+        self.hang = hang
+        self.published: list[str] = []
+        self.is_connected = True
+
+    async def publish(self, message) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        if message.message_id in self.refuse:
+            raise ConnectionError("not confirmed")
+        self.published.append(message.message_id)
+
+
+class TestRelayFailures:
+    async def test_an_unconfirmed_row_is_unstamped_and_published_by_the_next_claim(
+        self, make_service, new_event
+    ):
+        service = await make_service(start=False)
+        runtime = service.runtime
+        ok, refused = await service.record(new_event("ok"), new_event("refused"))
+        broker = _Broker(refuse=frozenset({str(refused)}))
+        relay = OutboxRelay(runtime.db.engine, service.tables, broker, listen_dsn="")
+
+        with pytest.raises(ConnectionError):
+            await relay.relay_batch()
+        assert broker.published == [str(ok)]
+        assert await service.unsent() == 1
+        outbox = service.tables.outbox
+        async with runtime.db.engine.connect() as conn:
+            error = await conn.scalar(
+                select(outbox.c.last_error).where(outbox.c.message_id == refused)
+            )
+        assert error == "not confirmed"
+
+        broker.refuse = frozenset()
+        assert await relay.relay_batch() == 1
+        assert broker.published == [str(ok), str(refused)]
+        assert await service.unsent() == 0
+
+    async def test_a_relay_cancelled_while_publishing_leaves_its_rows_unsent_and_claimable(
+        self, make_service, new_event
+    ):
+        service = await make_service(start=False)
+        runtime = service.runtime
+        [event] = await service.record(new_event())
+        stuck = OutboxRelay(runtime.db.engine, service.tables, _Broker(hang=True), listen_dsn="")
+        claim = asyncio.create_task(stuck.relay_batch())
+        # The claim holds its row (locked and stamped, uncommitted) while the publish hangs.
+        await eventually(
+            lambda: _claimed_elsewhere(runtime.db.engine, service.tables), what="the row claimed"
+        )
+        claim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await claim
+
+        # Its transaction is gone (rolled back, or closed with its connection): the row is
+        # unsent, unlocked, and claimed again through the same pool.
+        assert await service.unsent() == 1
+        broker = _Broker()
+        relay = OutboxRelay(runtime.db.engine, service.tables, broker, listen_dsn="")
+        assert await relay.relay_batch() == 1
+        assert broker.published == [str(event)]
+
+
+async def _claimed_elsewhere(engine, tables) -> bool:
+    """True once another transaction holds the outbox's only row (SKIP LOCKED skips it)."""
+    outbox = tables.outbox
+    async with engine.connect() as conn:
+        free = await conn.scalar(
+            select(func.count()).select_from(
+                select(outbox.c.id).with_for_update(skip_locked=True).subquery()
+            )
+        )
+    return free == 0
