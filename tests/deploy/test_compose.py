@@ -146,6 +146,10 @@ class TestPortsAndScaling:
         payments = environment(services["payments"])
         calendar = environment(services["calendar"])
         assert payments["KONNECT_API_URL"] == "http://sandbox-konnect:8010/api/v2"
+        # The sandbox calls the webhook from its container: the gateway's name, not localhost.
+        gateway_port = environment(services["gateway"])["GATEWAY_PORT"]
+        webhook = f"http://gateway:{gateway_port}/api/payments/webhook"
+        assert payments["KONNECT_WEBHOOK_URL"] == webhook
         assert calendar["GOOGLE_TOKEN_URL"] == "http://sandbox-google:8011/token"
         assert calendar["GOOGLE_CALENDAR_API_URL"] == "http://sandbox-google:8011/calendar/v3"
         # What a browser opens is published on the host.

@@ -35,6 +35,10 @@ class PaymentsSettings(RuntimeSettings):
     # PUBLIC_BASE_URL.
     konnect_success_url: str | None = None
     konnect_fail_url: str | None = None
+    # Where Konnect calls (`GET <this>?payment_ref=...`, through the gateway: DESIGN 4.2);
+    # default: under PUBLIC_BASE_URL. Set apart where Konnect reaches the gateway by another
+    # address than browsers do (Compose: the sandbox calls the gateway's container).
+    konnect_webhook_url: str | None = None
 
     # Reconciliation: pending payments older than the grace period are asked of Konnect at most
     # once per interval (lost webhooks), and expired past their lifespan.
@@ -53,15 +57,12 @@ class PaymentsSettings(RuntimeSettings):
     escrow_release_interval_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
-    def _browser_urls_default_under_public_base_url(self) -> "PaymentsSettings":
+    def _konnect_urls_default_under_public_base_url(self) -> "PaymentsSettings":
         base = self.public_base_url.rstrip("/")
+        if self.konnect_webhook_url is None:
+            self.konnect_webhook_url = f"{base}/api/payments/webhook"
         if self.konnect_success_url is None:
             self.konnect_success_url = f"{base}/payments/success"
         if self.konnect_fail_url is None:
             self.konnect_fail_url = f"{base}/payments/failed"
         return self
-
-    @property
-    def konnect_webhook_url(self) -> str:
-        """Konnect calls it as `GET <this>?payment_ref=...` through the gateway (DESIGN 4.2)."""
-        return f"{self.public_base_url.rstrip('/')}/api/payments/webhook"
