@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 import aio_pika
 import httpx
+import jwt
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -431,6 +433,21 @@ class TestHandshake:
         admin = await world.admin(gateway, token=world.token(ttl_seconds=2))
         code, reason = await admin.closed()
         assert code == 4401 and "expired" in reason
+
+    async def test_a_token_that_outlives_several_pings_still_ends_the_connection_on_time(
+        self, world: AlertsWorld
+    ) -> None:
+        # The timer for the token's end is set by the last ping before it, not at the connect.
+        gateway = await world.gateway(
+            alerts_ping_interval_seconds=0.5, alerts_ping_timeout_seconds=5
+        )
+        token = world.token(ttl_seconds=3)
+        expires_at = jwt.decode(token, options={"verify_signature": False})["exp"]
+        admin = await world.admin(gateway, token=token)
+        code, reason = await asyncio.wait_for(admin.closed(), 10)
+        assert code == 4401 and "expired" in reason
+        assert expires_at - 0.1 <= time.time() < expires_at + 1.5
+        assert sum(f["type"] == "ping" for f in admin.frames) >= 2
 
 
 # --- hello and the live feed --------------------------------------------------------------------

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -62,13 +61,16 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
 class SendQueue:
     """A bounded FIFO of frames for one writer. `offer` never waits (False when full); `put`
     (one caller at a time) waits while `limit` frames or more are queued, so that a replay
-    leaves room for pings and errors."""
+    leaves room for pings and errors.
+
+    A list, not a deque: the queue is almost always empty, and an empty deque holds a 64-slot
+    block (~600 bytes, for every admin); popping the front of a few hundred is cheap."""
 
     __slots__ = ("_frames", "_getter", "_putter", "capacity")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._frames: deque[str] = deque()
+        self._frames: list[str] = []
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
 
@@ -93,7 +95,7 @@ class SendQueue:
         while not self._frames:
             self._getter = asyncio.get_running_loop().create_future()
             await self._getter
-        frame = self._frames.popleft()
+        frame = self._frames.pop(0)
         _wake(self._putter)
         return frame
 
@@ -102,6 +104,7 @@ class AdminConnection:
     __slots__ = (
         "_closed",
         "_control",
+        "_expiry_timer",
         "_finished",
         "_last_heard",
         "_resume_wanted",
@@ -163,6 +166,7 @@ class AdminConnection:
         self._resume_wanted: int | None = None
         self._last_heard = loop.time()
         self._timers: list[asyncio.TimerHandle] = []
+        self._expiry_timer = False  # scheduled once the token's end is within a ping interval
 
     # --- called by the feed (never awaits) ----------------------------------------------------
 
@@ -312,10 +316,19 @@ class AdminConnection:
     def _start_timers(self) -> None:
         loop = asyncio.get_running_loop()
         self._timers.append(loop.call_later(self.policy.ping_interval, self._ping))
-        if self.expires_at is not None:
+        self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        # A token lives for an hour or more: rather than a timer per admin for all that time, each
+        # ping looks whether the end falls before the next one, and only then sets the timer.
+        if self.expires_at is None or self._expiry_timer:
+            return
+        left = self.expires_at - time.time()
+        if left <= self.policy.ping_interval:
+            self._expiry_timer = True
             self._timers.append(
-                loop.call_later(
-                    max(0.0, self.expires_at - time.time()),
+                asyncio.get_running_loop().call_later(
+                    max(0.0, left),
                     self.close,
                     TOKEN_EXPIRED,
                     "the token has expired; connect again with a new one",
@@ -332,6 +345,7 @@ class AdminConnection:
         self._timers = [t for t in self._timers if not t.cancelled() and t.when() > sent_at]
         self._timers.append(loop.call_later(self.policy.ping_timeout, self._check_pong, sent_at))
         self._timers.append(loop.call_later(self.policy.ping_interval, self._ping))
+        self._watch_expiry()
 
     def _check_pong(self, sent_at: float) -> None:
         # Any message from the client after the ping will do.
@@ -361,6 +375,8 @@ class AdminConnection:
         self._control.add_done_callback(self._ended_catching_up)
 
     def _ended_catching_up(self, task: asyncio.Task) -> None:
+        if self._control is task:
+            self._control = None  # not kept for the connection's life
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("admin websocket of %s: catching up failed", self.sub, exc_info=exc)
             self.close(1011, "internal error")
