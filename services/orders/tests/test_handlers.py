@@ -9,11 +9,14 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+from sqlalchemy import text
+
 from booking.contracts import (
     CalendarBookingFailed,
     CalendarFailureReason,
     PaymentInitiationFailed,
 )
+from booking.orders.handlers import _lock
 from booking.runtime.testing import eventually
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
@@ -284,3 +287,30 @@ class TestCalendar:
         assert (order["status"], order["session"]["status"]) == ("confirmed", "scheduled")
         assert order["session"]["calendar_event_id"] == "evt1"
         assert_nothing_dead_lettered(orders)
+
+
+class TestLocking:
+    async def test_a_handler_holds_the_order_and_its_session_locked_until_it_commits(
+        self, orders
+    ) -> None:
+        booked = await orders.booked()
+        order_id = uuid.UUID(booked.order_id)
+        async with orders.runtime.db.transaction() as session:
+            order, session_row = await _lock(session, order_id)
+            assert (str(order.id), str(session_row.id)) == (booked.order_id, booked.session_id)
+            async with orders.runtime.db.engine.connect() as other:
+                for table, column in (("orders", "id"), ("booked_sessions", "order_id")):
+                    free = await other.scalar(
+                        text(
+                            f"SELECT count(*) FROM (SELECT 1 FROM orders.{table}"
+                            f" WHERE {column} = :id FOR UPDATE SKIP LOCKED) AS s"
+                        ),
+                        {"id": order_id},
+                    )
+                    assert free == 0, f"the {table} row is not locked"
+        assert await _lock_nothing(orders, uuid.uuid4()) is None
+
+
+async def _lock_nothing(orders, order_id: uuid.UUID):
+    async with orders.runtime.db.transaction() as session:
+        return await _lock(session, order_id)
