@@ -28,9 +28,9 @@ def probe() -> dict:
 
 
 class TestWhatTheGatewayLoads:
-    def test_no_database_toolkit_no_rsa_and_no_command_line_libraries(self) -> None:
+    def test_no_database_toolkit_no_rsa_no_command_line_and_no_reload_libraries(self) -> None:
         loaded = {name.partition(".")[0] for name in probe()["modules"]}
-        assert loaded & {"sqlalchemy", "cryptography", "rich", "pygments"} == set()
+        assert loaded & {"sqlalchemy", "cryptography", "rich", "pygments", "watchfiles"} == set()
 
     def test_admin_tokens_still_verify_without_cryptography(self) -> None:
         assert probe()["sub"] == "admin-1"

@@ -6,8 +6,9 @@ import sys
 #   the calendar's Google keys; PyJWT loads it when present, but the gateway verifies HS256 only.
 # - httpx imports its command line (click, rich, pygments: ~3 MB) when they are installed, as in
 #   the dev environment; the image has no rich, and the gateway runs no CLI.
-# A None entry makes their import fail, which both libraries expect and handle.
-for _unused in ("cryptography", "httpx._main"):
+# - watchfiles (~1 MB: a Rust extension) is uvicorn's --reload, which the gateway never uses.
+# A None entry makes their import fail, which each of those libraries expects and handles.
+for _unused in ("cryptography", "httpx._main", "watchfiles"):
     sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
 
 from booking.gateway.app import create_app  # noqa: E402
