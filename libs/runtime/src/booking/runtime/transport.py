@@ -19,16 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import sys
 
 import httpx
-
-# httpcore runs `import sniffio` for every lock and shield it makes, several per request. It is
-# not installed (anyio 4 no longer needs it), and a failed import searches sys.path again each
-# time (~60 us). None in sys.modules makes the import fail at once, as httpcore expects.
-if importlib.util.find_spec("sniffio") is None:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 class CancelSafeTransport(httpx.AsyncBaseTransport):
