@@ -6,8 +6,10 @@ import asyncio
 import os
 
 import aio_pika
+import asyncpg
 import pytest
 from aio_pika.exceptions import ChannelNotFoundEntity
+from sqlalchemy import Column, Integer, MetaData, Table, Text
 
 from booking.runtime.broker import Broker, ConsumerQueues
 from booking.runtime.settings import RuntimeSettings
@@ -16,6 +18,7 @@ from booking.runtime.testing import (
     delete_broker_objects,
     eventually,
     rabbitmqctl,
+    schema_differences,
 )
 
 
@@ -89,6 +92,46 @@ class TestDeleteBrokerObjects:
         # The default names are a running system's: refusing beats deleting its queues.
         with pytest.raises(ValueError, match="queue_prefix"):
             await delete_broker_objects(rabbitmq_url, RuntimeSettings())
+
+
+class TestSchemaDifferences:
+    """The helper every service's "migrations match the tables" test trusts: a helper that
+    always answered [] would let any migration drift through."""
+
+    @pytest.fixture
+    async def schema(self, database_url):
+        name = f"test_schema_{os.getpid()}"
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                f"CREATE SCHEMA {name}; CREATE TABLE {name}.things (id int PRIMARY KEY)"
+            )
+            yield name
+            await conn.execute(f"DROP SCHEMA {name} CASCADE")
+        finally:
+            await conn.close()
+
+    def things(self, schema: str, *extra: Column) -> MetaData:
+        metadata = MetaData()
+        Table("things", metadata, Column("id", Integer, primary_key=True), *extra, schema=schema)
+        # Another schema's table in the same metadata: not this schema's business.
+        Table("elsewhere", metadata, Column("id", Integer, primary_key=True), schema="other")
+        return metadata
+
+    async def test_a_schema_matching_its_tables_has_none(self, database_url, schema):
+        assert await schema_differences(database_url, schema, self.things(schema)) == []
+
+    async def test_a_column_the_migrations_lack_is_one(self, database_url, schema):
+        metadata = self.things(schema, Column("name", Text))
+
+        found = await schema_differences(database_url, schema, metadata)
+
+        assert [(d[0], d[2], d[3].name) for d in found] == [("add_column", "things", "name")]
+
+    async def test_a_table_the_tables_lack_is_one(self, database_url, schema):
+        found = await schema_differences(database_url, schema, MetaData())
+
+        assert [(d[0], d[1].name) for d in found] == [("remove_table", "things")]
 
 
 FAKE_RABBITMQCTL = """#!/bin/sh

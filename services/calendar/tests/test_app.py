@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlmodel import SQLModel
-
 from booking.calendar.tables import SCHEMA
-from booking.runtime.settings import async_database_url
-from booking.runtime.testing import free_port
+from booking.runtime.testing import free_port, health_checks, schema_differences
 
 
 class TestMigrations:
     async def test_the_migrated_schema_is_exactly_the_tables(self, migrated: str) -> None:
-        def differences(connection) -> list:
-            def ours(name, type_, parents) -> bool:
-                if type_ == "schema":
-                    return name == SCHEMA
-                if type_ == "table":
-                    return parents.get("schema_name") == SCHEMA and name != "alembic_version"
-                return True
-
-            def in_schema(obj, name, type_, reflected, compare_to) -> bool:
-                # One metadata holds every service's tables when the whole suite runs.
-                table = obj if type_ == "table" else getattr(obj, "table", None)
-                return table is None or table.schema == SCHEMA
-
-            context = MigrationContext.configure(
-                connection,
-                opts={"include_schemas": True, "include_name": ours, "include_object": in_schema},
-            )
-            return compare_metadata(context, SQLModel.metadata)
-
-        engine = create_async_engine(async_database_url(migrated))
-        try:
-            async with engine.connect() as conn:
-                assert await conn.run_sync(differences) == []
-        finally:
-            await engine.dispose()
+        assert await schema_differences(migrated, SCHEMA) == []
 
 
 def google_checks(report: dict) -> dict:
-    return {k: v[0] for k, v in report["checks"].items() if k.startswith("google:")}
+    return health_checks(report, "google:")
 
 
 class TestHealth:

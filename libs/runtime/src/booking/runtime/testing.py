@@ -33,10 +33,18 @@ import pytest
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlmodel import SQLModel
 
 from booking.runtime.broker import ConsumerQueues
 from booking.runtime.devrun import MIGRATED
-from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
+from booking.runtime.settings import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_RABBITMQ_URL,
+    RuntimeSettings,
+    async_database_url,
+)
 
 T = TypeVar("T")
 
@@ -212,6 +220,52 @@ async def database_url() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+# --- a service's migrated schema and its health report -----------------------------------------
+
+
+async def schema_differences(
+    database_url: str, schema: str, metadata: MetaData | None = None
+) -> list[Any]:
+    """What alembic's autogenerate would change to make `schema` in the database match the
+    tables of `metadata` (default: SQLModel's) in that schema: [] when the migrations and the
+    tables agree. Only `schema` is compared: one metadata holds every service's tables when
+    the whole suite runs, and the database holds every service's schema."""
+    # Imported here: most test sessions never compare a schema, and the plugin loads in all.
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    def ours(name: str | None, type_: str, parents: dict[str, Any]) -> bool:
+        if type_ == "schema":
+            return name == schema
+        if type_ == "table":
+            return parents.get("schema_name") == schema and name != "alembic_version"
+        return True
+
+    def in_schema(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any):
+        table = obj if type_ == "table" else getattr(obj, "table", None)
+        return table is None or table.schema == schema
+
+    def differences(connection: Any) -> list[Any]:
+        context = MigrationContext.configure(
+            connection,
+            opts={"include_schemas": True, "include_name": ours, "include_object": in_schema},
+        )
+        return compare_metadata(context, metadata if metadata is not None else SQLModel.metadata)
+
+    engine = create_async_engine(async_database_url(database_url))
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(differences)
+    finally:
+        await engine.dispose()
+
+
+def health_checks(report: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
+    """The checks of a health report (RFC draft "health+json") named `prefix`..., each by its
+    first (only) entry: `health_checks(report, "google:")["google:reachable"]["status"]`."""
+    return {k: v[0] for k, v in report["checks"].items() if k.startswith(prefix)}
 
 
 # --- broker objects a test leaves behind ----------------------------------------------------
