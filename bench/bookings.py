@@ -515,7 +515,11 @@ class Driver:
         self.run_id = uuid.uuid4().hex[:6]
         self.admin = system.token("admin", f"bench-admin-{self.run_id}")
         self.mentee = system.token("mentee", f"bench-mentee-{self.run_id}")
-        limits = httpx.Limits(max_connections=concurrency + 50, max_keepalive_connections=200)
+        # Idle connections let go before the servers' 5 s keep-alive timeout, as the services'
+        # own clients do (booking.runtime.transport): else a request may race the server's close.
+        limits = httpx.Limits(
+            max_connections=concurrency + 50, max_keepalive_connections=200, keepalive_expiry=2.0
+        )
         self.api = httpx.AsyncClient(
             base_url=system.gateway, timeout=60, trust_env=False, limits=limits
         )
@@ -984,7 +988,9 @@ async def duplicate_storm(driver: Driver, duplicates: int) -> dict[str, Any]:
     order_id = booking.order_id
     assert order_id is not None
     ref = driver.watch.payloads[("PaymentInitiated", order_id)]["payment_ref"]
-    limits = httpx.Limits(max_connections=duplicates, max_keepalive_connections=duplicates)
+    limits = httpx.Limits(
+        max_connections=duplicates, max_keepalive_connections=duplicates, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(
         base_url=driver.system.gateway, timeout=60, trust_env=False, limits=limits
     ) as storm:

@@ -26,8 +26,10 @@ class Server:
     body: bytes = b'{"ok": true}'
     headers: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    connections: int = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         with contextlib.suppress(Exception):
             while True:
                 head = b""
@@ -149,3 +151,15 @@ async def test_a_mock_inner_transport_is_used_as_given():
     assert answer_.status_code == 201
     assert answer_.json() == {"path": "/payments/init-payment"}
     assert seen == ["/payments/init-payment"]
+
+
+async def test_a_connection_idle_past_its_expiry_is_not_sent_on_again(server: Server):
+    # The server may close an idle connection at any moment past its own keep-alive timeout;
+    # one idle longer than ours is never reused, so no request races that close.
+    async with client_of(server, CancelSafeTransport(2, keepalive_expiry=0.2)) as client:
+        assert (await client.get("/")).status_code == 200
+        assert (await client.get("/")).status_code == 200
+        assert server.connections == 1  # reused while fresh
+        await asyncio.sleep(0.4)  # idle past the expiry: the subject of the test, not a wait
+        assert (await client.get("/")).status_code == 200
+        assert server.connections == 2

@@ -13,6 +13,11 @@ until the process restarts. Payments met exactly that after an overload.
   and reads its body there. A caller that gives up stops waiting; the request still ends within
   its own timeouts and gives its connection back.
 The bodies are read whole, so this is for JSON APIs, not for streaming.
+
+It also lets an idle connection go sooner than the server does. httpx keeps one 5 s, exactly
+uvicorn's keep-alive timeout, so a request sent on a connection idle for nearly 5 s could meet
+the server's close: "Server disconnected without sending a response" (the gateway answered 502
+to a booking so under load). Two seconds leaves any server's usual 5 s or more a wide margin.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class CancelSafeTransport(httpx.AsyncBaseTransport):
         max_connections: int = 100,
         max_keepalive_connections: int = 20,
         *,
+        keepalive_expiry: float = 2.0,
         inner: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """`inner` (tests pass a MockTransport) defaults to httpx's own pool of that size."""
@@ -37,6 +43,7 @@ class CancelSafeTransport(httpx.AsyncBaseTransport):
             limits=httpx.Limits(
                 max_connections=max_connections,
                 max_keepalive_connections=min(max_keepalive_connections, max_connections),
+                keepalive_expiry=keepalive_expiry,
             )
         )
         self._slots = asyncio.Semaphore(max_connections)
