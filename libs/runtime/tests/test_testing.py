@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import uuid
 
 import aio_pika
 import asyncpg
@@ -132,6 +134,35 @@ class TestSchemaDifferences:
         found = await schema_differences(database_url, schema, MetaData())
 
         assert [(d[0], d[1].name) for d in found] == [("remove_table", "things")]
+
+
+class TestSpy:
+    async def publish(self, spy, type_: str, payload: dict) -> None:
+        exchange = await spy.channel.get_exchange(spy.exchange_name)
+        body = json.dumps({"payload": payload}).encode()
+        await exchange.publish(aio_pika.Message(body, type=type_), "test.spy")
+
+    async def test_payloads_are_picked_by_type_and_by_field_as_json_renders_it(
+        self, make_settings, spy_on
+    ):
+        spy = await spy_on(make_settings())
+        order = uuid.uuid4()
+        await self.publish(spy, "PaymentCompleted", {"order_id": str(order), "n": 1})
+        await self.publish(spy, "PaymentCompleted", {"order_id": str(uuid.uuid4()), "n": 2})
+        await self.publish(spy, "PaymentFailed", {"order_id": str(order), "n": 3})
+        await spy.settle()
+
+        assert [p["n"] for p in spy.payloads("PaymentCompleted", order_id=order)] == [1]
+        assert [p["n"] for p in spy.payloads("PaymentCompleted", order_id=None)] == [1, 2]
+        assert (await spy.one("PaymentFailed", order_id=order))["n"] == 3
+
+    async def test_one_refuses_an_event_that_came_twice(self, make_settings, spy_on):
+        spy = await spy_on(make_settings())
+        for _ in range(2):
+            await self.publish(spy, "PaymentCompleted", {"order_id": "x"})
+
+        with pytest.raises(AssertionError):
+            await spy.one("PaymentCompleted", order_id="x")
 
 
 FAKE_RABBITMQCTL = """#!/bin/sh

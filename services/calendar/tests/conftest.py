@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,11 +26,18 @@ from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import SCHEMA
-from booking.contracts import Event, MentorRegistered, OrderPaid, wrap
+from booking.contracts import Event, MentorRegistered, OrderPaid
 from booking.runtime.auth import issue_token
-from booking.runtime.broker import OutgoingMessage
 from booking.runtime.migrations import upgrade
-from booking.runtime.testing import Spy, eventually, free_port, serving
+from booking.runtime.testing import (
+    SandboxClient,
+    Served,
+    Spy,
+    eventually,
+    free_port,
+    publish_event,
+    serving_with_client,
+)
 from booking.sandbox.google import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings
 
@@ -49,16 +55,6 @@ async def migrated(database_url: str) -> str:
     return database_url
 
 
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection to look at (and stage) rows with."""
-    conn = await asyncpg.connect(migrated)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def empty_tables(conn: asyncpg.Connection) -> None:
     await conn.execute(
         f"TRUNCATE {SCHEMA}.calendar_bookings, {SCHEMA}.connections, {SCHEMA}.oauth_states, "
@@ -69,11 +65,7 @@ async def empty_tables(conn: asyncpg.Connection) -> None:
 # -- the Google sandbox ------------------------------------------------------------------------
 
 
-@dataclass
-class Sandbox:
-    url: str
-    http: httpx.AsyncClient
-
+class Sandbox(SandboxClient):
     @property
     def auth_url(self) -> str:
         return f"{self.url}/o/oauth2/v2/auth"
@@ -85,11 +77,6 @@ class Sandbox:
     @property
     def calendar_api_url(self) -> str:
         return f"{self.url}/calendar/v3"
-
-    async def _control(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.http.request(method, f"/_sandbox{path}", **kwargs)
-        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json()
 
     async def approve(self, auth_url: str, *, deny: bool = False) -> str:
         """The mentor's click on Allow (or Deny): where Google sends the browser back."""
@@ -125,9 +112,6 @@ class Sandbox:
             body["seconds"] = seconds
         await self._control("POST", "/faults", json=body)
 
-    async def clear_faults(self) -> None:
-        await self._control("DELETE", "/faults")
-
 
 @contextlib.asynccontextmanager
 async def google_sandbox(**settings: Any) -> AsyncIterator[Sandbox]:
@@ -136,10 +120,7 @@ async def google_sandbox(**settings: Any) -> AsyncIterator[Sandbox]:
         "google_client_secret": CLIENT_SECRET,
         **settings,
     }
-    async with (
-        serving(create_sandbox(SandboxSettings(**values))) as url,
-        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
-    ):
+    async with serving_with_client(create_sandbox(SandboxSettings(**values))) as (url, http):
         yield Sandbox(url, http)
 
 
@@ -213,19 +194,7 @@ class Running:
 
     async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> None:
         """Publish `event` on the service's exchange, as its producer would."""
-        envelope = wrap(
-            event, message_id=message_id or uuid.uuid4(), correlation_id=str(uuid.uuid4())
-        )
-        await self.app.state.runtime.broker.publish(
-            OutgoingMessage(
-                body=envelope.model_dump_json().encode(),
-                exchange=self.settings.events_exchange,
-                routing_key=envelope.routing_key,
-                message_id=str(envelope.message_id),
-                correlation_id=envelope.correlation_id,
-                type=envelope.type,
-            )
-        )
+        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
 
     async def register_mentor(self, timezone: str = "Africa/Tunis") -> Mentor:
         mentor = Mentor(uuid.uuid4(), f"mentor-{uuid.uuid4().hex[:10]}@example.com")
@@ -275,20 +244,11 @@ class Running:
 
     def published(self, event_type: str, session_id: uuid.UUID | None = None) -> list[dict]:
         """Payloads of `event_type` seen on the exchange (about `session_id`, if given)."""
-        payloads = [json.loads(m.body)["payload"] for m in self.spy.of_type(event_type)]
-        if session_id is None:
-            return payloads
-        return [p for p in payloads if p.get("session_id") == str(session_id)]
+        return self.spy.payloads(event_type, session_id=session_id)
 
     async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
         """Wait for the event, then make sure it came once."""
-        await eventually(
-            lambda: self.published(event_type, session_id), what=f"{event_type} for {session_id}"
-        )
-        await self.spy.settle()
-        found = self.published(event_type, session_id)
-        assert len(found) == 1, found
-        return found[0]
+        return await self.spy.one(event_type, session_id=session_id)
 
     async def confirmed(self, session_id: uuid.UUID) -> dict:
         return await self.one("CalendarBookingConfirmed", session_id)
@@ -335,30 +295,19 @@ def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **over
 async def start_calendar(
     make_settings: Callable[..., Any],
     sandbox: Sandbox,
-    spy_on: Callable[..., Awaitable[Spy]],
+    serve_service: Callable[..., Awaitable[Served]],
     db: asyncpg.Connection,
-) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+) -> Callable[..., Awaitable[Running]]:
     """`await start_calendar(sandbox=None, **settings)`: a running service on empty tables."""
     await empty_tables(db)
-    stack = contextlib.AsyncExitStack()
 
     async def start(google: Sandbox | None = None, **overrides: Any) -> Running:
         google = google or sandbox
         port, settings = service_settings(make_settings, google, **overrides)
-        spy = await spy_on(settings)
-        app = create_app(settings)
-        url = await stack.enter_async_context(serving(app, port))
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
-        )
-        await app.state.runtime.broker.wait_ready(15)
-        running = Running(app, url, settings, spy, http, google, db)
-        return running
+        served = await serve_service(create_app, settings, port)
+        return Running(served.app, served.url, settings, served.spy, served.http, google, db)
 
-    try:
-        yield start
-    finally:
-        await stack.aclose()  # make_settings then deletes the queues and exchanges
+    return start
 
 
 @pytest.fixture

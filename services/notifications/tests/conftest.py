@@ -43,16 +43,6 @@ async def migrated(database_url: str) -> str:
     return database_url
 
 
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection to look at rows with."""
-    conn = await asyncpg.connect(migrated)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 @dataclass
 class Alerts:
     """Every message published on a test's admin alerts fanout, in the order the broker queued."""

@@ -9,8 +9,6 @@ its fault switches first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,15 +21,21 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from booking.contracts import BookingRequested, MenteeContact, Offering, wrap
+from booking.contracts import BookingRequested, MenteeContact, Offering
 from booking.payments.app import create_app
 from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import SCHEMA
-from booking.runtime.broker import OutgoingMessage
 from booking.runtime.migrations import upgrade
-from booking.runtime.testing import Spy, eventually, free_port, serving
+from booking.runtime.testing import (
+    SandboxClient,
+    Served,
+    Spy,
+    free_port,
+    publish_event,
+    serving_with_client,
+)
 from booking.sandbox.konnect import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings
 
@@ -46,16 +50,6 @@ async def migrated(database_url: str) -> str:
     settings = PaymentsSettings(database_url=database_url)
     await asyncio.to_thread(upgrade, settings, "booking.payments", SCHEMA)
     return database_url
-
-
-@pytest.fixture
-async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection to look at (and stage) rows with."""
-    conn = await asyncpg.connect(migrated)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -107,19 +101,10 @@ async def empty_tables(conn: asyncpg.Connection) -> None:
 # -- the Konnect sandbox -----------------------------------------------------------------------
 
 
-@dataclass
-class Sandbox:
-    url: str
-    http: httpx.AsyncClient
-
+class Sandbox(SandboxClient):
     @property
     def api_url(self) -> str:
         return f"{self.url}/api/v2"
-
-    async def _control(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.http.request(method, f"/_sandbox{path}", **kwargs)
-        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json()
 
     async def complete(self, ref: str, *, amount: int | None = None, webhook: str = "once"):
         body: dict[str, Any] = {"webhook": webhook, "delay_seconds": 0}
@@ -147,9 +132,6 @@ class Sandbox:
     async def faults(self) -> list[dict[str, Any]]:
         return (await self._control("GET", "/faults"))["faults"]
 
-    async def clear_faults(self) -> None:
-        await self._control("DELETE", "/faults")
-
     async def forge_webhook(self, url: str, ref: str) -> dict[str, Any]:
         return await self._control("POST", "/webhooks/send", json={"url": url, "payment_ref": ref})
 
@@ -157,10 +139,7 @@ class Sandbox:
 @pytest.fixture(scope="session")
 async def sandbox_server() -> AsyncIterator[Sandbox]:
     settings = SandboxSettings(konnect_timeout_fault_seconds=SANDBOX_HANG_SECONDS)
-    async with (
-        serving(create_sandbox(settings)) as url,
-        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
-    ):
+    async with serving_with_client(create_sandbox(settings)) as (url, http):
         yield Sandbox(url, http)
 
 
@@ -200,37 +179,16 @@ class Running:
     ) -> BookingRequested:
         """Publish BookingRequested on the service's exchange, as orders would."""
         event = event or booking_requested(**fields)
-        envelope = wrap(
-            event, message_id=message_id or uuid.uuid4(), correlation_id=str(uuid.uuid4())
-        )
-        await self.app.state.runtime.broker.publish(
-            OutgoingMessage(
-                body=envelope.model_dump_json().encode(),
-                exchange=self.settings.events_exchange,
-                routing_key=envelope.routing_key,
-                message_id=str(envelope.message_id),
-                correlation_id=envelope.correlation_id,
-                type=envelope.type,
-            )
-        )
+        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
         return event
 
     def published(self, event_type: str, order_id: uuid.UUID | None = None) -> list[dict]:
         """Payloads of `event_type` seen on the exchange (about `order_id`, if given)."""
-        payloads = [json.loads(m.body)["payload"] for m in self.spy.of_type(event_type)]
-        if order_id is None:
-            return payloads
-        return [p for p in payloads if p.get("order_id") == str(order_id)]
+        return self.spy.payloads(event_type, order_id=order_id)
 
     async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
         """Wait for the event, then make sure it came once."""
-        await eventually(
-            lambda: self.published(event_type, order_id), what=f"{event_type} for {order_id}"
-        )
-        await self.spy.settle()
-        found = self.published(event_type, order_id)
-        assert len(found) == 1, found
-        return found[0]
+        return await self.spy.one(event_type, order_id=order_id)
 
     async def initiated(self, order_id: uuid.UUID) -> dict:
         return await self.one("PaymentInitiated", order_id)
@@ -293,29 +251,18 @@ def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **over
 async def start_payments(
     make_settings: Callable[..., Any],
     sandbox: Sandbox,
-    spy_on: Callable[..., Awaitable[Spy]],
+    serve_service: Callable[..., Awaitable[Served]],
     db: asyncpg.Connection,
-) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+) -> Callable[..., Awaitable[Running]]:
     """`await start_payments(**settings)`: a running service on empty tables."""
     await empty_tables(db)
-    stack = contextlib.AsyncExitStack()
 
     async def start(**overrides: Any) -> Running:
         port, settings = service_settings(make_settings, sandbox, **overrides)
-        spy = await spy_on(settings)
-        app = create_app(settings)
-        url = await stack.enter_async_context(serving(app, port))
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
-        )
-        await app.state.runtime.broker.wait_ready(15)
-        running = Running(app, url, settings, spy, http)
-        return running
+        served = await serve_service(create_app, settings, port)
+        return Running(served.app, served.url, settings, served.spy, served.http)
 
-    try:
-        yield start
-    finally:
-        await stack.aclose()  # make_settings then deletes the queues and exchanges
+    return start
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
+import httpx
 import pytest
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage
@@ -37,7 +39,8 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
-from booking.runtime.broker import ConsumerQueues
+from booking.contracts import Event, wrap
+from booking.runtime.broker import ConsumerQueues, OutgoingMessage
 from booking.runtime.devrun import MIGRATED
 from booking.runtime.settings import (
     DEFAULT_DATABASE_URL,
@@ -262,6 +265,17 @@ async def schema_differences(
         await engine.dispose()
 
 
+@pytest.fixture
+async def db(migrated: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for a test to look at (and stage) rows with, on the database of the
+    package's own session-scoped `migrated` fixture (its URL, once its migrations ran)."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 def health_checks(report: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
     """The checks of a health report (RFC draft "health+json") named `prefix`..., each by its
     first (only) entry: `health_checks(report, "google:")["google:reachable"]["status"]`."""
@@ -461,6 +475,53 @@ async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 15)
 
 
+@contextlib.asynccontextmanager
+async def serving_with_client(
+    app: FastAPI, port: int | None = None
+) -> AsyncIterator[tuple[str, httpx.AsyncClient]]:
+    """`serving(app, port)`, and a client for it: yields (its URL, the client)."""
+    async with (
+        serving(app, port) as url,
+        # trust_env=False: a proxy in the environment must not stand between a test and loopback.
+        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
+    ):
+        yield url, http
+
+
+async def publish_event(
+    app: FastAPI, exchange: str, event: Event, *, message_id: uuid.UUID | None = None
+) -> None:
+    """Publish `event` on `exchange` through the app's broker, as its producer would."""
+    envelope = wrap(event, message_id=message_id or uuid.uuid4(), correlation_id=str(uuid.uuid4()))
+    await app.state.runtime.broker.publish(
+        OutgoingMessage(
+            body=envelope.model_dump_json().encode(),
+            exchange=exchange,
+            routing_key=envelope.routing_key,
+            message_id=str(envelope.message_id),
+            correlation_id=envelope.correlation_id,
+            type=envelope.type,
+        )
+    )
+
+
+@dataclass
+class SandboxClient:
+    """A test's handle on a sandbox server (the fake Konnect or Google): its URL, and its
+    `/_sandbox` control API. Each sandbox's own controls are methods of a subclass."""
+
+    url: str
+    http: httpx.AsyncClient
+
+    async def _control(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self.http.request(method, f"/_sandbox{path}", **kwargs)
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    async def clear_faults(self) -> None:
+        await self._control("DELETE", "/faults")
+
+
 # --- the test's view of an events exchange ----------------------------------------------------
 
 
@@ -477,6 +538,21 @@ class Spy:
 
     def ids(self) -> list[str]:
         return [m.message_id for m in self.messages]
+
+    def payloads(self, type_: str, **about: Any) -> list[dict[str, Any]]:
+        """Payloads of the `type_` messages whose fields equal `about` (as JSON renders them:
+        a UUID as its string); a None in `about` matches anything."""
+        wanted = {k: str(v) for k, v in about.items() if v is not None}
+        payloads = [json.loads(m.body)["payload"] for m in self.of_type(type_)]
+        return [p for p in payloads if all(p.get(k) == v for k, v in wanted.items())]
+
+    async def one(self, type_: str, **about: Any) -> dict[str, Any]:
+        """Wait for a `type_` message about `about`, then make sure it came once."""
+        await eventually(lambda: self.payloads(type_, **about), what=f"{type_} for {about}")
+        await self.settle()
+        found = self.payloads(type_, **about)
+        assert len(found) == 1, found
+        return found[0]
 
     async def settle(self) -> None:
         """Wait until everything published (and confirmed) before now has been received.
@@ -526,3 +602,37 @@ async def spy_on(rabbitmq_url: str) -> AsyncIterator[Callable[..., Awaitable[Spy
         await connection.close()
     for settings in spied:
         await delete_broker_objects(rabbitmq_url, settings, consumers=())
+
+
+@dataclass
+class Served:
+    """A service's app served over HTTP, a client for it, and the spy on its events exchange."""
+
+    app: FastAPI
+    url: str
+    http: httpx.AsyncClient
+    spy: Spy
+
+
+@pytest.fixture
+async def serve_service(
+    make_settings: Callable[..., RuntimeSettings], spy_on: Callable[..., Awaitable[Spy]]
+) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
+    """`await serve_service(create_app, settings, port=None)`: the app `create_app(settings)`
+    builds, served until the test's end, returned once its broker is connected. Its spy is
+    attached before it starts, so it misses nothing the service publishes.
+    """
+    # Requests make_settings so that its teardown (deleting the queues) runs after this one's.
+    del make_settings
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def serve(
+            create_app: Callable[[Any], FastAPI], settings: RuntimeSettings, port: int | None = None
+        ) -> Served:
+            spy = await spy_on(settings)
+            app = create_app(settings)
+            url, http = await stack.enter_async_context(serving_with_client(app, port))
+            await app.state.runtime.broker.wait_ready(15)
+            return Served(app, url, http, spy)
+
+        yield serve
