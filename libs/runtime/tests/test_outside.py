@@ -1,5 +1,5 @@
 """The pieces every outside-system client shares: Retry-After, the retry policy, failure names,
-the checks."""
+the checks, the HTTP client's lifecycle."""
 
 import logging
 import time
@@ -10,6 +10,8 @@ import httpx
 import pytest
 
 from booking.runtime.outside import (
+    ClientClosed,
+    OutsideClient,
     RetriesExhausted,
     RetryPolicy,
     TransientAnswer,
@@ -18,6 +20,7 @@ from booking.runtime.outside import (
     reachable_check,
     retry_after,
 )
+from booking.runtime.transport import CancelSafeTransport
 
 
 def answer(**headers: str) -> httpx.Response:
@@ -168,3 +171,52 @@ class TestRetryPolicy:
             "Example init attempt 2 failed (timed out (ConnectTimeout)); retrying in 0.00s",
         ]
         assert {r.levelno for r in retries} == {logging.WARNING}
+
+
+class ExampleClosed(ClientClosed):
+    pass
+
+
+class ExampleClient(OutsideClient):
+    system = "Example"
+    closed_error = ExampleClosed
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, **options) -> None:
+        self.timeout = 1.5
+        self.transport = transport
+        self.event_hooks = None
+        self.options = options
+
+    def _http_options(self):
+        return self.options
+
+
+def echo(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"url": str(request.url), "accept": request.headers["accept"]})
+
+
+class TestOutsideClient:
+    async def test_not_open_it_refuses_with_its_own_error_naming_the_system(self):
+        client = ExampleClient(httpx.MockTransport(echo))
+
+        with pytest.raises(ExampleClosed, match="the Example client is not open"):
+            _ = client.http
+
+    async def test_open_it_asks_for_json_through_the_cancel_safe_transport(self):
+        client = ExampleClient(httpx.MockTransport(echo), base_url="http://example.test/api")
+        async with client:
+            http = client.http
+            answer = (await http.get("/things")).json()
+
+            assert answer == {"url": "http://example.test/api/things", "accept": "application/json"}
+            assert isinstance(http._transport, CancelSafeTransport)
+            assert http.timeout == httpx.Timeout(1.5) and not http.trust_env
+            await client.open()  # opening again keeps the one client
+            assert client.http is http
+
+        assert http.is_closed
+        with pytest.raises(ClientClosed):
+            _ = client.http
+
+    async def test_closing_a_client_never_opened_is_no_error(self):
+        await ExampleClient(httpx.MockTransport(echo)).aclose()

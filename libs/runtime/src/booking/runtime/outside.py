@@ -1,6 +1,6 @@
-"""What every client of an outside system (Konnect, Google) shares: reading Retry-After, the
-retry policy, naming a failed call, and the two health checks of DESIGN section 7 (configured;
-reachable)."""
+"""What every client of an outside system (Konnect, Google) shares: the lifecycle of its HTTP
+client, reading Retry-After, the retry policy, naming a failed call, and the two health checks
+of DESIGN section 7 (configured; reachable)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import httpx
 from tenacity import (
@@ -23,10 +23,65 @@ from tenacity import (
 )
 
 from booking.runtime.health import Observation, timed_ms
+from booking.runtime.transport import CancelSafeTransport
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+class ClientClosed(RuntimeError):
+    """The client is not open: the app is starting or stopping. Not the outside system's answer."""
+
+
+class OutsideClient:
+    """One `httpx.AsyncClient` per process, opened and closed by the app's lifespan (`open`,
+    `aclose`, or `async with`), and `http`, which refuses while it is not open.
+
+    A subclass names its `system` and has `timeout`, `transport` (the innermost one, for tests;
+    None: the network) and `event_hooks`; `_http_options` adds what its client needs besides
+    (a base_url). Every request goes through `CancelSafeTransport` and answers JSON."""
+
+    system: ClassVar[str]  # "Konnect", "Google": for the error
+    closed_error: ClassVar[type[ClientClosed]] = ClientClosed  # a subclass may name its own
+    timeout: float
+    transport: httpx.AsyncBaseTransport | None
+    event_hooks: dict[str, list[Callable[..., Any]]] | None
+    _http: httpx.AsyncClient | None = None
+
+    def _http_options(self) -> dict[str, Any]:
+        return {}
+
+    async def open(self) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout),
+                headers={"accept": "application/json"},
+                transport=CancelSafeTransport(inner=self.transport),
+                event_hooks=self.event_hooks,
+                trust_env=False,  # reached as configured, never via a proxy from the environment
+                **self._http_options(),
+            )
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise self.closed_error(
+                f"the {self.system} client is not open (the app's lifespan opens it)"
+            )
+        return self._http
 
 
 def retry_after(response: httpx.Response) -> float | None:

@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote, urlencode
 from uuid import UUID
 
@@ -30,13 +30,14 @@ from pydantic import SecretStr
 from booking.calendar.domain import CALENDAR_SCOPE, SessionEvent
 from booking.calendar.settings import CalendarSettings
 from booking.runtime.outside import (
+    ClientClosed,
+    OutsideClient,
     RetriesExhausted,
     RetryPolicy,
     TransientAnswer,
     describe_failure,
     retry_after,
 )
-from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class MeetLinkPending(Exception):
         super().__init__(f"event {event_id}: the Meet data was still pending after {reads} reads")
 
 
-class GoogleClientClosed(RuntimeError):
+class GoogleClientClosed(ClientClosed):
     """The client is not open: the app is starting or stopping. Not Google's answer."""
 
 
@@ -186,7 +187,10 @@ class _CachedToken:
 
 
 @dataclass
-class GoogleClient:
+class GoogleClient(OutsideClient):
+    system: ClassVar[str] = "Google"
+    closed_error: ClassVar[type[ClientClosed]] = GoogleClientClosed
+
     client_id: str
     client_secret: SecretStr
     auth_url: str
@@ -202,7 +206,6 @@ class GoogleClient:
     transport: httpx.AsyncBaseTransport | None = None
     event_hooks: dict[str, list[Callable[..., Any]]] | None = None
     clock: Callable[[], float] = time.monotonic
-    _http: httpx.AsyncClient | None = field(default=None, init=False, repr=False)
     _tokens: dict[UUID, _CachedToken] = field(default_factory=dict, init=False, repr=False)
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
 
@@ -235,34 +238,6 @@ class GoogleClient:
             "GOOGLE_CALENDAR_API_URL": self.calendar_api_url,
         }
         return [name for name, value in wanted.items() if not value]
-
-    async def open(self) -> None:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout),
-                headers={"accept": "application/json"},
-                transport=CancelSafeTransport(inner=self.transport),
-                event_hooks=self.event_hooks,
-                trust_env=False,  # Google is reached as configured, never via an env proxy
-            )
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    async def __aenter__(self) -> GoogleClient:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        if self._http is None:
-            raise GoogleClientClosed("the Google client is not open (the app's lifespan opens it)")
-        return self._http
 
     # -- OAuth -------------------------------------------------------------------------------
 

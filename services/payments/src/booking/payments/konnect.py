@@ -20,13 +20,13 @@ from pydantic import SecretStr
 
 from booking.payments.settings import PaymentsSettings
 from booking.runtime.outside import (
+    OutsideClient,
     RetriesExhausted,
     RetryPolicy,
     TransientAnswer,
     describe_failure,
     retry_after,
 )
-from booking.runtime.transport import CancelSafeTransport
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ class PaymentRequest:
 # -- the client ------------------------------------------------------------------------------
 
 
-class KonnectClient:
+class KonnectClient(OutsideClient):
+    system = "Konnect"
+
     def __init__(
         self,
         *,
@@ -135,9 +137,8 @@ class KonnectClient:
         self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.retry_after_max = retry_after_max
-        self._transport = transport
-        self._event_hooks = event_hooks
-        self._http: httpx.AsyncClient | None = None
+        self.transport = transport
+        self.event_hooks = event_hooks
 
     @classmethod
     def from_settings(cls, settings: PaymentsSettings, **kwargs: Any) -> KonnectClient:
@@ -164,34 +165,8 @@ class KonnectClient:
             missing.append("KONNECT_WALLET_ID")
         return missing
 
-    async def open(self) -> None:
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                base_url=self.api_url,
-                timeout=httpx.Timeout(self.timeout),
-                headers={"accept": "application/json"},
-                transport=CancelSafeTransport(inner=self._transport),
-                event_hooks=self._event_hooks,
-                trust_env=False,  # Konnect is reached as configured, never via an env proxy
-            )
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    async def __aenter__(self) -> KonnectClient:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        if self._http is None:
-            raise RuntimeError("the Konnect client is not open (the app's lifespan opens it)")
-        return self._http
+    def _http_options(self) -> dict[str, Any]:
+        return {"base_url": self.api_url}
 
     # -- the API -----------------------------------------------------------------------------
 
