@@ -173,7 +173,9 @@ class TestRetries:
         assert down.value.attempts == 1 and len(calls.sent) == 1
 
     async def test_a_timeout_is_retried(self, make_client, sandbox):
-        client, calls = await make_client(timeout=0.3)
+        # Well under the sandbox's hang (SANDBOX_HANG_SECONDS), and long enough that the retry's
+        # own connect and read do not time out on a busy machine.
+        client, calls = await make_client(timeout=1.5)
         opened = await client.init_payment(request())
         await sandbox.fault("timeout", count=1, endpoint="get")
 
