@@ -37,7 +37,7 @@ from booking.runtime.logs import configure_logging
 from booking.runtime.service import ServiceRuntime
 from booking.runtime.settings import DEFAULT_DATABASE_URL, RuntimeSettings
 from booking.runtime.tables import MessagingTables
-from booking.runtime.testing import with_database
+from booking.runtime.testing import delete_broker_objects, with_database
 
 SCHEMA = "bench_messaging"
 RESULTS = Path(__file__).parent / "results"
@@ -276,6 +276,10 @@ async def main(args: argparse.Namespace) -> None:
         admin = await asyncpg.connect(server)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+        # Its durable queues would outlive it in the shared vhost.
+        settings = settings_for(database_url, tag)
+        url = settings.rabbitmq_url.get_secret_value()
+        await delete_broker_objects(url, settings, consumers=["consumer"])
 
     report(throughput, latency)
 
