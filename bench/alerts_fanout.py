@@ -22,7 +22,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,12 +38,12 @@ import uvloop
 from fastapi import FastAPI
 from websockets.asyncio.client import connect
 
+from bench import results_file
 from booking.contracts import AdminNotificationRaised, wrap
 from booking.runtime.auth import issue_token
 from booking.runtime.settings import DEFAULT_RABBITMQ_URL, RuntimeSettings
 from booking.runtime.testing import free_port, serving
 
-RESULTS = Path(__file__).parent / "results"
 TARGET_P99_MS = 100.0
 TARGET_RSS_MB = 100.0
 
@@ -338,23 +337,7 @@ def report(result: dict[str, Any]) -> None:
     for name, value, target in rows:
         mark = "" if not target else ("ok" if checks[name] else "MISSED")
         print(f"  {name:<32}{value:>10}  {target:<9}{mark}")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    document = {
-        "benchmark": "alerts_fanout",
-        "at": datetime.now(UTC).isoformat(),
-        "commit": commit or None,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-        **result,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"alerts_fanout-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path = results_file.write("alerts_fanout", {**results_file.started("alerts_fanout"), **result})
     print(f"\n  results: {path}")
 
 

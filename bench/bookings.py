@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -59,13 +58,13 @@ import httpx
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench import results_file
 from booking.runtime.auth import issue_token
 from booking.runtime.devrun import CHILDREN, probe_host
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
 from booking.runtime.testing import pick_free_ports, private_database, private_vhost
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 RUN_PREFIX = "bench_bookings"  # of its database and vhost
 TARGET_PER_SECOND, AIM_PER_SECOND = 100.0, 150.0
 TARGET_CONFIRMED_P99_MS = 1000.0
@@ -1099,8 +1098,8 @@ async def profile_hottest(
         return None
     hottest = chosen if chosen in candidates else max(candidates, key=per.__getitem__)
     pid = driver.system.pids[hottest]
-    RESULTS.mkdir(exist_ok=True)
-    raw = RESULTS / f"bookings-{stamp}-profile-{hottest}.txt"
+    results_file.RESULTS.mkdir(exist_ok=True)
+    raw = results_file.RESULTS / f"bookings-{stamp}-profile-{hottest}.txt"
     recorder = await asyncio.create_subprocess_exec(
         spy,
         "record",
@@ -1208,7 +1207,7 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
                         result["full_speed"]["cpu"],
                         args.profile_seconds,
                         in_flight,
-                        result["_stamp"],
+                        results_file.stamp(result),
                         args.profile,
                     )
             print(f"  at {args.rate:g}/s for {args.seconds:g}s: booking -> confirmed ...")
@@ -1219,19 +1218,10 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             await driver.close()
 
 
-def git_commit() -> str | None:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return out.stdout.strip() or None
-
-
 def machine(busy_before: float) -> dict[str, Any]:
     return {
         "busy_percent_before_start": busy_before,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **results_file.machine(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -1351,10 +1341,7 @@ def report(result: dict[str, Any]) -> Path:
             print(f"      {share:5.1f}%  {frame[:100]}")
     elif profile:
         print(f"\n  py-spy failed on {profile['service']}: {profile.get('error')}")
-    stamp = result.pop("_stamp")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bookings-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = results_file.write("bookings", result)
     print(f"\n  results: {path.relative_to(ROOT)}")
     return path
 
@@ -1401,12 +1388,7 @@ def arguments() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    result: dict[str, Any] = {
-        "benchmark": "bookings",
-        "at": datetime.now(UTC).isoformat(),
-        "commit": git_commit(),
-        "_stamp": f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}",
-    }
+    result = results_file.started("bookings")
     code = 0
     try:
         await run(args, result)

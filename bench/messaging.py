@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
-from pathlib import Path
 
 import asyncpg
 import uvloop
 from sqlalchemy import Column, DateTime, MetaData, Table, Uuid, func, text
 
+from bench import results_file
 from booking.contracts import MentorRegistered
 from booking.runtime.consumer import MessageContext
 from booking.runtime.logs import configure_logging
@@ -40,7 +37,6 @@ from booking.runtime.tables import MessagingTables
 from booking.runtime.testing import delete_broker_objects, with_database
 
 SCHEMA = "bench_messaging"
-RESULTS = Path(__file__).parent / "results"
 
 
 def bench_tables() -> tuple[MetaData, MessagingTables, Table]:
@@ -308,25 +304,12 @@ def report(throughput: dict, latency: dict) -> None:
     for name, value, target, ok in rows:
         mark = "" if not target else ("ok" if ok else "MISSED")
         print(f"  {name:<26}{value:>10}  {target:<9}{mark}")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     result = {
-        "benchmark": "messaging",
-        "at": datetime.now(UTC).isoformat(),
-        "commit": commit or None,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        **results_file.started("messaging"),
         "throughput": throughput,
         "latency": latency,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"messaging-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n  results: {path}")
+    print(f"\n  results: {results_file.write('messaging', result)}")
 
 
 if __name__ == "__main__":

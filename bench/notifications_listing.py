@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import uvloop
 
+from bench import results_file
 from booking.notifications import feed
 from booking.notifications.app import create_app
 from booking.notifications.domain import Cursor, Filters, NotificationType, Severity
@@ -45,7 +42,6 @@ from booking.runtime.migrations import upgrade
 from booking.runtime.settings import DEFAULT_DATABASE_URL
 from booking.runtime.testing import with_database
 
-RESULTS = Path(__file__).parent / "results"
 TABLE = f"{SCHEMA}.admin_notifications"
 TARGET_P99_MS = 20.0
 CHUNK = 100_000
@@ -236,18 +232,8 @@ def report(
     print("\n  plan of the main query:")
     for line in plan.splitlines():
         print(f"    {line}")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     result = {
-        "benchmark": "notifications_listing",
-        "at": datetime.now(UTC).isoformat(),
-        "commit": commit or None,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        **results_file.started("notifications_listing"),
         "rows": counts,
         "fill_seconds": round(fill_seconds, 1),
         "iterations": args.iterations,
@@ -256,10 +242,7 @@ def report(
         "queries": results,
         "plan": plan,
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"notifications-listing-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n  results: {path}")
+    print(f"\n  results: {results_file.write('notifications-listing', result)}")
 
 
 if __name__ == "__main__":

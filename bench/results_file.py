@@ -1,0 +1,52 @@
+"""What every benchmark's JSON under bench/results/ starts with, and how it is written: the
+benchmark, when, the commit and the machine, so that two runs can be told apart and compared."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def git_commit() -> str | None:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() or None
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def started(benchmark: str) -> dict[str, Any]:
+    """The head of a result document: `benchmark`, `at` (now), `commit` and `machine`."""
+    return {
+        "benchmark": benchmark,
+        "at": datetime.now(UTC).isoformat(),
+        "commit": git_commit(),
+        "machine": machine(),
+    }
+
+
+def stamp(document: dict[str, Any]) -> str:
+    """The document's `at`, as its files under bench/results/ are named."""
+    return f"{datetime.fromisoformat(document['at']):%Y%m%dT%H%M%SZ}"
+
+
+def write(name: str, document: dict[str, Any]) -> Path:
+    """`document` as bench/results/<name>-<its stamp>.json; its path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{stamp(document)}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
