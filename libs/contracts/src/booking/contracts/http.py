@@ -169,6 +169,28 @@ class NotificationPage(BaseModel):
     next_cursor: str | None
 
 
+class FeedFilter(BaseModel):
+    """The feed's filters as the query string carries them, declared once for the gateway and
+    the notifications service; what a name or number means, the service decides."""
+
+    unread_only: bool | None = Field(None, alias="unreadOnly")
+    severity: str | None = Field(
+        None, max_length=20, description="exactly this severity: a name (Error) or 0..3"
+    )
+    min_severity: str | None = Field(
+        None,
+        alias="minSeverity",
+        max_length=20,
+        description="this severity or a graver one: a name (Error) or 0..3",
+    )
+    type: str | None = Field(
+        None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
+    )
+    since: AwareDatetime | None = Field(
+        None, description="only those that occurred (first or again) at or after this instant"
+    )
+
+
 class MarkedRead(BaseModel):
     updated: int = Field(description="how many notifications were marked read")
 

@@ -7,17 +7,18 @@ order) is the owning service's to refuse: it gets the caller's token and verifie
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
-from pydantic import AwareDatetime, BaseModel
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from booking.contracts.http import (
     BookingAccepted,
     BookingCreate,
     CalendarConnection,
+    FeedFilter,
     MarkedRead,
     Mentor,
     MentorCreate,
@@ -289,22 +290,7 @@ notifications = APIRouter(
 )
 
 
-async def _filters(
-    unread_only: bool | None = Query(None, alias="unreadOnly"),
-    severity: str | None = Query(
-        None, max_length=20, description="exactly this severity: a name (Error) or 0..3"
-    ),
-    min_severity: str | None = Query(
-        None,
-        alias="minSeverity",
-        max_length=20,
-        description="this severity or a graver one: a name (Error) or 0..3",
-    ),
-    type: str | None = Query(
-        None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
-    ),
-    since: AwareDatetime | None = Query(None),
-) -> None:
+async def _filters(given: Annotated[FeedFilter, Query()]) -> None:
     """The feed's filters, checked here and passed on in the query string as they came."""
 
 

@@ -16,7 +16,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import AwareDatetime
 
 from booking.contracts import http
 from booking.notifications import feed
@@ -37,32 +36,9 @@ async def database(request: Request) -> Database:
     return db
 
 
-async def filters(
-    unread_only: bool | None = Query(None, alias="unreadOnly"),
-    severity: str | None = Query(
-        None, max_length=20, description="exactly this severity: a name (Error) or 0..3"
-    ),
-    min_severity: str | None = Query(
-        None,
-        alias="minSeverity",
-        max_length=20,
-        description="this severity or a graver one: a name (Error) or 0..3",
-    ),
-    type: str | None = Query(
-        None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
-    ),
-    since: AwareDatetime | None = Query(
-        None, description="only those that occurred (first or again) at or after this instant"
-    ),
-) -> Filters:
+async def filters(given: Annotated[http.FeedFilter, Query()]) -> Filters:
     try:
-        return Filters.parse(
-            unread_only=unread_only,
-            severity=severity,
-            min_severity=min_severity,
-            type=type,
-            since=since,
-        )
+        return Filters.parse(**given.model_dump())
     except InvalidFilter as exc:
         raise HTTPException(422, str(exc)) from None
 
