@@ -42,6 +42,7 @@ import glob
 import itertools
 import os
 import pwd
+import reprlib
 import secrets
 import shutil
 import signal
@@ -52,7 +53,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1147,21 +1148,20 @@ async def assert_nothing_lost(
     stuck = [(b.number, b.error) for b in load.bookings if b.error or not b.done]
     assert not stuck, f"bookings the load could not complete: {stuck}"
 
+    async def until_none(what: str, find: Callable[[DrillSystem], Awaitable[Sized]]) -> None:
+        """Within the bound, `find` finds nothing left (the last it found is the failure)."""
+
+        async def none_left() -> bool:
+            left = await find(system)
+            assert not left, f"{len(left)} left: {reprlib.repr(left)}"
+            return True
+
+        await eventually(none_left, timeout=SETTLE_SECONDS, interval=0.5, what=what)
+
     # Every order in the database reaches a terminal state within the bound.
-    async def all_terminal() -> bool:
-        pending = await in_flight(system)
-        assert not pending, f"{len(pending)} orders in flight, e.g. {pending[:3]}"
-        return True
-
-    await eventually(all_terminal, timeout=SETTLE_SECONDS, interval=0.5, what="every booking ended")
-
+    await until_none("every booking ended (orders in flight)", in_flight)
     # Nothing stuck in an outbox, nothing waiting or dead in the broker, nothing lost between.
-    async def outboxes_sent() -> bool:
-        unsent = await unsent_events(system)
-        assert not unsent, f"unsent outbox rows: {unsent}"
-        return True
-
-    await eventually(outboxes_sent, timeout=SETTLE_SECONDS, interval=0.5, what="outboxes sent")
+    await until_none("outboxes sent (unsent outbox rows)", unsent_events)
 
     async def queues_drained() -> dict[str, tuple[int, int]]:
         depths = await queue_depths(system)
@@ -1173,12 +1173,7 @@ async def assert_nothing_lost(
 
     await eventually(queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained")
 
-    async def all_handled() -> bool:
-        missing = await unhandled_events(system)
-        assert not missing, f"{len(missing)} events never handled, e.g. {missing[:3]}"
-        return True
-
-    await eventually(all_handled, timeout=SETTLE_SECONDS, interval=0.5, what="events handled")
+    await until_none("events handled (events never handled)", unhandled_events)
 
     # One payment, one escrow, one calendar event, one confirmation per paid booking; one alert
     # per failure; for every order there is, not only this drill's.
