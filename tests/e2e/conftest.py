@@ -282,16 +282,30 @@ class Marketplace:
         self.mentee = system.token("mentee")
         self.mentor_emails: dict[str, str] = {}
 
+    async def consent_url(self, mentor_id: str, headers: dict[str, str]) -> str:
+        """Where the gateway redirects to start connecting Google.
+
+        The calendar service answers 404 until it has consumed the mentor's MentorRegistered,
+        which can come a moment after the 201 that registered them.
+        """
+
+        async def redirect() -> str | None:
+            start = await self.api.get(
+                f"/api/mentors/{mentor_id}/calendar/connect", headers=headers
+            )
+            if start.status_code == 404:
+                return None
+            assert start.status_code == 302, start.text
+            return start.headers["location"]
+
+        return await eventually(
+            redirect, timeout=FLOW_SECONDS, interval=0.05, what="the calendar knows the mentor"
+        )
+
     async def connect_calendar(self, mentor_id: str) -> dict[str, Any]:
         """The mentor connects Google: the consent the gateway redirects to, approved."""
-        start = await self.api.get(
-            f"/api/mentors/{mentor_id}/calendar/connect",
-            headers=self.system.token("mentor", mentor_id),
-        )
-        assert start.status_code == 302, start.text
-        approved = await self.google.post(
-            "/_sandbox/oauth/approve", json={"auth_url": start.headers["location"]}
-        )
+        auth_url = await self.consent_url(mentor_id, self.system.token("mentor", mentor_id))
+        approved = await self.google.post("/_sandbox/oauth/approve", json={"auth_url": auth_url})
         assert approved.status_code == 200, approved.text
         back = approved.json()["location"]  # the callback, through the gateway
         assert back.startswith(f"{self.system.gateway}/api/calendar/oauth/callback?"), back

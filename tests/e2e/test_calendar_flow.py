@@ -102,12 +102,8 @@ class TestAMentorWithoutGoogle:
     async def test_a_tampered_callback_is_refused_and_connects_nothing(self, market):
         offering = await market.offering()
         mentor_id = offering["mentor_id"]
-        start = await market.api.get(
-            f"/api/mentors/{mentor_id}/calendar/connect", headers=market.admin
-        )
-        approved = await market.google.post(
-            "/_sandbox/oauth/approve", json={"auth_url": start.headers["location"]}
-        )
+        auth_url = await market.consent_url(mentor_id, market.admin)
+        approved = await market.google.post("/_sandbox/oauth/approve", json={"auth_url": auth_url})
         back = approved.json()["location"].replace("state=", "state=x")
 
         refused = await market.api.get(back)
