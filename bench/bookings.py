@@ -1163,6 +1163,10 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     busy_before = await machine_busy(3.0)
     print(f"  the machine is {busy_before}% busy before the benchmark starts")
     result["machine"] = machine(busy_before)
+    print(
+        f"  its CPU: {result['machine']['cpu_model']}, the calibration loop in"
+        f" {result['machine']['python_loop_ms']} ms (compare runs on different hosts by it)"
+    )
     result["settings"] = {
         "system": "given: " + args.url if args.url else "started by the benchmark",
         **{k: v for k, v in vars(args).items() if k != "url"},

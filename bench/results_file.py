@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,38 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def python_loop_ms(rounds: int = 5) -> float:
+    """The best of `rounds` timings of one fixed pure-Python loop, in ms.
+
+    Two hosts sold as the same 2 cores can differ twofold in what a core does; results taken on
+    different hosts compare only alongside this figure.
+    """
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python_loop_ms": python_loop_ms(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
