@@ -490,6 +490,9 @@ class Booking:
     confirmed_at: float | None = None  # the order read confirmed
     gets: int = 0
     outcome: str = "pending"  # confirmed, or what went wrong
+    # What the webhook got when it was not a 200 (the pay call's report, e.g. "[504]"): the
+    # booking is still followed, since the payment may go through all the same.
+    webhook_trouble: str | None = None
 
     @property
     def latency_ms(self) -> float | None:
@@ -681,8 +684,9 @@ class Driver:
             booking.outcome = "paid, no webhook yet"
             return
         if webhooks != [200]:
-            booking.outcome = f"webhook answered {webhooks}"
-            return
+            # Overloaded, the gateway may give up (504) or the sandbox stop waiting (None)
+            # while payments still applies the payment; if it did not, reconciliation will.
+            booking.webhook_trouble = f"webhook answered {webhooks}"
         await self.until_confirmed(booking, deadline)
 
     async def until_confirmed(self, booking: Booking, deadline: float) -> None:
@@ -754,6 +758,15 @@ def quantiles_ms(values: list[float]) -> dict[str, float | None]:
 
 def outcomes(bookings: list[Booking]) -> dict[str, int]:
     return dict(Counter(b.outcome for b in bookings).most_common())
+
+
+def webhook_trouble(bookings: list[Booking]) -> dict[str, dict[str, int]]:
+    """The webhooks not answered 200, and how those bookings ended."""
+    troubled: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for b in bookings:
+        if b.webhook_trouble:
+            troubled[b.webhook_trouble][b.outcome] += 1
+    return {trouble: dict(ends) for trouble, ends in troubled.items()}
 
 
 def where_time_goes(bookings: list[Booking], watch: EventWatch) -> dict[str, dict[str, Any]]:
@@ -833,6 +846,7 @@ async def at_rate(driver: Driver, meter: CpuMeter, rate: float, seconds: float) 
         "bookings": total,
         "pacing_lag_ms": round(max(late, 0) * 1000, 1),
         "outcomes": outcomes(bookings),
+        "webhook_trouble": webhook_trouble(bookings),
         **quantiles_ms(latencies),
         "order_gets_per_booking": round(sum(b.gets for b in bookings) / max(total, 1), 2),
         "stages": where_time_goes(bookings, driver.watch),
@@ -897,6 +911,7 @@ async def full_speed(
         "in_flight": in_flight,
         "bookings": len(bookings),
         "outcomes": outcomes(bookings),
+        "webhook_trouble": webhook_trouble(bookings),
         "confirmed_per_second_sustained": sustained,
         "confirmed_per_second_overall": round(len(confirmed) / elapsed, 1),
         "latency_under_load": quantiles_ms(latencies),
@@ -1303,9 +1318,15 @@ def report(result: dict[str, Any]) -> Path:
         print(f"  storm answers: {storm['answers']}; effects: {storm['effects']}")
     if fast := result.get("full_speed"):
         print(f"  outcomes at full speed: {fast['outcomes']}")
+        if fast["webhook_trouble"]:
+            print(f"    webhooks not answered 200, and how those ended: {fast['webhook_trouble']}")
     if steady := result.get("at_rate"):
         rate = steady["rate_per_second"]
         print(f"  outcomes at {rate:g}/s: {steady['outcomes']}")
+        if steady["webhook_trouble"]:
+            print(
+                f"    webhooks not answered 200, and how those ended: {steady['webhook_trouble']}"
+            )
         print(f"\n  where the time goes at {rate:g}/s (p50 / p99 ms):")
         for stage, qs in steady["stages"].items():
             print(f"    {stage:<58}{qs['p50_ms']!s:>8} {qs['p99_ms']!s:>8}")
