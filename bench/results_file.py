@@ -36,8 +36,9 @@ def cpu_model() -> str | None:
 def python_loop_ms(rounds: int = 5) -> float:
     """The best of `rounds` timings of one fixed pure-Python loop, in ms.
 
-    Two hosts sold as the same 2 cores can differ twofold in what a core does; results taken on
-    different hosts compare only alongside this figure.
+    Two hosts sold as the same 2 cores can differ twofold in what a core does, and a shared
+    host's speed drifts from minute to minute: a rough guide to which of two runs had the
+    faster machine, taken once, before the load.
     """
     best = float("inf")
     for _ in range(rounds):
