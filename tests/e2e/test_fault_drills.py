@@ -68,7 +68,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from booking.runtime.auth import issue_token
 from booking.runtime.devrun import child_environment
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import eventually
+from booking.runtime.testing import eventually, pick_free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -614,7 +614,7 @@ async def drill_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         pytest.skip("as root, the fault drills need runuser to run Postgres as postgres")
 
     logs = tmp_path_factory.mktemp("drills")
-    pg_port, amqp_port, dist_port, *ports = pick_ports(12)
+    pg_port, amqp_port, dist_port, *ports = pick_free_ports(12)
     postgres = PrivatePostgres(bindir, pg_port)
     rabbitmq = PrivateRabbitMQ(amqp_port, dist_port)
     processes: dict[str, Process] = {}
@@ -648,15 +648,6 @@ async def drill_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         finally:
             await asyncio.gather(*(p.stop() for p in processes.values()), return_exceptions=True)
             await asyncio.gather(rabbitmq.destroy(), postgres.destroy(), return_exceptions=True)
-
-
-def pick_ports(count: int) -> list[int]:
-    """`count` distinct ports nothing listens on right now."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 async def register_mentors(system: DrillSystem) -> list[Mentor]:
