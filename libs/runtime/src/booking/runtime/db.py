@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from fastapi import Request
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -58,3 +59,10 @@ class Database:
         `transaction()` for those."""
         async with self._single() as session:
             yield session
+
+
+async def database(request: Request) -> Database:
+    """FastAPI dependency: the Database of the app's runtime (a service with tables)."""
+    db = request.app.state.runtime.db
+    assert db is not None
+    return db

@@ -14,26 +14,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.responses import Response
 
 from booking.contracts import http
 from booking.notifications import feed
 from booking.notifications.domain import Cursor, Filters, InvalidFilter
 from booking.runtime.auth import Role, require_roles
-from booking.runtime.db import Database
+from booking.runtime.db import Database, database
 
 router = APIRouter(
     prefix="/api/admin/notifications",
     tags=["admin notifications"],
     dependencies=[Depends(require_roles(Role.ADMIN))],
 )
-
-
-async def database(request: Request) -> Database:
-    db = request.app.state.runtime.db
-    assert db is not None
-    return db
 
 
 async def filters(given: Annotated[http.FeedFilter, Query()]) -> Filters:

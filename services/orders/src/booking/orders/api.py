@@ -33,18 +33,12 @@ from booking.orders.tables import (
     OrderRow,
 )
 from booking.runtime.auth import Identity, Role, authenticated, require_roles
-from booking.runtime.db import Database
+from booking.runtime.db import Database, database
 from booking.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-
-async def database(request: Request) -> Database:
-    db = request.app.state.runtime.db
-    assert db is not None
-    return db
 
 
 async def outbox(request: Request) -> Outbox:
