@@ -1177,7 +1177,12 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     overrides = dict(kv.split("=", 1) for kv in args.env)
     busy_before = await machine_busy(3.0)
     print(f"  the machine is {busy_before}% busy before the benchmark starts")
-    result["machine"] = machine(busy_before)
+    # started() described the machine (its calibration included); what only this one measures:
+    result["machine"] = {
+        "busy_percent_before_start": busy_before,
+        **result["machine"],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     print(
         f"  its CPU: {result['machine']['cpu_model']}, the calibration loop in"
         f" {result['machine']['python_loop_ms']} ms (compare runs on different hosts by it)"
@@ -1237,14 +1242,6 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             await driver.close()
 
 
-def machine(busy_before: float) -> dict[str, Any]:
-    return {
-        "busy_percent_before_start": busy_before,
-        **results_file.machine(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def at_most(value: float | None, target: float) -> bool:
     return value is not None and value <= target
 
@@ -1301,6 +1298,12 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any, str, bool | Non
     return rows
 
 
+def print_outcomes(phase: str, measured: dict[str, Any]) -> None:
+    print(f"  outcomes at {phase}: {measured['outcomes']}")
+    if measured["webhook_trouble"]:
+        print(f"    webhooks not answered 200, and how those ended: {measured['webhook_trouble']}")
+
+
 def report(result: dict[str, Any]) -> Path:
     print()
     print(f"  {'measure':<28}{'value':>10}  {'target':<10}")
@@ -1317,16 +1320,10 @@ def report(result: dict[str, Any]) -> Path:
     if storm := result.get("duplicate_storm"):
         print(f"  storm answers: {storm['answers']}; effects: {storm['effects']}")
     if fast := result.get("full_speed"):
-        print(f"  outcomes at full speed: {fast['outcomes']}")
-        if fast["webhook_trouble"]:
-            print(f"    webhooks not answered 200, and how those ended: {fast['webhook_trouble']}")
+        print_outcomes("full speed", fast)
     if steady := result.get("at_rate"):
         rate = steady["rate_per_second"]
-        print(f"  outcomes at {rate:g}/s: {steady['outcomes']}")
-        if steady["webhook_trouble"]:
-            print(
-                f"    webhooks not answered 200, and how those ended: {steady['webhook_trouble']}"
-            )
+        print_outcomes(f"{rate:g}/s", steady)
         print(f"\n  where the time goes at {rate:g}/s (p50 / p99 ms):")
         for stage, qs in steady["stages"].items():
             print(f"    {stage:<58}{qs['p50_ms']!s:>8} {qs['p99_ms']!s:>8}")
