@@ -243,7 +243,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             started = time.monotonic()
             for child in children:
                 assert child.stdout is not None
-                line = await asyncio.wait_for(child.stdout.readline(), 300)
+                async with asyncio.timeout(300):
+                    line = await child.stdout.readline()
                 if line.strip() != b"ready":
                     raise SystemExit(f"a client process did not connect: {line!r}")
             connect_seconds = time.monotonic() - started
@@ -270,7 +271,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for child in children:
                 assert child.stdout is not None
                 # The rest of its output, to its exit: one (long) JSON line.
-                latencies.extend(json.loads(await asyncio.wait_for(child.stdout.read(), 120)))
+                async with asyncio.timeout(120):
+                    latencies.extend(json.loads(await child.stdout.read()))
             after = rss_mb(gateway.pid)
             cpu = cpu_seconds(gateway.pid) - cpu_before
             await channel.exchange_delete(exchange_name)
@@ -280,7 +282,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if process is not None and process.returncode is None:
                 process.terminate()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(process.wait(), 20)
+                    async with asyncio.timeout(20):
+                        await process.wait()
         await connection.close()
 
     expected = args.clients * args.alerts

@@ -472,7 +472,8 @@ class EventWatch:
                 return None
             event.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), left)
+                async with asyncio.timeout(left):
+                    await event.wait()
 
     def forget(self, order_id: str) -> None:
         self.changed.pop(order_id, None)
@@ -923,7 +924,8 @@ async def full_speed(
 async def admin_socket(system: System, headers: dict[str, str]) -> ClientConnection:
     url = system.gateway.replace("http://", "ws://", 1) + "/ws/admin"
     socket_ = await connect(url, additional_headers=headers, open_timeout=30, proxy=None)
-    hello = json.loads(await asyncio.wait_for(socket_.recv(), 30))
+    async with asyncio.timeout(30):
+        hello = json.loads(await socket_.recv())
     if hello.get("type") != "hello":
         raise BenchError(f"the admin websocket said {hello} instead of hello")
     return socket_
@@ -961,7 +963,8 @@ async def webhook_to_alert(driver: Driver, samples: int) -> dict[str, Any]:
             while ref not in arrivals and time.perf_counter() < deadline:
                 arrived.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), deadline - time.perf_counter())
+                    async with asyncio.timeout(deadline - time.perf_counter()):
+                        await arrived.wait()
             if ref in arrivals:
                 at, data = arrivals[ref]
                 latencies.append((at - sent) * 1000)

@@ -250,7 +250,8 @@ async def main(args: argparse.Namespace) -> None:
             stdout=subprocess.PIPE,
         )
         children.append(consumer)
-        line = await asyncio.wait_for(consumer.stdout.readline(), 60)
+        async with asyncio.timeout(60):
+            line = await consumer.stdout.readline()
         assert line.strip() == b"ready", line
         await runtime.start()
         await runtime.broker.wait_ready(30)

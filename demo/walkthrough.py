@@ -256,7 +256,8 @@ class AdminFeed:
             ) from None
         try:
             try:
-                hello = json.loads(await asyncio.wait_for(socket.recv(), timeout))
+                async with asyncio.timeout(timeout):
+                    hello = json.loads(await socket.recv())
             except (TimeoutError, ConnectionClosed):
                 raise DemoStopped(f"the admin websocket {url} sent no hello") from None
             feed = cls(socket, hello)
@@ -268,7 +269,8 @@ class AdminFeed:
                     await feed._reader
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(socket.close(), 5)
+                async with asyncio.timeout(5):
+                    await socket.close()
 
     async def _read(self) -> None:
         try:
@@ -302,7 +304,8 @@ class AdminFeed:
                     " see `make run`'s output (notifications, gateway)"
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), left)
+                async with asyncio.timeout(left):
+                    await self.arrived.wait()
 
 
 # --- the walkthrough ------------------------------------------------------------------------------

@@ -891,7 +891,8 @@ class TestFaults:
         # In-process the client cannot time out on the wire; asyncio's timeout plays its part.
         await google.control("faults", {"kind": "slow", "count": 1, "seconds": 30})
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(call(google, "token", mentor), 0.05)
+            async with asyncio.timeout(0.05):
+                await call(google, "token", mentor)
         assert (await call(google, "token", mentor)).status_code == 200
 
     async def test_other_paths_never_use_a_fault_up(self, google):

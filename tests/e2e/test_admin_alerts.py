@@ -26,7 +26,8 @@ FRAME_SECONDS = 30  # a failure travels through four services on a loaded machin
 async def admin_socket(running_system, market) -> AsyncIterator[ClientConnection]:
     url = running_system.gateway.replace("http://", "ws://") + "/ws/admin"
     async with connect(url, additional_headers=market.admin, open_timeout=30) as socket:
-        hello = json.loads(await asyncio.wait_for(socket.recv(), FRAME_SECONDS))
+        async with asyncio.timeout(FRAME_SECONDS):
+            hello = json.loads(await socket.recv())
         assert hello["type"] == "hello", hello
         yield socket
 
@@ -43,7 +44,8 @@ async def next_notification(socket: ClientConnection, **match: Any) -> dict[str,
             if all(metadata.get(k) == v for k, v in match.items()):
                 return frame["data"]
 
-    return await asyncio.wait_for(receive(), FRAME_SECONDS)
+    async with asyncio.timeout(FRAME_SECONDS):
+        return await receive()
 
 
 class TestTheLiveFeed:

@@ -451,7 +451,8 @@ async def calendar_replica(env: dict[str, str], logs: Path) -> AsyncIterator[Rep
     finally:
         if process.returncode is None:
             process.kill()
-        await asyncio.wait_for(process.wait(), 30)
+        async with asyncio.timeout(30):
+            await process.wait()
 
 
 def gateway_settings(env: dict[str, str], **overrides: Any) -> GatewaySettings:
@@ -480,7 +481,8 @@ class TestHealth:
                 await expect(tile).to_have_attribute("data-status", "pass", timeout=FLOW_MS)
 
                 calendar.process.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(calendar.process.wait(), 30)
+                async with asyncio.timeout(30):
+                    await calendar.process.wait()
 
                 await expect(tile).to_have_attribute("data-status", "fail", timeout=FLOW_MS)
                 await expect(tile).to_contain_text("FAILING")

@@ -38,7 +38,8 @@ async def run_demo(env: dict[str, str]) -> tuple[int, str]:
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), DEMO_SECONDS)
+        async with asyncio.timeout(DEMO_SECONDS):
+            output, _ = await process.communicate()
     except TimeoutError:
         process.kill()
         await process.wait()

@@ -180,7 +180,8 @@ async def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path |
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), INFRA_SECONDS)
+        async with asyncio.timeout(INFRA_SECONDS):
+            output, _ = await process.communicate()
     except TimeoutError:
         process.kill()
         await process.wait()
@@ -789,7 +790,8 @@ class Load:
             task.add_done_callback(self._tasks.discard)
             next_at += 1 / RATE_PER_SECOND
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), max(0.0, next_at - loop.time()))
+                async with asyncio.timeout(max(0.0, next_at - loop.time())):
+                    await self._stop.wait()
 
     async def _book_and_pay(self, booking: Booking) -> None:
         deadline = time.monotonic() + BOOKING_DEADLINE_SECONDS

@@ -73,6 +73,9 @@ class TestMigrations:
                 "JOIN pg_class c ON c.oid = t.tgrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE t.tgname = 'outbox_notify' AND c.relname = 'outbox'"
+                # Other tests' schemas may share this database: only the services' count here.
+                " AND n.nspname = ANY($1::text[])",
+                list(WITH_DATABASE),
             )
             schema = WITH_DATABASE[0]
             await conn.execute(f"LISTEN outbox_{schema}")
@@ -83,7 +86,8 @@ class TestMigrations:
                     f"INSERT INTO {schema}.outbox (message_id, exchange, routing_key, event_type,"
                     " correlation_id, body) VALUES (gen_random_uuid(), 'x', 'k', 'T', 'c', '{{}}')"
                 )
-            await asyncio.wait_for(heard.get(), 5)
+            async with asyncio.timeout(5):
+                await heard.get()
         finally:
             await conn.close()
         assert {r["schema"] for r in triggers} == set(WITH_DATABASE)

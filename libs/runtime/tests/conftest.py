@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -114,11 +115,16 @@ async def make_service(
 
     yield build
     for service in made:
-        await service.runtime.stop()
-        # Its consumer is named for its schema, not a service: make_settings would not find it.
-        await delete_broker_objects(rabbitmq_url, service.settings, [service.runtime.name])
-        engine = service.runtime.db.engine if service.runtime.db else None
-        if engine is not None:
-            async with engine.begin() as conn:
-                await conn.execute(text(f'DROP SCHEMA "{service.tables.schema}" CASCADE'))
-            await engine.dispose()
+        try:
+            # Bounded, so that a runtime which does not stop fails here, by name, and what it
+            # made is still deleted (left behind, it would fail the tests that come after).
+            async with asyncio.timeout(30):
+                await service.runtime.stop()
+        finally:
+            # Its consumer is named for its schema, not a service: make_settings would not find it.
+            await delete_broker_objects(rabbitmq_url, service.settings, [service.runtime.name])
+            engine = service.runtime.db.engine if service.runtime.db else None
+            if engine is not None:
+                async with engine.begin() as conn:
+                    await conn.execute(text(f'DROP SCHEMA "{service.tables.schema}" CASCADE'))
+                await engine.dispose()

@@ -199,6 +199,22 @@ class TestRelayFailures:
         assert broker.published == [str(event)]
 
 
+class TestStopping:
+    async def test_a_worker_woken_as_it_is_cancelled_ends_cancelled(self, make_service):
+        # asyncio.wait_for on Python 3.11 returns the result when it finishes in the same loop
+        # step as the cancel (gh-86296): the worker went on polling and stop() never returned.
+        service = await make_service(start=False)
+        relay = OutboxRelay(
+            service.runtime.db.engine, service.tables, _Broker(), listen_dsn="", poll_interval=60
+        )
+        waiting = asyncio.create_task(relay.wait_for_work())
+        await asyncio.sleep(0)  # one loop step: it now waits for a token
+        relay.wake()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+
 async def _claimed_elsewhere(engine, tables) -> bool:
     """True once another transaction holds the outbox's only row (SKIP LOCKED skips it)."""
     outbox = tables.outbox

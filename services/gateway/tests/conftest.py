@@ -161,7 +161,8 @@ class RecordingUpstream:
         self.requests.append(recorded)
         if self.delay:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.released.wait(), self.delay)
+                async with asyncio.timeout(self.delay):
+                    await self.released.wait()
         if self.answer is not None:
             return self.answer(recorded)
         return valid_answer(recorded.method, recorded.path)

@@ -177,7 +177,8 @@ class Admin:
     async def next(self, timeout: float = FRAME_TIMEOUT) -> dict[str, Any]:
         """The next frame other than a ping."""
         while True:
-            frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+            async with asyncio.timeout(timeout):
+                frame = json.loads(await self.ws.recv())
             self.frames.append(frame)
             if frame["type"] != "ping":
                 return frame
@@ -444,7 +445,8 @@ class TestHandshake:
         token = world.token(ttl_seconds=3)
         expires_at = jwt.decode(token, options={"verify_signature": False})["exp"]
         admin = await world.admin(gateway, token=token)
-        code, reason = await asyncio.wait_for(admin.closed(), 10)
+        async with asyncio.timeout(10):
+            code, reason = await admin.closed()
         assert code == 4401 and "expired" in reason
         assert expires_at - 0.1 <= time.time() < expires_at + 1.5
         assert sum(f["type"] == "ping" for f in admin.frames) >= 2
@@ -688,7 +690,8 @@ class NeverReads:
         assert self.sock is not None
         loop = asyncio.get_running_loop()
         while self.protocol.close_rcvd is None:
-            data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), FRAME_TIMEOUT)
+            async with asyncio.timeout(FRAME_TIMEOUT):
+                data = await loop.sock_recv(self.sock, 1 << 16)
             if not data:
                 break
             self.protocol.receive_data(data)
@@ -744,9 +747,8 @@ class TestPings:
         )
         admin = await world.admin(gateway)
         for _ in range(3):
-            assert json.loads(await asyncio.wait_for(admin.ws.recv(), FRAME_TIMEOUT)) == {
-                "type": "ping"
-            }
+            async with asyncio.timeout(FRAME_TIMEOUT):
+                assert json.loads(await admin.ws.recv()) == {"type": "ping"}
             await admin.send({"type": "pong"})
         alert = await world.notifications.raise_alert()
         assert await admin.notification() == alert

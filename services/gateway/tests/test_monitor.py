@@ -56,7 +56,8 @@ class StandIn:
     async def health(self) -> Response:
         if self.mode == "hang":
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.release.wait(), 30)
+                async with asyncio.timeout(30):
+                    await self.release.wait()
         if self.mode == "garbage":
             return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=502)
         database: dict[str, Any] = {"componentType": "datastore", "status": "pass"}

@@ -101,7 +101,8 @@ class Broker:
         )
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._connect_until_up(), name="broker-connect")

@@ -203,7 +203,8 @@ async def tcp_reachable(url: str, default_port: int) -> None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or default_port
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         raise Unreachable(f"nothing answered on {host}:{port} in {CONNECT_TIMEOUT:g}s") from None
     except ConnectionRefusedError:
@@ -529,7 +530,8 @@ async def terminate_group(process: asyncio.subprocess.Process, grace: float) -> 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(process.wait(), grace)
+        async with asyncio.timeout(grace):
+            await process.wait()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -101,7 +101,8 @@ class Health:
 
     async def _run(self, check: Check) -> list[Observation]:
         try:
-            result = await asyncio.wait_for(check.run(), check.timeout or self.timeout)
+            async with asyncio.timeout(check.timeout or self.timeout):
+                result = await check.run()
         except TimeoutError:
             output = f"no answer within {check.timeout or self.timeout:g}s"
             return [self._failed(check, output)]

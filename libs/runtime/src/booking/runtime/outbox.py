@@ -211,8 +211,13 @@ class OutboxRelay:
             backoff = 0.1
             if published == self.batch_size:
                 continue  # more may be waiting: no pause
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeups.get(), self.poll_interval)
+            await self.wait_for_work()
+
+    async def wait_for_work(self) -> None:
+        """Until a commit wakes this worker, or for the poll interval at most."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.poll_interval):
+                await self._wakeups.get()
 
     async def _listen_forever(self) -> None:
         """LISTEN for commits so the relay wakes at once instead of waiting for its next poll."""
@@ -233,7 +238,8 @@ class OutboxRelay:
             finally:
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        async with asyncio.timeout(2):
+                            await conn.close()
 
     async def oldest_unsent_age(self) -> float:
         """Seconds since the oldest unsent event was committed (0 when none): the outbox lag."""

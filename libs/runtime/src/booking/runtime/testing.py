@@ -115,7 +115,8 @@ async def rabbitmqctl(*args: str, timeout: float = 60.0) -> str | None:
         start_new_session=True,
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            output, _ = await process.communicate()
     except TimeoutError:
         return None
     finally:
@@ -472,7 +473,8 @@ async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 15)
+        async with asyncio.timeout(15):
+            await task
 
 
 @contextlib.asynccontextmanager

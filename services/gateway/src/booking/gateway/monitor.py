@@ -250,7 +250,8 @@ class HealthMonitor:
             await asyncio.gather(task, return_exceptions=True)
         if self.pending:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.flush(), timeout=2)
+                async with asyncio.timeout(2):
+                    await self.flush()
         for pending in self.pending:
             log.error(
                 "health monitor stopping with %s for %s unpublished (broker unavailable)",
@@ -347,7 +348,8 @@ class HealthMonitor:
             message = pending.message
             with context.correlated(message.correlation_id):
                 try:
-                    await asyncio.wait_for(self.broker.publish(message), self.publish_timeout)
+                    async with asyncio.timeout(self.publish_timeout):
+                        await self.broker.publish(message)
                 except Exception as exc:
                     log.warning(
                         "could not publish %s for %s, %d pending, will retry: %s",

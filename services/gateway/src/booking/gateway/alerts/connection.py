@@ -273,7 +273,8 @@ class AdminConnection:
         # again is left to the server, which closes the connection when this handler returns.
         reason = self.close_reason.encode()[:CLOSE_REASON_BYTES].decode(errors="ignore")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.websocket.close(code, reason), self.policy.close_timeout)
+            async with asyncio.timeout(self.policy.close_timeout):
+                await self.websocket.close(code, reason)
 
     async def _write(self) -> None:
         while True:

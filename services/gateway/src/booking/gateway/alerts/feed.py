@@ -140,7 +140,8 @@ class AlertFeed:
             await asyncio.gather(self._reattach, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             try:
-                await asyncio.wait_for(self._channel.close(), 5)
+                async with asyncio.timeout(5):
+                    await self._channel.close()
             except Exception as exc:  # the connection may be gone already
                 log.debug("admin alert feed: closing its channel: %s", exc)
         self.queue_name = None
