@@ -63,6 +63,7 @@ from booking.runtime.auth import issue_token
 from booking.runtime.devrun import CHILDREN, probe_host
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
 from booking.runtime.testing import pick_free_ports, private_database, private_vhost
+from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PREFIX = "bench_bookings"  # of its database and vhost
@@ -521,7 +522,9 @@ class Driver:
         # Idle connections let go before the servers' 5 s keep-alive timeout, as the services'
         # own clients do (booking.runtime.transport): else a request may race the server's close.
         limits = httpx.Limits(
-            max_connections=concurrency + 50, max_keepalive_connections=200, keepalive_expiry=2.0
+            max_connections=concurrency + 50,
+            max_keepalive_connections=200,
+            keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
         )
         self.api = httpx.AsyncClient(
             base_url=system.gateway, timeout=60, trust_env=False, limits=limits
@@ -1006,7 +1009,9 @@ async def duplicate_storm(driver: Driver, duplicates: int) -> dict[str, Any]:
     assert order_id is not None
     ref = driver.watch.payloads[("PaymentInitiated", order_id)]["payment_ref"]
     limits = httpx.Limits(
-        max_connections=duplicates, max_keepalive_connections=duplicates, keepalive_expiry=2.0
+        max_connections=duplicates,
+        max_keepalive_connections=duplicates,
+        keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
     )
     async with httpx.AsyncClient(
         base_url=driver.system.gateway, timeout=60, trust_env=False, limits=limits

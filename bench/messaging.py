@@ -222,6 +222,7 @@ async def run_latency(
 
 
 async def main(args: argparse.Namespace) -> None:
+    head = results_file.started("messaging")  # the machine's calibration, before the load
     server = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
     database = f"bench_{uuid.uuid4().hex[:8]}"
     tag = uuid.uuid4().hex[:8]
@@ -278,10 +279,10 @@ async def main(args: argparse.Namespace) -> None:
         url = settings.rabbitmq_url.get_secret_value()
         await delete_broker_objects(url, settings, consumers=["consumer"])
 
-    report(throughput, latency)
+    report(head, throughput, latency)
 
 
-def report(throughput: dict, latency: dict) -> None:
+def report(head: dict, throughput: dict, latency: dict) -> None:
     rows = [
         (
             "events/s, full speed",
@@ -306,7 +307,7 @@ def report(throughput: dict, latency: dict) -> None:
         mark = "" if not target else ("ok" if ok else "MISSED")
         print(f"  {name:<26}{value:>10}  {target:<9}{mark}")
     result = {
-        **results_file.started("messaging"),
+        **head,
         "throughput": throughput,
         "latency": latency,
     }

@@ -69,6 +69,7 @@ from booking.runtime.auth import issue_token
 from booking.runtime.devrun import child_environment
 from booking.runtime.settings import RuntimeSettings
 from booking.runtime.testing import eventually, pick_free_ports
+from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -738,7 +739,12 @@ class Load:
         self._client = httpx.AsyncClient(
             timeout=15,
             trust_env=False,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            # Idle connections let go before uvicorn's keep-alive close, as the services' do.
+            limits=httpx.Limits(
+                max_connections=200,
+                max_keepalive_connections=50,
+                keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+            ),
         )
 
     def start(self) -> None:

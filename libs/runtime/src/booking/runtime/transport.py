@@ -27,6 +27,9 @@ import contextlib
 
 import httpx
 
+# How long an idle connection is kept: under the 5 s keep-alive of uvicorn (and most servers).
+KEEPALIVE_EXPIRY_SECONDS = 2.0
+
 
 class CancelSafeTransport(httpx.AsyncBaseTransport):
     def __init__(
@@ -34,7 +37,7 @@ class CancelSafeTransport(httpx.AsyncBaseTransport):
         max_connections: int = 100,
         max_keepalive_connections: int = 20,
         *,
-        keepalive_expiry: float = 2.0,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY_SECONDS,
         inner: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """`inner` (tests pass a MockTransport) defaults to httpx's own pool of that size."""
