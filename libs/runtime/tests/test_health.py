@@ -104,7 +104,9 @@ class TestReportsOfAHealthyService:
             "rabbitmq:consumers",
             "rabbitmq:queues",
             "outbox:lag",
+            "deadLetters:kept",
         }
+        assert report.checks["deadLetters:kept"][0].observedValue == 0
         assert report.checks["rabbitmq:consumers"][0].observedValue == 1
         assert report.checks["database:responseTime"][0].observedUnit == "ms"
 

@@ -107,6 +107,7 @@ class TestSeveralRelays:
                 runtime.db.engine,
                 service.tables,
                 runtime.broker,
+                outbox=runtime.outbox,
                 listen_dsn=service.settings.database_url,
                 batch_size=50,
                 poll_interval=0.2,
@@ -156,7 +157,9 @@ class TestRelayFailures:
         runtime = service.runtime
         ok, refused = await service.record(new_event("ok"), new_event("refused"))
         broker = _Broker(refuse=frozenset({str(refused)}))
-        relay = OutboxRelay(runtime.db.engine, service.tables, broker, listen_dsn="")
+        relay = OutboxRelay(
+            runtime.db.engine, service.tables, broker, outbox=runtime.outbox, listen_dsn=""
+        )
 
         with pytest.raises(ConnectionError):
             await relay.relay_batch()
@@ -180,7 +183,13 @@ class TestRelayFailures:
         service = await make_service(start=False)
         runtime = service.runtime
         [event] = await service.record(new_event())
-        stuck = OutboxRelay(runtime.db.engine, service.tables, _Broker(hang=True), listen_dsn="")
+        stuck = OutboxRelay(
+            runtime.db.engine,
+            service.tables,
+            _Broker(hang=True),
+            outbox=runtime.outbox,
+            listen_dsn="",
+        )
         claim = asyncio.create_task(stuck.relay_batch())
         # The claim holds its row (locked and stamped, uncommitted) while the publish hangs.
         await eventually(
@@ -194,7 +203,9 @@ class TestRelayFailures:
         # unsent, unlocked, and claimed again through the same pool.
         assert await service.unsent() == 1
         broker = _Broker()
-        relay = OutboxRelay(runtime.db.engine, service.tables, broker, listen_dsn="")
+        relay = OutboxRelay(
+            runtime.db.engine, service.tables, broker, outbox=runtime.outbox, listen_dsn=""
+        )
         assert await relay.relay_batch() == 1
         assert broker.published == [str(event)]
 
@@ -205,7 +216,12 @@ class TestStopping:
         # step as the cancel (gh-86296): the worker went on polling and stop() never returned.
         service = await make_service(start=False)
         relay = OutboxRelay(
-            service.runtime.db.engine, service.tables, _Broker(), listen_dsn="", poll_interval=60
+            service.runtime.db.engine,
+            service.tables,
+            _Broker(),
+            outbox=service.runtime.outbox,
+            listen_dsn="",
+            poll_interval=60,
         )
         waiting = asyncio.create_task(relay.wait_for_work())
         await asyncio.sleep(0)  # one loop step: it now waits for a token

@@ -69,6 +69,7 @@ class PaymentAnomalyKind(StrEnum):
     PAYMENT_FOR_CANCELLED_ORDER = "payment_for_cancelled_order"
     PAYMENT_FOR_ENDED_ORDER = "payment_for_ended_order"
     UNDERPAYMENT = "underpayment"
+    UNDERPAID_ORDER_EXPIRED = "underpaid_order_expired"
 
 
 class SessionIssueKind(StrEnum):
@@ -79,6 +80,28 @@ class SessionIssueKind(StrEnum):
     PAYMENT_FOR_PAID_ORDER = "payment_for_paid_order"
     CURRENCY_MISMATCH = "currency_mismatch"
     UNDERPAYMENT = "underpayment"
+    PAYMENT_NEVER_OPENED = "payment_never_opened"
+
+
+class SystemErrorKind(StrEnum):
+    """What a SystemErrorReported is about."""
+
+    DEAD_LETTERED = "dead_lettered"
+    """A message could not be handled and was kept as a dead letter."""
+    UNROUTABLE = "unroutable"
+    """Events of a type reach no queue: they wait in the outbox until one is bound."""
+
+
+class AdminAction(StrEnum):
+    """What an admin did (AdminActionRecorded)."""
+
+    REPLAY_DEAD_LETTER = "replay_dead_letter"
+    DISCARD_DEAD_LETTER = "discard_dead_letter"
+    CANCEL_ORDER = "cancel_order"
+    RETRY_SCHEDULING = "retry_scheduling"
+    RELEASE_ESCROW = "release_escrow"
+    REFUND_ESCROW = "refund_escrow"
+    RECORD_REFUND = "record_refund"
 
 
 class Offering(_Part):
@@ -181,6 +204,8 @@ class PaymentFailed(Event):
 class EscrowReleased(Event):
     """The money held in escrow for an order was released to the mentor."""
 
+    # By the sweeper once the scheduled session ended plus the delay, or by an admin (`by`).
+
     producer = "payments"
 
     order_id: UUID
@@ -188,6 +213,79 @@ class EscrowReleased(Event):
     escrow_amount: MinorUnits
     currency: Currency
     released_at: UtcDatetime
+    by: str | None = None
+    reason: str | None = None
+    sequence: int = Field(default=1, ge=1)
+    """The escrow's transition count: a consumer keeps the status of the highest one seen."""
+
+
+@register
+class EscrowFrozen(Event):
+    """An order's escrow is frozen: its session will not take place as paid; an admin decides."""
+
+    # Scheduling abandoned, the order cancelled, or an anomaly: release or refund, by an admin.
+
+    producer = "payments"
+
+    order_id: UUID
+    mentor_id: UUID
+    escrow_amount: MinorUnits
+    currency: Currency
+    reason: NonEmptyStr
+    by: str | None = None
+    sequence: int = Field(ge=1)
+
+
+@register
+class EscrowUnfrozen(Event):
+    """A frozen escrow is held again: its session was scheduled after all (an admin's retry)."""
+
+    producer = "payments"
+
+    order_id: UUID
+    mentor_id: UUID
+    escrow_amount: MinorUnits
+    currency: Currency
+    release_due_at: UtcDatetime
+    reason: NonEmptyStr
+    sequence: int = Field(ge=1)
+
+
+@register
+class EscrowRefundDue(Event):
+    """The money paid for an order is owed back to the mentee; an admin pays it and records it."""
+
+    # An admin chose a refund, money arrived for an order that had ended, or an underpaid order
+    # expired. Konnect has no refund API: the refund is paid by hand, then EscrowRefunded.
+
+    producer = "payments"
+
+    order_id: UUID
+    mentor_id: UUID
+    escrow_amount: MinorUnits
+    refund_amount: MinorUnits
+    """What goes back to the mentee: everything they paid, the platform's fee included."""
+    currency: Currency
+    reason: NonEmptyStr
+    by: str | None = None
+    sequence: int = Field(ge=1)
+
+
+@register
+class EscrowRefunded(Event):
+    """An admin recorded that the refund owed to the mentee was paid back (`reference`)."""
+
+    producer = "payments"
+
+    order_id: UUID
+    mentor_id: UUID
+    escrow_amount: MinorUnits
+    refund_amount: MinorUnits
+    currency: Currency
+    reason: NonEmptyStr
+    by: NonEmptyStr
+    reference: NonEmptyStr
+    sequence: int = Field(ge=1)
 
 
 @register
@@ -218,6 +316,49 @@ class OrderPaid(Event):
 
 
 @register
+class OrderConfirmed(Event):
+    """An order's session is in the mentor's calendar: the escrow may be released after it."""
+
+    producer = "orders"
+
+    order_id: UUID
+    session_id: UUID
+    mentor_id: UUID
+    end_at: UtcDatetime
+
+
+@register
+class OrderCancelled(Event):
+    """An order ended before its session took place; its slot is free again."""
+
+    # Cancelled by an admin (`by`), or failed by orders itself (`by` None) because its payment
+    # never opened. A paid order's escrow is frozen, its session's calendar event deleted.
+
+    producer = "orders"
+
+    order_id: UUID
+    session_id: UUID
+    mentor_id: UUID
+    reason: NonEmptyStr
+    by: str | None = None
+
+
+@register
+class SchedulingAbandoned(Event):
+    """The calendar gave up on a paid session for good, so its escrow is frozen for an admin."""
+
+    # Sent when orders takes a final CalendarBookingFailed.
+
+    producer = "orders"
+
+    order_id: UUID
+    session_id: UUID
+    mentor_id: UUID
+    reason: CalendarFailureReason
+    detail: str
+
+
+@register
 class SessionIssueDetected(Event):
     """The orders service found a payment it could not apply cleanly to an order."""
 
@@ -244,7 +385,10 @@ class CalendarBookingConfirmed(Event):
 
 @register
 class CalendarBookingFailed(Event):
-    """The calendar service gave up booking a session in the mentor's calendar."""
+    """The calendar service could not book a session in the mentor's calendar (this time)."""
+
+    # `final` says whether it has given up: until then the session waits for the next attempt
+    # (`next_attempt_at`, on the retry schedule) or for the mentor to connect Google again.
 
     producer = "calendar"
 
@@ -254,6 +398,8 @@ class CalendarBookingFailed(Event):
     reason: CalendarFailureReason
     detail: str
     attempts: int = Field(ge=1)
+    final: bool = False
+    next_attempt_at: UtcDatetime | None = None
 
 
 @register
@@ -280,17 +426,40 @@ class HealthCheckRecovered(Event):
 
 @register
 class SystemErrorReported(Event):
-    """A service failed to handle a message and dead-lettered it."""
+    """A service kept a message it could not handle, or its events of one type reach no queue."""
+
+    # kind `dead_lettered`: a dead letter an admin can replay or discard; `unroutable`: the
+    # events wait in the outbox until a queue is bound to them.
 
     # Any service may report this: its envelope names the reporting service, as does `service`.
     producer = ANY_PRODUCER
 
     service: NonEmptyStr
-    consumer: NonEmptyStr  # the queue the message was consumed from
+    consumer: NonEmptyStr  # the queue the message was consumed from (or the outbox's schema)
     message_type: str | None
     error: str
     dead_lettered_message_id: str | None
     attempts: int = Field(ge=1)
+    kind: SystemErrorKind = SystemErrorKind.DEAD_LETTERED
+    dead_letter_id: str | None = None
+    """Where an admin finds it: `<service>:<n>`, for the dead-letter routes."""
+
+
+@register
+class AdminActionRecorded(Event):
+    """An admin acted on the system: who, when, why and on what (every admin action is audited)."""
+
+    producer = ANY_PRODUCER
+
+    action: AdminAction
+    service: NonEmptyStr
+    by: NonEmptyStr
+    reason: str
+    at: UtcDatetime
+    order_id: UUID | None = None
+    session_id: UUID | None = None
+    dead_letter_id: str | None = None
+    detail: str = ""
 
 
 @register
@@ -314,19 +483,27 @@ class AdminNotificationRaised(Event):
 
 
 __all__ = [
+    "AdminAction",
+    "AdminActionRecorded",
     "AdminNotificationRaised",
     "BookingRequested",
     "CalendarBookingConfirmed",
     "CalendarBookingFailed",
     "CalendarFailureReason",
     "Currency",
+    "EscrowFrozen",
+    "EscrowRefundDue",
+    "EscrowRefunded",
     "EscrowReleased",
+    "EscrowUnfrozen",
     "HealthCheckFailed",
     "HealthCheckRecovered",
     "MenteeContact",
     "MentorRegistered",
     "MinorUnits",
     "Offering",
+    "OrderCancelled",
+    "OrderConfirmed",
     "OrderPaid",
     "PaymentAnomalyDetected",
     "PaymentAnomalyKind",
@@ -335,7 +512,9 @@ __all__ = [
     "PaymentFailureReason",
     "PaymentInitiated",
     "PaymentInitiationFailed",
+    "SchedulingAbandoned",
     "SessionIssueDetected",
     "SessionIssueKind",
+    "SystemErrorKind",
     "SystemErrorReported",
 ]

@@ -10,6 +10,9 @@ and timezone-aware; ids are the UUIDs the services give, notifications' increasi
 
 from __future__ import annotations
 
+import base64
+import binascii
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -36,6 +39,9 @@ NotificationType = Literal[
     "IntegrationFailure", "PaymentAnomaly", "SessionIssue", "SystemError", "HealthCheckFailure"
 ]
 Severity = Literal["Info", "Warning", "Error", "Critical"]
+EscrowStatus = Literal["held", "released", "frozen", "refund_due", "refunded"]
+DeadLetterStatus = Literal["kept", "replayed", "discarded"]
+ServiceName = Literal["orders", "payments", "calendar", "notifications"]
 
 
 MAX_MINOR_UNITS = 2**63 - 1
@@ -83,6 +89,42 @@ class BookingCreate(RequestBody):
     mentee: MenteeContact
 
 
+Reason = Annotated[
+    str, Text(strip_whitespace=True, min_length=1, max_length=1000, pattern=r"^[^\x00]*$")
+]
+
+
+class AdminReason(RequestBody):
+    """Why an admin acts: kept in the audit trail with who and when."""
+
+    reason: Reason
+
+
+class OptionalReason(RequestBody):
+    reason: Reason | None = None
+
+
+class DeadLetterFilter(RequestBody):
+    """Which kept dead letters a bulk replay takes (all of them when nothing is given)."""
+
+    service: ServiceName | None = None
+    type: Annotated[str, Text(min_length=1, max_length=100)] | None = None
+
+
+class EscrowSettlement(RequestBody):
+    """An admin's decision on an order's escrow: `release` it to the mentor (from frozen),
+    `refund` it (frozen -> refund_due), or record the refund as `refunded` (with `reference`)."""
+
+    action: Literal["release", "refund", "refunded"]
+    reason: Reason
+    reference: (
+        Annotated[
+            str, Text(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00]*$")
+        ]
+        | None
+    ) = Field(None, description="the refund's payment reference; required for refunded")
+
+
 # --- responses --------------------------------------------------------------------------------
 
 
@@ -125,6 +167,7 @@ class SessionView(BaseModel):
 class EscrowView(BaseModel):
     platform_fee: Money
     escrow_amount: Money
+    status: EscrowStatus | None = None
 
 
 class Order(BaseModel):
@@ -204,6 +247,95 @@ class DayCount(BaseModel):
 class NotificationSummary(BaseModel):
     days: int
     counts: list[DayCount]
+
+
+class Escrow(BaseModel):
+    """An order's escrow as payments holds it."""
+
+    order_id: UUID
+    status: EscrowStatus
+    escrow_amount: Money
+    refund_amount: Money | None
+    reason: str | None
+    reference: str | None
+    release_due_at: datetime | None
+    updated_at: datetime
+
+
+class SessionScheduling(BaseModel):
+    """Where the scheduling of a paid session in its mentor's calendar stands."""
+
+    session_id: UUID
+    order_id: UUID
+    status: Literal["pending", "confirmed", "failed", "cancelled"]
+    reason: str | None
+    final: bool
+    attempts: int
+    next_attempt_at: datetime | None
+
+
+class DeadLetter(BaseModel):
+    """A message a service could not handle, kept for an admin to replay or discard."""
+
+    id: str = Field(description="`<service>:<n>`", examples=["payments:42"])
+    service: ServiceName
+    message_id: str | None
+    type: str | None
+    error: str
+    attempts: int
+    dead_lettered_at: datetime
+    status: DeadLetterStatus
+
+
+class DeadLetterDetail(DeadLetter):
+    consumer: str
+    reason: str
+    routing_key: str | None
+    envelope: dict[str, Any] | None = Field(description="the message as it came, when readable")
+    body: str | None = Field(description="the raw body, when it is not a readable envelope")
+    replayed_at: datetime | None
+    discarded_at: datetime | None
+    decided_by: str | None
+    decision_reason: str | None
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetter]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class DeadLetterCursor:
+    """Where a page of dead letters ended: they come newest first, by (dead_lettered_at, id).
+
+    The next page holds those strictly before (at, id) in that order.
+    """
+
+    at: datetime
+    id: int
+
+    def encode(self) -> str:
+        raw = f"{self.at.isoformat()}|{self.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> DeadLetterCursor:
+        """Raises ValueError for a token this listing did not give."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+            at, _, number = raw.partition("|")
+            cursor = cls(datetime.fromisoformat(at), int(number))
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise ValueError(
+                "cursor is not one this listing gave; start again without it"
+            ) from None
+        if cursor.at.tzinfo is None or not 0 <= cursor.id <= MAX_MINOR_UNITS:
+            raise ValueError("cursor is not one this listing gave; start again without it")
+        return cursor
+
+
+class Replayed(BaseModel):
+    replayed: int = Field(description="how many dead letters were sent back to their consumer")
 
 
 class Problem(BaseModel):

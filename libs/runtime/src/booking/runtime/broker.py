@@ -1,7 +1,12 @@
-"""RabbitMQ: the connection, the topology of DESIGN section 2, and confirmed publishing.
+"""RabbitMQ: the connection, the topology (docs/recovery.md), and confirmed publishing.
 
 aio-pika is used directly (FastStream documents the contracts, see booking.contracts.asyncapi):
 the consumer needs full control over acks, retry routing and one queue bound to many keys.
+
+Publishing on the events exchange (and straight to a queue) is mandatory: an event no queue is
+bound to comes back from the broker as `Unroutable` instead of vanishing, and stays in the
+outbox. The admin alerts fanout is not: with no gateway listening nothing is lost, since the
+alerts are stored by the notifications service.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from aio_pika.abc import (
     DeliveryMode,
     ExchangeType,
 )
+from aiormq.abc import DeliveredMessage
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,16 @@ class ConsumerQueues:
     @property
     def max_attempts(self) -> int:
         return len(self.retry_delays_ms) + 1
+
+
+class Unroutable(Exception):
+    """The broker returned a mandatory message: no queue is bound to its routing key."""
+
+    def __init__(self, exchange: str, routing_key: str) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        where = f"exchange {exchange!r}" if exchange else "the default exchange"
+        super().__init__(f"no queue takes {routing_key!r} on {where}")
 
 
 @dataclass(frozen=True)
@@ -161,10 +177,12 @@ class Broker:
             timestamp=datetime.now(UTC),
             app_id=self._client_name,
         )
-        # mandatory=False: an event nobody subscribes to yet (EscrowReleased) is not an error.
-        await exchange.publish(
-            amqp, message.routing_key, mandatory=False, timeout=PUBLISH_TIMEOUT_SECONDS
+        mandatory = message.exchange != self.alerts_exchange
+        result = await exchange.publish(
+            amqp, message.routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_SECONDS
         )
+        if isinstance(result, DeliveredMessage):  # a basic.return: nobody took it
+            raise Unroutable(message.exchange, message.routing_key)
 
     async def declare_consumer(
         self,
@@ -209,6 +227,32 @@ class Broker:
         for key in routing_keys:
             await main.bind(self.events_exchange, key)
         return main
+
+    async def declare_topology(self, consumers: Iterable[tuple[ConsumerQueues, Iterable[str]]]):
+        """Declare the exchanges and every given consumer's queues and bindings, then close.
+
+        The step that runs before any service publishes (with the migrations): an event
+        published before its consumer first started then waits in that consumer's queue.
+        Tries for up to a minute while RabbitMQ is not up yet.
+        """
+        connection = None
+        for attempt in range(30):
+            try:
+                connection = await aio_pika.connect(
+                    self._url, timeout=5, client_properties={"connection_name": self._client_name}
+                )
+                break
+            except Exception as exc:
+                if attempt == 29:
+                    raise
+                log.warning("RabbitMQ unreachable, trying again: %s", exc)
+                await asyncio.sleep(2)
+        assert connection is not None
+        async with connection:
+            channel = await connection.channel()
+            await self.declare_exchanges(channel)  # type: ignore[arg-type]
+            for queues, routing_keys in consumers:
+                await self.declare_consumer(channel, queues, routing_keys)  # type: ignore[arg-type]
 
     async def queue_stats(self, name: str) -> tuple[int, int]:
         """(messages ready, consumers) of a queue, read with a passive declare."""

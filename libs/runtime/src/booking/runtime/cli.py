@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,21 @@ from fastapi import FastAPI
 
 from booking.runtime.logs import configure_logging
 from booking.runtime.settings import RuntimeSettings
+
+
+def declare_topology(app: FastAPI) -> None:
+    """The service's exchanges, queues and bindings, declared before it (or anyone) publishes:
+    an event for it then waits in its queue even if it starts last."""
+    runtime = app.state.runtime
+
+    async def declare() -> None:
+        try:
+            await runtime.declare_topology()
+        finally:
+            if runtime.db is not None:
+                await runtime.db.engine.dispose()
+
+    asyncio.run(declare())
 
 
 def main(
@@ -25,7 +41,11 @@ def main(
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve HTTP, consume events and relay the outbox")
     if schema is not None:
-        commands.add_parser("migrate", help=f"migrate the {schema} schema to the latest version")
+        commands.add_parser(
+            "migrate",
+            help=f"migrate the {schema} schema to the latest version, and declare this service's "
+            "queues and bindings in RabbitMQ (the step before any service publishes)",
+        )
     args = parser.parse_args(argv)
 
     settings = settings_type()
@@ -35,6 +55,7 @@ def main(
         from booking.runtime.migrations import upgrade  # Alembic only where there is a schema
 
         upgrade(settings, f"booking.{name}", schema)
+        declare_topology(create_app(settings))
         return
     uvicorn.run(
         create_app(settings),

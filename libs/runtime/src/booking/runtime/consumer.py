@@ -5,14 +5,21 @@ the inbox; the primary key turns a redelivery into a no-op. The message is acked
 commit. Under load, deliveries that are already waiting share one transaction (a commit is the
 dearest part of handling a message); if any of them fails, each is handled again on its own.
 
-A failing handler's message goes to a delay queue (growing delay) and comes back, a bounded
-number of times; then it is dead-lettered and a SystemErrorReported is raised. A body that
-cannot be parsed, or an event version this code does not know, is dead-lettered at once.
+A failure of the message itself (a handler that raises while the database answers) sends it to a
+delay queue (growing delay) and back, a bounded number of times; then to the dead-letter queue,
+where the service's `DeadLetterKeeper` keeps it for an admin and reports it. A body that cannot
+be parsed, or an event version this code does not know, is dead-lettered at once.
+
+A broken dependency is not a poison message: when a handler fails and the database does not
+answer, the consumer pauses. It stops taking deliveries, hands back the unacked ones once
+(uncounted by its own retry budget; the queue's `x-delivery-limit` counts each hand-back, so it
+happens once per pause, not on every attempt) and resumes when the database answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import traceback
@@ -35,23 +42,26 @@ from booking.contracts import (
     Envelope,
     Event,
     MalformedMessage,
-    SystemErrorReported,
     UnknownEvent,
     decode,
     parse_envelope,
-    wrap,
 )
 from booking.runtime import metrics
-from booking.runtime.broker import Broker, ConsumerQueues, OutgoingMessage
+from booking.runtime.broker import Broker, ConsumerQueues
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
+from booking.runtime.outages import OutageLog, describe, is_unreachable
 from booking.runtime.outbox import Outbox
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
 
-# Deterministic ids for the SystemErrorReported of a dead letter: reporting twice stores once.
-_DEAD_LETTER_NAMESPACE = uuid.UUID("4f7c8f0e-6d0b-4a3e-9a51-8b1f5d0d2c11")
+# Pauses that follow a resume this soon wait longer each time: a flapping database must not
+# make the consumer hand the same deliveries back again and again (each costs one of the
+# queue's delivery limit).
+_RESUME_FIRST_WAIT = 0.5
+_RESUME_MAX_WAIT = 5.0
+_FLAPPING_WINDOW = 30.0
 
 
 @dataclass
@@ -84,7 +94,197 @@ class MessageContext:
 Handler = Callable[[Any, MessageContext], Awaitable[None]]
 
 
-class Consumer:
+class QueueWorker:
+    """Takes deliveries from one queue into a few workers, and pauses while the database is away.
+
+    Subclasses say which queue (`declare`) and what handling a batch of deliveries means
+    (`handle`).
+    """
+
+    # One for every consumer of the process: a broker outage is reported once, not per queue.
+    broker_outage = OutageLog(log, "RabbitMQ (consumers)")
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        db: Database,
+        broker: Broker,
+        prefetch: int,
+        concurrency: int,
+        max_batch: int,
+    ) -> None:
+        self.name = name
+        self.db = db
+        self.broker = broker
+        self.prefetch = prefetch
+        self.concurrency = concurrency
+        self.max_batch = max_batch
+        self.queue: AbstractQueue | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._workers: list[asyncio.Task] = []
+        self._consumer_tag: str | None = None
+        self._paused = False
+        self._resume_task: asyncio.Task | None = None
+        self._last_resumed: float | None = None
+        self._resume_wait = _RESUME_FIRST_WAIT
+        self.outage = OutageLog(log, f"the database (consumer {name})")
+
+    async def declare(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        raise NotImplementedError
+
+    async def handle(self, messages: list[AbstractIncomingMessage]) -> None:
+        raise NotImplementedError
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def attach(self, connection: AbstractRobustConnection) -> None:
+        """Declare the queue and start consuming (aio-pika re-attaches after reconnects)."""
+        if not self._workers:
+            self._workers = [
+                asyncio.create_task(self._work(), name=f"consumer-{self.name}-{i}")
+                for i in range(self.concurrency)
+            ]
+        self._channel = await connection.channel(publisher_confirms=True)
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        self.queue = await self.declare(self._channel)
+        if not self._paused:
+            self._consumer_tag = await self.queue.consume(self.on_message)
+
+    async def stop(self) -> None:
+        tasks = [*self._workers, *([self._resume_task] if self._resume_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._workers = []
+        self._resume_task = None
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._paused:
+            # Sent before the broker heard of the pause: straight back.
+            await self._hand_back([message])
+            return
+        # Bounded by the prefetch count: the broker sends no more than that unacked.
+        self._deliveries.put_nowait(message)
+
+    async def _work(self) -> None:
+        """Take what has arrived (up to max_batch) and handle it; batches form only under load."""
+        while True:
+            batch = [await self._deliveries.get()]
+            while len(batch) < self.max_batch and not self._deliveries.empty():
+                batch.append(self._deliveries.get_nowait())
+            try:
+                if self._paused:
+                    await self._hand_back(batch)
+                else:
+                    await self.handle(batch)
+            except Exception as exc:
+                # Unacked messages come back from the broker; never let a worker die.
+                if is_unreachable(exc):
+                    self.broker_outage.failed(exc, f"handling a batch of {len(batch)}")
+                else:
+                    log.exception("consumer %s failed on a batch of %d", self.name, len(batch))
+
+    # --- pausing while the database is away ----------------------------------------------
+
+    async def dependency_failed(self, exc: BaseException, doing: str) -> bool:
+        """Whether `exc` came of the database being away (then the consumer pauses): it is
+        asked directly, so an error of the message itself is never mistaken for an outage."""
+        if self._paused:
+            return True
+        if await self.db.answers():
+            return False
+        self.outage.failed(exc, doing)
+        await self.pause()
+        return True
+
+    async def pause(self) -> None:
+        """Stop taking deliveries and hand back those not yet handled; resume when the
+        database answers again."""
+        if self._paused:
+            return
+        self._paused = True
+        metrics.CONSUMER_PAUSES.labels(self.name).inc()
+        tag, queue = self._consumer_tag, self.queue
+        self._consumer_tag = None
+        if tag is not None and queue is not None:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        waiting = []
+        while not self._deliveries.empty():
+            waiting.append(self._deliveries.get_nowait())
+        await self._hand_back(waiting)
+        recently = (
+            self._last_resumed is not None
+            and time.monotonic() - self._last_resumed < _FLAPPING_WINDOW
+        )
+        self._resume_wait = (
+            min(self._resume_wait * 2, _FLAPPING_WINDOW) if recently else _RESUME_FIRST_WAIT
+        )
+        log.warning(
+            "consumer %s paused: the database does not answer; %d deliveries handed back",
+            self.name,
+            len(waiting),
+        )
+        self._resume_task = asyncio.create_task(
+            self._resume_when_answering(), name=f"resume-{self.name}"
+        )
+
+    async def _resume_when_answering(self) -> None:
+        wait = self._resume_wait
+        while True:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, max(_RESUME_MAX_WAIT, self._resume_wait))
+            if self.queue is None or not await self.db.answers():
+                continue
+            try:
+                self._consumer_tag = await self.queue.consume(self.on_message)
+            except Exception as exc:
+                # The broker is away too: its robust channel comes back, then this succeeds.
+                self.broker_outage.failed(exc, "resuming")
+                continue
+            break
+        self._paused = False
+        self._last_resumed = time.monotonic()
+        self._resume_task = None
+        self.outage.recovered()
+        log.warning("consumer %s resumed: the database answers again", self.name)
+
+    @staticmethod
+    async def _hand_back(messages: list[AbstractIncomingMessage]) -> None:
+        for message in messages:
+            # A channel that is gone has returned them already.
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+
+    async def forward(
+        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+    ) -> None:
+        """Copy `message` to `queue` through the default exchange and wait for the confirm."""
+        assert self._channel is not None
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(
+                body=message.body,
+                headers={**(message.headers or {}), **headers},
+                content_type=message.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                type=message.type,
+                timestamp=message.timestamp,
+                app_id=message.app_id,
+            ),
+            routing_key=queue,
+            timeout=10,
+        )
+
+
+class Consumer(QueueWorker):
+    """A service's events: its handlers, one transaction per delivery (or batch), the inbox."""
+
     def __init__(
         self,
         *,
@@ -100,20 +300,18 @@ class Consumer:
         concurrency: int = 8,
         max_batch: int = 32,
     ) -> None:
-        self.name = name
-        self.db = db
+        super().__init__(
+            name=name,
+            db=db,
+            broker=broker,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            max_batch=max_batch,
+        )
         self.tables = tables
         self.outbox = outbox
-        self.broker = broker
         self.handlers = dict(handlers)
         self.queues = ConsumerQueues.named(name, max_attempts, retry_base_delay_ms)
-        self.prefetch = prefetch
-        self.concurrency = concurrency
-        self.max_batch = max_batch
-        self.queue: AbstractQueue | None = None
-        self._channel: AbstractRobustChannel | None = None
-        self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._workers: list[asyncio.Task] = []
         self._after_commit: set[asyncio.Task] = set()
         # Executed with a list of rows: one multi-row INSERT, compiled once and cached.
         self._record_in_inbox = (
@@ -124,42 +322,16 @@ class Consumer:
     def routing_keys(self) -> list[str]:
         return sorted({t.binding_key() for t in self.handlers})
 
-    async def attach(self, connection: AbstractRobustConnection) -> None:
-        """Declare the topology and start consuming (aio-pika re-attaches after reconnects)."""
-        if not self._workers:
-            self._workers = [
-                asyncio.create_task(self._work(), name=f"consumer-{self.name}-{i}")
-                for i in range(self.concurrency)
-            ]
-        self._channel = await connection.channel(publisher_confirms=True)
-        await self._channel.set_qos(prefetch_count=self.prefetch)
-        self.queue = await self.broker.declare_consumer(
-            self._channel, self.queues, self.routing_keys
-        )
-        await self.queue.consume(self.on_message)
+    async def declare(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        queue = await self.broker.declare_consumer(channel, self.queues, self.routing_keys)
         log.info("consuming %s (%s)", self.queues.main, ", ".join(self.routing_keys))
+        return queue
 
     async def stop(self) -> None:
-        for task in [*self._workers, *self._after_commit]:
+        for task in self._after_commit:
             task.cancel()
-        await asyncio.gather(*self._workers, *self._after_commit, return_exceptions=True)
-        self._workers = []
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        # Bounded by the prefetch count: the broker sends no more than that unacked.
-        self._deliveries.put_nowait(message)
-
-    async def _work(self) -> None:
-        """Take what has arrived (up to max_batch) and handle it; batches form only under load."""
-        while True:
-            batch = [await self._deliveries.get()]
-            while len(batch) < self.max_batch and not self._deliveries.empty():
-                batch.append(self._deliveries.get_nowait())
-            try:
-                await self.handle(batch)
-            except Exception:
-                # Unacked messages come back from the broker; never let a worker die.
-                log.exception("consumer %s failed on a batch of %d", self.name, len(batch))
+        await asyncio.gather(*self._after_commit, return_exceptions=True)
+        await super().stop()
 
     async def handle(self, messages: list[AbstractIncomingMessage]) -> None:
         """Handle deliveries: readable ones in one transaction, each at most once."""
@@ -190,16 +362,24 @@ class Consumer:
         try:
             outcomes, after_commit = await self._handle_once(work)
         except Exception as exc:
+            if await self.dependency_failed(exc, f"handling {work[0][1].type}"):
+                await self._hand_back([message for message, *_ in work])
+                return
             if len(work) > 1:
                 # One of them failed and took the others' transaction with it: handle each
                 # alone, so only the failing one takes the retry path.
                 for message, *_ in work:
-                    await self.handle([message])
+                    if self.paused:
+                        await self._hand_back([message])
+                    else:
+                        await self.handle([message])
                 return
             message, envelope, *_ = work[0]
             with correlated(envelope.correlation_id, str(envelope.message_id)):
                 await self._retry_or_dead_letter(message, envelope, exc)
             return
+        if self.outage.in_outage:
+            self.outage.recovered()
         for (message, envelope, *_), outcome in zip(work, outcomes, strict=True):
             await message.ack()  # only now: the effects and the inbox record are committed
             metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, outcome).inc()
@@ -212,9 +392,12 @@ class Consumer:
             with correlated(envelope.correlation_id, str(envelope.message_id)):
                 try:
                     await step()
-                except Exception:
+                except Exception as exc:
                     # The intent is committed; the service's sweeper finishes what this left.
-                    log.exception("after-commit step of %s %s failed", envelope.type, self.name)
+                    if is_unreachable(exc):
+                        self.outage.failed(exc, f"the after-commit step of {envelope.type}")
+                    else:
+                        log.exception("after-commit step of %s %s failed", envelope.type, self.name)
 
         task = asyncio.create_task(run())
         self._after_commit.add(task)
@@ -277,9 +460,9 @@ class Consumer:
             envelope.message_id,
             attempt,
             self.queues.max_attempts,
-            error,
+            describe(exc),
         )
-        await self._forward(
+        await self.forward(
             message,
             self.queues.retry(attempt),
             {"x-attempt": attempt, "x-last-error": error[:1000]},
@@ -295,37 +478,15 @@ class Consumer:
         reason: str,
         error: str,
     ) -> None:
+        """To the dead-letter queue, where the service's keeper stores and reports it."""
         attempts = int((message.headers or {}).get("x-attempt", 0)) + 1
-        dead_id = str(envelope.message_id) if envelope else (message.message_id or None)
-        if envelope is not None and envelope.type == SystemErrorReported.__name__:
-            # Reporting a report that could not be handled would feed the same failing handler
-            # again, in a loop; it stays in the dead-letter queue, which health reports.
-            log.critical(
-                "dead-lettered SystemErrorReported %s on %s; not reported again: %s",
-                dead_id,
-                self.name,
-                error[:500],
-            )
-        else:
-            await self._report_dead_letter(
-                SystemErrorReported(
-                    service=self.outbox.producer,
-                    consumer=self.name,
-                    message_type=envelope.type if envelope else message.type,
-                    error=error[:8000],
-                    dead_lettered_message_id=dead_id,
-                    attempts=attempts,
-                ),
-                key=dead_id or message.body.hex()[:200],
-                correlation_id=envelope.correlation_id if envelope else message.correlation_id,
-            )
-        await self._forward(
+        await self.forward(
             message,
             self.queues.dead_letter,
             {
                 "x-attempt": attempts,
                 "x-dead-letter-reason": reason,
-                "x-error": error[:4000],
+                "x-error": error[:8000],
                 "x-consumer": self.name,
                 "x-original-routing-key": message.routing_key or "",
             },
@@ -334,55 +495,3 @@ class Consumer:
         metrics.MESSAGES_HANDLED.labels(
             self.name, envelope.type if envelope else "unreadable", "dead_lettered"
         ).inc()
-
-    async def _report_dead_letter(
-        self, report: SystemErrorReported, *, key: str, correlation_id: str | None
-    ) -> None:
-        message_id = uuid.uuid5(_DEAD_LETTER_NAMESPACE, f"{self.name}:{key}")
-        with correlated(correlation_id, report.dead_lettered_message_id):
-            try:
-                async with self.db.transaction() as session:
-                    await self.outbox.record(session, report, message_id=message_id)
-                return
-            except Exception as exc:
-                log.error(
-                    "outbox unavailable for SystemErrorReported, publishing directly: %s", exc
-                )
-            envelope = wrap(
-                report,
-                message_id=message_id,
-                correlation_id=correlation_id or str(uuid.uuid4()),
-                causation_id=report.dead_lettered_message_id,
-                producer=self.outbox.producer,
-            )
-            await self.broker.publish(
-                OutgoingMessage(
-                    body=envelope.model_dump_json().encode(),
-                    exchange=self.outbox.exchange,
-                    routing_key=envelope.routing_key,
-                    message_id=str(message_id),
-                    correlation_id=envelope.correlation_id,
-                    type=envelope.type,
-                )
-            )
-
-    async def _forward(
-        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
-    ) -> None:
-        """Copy `message` to `queue` through the default exchange and wait for the confirm."""
-        assert self._channel is not None
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                body=message.body,
-                headers={**(message.headers or {}), **headers},
-                content_type=message.content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                type=message.type,
-                timestamp=message.timestamp,
-                app_id=message.app_id,
-            ),
-            routing_key=queue,
-            timeout=10,
-        )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Request
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -59,6 +62,19 @@ class Database:
         `transaction()` for those."""
         async with self._single() as session:
             yield session
+
+    async def answers(self, timeout: float = 2.0) -> bool:
+        """Whether the database answers a query now (a dependency probe, never raises).
+
+        Tried twice: after an outage the pool may hand out a connection the server dropped,
+        which fails once and is then replaced.
+        """
+        for _ in range(2):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(timeout), self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                return True
+        return False
 
 
 async def database(request: Request) -> Database:

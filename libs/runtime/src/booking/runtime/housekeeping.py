@@ -2,8 +2,10 @@
 
 Sent outbox rows are kept for a while for audit, then deleted. Inbox records are what make a
 redelivery harmless, so they are kept much longer than any redelivery can come (retries take
-seconds; a dead letter replayed by hand may take days). Deletes go in bounded batches, and any
-number of replicas may prune at once: the same delete twice deletes once.
+seconds; a dead letter replayed by hand may take days), and the record of a message kept as a
+dead letter stays until an admin replays or discards it, whatever its age. Deletes go in
+bounded batches, and any number of replicas may prune at once: the same delete twice deletes
+once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from booking.runtime.outages import describe
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,13 @@ class Housekeeping:
             ),
             (
                 text(
-                    f'DELETE FROM "{schema}".inbox WHERE ctid IN (SELECT ctid FROM "{schema}".inbox'
-                    " WHERE handled_at < now() - CAST(:keep AS interval) LIMIT :limit)"
+                    f'DELETE FROM "{schema}".inbox WHERE ctid IN (SELECT i.ctid'
+                    f' FROM "{schema}".inbox AS i'
+                    " WHERE i.handled_at < now() - CAST(:keep AS interval)"
+                    f' AND NOT EXISTS (SELECT 1 FROM "{schema}".dead_letters AS d'
+                    "   WHERE d.status = 'kept' AND d.message_id = i.message_id::text"
+                    "     AND d.consumer = i.consumer)"
+                    " LIMIT :limit)"
                 ),
                 inbox_retention,
             ),
@@ -82,4 +90,6 @@ class Housekeeping:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("pruning the messaging tables failed; trying again later: %s", exc)
+                log.warning(
+                    "pruning the messaging tables failed; trying again later: %s", describe(exc)
+                )

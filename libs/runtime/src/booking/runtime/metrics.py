@@ -11,3 +11,12 @@ MESSAGES_HANDLED = Counter(
 )
 HANDLER_LATENCY = Histogram("message_handler_duration_seconds", "Handler latency", ["consumer"])
 OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox events published", ["schema"])
+CONSUMER_PAUSES = Counter(
+    "consumer_pauses_total", "Times a consumer paused because its database was away", ["consumer"]
+)
+OUTBOX_UNROUTABLE = Counter(
+    "outbox_unroutable_total", "Outbox events no queue took (kept for later)", ["schema", "type"]
+)
+DEAD_LETTERS_KEPT = Counter(
+    "dead_letters_kept_total", "Messages kept as dead letters", ["consumer", "type"]
+)

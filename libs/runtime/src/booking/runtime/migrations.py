@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from alembic import command, context, op
 from alembic.config import Config
 from sqlalchemy import MetaData, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -127,6 +128,69 @@ def create_messaging_tables(schema: str) -> None:
         schema=schema,
     )
     op.create_index("ix_inbox_handled_at", "inbox", ["handled_at"], schema=schema)
+
+
+def create_recovery_tables(schema: str) -> None:
+    """Revision helper: what booking.runtime.tables added for recovery (version 2): the outbox's
+    `next_attempt_at`, the dead letters and the admin actions."""
+    op.add_column(
+        "outbox",
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        schema=schema,
+    )
+    op.create_table(
+        "dead_letters",
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("consumer", sa.Text, nullable=False),
+        sa.Column("message_id", sa.Text, nullable=True),
+        sa.Column("event_type", sa.Text, nullable=True),
+        sa.Column("routing_key", sa.Text, nullable=True),
+        sa.Column("correlation_id", sa.Text, nullable=True),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("headers", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("error", sa.Text, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("times", sa.Integer, nullable=False, server_default=sa.text("1")),
+        sa.Column("status", sa.Text, nullable=False, server_default=sa.text("'kept'")),
+        sa.Column("dead_lettered_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("replayed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("discarded_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("decided_by", sa.Text, nullable=True),
+        sa.Column("decision_reason", sa.Text, nullable=True),
+        sa.UniqueConstraint("consumer", "message_id", name="uq_dead_letters_message"),
+        schema=schema,
+    )
+    op.create_index(
+        "ix_dead_letters_listing", "dead_letters", ["dead_lettered_at", "id"], schema=schema
+    )
+    op.create_index(
+        "ix_dead_letters_kept",
+        "dead_letters",
+        ["message_id"],
+        schema=schema,
+        postgresql_where=sa.text("status = 'kept'"),
+    )
+    op.create_table(
+        "admin_actions",
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("action", sa.Text, nullable=False),
+        sa.Column("by", sa.Text, nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("order_id", sa.Uuid, nullable=True),
+        sa.Column("session_id", sa.Uuid, nullable=True),
+        sa.Column("dead_letter_id", sa.Text, nullable=True),
+        sa.Column("detail", sa.Text, nullable=False, server_default=sa.text("''")),
+        schema=schema,
+    )
+    op.create_index("ix_admin_actions_order_id", "admin_actions", ["order_id"], schema=schema)
+
+
+def drop_recovery_tables(schema: str) -> None:
+    op.drop_table("admin_actions", schema=schema)
+    op.drop_table("dead_letters", schema=schema)
+    op.drop_column("outbox", "next_attempt_at", schema=schema)
 
 
 def drop_messaging_tables(schema: str) -> None:

@@ -5,6 +5,10 @@ its state change committed; the table's trigger NOTIFYs the relays on commit. A 
 unsent rows with `FOR UPDATE SKIP LOCKED` (several replicas never claim the same row), publishes
 them with publisher confirms, and stamps them sent in the same transaction. Delivery is at least
 once.
+
+An event no queue is bound to (the broker returns it: publishing is mandatory) is not lost: it
+stays unsent and is tried again later, with a growing pause, until a queue takes it; the admins
+hear of it once per event type and hour (SystemErrorReported, kind `unroutable`).
 """
 
 from __future__ import annotations
@@ -12,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from booking.contracts import ANY_PRODUCER, Event, wrap
+from booking.contracts import ANY_PRODUCER, Event, SystemErrorKind, SystemErrorReported, wrap
 from booking.runtime import context, metrics
-from booking.runtime.broker import Broker, OutgoingMessage
+from booking.runtime.broker import Broker, OutgoingMessage, Unroutable
+from booking.runtime.outages import OutageLog, is_unreachable
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
@@ -54,26 +61,48 @@ class Outbox:
         `exchange` sends it elsewhere than the events exchange (admin alerts go to a fanout).
         """
         message_id = message_id or uuid.uuid4()
-        envelope = wrap(
-            event,
-            message_id=message_id,
-            correlation_id=context.current_correlation_id(),
-            causation_id=context.causation_id.get(),
-            producer=self.producer if event.producer == ANY_PRODUCER else None,
-        )
         await session.execute(
             self._insert,
-            {
-                "message_id": message_id,
-                "exchange": self.exchange if exchange is None else exchange,
-                "routing_key": envelope.routing_key,
-                "event_type": envelope.type,
-                "correlation_id": envelope.correlation_id,
-                "body": envelope.model_dump_json(),
-            },
+            self.row(
+                event,
+                message_id=message_id,
+                correlation_id=context.current_correlation_id(),
+                causation_id=context.causation_id.get(),
+                exchange=exchange,
+            ),
         )
         # The outbox's trigger NOTIFYs the relays when this transaction commits.
         return message_id
+
+    def row(
+        self,
+        event: Event,
+        *,
+        message_id: uuid.UUID,
+        correlation_id: str,
+        causation_id: str | None,
+        exchange: str | None = None,
+    ) -> dict[str, Any]:
+        """The outbox row of `event`, as `record` inserts it."""
+        envelope = wrap(
+            event,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            producer=self.producer if event.producer == ANY_PRODUCER else None,
+        )
+        return {
+            "message_id": message_id,
+            "exchange": self.exchange if exchange is None else exchange,
+            "routing_key": envelope.routing_key,
+            "event_type": envelope.type,
+            "correlation_id": envelope.correlation_id,
+            "body": envelope.model_dump_json(),
+        }
+
+
+# Namespace of the ids of the unroutable alerts: one per schema, event type and window.
+_UNROUTABLE = uuid.UUID("7a1f3c9e-2d84-4b6a-9e57-0c3b8d1f4a26")
 
 
 class OutboxRelay:
@@ -85,17 +114,24 @@ class OutboxRelay:
         tables: MessagingTables,
         broker: Broker,
         *,
+        outbox: Outbox,
         listen_dsn: str,
         batch_size: int = 200,
         poll_interval: float = 1.0,
         concurrency: int = 2,
+        unroutable_retry_max: float = 30.0,
+        unroutable_alert_window: float = 3600.0,
     ) -> None:
         self.engine = engine
         self.concurrency = concurrency
         self.tables = tables
         self.broker = broker
+        self.outbox = outbox
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        self.unroutable_retry_max = unroutable_retry_max
+        self.unroutable_alert_window = unroutable_alert_window
+        self.outage = OutageLog(log, f"the outbox relay of {tables.schema}")
         self._listen_dsn = listen_dsn
         # Wake-ups are tokens, one worker each: a commit wakes one worker, not all of them.
         self._wakeups: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
@@ -104,15 +140,29 @@ class OutboxRelay:
         # asyncpg's own placeholders: these run on the driver itself (see relay_batch).
         self._claim = f"""
             WITH claimed AS (
-                SELECT id FROM {table} WHERE sent_at IS NULL
+                SELECT id FROM {table}
+                WHERE sent_at IS NULL
+                  AND (next_attempt_at IS NULL OR next_attempt_at <= clock_timestamp())
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
             )
             UPDATE {table} AS o SET sent_at = clock_timestamp(), attempts = o.attempts + 1
             FROM claimed WHERE o.id = claimed.id
             RETURNING o.id, o.message_id, o.exchange, o.routing_key, o.event_type,
-                      o.correlation_id, o.body
+                      o.correlation_id, o.body, o.attempts
             """
         self._unstamp = f"UPDATE {table} SET sent_at = NULL, last_error = $2 WHERE id = ANY($1)"
+        # An unroutable event waits before it is tried again: 1 s, doubling, at most the max.
+        self._postpone = f"""
+            UPDATE {table} SET sent_at = NULL, last_error = $2,
+                next_attempt_at = clock_timestamp()
+                    + make_interval(secs => LEAST($3::float8, power(2, attempts - 1)))
+            WHERE id = ANY($1)
+            """
+        self._insert_alert = f"""
+            INSERT INTO {table} (message_id, exchange, routing_key, event_type, correlation_id,
+                                 body)
+            VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING
+            """
         self._stopping = False
 
     def start(self) -> None:
@@ -167,11 +217,15 @@ class OutboxRelay:
                         ),
                         return_exceptions=True,
                     )
-                    failed = [
-                        (row["id"], r)
-                        for row, r in zip(rows, results, strict=True)
-                        if r is not None
-                    ]
+                    failed = []
+                    unroutable = []
+                    for row, result in zip(rows, results, strict=True):
+                        if isinstance(result, Unroutable):
+                            unroutable.append(row)
+                        elif result is not None:
+                            failed.append((row["id"], result))
+                    if unroutable:
+                        await self._keep_unroutable(driver, unroutable)
                     if failed:
                         await driver.execute(
                             self._unstamp, [i for i, _ in failed], str(failed[0][1])[:500]
@@ -182,11 +236,60 @@ class OutboxRelay:
                 # is closed instead. (The claim's rows are unlocked either way, still unsent.)
                 await conn.invalidate()
                 raise
-        sent = len(rows) - len(failed)
+        sent = len(rows) - len(failed) - len(unroutable)
         metrics.OUTBOX_PUBLISHED.labels(self.tables.schema).inc(sent)
         if failed:
             raise failed[0][1]
         return sent
+
+    async def _keep_unroutable(self, driver: Any, rows: list[Any]) -> None:
+        """Leave unroutable events unsent for a while, and tell the admins once per type and
+        window (in this same transaction): they are delivered once a queue is bound to them."""
+        await driver.execute(
+            self._postpone,
+            [row["id"] for row in rows],
+            f"unroutable: no queue takes {rows[0]['routing_key']!r}",
+            self.unroutable_retry_max,
+        )
+        window = int(time.time() // self.unroutable_alert_window)
+        by_type = {row["event_type"]: row for row in rows}
+        for event_type, row in by_type.items():
+            metrics.OUTBOX_UNROUTABLE.labels(self.tables.schema, event_type).inc()
+            log.error(
+                "no queue takes %s events (%s): they wait in the %s outbox",
+                event_type,
+                row["routing_key"],
+                self.tables.schema,
+            )
+            if event_type == SystemErrorReported.__name__:
+                continue  # an alert about the alerts would wait in the same place
+            alert = self.outbox.row(
+                SystemErrorReported(
+                    service=self.outbox.producer,
+                    consumer=f"{self.tables.schema} outbox",
+                    message_type=event_type,
+                    error=(
+                        f"no queue is bound to {row['routing_key']!r} on "
+                        f"{row['exchange'] or 'the default exchange'}: these events wait in "
+                        f"the {self.tables.schema} outbox and are delivered once one is"
+                    ),
+                    dead_lettered_message_id=None,
+                    attempts=row["attempts"],
+                    kind=SystemErrorKind.UNROUTABLE,
+                ),
+                message_id=uuid.uuid5(_UNROUTABLE, f"{self.tables.schema}:{event_type}:{window}"),
+                correlation_id=row["correlation_id"],
+                causation_id=str(row["message_id"]),
+            )
+            await driver.execute(
+                self._insert_alert,
+                alert["message_id"],
+                alert["exchange"],
+                alert["routing_key"],
+                alert["event_type"],
+                alert["correlation_id"],
+                alert["body"],
+            )
 
     async def _relay_forever(self) -> None:
         backoff = 0.1
@@ -204,10 +307,15 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("outbox relay paused %.1fs: %s", backoff, exc)
+                if is_unreachable(exc):
+                    self.outage.failed(exc, "relaying")
+                else:
+                    log.warning("outbox relay paused %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            if self.outage.in_outage:
+                self.outage.recovered()
             backoff = 0.1
             if published == self.batch_size:
                 continue  # more may be waiting: no pause

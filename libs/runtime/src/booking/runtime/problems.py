@@ -1,8 +1,13 @@
-"""Errors as RFC 9457 problem+json: what went wrong, where, and what to do. No stack traces."""
+"""Errors as RFC 9457 problem+json: what went wrong, where, and what to do. No stack traces.
+
+A request that meets a dependency that cannot be reached (the database away) is answered 503
+with `Retry-After`, and the logs say so once in a while rather than once per request.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -11,7 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from booking.runtime.outages import OutageLog, is_unreachable
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+RETRY_AFTER_SECONDS = 5
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +34,12 @@ def problem(status: int, detail: str, *, title: str | None = None, **extra: Any)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+def install_problem_handlers(
+    app: FastAPI, dependency_errors: Iterable[type[Exception]] = ()
+) -> None:
+    """problem+json for every error. `dependency_errors`: the error classes of the service's
+    drivers (SQLAlchemy's), answered 503 when they say the server is unreachable."""
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         response = problem(exc.status_code, str(exc.detail), instance=request.url.path)
@@ -47,6 +60,26 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem(
             422, f"the request is not valid: {detail}", instance=request.url.path, errors=errors
         )
+
+    outage = OutageLog(log, "a dependency of the HTTP routes")
+
+    async def unavailable_or_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Registered per class (not for Exception): Starlette re-raises what reaches its last
+        # handler, and the server would log the whole trace again.
+        if not is_unreachable(exc):
+            return await unexpected(request, exc)
+        outage.failed(exc, f"answering {request.method} {request.url.path}")
+        response = problem(
+            503,
+            "a service this request needs cannot be reached for the moment; try again in "
+            f"{RETRY_AFTER_SECONDS} seconds",
+            instance=request.url.path,
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+    for error_class in (OSError, *dependency_errors):
+        app.add_exception_handler(error_class, unavailable_or_unexpected)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -32,6 +32,7 @@ from booking.runtime.settings import RuntimeSettings
 if TYPE_CHECKING:
     from booking.runtime.consumer import Consumer, Handler
     from booking.runtime.db import Database
+    from booking.runtime.dead_letters import DeadLetterKeeper, DeadLetters
     from booking.runtime.housekeeping import Housekeeping
     from booking.runtime.outbox import Outbox, OutboxRelay
     from booking.runtime.tables import MessagingTables
@@ -59,29 +60,37 @@ class ServiceRuntime:
             reconnect_interval=settings.broker_reconnect_interval_seconds,
         )
         self.health = Health(service=name, timeout=settings.health_check_timeout_seconds)
+        self.tables = tables
         self.db: Database | None = None
         self.outbox: Outbox | None = None
         self.relay: OutboxRelay | None = None
         self.consumer: Consumer | None = None
+        self.dead_letter_keeper: DeadLetterKeeper | None = None
+        self.dead_letters: DeadLetters | None = None
         self.housekeeping: Housekeeping | None = None
         if tables is not None:
             # Loaded only by a service with a database: the gateway never pays for SQLAlchemy.
             from booking.runtime.consumer import Consumer
             from booking.runtime.db import Database, create_engine
+            from booking.runtime.dead_letters import DeadLetterKeeper, DeadLetters
             from booking.runtime.housekeeping import Housekeeping
             from booking.runtime.outbox import Outbox, OutboxRelay
 
             self.db = Database(create_engine(settings), tables.schema)
             self.outbox = Outbox(tables, producer=name, exchange=settings.events_exchange)
+            self.dead_letters = DeadLetters(name, self.db, tables, self.outbox)
             if relay:
                 self.relay = OutboxRelay(
                     self.db.engine,
                     tables,
                     self.broker,
+                    outbox=self.outbox,
                     listen_dsn=settings.database_url,
                     batch_size=settings.outbox_batch_size,
                     poll_interval=settings.outbox_poll_interval_seconds,
                     concurrency=settings.outbox_relay_concurrency,
+                    unroutable_retry_max=settings.outbox_unroutable_retry_max_seconds,
+                    unroutable_alert_window=settings.outbox_unroutable_alert_window_seconds,
                 )
             self.housekeeping = Housekeeping(
                 self.db.engine,
@@ -104,7 +113,15 @@ class ServiceRuntime:
                     concurrency=settings.consumer_concurrency,
                     max_batch=settings.consumer_max_batch,
                 )
+                self.dead_letter_keeper = DeadLetterKeeper(
+                    consumer=self.consumer,
+                    db=self.db,
+                    tables=tables,
+                    outbox=self.outbox,
+                    broker=self.broker,
+                )
                 self.broker.on_connected(self.consumer.attach)
+                self.broker.on_connected(self.dead_letter_keeper.attach)
         self._add_standard_checks()
 
     async def start(self) -> None:
@@ -121,9 +138,19 @@ class ServiceRuntime:
             await self.relay.stop()
         if self.consumer is not None:
             await self.consumer.stop()
+        if self.dead_letter_keeper is not None:
+            await self.dead_letter_keeper.stop()
         await self.broker.stop()
         if self.db is not None:
             await self.db.engine.dispose()
+
+    async def declare_topology(self) -> None:
+        """Declare the exchanges and this service's queues and bindings (the step before
+        traffic, run with the migrations), without starting anything."""
+        consumers = []
+        if self.consumer is not None:
+            consumers.append((self.consumer.queues, self.consumer.routing_keys))
+        await self.broker.declare_topology(consumers)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -157,6 +184,14 @@ class ServiceRuntime:
         if self.relay is not None:
             self.health.add(
                 "outbox", "lag", self._check_outbox_lag, ready=False, component_type="component"
+            )
+        if self.dead_letters is not None:
+            self.health.add(
+                "deadLetters",
+                "kept",
+                self._check_dead_letters,
+                ready=False,
+                component_type="component",
             )
 
     async def _check_database(self) -> Observation:
@@ -210,6 +245,25 @@ class ServiceRuntime:
                 output=f"{self.consumer.queues.dead_letter} dead letters",
             ),
         ]
+
+    async def _check_dead_letters(self) -> Observation:
+        from sqlalchemy import func, select
+
+        assert self.db is not None and self.tables is not None
+        dead = self.tables.dead_letters
+        async with self.db.engine.connect() as conn:
+            kept = await conn.scalar(
+                select(func.count()).select_from(dead).where(dead.c.status == "kept")
+            )
+        return Observation(
+            "deadLetters",
+            "kept",
+            "warn" if kept else "pass",
+            "component",
+            kept,
+            "messages",
+            output="dead letters waiting for an admin to replay or discard",
+        )
 
     async def _check_outbox_lag(self) -> Observation:
         assert self.relay is not None
@@ -299,9 +353,19 @@ def create_service_app(
     )
     app.state.settings = runtime.settings
     app.state.runtime = runtime
-    install_problem_handlers(app)
+    dependency_errors: list[type[Exception]] = []
+    if runtime.db is not None:
+        import asyncpg
+        from sqlalchemy.exc import SQLAlchemyError
+
+        dependency_errors += [SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError]
+    install_problem_handlers(app, dependency_errors)
     for router in routers:
         app.include_router(router)
+    if runtime.dead_letters is not None:
+        from booking.runtime.dead_letters import dead_letters_router
+
+        app.include_router(dead_letters_router(runtime.dead_letters))
     app.include_router(runtime.health.router())
 
     @app.get("/metrics", include_in_schema=False)

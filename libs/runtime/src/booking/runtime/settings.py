@@ -48,6 +48,10 @@ class RuntimeSettings(BaseSettings):
     outbox_relay_concurrency: int = Field(default=2, ge=1)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
     outbox_lag_warn_seconds: float = Field(default=30.0, gt=0)
+    # An event no queue takes waits 1 s, then twice as long each time, at most this long.
+    outbox_unroutable_retry_max_seconds: float = Field(default=30.0, gt=0)
+    # The admins hear of unroutable events of one type at most once per this long.
+    outbox_unroutable_alert_window_seconds: float = Field(default=3600.0, gt=0)
 
     # Housekeeping: sent events are kept for audit, inbox records far past any redelivery.
     outbox_retention_hours: float = Field(default=168, gt=0)

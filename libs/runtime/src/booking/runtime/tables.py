@@ -1,4 +1,5 @@
-"""The runtime's own tables, created in every service's schema: the outbox and the inbox."""
+"""The runtime's own tables, created in every service's schema: the outbox, the inbox, the
+dead letters an admin may replay or discard, and the audit trail of admin actions."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
     event,
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 
 def outbox_table(metadata: MetaData, schema: str) -> Table:
@@ -41,6 +45,8 @@ def outbox_table(metadata: MetaData, schema: str) -> Table:
         Column("sent_at", DateTime(timezone=True), nullable=True),
         Column("attempts", Integer, nullable=False, server_default=text("0")),
         Column("last_error", Text, nullable=True),
+        # An event no queue took (unroutable) waits until then before it is published again.
+        Column("next_attempt_at", DateTime(timezone=True), nullable=True),
         schema=schema,
     )
     Index("ix_outbox_unsent", table.c.id, postgresql_where=table.c.sent_at.is_(None))
@@ -92,13 +98,79 @@ def inbox_table(metadata: MetaData, schema: str) -> Table:
     return table
 
 
+DEAD_LETTER_STATUSES = ("kept", "replayed", "discarded")
+
+
+def dead_letters_table(metadata: MetaData, schema: str) -> Table:
+    """Messages this service's consumer could not handle, kept until an admin decides.
+
+    One row per consumer and message: a message dead-lettered again after a replay comes back
+    to its row (kept again, `times` counts up). `body` is the message exactly as it came, so a
+    replay sends the same bytes.
+    """
+    table = Table(
+        "dead_letters",
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        Column("consumer", Text, nullable=False),
+        Column("message_id", Text, nullable=True),
+        Column("event_type", Text, nullable=True),
+        Column("routing_key", Text, nullable=True),
+        Column("correlation_id", Text, nullable=True),
+        Column("body", LargeBinary, nullable=False),
+        Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        Column("reason", Text, nullable=False),
+        Column("error", Text, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("times", Integer, nullable=False, server_default=text("1")),
+        Column("status", Text, nullable=False, server_default=text("'kept'")),
+        Column("dead_lettered_at", DateTime(timezone=True), nullable=False),
+        Column("replayed_at", DateTime(timezone=True), nullable=True),
+        Column("discarded_at", DateTime(timezone=True), nullable=True),
+        Column("decided_by", Text, nullable=True),
+        Column("decision_reason", Text, nullable=True),
+        UniqueConstraint("consumer", "message_id", name="uq_dead_letters_message"),
+        schema=schema,
+    )
+    # The admins' listing, newest first; and what is still kept (health, housekeeping).
+    Index("ix_dead_letters_listing", table.c.dead_lettered_at, table.c.id)
+    Index(
+        "ix_dead_letters_kept",
+        table.c.message_id,
+        postgresql_where=text("status = 'kept'"),
+    )
+    return table
+
+
+def admin_actions_table(metadata: MetaData, schema: str) -> Table:
+    """Who did what, when and why: every admin action on this service, never deleted."""
+    table = Table(
+        "admin_actions",
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=True),
+        Column("action", Text, nullable=False),
+        Column("by", Text, nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+        Column("order_id", Uuid, nullable=True),
+        Column("session_id", Uuid, nullable=True),
+        Column("dead_letter_id", Text, nullable=True),
+        Column("detail", Text, nullable=False, server_default=text("''")),
+        schema=schema,
+    )
+    Index("ix_admin_actions_order_id", table.c.order_id)
+    return table
+
+
 class MessagingTables:
-    """The outbox and inbox of one schema, registered on that service's metadata."""
+    """The runtime's tables of one schema, registered on that service's metadata."""
 
     def __init__(self, metadata: MetaData, schema: str) -> None:
         self.schema = schema
         self.outbox = outbox_table(metadata, schema)
         self.inbox = inbox_table(metadata, schema)
+        self.dead_letters = dead_letters_table(metadata, schema)
+        self.admin_actions = admin_actions_table(metadata, schema)
 
     @property
     def notify_channel(self) -> str:
