@@ -37,6 +37,8 @@ def calendar(reason: str) -> CalendarBookingFailed:
         reason=reason,
         detail="detail",
         attempts=1,
+        # Failures the calendar retries on its schedule are news only once they are final.
+        final=reason in ("store_not_found", "calendar_api_error", "unexpected_error"),
     )
 
 
@@ -259,7 +261,7 @@ class TestPaging:
         critical, _, other = await raise_all(
             notifications,
             calendar("store_not_found"),
-            calendar("calendar_api_error"),
+            calendar("mentor_not_integrated"),
             calendar("unexpected_error"),
         )
         page = await notifications.page(afterId=notifications.baseline, severity="Critical")

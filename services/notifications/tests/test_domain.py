@@ -30,6 +30,7 @@ from booking.notifications.domain import (
     failures_closed_by,
     health_reason,
     parse_level,
+    raises_alert,
     summary_days,
 )
 from booking.notifications.handlers import handlers
@@ -75,7 +76,23 @@ class TestTheMappingTable:
         ],
     )
     def test_every_reason_the_contract_knows_has_its_own_row(self, event, reasons) -> None:
-        assert set(MAPPINGS[event].kinds) == {r.value for r in reasons}
+        finals = {f"{r.value}:final" for r in reasons} if event is CalendarBookingFailed else set()
+        assert set(MAPPINGS[event].kinds) == {r.value for r in reasons} | finals
+
+    def test_an_attempt_the_calendar_retries_raises_nothing_until_it_is_final(self) -> None:
+        for reason in ("calendar_api_error", "unexpected_error", "store_not_found"):
+            assert not raises_alert(calendar(reason))
+            final = calendar(reason, final=True)
+            assert raises_alert(final)
+            assert alert_for(final, NOW).severity is Severity.Critical
+        for reason in ("mentor_not_integrated", "integration_revoked"):
+            waiting = calendar(reason)
+            assert raises_alert(waiting)
+            assert alert_for(waiting, NOW).severity is Severity.Error
+            final = calendar(reason, final=True)
+            assert alert_for(final, NOW).severity is Severity.Critical
+            # The final failure is news of its own, not a count on the waiting one.
+            assert alert_for(final, NOW).fingerprint != alert_for(waiting, NOW).fingerprint
 
     def test_every_mapped_event_is_consumed_and_every_consumed_event_mapped(self) -> None:
         assert set(handlers(timedelta(hours=1), "admin.alerts")) == set(MAPPINGS)

@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 
 from booking.contracts import (
+    AdminActionRecorded,
     CalendarBookingFailed,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowUnfrozen,
     Event,
     HealthCheckFailed,
     HealthCheckRecovered,
@@ -61,19 +66,39 @@ class Case:
     producer: str | None = None
 
 
-def calendar_case(reason: str, severity: str, title: str, detail: str = "", line: str = "") -> Case:
+def calendar_case(
+    reason: str,
+    severity: str,
+    title: str,
+    detail: str = "",
+    line: str = "",
+    *,
+    final: bool = False,
+) -> Case:
     o, s, m = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     detail = detail or f"{reason} for mentor {m}"
     event = CalendarBookingFailed(
-        session_id=s, order_id=o, mentor_id=m, reason=reason, detail=detail, attempts=3
+        session_id=s,
+        order_id=o,
+        mentor_id=m,
+        reason=reason,
+        detail=detail,
+        attempts=3,
+        final=final,
+    )
+    ending = (
+        " The calendar has given up: the session will not take place as paid and its escrow "
+        "is frozen until an admin retries the scheduling, releases or refunds it."
+        if final
+        else ""
     )
     return Case(
         event,
         "IntegrationFailure",
         severity,
-        f"Calendar booking failed: {title}",
+        f"Calendar booking {'abandoned' if final else 'failed'}: {title}",
         f"Session {s} of order {o} (mentor {m}) could not be put in the mentor's Google "
-        f"Calendar after 3 attempts: {line or detail}",
+        f"Calendar after 3 attempts: {line or detail}{ending}",
         {
             "order_id": str(o),
             "session_id": str(s),
@@ -81,6 +106,8 @@ def calendar_case(reason: str, severity: str, title: str, detail: str = "", line
             "reason": reason,
             "detail": detail,
             "attempts": 3,
+            "final": final,
+            "next_attempt_at": None,
         },
     )
 
@@ -147,6 +174,7 @@ def system_case() -> Case:
         error=TRACE,
         dead_lettered_message_id=dead,
         attempts=5,
+        dead_letter_id="orders:7",
     )
     return Case(
         event,
@@ -154,17 +182,114 @@ def system_case() -> Case:
         "Critical",
         "Message dead-lettered by orders: PaymentCompleted",
         f"orders could not handle a PaymentCompleted message ({dead}) after 5 attempts; it is "
-        "in the dead-letter queue of orders: KeyError: 'calendar_id'",
+        "kept as dead letter orders:7, to replay or discard: KeyError: 'calendar_id'",
         {
             "service": "orders",
             "consumer": "orders",
             "message_type": "PaymentCompleted",
             "dead_lettered_message_id": dead,
+            "dead_letter_id": "orders:7",
             "error": TRACE,
             "attempts": 5,
             "reason": "dead_lettered",
         },
         producer="orders",
+    )
+
+
+def unroutable_case() -> Case:
+    error = "no queue is bound to 'orders.order_paid' on booking.events"
+    event = SystemErrorReported(
+        service="orders",
+        consumer="orders outbox",
+        message_type="OrderPaid",
+        error=error,
+        dead_lettered_message_id=None,
+        attempts=1,
+        kind="unroutable",
+    )
+    return Case(
+        event,
+        "SystemError",
+        "Error",
+        "Events nobody receives: OrderPaid from orders",
+        "orders publishes OrderPaid events that no queue takes; they wait in its outbox and go "
+        f"out once a queue is bound to them: {error}",
+        {
+            "service": "orders",
+            "consumer": "orders outbox",
+            "message_type": "OrderPaid",
+            "dead_lettered_message_id": None,
+            "dead_letter_id": None,
+            "error": error,
+            "attempts": 1,
+            "reason": "unroutable",
+        },
+        producer="orders",
+    )
+
+
+def escrow_case(event_type: type, severity: str, title: str, message: str, **extra: Any) -> Case:
+    order, mentor = uuid.uuid4(), uuid.uuid4()
+    fields: dict[str, Any] = {
+        "order_id": order,
+        "mentor_id": mentor,
+        "escrow_amount": 102_000,
+        "currency": "TND",
+        "reason": "the session did not take place",
+        "sequence": 2,
+        **extra,
+    }
+    event = event_type(**fields)
+    metadata = {
+        name: (str(value) if isinstance(value, uuid.UUID) else value)
+        for name, value in event.model_dump(mode="json").items()
+        if name not in ("reason", "sequence")
+    }
+    metadata["reason"] = "the session did not take place"
+    return Case(event, "PaymentAnomaly", severity, title, message.format(order=order), metadata)
+
+
+def admin_case(action: str, type_: str, **subject: Any) -> Case:
+    at = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)
+    event = AdminActionRecorded(
+        action=action,
+        service="payments",
+        by="admin-7",
+        reason="the mentee asked",
+        at=at,
+        detail="",
+        **subject,
+    )
+    metadata = {
+        "action": action,
+        "service": "payments",
+        "by": "admin-7",
+        "at": "2026-05-01T09:30:00Z",
+        "order_id": None,
+        "session_id": None,
+        "dead_letter_id": None,
+        "detail": "",
+        "reason": "the mentee asked",
+    }
+    metadata.update({k: str(v) for k, v in subject.items()})
+    named = ", ".join(
+        f"{label} {subject[key]}"
+        for key, label in (
+            ("order_id", "order"),
+            ("session_id", "session"),
+            ("dead_letter_id", "dead letter"),
+        )
+        if key in subject
+    )
+    return Case(
+        event,
+        type_,
+        "Info",
+        f"Admin action: {action} by admin-7",
+        f"admin-7 did {action} on {named}: the mentee asked",
+        metadata,
+        producer="payments",
     )
 
 
@@ -199,8 +324,11 @@ def health_case(
 
 
 CASES: dict[str, Callable[[], Case]] = {
-    "calendar store_not_found": lambda: calendar_case(
-        "store_not_found", "Critical", "the mentor is unknown to the calendar service"
+    "calendar store_not_found, final": lambda: calendar_case(
+        "store_not_found",
+        "Critical",
+        "the mentor is unknown to the calendar service",
+        final=True,
     ),
     "calendar mentor_not_integrated": lambda: calendar_case(
         "mentor_not_integrated", "Error", "the mentor has not connected Google Calendar"
@@ -208,15 +336,22 @@ CASES: dict[str, Callable[[], Case]] = {
     "calendar integration_revoked": lambda: calendar_case(
         "integration_revoked", "Error", "the mentor's Google access was revoked"
     ),
-    "calendar calendar_api_error": lambda: calendar_case(
-        "calendar_api_error", "Error", "Google Calendar kept failing"
+    "calendar mentor_not_integrated, final": lambda: calendar_case(
+        "mentor_not_integrated",
+        "Critical",
+        "the mentor did not connect Google Calendar in time",
+        final=True,
     ),
-    "calendar unexpected_error": lambda: calendar_case(
+    "calendar calendar_api_error, final": lambda: calendar_case(
+        "calendar_api_error", "Critical", "Google Calendar kept failing", final=True
+    ),
+    "calendar unexpected_error, final": lambda: calendar_case(
         "unexpected_error",
         "Critical",
         "unexpected error",
         detail=TRACE,
         line="KeyError: 'calendar_id'",
+        final=True,
     ),
     "anomaly unknown_payment_ref": lambda: anomaly_case(
         "unknown_payment_ref",
@@ -254,6 +389,55 @@ CASES: dict[str, Callable[[], Case]] = {
         "underpayment", "Error", "Order underpaid: it stays unpaid"
     ),
     "system error": system_case,
+    "unroutable events": unroutable_case,
+    "escrow frozen": lambda: escrow_case(
+        EscrowFrozen,
+        "Error",
+        "Escrow frozen: release it or refund the mentee",
+        "The escrow of order {order} (102000 TND (minor units)) is frozen by admin-2: the "
+        "session did not take place. It is never released on its own: an admin releases it to "
+        "the mentor or refunds the mentee.",
+        by="admin-2",
+    ),
+    "escrow refund due": lambda: escrow_case(
+        EscrowRefundDue,
+        "Critical",
+        "Refund owed: pay the mentee back, then record it",
+        "120000 TND (minor units) paid for order {order} is owed back to the mentee: the "
+        "session did not take place. Konnect has no refund API: pay it back, then record the "
+        "refund with its reference.",
+        refund_amount=120_000,
+    ),
+    "escrow refunded": lambda: escrow_case(
+        EscrowRefunded,
+        "Info",
+        "Refund recorded",
+        "The refund of 120000 TND (minor units) for order {order} was recorded by admin-2 "
+        "(reference TRF-9): the session did not take place",
+        refund_amount=120_000,
+        by="admin-2",
+        reference="TRF-9",
+    ),
+    "escrow unfrozen": lambda: escrow_case(
+        EscrowUnfrozen,
+        "Info",
+        "Escrow held again: the session was scheduled",
+        "The escrow of order {order} (102000 TND (minor units)) is held again: the session did "
+        "not take place",
+        release_due_at=datetime(2026, 6, 2, 10, 0, tzinfo=UTC),
+    ),
+    "admin cancels an order": lambda: admin_case(
+        "cancel_order", "SessionIssue", order_id=uuid.uuid4(), session_id=uuid.uuid4()
+    ),
+    "admin replays a dead letter": lambda: admin_case(
+        "replay_dead_letter", "SystemError", dead_letter_id="orders:3"
+    ),
+    "admin retries a scheduling": lambda: admin_case(
+        "retry_scheduling", "IntegrationFailure", session_id=uuid.uuid4()
+    ),
+    "admin releases an escrow": lambda: admin_case(
+        "release_escrow", "PaymentAnomaly", order_id=uuid.uuid4()
+    ),
     "health failed: a whole service": lambda: health_case(
         HealthCheckFailed, "orders:health", "fail", "Critical", "failing_vital"
     ),
@@ -463,12 +647,15 @@ class TestLoopGuard:
 
         # The event is dead-lettered and reported; storing that report fails as well, so it is
         # dead-lettered in turn, and that is the end of the line: no report of the report.
-        runtime = notifications.runtime
-        dead_letters = runtime.consumer.queues.dead_letter
+        dead = notifications.runtime.tables.dead_letters
 
         async def both_dead() -> bool:
-            ready, _ = await runtime.broker.queue_stats(dead_letters)
-            return ready == 2
+            async with notifications.runtime.db.engine.connect() as conn:
+                kept = (await conn.execute(dead.select().where(dead.c.status == "kept"))).all()
+            return sorted(row.event_type for row in kept) == [
+                "CalendarBookingFailed",
+                "SystemErrorReported",
+            ]
 
         await eventually(both_dead, what="the event and its report dead-lettered")
         await notifications.spy.settle()
@@ -485,8 +672,21 @@ def calendar_failed_event(**ids: Any) -> CalendarBookingFailed:
         reason="calendar_api_error",
         detail=ids.get("detail", "Google answered 503 three times"),
         attempts=3,
+        final=True,
     )
 
 
 def _payload(message: Any) -> dict[str, Any]:
     return json.loads(message.body)["payload"]
+
+
+class TestRetriedAttempts:
+    async def test_an_attempt_the_calendar_retries_is_consumed_without_a_notification(
+        self, notifications
+    ) -> None:
+        attempt = calendar_failed_event().model_copy(update={"final": False})
+        final = calendar_failed_event().model_copy(update={"final": True})
+        await notifications.handled(await notifications.publish(attempt))
+        assert await notifications.rows() == []
+        row = await notifications.raise_(final)
+        assert SEVERITIES[row["severity"]] == "Critical"

@@ -19,6 +19,8 @@ def calendar(reason: str) -> CalendarBookingFailed:
         reason=reason,
         detail="detail",
         attempts=1,
+        # Failures the calendar retries on its schedule are news only once they are final.
+        final=reason in ("store_not_found", "calendar_api_error", "unexpected_error"),
     )
 
 

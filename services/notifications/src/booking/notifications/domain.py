@@ -16,24 +16,31 @@ chosen:
 
 | event | reason / kind | type | severity |
 |---|---|---|---|
-| CalendarBookingFailed | store_not_found | IntegrationFailure | Critical |
-| CalendarBookingFailed | mentor_not_integrated | IntegrationFailure | Error |
-| CalendarBookingFailed | integration_revoked | IntegrationFailure | Error |
-| CalendarBookingFailed | calendar_api_error | IntegrationFailure | Error |
-| CalendarBookingFailed | unexpected_error | IntegrationFailure | Critical |
+| CalendarBookingFailed | store_not_found, calendar_api_error, unexpected_error, not final (5) | | |
+| CalendarBookingFailed | mentor_not_integrated, not final | IntegrationFailure | Error |
+| CalendarBookingFailed | integration_revoked, not final | IntegrationFailure | Error |
+| CalendarBookingFailed | any reason, final (3) | IntegrationFailure | Critical |
 | PaymentAnomalyDetected | unknown_payment_ref | PaymentAnomaly | Warning |
 | PaymentAnomalyDetected | amount_mismatch | PaymentAnomaly | Error |
 | PaymentAnomalyDetected | currency_mismatch | PaymentAnomaly | Error |
 | PaymentAnomalyDetected | underpayment | PaymentAnomaly | Error |
 | PaymentAnomalyDetected | payment_for_cancelled_order | PaymentAnomaly | Critical |
 | PaymentAnomalyDetected | payment_for_ended_order | PaymentAnomaly | Critical |
+| PaymentAnomalyDetected | underpaid_order_expired | PaymentAnomaly | Critical |
 | PaymentInitiationFailed | (any reason) | PaymentAnomaly | Error |
 | SessionIssueDetected | payment_for_unknown_order | SessionIssue | Critical |
 | SessionIssueDetected | payment_for_cancelled_order | SessionIssue | Critical |
 | SessionIssueDetected | payment_for_paid_order | SessionIssue | Critical |
 | SessionIssueDetected | currency_mismatch | SessionIssue | Error |
 | SessionIssueDetected | underpayment | SessionIssue | Error |
+| SessionIssueDetected | payment_never_opened | SessionIssue | Error |
+| EscrowFrozen | frozen | PaymentAnomaly | Error |
+| EscrowRefundDue | refund_due | PaymentAnomaly | Critical |
+| EscrowRefunded | refunded | PaymentAnomaly | Info |
+| EscrowUnfrozen | unfrozen | PaymentAnomaly | Info |
 | SystemErrorReported | dead_lettered | SystemError | Critical |
+| SystemErrorReported | unroutable | SystemError | Error |
+| AdminActionRecorded | each action (4) | by action | Info |
 | HealthCheckFailed | failing_vital (1) | HealthCheckFailure | Critical |
 | HealthCheckFailed | failing (2) | HealthCheckFailure | Error |
 | HealthCheckRecovered | recovered | HealthCheckFailure | Info |
@@ -41,6 +48,14 @@ chosen:
 (1) status `fail`, and the component is a whole service (`orders:health`, as the gateway's
 monitor names them, or `orders`) or a database or broker (`database:...`, `rabbitmq:...`).
 (2) anything else: a `warn`, or a component such as an outside system.
+(3) the calendar gave up: the session will not take place as paid and its escrow is frozen.
+A final failure is its own notification (its reason key is `<reason>:final`), apart from the
+earlier ones of the same booking.
+(4) on dead letters SystemError, on an order SessionIssue, on a scheduling IntegrationFailure,
+on an escrow PaymentAnomaly.
+(5) no notification: the calendar tries again on its schedule; only the final failure is news.
+
+What each alert means and what to do about it: docs/alerts.md.
 
 A kind this table does not know yet (a producer added one) still raises a notification, with the
 event's fallback (Error for payment anomalies and session issues): nothing is ever dropped.
@@ -68,7 +83,14 @@ from enum import IntEnum
 from typing import Any, TypeVar
 
 from booking.contracts import (
+    AdminAction,
+    AdminActionRecorded,
     CalendarBookingFailed,
+    CalendarFailureReason,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowUnfrozen,
     Event,
     HealthCheckFailed,
     HealthCheckRecovered,
@@ -134,6 +156,8 @@ class Mapping:
     """For a reason `kinds` does not know (yet): the alert is raised all the same."""
     metadata_reason: Callable[[Any], str] | None = None
     """The `reason` in metadata, when it is not the mapping's (a free-form payload reason)."""
+    silent: Callable[[Any], bool] | None = None
+    """Events of this type that raise no notification (an attempt that will be retried)."""
 
 
 def _summary(text: str) -> str:
@@ -155,10 +179,71 @@ def _attempts(n: int) -> str:
 
 
 def _calendar_message(e: CalendarBookingFailed) -> str:
+    ending = (
+        " The calendar has given up: the session will not take place as paid and its escrow is "
+        "frozen until an admin retries the scheduling, releases or refunds it."
+        if e.final
+        else ""
+    )
     return (
         f"Session {e.session_id} of order {e.order_id} (mentor {e.mentor_id}) could not be put "
-        f"in the mentor's Google Calendar after {_attempts(e.attempts)}: {_summary(e.detail)}"
+        f"in the mentor's Google Calendar after {_attempts(e.attempts)}: "
+        f"{_summary(e.detail)}{ending}"
     )
+
+
+# Failures the calendar retries on its own schedule: only the final one is news.
+_RETRIED_ON_SCHEDULE = frozenset(
+    {
+        CalendarFailureReason.CALENDAR_API_ERROR.value,
+        CalendarFailureReason.UNEXPECTED_ERROR.value,
+        CalendarFailureReason.STORE_NOT_FOUND.value,
+    }
+)
+
+
+def _calendar_reason(e: CalendarBookingFailed) -> str:
+    return f"{_name(e.reason)}:final" if e.final else _name(e.reason)
+
+
+def _money(amount: int, currency: str) -> str:
+    return f"{amount} {currency} (minor units)"
+
+
+def _escrow_message(e: EscrowFrozen | EscrowRefundDue | EscrowRefunded | EscrowUnfrozen) -> str:
+    by = f" by {e.by}" if getattr(e, "by", None) else ""
+    escrow = f"The escrow of order {e.order_id} ({_money(e.escrow_amount, e.currency)})"
+    if isinstance(e, EscrowFrozen):
+        return (
+            f"{escrow} is frozen{by}: {_summary(e.reason)}. It is never released on its own: "
+            "an admin releases it to the mentor or refunds the mentee."
+        )
+    if isinstance(e, EscrowRefundDue):
+        return (
+            f"{_money(e.refund_amount, e.currency)} paid for order {e.order_id} is owed back to "
+            f"the mentee{by}: {_summary(e.reason)}. Konnect has no refund API: pay it back, then "
+            "record the refund with its reference."
+        )
+    if isinstance(e, EscrowRefunded):
+        return (
+            f"The refund of {_money(e.refund_amount, e.currency)} for order {e.order_id} was "
+            f"recorded{by} (reference {e.reference}): {_summary(e.reason)}"
+        )
+    return f"{escrow} is held again: {_summary(e.reason)}"
+
+
+def _admin_message(e: AdminActionRecorded) -> str:
+    subject = ", ".join(
+        f"{name} {value}"
+        for name, value in (
+            ("order", e.order_id),
+            ("session", e.session_id),
+            ("dead letter", e.dead_letter_id),
+        )
+        if value
+    )
+    detail = f" ({_summary(e.detail)})" if e.detail else ""
+    return f"{e.by} did {_name(e.action)} on {subject or e.service}{detail}: {_summary(e.reason)}"
 
 
 def _anomaly_message(e: PaymentAnomalyDetected) -> str:
@@ -179,11 +264,21 @@ def _session_message(e: SessionIssueDetected) -> str:
 
 
 def _system_message(e: SystemErrorReported) -> str:
+    if _name(e.kind) == "unroutable":
+        return (
+            f"{e.service} publishes {e.message_type} events that no queue takes; they wait in "
+            f"its outbox and go out once a queue is bound to them: {_summary(e.error)}"
+        )
     what = f"a {e.message_type} message" if e.message_type else "an unreadable message"
     ident = f" ({e.dead_lettered_message_id})" if e.dead_lettered_message_id else ""
+    kept = (
+        f"dead letter {e.dead_letter_id}"
+        if e.dead_letter_id
+        else f"the dead letters of {e.consumer}"
+    )
     return (
-        f"{e.service} could not handle {what}{ident} after {_attempts(e.attempts)}; it is in "
-        f"the dead-letter queue of {e.consumer}: {_summary(e.error)}"
+        f"{e.service} could not handle {what}{ident} after {_attempts(e.attempts)}; it is kept "
+        f"as {kept}, to replay or discard: {_summary(e.error)}"
     )
 
 
@@ -203,6 +298,17 @@ def health_reason(event: HealthCheckFailed) -> str:
 
 
 _CALENDAR_TITLE = "Calendar booking failed: "
+_ABANDONED_TITLE = "Calendar booking abandoned: "
+_ADMIN_TYPES = {
+    AdminAction.REPLAY_DEAD_LETTER: T.SystemError,
+    AdminAction.DISCARD_DEAD_LETTER: T.SystemError,
+    AdminAction.CANCEL_ORDER: T.SessionIssue,
+    AdminAction.RETRY_SCHEDULING: T.IntegrationFailure,
+    AdminAction.RELEASE_ESCROW: T.PaymentAnomaly,
+    AdminAction.REFUND_ESCROW: T.PaymentAnomaly,
+    AdminAction.RECORD_REFUND: T.PaymentAnomaly,
+}
+_ESCROW_METADATA = ("order_id", "mentor_id", "escrow_amount", "currency", "by")
 
 MAPPINGS: dict[type[Event], Mapping] = {
     CalendarBookingFailed: Mapping(
@@ -228,12 +334,45 @@ MAPPINGS: dict[type[Event], Mapping] = {
             "unexpected_error": Kind(
                 T.IntegrationFailure, S.Critical, _CALENDAR_TITLE + "unexpected error"
             ),
+            "store_not_found:final": Kind(
+                T.IntegrationFailure,
+                S.Critical,
+                _ABANDONED_TITLE + "the mentor is unknown to the calendar service",
+            ),
+            "mentor_not_integrated:final": Kind(
+                T.IntegrationFailure,
+                S.Critical,
+                _ABANDONED_TITLE + "the mentor did not connect Google Calendar in time",
+            ),
+            "integration_revoked:final": Kind(
+                T.IntegrationFailure,
+                S.Critical,
+                _ABANDONED_TITLE + "the mentor did not reconnect Google Calendar in time",
+            ),
+            "calendar_api_error:final": Kind(
+                T.IntegrationFailure,
+                S.Critical,
+                _ABANDONED_TITLE + "Google Calendar kept failing",
+            ),
+            "unexpected_error:final": Kind(
+                T.IntegrationFailure, S.Critical, _ABANDONED_TITLE + "unexpected error"
+            ),
         },
-        reason=lambda e: _name(e.reason),
+        reason=_calendar_reason,
         message=_calendar_message,
-        metadata=("order_id", "session_id", "mentor_id", "detail", "attempts"),
+        metadata=(
+            "order_id",
+            "session_id",
+            "mentor_id",
+            "detail",
+            "attempts",
+            "final",
+            "next_attempt_at",
+        ),
         subject=("order_id", "session_id", "mentor_id"),
         fallback=Kind(T.IntegrationFailure, S.Critical, _CALENDAR_TITLE + "{reason}"),
+        metadata_reason=lambda e: _name(e.reason),
+        silent=lambda e: not e.final and _name(e.reason) in _RETRIED_ON_SCHEDULE,
     ),
     PaymentAnomalyDetected: Mapping(
         kinds={
@@ -252,6 +391,11 @@ MAPPINGS: dict[type[Event], Mapping] = {
             ),
             "payment_for_ended_order": Kind(
                 T.PaymentAnomaly, S.Critical, "Money received for an order that had ended"
+            ),
+            "underpaid_order_expired": Kind(
+                T.PaymentAnomaly,
+                S.Critical,
+                "Underpaid order expired: what was paid must be refunded",
             ),
         },
         reason=lambda e: _name(e.kind),
@@ -287,6 +431,9 @@ MAPPINGS: dict[type[Event], Mapping] = {
                 T.SessionIssue, S.Error, "Payment in another currency than its order's"
             ),
             "underpayment": Kind(T.SessionIssue, S.Error, "Order underpaid: it stays unpaid"),
+            "payment_never_opened": Kind(
+                T.SessionIssue, S.Error, "Order failed: its payment never opened"
+            ),
         },
         reason=lambda e: _name(e.kind),
         message=_session_message,
@@ -299,18 +446,89 @@ MAPPINGS: dict[type[Event], Mapping] = {
             "dead_lettered": Kind(
                 T.SystemError, S.Critical, "Message dead-lettered by {service}: {message_type}"
             ),
+            "unroutable": Kind(
+                T.SystemError, S.Error, "Events nobody receives: {message_type} from {service}"
+            ),
         },
-        reason=lambda e: "dead_lettered",
+        reason=lambda e: _name(e.kind),
         message=_system_message,
         metadata=(
             "service",
             "consumer",
             "message_type",
             "dead_lettered_message_id",
+            "dead_letter_id",
             "error",
             "attempts",
         ),
         subject=("service", "consumer", "message_type", "dead_lettered_message_id"),
+        fallback=Kind(T.SystemError, S.Critical, "System error in {service}: {kind}"),
+    ),
+    EscrowFrozen: Mapping(
+        kinds={
+            "frozen": Kind(
+                T.PaymentAnomaly, S.Error, "Escrow frozen: release it or refund the mentee"
+            )
+        },
+        reason=lambda e: "frozen",
+        message=_escrow_message,
+        metadata=_ESCROW_METADATA,
+        subject=("order_id",),
+        metadata_reason=lambda e: e.reason,
+    ),
+    EscrowUnfrozen: Mapping(
+        kinds={
+            "unfrozen": Kind(
+                T.PaymentAnomaly, S.Info, "Escrow held again: the session was scheduled"
+            )
+        },
+        reason=lambda e: "unfrozen",
+        message=_escrow_message,
+        metadata=("order_id", "mentor_id", "escrow_amount", "currency", "release_due_at"),
+        subject=("order_id",),
+        metadata_reason=lambda e: e.reason,
+    ),
+    EscrowRefundDue: Mapping(
+        kinds={
+            "refund_due": Kind(
+                T.PaymentAnomaly, S.Critical, "Refund owed: pay the mentee back, then record it"
+            )
+        },
+        reason=lambda e: "refund_due",
+        message=_escrow_message,
+        metadata=(*_ESCROW_METADATA, "refund_amount"),
+        subject=("order_id",),
+        metadata_reason=lambda e: e.reason,
+    ),
+    EscrowRefunded: Mapping(
+        kinds={"refunded": Kind(T.PaymentAnomaly, S.Info, "Refund recorded")},
+        reason=lambda e: "refunded",
+        message=_escrow_message,
+        metadata=(*_ESCROW_METADATA, "refund_amount", "reference"),
+        subject=("order_id",),
+        metadata_reason=lambda e: e.reason,
+    ),
+    AdminActionRecorded: Mapping(
+        kinds={
+            action.value: Kind(_ADMIN_TYPES[action], S.Info, "Admin action: {action} by {by}")
+            for action in AdminAction
+        },
+        reason=lambda e: _name(e.action),
+        message=_admin_message,
+        metadata=(
+            "action",
+            "service",
+            "by",
+            "at",
+            "order_id",
+            "session_id",
+            "dead_letter_id",
+            "detail",
+        ),
+        # Each action is news of its own: two replays of one dead letter are two notifications.
+        subject=("service", "order_id", "session_id", "dead_letter_id", "at"),
+        fallback=Kind(T.SystemError, S.Info, "Admin action: {action} by {by}"),
+        metadata_reason=lambda e: e.reason,
     ),
     HealthCheckFailed: Mapping(
         kinds={
@@ -377,6 +595,12 @@ def _fingerprint_of(event: Event, mapping: Mapping, kind: Kind, reason: str) -> 
     payload = event.model_dump(mode="json")
     subject = [f"{name}={payload.get(name) or ''}" for name in mapping.subject]
     return fingerprint(kind.type.name, event.event_type(), reason, *subject)
+
+
+def raises_alert(event: Event) -> bool:
+    """Whether `event` becomes a notification at all (some attempts are only recorded)."""
+    silent = MAPPINGS[type(event)].silent
+    return silent is None or not silent(event)
 
 
 def alert_for(event: Event, occurred_at: datetime) -> Alert:

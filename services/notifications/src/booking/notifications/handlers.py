@@ -19,7 +19,12 @@ from datetime import timedelta
 from functools import partial
 
 from booking.contracts import (
+    AdminActionRecorded,
     CalendarBookingFailed,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowUnfrozen,
     Event,
     HealthCheckFailed,
     HealthCheckRecovered,
@@ -29,7 +34,7 @@ from booking.contracts import (
     SystemErrorReported,
 )
 from booking.notifications import feed
-from booking.notifications.domain import alert_for, failures_closed_by
+from booking.notifications.domain import alert_for, failures_closed_by, raises_alert
 from booking.runtime.consumer import Handler, MessageContext
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,9 @@ async def raise_alert(
     event: Event, ctx: MessageContext, *, window: timedelta, alerts_exchange: str
 ) -> None:
     """Store the notification `event` raises (or count it up) and tell every admin."""
+    if not raises_alert(event):
+        log.info("%s recorded without a notification (it is retried)", event.event_type())
+        return
     alert = alert_for(event, ctx.envelope.occurred_at)
     stored = await feed.store_alert(ctx.session, alert, window)
     row = stored.row
@@ -83,4 +91,9 @@ def handlers(window: timedelta, alerts_exchange: str) -> Mapping[type[Event], Ha
             raise_recovery, window=window, alerts_exchange=alerts_exchange
         ),
         SystemErrorReported: alert,
+        EscrowFrozen: alert,
+        EscrowUnfrozen: alert,
+        EscrowRefundDue: alert,
+        EscrowRefunded: alert,
+        AdminActionRecorded: alert,
     }
