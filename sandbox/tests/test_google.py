@@ -150,6 +150,19 @@ class Google:
             f"/calendar/v3/calendars/{calendar}/events/{event}", headers=bearer(access_token)
         )
 
+    async def delete(
+        self,
+        access_token: str,
+        event: str,
+        calendar: str = "primary",
+        params: dict[str, str] | None = None,
+    ) -> Response:
+        return await self.http.delete(
+            f"/calendar/v3/calendars/{calendar}/events/{event}",
+            params={"sendUpdates": "all"} if params is None else params,
+            headers=bearer(access_token),
+        )
+
     async def free_busy(self, access_token: str, body: dict[str, Any]) -> httpx.Response:
         headers = bearer(access_token)
         return await self.http.post("/calendar/v3/freeBusy", json=body, headers=headers)
@@ -492,6 +505,9 @@ class TestCalendarAuth:
             await google.http.get(
                 f"/calendar/v3/calendars/primary/events/{event_id()}", headers=headers
             ),
+            await google.http.delete(
+                f"/calendar/v3/calendars/primary/events/{event_id()}", headers=headers
+            ),
             await google.http.post("/calendar/v3/freeBusy", json={}, headers=headers),
         ]:
             error = google_error(response, 401, "authError")
@@ -655,6 +671,111 @@ class TestEvents:
         assert event["hangoutLink"] in page.text
 
 
+class TestDelete:
+    async def test_a_delete_answers_204_and_the_event_reads_back_cancelled(self, google):
+        who = account()
+        token = (await google.connect(who))["access_token"]
+        chosen = event_id()
+        await google.insert(token, session_body(id=chosen))
+        google.clock.advance(minutes=5)
+
+        response = await google.delete(token, chosen)
+
+        assert response.status_code == 204 and response.content == b""
+        found = await google.read(token, chosen)
+        assert found.status_code == 200
+        event = found.json()
+        assert event["id"] == chosen and event["status"] == "cancelled"
+        assert event["updated"] > event["created"]
+        [listed] = (await google.http.get("/_sandbox/events", params={"account": who})).json()[
+            "events"
+        ]
+        assert listed["status"] == "cancelled"
+        assert listed["sandbox"]["deleted_send_updates"] == "all"
+
+    async def test_deleting_again_is_410_deleted(self, google):
+        token = (await google.connect())["access_token"]
+        chosen = event_id()
+        await google.insert(token, session_body(id=chosen))
+        assert (await google.delete(token, chosen)).status_code == 204
+
+        again = await google.delete(token, chosen)
+
+        error = google_error(again, 410, "deleted")
+        assert error["message"] == "Resource has been deleted"
+        assert (await google.read(token, chosen)).json()["status"] == "cancelled"
+
+    async def test_an_unknown_event_is_404_not_found(self, google):
+        token = (await google.connect())["access_token"]
+        google_error(await google.delete(token, event_id()), 404, "notFound")
+
+    async def test_another_accounts_event_or_calendar_is_404_and_stays(self, google):
+        who = account()
+        mine = (await google.connect(who))["access_token"]
+        theirs = (await google.connect())["access_token"]
+        chosen = event_id()
+        await google.insert(mine, session_body(id=chosen))
+
+        google_error(await google.delete(theirs, chosen), 404, "notFound")
+        google_error(await google.delete(theirs, chosen, calendar=who), 404, "notFound")
+
+        assert (await google.read(mine, chosen)).json()["status"] == "confirmed"
+
+    async def test_the_calendar_may_be_named_by_the_accounts_email(self, google):
+        who = account()
+        token = (await google.connect(who))["access_token"]
+        chosen = event_id()
+        await google.insert(token, session_body(id=chosen))
+
+        assert (await google.delete(token, chosen, calendar=who)).status_code == 204
+
+    async def test_a_deleted_id_cannot_be_inserted_again(self, google):
+        token = (await google.connect())["access_token"]
+        chosen = event_id()
+        await google.insert(token, session_body(id=chosen, summary="First"))
+        await google.delete(token, chosen)
+
+        again = await google.insert(token, session_body(id=chosen, summary="Second"))
+
+        google_error(again, 409, "duplicate")
+        event = (await google.read(token, chosen)).json()
+        assert (event["summary"], event["status"]) == ("First", "cancelled")
+
+    async def test_a_bad_send_updates_is_400_and_deletes_nothing(self, google):
+        token = (await google.connect())["access_token"]
+        chosen = event_id()
+        await google.insert(token, session_body(id=chosen))
+
+        refused = await google.delete(token, chosen, params={"sendUpdates": "everyone"})
+
+        google_error(refused, 400, "invalid")
+        assert (await google.read(token, chosen)).json()["status"] == "confirmed"
+
+    async def test_a_cancelled_event_is_not_busy(self, google):
+        token = (await google.connect())["access_token"]
+        chosen = event_id()
+        await google.insert(
+            token,
+            session_body(
+                id=chosen,
+                start={"dateTime": "2030-03-04T09:00:00Z"},
+                end={"dateTime": "2030-03-04T10:00:00Z"},
+            ),
+        )
+        await google.delete(token, chosen)
+
+        response = await google.free_busy(
+            token,
+            {
+                "timeMin": "2030-03-04T00:00:00Z",
+                "timeMax": "2030-03-05T00:00:00Z",
+                "items": [{"id": "primary"}],
+            },
+        )
+
+        assert response.json()["calendars"]["primary"] == {"busy": []}
+
+
 class TestMeet:
     async def test_meet_data_is_pending_for_n_reads_then_success(self, make_google):
         google = make_google(google_meet_pending_reads=3)
@@ -804,20 +925,27 @@ async def call(google: Google, endpoint: str, tokens: dict[str, Any]) -> httpx.R
         return await google.insert(access, session_body())
     if endpoint == "get":
         return await google.read(access, tokens["event_id"])
+    if endpoint == "delete":
+        # One of the events the fixture set aside for deleting: a fault never touches them.
+        return await google.delete(access, tokens["deletable"].pop())
     window = {"timeMin": "2030-03-04T00:00:00Z", "timeMax": "2030-03-05T00:00:00Z"}
     return await google.free_busy(access, {**window, "items": [{"id": "primary"}]})
 
 
 @pytest.fixture
 async def mentor(google: Google) -> dict[str, Any]:
-    """A connected mentor with one event: all four calls can be made."""
+    """A connected mentor with one event to read and a few to delete: all five calls can be
+    made."""
     tokens = await google.connect()
     chosen = event_id()
     await google.insert(tokens["access_token"], session_body(id=chosen))
-    return {**tokens, "event_id": chosen}
+    deletable = [event_id() for _ in range(3)]
+    for spare in deletable:
+        await google.insert(tokens["access_token"], session_body(id=spare))
+    return {**tokens, "event_id": chosen, "deletable": deletable}
 
 
-ENDPOINTS = ["token", "insert", "get", "freebusy"]
+ENDPOINTS = ["token", "insert", "get", "delete", "freebusy"]
 # kind -> (status, Calendar's reason, the token endpoint's error)
 FAULTS = {
     "http_500": (500, "backendError", "internal_failure"),
@@ -843,20 +971,20 @@ class TestFaults:
             google_error(faulted, status, reason)
         if kind == "http_429":
             assert faulted.headers["retry-after"] == "1"
-        assert (await call(google, endpoint, mentor)).status_code == 200
+        assert (await call(google, endpoint, mentor)).is_success
         assert (await google.http.get("/_sandbox/faults")).json() == {"faults": []}
 
     async def test_any_matches_every_endpoint(self, google, mentor):
-        await google.control("faults", {"kind": "http_503", "count": 4})
+        await google.control("faults", {"kind": "http_503", "count": len(ENDPOINTS)})
         for endpoint in ENDPOINTS:
             assert (await call(google, endpoint, mentor)).status_code == 503
         for endpoint in ENDPOINTS:
-            assert (await call(google, endpoint, mentor)).status_code == 200
+            assert (await call(google, endpoint, mentor)).is_success
 
     async def test_a_fault_for_one_endpoint_leaves_the_others_alone(self, google, mentor):
         await google.control("faults", {"kind": "http_500", "count": 1, "endpoint": "insert"})
-        for endpoint in ("token", "get", "freebusy"):
-            assert (await call(google, endpoint, mentor)).status_code == 200
+        for endpoint in ("token", "get", "delete", "freebusy"):
+            assert (await call(google, endpoint, mentor)).is_success
         listed = (await google.http.get("/_sandbox/faults")).json()["faults"]
         assert listed == [{"kind": "http_500", "count": 1, "endpoint": "insert"}]
         assert (await call(google, "insert", mentor)).status_code == 500
@@ -876,6 +1004,17 @@ class TestFaults:
         await google.control("faults", {"kind": "http_503", "count": 1, "endpoint": "get"})
         response = await google.read("ya29.never-issued", event_id())
         google_error(response, 503, "backendError")
+
+    async def test_a_delete_stalled_by_slow_still_deletes(self, google, mentor):
+        await google.control(
+            "faults", {"kind": "slow", "count": 1, "endpoint": "delete", "seconds": 0.01}
+        )
+        doomed = mentor["deletable"][-1]
+
+        assert (await call(google, "delete", mentor)).status_code == 204
+
+        read = await google.read(mentor["access_token"], doomed)
+        assert read.json()["status"] == "cancelled"
 
     async def test_slow_stalls_then_answers_normally(self, google, mentor):
         await google.control(
@@ -981,10 +1120,14 @@ class TestControl:
             await google.insert(mine, session_body(id=chosen))
         await google.insert(theirs, session_body())
 
+        await google.delete(mine, ids[1])
+
         listed = (await google.http.get("/_sandbox/events", params={"account": who})).json()
         assert [e["id"] for e in listed["events"]] == ids
+        assert [e["status"] for e in listed["events"]] == ["confirmed", "cancelled"]
         assert listed["events"][0]["sandbox"]["account"] == who
         assert listed["events"][0]["sandbox"]["send_updates"] == "all"
+        assert listed["events"][0]["sandbox"]["deleted_send_updates"] is None
         by_calendar = await google.http.get("/_sandbox/events", params={"calendar": who})
         assert [e["id"] for e in by_calendar.json()["events"]] == ids
         assert len((await google.http.get("/_sandbox/events")).json()["events"]) == 3

@@ -3,10 +3,11 @@
 It behaves like the real Google of /work/shared/reference/providers.md (the consent checks,
 codes good once for ten minutes, refresh tokens only for offline access, invalid_grant for a
 dead one; Bearer auth, client-chosen event ids with 409 duplicate, Meet data that may stay
-`pending` for a few reads, Google's error shape), so a client tested against it works against
-the real thing. On top, for tests and demos, `/_sandbox/...`: consent without a browser, list
-events and tokens, revoke an account's access, expire access tokens, queue faults (500, 503,
-429, 403 rate limit or quota, slow) for the next calls, reset.
+`pending` for a few reads, deletion as 204 then 410 `deleted`, Google's error shape), so a
+client tested against it works against the real thing. On top, for tests and demos,
+`/_sandbox/...`: consent without a browser, list events (with their status) and tokens, revoke
+an account's access, expire access tokens, queue faults (500, 503, 429, 403 rate limit or
+quota, slow) for the next calls, reset.
 
 All state lives in memory, one set per app: tests create as many sandboxes as they like.
 """

@@ -1,4 +1,5 @@
-"""Calendar API v3 under /calendar/v3: event insert and read, and freeBusy, as Google answers.
+"""Calendar API v3 under /calendar/v3: event insert, read and delete, and freeBusy, as Google
+answers.
 
 Every call needs `Authorization: Bearer <access token>`; a missing, unknown, expired or revoked
 one is 401 `authError`. Errors are Google's `{"error": {...}}`, never problem+json. A queued
@@ -97,6 +98,20 @@ def calendar_router(
         if event is None or not calendars.reaches(token.account, calendar_id):
             return refusal(not_found())
         return JSONResponse(event.read(public_url))
+
+    @router.delete("/calendars/{calendar_id}/events/{event_id}")
+    async def delete_event(calendar_id: str, event_id: str, request: Request) -> Response:
+        """204 with no body; then the event reads back `cancelled`, and a second delete is 410."""
+        token = await caller(request, "delete")
+        if isinstance(token, Response):
+            return token
+        try:
+            if not calendars.reaches(token.account, calendar_id):
+                raise not_found()
+            calendars.delete(token.account, event_id, send_updates(request), clock())
+        except CalendarError as exc:
+            return refusal(exc)
+        return Response(status_code=204)
 
     @router.post("/freeBusy")
     async def free_busy(request: Request) -> Response:

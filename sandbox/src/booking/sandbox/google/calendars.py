@@ -1,6 +1,7 @@
 """Calendars and their events as Calendar API v3 keeps them: one `primary` calendar per account
 (also addressed by the account's email), the insert's checks, the Meet link that may arrive a
-few reads late, and free/busy.
+few reads late, deletion (the event stays, `cancelled`, and its id is never free again), and
+free/busy.
 
 Pure: no I/O, and every function that needs the time is given `now`.
 """
@@ -46,6 +47,11 @@ def bad(message: str, reason: str = "invalid") -> CalendarError:
 
 def not_found() -> CalendarError:
     return CalendarError(404, "notFound", "Not Found")
+
+
+def deleted() -> CalendarError:
+    """A second delete of an event: gone already (clients treat it as done)."""
+    return CalendarError(410, "deleted", "Resource has been deleted")
 
 
 def new_event_id() -> str:
@@ -231,6 +237,9 @@ class Event:
     conference: Conference | None = None
     send_updates: str = "none"
     status: str = "confirmed"
+    updated_at: datetime | None = None
+    # The sendUpdates of the delete that cancelled it (who was told).
+    deleted_send_updates: str | None = None
 
     @property
     def eid(self) -> str:
@@ -250,6 +259,14 @@ class Event:
         """The event as it stands, without counting as a read."""
         return self._json(public_url, self.conference.as_json() if self.conference else None)
 
+    def cancel(self, send_updates: str, now: datetime) -> None:
+        """Deleted: Google keeps the event, `cancelled`, and still answers a read of it."""
+        if self.status == "cancelled":
+            raise deleted()
+        self.status = "cancelled"
+        self.updated_at = now
+        self.deleted_send_updates = send_updates
+
     def _json(self, public_url: str, conference: dict[str, Any] | None) -> dict[str, Any]:
         stamp = rfc3339(self.created_at)
         me = {"email": self.account, "self": True}
@@ -260,7 +277,7 @@ class Event:
             "status": self.status,
             "htmlLink": f"{public_url}/calendar/event?eid={self.eid}",
             "created": stamp,
-            "updated": stamp,
+            "updated": rfc3339(self.updated_at) if self.updated_at else stamp,
             "summary": self.summary,
             "description": self.description,
             "location": self.location,
@@ -376,6 +393,18 @@ class Calendars:
 
     def get(self, account: str, event_id: str) -> Event | None:
         return self.events.get((account, event_id))
+
+    def delete(self, account: str, event_id: str, send_updates: str, now: datetime) -> Event:
+        """Cancel the event: 404 if the account has none of that id, 410 if it is cancelled.
+
+        The event is kept (a read still answers it, `cancelled`), so its id stays taken: an
+        insert under it again is 409 duplicate, as at Google.
+        """
+        event = self.get(account, event_id)
+        if event is None:
+            raise not_found()
+        event.cancel(send_updates, now)
+        return event
 
     def find_by_eid(self, eid: str) -> Event | None:
         try:

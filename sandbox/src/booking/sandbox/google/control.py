@@ -70,6 +70,7 @@ def control_router(
                 "account": event.account,
                 "calendar": "primary",
                 "send_updates": event.send_updates,
+                "deleted_send_updates": event.deleted_send_updates,
                 "meet_pending_reads": event.conference.pending_reads if event.conference else None,
             },
         }

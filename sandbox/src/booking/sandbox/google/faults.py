@@ -1,8 +1,8 @@
 """Fault switches: the next N matching Google calls answer a 5xx, a 429, a 403 or stall.
 
-Only the four real calls (token, event insert, event read, freeBusy) take faults; "any" means
-any of them. Other paths (the consent page, the control API, an unknown path) never use one up,
-so nothing but the client under test can steal the fault a test set for it.
+Only the five real calls (token, event insert, event read, event delete, freeBusy) take faults;
+"any" means any of them. Other paths (the consent page, the control API, an unknown path) never
+use one up, so nothing but the client under test can steal the fault a test set for it.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FaultKind = Literal["http_500", "http_503", "http_429", "rate_limit_403", "quota_403", "slow"]
-FaultEndpoint = Literal["token", "insert", "get", "freebusy", "any"]
+FaultEndpoint = Literal["token", "insert", "get", "delete", "freebusy", "any"]
 # What a call is, for matching.
-CallKind = Literal["token", "insert", "get", "freebusy"]
+CallKind = Literal["token", "insert", "get", "delete", "freebusy"]
 
 
 @dataclass
