@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, func, select, text
@@ -17,7 +18,7 @@ from booking.runtime.consumer import MessageContext
 from booking.runtime.service import ServiceRuntime
 from booking.runtime.settings import RuntimeSettings
 from booking.runtime.tables import MessagingTables
-from booking.runtime.testing import delete_broker_objects
+from booking.runtime.testing import TcpProxy, delete_broker_objects
 
 
 def mentor_registered(name: str = "Ada") -> MentorRegistered:
@@ -30,6 +31,17 @@ def mentor_registered(name: str = "Ada") -> MentorRegistered:
 def new_event() -> Callable[..., MentorRegistered]:
     """A fresh event for the test service to record or receive (mentor ids are unique)."""
     return mentor_registered
+
+
+@pytest.fixture
+async def postgres_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    """A proxy a test can cut to make Postgres unreachable. Ask for it before `make_service`:
+    it then outlives the service's teardown, which still needs the database."""
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
 
 
 @dataclass

@@ -13,14 +13,16 @@ import pytest
 
 from booking.contracts import SystemErrorReported, parse_envelope, wrap
 from booking.runtime import metrics
-from booking.runtime.testing import eventually
+from booking.runtime.testing import eventually, url_via
 
 
 async def publish_raw(url: str, exchange: str, routing_key: str, body: bytes, **props) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        target = await channel.get_exchange(exchange)
+        target = (
+            channel.default_exchange if exchange == "" else await channel.get_exchange(exchange)
+        )
         await target.publish(aio_pika.Message(body=body, **props), routing_key)
 
 
@@ -292,4 +294,104 @@ class TestBadInput:
         )
         [report] = await eventually(lambda: spy.of_type("SystemErrorReported"), what="report")
         assert parse_envelope(report.body).payload["dead_lettered_message_id"] == str(message_id)
+        assert await service.effect_count(str(event.mentor_id)) == 0
+
+
+class TestABrokenDatabaseIsNotAPoisonMessage:
+    async def test_an_outage_pauses_the_consumer_and_spends_no_retry_then_all_is_handled(
+        self, postgres_proxy, make_service, new_event, rabbitmq_url, database_url, caplog
+    ):
+        proxy = postgres_proxy
+        service = await make_service(database_url=url_via(database_url, proxy))
+        consumer = service.runtime.consumer
+        name = consumer.name
+        await proxy.cut()
+        events = [new_event(f"during-{i}") for i in range(5)]
+        with caplog.at_level(logging.WARNING):
+            for event in events:
+                _, body = envelope_bytes(event)
+                await publish_raw(
+                    rabbitmq_url, service.settings.events_exchange, event.routing_key(), body
+                )
+            await eventually(lambda: consumer.paused, what="the consumer paused")
+
+            # Paused: nothing consumed, every delivery handed back to its queue, untouched.
+            async def all_waiting_in_the_queue() -> bool:
+                ready, consumers = await service.runtime.broker.queue_stats(name)
+                return ready == 5 and consumers == 0
+
+            await eventually(all_waiting_in_the_queue, what="the deliveries handed back")
+            assert handled(name, "MentorRegistered", "retried") == 0
+
+            await proxy.restore()
+            for event in events:
+                await eventually(
+                    lambda event=event: service.effect_count(str(event.mentor_id)),
+                    timeout=30,
+                    what="each event handled once the database is back",
+                )
+        assert not consumer.paused
+        assert handled(name, "MentorRegistered", "retried") == 0
+        assert handled(name, "MentorRegistered", "dead_lettered") == 0
+        assert await dead_letters(service) == []
+        for event in events:
+            assert await service.effect_count(str(event.mentor_id)) == 1
+        # Said once by each part that met it (consumer, relay), not once per delivery, and
+        # never with a stack trace.
+        outage = [r.getMessage() for r in caplog.records if "unreachable while" in r.getMessage()]
+        parts = [line.partition(" unreachable")[0] for line in outage]
+        assert outage and len(parts) == len(set(parts)), outage
+        assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.WARNING)
+
+    async def test_a_failure_of_the_message_while_the_database_answers_takes_the_retry_path(
+        self, make_service, new_event, rabbitmq_url
+    ):
+        async def rejects(event, ctx) -> None:
+            raise ValueError("this message breaks a rule")
+
+        service = await make_service(rejects)
+        event = new_event()
+        _, body = envelope_bytes(event)
+        await publish_raw(rabbitmq_url, service.settings.events_exchange, event.routing_key(), body)
+        [dead] = await eventually(lambda: dead_letters(service), what="the dead letter")
+        assert dead.reason == "retries_exhausted"
+        assert not service.runtime.consumer.paused
+
+
+class TestTheBrokersOwnDeadLetters:
+    async def test_a_message_the_queue_gave_up_on_is_kept_and_reported(
+        self, make_service, new_event, spy_on, rabbitmq_url
+    ):
+        # A consumer that dies on a message before it can ack never reaches its own retry
+        # path: the quorum queue counts the deliveries and dead-letters it at its limit.
+        service = await make_service(start=False)
+        await service.runtime.declare_topology()
+        spy = await spy_on(service.settings, "*.system_error_reported")
+        queue_name = service.runtime.consumer.name
+        event = new_event()
+        message_id, body = envelope_bytes(event)
+        await publish_raw(
+            rabbitmq_url,
+            service.settings.events_exchange,
+            event.routing_key(),
+            body,
+            message_id=str(message_id),
+        )
+        connection = await aio_pika.connect(rabbitmq_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(queue_name, passive=True)
+            while (message := await queue.get(fail=False)) is not None:
+                await message.nack(requeue=True)  # as a consumer that died would return it
+
+        await service.runtime.start()
+        [dead] = await eventually(lambda: dead_letters(service), what="the broker's dead letter")
+        assert dead.reason == "delivery_limit"
+        assert dead.message_id == str(message_id)
+        assert "delivery limit" in dead.error
+        assert bytes(dead.body) == body
+        [report] = await eventually(lambda: spy.of_type("SystemErrorReported"), what="report")
+        payload = parse_envelope(report.body).payload
+        assert payload["dead_letter_id"] == f"{service.runtime.name}:{dead.id}"
+        assert payload["dead_lettered_message_id"] == str(message_id)
         assert await service.effect_count(str(event.mentor_id)) == 0

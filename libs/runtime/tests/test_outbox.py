@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import aio_pika
 import pytest
 from sqlalchemy import func, select
 
+from booking.contracts import PaymentFailed, parse_envelope
 from booking.runtime.outbox import OutboxRelay
 from booking.runtime.testing import TcpProxy, eventually, url_via
 
@@ -241,3 +243,63 @@ async def _claimed_elsewhere(engine, tables) -> bool:
             )
         )
     return free == 0
+
+
+class TestUnroutableEvents:
+    async def test_an_event_no_queue_takes_waits_is_alerted_once_and_goes_out_once_bound(
+        self, make_service, spy_on, rabbitmq_url
+    ):
+        service = await make_service(outbox_unroutable_retry_max_seconds=0.5)
+        alerts = await spy_on(service.settings, "*.system_error_reported")
+        outbox = service.tables.outbox
+        # Nobody binds payments.payment_failed on this test's exchange.
+        events = [
+            PaymentFailed(order_id=uuid.uuid4(), payment_ref="a" * 24, reason="expired")
+            for _ in range(3)
+        ]
+        ids = await service.record(*events)
+
+        [alert] = await eventually(lambda: alerts.of_type("SystemErrorReported"), what="alert")
+        payload = parse_envelope(alert.body).payload
+        assert (payload["kind"], payload["message_type"]) == ("unroutable", "PaymentFailed")
+        assert "payments.payment_failed" in payload["error"]
+
+        async def tried(times: int) -> bool:
+            async with service.db.engine.connect() as conn:
+                rows = (
+                    await conn.execute(select(outbox).where(outbox.c.message_id.in_(ids)))
+                ).all()
+            return all(r.sent_at is None and r.attempts >= times for r in rows)
+
+        # Tried again and again, kept each time, and the admins told once for all of them.
+        await eventually(lambda: tried(3), timeout=20, what="three tries of each")
+        async with service.db.engine.connect() as conn:
+            reports = await conn.scalar(
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.event_type == "SystemErrorReported")
+            )
+            last_error = await conn.scalar(
+                select(outbox.c.last_error).where(outbox.c.message_id == ids[0])
+            )
+        assert reports == 1
+        assert "unroutable" in last_error
+
+        # A queue bound to them at last: every one is delivered, once.
+        connection = await aio_pika.connect(rabbitmq_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(service.settings.events_exchange, "payments.payment_failed")
+            received: list[str] = []
+
+            async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                received.append(message.message_id)
+
+            await queue.consume(keep, no_ack=True)
+            await eventually(
+                lambda: sorted(received) == sorted(str(i) for i in ids),
+                timeout=20,
+                what="the kept events delivered once bound",
+            )
+        await eventually(lambda: _is_zero(service.unsent()), what="the outbox emptied")

@@ -1,10 +1,16 @@
 """Errors answer as RFC 9457 problem+json, and a crash never leaks its stack trace."""
 
-import httpx
-from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict
+import logging
 
+import httpx
+from fastapi import APIRouter, Depends, FastAPI
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import text
+
+from booking.runtime.db import Database, database
 from booking.runtime.problems import install_problem_handlers
+from booking.runtime.service import create_service_app
+from booking.runtime.testing import url_via
 
 
 class Body(BaseModel):
@@ -52,3 +58,49 @@ async def test_an_unexpected_error_is_500_without_the_stack_trace():
     assert response.status_code == 500
     assert "secret internals" not in response.text
     assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_request_that_meets_an_unreachable_database_gets_503_and_a_quiet_log(
+    postgres_proxy, make_service, database_url, caplog
+):
+    service = await make_service(database_url=url_via(database_url, postgres_proxy))
+    router = APIRouter()
+
+    @router.get("/count")
+    async def count(db: Database = Depends(database)) -> dict:
+        async with db.transaction() as session:
+            return {"one": await session.scalar(text("SELECT 1"))}
+
+    app = create_service_app(service.runtime, [router])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        assert (await client.get("/count")).json() == {"one": 1}
+        await postgres_proxy.cut()
+        with caplog.at_level(logging.INFO):
+            answers = [await client.get("/count") for _ in range(20)]
+        await postgres_proxy.restore()
+        assert (await client.get("/count")).json() == {"one": 1}
+
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "5"
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "try again" in answer.json()["detail"]
+    mine = [r for r in caplog.records if r.name.startswith("booking.runtime.problems")]
+    assert len(mine) == 1, [r.getMessage() for r in mine]  # once, not once per request
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_an_error_that_is_not_an_outage_stays_a_500():
+    app = FastAPI()
+    install_problem_handlers(app, [LookupError])
+
+    @app.get("/bug")
+    async def bug() -> dict:
+        raise KeyError("secret internals")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answer = await client.get("/bug")
+    assert answer.status_code == 500
+    assert "secret" not in answer.text

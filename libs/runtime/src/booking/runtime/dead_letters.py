@@ -253,7 +253,7 @@ class DeadLetters:
     def summary(self, row: Row[Any]) -> http.DeadLetter:
         return http.DeadLetter(
             id=self._id(row.id),
-            service=self.service,  # type: ignore[arg-type]
+            service=self.service,
             message_id=row.message_id,
             type=row.event_type,
             error=row.error,
