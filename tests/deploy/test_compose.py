@@ -165,9 +165,14 @@ class TestPortsAndScaling:
 
 class TestDatabaseRoles:
     def test_the_roles_are_made_before_the_migrations_and_those_before_the_services(self, services):
+        # migrate declares the queues too, before any service publishes: it needs RabbitMQ.
         assert services["migrate"]["depends_on"] == {
-            "postgres-roles": {"condition": "service_completed_successfully"}
+            "postgres-roles": {"condition": "service_completed_successfully"},
+            "rabbitmq": {"condition": "service_healthy"},
         }
+        assert environment(services["migrate"])["RABBITMQ_URL"] == (
+            environment(services["orders"])["RABBITMQ_URL"]
+        )
         assert services["postgres-roles"]["depends_on"]["postgres"] == {
             "condition": "service_healthy"
         }

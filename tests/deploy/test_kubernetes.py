@@ -236,6 +236,18 @@ class TestTheMigrationJob:
             for name in MIGRATED
         }
 
+    def test_declares_the_queues_with_the_services_own_broker_settings(self, rendered, output):
+        # migrate also declares each service's queues and bindings: it reads the broker's URL
+        # and names (and the consumer settings that shape the queues) where the services do.
+        (job,) = of_kind(rendered[output], "Job").values()
+        services = of_kind(rendered[output], "Deployment")
+        for container in containers(job):
+            config_maps, secrets = referenced(container)
+            (service,) = [d for n, d in services.items() if n == container["name"]]
+            served = referenced(containers(service)[0])
+            assert config_maps == served[0]
+            assert {s for s in served[1] if s.startswith("booking-shared")} <= secrets
+
     def test_can_run_before_anything_else_is_applied(self, rendered, output):
         # The README's Operations section: apply -l 'app.kubernetes.io/component in (config,
         # external,migration)', wait for the Job, then apply the rest.
