@@ -14,24 +14,30 @@ the pay page, other bookings between two steps):
 (a) kill -9 each process in turn (orders, both replicas of payments and of calendar,
     notifications, gateway) and start it again; killing the gateway or payments "a" loses the
     webhooks of payments made meanwhile, which reconciliation must find;
-(b) restart RabbitMQ (`rabbitmqctl stop_app`, then `start_app`), after which every event
-    published before the stop is delivered once more, as at-least-once delivery allows;
-(c) restart Postgres (`pg_ctl stop`, then `start`), the drill's events being delivered once more
-    while it is down, so that consumers must retry them until it is back;
+(b) stop RabbitMQ for a minute (`rabbitmqctl stop_app`, then `start_app`) under the load, after
+    which every event published before the stop is delivered once more, as at-least-once
+    delivery allows;
+(c) stop Postgres for a minute (`pg_ctl stop`, then `start`) under the load, the drill's events
+    being delivered once more while it is down: consumers pause instead of spending their
+    retries, requests are answered 503 with Retry-After, and the logs stay small;
 (d) the sandbox providers fail: first a few calls each, which the retries must absorb; then
-    Google and Konnect for longer than the retries, which ends bookings in defined failures.
+    Google and Konnect for longer than the retries: Google's outage is outlasted by the
+    scheduling retry schedule, Konnect's ends bookings in a defined failure;
+(e) the calendar service starts only after events for it were published (its bindings gone, as
+    on a first deployment that skipped the topology step): the events wait in the outbox, the
+    admins hear of it once, and they are delivered once calendar is up.
 
 After each, within a bound: every order in the database is in a terminal state (confirmed; paid
-with its session scheduling_failed; cancelled or payment_failed); each booking the drill made has
-exactly the effects of its outcome: one completed Konnect payment (any other Konnect payment of
-its order is an orphan of an interrupted initiation, never paid, never shown), one escrow hold,
-one Google event, one CalendarBookingConfirmed for a confirmed one, one admin notification
-counted once for a failed one; every event in any outbox is sent and in the inbox of every
-service that subscribes to it; every queue is drained and every dead-letter queue empty; every
-process answers 200 on /health/ready.
+and waiting for its mentor to connect Google; cancelled or payment_failed); each booking the drill
+made has exactly the effects of its outcome: one completed Konnect payment (any other Konnect
+payment of its order is an orphan of an interrupted initiation, never paid, never shown), one
+escrow hold, one Google event, one CalendarBookingConfirmed for a confirmed one, one admin
+notification counted once for a failed one; every event in any outbox is sent and in the inbox of
+every service that subscribes to it; every queue is drained, every dead-letter queue empty and no
+dead letter kept; every process answers 200 on /health/ready.
 
-The drill settings (fast sweepers, short leases and grace periods, consumer retries that outlast
-a Postgres restart, provider retries) are DRILL_SETTINGS below.
+The drills run with the default attempt counts (consumers, Konnect, Google, the scheduling retry
+schedule): DRILL_SETTINGS below only shortens delays and intervals, keeping their shape.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from booking.calendar.settings import CalendarSettings
+from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
+from booking.payments.settings import PaymentsSettings
 from booking.runtime.auth import issue_token
 from booking.runtime.devrun import child_environment
 from booking.runtime.settings import RuntimeSettings
@@ -87,17 +96,21 @@ INFRA_SECONDS = 90  # a private server starting or stopping
 DRILL_SECONDS = BOOKING_DEADLINE_SECONDS + SETTLE_SECONDS + READY_SECONDS
 # The first drill also starts the system (module-scoped), so every marker allows for it.
 DRILL_TIMEOUT = SYSTEM_READY_SECONDS + DRILL_SECONDS
-RETRY_PAUSE_SECONDS = 0.2  # the load's pause between attempts at a step that failed
+RETRY_PAUSE_SECONDS = 0.2  # the load's first pause between attempts at a step that failed
+RETRY_PAUSE_MAX_SECONDS = 2.0  # ... doubling up to this, or what Retry-After says (at most 10 s)
 PAYER_SECONDS = 1.0  # how long a payer spends on the pay page before paying
+OUTAGE_SECONDS = 60  # how long Postgres or RabbitMQ stays down in their drills
+# Bytes the system's logs may grow by during an outage drill: a line now and then for each part
+# that meets it, never a stack trace per request or message.
+OUTAGE_LOG_BYTES = 2_000_000
 
-CONSUMER_MAX_ATTEMPTS = 7
-# Fast, but longer than every drill's outage: 0.25 + 0.5 + ... + 8 s = 15.75 s of redeliveries
-# before a message is dead-lettered, while a Postgres restart takes a few seconds.
-CONSUMER_RETRY_BASE_DELAY_MS = 250
-PROVIDER_MAX_ATTEMPTS = 6
+# The defaults are the tested settings: attempt counts are the services' own.
+CONSUMER_MAX_ATTEMPTS = RuntimeSettings().consumer_max_attempts
+KONNECT_MAX_ATTEMPTS = PaymentsSettings().konnect_max_attempts
+GOOGLE_MAX_ATTEMPTS = CalendarSettings().google_max_attempts
 # Faults per endpoint in the drill the retries must absorb: fewer than one call's attempts, so
 # no booking can meet more faults than it has retries, however the calls interleave.
-ABSORBED_FAULTS = PROVIDER_MAX_ATTEMPTS - 1
+ABSORBED_FAULTS = {"konnect": KONNECT_MAX_ATTEMPTS - 1, "google": GOOGLE_MAX_ATTEMPTS - 1}
 
 DRILL_SETTINGS = {
     "LOG_LEVEL": "INFO",
@@ -106,14 +119,13 @@ DRILL_SETTINGS = {
     "QUEUE_PREFIX": "",
     "BROKER_RECONNECT_INTERVAL_SECONDS": "0.5",
     "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
-    "CONSUMER_MAX_ATTEMPTS": str(CONSUMER_MAX_ATTEMPTS),
-    "CONSUMER_RETRY_BASE_DELAY_MS": str(CONSUMER_RETRY_BASE_DELAY_MS),
+    # Delays shortened, their shape (doubling) and the attempt counts kept.
+    "CONSUMER_RETRY_BASE_DELAY_MS": "100",
     # payments: lost webhooks reconciled within seconds; an interrupted initiation redone soon.
     "RECONCILIATION_INTERVAL_SECONDS": "1",
     "RECONCILIATION_GRACE_SECONDS": "2",
     "INITIATION_LEASE_SECONDS": "5",
     "INITIATION_GRACE_SECONDS": "2",
-    "KONNECT_MAX_ATTEMPTS": str(PROVIDER_MAX_ATTEMPTS),
     "KONNECT_RETRY_BASE_SECONDS": "0.05",
     "KONNECT_TIMEOUT_SECONDS": "5",
     # calendar: a lapsed lease or an unclaimed booking is swept within seconds.
@@ -121,7 +133,8 @@ DRILL_SETTINGS = {
     "SCHEDULING_GRACE_SECONDS": "2",
     "SWEEPER_INTERVAL_SECONDS": "1",
     "MEET_PENDING_RETRY_SECONDS": "2",
-    "GOOGLE_MAX_ATTEMPTS": str(PROVIDER_MAX_ATTEMPTS),
+    # The scheduling retry schedule's shape (1, 5, 15, 60 minutes), a hundred times faster.
+    "SCHEDULING_RETRY_DELAYS_MINUTES": "0.01,0.05,0.15,0.6",
     "GOOGLE_RETRY_BASE_SECONDS": "0.05",
     "GOOGLE_TIMEOUT_SECONDS": "5",
     "GOOGLE_MEET_POLL_BASE_SECONDS": "0.05",
@@ -135,6 +148,15 @@ DRILL_SETTINGS = {
 # Who consumes what (each service's handlers), for the check that no event was lost.
 SUBSCRIBERS: dict[str, tuple[str, ...]] = {
     "MentorRegistered": ("calendar",),
+    "OrderConfirmed": ("payments",),
+    "OrderCancelled": ("payments", "calendar"),
+    "SchedulingAbandoned": ("payments",),
+    "EscrowFrozen": ("orders", "notifications"),
+    "EscrowUnfrozen": ("orders", "notifications"),
+    "EscrowRefundDue": ("orders", "notifications"),
+    "EscrowRefunded": ("orders", "notifications"),
+    "EscrowReleased": ("orders",),
+    "AdminActionRecorded": ("notifications",),
     "BookingRequested": ("payments",),
     "PaymentInitiated": ("orders",),
     "PaymentInitiationFailed": ("orders", "notifications"),
@@ -150,18 +172,39 @@ SUBSCRIBERS: dict[str, tuple[str, ...]] = {
 SCHEMAS = ("orders", "payments", "calendar", "notifications")
 CONSUMERS = {"orders": 1, "payments": 2, "calendar": 2, "notifications": 1}  # replicas each
 
-# Outcomes of a booking, read from the orders schema.
+# Outcomes of a booking, read from the orders and calendar schemas.
 CONFIRMED = "confirmed"  # order confirmed, session scheduled
-CALENDAR_FAILED = "calendar_failed"  # order paid, session scheduling_failed
+CALENDAR_FAILED = "calendar_failed"  # order paid, session scheduling_failed (the calendar gave up)
+CALENDAR_WAITING = "calendar_waiting"  # order paid, waiting for the mentor to connect Google
 UNPAID = "unpaid"  # order cancelled or payment_failed, session cancelled
 
+WAITS_FOR_THE_MENTOR = ("mentor_not_integrated", "integration_revoked")
 
-def outcome_of(order_status: str, session_status: str) -> str | None:
+# The booking's state as the checks read it: the order, its session, its calendar booking.
+BOOKING_STATE = """
+    SELECT o.id::text AS id, o.status, s.status AS session_status,
+           b.reason AS calendar_reason, coalesce(b.final, false) AS calendar_final
+    FROM orders.orders o
+    JOIN orders.booked_sessions s ON s.order_id = o.id
+    LEFT JOIN calendar.calendar_bookings b ON b.session_id = s.id
+"""
+
+
+def outcome_of(booking: Any) -> str | None:
     """The booking's terminal outcome, or None while it is still in flight."""
+    order_status, session_status = booking["status"], booking["session_status"]
     if order_status == "confirmed" and session_status == "scheduled":
         return CONFIRMED
     if order_status == "paid" and session_status == "scheduling_failed":
         return CALENDAR_FAILED
+    if (
+        order_status == "paid"
+        and session_status == "awaiting_calendar"
+        and booking["calendar_reason"] in WAITS_FOR_THE_MENTOR
+        and not booking["calendar_final"]
+    ):
+        # Until its start passes: then final, which a week ahead no drill reaches.
+        return CALENDAR_WAITING
     if order_status in ("cancelled", "payment_failed") and session_status == "cancelled":
         return UNPAID
     return None
@@ -526,6 +569,27 @@ class DrillSystem:
         finally:
             await conn.close()
 
+    def log_bytes(self) -> dict[str, int]:
+        """The size of every process's log file so far, by file."""
+        logs = next(iter(self.processes.values())).logs
+        return {path.name: path.stat().st_size for path in logs.glob("*.log")}
+
+    def log_growth_since(self, sizes: dict[str, int]) -> int:
+        """Bytes every log together gained since `sizes` (log_bytes of then)."""
+        return sum(size - sizes.get(name, 0) for name, size in self.log_bytes().items())
+
+    def tracebacks_since(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Stack traces each log gained since `sizes` (log_bytes of then)."""
+        logs = next(iter(self.processes.values())).logs
+        found = {}
+        for path in logs.glob("*.log"):
+            with path.open("rb") as log:
+                log.seek(sizes.get(path.name, 0))
+                count = log.read().count(b"Traceback (most recent call last)")
+            if count:
+                found[path.name] = count
+        return found
+
     def tails(self) -> str:
         parts = [f"----- {p.name}\n{p.tail()}" for p in self.processes.values()]
         parts.append(f"----- private postgres\n{self.postgres.log_tail()}")
@@ -727,11 +791,14 @@ class Load:
     Each booking is its own task, a client that keeps at it through an outage: it retries the
     POST with its Idempotency-Key until the gateway accepts it, reads the order until the pay
     link appears (or the order ends unpaid), then pays at the sandbox, which calls the webhook.
+    As a well-behaved client it waits what a 503's Retry-After says, and backs off otherwise.
+    Every answer of the gateway that was not a success is kept in `refusals`.
     """
 
     def __init__(self, system: DrillSystem) -> None:
         self.system = system
         self.bookings: list[Booking] = []
+        self.refusals: list[Refusal] = []
         self.mentee = system.token("mentee", "drill-mentee")
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
@@ -819,7 +886,9 @@ class Load:
     async def _attempt(self, deadline: float, what: str, step: Callable[[], Any]) -> Any:
         """Run `step` until it returns something other than None, through outages."""
         last = "no answer"
+        pause = RETRY_PAUSE_SECONDS
         while True:
+            wait = pause
             try:
                 result = await step()
                 if result is not None:
@@ -829,9 +898,22 @@ class Load:
                 last = f"{type(exc).__name__}: {exc}"
             except Retry as retry:
                 last = str(retry)
+                if retry.after is not None:
+                    wait = min(retry.after, 10.0)
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: no success by the deadline (last: {last})")
-            await asyncio.sleep(RETRY_PAUSE_SECONDS)
+            await asyncio.sleep(wait)
+            pause = min(pause * 2, RETRY_PAUSE_MAX_SECONDS)
+
+    def refused(self, answer: httpx.Response) -> Retry:
+        """Keep a gateway's refusal; the Retry that says so."""
+        after = answer.headers.get("retry-after")
+        refusal = Refusal(time.monotonic(), answer.status_code, after, answer.text[:200])
+        self.refusals.append(refusal)
+        return Retry(
+            f"{answer.status_code} {answer.text[:200]}",
+            after=float(after) if after and after.isdigit() else None,
+        )
 
     async def _book(self, booking: Booking, deadline: float) -> str:
         body = {
@@ -851,7 +933,7 @@ class Load:
                 f"{self.system.gateway}/api/bookings", json=body, headers=headers
             )
             if answer.status_code in RETRYABLE:
-                raise Retry(f"{answer.status_code} {answer.text[:200]}")
+                raise self.refused(answer)
             assert answer.status_code == 202, f"booking {booking.number}: {answer.text}"
             return answer.json()["order_id"]
 
@@ -863,7 +945,7 @@ class Load:
         async def read() -> tuple[str | None] | None:
             answer = await self._client.get(url, headers=self.mentee)
             if answer.status_code in RETRYABLE:
-                raise Retry(f"{answer.status_code} {answer.text[:200]}")
+                raise self.refused(answer)
             assert answer.status_code == 200, f"order {booking.order_id}: {answer.text}"
             order = answer.json()
             if order["status"] in ("cancelled", "payment_failed"):
@@ -892,7 +974,21 @@ class Load:
 
 
 class Retry(Exception):
-    """An answer that says: try again (the system is recovering)."""
+    """An answer that says: try again (the system is recovering), after `after` seconds."""
+
+    def __init__(self, message: str, *, after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer of the gateway other than a success: when, its status, its Retry-After."""
+
+    at: float
+    status: int
+    retry_after: str | None
+    text: str
 
 
 @pytest.fixture
@@ -926,11 +1022,8 @@ class Ledger:
 async def in_flight(system: DrillSystem) -> list[str]:
     """Orders that have not reached a terminal outcome yet."""
     async with system.database() as db:
-        rows = await db.fetch(
-            "SELECT o.id::text AS id, o.status, s.status AS session_status"
-            " FROM orders.orders o JOIN orders.booked_sessions s ON s.order_id = o.id"
-        )
-    return [r["id"] for r in rows if outcome_of(r["status"], r["session_status"]) is None]
+        rows = await db.fetch(BOOKING_STATE)
+    return [r["id"] for r in rows if outcome_of(r) is None]
 
 
 async def read_ledger(system: DrillSystem) -> Ledger:
@@ -940,8 +1033,10 @@ async def read_ledger(system: DrillSystem) -> Ledger:
             for r in await db.fetch(
                 "SELECT o.id::text AS id, o.status, o.mentor_id::text AS mentor_id,"
                 " o.payment_ref, o.amount, o.amount_paid, o.escrow_amount,"
-                " s.id AS session_id, s.status AS session_status, s.calendar_event_id"
+                " s.id AS session_id, s.status AS session_status, s.calendar_event_id,"
+                " b.reason AS calendar_reason, coalesce(b.final, false) AS calendar_final"
                 " FROM orders.orders o JOIN orders.booked_sessions s ON s.order_id = o.id"
+                " LEFT JOIN calendar.calendar_bookings b ON b.session_id = s.id"
             )
         }
         payments = {
@@ -999,7 +1094,7 @@ async def read_ledger(system: DrillSystem) -> Ledger:
 def check_booking(ledger: Ledger, order_id: str, mentors: dict[str, Mentor]) -> list[str]:
     """What is wrong with one booking's effects, given its outcome (empty: nothing)."""
     order = ledger.orders[order_id]
-    outcome = outcome_of(order["status"], order["session_status"])
+    outcome = outcome_of(order)
     problems = []
 
     def expect(what: str, actual: object, wanted: object) -> None:
@@ -1012,7 +1107,7 @@ def check_booking(ledger: Ledger, order_id: str, mentors: dict[str, Mentor]) -> 
     events = ledger.google.get(event_id, [])
     alerts = ledger.notifications.get(order_id, [])
     expect("BookingRequested recorded", ledger.events.get(("BookingRequested", order_id)), 1)
-    paid = outcome in (CONFIRMED, CALENDAR_FAILED)
+    paid = outcome in (CONFIRMED, CALENDAR_FAILED, CALENDAR_WAITING)
     if paid:
         payment = ledger.payments.get(order_id) or {}
         expect("completed Konnect payments", [p["id"] for p in completed], [order["payment_ref"]])
@@ -1043,25 +1138,35 @@ def check_booking(ledger: Ledger, order_id: str, mentors: dict[str, Mentor]) -> 
             ledger.events.get(("CalendarBookingConfirmed", order_id)),
             1,
         )
+        expect("OrderConfirmed recorded", ledger.events.get(("OrderConfirmed", order_id)), 1)
+        # A scheduling attempt the calendar retried on its own raised nothing.
         expect("admin notifications", alerts, [])
-    elif outcome == CALENDAR_FAILED:
+    elif outcome in (CALENDAR_FAILED, CALENDAR_WAITING):
         expect("Google events", events, [])
         expect(
             "CalendarBookingConfirmed recorded",
             ledger.events.get(("CalendarBookingConfirmed", order_id)),
             None,
         )
-        expect(
-            "CalendarBookingFailed recorded",
-            ledger.events.get(("CalendarBookingFailed", order_id)),
-            1,
-        )
         reason = ledger.calendar_reasons.get(order_id)
-        expect(
-            "admin notifications (reason, counted)",
-            [(a["reason"], a["occurrences"]) for a in alerts],
-            [(reason, 1)],
-        )
+        if outcome == CALENDAR_WAITING:
+            # One failed attempt, waiting for the mentor: told once, not abandoned.
+            expect(
+                "CalendarBookingFailed recorded",
+                ledger.events.get(("CalendarBookingFailed", order_id)),
+                1,
+            )
+            expect(
+                "admin notifications (reason, counted)",
+                [(a["reason"], a["occurrences"]) for a in alerts],
+                [(reason, 1)],
+            )
+            expect(
+                "SchedulingAbandoned", ledger.events.get(("SchedulingAbandoned", order_id)), None
+            )
+        else:
+            expect("SchedulingAbandoned", ledger.events.get(("SchedulingAbandoned", order_id)), 1)
+            expect("EscrowFrozen", ledger.events.get(("EscrowFrozen", order_id)), 1)
     elif outcome == UNPAID:
         expect("Google events", events, [])
         if order["status"] == "cancelled":
@@ -1128,6 +1233,18 @@ async def unhandled_events(system: DrillSystem) -> list[str]:
     return missing
 
 
+async def kept_dead_letters(system: DrillSystem) -> dict[str, int]:
+    """Dead letters some service keeps for an admin (none should exist after a drill)."""
+    async with system.database() as db:
+        counts = {
+            schema: await db.fetchval(
+                f"SELECT count(*) FROM {schema}.dead_letters WHERE status = 'kept'"
+            )
+            for schema in SCHEMAS
+        }
+    return {schema: n for schema, n in counts.items() if n}
+
+
 async def unsent_events(system: DrillSystem) -> dict[str, int]:
     async with system.database() as db:
         counts = {
@@ -1173,6 +1290,7 @@ async def assert_nothing_lost(
     await eventually(queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained")
 
     await until_none("events handled (events never handled)", unhandled_events)
+    await until_none("no dead letter kept", kept_dead_letters)
 
     # One payment, one escrow, one calendar event, one confirmation per paid booking; one alert
     # per failure; for every order there is, not only this drill's.
@@ -1191,7 +1309,7 @@ async def assert_nothing_lost(
     outcomes = Counter()
     for booking in load.bookings:
         order = ledger.orders[booking.order_id]
-        outcome = outcome_of(order["status"], order["session_status"])
+        outcome = outcome_of(order)
         assert outcome in allowed(booking), (booking, order)
         outcomes[outcome] += 1
 
@@ -1235,11 +1353,13 @@ async def under_load(
     allowed: Callable[[Booking], set[str]] = as_planned,
     *,
     loses_webhooks: bool = False,
-) -> dict[str, int]:
+    during: int = BOOKINGS_DURING_FAULT,
+) -> Outage:
     """One drill: bookings before the fault, during it and after the recovery; then the checks.
 
     `loses_webhooks`: the fault cuts Konnect's webhook path, so the payments made during it
-    must be found by reconciliation (and the drill checks that some were).
+    must be found by reconciliation (and the drill checks that some were). `during`: bookings
+    the load starts while the part is down (at RATE_PER_SECOND: how long it stays down).
     """
     async with showing_logs(system):
         lost_before = await webhooks_lost(system)
@@ -1250,18 +1370,54 @@ async def under_load(
             return load.payers_on_the_pay_page() and await in_flight(system)
 
         caught = await eventually(mid_flow, timeout=30, interval=0.02, what="bookings mid-flow")
+        logs_before = system.log_bytes()
+        started = time.monotonic()
         await fault()
         try:
-            await load.made(BOOKINGS_DURING_FAULT, f"during {what}")
+            await load.made(during, f"during {what}")
         finally:
             await recover()
+        outage = Outage(
+            started,
+            time.monotonic(),
+            [r for r in load.refusals if r.at >= started],
+            system.log_growth_since(logs_before),
+            system.tracebacks_since(logs_before),
+        )
         await system.wait_ready()
         await load.made(BOOKINGS_AFTER_RECOVERY, f"after {what}")
-        print(f"\n{what}: {len(caught)} bookings in flight when it struck")
-        outcomes = await assert_nothing_lost(system, load, allowed)
+        print(
+            f"\n{what}: {len(caught)} bookings in flight when it struck; "
+            f"{outage.seconds:.0f}s down, {len(outage.refusals)} refusals, "
+            f"logs grew {outage.log_bytes} bytes"
+        )
+        outage.outcomes = await assert_nothing_lost(system, load, allowed)
         if loses_webhooks:
             assert await webhooks_lost(system) > lost_before, "no webhook met the fault"
-        return outcomes
+        return outage
+
+
+@dataclass
+class Outage:
+    """What one drill saw while its part was down."""
+
+    started: float
+    ended: float
+    refusals: list[Refusal]
+    log_bytes: int
+    tracebacks: dict[str, int]
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+    def assert_told_to_retry(self) -> None:
+        """Every refusal was a 503 that said when to come back, and the logs stayed small."""
+        wrong = [r for r in self.refusals if r.status != 503 or not r.retry_after]
+        assert not wrong, f"refusals other than 503 with Retry-After: {wrong[:5]}"
+        assert self.log_bytes <= OUTAGE_LOG_BYTES, f"the logs grew {self.log_bytes} bytes"
+        assert not self.tracebacks, f"stack traces logged during the outage: {self.tracebacks}"
 
 
 # --- the drills -------------------------------------------------------------------------------
@@ -1299,9 +1455,11 @@ class TestKillingEachService:
         )
 
 
-class TestRestartingTheServers:
-    @pytest.mark.timeout(DRILL_TIMEOUT)
-    async def test_a_rabbitmq_restart_loses_nothing(self, drill_system: DrillSystem, load: Load):
+class TestTheServersDownForAMinute:
+    @pytest.mark.timeout(DRILL_TIMEOUT + OUTAGE_SECONDS)
+    async def test_rabbitmq_down_for_a_minute_under_load_loses_nothing(
+        self, drill_system: DrillSystem, load: Load
+    ):
         rabbitmq = drill_system.rabbitmq
         recorder = await Recorder.start(drill_system)
 
@@ -1317,14 +1475,24 @@ class TestRestartingTheServers:
             await deliver_again(drill_system, recorder.seen)
 
         try:
-            await under_load(
-                drill_system, load, "a RabbitMQ restart", stop, start_and_deliver_again
+            outage = await under_load(
+                drill_system,
+                load,
+                "RabbitMQ down for a minute",
+                stop,
+                start_and_deliver_again,
+                during=int(OUTAGE_SECONDS * RATE_PER_SECOND),
             )
         finally:
             await recorder.close()
+        # Bookings go on without the broker (they wait in the outboxes): whatever was refused
+        # was told when to come back.
+        outage.assert_told_to_retry()
 
-    @pytest.mark.timeout(DRILL_TIMEOUT)
-    async def test_a_postgres_restart_loses_nothing(self, drill_system: DrillSystem, load: Load):
+    @pytest.mark.timeout(DRILL_TIMEOUT + OUTAGE_SECONDS)
+    async def test_postgres_down_for_a_minute_under_load_loses_nothing(
+        self, drill_system: DrillSystem, load: Load
+    ):
         postgres = drill_system.postgres
         recorder = await Recorder.start(drill_system)
 
@@ -1332,15 +1500,22 @@ class TestRestartingTheServers:
             await recorder.close()
             await postgres.stop()
             # Messages that arrive while the database is away (here: every event of the drill
-            # so far, again) cannot be handled: they must be retried until it is back.
+            # so far, again) cannot be handled: the consumers pause, with every retry left.
             await deliver_again(drill_system, recorder.seen)
 
         try:
-            await under_load(
-                drill_system, load, "a Postgres restart", stop_and_deliver_again, postgres.start
+            outage = await under_load(
+                drill_system,
+                load,
+                "Postgres down for a minute",
+                stop_and_deliver_again,
+                postgres.start,
+                during=int(OUTAGE_SECONDS * RATE_PER_SECOND),
             )
         finally:
             await recorder.close()
+        assert any(r.status == 503 for r in outage.refusals), "no request met the outage"
+        outage.assert_told_to_retry()
 
 
 class TestProvidersFailing:
@@ -1350,8 +1525,8 @@ class TestProvidersFailing:
     ):
         async def fail_a_few_calls() -> None:
             for endpoint in ("init", "get"):
-                await add_fault(drill_system.konnect, ABSORBED_FAULTS, endpoint)
-            await add_fault(drill_system.google, ABSORBED_FAULTS, "insert")
+                await add_fault(drill_system.konnect, ABSORBED_FAULTS["konnect"], endpoint)
+            await add_fault(drill_system.google, ABSORBED_FAULTS["google"], "insert")
 
         async def faults_met() -> None:
             # The load meets every fault: each is a 503 that some call was retried after.
@@ -1365,24 +1540,24 @@ class TestProvidersFailing:
                 await clear_faults(drill_system)
 
         await under_load(
-            drill_system, load, f"{ABSORBED_FAULTS} faults a call", fail_a_few_calls, faults_met
+            drill_system, load, "faults within each call's retries", fail_a_few_calls, faults_met
         )
 
     @pytest.mark.timeout(DRILL_TIMEOUT)
-    async def test_providers_down_beyond_the_retries_end_bookings_in_defined_failures(
+    async def test_providers_down_beyond_the_retries_end_bookings_in_defined_outcomes(
         self, drill_system: DrillSystem, load: Load
     ):
         outage = 100_000  # faults: every call, until the outage is cleared
 
         async def google_then_konnect_down() -> None:
-            # Google refuses every insert until a booking has failed for it ...
+            # Google refuses every insert until a scheduling attempt has failed for it ...
             await add_fault(drill_system.google, outage, "insert")
             try:
                 await eventually(
                     lambda: failed_for(drill_system, "calendar_api_error"),
                     timeout=60,
                     interval=0.1,
-                    what="a booking failed for Google's outage",
+                    what="a scheduling attempt failed for Google's outage",
                 )
             finally:
                 await clear_faults(drill_system)
@@ -1403,9 +1578,9 @@ class TestProvidersFailing:
                 await clear_faults(drill_system)
 
         def defined_outcomes(booking: Booking) -> set[str]:
-            return {CONFIRMED, CALENDAR_FAILED, UNPAID}
+            return {CONFIRMED, UNPAID} if booking.mentor.connected else {CALENDAR_WAITING, UNPAID}
 
-        outcomes = await under_load(
+        result = await under_load(
             drill_system,
             load,
             "the providers' outage",
@@ -1413,7 +1588,100 @@ class TestProvidersFailing:
             konnect_back,
             defined_outcomes,
         )
-        assert outcomes.get(CALENDAR_FAILED) and outcomes.get(UNPAID), outcomes
+        assert result.outcomes.get(UNPAID), result.outcomes
+        # Google's outage failed attempts, and the retry schedule outlasted it: every booking
+        # that met it was confirmed in the end, and none was abandoned.
+        met = await orders_that_met(drill_system, "calendar_api_error")
+        assert met, "no booking met Google's outage"
+        async with drill_system.database() as db:
+            rows = await db.fetch(BOOKING_STATE + " WHERE o.id::text = ANY($1)", list(met))
+        assert {r["id"]: outcome_of(r) for r in rows} == dict.fromkeys(met, CONFIRMED)
+
+
+class TestAConsumerThatStartsLate:
+    @pytest.mark.timeout(DRILL_TIMEOUT)
+    async def test_events_published_before_the_calendar_service_is_up_reach_it(
+        self, drill_system: DrillSystem, load: Load
+    ):
+        """As on a first deployment where calendar starts after orders and nothing declared its
+        queue's bindings: its events are unroutable until it starts."""
+        calendars = [drill_system.processes[n] for n in ("calendar-a", "calendar-b")]
+        late_mentor: dict[str, str] = {}
+
+        async def calendar_not_there_yet() -> None:
+            await asyncio.gather(*(c.stop() for c in calendars))
+            await unbind_calendar(drill_system)
+            # A mentor registered now: the calendar service must learn of them all the same.
+            admin = drill_system.token("admin", "drill-admin")
+            created = await drill_system.http.post(
+                f"{drill_system.gateway}/api/mentors",
+                json={"name": "Late", "email": "late@example.com", "timezone": "Africa/Tunis"},
+                headers=admin,
+            )
+            assert created.status_code == 201, created.text
+            late_mentor["id"] = created.json()["id"]
+
+        async def calendar_starts() -> None:
+            # The admins were told while the events waited.
+            for event_type in ("MentorRegistered", "OrderPaid"):
+                await eventually(
+                    lambda event_type=event_type: unroutable_alerts(drill_system, event_type),
+                    timeout=60,
+                    what=f"the unroutable {event_type} alert",
+                )
+            for calendar in calendars:
+                calendar.start()
+
+        started = time.time()
+        await under_load(
+            drill_system, load, "calendar starting late", calendar_not_there_yet, calendar_starts
+        )
+        # Once per event type and hour, however many events waited and however often they
+        # were tried: one notification, counted once (twice if the drill crossed the hour).
+        hours = len({int(started // 3600), int(time.time() // 3600)})
+        for event_type in ("MentorRegistered", "OrderPaid"):
+            [alert] = await unroutable_alerts(drill_system, event_type)
+            assert 1 <= alert["occurrences"] <= hours, (event_type, alert)
+        answer = await drill_system.http.get(
+            f"{drill_system.gateway}/api/mentors/{late_mentor['id']}/calendar",
+            headers=drill_system.token("admin", "drill-admin"),
+        )
+        assert answer.status_code == 200, answer.text  # known to calendar: not a 404
+        assert answer.json()["connected"] is False
+
+
+async def unbind_calendar(system: DrillSystem) -> None:
+    """Remove the calendar queue's bindings, so what is published for it is unroutable (its
+    queue itself stays: deleting it would drop what it already holds)."""
+    connection = await aio_pika.connect(system.rabbitmq.url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("calendar", passive=True)
+        exchange = DRILL_SETTINGS["EVENTS_EXCHANGE"]
+        for event in (MentorRegistered, OrderPaid, OrderCancelled):
+            await queue.unbind(exchange, event.binding_key())
+
+
+async def unroutable_alerts(system: DrillSystem, event_type: str) -> list[dict[str, Any]]:
+    async with system.database() as db:
+        rows = await db.fetch(
+            "SELECT id, occurrences FROM notifications.admin_notifications"
+            " WHERE metadata ->> 'reason' = 'unroutable' AND metadata ->> 'message_type' = $1",
+            event_type,
+        )
+    return [dict(r) for r in rows]
+
+
+async def orders_that_met(system: DrillSystem, reason: str) -> set[str]:
+    """Orders one of whose scheduling attempts failed for `reason`."""
+    async with system.database() as db:
+        rows = await db.fetch(
+            "SELECT DISTINCT body::jsonb -> 'payload' ->> 'order_id' AS order_id"
+            " FROM calendar.outbox WHERE event_type = 'CalendarBookingFailed'"
+            " AND body::jsonb -> 'payload' ->> 'reason' = $1",
+            reason,
+        )
+    return {r["order_id"] for r in rows}
 
 
 class Recorder:
@@ -1481,8 +1749,7 @@ async def failed_for(system: DrillSystem, reason: str) -> bool:
         if reason == "initiation_failed":
             query = "SELECT count(*) FROM payments.payments WHERE status = 'initiation_failed'"
             return bool(await db.fetchval(query))
-        query = "SELECT count(*) FROM calendar.calendar_bookings WHERE reason = $1"
-        return bool(await db.fetchval(query, reason))
+    return bool(await orders_that_met(system, reason))
 
 
 async def clear_faults(system: DrillSystem) -> None:
