@@ -7,6 +7,7 @@ and queues), a spy on that exchange, and ids of its own, so tests never see each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from booking.contracts import (
     CalendarBookingConfirmed,
+    CalendarBookingFailed,
+    CalendarFailureReason,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowReleased,
+    EscrowUnfrozen,
     Event,
     PaymentCompleted,
     PaymentFailed,
@@ -31,6 +39,7 @@ from booking.contracts import (
     wrap,
 )
 from booking.orders.app import create_app
+from booking.orders.reconciliation import Sweeper
 from booking.orders.settings import OrdersSettings
 from booking.orders.tables import SCHEMA
 from booking.runtime.auth import Role, issue_token
@@ -66,6 +75,7 @@ class Orders:
     runtime: ServiceRuntime
     spy: Spy
     engine: AsyncEngine
+    sweeper: Sweeper
 
     PRICE = PRICE
     FEE = FEE
@@ -166,6 +176,11 @@ class Orders:
         answer = await self.book(offering["id"], start_at or future(), headers=mentee)
         assert answer.status_code == 202, answer.text
         return self.booked_from(answer.json(), offering, mentee)
+
+    async def pay(self, booked: Booked, ref: str = "5f0c1e2d3a4b5c6d7e8f9a0b") -> None:
+        """The booking's payment opened and completed in full: paid, awaiting the calendar."""
+        await self.handled(await self.publish(booked.initiated(ref)))
+        await self.handled(await self.publish(booked.completed(ref)))
 
     def booked_from(
         self,
@@ -280,6 +295,35 @@ class Orders:
         async with self.engine.connect() as conn:
             return {name: await conn.scalar(text(sql), params) for name, sql in queries.items()}
 
+    async def audit_rows(self, order_id: str) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(f"SELECT * FROM {SCHEMA}.admin_actions WHERE order_id = :id ORDER BY id"),
+                {"id": order_id},
+            )
+            return [dict(row._mapping) for row in rows]
+
+    async def outbox_count(self, event_type: str, order_id: str) -> int:
+        """How many `event_type` events about the order the outbox holds (sent or not)."""
+        return await self.scalar(
+            f"SELECT count(*) FROM {SCHEMA}.outbox WHERE event_type = :type AND body LIKE :like",
+            type=event_type,
+            like=f"%{order_id}%",
+        )
+
+    async def backdate(self, order_id: str, minutes: float) -> None:
+        """Make the order look booked `minutes` ago."""
+        await self.execute(
+            f"UPDATE {SCHEMA}.orders SET created_at = now() - make_interval(mins => :m) "
+            "WHERE id = :id",
+            m=minutes,
+            id=order_id,
+        )
+
+    async def execute(self, sql: str, **params: Any) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(text(sql), params)
+
     async def order_status(self, order_id: str) -> tuple[str, str]:
         async with self.engine.connect() as conn:
             row = (
@@ -346,26 +390,94 @@ class Booked:
             html_link=f"https://calendar.google.com/event?eid={event_id}",
         )
 
+    def calendar_failed(
+        self,
+        *,
+        final: bool,
+        reason: str = "calendar_api_error",
+        attempts: int = 1,
+        detail: str = "Google answered 503",
+    ) -> CalendarBookingFailed:
+        return CalendarBookingFailed(
+            session_id=self.session_id,
+            order_id=self.order_id,
+            mentor_id=self.mentor_id,
+            reason=CalendarFailureReason(reason),
+            detail=detail,
+            attempts=attempts,
+            final=final,
+            next_attempt_at=None if final else datetime.now(UTC) + timedelta(minutes=5),
+        )
+
+    def escrow(
+        self,
+        status: str,
+        sequence: int,
+        *,
+        escrow_amount: int = ESCROW,
+        refund_amount: int = PRICE,
+    ) -> Event:
+        """The Escrow* event payments sends when the escrow moves to `status`."""
+        common: dict[str, Any] = {
+            "order_id": self.order_id,
+            "mentor_id": self.mentor_id,
+            "escrow_amount": escrow_amount,
+            "currency": "TND",
+            "sequence": sequence,
+        }
+        now = datetime.now(UTC)
+        if status == "frozen":
+            return EscrowFrozen(**common, reason="scheduling_abandoned")
+        if status == "held":
+            return EscrowUnfrozen(**common, reason="scheduled", release_due_at=now)
+        if status == "refund_due":
+            return EscrowRefundDue(**common, refund_amount=refund_amount, reason="refund")
+        if status == "refunded":
+            return EscrowRefunded(
+                **common,
+                refund_amount=refund_amount,
+                reason="refund paid",
+                by="admin-1",
+                reference="bank-transfer-42",
+            )
+        if status == "released":
+            return EscrowReleased(**common, released_at=now)
+        raise ValueError(status)
+
 
 def _payload(body: bytes) -> dict[str, Any]:
     return json.loads(body)["payload"]
 
 
 @pytest.fixture
-async def orders(
+async def serve_orders(
     migrated: str,
     make_settings: Callable[..., OrdersSettings],
     spy_on: Callable[..., Any],
+) -> Callable[..., contextlib.AbstractAsyncContextManager[Orders]]:
+    """`async with serve_orders(**settings) as orders`: a service with settings of its own."""
+
+    @contextlib.asynccontextmanager
+    async def serve(**overrides: Any) -> AsyncIterator[Orders]:
+        settings = make_settings(OrdersSettings, **overrides)
+        spy = await spy_on(settings)  # before the service starts: it misses nothing
+        app = create_app(settings)
+        runtime: ServiceRuntime = app.state.runtime
+        assert runtime.db is not None
+        async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await runtime.broker.wait_ready(timeout=15)
+            harness = Orders(client, settings, runtime, spy, runtime.db.engine, app.state.sweeper)
+            yield harness
+            # Leave no unsent row behind: the next test's relay would publish it to an exchange
+            # that no longer exists.
+            await eventually(harness.outbox_drained, what="the outbox relay at teardown")
+
+    return serve
+
+
+@pytest.fixture
+async def orders(
+    serve_orders: Callable[..., contextlib.AbstractAsyncContextManager[Orders]],
 ) -> AsyncIterator[Orders]:
-    settings = make_settings(OrdersSettings)
-    spy = await spy_on(settings)  # before the service starts: it misses nothing
-    app = create_app(settings)
-    runtime: ServiceRuntime = app.state.runtime
-    assert runtime.db is not None
-    async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
-        await runtime.broker.wait_ready(timeout=15)
-        harness = Orders(client, settings, runtime, spy, runtime.db.engine)
+    async with serve_orders() as harness:
         yield harness
-        # Leave no unsent row behind: the next test's relay would publish it to an exchange
-        # that no longer exists.
-        await eventually(harness.outbox_drained, what="the outbox relay at teardown")

@@ -1,15 +1,20 @@
-"""The orders HTTP API over real HTTP: mentors, offerings, bookings, idempotency, orders."""
+"""The orders HTTP API over real HTTP: mentors, offerings, bookings, idempotency, orders, and an
+admin's cancel."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from booking.contracts import PaymentInitiationFailed
+from booking.orders.service import lock_order
 from booking.runtime.auth import Role, issue_token
+from booking.runtime.testing import eventually
 
 
 class TestMentors:
@@ -460,3 +465,215 @@ class TestReadingOrders:
         orders.problem(await orders.client.get(path), 401)
         unknown = f"/api/orders/{uuid.uuid4()}"
         orders.problem(await orders.client.get(unknown, headers=orders.admin), 404)
+
+
+class TestAdminCancel:
+    """POST /api/admin/orders/{id}/cancel: the order cancelled, its slot freed, audited once."""
+
+    async def booked_in(self, orders, status: str, start) -> Any:
+        booked = await orders.booked(start)
+        if status == "awaiting_payment":
+            await orders.handled(await orders.publish(booked.initiated()))
+        if status in ("paid", "confirmed", "scheduling_failed"):
+            await orders.pay(booked)
+        if status == "confirmed":
+            await orders.handled(await orders.publish(booked.confirmed()))
+        if status == "scheduling_failed":
+            await orders.handled(await orders.publish(booked.calendar_failed(final=True)))
+        return booked
+
+    async def cancel(self, orders, order_id: str, reason: str = "the mentor is ill", **kw: Any):
+        return await orders.client.post(
+            f"/api/admin/orders/{order_id}/cancel",
+            json={"reason": reason},
+            headers=kw.get("headers", orders.admin),
+        )
+
+    @pytest.mark.parametrize(
+        ("status", "session"),
+        [
+            ("pending", "pending_payment"),
+            ("awaiting_payment", "pending_payment"),
+            ("paid", "awaiting_calendar"),
+            ("confirmed", "scheduled"),
+            ("scheduling_failed", "scheduling_failed"),
+        ],
+    )
+    async def test_a_live_order_is_cancelled_its_slot_freed_announced_and_audited(
+        self, orders, status: str, session: str
+    ) -> None:
+        start = orders.future(days=50, hour=8)
+        booked = await self.booked_in(orders, status, start)
+        expected_order = "paid" if status == "scheduling_failed" else status
+        assert await orders.order_status(booked.order_id) == (expected_order, session)
+
+        answer = await self.cancel(orders, booked.order_id, "  the mentor is ill  ")
+        assert answer.status_code == 200, answer.text
+        shown = answer.json()
+        assert (shown["status"], shown["session"]["status"]) == ("cancelled", "cancelled")
+        read = await orders.client.get(f"/api/orders/{booked.order_id}", headers=orders.admin)
+        assert read.json() == shown
+
+        await orders.quiet()
+        assert orders.events("OrderCancelled", order_id=booked.order_id) == [
+            {
+                "order_id": booked.order_id,
+                "session_id": booked.session_id,
+                "mentor_id": booked.mentor_id,
+                "reason": "the mentor is ill",
+                "by": "admin-1",
+            }
+        ]
+        [audit] = await orders.audit_rows(booked.order_id)
+        assert (audit["action"], audit["by"], audit["reason"]) == (
+            "cancel_order",
+            "admin-1",
+            "the mentor is ill",
+        )
+        assert str(audit["session_id"]) == booked.session_id
+        assert expected_order in audit["detail"]
+        [recorded] = orders.events("AdminActionRecorded", order_id=booked.order_id)
+        assert recorded["action"] == "cancel_order" and recorded["service"] == "orders"
+        assert recorded["by"] == "admin-1" and recorded["session_id"] == booked.session_id
+
+        again = await orders.book(booked.offering_id, start)  # the slot is free
+        assert again.status_code == 202, again.text
+
+    async def test_the_cancellation_carries_the_bookings_correlation_id(self, orders) -> None:
+        booked = await orders.booked()
+        assert (await self.cancel(orders, booked.order_id)).status_code == 200
+        await orders.quiet()
+
+        def correlation(type_: str) -> set[str]:
+            return {
+                json.loads(m.body)["correlation_id"]
+                for m in orders.spy.of_type(type_)
+                if booked.order_id in m.body.decode()
+            }
+
+        booking = correlation("BookingRequested")
+        assert len(booking) == 1
+        assert correlation("OrderCancelled") == booking
+        assert correlation("AdminActionRecorded") == booking
+
+    async def test_a_repeat_answers_the_cancelled_order_and_announces_and_audits_nothing_new(
+        self, orders
+    ) -> None:
+        booked = await self.booked_in(orders, "paid", orders.future(days=51))
+        first = await self.cancel(orders, booked.order_id)
+        repeat = await self.cancel(orders, booked.order_id, "clicked twice")
+        assert first.status_code == repeat.status_code == 200
+        assert repeat.json() == first.json()
+
+        await orders.quiet()
+        assert len(orders.events("OrderCancelled", order_id=booked.order_id)) == 1
+        assert len(orders.events("AdminActionRecorded", order_id=booked.order_id)) == 1
+        assert await orders.outbox_count("OrderCancelled", booked.order_id) == 1
+        assert [a["reason"] for a in await orders.audit_rows(booked.order_id)] == [
+            "the mentor is ill"
+        ]
+
+    async def test_cancels_sent_at_once_cancel_once(self, orders) -> None:
+        booked = await self.booked_in(orders, "confirmed", orders.future(days=52))
+        answers = await asyncio.gather(
+            *(self.cancel(orders, booked.order_id, f"admin click {i}") for i in range(6))
+        )
+        assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
+        assert len({json.dumps(a.json(), sort_keys=True) for a in answers}) == 1
+
+        await orders.quiet()
+        assert len(orders.events("OrderCancelled", order_id=booked.order_id)) == 1
+        assert len(await orders.audit_rows(booked.order_id)) == 1
+
+    async def test_an_order_cancelled_without_an_admin_answers_as_it_is(self, orders) -> None:
+        booked = await orders.booked()
+        unpayable = PaymentInitiationFailed(
+            order_id=booked.order_id, reason="konnect_unavailable", detail="503 x 4"
+        )
+        await orders.handled(await orders.publish(unpayable))
+
+        answer = await self.cancel(orders, booked.order_id)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["payment"]["status"] == "initiation_failed"
+        await orders.quiet()
+        assert orders.events("OrderCancelled", order_id=booked.order_id) == []
+        assert await orders.audit_rows(booked.order_id) == []
+
+    async def test_an_order_whose_payment_failed_is_409_and_nothing_changes(self, orders) -> None:
+        booked = await orders.booked()
+        await orders.handled(await orders.publish(booked.initiated()))
+        await orders.handled(await orders.publish(booked.failed(reason="expired")))
+
+        body = orders.problem(await self.cancel(orders, booked.order_id), 409)
+        assert "payment_failed" in body["detail"]
+        await orders.quiet()
+        assert await orders.order_status(booked.order_id) == ("payment_failed", "cancelled")
+        assert orders.events("OrderCancelled", order_id=booked.order_id) == []
+        assert await orders.audit_rows(booked.order_id) == []
+
+    async def test_an_unknown_order_is_404_and_a_malformed_id_422(self, orders) -> None:
+        orders.problem(await self.cancel(orders, str(uuid.uuid4())), 404)
+        orders.problem(await self.cancel(orders, "not-an-order-id"), 422)
+
+    @pytest.mark.parametrize(
+        ("who", "status"), [("mentee", 403), ("mentor", 403), ("nobody", 401), ("forged", 401)]
+    )
+    async def test_only_an_admin_cancels(self, orders, who: str, status: int) -> None:
+        booked = await orders.booked()
+        headers = {
+            "mentee": booked.mentee,  # even the order's own mentee
+            "mentor": orders.token(Role.MENTOR, booked.mentor_id),
+            "nobody": {},
+            "forged": {"Authorization": "Bearer not.a.token"},
+        }[who]
+        orders.problem(await self.cancel(orders, booked.order_id, headers=headers), status)
+        assert await orders.order_status(booked.order_id) == ("pending", "pending_payment")
+        assert await orders.audit_rows(booked.order_id) == []
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {},
+            {"reason": ""},
+            {"reason": "   "},
+            {"reason": "a\u0000b"},
+            {"reason": "x" * 1001},
+            {"reason": "ill", "by": "someone-else"},
+            {"reason": 42},
+        ],
+        ids=["no reason", "empty", "blank", "NUL", "too long", "extra field", "not text"],
+    )
+    async def test_a_bad_body_is_422_and_nothing_changes(
+        self, orders, body: dict[str, Any]
+    ) -> None:
+        booked = await orders.booked()
+        answer = await orders.client.post(
+            f"/api/admin/orders/{booked.order_id}/cancel", json=body, headers=orders.admin
+        )
+        orders.problem(answer, 422)
+        assert await orders.order_status(booked.order_id) == ("pending", "pending_payment")
+        assert await orders.audit_rows(booked.order_id) == []
+
+    async def test_a_cancel_waits_for_a_handler_holding_the_order_and_then_sees_its_outcome(
+        self, orders
+    ) -> None:
+        booked = await orders.booked()
+        async with orders.runtime.db.transaction() as session:
+            # As PaymentFailed's handler would: the order locked, its payment failing.
+            row, booked_row = await lock_order(session, uuid.UUID(booked.order_id))
+            cancel = asyncio.create_task(self.cancel(orders, booked.order_id))
+
+            async def cancel_waits_for_the_lock() -> bool:
+                waiting = await orders.scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+                return waiting > 0
+
+            await eventually(cancel_waits_for_the_lock, what="the cancel waiting for the lock")
+            assert not cancel.done()
+            row.status, row.payment_status = "payment_failed", "expired"
+            booked_row.status = "cancelled"
+
+        orders.problem(await cancel, 409)
+        assert await orders.audit_rows(booked.order_id) == []

@@ -11,6 +11,8 @@ from booking.orders.domain import (
     LIVE_SESSION_STATUSES,
     BookedSession,
     CurrencyMismatch,
+    Escrow,
+    EscrowStatus,
     IllegalTransition,
     InvalidBooking,
     InvalidMoney,
@@ -19,6 +21,8 @@ from booking.orders.domain import (
     OrderStatus,
     SessionStatus,
     Underpayment,
+    cancel_booking,
+    fail_unopened_payment,
     plan_session,
 )
 
@@ -356,6 +360,159 @@ class TestSlot:
         session.cancel()
         assert order.status is OrderStatus.PAYMENT_FAILED
         assert not session.is_live
+
+
+# -- recovery: an admin's cancel, payments that never open, the escrow's status -----------------
+
+# What each order status's session is when nothing went wrong.
+SESSION_OF = {
+    OrderStatus.PENDING: SessionStatus.PENDING_PAYMENT,
+    OrderStatus.AWAITING_PAYMENT: SessionStatus.PENDING_PAYMENT,
+    OrderStatus.PAID: SessionStatus.AWAITING_CALENDAR,
+    OrderStatus.CONFIRMED: SessionStatus.SCHEDULED,
+    OrderStatus.PAYMENT_FAILED: SessionStatus.CANCELLED,
+    OrderStatus.CANCELLED: SessionStatus.CANCELLED,
+}
+
+
+class TestCancelBooking:
+    @pytest.mark.parametrize(
+        "status",
+        [
+            OrderStatus.PENDING,
+            OrderStatus.AWAITING_PAYMENT,
+            OrderStatus.PAID,
+            OrderStatus.CONFIRMED,
+        ],
+    )
+    def test_a_live_order_is_cancelled_and_its_slot_freed(self, status: OrderStatus) -> None:
+        order, session = make_order(status), make_session(SESSION_OF[status])
+        assert cancel_booking(order, session, LATER) is True
+        assert order.status is OrderStatus.CANCELLED
+        assert order.updated_at == LATER
+        assert session.status is SessionStatus.CANCELLED
+        assert not session.is_live
+
+    def test_a_paid_order_whose_scheduling_failed_is_cancelled_too(self) -> None:
+        order = make_order(OrderStatus.PAID)
+        session = make_session(SessionStatus.SCHEDULING_FAILED)
+        assert cancel_booking(order, session, LATER) is True
+        assert (order.status, session.status) == (OrderStatus.CANCELLED, SessionStatus.CANCELLED)
+
+    def test_cancelling_a_cancelled_order_again_changes_nothing(self) -> None:
+        order = make_order(OrderStatus.CANCELLED)
+        session = make_session(SessionStatus.CANCELLED)
+        assert cancel_booking(order, session, LATER) is False
+        assert order.status is OrderStatus.CANCELLED
+        assert order.updated_at == T0
+
+    def test_an_order_whose_payment_failed_cannot_be_cancelled(self) -> None:
+        order = make_order(OrderStatus.PAYMENT_FAILED)
+        session = make_session(SessionStatus.CANCELLED)
+        with pytest.raises(IllegalTransition) as refused:
+            cancel_booking(order, session, LATER)
+        assert refused.value.from_state is OrderStatus.PAYMENT_FAILED
+        assert order.status is OrderStatus.PAYMENT_FAILED
+        assert order.updated_at == T0
+
+
+TIMEOUT = timedelta(minutes=30)
+
+
+class TestPaymentNeverOpened:
+    def test_a_pending_order_fails_once_the_timeout_has_passed_and_frees_its_slot(self) -> None:
+        order, session = make_order(), make_session()
+        due = T0 + TIMEOUT
+        assert order.payment_never_opened(due, TIMEOUT)
+        assert fail_unopened_payment(order, session, due, TIMEOUT) is True
+        assert order.status is OrderStatus.PAYMENT_FAILED
+        assert order.updated_at == due
+        assert session.status is SessionStatus.CANCELLED
+
+    def test_a_pending_order_within_the_timeout_is_left_alone(self) -> None:
+        order, session = make_order(), make_session()
+        early = T0 + TIMEOUT - timedelta(seconds=1)
+        assert not order.payment_never_opened(early, TIMEOUT)
+        assert fail_unopened_payment(order, session, early, TIMEOUT) is False
+        assert (order.status, session.status) == (
+            OrderStatus.PENDING,
+            SessionStatus.PENDING_PAYMENT,
+        )
+        assert order.updated_at == T0
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"status": OrderStatus.AWAITING_PAYMENT, "payment_ref": "ref-1"},
+            # Money seen before PaymentInitiated: the order is pending, but the payment opened.
+            {"payment_ref": "ref-1", "amount_paid": 1_000},
+            {"amount_paid": 1_000},
+            {"payment_ref": "ref-1"},
+            {"status": OrderStatus.PAID, "amount_paid": PRICE},
+            {"status": OrderStatus.CANCELLED},
+            {"status": OrderStatus.PAYMENT_FAILED},
+        ],
+        ids=["awaiting payment", "underpaid early", "money", "ref", "paid", "cancelled", "failed"],
+    )
+    def test_an_order_whose_payment_opened_or_that_ended_is_left_alone(
+        self, changes: dict[str, object]
+    ) -> None:
+        order = make_order(**changes)  # type: ignore[arg-type]
+        status = order.status
+        session = make_session(SESSION_OF[status])
+        long_after = T0 + timedelta(days=3)
+        assert not order.payment_never_opened(long_after, TIMEOUT)
+        assert fail_unopened_payment(order, session, long_after, TIMEOUT) is False
+        assert (order.status, session.status) == (status, SESSION_OF[status])
+
+
+class TestEscrow:
+    def test_nothing_is_known_of_an_unpaid_orders_escrow(self) -> None:
+        assert Escrow() == Escrow(status=None, sequence=0)
+
+    def test_a_payment_in_full_holds_the_escrow_before_any_escrow_event(self) -> None:
+        escrow = Escrow()
+        assert escrow.hold_for_payment() is True
+        assert (escrow.status, escrow.sequence) == (EscrowStatus.HELD, 0)
+
+    def test_any_escrow_event_is_newer_than_the_hold_a_payment_implies(self) -> None:
+        escrow = Escrow()
+        escrow.hold_for_payment()
+        assert escrow.observe(EscrowStatus.FROZEN, 1) is True
+        assert (escrow.status, escrow.sequence) == (EscrowStatus.FROZEN, 1)
+
+    def test_a_payment_applied_after_an_escrow_event_does_not_reset_it(self) -> None:
+        escrow = Escrow()
+        escrow.observe(EscrowStatus.FROZEN, 2)
+        assert escrow.hold_for_payment() is False
+        assert (escrow.status, escrow.sequence) == (EscrowStatus.FROZEN, 2)
+
+    def test_the_highest_sequence_wins_whatever_order_the_events_arrive_in(self) -> None:
+        moves = [
+            (EscrowStatus.FROZEN, 2),
+            (EscrowStatus.REFUND_DUE, 3),
+            (EscrowStatus.REFUNDED, 4),
+        ]
+        for arrival in ([0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]):
+            escrow = Escrow()
+            escrow.hold_for_payment()
+            for index in arrival:
+                escrow.observe(*moves[index])
+            assert (escrow.status, escrow.sequence) == (EscrowStatus.REFUNDED, 4), arrival
+
+    @pytest.mark.parametrize("sequence", [1, 2])
+    def test_an_older_or_equal_sequence_changes_nothing(self, sequence: int) -> None:
+        escrow = Escrow()
+        escrow.observe(EscrowStatus.RELEASED, 2)
+        assert escrow.observe(EscrowStatus.FROZEN, sequence) is False
+        assert (escrow.status, escrow.sequence) == (EscrowStatus.RELEASED, 2)
+
+    @pytest.mark.parametrize("sequence", [0, -1, True, 1.0])
+    def test_a_sequence_is_a_positive_integer(self, sequence: object) -> None:
+        escrow = Escrow()
+        with pytest.raises(ValueError):
+            escrow.observe(EscrowStatus.HELD, sequence)  # type: ignore[arg-type]
+        assert escrow == Escrow()
 
 
 class TestPlanSession:

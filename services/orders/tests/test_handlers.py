@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import text
 
 from booking.contracts import (
@@ -16,7 +17,7 @@ from booking.contracts import (
     CalendarFailureReason,
     PaymentInitiationFailed,
 )
-from booking.orders.handlers import _lock
+from booking.orders.service import lock_order
 from booking.runtime.testing import eventually
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
@@ -68,6 +69,7 @@ class TestPaymentCompleted:
         assert order["escrow"] == {
             "platform_fee": {"amount": orders.FEE, "currency": "TND"},
             "escrow_amount": {"amount": orders.ESCROW, "currency": "TND"},
+            "status": "held",
         }
         assert order["payment"]["status"] == "completed"
         assert order["payment"]["ref"] == REF
@@ -241,26 +243,115 @@ class TestCalendar:
         assert order["session"]["meet_link"] == "https://meet.google.com/abc-defg-hij"
         assert order["session"]["calendar_event_id"] == "evt0123456789"
 
-    async def test_a_failed_calendar_booking_keeps_the_slot_and_a_later_success_schedules(
+    async def test_the_confirmation_announces_the_confirmed_order_once(self, orders) -> None:
+        start = orders.future(days=45, hour=10)
+        booked = await orders.booked(start)
+        await orders.pay(booked, REF)
+        confirmed = booked.confirmed("evt0123456789")
+        first = await orders.publish(confirmed)
+        again = await orders.publish(confirmed)  # the same fact in a new message
+        await orders.quiet(first, again)
+
+        assert orders.events("OrderConfirmed", order_id=booked.order_id) == [
+            {
+                "order_id": booked.order_id,
+                "session_id": booked.session_id,
+                "mentor_id": booked.mentor_id,
+                "end_at": (start + timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+            }
+        ]
+        assert await orders.outbox_count("OrderConfirmed", booked.order_id) == 1
+
+    async def test_a_failure_that_will_be_retried_leaves_the_session_waiting_and_the_slot_held(
         self, orders
     ) -> None:
         start = orders.future(days=44)
         booked = await orders.booked(start)
-        await orders.handled(await orders.publish(booked.completed(REF)))
-        failed = CalendarBookingFailed(
-            session_id=booked.session_id,
-            order_id=booked.order_id,
-            mentor_id=booked.mentor_id,
-            reason=CalendarFailureReason.MENTOR_NOT_INTEGRATED,
-            detail="no Google connection",
-            attempts=1,
-        )
-        await orders.handled(await orders.publish(failed))
-        assert await orders.order_status(booked.order_id) == ("paid", "scheduling_failed")
+        await orders.pay(booked, REF)
+        for reason, attempts in (("calendar_api_error", 1), ("mentor_not_integrated", 2)):
+            failed = booked.calendar_failed(final=False, reason=reason, attempts=attempts)
+            await orders.quiet(await orders.publish(failed))
+            assert await orders.order_status(booked.order_id) == ("paid", "awaiting_calendar")
+        assert orders.events("SchedulingAbandoned", order_id=booked.order_id) == []
         orders.problem(await orders.book(booked.offering_id, start), 409)
 
-        await orders.handled(await orders.publish(booked.confirmed()))
+        await orders.quiet(await orders.publish(booked.confirmed()))
         assert await orders.order_status(booked.order_id) == ("confirmed", "scheduled")
+        assert len(orders.events("OrderConfirmed", order_id=booked.order_id)) == 1
+        assert_nothing_dead_lettered(orders)
+
+    async def test_a_final_failure_abandons_the_scheduling_and_keeps_the_slot(self, orders) -> None:
+        start = orders.future(days=46)
+        booked = await orders.booked(start)
+        await orders.pay(booked, REF)
+        final = booked.calendar_failed(
+            final=True, reason="store_not_found", attempts=5, detail="no such mentor"
+        )
+        first = await orders.publish(final)
+        again = await orders.publish(final)  # the same fact in a new message
+        await orders.quiet(first, again)
+
+        assert await orders.order_status(booked.order_id) == ("paid", "scheduling_failed")
+        assert orders.events("SchedulingAbandoned", order_id=booked.order_id) == [
+            {
+                "order_id": booked.order_id,
+                "session_id": booked.session_id,
+                "mentor_id": booked.mentor_id,
+                "reason": "store_not_found",
+                "detail": "no such mentor",
+            }
+        ]
+        assert await orders.outbox_count("SchedulingAbandoned", booked.order_id) == 1
+        orders.problem(await orders.book(booked.offering_id, start), 409)  # paid for: held
+        assert orders.events("OrderConfirmed", order_id=booked.order_id) == []
+
+    async def test_an_admins_retry_that_succeeds_after_a_final_failure_confirms_the_order(
+        self, orders
+    ) -> None:
+        booked = await orders.booked()
+        await orders.pay(booked, REF)
+        await orders.handled(await orders.publish(booked.calendar_failed(final=True)))
+        assert await orders.order_status(booked.order_id) == ("paid", "scheduling_failed")
+
+        await orders.quiet(await orders.publish(booked.confirmed("evt-after-retry")))
+        order = await orders.order(booked)
+        assert (order["status"], order["session"]["status"]) == ("confirmed", "scheduled")
+        assert order["session"]["calendar_event_id"] == "evt-after-retry"
+        [confirmed] = orders.events("OrderConfirmed", order_id=booked.order_id)
+        assert confirmed["session_id"] == booked.session_id
+        assert_nothing_dead_lettered(orders)
+
+    async def test_a_final_failure_for_a_scheduled_session_is_stale(self, orders) -> None:
+        booked = await orders.booked()
+        await orders.pay(booked, REF)
+        await orders.handled(await orders.publish(booked.confirmed("evt1")))
+        late = booked.calendar_failed(final=True, reason="integration_revoked", attempts=3)
+        await orders.quiet(await orders.publish(late))
+
+        assert await orders.order_status(booked.order_id) == ("confirmed", "scheduled")
+        assert orders.events("SchedulingAbandoned", order_id=booked.order_id) == []
+        assert_nothing_dead_lettered(orders)
+
+    async def test_calendar_news_for_a_cancelled_session_never_revives_it(self, orders) -> None:
+        booked = await orders.booked()
+        await orders.pay(booked, REF)
+        cancelled = await orders.client.post(
+            f"/api/admin/orders/{booked.order_id}/cancel",
+            json={"reason": "mentee asked"},
+            headers=orders.admin,
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        await orders.quiet(
+            await orders.publish(booked.calendar_failed(final=True)),
+            await orders.publish(booked.confirmed("evt-late")),
+        )
+
+        order = await orders.order(booked)
+        assert (order["status"], order["session"]["status"]) == ("cancelled", "cancelled")
+        assert order["session"]["calendar_event_id"] is None
+        assert orders.events("OrderConfirmed", order_id=booked.order_id) == []
+        assert orders.events("SchedulingAbandoned", order_id=booked.order_id) == []
+        assert_nothing_dead_lettered(orders)
 
     async def test_stale_calendar_events_change_nothing_and_are_not_dead_lettered(
         self, orders
@@ -280,6 +371,7 @@ class TestCalendar:
             reason=CalendarFailureReason.CALENDAR_API_ERROR,
             detail="503",
             attempts=5,
+            final=True,
         )
         other_event = booked.confirmed("evt2")
         await orders.quiet(await orders.publish(late_failure), await orders.publish(other_event))
@@ -289,6 +381,134 @@ class TestCalendar:
         assert_nothing_dead_lettered(orders)
 
 
+class TestEscrowStatus:
+    @pytest.mark.parametrize(
+        ("status", "shown"),
+        [
+            ("frozen", "frozen"),
+            ("held", "held"),
+            ("refund_due", "refund_due"),
+            ("refunded", "refunded"),
+            ("released", "released"),
+        ],
+    )
+    async def test_each_escrow_event_shows_its_status(self, orders, status: str, shown: str):
+        booked = await orders.booked()
+        await orders.pay(booked, REF)
+        await orders.quiet(await orders.publish(booked.escrow(status, 1)))
+
+        escrow = (await orders.order(booked))["escrow"]
+        assert escrow == {
+            "platform_fee": {"amount": orders.FEE, "currency": "TND"},
+            "escrow_amount": {"amount": orders.ESCROW, "currency": "TND"},
+            "status": shown,
+        }
+        # Even "held" (an unfreeze) is news: it is kept with its sequence.
+        sql = "SELECT escrow_sequence FROM orders.orders WHERE id = :id"
+        assert await orders.scalar(sql, id=booked.order_id) == 1
+        assert_nothing_dead_lettered(orders)
+
+    async def test_the_status_of_the_highest_sequence_wins_in_any_arrival_order(
+        self, orders
+    ) -> None:
+        booked = await orders.booked()
+        await orders.pay(booked, REF)
+        # Frozen (2), refund due (3), refunded (4) arrive backwards.
+        for status, sequence in (("refunded", 4), ("refund_due", 3), ("frozen", 2)):
+            await orders.handled(await orders.publish(booked.escrow(status, sequence)))
+            order = await orders.order(booked)
+            assert order["escrow"]["status"] == "refunded", (status, sequence)
+        # An equal sequence is not newer either.
+        await orders.handled(await orders.publish(booked.escrow("released", 4)))
+        assert (await orders.order(booked))["escrow"]["status"] == "refunded"
+        assert (
+            await orders.scalar(
+                "SELECT escrow_sequence FROM orders.orders WHERE id = :id", id=booked.order_id
+            )
+            == 4
+        )
+
+    async def test_a_frozen_escrow_unfrozen_and_released_ends_released(self, orders) -> None:
+        booked = await orders.booked()
+        await orders.pay(booked, REF)
+        for status, sequence, shown in (
+            ("frozen", 1, "frozen"),
+            ("held", 2, "held"),
+            ("released", 3, "released"),
+        ):
+            await orders.handled(await orders.publish(booked.escrow(status, sequence)))
+            assert (await orders.order(booked))["escrow"]["status"] == shown
+
+    async def test_a_payment_applied_after_an_escrow_event_keeps_the_newer_status(
+        self, orders
+    ) -> None:
+        booked = await orders.booked()
+        await orders.handled(await orders.publish(booked.initiated(REF)))
+        await orders.handled(await orders.publish(booked.escrow("frozen", 2)))
+        await orders.quiet(await orders.publish(booked.completed(REF)))
+
+        order = await orders.order(booked)
+        assert (order["status"], order["session"]["status"]) == ("paid", "awaiting_calendar")
+        assert order["escrow"]["status"] == "frozen"
+
+    async def test_money_for_an_ended_order_shows_its_escrow_refund_due(self, orders) -> None:
+        booked = await orders.booked()
+        await orders.handled(await orders.publish(booked.initiated(REF)))
+        await orders.handled(await orders.publish(booked.failed(REF, reason="expired")))
+        await orders.handled(await orders.publish(booked.completed(REF)))  # too late
+        await orders.quiet(await orders.publish(booked.escrow("refund_due", 1)))
+
+        order = await orders.order(booked)
+        assert (order["status"], order["session"]["status"]) == ("payment_failed", "cancelled")
+        assert order["escrow"] == {
+            "platform_fee": {"amount": orders.FEE, "currency": "TND"},
+            "escrow_amount": {"amount": orders.ESCROW, "currency": "TND"},
+            "status": "refund_due",
+        }
+        [issue] = orders.events("SessionIssueDetected", order_id=booked.order_id)
+        assert issue["kind"] == "payment_for_cancelled_order"
+        assert orders.events("OrderPaid", order_id=booked.order_id) == []
+
+    async def test_an_escrow_event_for_an_unknown_order_is_not_dead_lettered(self, orders):
+        booked = await orders.booked()
+        stranger = booked.escrow("frozen", 1).model_copy(update={"order_id": uuid.uuid4()})
+        await orders.quiet(await orders.publish(stranger))
+        assert_nothing_dead_lettered(orders)
+        assert await orders.consumed("EscrowFrozen", "handled") == 1
+
+
+class TestUnderpaidOrderExpires:
+    async def test_the_expired_underpayment_fails_the_order_frees_the_slot_and_owes_a_refund(
+        self, orders
+    ) -> None:
+        start = orders.future(days=47)
+        booked = await orders.booked(start)
+        await orders.handled(await orders.publish(booked.initiated(REF)))
+        short = orders.PRICE - 50_000
+        await orders.handled(await orders.publish(booked.completed(REF, paid=short, fee=10_500)))
+        await orders.handled(await orders.publish(booked.failed(REF, reason="expired")))
+
+        order = await orders.order(booked)
+        assert (order["status"], order["session"]["status"]) == ("payment_failed", "cancelled")
+        assert order["payment"]["status"] == "expired"
+        assert order["amount_paid"] == {"amount": short, "currency": "TND"}
+        again = await orders.book(booked.offering_id, start)
+        assert again.status_code == 202, again.text
+
+        refund = booked.escrow("refund_due", 1, escrow_amount=short - 10_500, refund_amount=short)
+        await orders.quiet(await orders.publish(refund))
+        escrow = (await orders.order(booked))["escrow"]
+        assert escrow["status"] == "refund_due"
+        assert escrow["escrow_amount"] == {"amount": short - 10_500, "currency": "TND"}
+
+        # The rest arriving now never confirms it: the admins hear of the money.
+        await orders.quiet(await orders.publish(booked.completed(REF)))
+        assert await orders.order_status(booked.order_id) == ("payment_failed", "cancelled")
+        kinds = {i["kind"] for i in orders.events("SessionIssueDetected", order_id=booked.order_id)}
+        assert kinds == {"underpayment", "payment_for_cancelled_order"}
+        assert orders.events("OrderPaid", order_id=booked.order_id) == []
+
+
 class TestLocking:
     async def test_a_handler_holds_the_order_and_its_session_locked_until_it_commits(
         self, orders
@@ -296,7 +516,7 @@ class TestLocking:
         booked = await orders.booked()
         order_id = uuid.UUID(booked.order_id)
         async with orders.runtime.db.transaction() as session:
-            order, session_row = await _lock(session, order_id)
+            order, session_row = await lock_order(session, order_id)
             assert (str(order.id), str(session_row.id)) == (booked.order_id, booked.session_id)
             async with orders.runtime.db.engine.connect() as other:
                 for table, column in (("orders", "id"), ("booked_sessions", "order_id")):
@@ -313,4 +533,4 @@ class TestLocking:
 
 async def _lock_nothing(orders, order_id: uuid.UUID):
     async with orders.runtime.db.transaction() as session:
-        return await _lock(session, order_id)
+        return await lock_order(session, order_id)

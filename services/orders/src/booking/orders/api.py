@@ -1,14 +1,13 @@
-"""The orders service's HTTP routes: mentors, offerings, bookings and orders (DESIGN section 5).
+"""The orders service's HTTP routes: mentors, offerings, bookings, orders and an admin's cancel.
 
 The gateway forwards the caller's Authorization header; every route verifies the token and the
 role again, so the service reached directly is no more open than through the gateway. Bodies are
-the public contract's (`booking.contracts.http`); errors are problem+json.
+the public contract's (`booking.contracts.http`); errors are problem+json. The use cases behind
+bookings and orders are `service.OrderService`'s: a route parses, calls one, and shapes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -16,22 +15,21 @@ from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from booking.contracts import BookingRequested, MenteeContact, MentorRegistered, http
-from booking.contracts import Offering as OfferingSnapshot
-from booking.orders.domain import BookedSession, InvalidBooking, Money, Order, plan_session
-from booking.orders.tables import (
-    NO_OVERLAP,
-    BookedSessionRow,
-    IdempotencyKeyRow,
-    MentorRow,
-    OfferingRow,
-    OrderRow,
+from booking.contracts import MentorRegistered, http
+from booking.orders.domain import EscrowStatus, IllegalTransition, InvalidBooking
+from booking.orders.service import (
+    FirstAnswer,
+    IdempotencyKeyReused,
+    IdempotencyKeyUnanswered,
+    NoSuchOffering,
+    NoSuchOrder,
+    OrderService,
+    SlotTaken,
 )
+from booking.orders.tables import BookedSessionRow, MentorRow, OfferingRow, OrderRow
 from booking.runtime.auth import Identity, Role, authenticated, require_roles
 from booking.runtime.db import Database, database
 from booking.runtime.outbox import Outbox
@@ -45,6 +43,10 @@ async def outbox(request: Request) -> Outbox:
     box = request.app.state.runtime.outbox
     assert box is not None
     return box
+
+
+async def orders_service(request: Request) -> OrderService:
+    return request.app.state.orders
 
 
 async def mentor_himself_or_admin(
@@ -164,182 +166,39 @@ async def book_session(
     idempotency_key: str | None = Header(
         None, alias="Idempotency-Key", min_length=1, max_length=200
     ),
-    db: Database = Depends(database),
-    events: Outbox = Depends(outbox),
+    orders: OrderService = Depends(orders_service),
 ) -> Any:
-    """The Order, its BookedSession and BookingRequested, in one transaction.
-
-    The slot is the exclusion constraint's to guard: the insert either holds it or fails with
-    409, with no check before it to race. With an Idempotency-Key, the key is claimed first in
-    the same transaction, so a second request with that key waits for the first to end and then
-    answers what it answered; a booking that fails leaves no key behind.
-    """
-    now = datetime.now(UTC)
-    fingerprint = _fingerprint(body)
+    """The order and its session, holding the slot; 409 when the slot is taken. A request
+    repeated with its Idempotency-Key is answered what the first one was."""
     try:
-        async with db.transaction() as session:
-            if idempotency_key is not None:
-                first = await _claim_key(session, identity.sub, idempotency_key, fingerprint, now)
-                if first is not None:
-                    return first
-            accepted = await _book(session, events, body, identity.sub, now)
-            if idempotency_key is not None:
-                await session.execute(
-                    update(IdempotencyKeyRow)
-                    .where(
-                        IdempotencyKeyRow.mentee_id == identity.sub,
-                        IdempotencyKeyRow.key == idempotency_key,
-                    )
-                    .values(response_status=202, response_body=accepted.model_dump(mode="json"))
-                )
-    except IntegrityError as exc:
-        if _violated_constraint(exc) == NO_OVERLAP:
-            raise HTTPException(
-                409,
-                f"the slot is taken: the mentor already has a session overlapping "
-                f"{body.start_at.astimezone(UTC).isoformat()}; choose another start",
-            ) from None
-        raise
-    return accepted
-
-
-async def _book(
-    session: AsyncSession,
-    events: Outbox,
-    body: http.BookingCreate,
-    mentee_id: str,
-    now: datetime,
-) -> http.BookingAccepted:
-    offering = await session.get(OfferingRow, body.offering_id)
-    if offering is None:
-        raise HTTPException(404, f"there is no offering {body.offering_id}")
-    try:
-        end_at = plan_session(offering.duration_minutes, body.start_at, now)
+        accepted = await orders.book(
+            body, mentee_id=identity.sub, idempotency_key=idempotency_key, now=datetime.now(UTC)
+        )
+    except NoSuchOffering:
+        raise HTTPException(404, f"there is no offering {body.offering_id}") from None
     except InvalidBooking as exc:
         raise HTTPException(422, str(exc)) from None
-    order = Order(
-        id=uuid4(),
-        mentee_id=mentee_id,
-        mentor_id=offering.mentor_id,
-        offering_id=offering.id,
-        amount=Money(offering.price_amount, offering.price_currency),
-        created_at=now,
-        updated_at=now,
-    )
-    booked = BookedSession(
-        id=uuid4(),
-        order_id=order.id,
-        mentor_id=order.mentor_id,
-        start_at=body.start_at.astimezone(UTC),
-        end_at=end_at.astimezone(UTC),
-    )
-    mentee = body.mentee
-    session.add(
-        OrderRow(
-            id=order.id,
-            mentee_id=mentee_id,
-            mentor_id=order.mentor_id,
-            offering_id=order.offering_id,
-            title=offering.title,
-            amount=order.amount.amount,
-            currency=order.amount.currency,
-            status=order.status.value,
-            amount_paid=order.amount_paid,
-            mentee_first_name=mentee.first_name,
-            mentee_last_name=mentee.last_name,
-            mentee_email=mentee.email,
-            mentee_phone=mentee.phone,
-            created_at=now,
-            updated_at=now,
-        )
-    )
-    await session.flush()  # the order before its session (the session's foreign key)
-    session.add(
-        BookedSessionRow(
-            id=booked.id,
-            order_id=booked.order_id,
-            mentor_id=booked.mentor_id,
-            start_at=booked.start_at,
-            end_at=booked.end_at,
-            status=booked.status.value,
-        )
-    )
-    await session.flush()  # here the exclusion constraint says whether the slot is free
-    await events.record(
-        session,
-        BookingRequested(
-            order_id=order.id,
-            session_id=booked.id,
-            mentor_id=order.mentor_id,
-            offering=OfferingSnapshot(
-                offering_id=offering.id,
-                title=offering.title,
-                duration_minutes=offering.duration_minutes,
-            ),
-            amount=order.amount.amount,
-            currency=order.amount.currency,
-            mentee=MenteeContact(
-                first_name=mentee.first_name,
-                last_name=mentee.last_name,
-                email=mentee.email,
-                phone=mentee.phone,
-            ),
-            start_at=booked.start_at,
-            end_at=booked.end_at,
-        ),
-    )
-    return http.BookingAccepted(order_id=order.id, session_id=booked.id, status=order.status.value)
-
-
-async def _claim_key(
-    session: AsyncSession, mentee_id: str, key: str, fingerprint: str, now: datetime
-) -> JSONResponse | None:
-    """Claim `key` for this request (None), or the first answer given under it.
-
-    The insert waits while another transaction holds the key; once that one commits the key is
-    taken and its answer readable, once it rolls back the key is ours.
-    """
-    claimed = await session.execute(
-        insert(IdempotencyKeyRow)
-        .values(mentee_id=mentee_id, key=key, request_fingerprint=fingerprint, created_at=now)
-        .on_conflict_do_nothing()
-        .returning(IdempotencyKeyRow.key)
-    )
-    if claimed.first() is not None:
-        return None
-    first = await session.get(IdempotencyKeyRow, (mentee_id, key))
-    assert first is not None  # committed by the request that claimed it
-    if first.request_fingerprint != fingerprint:
+    except SlotTaken as taken:
+        raise HTTPException(
+            409,
+            f"the slot is taken: the mentor already has a session overlapping {taken}; "
+            f"choose another start",
+        ) from None
+    except IdempotencyKeyReused:
         raise HTTPException(
             422,
             "this Idempotency-Key was already used with a different request body; "
             "use a new key for a new booking",
+        ) from None
+    except IdempotencyKeyUnanswered:
+        raise HTTPException(
+            409, "the request first sent with this Idempotency-Key has no answer"
+        ) from None
+    if isinstance(accepted, FirstAnswer):
+        return JSONResponse(
+            accepted.body, status_code=accepted.status, headers={"Idempotent-Replayed": "true"}
         )
-    if first.response_status is None or first.response_body is None:
-        # Not written by this code (a claim always stores its answer in the same transaction).
-        raise HTTPException(409, "the request first sent with this Idempotency-Key has no answer")
-    return JSONResponse(
-        first.response_body,
-        status_code=first.response_status,
-        headers={"Idempotent-Replayed": "true"},
-    )
-
-
-def _fingerprint(body: http.BookingCreate) -> str:
-    """What makes two requests "the same": the parsed body, with the start as a UTC instant."""
-    canonical = body.model_dump(mode="json")
-    canonical["start_at"] = body.start_at.astimezone(UTC).isoformat()
-    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(encoded).hexdigest()
-
-
-def _violated_constraint(exc: IntegrityError) -> str | None:
-    """The name of the constraint asyncpg reported, through SQLAlchemy's wrapper."""
-    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
-        name = getattr(error, "constraint_name", None)
-        if name:
-            return name
-    return None
+    return accepted
 
 
 # --- orders -------------------------------------------------------------------------------------
@@ -349,23 +208,35 @@ def _violated_constraint(exc: IntegrityError) -> str | None:
 async def get_order(
     order_id: UUID,
     identity: Identity = Depends(require_roles(Role.MENTEE, Role.ADMIN)),
-    db: Database = Depends(database),
+    orders: OrderService = Depends(orders_service),
 ) -> http.Order:
-    # One statement, no transaction: the order and its session (created together, never
-    # deleted) from the same snapshot, in one round trip. Clients poll this route.
-    async with db.single_statement() as session:
-        found = (
-            await session.execute(
-                select(OrderRow, BookedSessionRow)
-                .join(BookedSessionRow, BookedSessionRow.order_id == OrderRow.id)
-                .where(OrderRow.id == order_id)
-            )
-        ).one_or_none()
+    found = await orders.find(order_id)
     # Another mentee's order is answered like a missing one: its existence is not theirs.
     if found is None or (not identity.is_admin and found[0].mentee_id != identity.sub):
         raise HTTPException(404, f"there is no order {order_id}")
-    order, booked = found
-    return _order_view(order, booked)
+    return _order_view(*found)
+
+
+@router.post("/api/admin/orders/{order_id}/cancel", response_model=http.Order)
+async def cancel_order(
+    order_id: UUID,
+    body: http.AdminReason,
+    identity: Identity = Depends(require_roles(Role.ADMIN)),
+    orders: OrderService = Depends(orders_service),
+) -> http.Order:
+    """Cancel an order and free its slot (a paid order's escrow is then frozen by payments,
+    the session's calendar event deleted by calendar). A repeat answers the cancelled order."""
+    try:
+        cancelled = await orders.cancel(
+            order_id, by=identity.sub, reason=body.reason, now=datetime.now(UTC)
+        )
+    except NoSuchOrder:
+        raise HTTPException(404, f"there is no order {order_id}") from None
+    except IllegalTransition as exc:
+        raise HTTPException(
+            409, f"{exc}: an order whose payment failed has already ended and freed its slot"
+        ) from None
+    return _order_view(*cancelled)
 
 
 def _order_view(order: OrderRow, booked: BookedSessionRow) -> http.Order:
@@ -379,8 +250,11 @@ def _order_view(order: OrderRow, booked: BookedSessionRow) -> http.Order:
         )
     escrow = None
     if order.platform_fee is not None and order.escrow_amount is not None:
+        status = None if order.escrow_status is None else EscrowStatus(order.escrow_status)
         escrow = http.EscrowView(
-            platform_fee=money(order.platform_fee), escrow_amount=money(order.escrow_amount)
+            platform_fee=money(order.platform_fee),
+            escrow_amount=money(order.escrow_amount),
+            status=status,
         )
     return http.Order(
         id=order.id,

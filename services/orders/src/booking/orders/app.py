@@ -1,9 +1,18 @@
-"""Composition root of the orders service: settings, runtime, handlers and routes."""
+"""Composition root of the orders service: settings, runtime, handlers, use cases, routes, sweeper.
+
+Nothing is created at import time; `create_app` builds it all and the lifespan starts the sweeper
+(one per replica) after the runtime has started, and stops it before.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from booking.orders.api import router
 from booking.orders.handlers import HANDLERS
+from booking.orders.reconciliation import Sweeper
+from booking.orders.service import OrderService
 from booking.orders.settings import OrdersSettings
 from booking.orders.tables import messaging
 from booking.runtime.service import ServiceRuntime, create_service_app
@@ -12,4 +21,19 @@ from booking.runtime.service import ServiceRuntime, create_service_app
 def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     settings = settings or OrdersSettings()
     runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging, handlers=HANDLERS)
-    return create_service_app(runtime, routers=[router])
+    assert runtime.db is not None and runtime.outbox is not None
+    orders = OrderService(runtime.db, runtime.outbox, messaging)
+    sweeper = Sweeper(runtime.db, runtime.outbox, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper.start()
+        try:
+            yield
+        finally:
+            await sweeper.stop()
+
+    app = create_service_app(runtime, routers=[router], lifespan=lifespan)
+    app.state.orders = orders
+    app.state.sweeper = sweeper
+    return app

@@ -1,7 +1,8 @@
 """The orders service's rules: orders, their booked sessions and the moves between their states.
 
 Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now`. A move that the
-status machine (DESIGN section 4) does not allow raises `IllegalTransition` and changes nothing.
+status machine does not allow raises `IllegalTransition` and changes nothing (the recovery
+rules are docs/recovery.md's).
 
 Order::
 
@@ -15,10 +16,13 @@ Session::
 
     pending_payment --await_calendar--> awaiting_calendar
     awaiting_calendar | scheduling_failed --schedule--> scheduled
-    awaiting_calendar | scheduling_failed --fail_scheduling--> scheduling_failed
+    awaiting_calendar | scheduling_failed --fail_scheduling (final failure)--> scheduling_failed
     any but cancelled --cancel--> cancelled
 
 payment_failed and cancelled (order) and cancelled (session) are final.
+
+The escrow is payments' to move; orders only keeps the status of the highest `sequence` it has
+heard of, so that the order view shows where the money stands (`Escrow.observe`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,21 @@ class OrderStatus(StrEnum):
     CONFIRMED = "confirmed"
     PAYMENT_FAILED = "payment_failed"
     CANCELLED = "cancelled"
+
+
+class PaymentStatus(StrEnum):
+    """Where the order's payment stands, as payments reported it (`payment.status` in the view).
+
+    None until payments answers; `failed` and `expired` are PaymentFailed's reasons.
+    """
+
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    INITIATION_FAILED = "initiation_failed"
+    NOT_OPENED = "not_opened"
+    """No payment was opened within the opening timeout: orders failed the order itself."""
 
 
 class SessionStatus(StrEnum):
@@ -211,6 +230,20 @@ class Order:
         """
         self._move(_CANCELLABLE, OrderStatus.CANCELLED, now)
 
+    def payment_never_opened(self, now: datetime, opening_timeout: timedelta) -> bool:
+        """Whether no payment was opened for this order within `opening_timeout` of its booking.
+
+        Pending means payments never said PaymentInitiated; no ref and nothing paid means no
+        payment of any kind reached us either (money seen before the initiation leaves the
+        order pending, but the payment evidently opened).
+        """
+        return (
+            self.status is OrderStatus.PENDING
+            and self.payment_ref is None
+            and self.amount_paid == 0
+            and self.created_at + opening_timeout <= now
+        )
+
     @property
     def is_paid(self) -> bool:
         return self.status in (OrderStatus.PAID, OrderStatus.CONFIRMED)
@@ -266,7 +299,11 @@ class BookedSession:
         self.meet_link = meet_link
 
     def fail_scheduling(self) -> None:
-        """The calendar service could not create the event (again, when a retry also failed)."""
+        """The calendar service gave up on the event for good (a final CalendarBookingFailed).
+
+        A failure it will try again leaves the session awaiting the calendar: this is only for
+        the final one. The session keeps its slot: it is paid for, and an admin may retry it.
+        """
         self._move(_AWAITING_EVENT, SessionStatus.SCHEDULING_FAILED)
 
     def cancel(self) -> None:
@@ -275,6 +312,77 @@ class BookedSession:
 
 
 _AWAITING_EVENT = frozenset({SessionStatus.AWAITING_CALENDAR, SessionStatus.SCHEDULING_FAILED})
+
+
+def cancel_booking(order: Order, booked: BookedSession, now: datetime) -> bool:
+    """An admin's cancel: the order cancelled and its slot freed; False when it already was.
+
+    A repeat changes nothing (False). An order whose payment failed has ended another way: it
+    raises `IllegalTransition` and nothing is changed.
+    """
+    if order.status is OrderStatus.CANCELLED:
+        return False
+    order.cancel(now)
+    if booked.is_live:
+        booked.cancel()
+    return True
+
+
+def fail_unopened_payment(
+    order: Order, booked: BookedSession, now: datetime, opening_timeout: timedelta
+) -> bool:
+    """Fail an order whose payment never opened (docs/recovery.md section 5) and free its slot.
+
+    False, and nothing changed, when the order does not qualify (any more): a payment opened,
+    money arrived, the order ended, or the timeout has not passed yet.
+    """
+    if not order.payment_never_opened(now, opening_timeout):
+        return False
+    order.fail_payment(now)
+    if booked.is_live:
+        booked.cancel()
+    return True
+
+
+class EscrowStatus(StrEnum):
+    """Where the money held for an order stands (payments moves it; orders shows it)."""
+
+    HELD = "held"
+    FROZEN = "frozen"
+    RELEASED = "released"
+    REFUND_DUE = "refund_due"
+    REFUNDED = "refunded"
+
+
+@dataclass(kw_only=True, slots=True)
+class Escrow:
+    """What orders knows of an order's escrow: the status of the highest sequence heard of.
+
+    Payments numbers every transition of an escrow (`sequence`, from 1); its events may arrive
+    in any order, so an event whose sequence is not above the one kept is older news and
+    changes nothing. The `held` that a payment in full implies has sequence 0: any escrow event
+    is newer than it.
+    """
+
+    status: EscrowStatus | None = None
+    sequence: int = 0
+
+    def observe(self, status: EscrowStatus, sequence: int) -> bool:
+        """Keep `status` if `sequence` is newer than what is kept; whether it was."""
+        if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
+            raise ValueError(f"an escrow sequence is a positive integer, got {sequence!r}")
+        if sequence <= self.sequence:
+            return False
+        self.status = status
+        self.sequence = sequence
+        return True
+
+    def hold_for_payment(self) -> bool:
+        """The order was paid in full: its escrow is held, unless an escrow event came first."""
+        if self.sequence > 0 or self.status is not None:
+            return False
+        self.status = EscrowStatus.HELD
+        return True
 
 
 def plan_session(offering_duration_minutes: int, start_at: datetime, now: datetime) -> datetime:

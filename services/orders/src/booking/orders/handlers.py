@@ -4,7 +4,8 @@ Each handler runs in the consumer's transaction (the inbox record commits with i
 order and its session (`FOR UPDATE`, order first, always), applies the domain and records its
 events. Events arrive at least once and in any order, so a stale or repeated one is logged and
 left alone; raising would only retry it into a dead letter. Events this service sends about a
-fact carry an id derived from that fact, so recording one twice stores it once.
+fact carry an id derived from that fact (`service.event_id`), so recording one twice stores it
+once.
 """
 
 from __future__ import annotations
@@ -14,37 +15,38 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import (
     CalendarBookingConfirmed,
     CalendarBookingFailed,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowReleased,
+    EscrowUnfrozen,
+    OrderConfirmed,
     OrderPaid,
     PaymentCompleted,
     PaymentFailed,
     PaymentInitiated,
     PaymentInitiationFailed,
+    SchedulingAbandoned,
     SessionIssueDetected,
     SessionIssueKind,
 )
 from booking.orders.domain import (
     CurrencyMismatch,
+    EscrowStatus,
     IllegalTransition,
     InvalidMoney,
     OrderStatus,
+    PaymentStatus,
 )
-from booking.orders.tables import BookedSessionRow, OrderRow
+from booking.orders.service import event_id, lock_order
+from booking.orders.tables import OrderRow
 from booking.runtime.consumer import Handler, MessageContext
 
 log = logging.getLogger(__name__)
-
-# Namespace of the ids of the events recorded here (uuid5 of the fact they report).
-_EVENTS = uuid.UUID("9c4f3a56-2be1-4d0b-8f43-6a1e0c7d5b21")
-
-# payment_status values besides PaymentFailed's reasons (failed, expired).
-PAYMENT_PENDING = "pending"
-PAYMENT_COMPLETED = "completed"
-PAYMENT_INITIATION_FAILED = "initiation_failed"
 
 _ENDED = frozenset({OrderStatus.CANCELLED, OrderStatus.PAYMENT_FAILED})
 
@@ -53,29 +55,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _lock(
-    session: AsyncSession, order_id: uuid.UUID
-) -> tuple[OrderRow, BookedSessionRow] | None:
-    """The order and its session (created together, never deleted), locked in one round trip;
-    None when there is no such order. Postgres takes the locks in the order of `OF`: the order
-    first, as everywhere else."""
-    found = (
-        await session.execute(
-            select(OrderRow, BookedSessionRow)
-            .join(BookedSessionRow, BookedSessionRow.order_id == OrderRow.id)
-            .where(OrderRow.id == order_id)
-            .with_for_update(of=[OrderRow, BookedSessionRow])
-        )
-    ).one_or_none()
-    if found is None:
-        return None
-    order, booked = found
-    return order, booked
-
-
 async def record_payment_link(event: PaymentInitiated, ctx: MessageContext) -> None:
     """The order awaits payment at the pay URL payments opened."""
-    locked = await _lock(ctx.session, event.order_id)
+    locked = await lock_order(ctx.session, event.order_id)
     if locked is None:
         log.warning("PaymentInitiated %s for unknown order %s", event.payment_ref, event.order_id)
         return
@@ -93,12 +75,12 @@ async def record_payment_link(event: PaymentInitiated, ctx: MessageContext) -> N
         return
     row.record(order)
     if row.payment_status is None:
-        row.payment_status = PAYMENT_PENDING
+        row.payment_status = PaymentStatus.PENDING.value
 
 
 async def cancel_unpayable_order(event: PaymentInitiationFailed, ctx: MessageContext) -> None:
     """No payment could be opened: the order is cancelled and the slot freed."""
-    locked = await _lock(ctx.session, event.order_id)
+    locked = await lock_order(ctx.session, event.order_id)
     if locked is None:
         log.warning("PaymentInitiationFailed for unknown order %s", event.order_id)
         return
@@ -117,7 +99,7 @@ async def cancel_unpayable_order(event: PaymentInitiationFailed, ctx: MessageCon
     booked.cancel()
     row.record(order)
     booked_row.record(booked)
-    row.payment_status = PAYMENT_INITIATION_FAILED
+    row.payment_status = PaymentStatus.INITIATION_FAILED.value
     log.info("order %s cancelled: no payment could be opened (%s)", order.id, event.reason)
 
 
@@ -127,7 +109,7 @@ async def apply_payment(event: PaymentCompleted, ctx: MessageContext) -> None:
     Money for an order this service does not know, or one that has ended, is never dropped: it
     raises SessionIssueDetected for the admins.
     """
-    locked = await _lock(ctx.session, event.order_id)
+    locked = await lock_order(ctx.session, event.order_id)
     if locked is None:
         await _raise_issue(
             ctx,
@@ -152,7 +134,7 @@ async def apply_payment(event: PaymentCompleted, ctx: MessageContext) -> None:
         )
         return
     if (
-        row.payment_status == PAYMENT_COMPLETED
+        row.payment_status == PaymentStatus.COMPLETED.value
         and row.payment_ref == event.payment_ref
         and row.amount_paid >= event.amount_paid
     ):
@@ -177,7 +159,7 @@ async def apply_payment(event: PaymentCompleted, ctx: MessageContext) -> None:
         return
     row.record(order)
     row.payment_ref = event.payment_ref
-    row.payment_status = PAYMENT_COMPLETED
+    row.payment_status = PaymentStatus.COMPLETED.value
     row.platform_fee = event.platform_fee
     row.escrow_amount = event.escrow_amount
     if underpayment is not None:
@@ -185,6 +167,9 @@ async def apply_payment(event: PaymentCompleted, ctx: MessageContext) -> None:
             ctx, event, booked_row.id, SessionIssueKind.UNDERPAYMENT, underpayment.detail
         )
         return
+    escrow = row.escrow()
+    if escrow.hold_for_payment():
+        row.record_escrow(escrow)
     booked = booked_row.to_domain()
     try:
         booked.await_calendar()
@@ -202,7 +187,7 @@ async def apply_payment(event: PaymentCompleted, ctx: MessageContext) -> None:
             start_at=booked.start_at,
             end_at=booked.end_at,
         ),
-        message_id=uuid.uuid5(_EVENTS, f"OrderPaid:{order.id}"),
+        message_id=event_id(f"OrderPaid:{order.id}"),
     )
 
 
@@ -219,13 +204,13 @@ async def _raise_issue(
         SessionIssueDetected(
             order_id=event.order_id, session_id=session_id, kind=kind, detail=detail
         ),
-        message_id=uuid.uuid5(_EVENTS, f"{fact}:{event.amount_paid}"),
+        message_id=event_id(f"{fact}:{event.amount_paid}"),
     )
 
 
 async def fail_order_payment(event: PaymentFailed, ctx: MessageContext) -> None:
     """The payment failed or expired: the order is payment_failed and the slot freed."""
-    locked = await _lock(ctx.session, event.order_id)
+    locked = await lock_order(ctx.session, event.order_id)
     if locked is None:
         log.warning("PaymentFailed %s for unknown order %s", event.payment_ref, event.order_id)
         return
@@ -252,8 +237,13 @@ async def fail_order_payment(event: PaymentFailed, ctx: MessageContext) -> None:
 
 
 async def confirm_session(event: CalendarBookingConfirmed, ctx: MessageContext) -> None:
-    """The session is in the mentor's calendar: scheduled with its Meet link, order confirmed."""
-    locked = await _lock(ctx.session, event.order_id)
+    """The session is in the mentor's calendar: scheduled with its Meet link, order confirmed.
+
+    The order's confirmation is announced (OrderConfirmed) so that payments holds its escrow
+    for release after the session, or unfreezes it when an admin's retry of a scheduling that
+    had been abandoned succeeded. A cancelled session is never scheduled again.
+    """
+    locked = await lock_order(ctx.session, event.order_id)
     if locked is None or locked[1].id != event.session_id:
         log.warning(
             "CalendarBookingConfirmed for unknown session %s of order %s",
@@ -269,16 +259,29 @@ async def confirm_session(event: CalendarBookingConfirmed, ctx: MessageContext) 
         log.warning("CalendarBookingConfirmed %s not applied: %s", event.event_id, exc)
         return
     booked_row.record(booked)
-    if order.status is OrderStatus.PAID:
-        order.confirm(_now())
-        row.record(order)
-    elif order.status is not OrderStatus.CONFIRMED:
-        log.warning("session %s scheduled for order %s (%s)", booked.id, order.id, order.status)
+    if order.status is not OrderStatus.PAID:
+        if order.status is not OrderStatus.CONFIRMED:
+            log.warning("session %s scheduled for order %s (%s)", booked.id, order.id, order.status)
+        return
+    order.confirm(_now())
+    row.record(order)
+    await ctx.record(
+        OrderConfirmed(
+            order_id=order.id, session_id=booked.id, mentor_id=order.mentor_id, end_at=booked.end_at
+        ),
+        message_id=event_id(f"OrderConfirmed:{order.id}"),
+    )
 
 
 async def record_scheduling_failure(event: CalendarBookingFailed, ctx: MessageContext) -> None:
-    """The calendar gave up for now: the session is scheduling_failed and keeps its slot."""
-    locked = await _lock(ctx.session, event.order_id)
+    """The calendar could not book the session.
+
+    Not final: the calendar tries again on its schedule (or when the mentor reconnects), so the
+    session keeps waiting as it is. Final: the session is scheduling_failed (it keeps its slot:
+    it is paid for, and an admin may retry it) and SchedulingAbandoned tells payments to freeze
+    the escrow. A final failure for a session scheduled or cancelled since is stale.
+    """
+    locked = await lock_order(ctx.session, event.order_id)
     if locked is None or locked[1].id != event.session_id:
         log.warning(
             "CalendarBookingFailed for unknown session %s of order %s",
@@ -287,13 +290,93 @@ async def record_scheduling_failure(event: CalendarBookingFailed, ctx: MessageCo
         )
         return
     _, booked_row = locked
+    if not event.final:
+        log.info(
+            "calendar booking of session %s failed (%s, attempt %d); next attempt %s",
+            event.session_id,
+            event.reason.value,
+            event.attempts,
+            event.next_attempt_at.isoformat() if event.next_attempt_at else "when reconnected",
+        )
+        return
     booked = booked_row.to_domain()
     try:
         booked.fail_scheduling()
     except IllegalTransition as exc:
-        log.warning("CalendarBookingFailed (%s) is stale: %s", event.reason.value, exc)
+        log.warning("final CalendarBookingFailed (%s) is stale: %s", event.reason.value, exc)
         return
     booked_row.record(booked)
+    log.warning(
+        "calendar gave up on session %s of order %s (%s): %s",
+        booked.id,
+        event.order_id,
+        event.reason.value,
+        event.detail,
+    )
+    await ctx.record(
+        SchedulingAbandoned(
+            order_id=event.order_id,
+            session_id=booked.id,
+            mentor_id=booked.mentor_id,
+            reason=event.reason,
+            detail=event.detail,
+        ),
+        # One abandonment per session: once scheduled, a session never fails again, and until
+        # then its escrow stays frozen, so a second final failure has nothing new to say.
+        message_id=event_id(f"SchedulingAbandoned:{booked.id}"),
+    )
+
+
+EscrowEvent = EscrowFrozen | EscrowUnfrozen | EscrowRefundDue | EscrowRefunded | EscrowReleased
+
+_ESCROW_STATUS: dict[type, EscrowStatus] = {
+    EscrowFrozen: EscrowStatus.FROZEN,
+    EscrowUnfrozen: EscrowStatus.HELD,
+    EscrowRefundDue: EscrowStatus.REFUND_DUE,
+    EscrowRefunded: EscrowStatus.REFUNDED,
+    EscrowReleased: EscrowStatus.RELEASED,
+}
+
+
+async def record_escrow_status(event: EscrowEvent, ctx: MessageContext) -> None:
+    """Payments moved the order's escrow: keep the status of the highest sequence heard of.
+
+    An escrow event may be the first word of money for an order whose PaymentCompleted was
+    never applied (it came after the order ended): its amounts then fill the empty ones, so the
+    order view shows the escrow.
+    """
+    row = await ctx.session.scalar(
+        select(OrderRow).where(OrderRow.id == event.order_id).with_for_update()
+    )
+    if row is None:
+        log.warning("%s for unknown order %s", type(event).__name__, event.order_id)
+        return
+    escrow = row.escrow()
+    if not escrow.observe(_ESCROW_STATUS[type(event)], event.sequence):
+        log.info(
+            "%s (sequence %d) for order %s is older than what is known (sequence %d)",
+            type(event).__name__,
+            event.sequence,
+            row.id,
+            escrow.sequence,
+        )
+        return
+    row.record_escrow(escrow)
+    if event.currency != row.currency:
+        log.error(
+            "%s for order %s is in %s, the order in %s: its amounts are not shown",
+            type(event).__name__,
+            row.id,
+            event.currency,
+            row.currency,
+        )
+        return
+    if row.escrow_amount is None:
+        row.escrow_amount = event.escrow_amount
+    refund_amount = getattr(event, "refund_amount", None)
+    if row.platform_fee is None and refund_amount is not None:
+        # A refund is everything paid; the escrow is that less the platform's fee.
+        row.platform_fee = max(refund_amount - row.escrow_amount, 0)
 
 
 HANDLERS: dict[type, Handler] = {
@@ -303,4 +386,9 @@ HANDLERS: dict[type, Handler] = {
     PaymentFailed: fail_order_payment,
     CalendarBookingConfirmed: confirm_session,
     CalendarBookingFailed: record_scheduling_failure,
+    EscrowFrozen: record_escrow_status,
+    EscrowUnfrozen: record_escrow_status,
+    EscrowRefundDue: record_escrow_status,
+    EscrowRefunded: record_escrow_status,
+    EscrowReleased: record_escrow_status,
 }

@@ -1,5 +1,8 @@
 """The orders schema's tables: mentors, offerings, orders, their booked sessions, idempotency keys.
 
+An order also keeps what it last heard of its escrow (status and sequence, from payments' events)
+and the correlation id of its booking, which the events orders sends about it later carry.
+
 Money is BIGINT in minor units (millimes for TND). Statuses are the domain's values as text. The
 migrations (`migrations/versions`) are what creates these; the models here say the same thing
 for the code that reads and writes them.
@@ -28,6 +31,8 @@ from sqlmodel import Field, SQLModel
 from booking.orders.domain import (
     LIVE_SESSION_STATUSES,
     BookedSession,
+    Escrow,
+    EscrowStatus,
     Money,
     Order,
     OrderStatus,
@@ -77,7 +82,16 @@ class OfferingRow(SQLModel, table=True):
 
 class OrderRow(SQLModel, table=True):
     __tablename__ = "orders"
-    __table_args__ = (Index("ix_orders_mentee_id", "mentee_id"), {"schema": SCHEMA})
+    __table_args__ = (
+        Index("ix_orders_mentee_id", "mentee_id"),
+        # The sweeper's search for payments that never opened: pending orders, oldest first.
+        Index(
+            "ix_orders_pending_created_at",
+            "created_at",
+            postgresql_where=literal_column("status = 'pending'"),
+        ),
+        {"schema": SCHEMA},
+    )
 
     id: UUID = Field(primary_key=True)
     mentee_id: str = Field(sa_type=Text)  # the booking token's sub
@@ -90,10 +104,15 @@ class OrderRow(SQLModel, table=True):
     amount_paid: int = _money(default=0)
     payment_ref: str | None = Field(default=None, sa_type=Text)
     pay_url: str | None = Field(default=None, sa_type=Text)
-    # null until payments answers; then pending, completed, expired, failed or initiation_failed
+    # null until payments answers; then a domain.PaymentStatus
     payment_status: str | None = Field(default=None, sa_type=Text)
     platform_fee: int | None = _money(default=None)
     escrow_amount: int | None = _money(default=None)
+    # The escrow's status of the highest sequence heard of (domain.Escrow); 0: no escrow event.
+    escrow_status: str | None = Field(default=None, sa_type=Text)
+    escrow_sequence: int = Field(default=0, sa_type=BigInteger)
+    # The booking's correlation id: later events about the order (cancelled, failed) carry it.
+    correlation_id: str | None = Field(default=None, sa_type=Text)
     mentee_first_name: str = Field(sa_type=Text)
     mentee_last_name: str = Field(sa_type=Text)
     mentee_email: str = Field(sa_type=Text)
@@ -123,6 +142,14 @@ class OrderRow(SQLModel, table=True):
         self.payment_ref = order.payment_ref
         self.pay_url = order.pay_url
         self.updated_at = order.updated_at
+
+    def escrow(self) -> Escrow:
+        status = None if self.escrow_status is None else EscrowStatus(self.escrow_status)
+        return Escrow(status=status, sequence=self.escrow_sequence)
+
+    def record_escrow(self, escrow: Escrow) -> None:
+        self.escrow_status = None if escrow.status is None else escrow.status.value
+        self.escrow_sequence = escrow.sequence
 
 
 _col = literal_column
