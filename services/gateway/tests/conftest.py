@@ -40,7 +40,39 @@ class Recorded:
     body: bytes
 
 
-def valid_answer(method: str, path: str) -> Response:
+def dead_letter(service: Service | str, number: int = 1, at: str = NOW, **fields: Any) -> dict:
+    """A dead letter as `service` lists it."""
+    return {
+        "id": f"{service}:{number}",
+        "service": str(service),
+        "message_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{service}:{number}")),
+        "type": "OrderPaid",
+        "error": "ValueError: no such session",
+        "attempts": 5,
+        "dead_lettered_at": at,
+        "status": "kept",
+        **fields,
+    }
+
+
+def dead_letter_detail(service: Service | str, number: int = 1, **fields: Any) -> dict:
+    """One dead letter as `service` shows it, with its envelope."""
+    return {
+        **dead_letter(service, number),
+        "consumer": f"{service}.events",
+        "reason": "retries_exhausted",
+        "routing_key": "orders.order_paid",
+        "envelope": {"type": "OrderPaid", "payload": {"order_id": ORDER_ID}},
+        "body": None,
+        "replayed_at": None,
+        "discarded_at": None,
+        "decided_by": None,
+        "decision_reason": None,
+        **fields,
+    }
+
+
+def valid_answer(method: str, path: str, service: Service | None = None) -> Response:
     """What the owning service would answer to a valid request: bodies that fit the contract."""
     money = {"amount": 120000, "currency": "TND"}
     mentor = {"id": MENTOR_ID, "name": "Amel", "email": "amel@example.com", "timezone": "UTC"}
@@ -90,6 +122,27 @@ def valid_answer(method: str, path: str) -> Response:
             "escrow_amount": {"amount": 102000, "currency": "TND"},
         },
     }
+    escrow = {
+        "order_id": ORDER_ID,
+        "status": "frozen",
+        "escrow_amount": {"amount": 102000, "currency": "TND"},
+        "refund_amount": None,
+        "reason": "order_cancelled",
+        "reference": None,
+        "release_due_at": None,
+        "updated_at": NOW,
+    }
+    scheduling = {
+        "session_id": SESSION_ID,
+        "order_id": ORDER_ID,
+        "status": "pending",
+        "reason": None,
+        "final": False,
+        "attempts": 2,
+        "next_attempt_at": None,
+    }
+    # A dead letter's number, from its id in the path (`/api/admin/dead-letters/payments:3`).
+    number = int(m[1]) if (m := re.search(r":(\d+)(/|$)", path)) else 1
     uuid_ = "[^/]+"
     answers: list[tuple[str, str, Callable[[], Response]]] = [
         ("POST", "/api/mentors", lambda: JSONResponse(mentor, 201)),
@@ -132,6 +185,51 @@ def valid_answer(method: str, path: str) -> Response:
         ),
         ("POST", r"/api/admin/notifications/\d+/read", lambda: JSONResponse(notification)),
         ("DELETE", r"/api/admin/notifications/\d+", lambda: Response(status_code=204)),
+        (
+            "GET",
+            "/api/admin/dead-letters",
+            lambda: JSONResponse(
+                {"items": [dead_letter(service or "orders")], "next_cursor": None}
+            ),
+        ),
+        ("POST", "/api/admin/dead-letters/replay", lambda: JSONResponse({"replayed": 1})),
+        (
+            "GET",
+            "/api/admin/dead-letters/[^/]+",
+            lambda: JSONResponse(dead_letter_detail(service or "orders", number)),
+        ),
+        (
+            "POST",
+            "/api/admin/dead-letters/[^/]+/replay",
+            lambda: JSONResponse(
+                dead_letter_detail(service or "orders", number, status="replayed", replayed_at=NOW)
+            ),
+        ),
+        (
+            "POST",
+            "/api/admin/dead-letters/[^/]+/discard",
+            lambda: JSONResponse(
+                dead_letter_detail(
+                    service or "orders", number, status="discarded", discarded_at=NOW
+                )
+            ),
+        ),
+        (
+            "POST",
+            f"/api/admin/orders/{uuid_}/cancel",
+            lambda: JSONResponse({**order, "status": "cancelled"}),
+        ),
+        (
+            "POST",
+            f"/api/admin/sessions/{uuid_}/retry-scheduling",
+            lambda: JSONResponse(scheduling),
+        ),
+        ("GET", f"/api/admin/orders/{uuid_}/escrow", lambda: JSONResponse(escrow)),
+        (
+            "POST",
+            f"/api/admin/orders/{uuid_}/escrow",
+            lambda: JSONResponse({**escrow, "status": "released"}),
+        ),
     ]
     for want_method, pattern, answer in answers:
         if method == want_method and re.fullmatch(pattern, path):
@@ -165,7 +263,7 @@ class RecordingUpstream:
                     await self.released.wait()
         if self.answer is not None:
             return self.answer(recorded)
-        return valid_answer(recorded.method, recorded.path)
+        return valid_answer(recorded.method, recorded.path, self.service)
 
 
 def stand_in_app(upstreams: dict[Service, RecordingUpstream]) -> FastAPI:

@@ -10,14 +10,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from booking.contracts.http import (
+    AdminReason,
     BookingAccepted,
     BookingCreate,
     CalendarConnection,
+    DeadLetterDetail,
+    DeadLetterFilter,
+    DeadLetterPage,
+    DeadLetterStatus,
+    Escrow,
+    EscrowSettlement,
     FeedFilter,
     MarkedRead,
     Mentor,
@@ -27,10 +34,15 @@ from booking.contracts.http import (
     NotificationSummary,
     Offering,
     OfferingCreate,
+    OptionalReason,
     Order,
     Problem,
+    Replayed,
+    ServiceName,
+    SessionScheduling,
     WebhookResult,
 )
+from booking.gateway import dead_letters
 from booking.gateway.limits import Limit, rate_limited
 from booking.gateway.upstreams import Service, Upstreams
 from booking.runtime.auth import Identity, Role, authenticated, require_roles
@@ -56,11 +68,13 @@ def _same_id(sub: str, mentor_id: UUID) -> bool:
         return False
 
 
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def _problems(*statuses: int, conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """The problems a route may answer (the forwarding ones always); `conflict` says what its
+    409 means when it is not a taken slot."""
     schema = Problem.model_json_schema()
     return {
         status: {
-            "description": _PROBLEM_WHEN[status],
+            "description": conflict if status == 409 and conflict else _PROBLEM_WHEN[status],
             "content": {"application/problem+json": {"schema": schema}},
         }
         for status in (*statuses, 502, 503, 504)
@@ -361,4 +375,168 @@ async def delete_notification(
     return await up.forward(request, Service.NOTIFICATIONS)
 
 
-routers = [orders, payments, calendar, notifications]
+# --- admin actions: dead letters, orders, scheduling, escrow (docs/recovery.md section 7) -------
+
+dead_letter_routes = APIRouter(
+    prefix="/api/admin/dead-letters",
+    tags=["dead letters"],
+    dependencies=[Depends(require_roles(Role.ADMIN))],
+)
+
+DeadLetterId = Path(
+    max_length=60, description="`<service>:<n>`: the service keeps it", examples=["payments:42"]
+)
+
+
+def _owner(dead_letter_id: str) -> Service:
+    try:
+        return dead_letters.service_of(dead_letter_id)
+    except ValueError as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@dead_letter_routes.get(
+    "",
+    response_model=DeadLetterPage,
+    responses=_problems(*SIGNED_IN),
+    summary="Dead letters, newest first, of one service or of all four",
+)
+async def list_dead_letters(
+    request: Request,
+    service: ServiceName | None = Query(
+        None, description="only this service's (its own cursor then); all four without it"
+    ),
+    type_: str | None = Query(None, alias="type", max_length=100, description="event type"),
+    status: DeadLetterStatus | None = Query(None),
+    limit: int = Query(50, ge=1, le=200),
+    cursor: str | None = Query(None, max_length=200, description="the last page's next_cursor"),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    if service is not None:
+        return await up.forward(request, Service(service))
+    try:
+        after = None if cursor is None else dead_letters.Position.decode(cursor)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return await dead_letters.list_everywhere(
+        up, request, event_type=type_, status=status, limit=limit, after=after
+    )
+
+
+@dead_letter_routes.post(
+    "/replay",
+    response_model=Replayed,
+    responses=_problems(*WITH_BODY),
+    summary="Replay every kept dead letter (of one service, of one type)",
+)
+async def replay_dead_letters(
+    request: Request,
+    body: DeadLetterFilter = Body(default_factory=DeadLetterFilter),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    if body.service is not None:
+        return await up.forward(request, Service(body.service), content=_json(body))
+    return await dead_letters.replay_everywhere(up, request, body)
+
+
+@dead_letter_routes.get(
+    "/{dead_letter_id}",
+    response_model=DeadLetterDetail,
+    responses=_problems(*SIGNED_IN, 404),
+    summary="A dead letter, with its whole envelope",
+)
+async def get_dead_letter(
+    request: Request, dead_letter_id: str = DeadLetterId, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, _owner(dead_letter_id))
+
+
+@dead_letter_routes.post(
+    "/{dead_letter_id}/replay",
+    response_model=DeadLetterDetail,
+    responses=_problems(*WITH_BODY, 404, 409, conflict="it was discarded: it cannot be replayed"),
+    summary="Send a dead letter back to its consumer (once: a replayed one answers as it is)",
+)
+async def replay_dead_letter(
+    request: Request,
+    dead_letter_id: str = DeadLetterId,
+    body: OptionalReason = Body(default_factory=OptionalReason),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, _owner(dead_letter_id), content=_json(body))
+
+
+@dead_letter_routes.post(
+    "/{dead_letter_id}/discard",
+    response_model=DeadLetterDetail,
+    responses=_problems(*WITH_BODY, 404, 409, conflict="it was replayed: nothing to discard"),
+    summary="Discard a dead letter, saying why",
+)
+async def discard_dead_letter(
+    body: AdminReason,
+    request: Request,
+    dead_letter_id: str = DeadLetterId,
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, _owner(dead_letter_id), content=_json(body))
+
+
+admin = APIRouter(
+    prefix="/api/admin", tags=["admin actions"], dependencies=[Depends(require_roles(Role.ADMIN))]
+)
+
+NOT_FROM_HERE = "the state machine does not allow this move from where it stands"
+
+
+@admin.post(
+    "/orders/{order_id}/cancel",
+    response_model=Order,
+    responses=_problems(*WITH_BODY, 404, 409, conflict=NOT_FROM_HERE),
+    summary="Cancel an order: its slot freed, its Google event deleted, a paid one's escrow frozen",
+)
+async def cancel_order(
+    body: AdminReason, request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.ORDERS, content=_json(body))
+
+
+@admin.post(
+    "/sessions/{session_id}/retry-scheduling",
+    response_model=SessionScheduling,
+    responses=_problems(*WITH_BODY, 404, 409, conflict=NOT_FROM_HERE),
+    summary="Try a failed scheduling of a session in its mentor's calendar again, now",
+)
+async def retry_scheduling(
+    request: Request,
+    session_id: UUID,
+    body: OptionalReason = Body(default_factory=OptionalReason),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.CALENDAR, content=_json(body))
+
+
+@admin.get(
+    "/orders/{order_id}/escrow",
+    response_model=Escrow,
+    responses=_problems(*SIGNED_IN, 404),
+    summary="An order's escrow, as payments holds it",
+)
+async def get_escrow(
+    request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.PAYMENTS)
+
+
+@admin.post(
+    "/orders/{order_id}/escrow",
+    response_model=Escrow,
+    responses=_problems(*WITH_BODY, 404, 409, conflict=NOT_FROM_HERE),
+    summary="Settle an order's escrow: release it, refund it, or record the refund as made",
+)
+async def settle_escrow(
+    body: EscrowSettlement, request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
+) -> Response:
+    return await up.forward(request, Service.PAYMENTS, content=_json(body))
+
+
+routers = [orders, payments, calendar, notifications, dead_letter_routes, admin]

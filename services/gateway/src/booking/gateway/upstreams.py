@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from enum import StrEnum
+from urllib.parse import urlencode
 
 import httpx
 from fastapi import Request
@@ -86,7 +87,27 @@ class Upstreams:
     async def forward(
         self, request: Request, service: Service, *, content: bytes | None = None
     ) -> Response:
-        """Send `request` on to `service` as it came (or with `content` as its body)."""
+        """Send `request` on to `service` as it came (or with `content`, JSON, as its body)."""
+        try:
+            upstream = await self.send(request, service, content=content)
+        except Unanswered as failed:
+            return failed.problem
+        return _pass_back(upstream, service)
+
+    async def send(
+        self,
+        request: Request,
+        service: Service,
+        *,
+        content: bytes | None = None,
+        query: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """`request` sent on to `service` (with `content`, JSON, as its body and `query` as its
+        query string when given): the service's answer, whatever its status.
+
+        Raises Unanswered, with the problem to answer, when the service cannot be reached, does
+        not answer in time, or breaks the exchange.
+        """
         client = self.clients[service]
         headers = {
             name: value
@@ -99,67 +120,102 @@ class Upstreams:
             headers["x-forwarded-for"] = (
                 f"{prior}, {request.client.host}" if prior else request.client.host
             )
-        if content is None and request.method in ("POST", "PUT", "PATCH"):
+        if content is not None:
+            headers["content-type"] = "application/json"  # a body the gateway checked and wrote
+        elif request.method in ("POST", "PUT", "PATCH"):
             content = await request.body()
         target = client.base_url.copy_with(
-            raw_path=client.base_url.raw_path.rstrip(b"/") + _raw_path_and_query(request)
+            raw_path=client.base_url.raw_path.rstrip(b"/") + _raw_path_and_query(request, query)
         )
         try:
             # httpx's read timeout is per chunk; this bounds the whole exchange.
             async with asyncio.timeout(self.timeout):
-                upstream = await client.request(
+                return await client.request(
                     request.method, target, headers=headers, content=content
                 )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             log.warning("%s unreachable: %r", service, exc)
-            return problem(
-                503,
-                f"the {service} service cannot be reached; try again shortly",
-                title="Service Unavailable",
-                service=str(service),
-            )
+            raise Unanswered(
+                service,
+                problem(
+                    503,
+                    f"the {service} service cannot be reached; try again shortly",
+                    title="Service Unavailable",
+                    service=str(service),
+                ),
+            ) from None
         except httpx.PoolTimeout:
             log.warning("%s: no free connection in the pool", service)
-            return problem(
-                503,
-                f"the gateway has no free connection to the {service} service; try again shortly",
-                service=str(service),
-            )
+            raise Unanswered(
+                service,
+                problem(
+                    503,
+                    f"the gateway has no free connection to the {service} service; "
+                    "try again shortly",
+                    service=str(service),
+                ),
+            ) from None
         except (TimeoutError, httpx.TimeoutException):
             log.warning("%s did not answer within %ss", service, self.timeout)
-            return problem(
-                504,
-                f"the {service} service did not answer within {self.timeout:g}s",
-                service=str(service),
-            )
+            raise Unanswered(
+                service,
+                problem(
+                    504,
+                    f"the {service} service did not answer within {self.timeout:g}s",
+                    service=str(service),
+                ),
+            ) from None
         except httpx.HTTPError as exc:
             log.warning("%s broke the exchange: %r", service, exc)
-            return problem(
-                502,
-                f"the {service} service gave no valid answer",
-                service=str(service),
-            )
-        return _pass_back(upstream, service)
+            raise Unanswered(
+                service,
+                problem(502, f"the {service} service gave no valid answer", service=str(service)),
+            ) from None
 
 
-def _raw_path_and_query(request: Request) -> bytes:
+class Unanswered(Exception):
+    """A service gave no answer to pass on; `problem` is what the caller is answered instead."""
+
+    def __init__(self, service: Service, problem: Response) -> None:
+        super().__init__(f"{service}: {problem.status_code}")
+        self.service = service
+        self.problem = problem
+
+
+def _raw_path_and_query(request: Request, query: Mapping[str, str] | None = None) -> bytes:
     # The raw path, so percent-encoding reaches the service exactly as the caller wrote it.
     raw = request.scope.get("raw_path") or request.url.path.encode()
-    query = request.scope.get("query_string", b"")
-    return raw + (b"?" + query if query else b"")
+    given = request.scope.get("query_string", b"") if query is None else urlencode(query).encode()
+    return raw + (b"?" + given if given else b"")
+
+
+def failed_service(upstream: httpx.Response) -> bool:
+    """A 5xx: the service failed (its own 503 problem+json included: it is not answering)."""
+    return upstream.status_code >= 500
+
+
+def failure_problem(upstream: httpx.Response, service: Service) -> Response:
+    """What the caller is answered for a service's 5xx: its own 503 problem+json (a database
+    it cannot reach, with Retry-After) as it is; anything else a 502, its body kept out."""
+    content_type = upstream.headers.get("content-type", "")
+    if upstream.status_code == 503 and content_type.startswith(PROBLEM_MEDIA_TYPE):
+        return passed_back(upstream)
+    log.warning("%s answered %s", service, upstream.status_code)
+    return problem(
+        502,
+        f"the {service} service failed ({upstream.status_code}); the error is in its logs",
+        service=str(service),
+    )
 
 
 def _pass_back(upstream: httpx.Response, service: Service) -> Response:
-    content_type = upstream.headers.get("content-type", "")
-    if upstream.status_code >= 500 and not (
-        upstream.status_code == 503 and content_type.startswith(PROBLEM_MEDIA_TYPE)
-    ):
-        log.warning("%s answered %s", service, upstream.status_code)
-        return problem(
-            502,
-            f"the {service} service failed ({upstream.status_code}); the error is in its logs",
-            service=str(service),
-        )
+    if failed_service(upstream):
+        return failure_problem(upstream, service)
+    return passed_back(upstream)
+
+
+def passed_back(upstream: httpx.Response) -> Response:
+    """The service's answer as the caller gets it: status, body and the headers that matter."""
     headers = {
         name: value
         for name in RETURNED_RESPONSE_HEADERS
