@@ -21,17 +21,28 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from booking.contracts import BookingRequested, MenteeContact, Offering
+from booking.contracts import (
+    BookingRequested,
+    CalendarFailureReason,
+    Event,
+    MenteeContact,
+    Offering,
+    OrderCancelled,
+    OrderConfirmed,
+    SchedulingAbandoned,
+)
 from booking.payments.app import create_app
 from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import SCHEMA
+from booking.runtime.auth import Role, issue_token
 from booking.runtime.migrations import upgrade
 from booking.runtime.testing import (
     SandboxClient,
     Served,
     Spy,
+    eventually,
     free_port,
     publish_event,
     serving_with_client,
@@ -94,7 +105,8 @@ async def status_changes(db: asyncpg.Connection) -> AsyncIterator[Callable[[], A
 
 async def empty_tables(conn: asyncpg.Connection) -> None:
     await conn.execute(
-        f"TRUNCATE {SCHEMA}.escrow_holds, {SCHEMA}.payments, {SCHEMA}.outbox, {SCHEMA}.inbox"
+        f"TRUNCATE {SCHEMA}.escrow_holds, {SCHEMA}.payments, {SCHEMA}.order_endings, "
+        f"{SCHEMA}.admin_actions, {SCHEMA}.dead_letters, {SCHEMA}.outbox, {SCHEMA}.inbox"
     )
 
 
@@ -161,6 +173,7 @@ class Running:
     settings: PaymentsSettings
     spy: Spy
     http: httpx.AsyncClient
+    db: asyncpg.Connection
 
     @property
     def service(self) -> PaymentService:
@@ -192,6 +205,97 @@ class Running:
 
     async def initiated(self, order_id: uuid.UUID) -> dict:
         return await self.one("PaymentInitiated", order_id)
+
+    @staticmethod
+    def new_booking(**fields: Any) -> BookingRequested:
+        """A BookingRequested as orders would send it (not sent)."""
+        return booking_requested(**fields)
+
+    async def publish(self, event: Event) -> uuid.UUID:
+        """Publish an event of orders' on the service's exchange; its message id."""
+        message_id = uuid.uuid4()
+        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
+        return message_id
+
+    async def handled(self, message_id: uuid.UUID) -> None:
+        """Wait until the consumer has handled (committed) the message."""
+
+        async def seen() -> bool:
+            query = f"SELECT 1 FROM {SCHEMA}.inbox WHERE message_id = $1"
+            return await self.db.fetchval(query, message_id) is not None
+
+        await eventually(seen, what=f"message {message_id} handled")
+
+    async def deliver(self, event: Event) -> None:
+        """Publish an event of orders' and wait until payments has handled it."""
+        await self.handled(await self.publish(event))
+
+    async def confirm(self, booking: BookingRequested, end_at: datetime | None = None) -> None:
+        """OrderConfirmed, as orders sends it once the session is in the calendar."""
+        await self.deliver(
+            OrderConfirmed(
+                order_id=booking.order_id,
+                session_id=booking.session_id,
+                mentor_id=booking.mentor_id,
+                end_at=end_at or booking.end_at,
+            )
+        )
+
+    async def cancel(
+        self, booking: BookingRequested, *, by: str | None = "admin-1", reason: str = "ill"
+    ) -> None:
+        """OrderCancelled, as orders sends it (`by` None: orders ended it itself)."""
+        await self.deliver(
+            OrderCancelled(
+                order_id=booking.order_id,
+                session_id=booking.session_id,
+                mentor_id=booking.mentor_id,
+                reason=reason,
+                by=by,
+            )
+        )
+
+    async def abandon_scheduling(self, booking: BookingRequested) -> None:
+        """SchedulingAbandoned, as orders sends it on a final CalendarBookingFailed."""
+        await self.deliver(
+            SchedulingAbandoned(
+                order_id=booking.order_id,
+                session_id=booking.session_id,
+                mentor_id=booking.mentor_id,
+                reason=CalendarFailureReason.CALENDAR_API_ERROR,
+                detail="Google answered 503 after every attempt",
+            )
+        )
+
+    async def escrow(self, order_id: uuid.UUID) -> asyncpg.Record | None:
+        return await self.db.fetchrow(
+            f"SELECT * FROM {SCHEMA}.escrow_holds WHERE order_id = $1", order_id
+        )
+
+    async def payment_status(self, order_id: uuid.UUID) -> str | None:
+        return await self.db.fetchval(
+            f"SELECT status FROM {SCHEMA}.payments WHERE order_id = $1", order_id
+        )
+
+    async def audit(self, order_id: uuid.UUID) -> list[asyncpg.Record]:
+        return await self.db.fetch(
+            f"SELECT * FROM {SCHEMA}.admin_actions WHERE order_id = $1 ORDER BY id", order_id
+        )
+
+    async def admin(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        sub: str = "admin-1",
+        role: Role = Role.ADMIN,
+    ) -> httpx.Response:
+        """Call a route as `sub` in `role` (an admin by default)."""
+        token = issue_token(self.settings.auth_jwt_secret.get_secret_value(), sub, role)
+        return await self.http.request(
+            method, path, json=json, headers={"Authorization": f"Bearer {token}"}
+        )
 
     async def webhook(self, ref: str | None) -> httpx.Response:
         params = {} if ref is None else {"payment_ref": ref}
@@ -260,7 +364,7 @@ async def start_payments(
     async def start(**overrides: Any) -> Running:
         port, settings = service_settings(make_settings, sandbox, **overrides)
         served = await serve_service(create_app, settings, port)
-        return Running(served.app, served.url, settings, served.spy, served.http)
+        return Running(served.app, served.url, settings, served.spy, served.http, db)
 
     return start
 
@@ -280,3 +384,16 @@ async def booked(running: Running, **fields: Any) -> tuple[BookingRequested, str
 @pytest.fixture
 def book() -> Callable[..., Awaitable[tuple[BookingRequested, str]]]:
     return booked
+
+
+async def paid(running: Running, sandbox: Sandbox, **fields: Any) -> BookingRequested:
+    """A booking paid in full: its escrow is held."""
+    event, ref = await booked(running, **fields)
+    await sandbox.complete(ref)
+    await running.one("PaymentCompleted", event.order_id)
+    return event
+
+
+@pytest.fixture
+def pay() -> Callable[..., Awaitable[BookingRequested]]:
+    return paid

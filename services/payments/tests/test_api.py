@@ -1,13 +1,17 @@
-"""The Konnect webhook: never trusted, applied once under a row lock, anomalies raised."""
+"""The HTTP routes: Konnect's webhook (never trusted, applied once under a row lock, anomalies
+raised, money never dropped) and an admin's view and settlement of an order's escrow."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+import uuid
+from datetime import datetime
 
 import pytest
 
-from booking.contracts.http import WebhookResult
+from booking.contracts.http import Escrow, WebhookResult
+from booking.runtime.auth import Role
+from booking.runtime.testing import eventually
 
 PROBLEM = "application/problem+json"
 
@@ -41,7 +45,12 @@ class TestPaid:
             28_333,
             event.mentor_id,
         )
-        assert hold["release_due_at"] == event.end_at + timedelta(days=1)
+        # Released only once the session is known to be scheduled (OrderConfirmed).
+        assert (hold["release_due_at"], hold["sequence"], hold["amount_paid"]) == (
+            None,
+            1,
+            33_333,
+        )
         row = await payment_row(db, event.order_id)
         assert (row["status"], row["amount_paid"], row["platform_fee"]) == (
             "completed",
@@ -123,27 +132,92 @@ class TestAlreadyApplied:
 
 
 class TestUnderpayment:
-    async def test_a_partial_payment_waits_for_the_rest_then_completes_short(
+    async def test_a_short_payment_is_underpaid_and_completes_when_the_rest_comes(
         self, payments_service, sandbox, book, db
     ):
         event, ref = await book(payments_service, amount=120_000)
 
         await sandbox.complete(ref, amount=70_000)
 
-        assert (await payment_row(db, event.order_id))["status"] == "pending"
-        await sandbox.expire(ref)  # the payer never paid the rest
-        # The webhook just asked Konnect: the sweeper asks again an interval later.
-        interval = timedelta(seconds=payments_service.settings.reconciliation_interval_seconds)
-        await payments_service.sweeper.run_once(datetime.now(UTC) + interval)
-
-        completed = await payments_service.one("PaymentCompleted", event.order_id)
-        assert (completed["amount"], completed["amount_paid"]) == (120_000, 70_000)
-        assert (completed["platform_fee"], completed["escrow_amount"]) == (10_500, 59_500)
+        short = await payments_service.one("PaymentCompleted", event.order_id)
+        assert (short["amount"], short["amount_paid"]) == (120_000, 70_000)
+        assert (short["platform_fee"], short["escrow_amount"]) == (10_500, 59_500)
         anomaly = await payments_service.one("PaymentAnomalyDetected", event.order_id)
         assert anomaly["kind"] == "underpayment" and anomaly["payment_ref"] == ref
+        row = await payment_row(db, event.order_id)
+        assert (row["status"], row["amount_paid"]) == ("underpaid", 70_000)
+        assert await escrow_rows(db, event.order_id) == []  # nothing held for a short payment
+
+        await sandbox.complete(ref)  # the rest
+
+        await eventually(
+            lambda: len(payments_service.published("PaymentCompleted", event.order_id)) == 2,
+            what="the second PaymentCompleted",
+        )
+        await payments_service.spy.settle()
+        totals = [p["amount_paid"] for p in payments_service.published("PaymentCompleted")]
+        assert totals == [70_000, 120_000]
         [hold] = await escrow_rows(db, event.order_id)
-        assert hold["status"] == "frozen" and hold["release_due_at"] is None
+        assert (hold["status"], hold["amount"], hold["amount_paid"]) == ("held", 102_000, 120_000)
+        assert (await payment_row(db, event.order_id))["status"] == "completed"
         assert payments_service.published("PaymentFailed", event.order_id) == []
+        assert len(payments_service.published("PaymentAnomalyDetected", event.order_id)) == 1
+
+    async def test_an_underpaid_payment_that_expires_fails_the_order_and_owes_the_money_back(
+        self, payments_service, sandbox, book, db
+    ):
+        event, ref = await book(payments_service, amount=120_000)
+        await sandbox.complete(ref, amount=70_000)
+        await payments_service.one("PaymentCompleted", event.order_id)
+
+        await sandbox.expire(ref)  # the payer never paid the rest
+        await payments_service.webhook(ref)
+
+        failed = await payments_service.one("PaymentFailed", event.order_id)
+        assert failed == {"order_id": str(event.order_id), "payment_ref": ref, "reason": "expired"}
+        owed = await payments_service.one("EscrowRefundDue", event.order_id)
+        assert owed["refund_amount"] == 70_000  # all that was paid, the fee included
+        assert (owed["escrow_amount"], owed["sequence"], owed["by"]) == (59_500, 1, None)
+        assert owed["mentor_id"] == str(event.mentor_id) and "expired" in owed["reason"]
+        kinds = [
+            a["kind"] for a in payments_service.published("PaymentAnomalyDetected", event.order_id)
+        ]
+        assert kinds == ["underpayment", "underpaid_order_expired"]
+        critical = payments_service.published("PaymentAnomalyDetected", event.order_id)[1]
+        assert critical["detail"].startswith("Critical")
+        [hold] = await escrow_rows(db, event.order_id)
+        assert (hold["status"], hold["refund_amount"], hold["sequence"]) == (
+            "refund_due",
+            70_000,
+            1,
+        )
+        assert (await payment_row(db, event.order_id))["status"] == "expired"
+        assert len(payments_service.published("PaymentCompleted", event.order_id)) == 1
+
+    async def test_an_overpayment_is_held_then_frozen_for_an_admin(
+        self, payments_service, sandbox, book, db
+    ):
+        event, ref = await book(payments_service, amount=120_000)
+        await sandbox.complete(ref, amount=70_000)
+        await payments_service.one("PaymentCompleted", event.order_id)
+
+        await sandbox.complete(ref, amount=60_000)  # 10 000 more than was due
+
+        frozen = await payments_service.one("EscrowFrozen", event.order_id)
+        assert (frozen["sequence"], frozen["escrow_amount"], frozen["by"]) == (2, 110_500, None)
+        assert "overpaid" in frozen["reason"]
+        totals = [p["amount_paid"] for p in payments_service.published("PaymentCompleted")]
+        assert totals == [70_000, 130_000]
+        kinds = [
+            a["kind"] for a in payments_service.published("PaymentAnomalyDetected", event.order_id)
+        ]
+        assert kinds == ["underpayment", "amount_mismatch"]
+        [hold] = await escrow_rows(db, event.order_id)
+        assert (hold["status"], hold["frozen_reason"], hold["sequence"]) == (
+            "frozen",
+            "overpaid",
+            2,
+        )
 
 
 class TestForged:
@@ -227,7 +301,7 @@ class TestKonnectUnreachable:
 
 
 class TestLateMoney:
-    async def test_money_after_expiry_completes_late_with_a_frozen_hold_and_a_critical_anomaly(
+    async def test_money_after_expiry_is_recorded_and_owed_back_with_a_critical_anomaly(
         self, payments_service, sandbox, book, db
     ):
         event, ref = await book(payments_service)
@@ -238,11 +312,251 @@ class TestLateMoney:
 
         await sandbox.complete(ref)  # the payment that raced the expiry
 
-        completed = await payments_service.one("PaymentCompleted", event.order_id)
-        assert completed["amount_paid"] == event.amount
+        owed = await payments_service.one("EscrowRefundDue", event.order_id)
+        assert (owed["refund_amount"], owed["escrow_amount"], owed["sequence"]) == (
+            event.amount,
+            102_000,
+            1,
+        )
         anomaly = await payments_service.one("PaymentAnomalyDetected", event.order_id)
         assert anomaly["kind"] == "payment_for_ended_order"
         assert anomaly["detail"].startswith("Critical")
-        [hold] = await escrow_rows(db, event.order_id)
-        assert hold["status"] == "frozen" and hold["release_due_at"] is None
-        assert (await payment_row(db, event.order_id))["status"] == "completed"
+        # It never confirms the order: no PaymentCompleted, nothing held for the mentor.
+        assert payments_service.published("PaymentCompleted", event.order_id) == []
+        hold = await payments_service.escrow(event.order_id)
+        assert (hold["status"], hold["release_due_at"], hold["refund_amount"]) == (
+            "refund_due",
+            None,
+            event.amount,
+        )
+        row = await payment_row(db, event.order_id)
+        assert (row["status"], row["amount_paid"]) == ("completed", event.amount)
+        # Another webhook for it changes nothing.
+        assert (await payments_service.webhook(ref)).json()["status"] == "completed"
+        await payments_service.spy.settle()
+        assert len(payments_service.published("EscrowRefundDue", event.order_id)) == 1
+
+
+def escrow_path(order_id) -> str:
+    return f"/api/admin/orders/{order_id}/escrow"
+
+
+async def settle(
+    running, order_id, action: str, reason: str = "checked with both", *, by="admin-1", **fields
+):
+    """POST the settlement as admin `by` (the token says who, never the body)."""
+    body = {"action": action, "reason": reason, **fields}
+    return await running.admin("POST", escrow_path(order_id), json=body, sub=by)
+
+
+class TestEscrowAccess:
+    async def test_only_an_admin_sees_or_settles_an_escrow(self, payments_service, sandbox, pay):
+        event = await pay(payments_service, sandbox)
+        path = escrow_path(event.order_id)
+        body = {"action": "release", "reason": "x"}
+
+        anonymous = [
+            await payments_service.http.get(path),
+            await payments_service.http.post(path, json=body),
+        ]
+        mentee = [
+            await payments_service.admin("GET", path, role=Role.MENTEE),
+            await payments_service.admin("POST", path, json=body, role=Role.MENTEE),
+        ]
+
+        assert [r.status_code for r in anonymous] == [401, 401]
+        assert [r.status_code for r in mentee] == [403, 403]
+        assert all(r.headers["content-type"] == PROBLEM for r in anonymous + mentee)
+        assert (await payments_service.escrow(event.order_id))["sequence"] == 1
+
+    async def test_an_order_without_money_has_no_escrow(self, payments_service, book):
+        unpaid, _ = await book(payments_service)
+        for order_id in (unpaid.order_id, uuid.uuid4()):
+            seen = await payments_service.admin("GET", escrow_path(order_id))
+            settled = await settle(payments_service, order_id, "release")
+
+            assert (seen.status_code, settled.status_code) == (404, 404)
+            assert seen.headers["content-type"] == PROBLEM
+            assert str(order_id) in seen.json()["detail"]
+        assert await payments_service.audit(unpaid.order_id) == []
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"action": "refunded", "reason": "paid back"}, "reference"),
+            ({"action": "release", "reason": "ok", "reference": "BT-1"}, "reference"),
+            ({"action": "refund", "reason": "ok", "reference": "BT-1"}, "reference"),
+            ({"action": "pay_mentor", "reason": "ok"}, "action"),
+            ({"action": "release"}, "reason"),
+            ({"action": "release", "reason": "   "}, "reason"),
+            ({"action": "release", "reason": "ok", "amount": 5}, "amount"),
+        ],
+    )
+    async def test_a_bad_settlement_is_422_and_changes_nothing(
+        self, payments_service, sandbox, pay, body, field
+    ):
+        event = await pay(payments_service, sandbox)
+        await payments_service.abandon_scheduling(event)
+        before = await payments_service.escrow(event.order_id)
+
+        response = await payments_service.admin("POST", escrow_path(event.order_id), json=body)
+
+        assert response.status_code == 422
+        assert response.headers["content-type"] == PROBLEM
+        assert field in {e["field"] for e in response.json()["errors"]}
+        assert await payments_service.escrow(event.order_id) == before
+        assert await payments_service.audit(event.order_id) == []
+
+
+def escrow_json(response) -> dict:
+    assert response.status_code == 200, response.text
+    return Escrow.model_validate(response.json()).model_dump(mode="json")
+
+
+class TestEscrowSettlement:
+    async def test_an_admin_sees_a_paid_orders_escrow_held(self, payments_service, sandbox, pay):
+        event = await pay(payments_service, sandbox, amount=120_000)
+
+        escrow = escrow_json(await payments_service.admin("GET", escrow_path(event.order_id)))
+
+        hold = await payments_service.escrow(event.order_id)
+        assert escrow == {
+            "order_id": str(event.order_id),
+            "status": "held",
+            "escrow_amount": {"amount": 102_000, "currency": "TND"},
+            "refund_amount": None,
+            "reason": "paid in full",
+            "reference": None,
+            "release_due_at": None,
+            "updated_at": hold["updated_at"].isoformat().replace("+00:00", "Z"),
+        }
+
+    async def test_an_admin_releases_a_frozen_escrow_once(self, payments_service, sandbox, pay):
+        event = await pay(payments_service, sandbox)
+        await payments_service.abandon_scheduling(event)
+
+        first = await settle(payments_service, event.order_id, "release", "session held by phone")
+        again = await settle(payments_service, event.order_id, "release", "session held by phone")
+        refund = await settle(payments_service, event.order_id, "refund")
+
+        released = escrow_json(first)
+        assert released["status"] == "released"
+        assert released["reason"] == "session held by phone"
+        assert escrow_json(again) == released  # a repeat: 200, the same state
+        assert refund.status_code == 409 and refund.headers["content-type"] == PROBLEM
+        assert "released" in refund.json()["detail"]
+        event_of_release = await payments_service.one("EscrowReleased", event.order_id)
+        assert (event_of_release["sequence"], event_of_release["by"]) == (3, "admin-1")
+        assert event_of_release["reason"] == "session held by phone"
+        assert event_of_release["escrow_amount"] == 102_000
+        [audit] = await payments_service.audit(event.order_id)
+        assert (audit["action"], audit["by"], audit["reason"]) == (
+            "release_escrow",
+            "admin-1",
+            "session held by phone",
+        )
+        assert audit["session_id"] == event.session_id and "frozen -> released" in audit["detail"]
+        recorded = await payments_service.one("AdminActionRecorded", event.order_id)
+        assert (recorded["action"], recorded["service"], recorded["by"]) == (
+            "release_escrow",
+            "payments",
+            "admin-1",
+        )
+        hold = await payments_service.escrow(event.order_id)
+        assert (hold["status"], hold["sequence"], hold["decided_by"]) == ("released", 3, "admin-1")
+
+    async def test_an_admin_chooses_a_refund_then_records_it(self, payments_service, sandbox, pay):
+        event = await pay(payments_service, sandbox, amount=120_000)
+        await payments_service.cancel(event, by="admin-9")
+        order = event.order_id
+
+        refund = escrow_json(await settle(payments_service, order, "refund", "no session", by="a2"))
+        refund_again = escrow_json(await settle(payments_service, order, "refund", "no session"))
+        no_reference = await settle(payments_service, order, "refunded", "paid back")
+        refunded = escrow_json(
+            await settle(payments_service, order, "refunded", "paid back", reference="BT-1")
+        )
+        refunded_again = escrow_json(
+            await settle(payments_service, order, "refunded", "paid back", reference="BT-1")
+        )
+        another = await settle(payments_service, order, "refunded", "paid back", reference="BT-2")
+
+        assert (refund["status"], refund["refund_amount"]) == (
+            "refund_due",
+            {"amount": 120_000, "currency": "TND"},  # all that was paid, the fee included
+        )
+        assert refund_again == refund
+        assert no_reference.status_code == 422
+        assert (refunded["status"], refunded["reference"]) == ("refunded", "BT-1")
+        assert refunded_again == refunded
+        assert another.status_code == 409 and "BT-1" in another.json()["detail"]
+        frozen = await payments_service.one("EscrowFrozen", order)
+        owed = await payments_service.one("EscrowRefundDue", order)
+        paid_back = await payments_service.one("EscrowRefunded", order)
+        assert (frozen["sequence"], frozen["by"]) == (2, "admin-9")
+        assert (owed["sequence"], owed["by"], owed["refund_amount"]) == (3, "a2", 120_000)
+        assert (paid_back["sequence"], paid_back["reference"], paid_back["by"]) == (
+            4,
+            "BT-1",
+            "admin-1",
+        )
+        audits = await payments_service.audit(order)
+        assert [(a["action"], a["by"]) for a in audits] == [
+            ("refund_escrow", "a2"),
+            ("record_refund", "admin-1"),
+        ]
+        assert "BT-1" in audits[1]["detail"]
+        await payments_service.spy.settle()
+        assert len(payments_service.published("AdminActionRecorded", order)) == 2
+
+    @pytest.mark.parametrize("action", ["release", "refund", "refunded"])
+    async def test_a_held_escrow_is_not_the_admins_to_settle(
+        self, payments_service, sandbox, pay, action
+    ):
+        event = await pay(payments_service, sandbox)
+        fields = {"reference": "BT-1"} if action == "refunded" else {}
+
+        response = await settle(payments_service, event.order_id, action, **fields)
+
+        assert response.status_code == 409
+        assert "held" in response.json()["detail"]
+        hold = await payments_service.escrow(event.order_id)
+        assert (hold["status"], hold["sequence"]) == ("held", 1)
+        assert await payments_service.audit(event.order_id) == []
+        await payments_service.spy.settle()
+        assert payments_service.published("AdminActionRecorded") == []
+
+    async def test_concurrent_identical_settlements_take_effect_once(
+        self, payments_service, sandbox, pay
+    ):
+        event = await pay(payments_service, sandbox)
+        await payments_service.abandon_scheduling(event)
+
+        responses = await asyncio.gather(
+            *(settle(payments_service, event.order_id, "release") for _ in range(10))
+        )
+
+        assert {escrow_json(r)["status"] for r in responses} == {"released"}
+        assert len(await payments_service.audit(event.order_id)) == 1
+        await payments_service.one("EscrowReleased", event.order_id)
+        await payments_service.one("AdminActionRecorded", event.order_id)
+
+    async def test_a_refund_owed_for_late_money_is_recorded_by_an_admin(
+        self, payments_service, sandbox, book
+    ):
+        event, ref = await book(payments_service)
+        await sandbox.expire(ref)
+        await payments_service.sweeper.run_once()
+        await sandbox.complete(ref)
+        await payments_service.one("EscrowRefundDue", event.order_id)
+
+        again = await settle(payments_service, event.order_id, "refund")
+        done = await settle(payments_service, event.order_id, "refunded", reference="BT-7")
+
+        assert escrow_json(again)["status"] == "refund_due"  # already due: 200, unchanged
+        assert escrow_json(done)["status"] == "refunded"
+        paid_back = await payments_service.one("EscrowRefunded", event.order_id)
+        assert (paid_back["sequence"], paid_back["refund_amount"]) == (2, event.amount)
+        assert [a["action"] for a in await payments_service.audit(event.order_id)] == [
+            "record_refund"
+        ]

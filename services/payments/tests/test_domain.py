@@ -1,5 +1,7 @@
 """The payments domain: the fee split, Konnect's verdict, payments and escrow holds. No I/O."""
 
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any
@@ -14,13 +16,20 @@ from booking.payments.domain import (
     CurrencyMismatch,
     EscrowHold,
     EscrowStatus,
+    FreezeKind,
     IllegalTransition,
     InvalidFeeRate,
     KonnectVerdict,
     MalformedKonnectPayment,
+    MoneyFate,
+    MoneyReceived,
     Payment,
     PaymentState,
+    RefundAlreadyRecorded,
+    RefundCause,
+    ReleaseScheduling,
     ReleaseTooEarly,
+    Settlement,
     Split,
     konnect_amount_paid,
     konnect_currency,
@@ -204,168 +213,6 @@ class TestKonnectAmountPaid:
             konnect_amount_paid(konnect("completed", amount=amount, reachedAmount=None))
 
 
-def make_payment(status: PaymentState = PaymentState.PENDING) -> Payment:
-    payment = Payment(
-        id=uuid4(),
-        order_id=uuid4(),
-        amount=PRICE,
-        currency="TND",
-        payment_ref="5f0c1e2d3a4b5c6d7e8f9a0b",
-        pay_url="https://pay.example/5f0c",
-        expires_at=T0 + timedelta(minutes=30),
-        created_at=T0,
-        updated_at=T0,
-    )
-    payment.status = status
-    return payment
-
-
-class TestPaymentCompletion:
-    def test_completion_records_the_money_the_fee_and_the_escrow(self) -> None:
-        payment = make_payment()
-        done = payment.apply_completion(PRICE, "TND", RATE, LATER)
-        assert payment.status is PaymentState.COMPLETED
-        assert (payment.amount_paid, payment.platform_fee, payment.escrow_amount) == (
-            PRICE,
-            18_000,
-            102_000,
-        )
-        assert payment.paid_at == LATER and payment.updated_at == LATER
-        assert (done.amount_paid, done.platform_fee, done.escrow_amount) == (PRICE, 18_000, 102_000)
-        assert done.currency == "TND" and done.paid_at == LATER
-        assert not done.late and not done.amount_mismatch
-
-    def test_duplicate_webhooks_complete_the_payment_once(self) -> None:
-        payment = make_payment()
-        payment.apply_completion(PRICE, "TND", RATE, LATER)
-        with pytest.raises(AlreadyApplied):
-            payment.apply_completion(PRICE, "TND", RATE, LATER + timedelta(seconds=1))
-        assert payment.paid_at == LATER and payment.platform_fee == 18_000
-
-    def test_an_underpayment_is_recorded_and_flagged(self) -> None:
-        payment = make_payment()
-        done = payment.apply_completion(70_000, "TND", RATE, LATER)
-        assert done.amount_mismatch and done.amount == PRICE
-        assert (done.platform_fee, done.escrow_amount) == (10_500, 59_500)
-
-    def test_a_currency_mismatch_is_refused_and_changes_nothing(self) -> None:
-        payment = make_payment()
-        with pytest.raises(CurrencyMismatch):
-            payment.apply_completion(PRICE, "EUR", RATE, LATER)
-        assert payment.status is PaymentState.PENDING and payment.amount_paid is None
-
-    @pytest.mark.parametrize("ended", [PaymentState.EXPIRED, PaymentState.FAILED])
-    def test_money_after_the_payment_ended_is_recorded_and_flagged_late(
-        self, ended: PaymentState
-    ) -> None:
-        payment = make_payment(ended)
-        done = payment.apply_completion(PRICE, "TND", RATE, LATER)
-        assert done.late and done.previous_state is ended
-        assert payment.status is PaymentState.COMPLETED and payment.amount_paid == PRICE
-
-    def test_a_float_rate_is_refused_before_anything_changes(self) -> None:
-        payment = make_payment()
-        with pytest.raises(InvalidFeeRate):
-            payment.apply_completion(PRICE, "TND", 0.15, LATER)  # type: ignore[arg-type]
-        assert payment.status is PaymentState.PENDING
-
-    @given(amount=amounts, rate=fee_rates())
-    def test_the_recorded_fee_and_escrow_add_up(self, amount: int, rate: Decimal) -> None:
-        payment = make_payment()
-        payment.apply_completion(amount, "TND", rate, LATER)
-        assert payment.platform_fee + payment.escrow_amount == amount  # type: ignore[operator]
-
-
-class TestPaymentEnding:
-    def test_a_pending_payment_expires(self) -> None:
-        payment = make_payment()
-        payment.expire(LATER)
-        assert payment.status is PaymentState.EXPIRED and payment.updated_at == LATER
-
-    def test_a_pending_payment_fails(self) -> None:
-        payment = make_payment()
-        payment.fail(LATER)
-        assert payment.status is PaymentState.FAILED
-
-    @pytest.mark.parametrize(
-        "status", [PaymentState.COMPLETED, PaymentState.EXPIRED, PaymentState.FAILED]
-    )
-    @pytest.mark.parametrize("move", ["expire", "fail"])
-    def test_only_a_pending_payment_can_end(self, status: PaymentState, move: str) -> None:
-        payment = make_payment(status)
-        with pytest.raises(IllegalTransition) as refused:
-            getattr(payment, move)(LATER)
-        assert refused.value.from_state is status
-        assert payment.status is status and payment.updated_at == T0
-
-    def test_overdue_is_pending_past_its_expiry(self) -> None:
-        payment = make_payment()
-        assert not payment.is_overdue(T0 + timedelta(minutes=29))
-        assert payment.is_overdue(T0 + timedelta(minutes=30))
-        payment.apply_completion(PRICE, "TND", RATE, LATER)
-        assert not payment.is_overdue(T0 + timedelta(days=1))
-
-
-END = T0 + timedelta(days=1, hours=1)
-DELAY = timedelta(hours=24)
-
-
-def make_hold() -> EscrowHold:
-    return EscrowHold(
-        id=uuid4(),
-        order_id=uuid4(),
-        mentor_id=uuid4(),
-        amount=102_000,
-        currency="TND",
-        created_at=T0,
-    )
-
-
-class TestEscrowHold:
-    def test_a_hold_is_released_once_the_session_ended_plus_the_delay(self) -> None:
-        hold = make_hold()
-        hold.release(END + DELAY, END, DELAY)
-        assert hold.status is EscrowStatus.RELEASED and hold.released_at == END + DELAY
-
-    def test_an_early_release_is_refused(self) -> None:
-        hold = make_hold()
-        with pytest.raises(ReleaseTooEarly) as refused:
-            hold.release(END + DELAY - timedelta(seconds=1), END, DELAY)
-        assert refused.value.due_at == END + DELAY
-        assert hold.status is EscrowStatus.HELD and hold.released_at is None
-
-    def test_a_cancelled_hold_is_never_released(self) -> None:
-        hold = make_hold()
-        hold.cancel(LATER)
-        with pytest.raises(IllegalTransition):
-            hold.release(END + DELAY * 10, END, DELAY)
-        assert hold.status is EscrowStatus.CANCELLED and hold.released_at is None
-
-    def test_a_second_release_is_already_applied(self) -> None:
-        hold = make_hold()
-        hold.release(END + DELAY, END, DELAY)
-        with pytest.raises(AlreadyApplied):
-            hold.release(END + DELAY * 2, END, DELAY)
-        assert hold.released_at == END + DELAY
-
-    def test_a_released_hold_cannot_be_cancelled(self) -> None:
-        hold = make_hold()
-        hold.release(END + DELAY, END, DELAY)
-        with pytest.raises(IllegalTransition):
-            hold.cancel(END + DELAY)
-
-    def test_a_hold_holds_minor_units(self) -> None:
-        with pytest.raises(InvalidMoney):
-            EscrowHold(
-                id=uuid4(),
-                order_id=uuid4(),
-                mentor_id=uuid4(),
-                amount=1.5,
-                currency="TND",
-                created_at=T0,
-            )
-
-
 class TestKonnectCurrency:
     def test_the_token_is_the_currency(self) -> None:
         assert konnect_currency(konnect("completed", token="EUR")) == "EUR"
@@ -402,109 +249,713 @@ class TestInitiation:
         assert payment.status is status
 
 
+def make_payment(status: PaymentState = PaymentState.PENDING, paid: int | None = None) -> Payment:
+    """A payment open at Konnect until T0 + 30 min (in `status`, with `paid` recorded)."""
+    payment = Payment(
+        id=uuid4(),
+        order_id=uuid4(),
+        amount=PRICE,
+        currency="TND",
+        payment_ref="5f0c1e2d3a4b5c6d7e8f9a0b",
+        pay_url="https://pay.example/5f0c",
+        expires_at=T0 + timedelta(minutes=30),
+        created_at=T0,
+        updated_at=T0,
+    )
+    payment.status = status
+    if paid is not None:
+        fee, escrow = split_payment(paid, RATE)
+        payment.amount_paid, payment.platform_fee, payment.escrow_amount = paid, fee, escrow
+    return payment
+
+
 def verdict(status: str, now: datetime = LATER, **fields: Any) -> KonnectVerdict:
     return KonnectVerdict.read(konnect(status, **fields), now)
 
 
-class TestApplyVerdict:
-    def test_completed_completes_once(self) -> None:
+def partial(reached: int, status: str = "pending") -> KonnectVerdict:
+    """Konnect's word on a partial payment that reached `reached` so far."""
+    return verdict(status, type="partial", reachedAmount=reached)
+
+
+EXPIRY = T0 + timedelta(minutes=30)
+NOTHING = Settlement()
+
+
+def snapshot(thing: Any) -> dict[str, Any]:
+    return {name: getattr(thing, name) for name in thing.__slots__}
+
+
+class TestPaidInFull:
+    def test_money_in_full_completes_the_payment_and_is_held(self) -> None:
         payment = make_payment()
-        first = payment.apply_verdict(verdict("completed"), RATE, LATER)
-        again = payment.apply_verdict(verdict("completed"), RATE, LATER)
-        assert first.changed and first.completion is not None
-        assert first.completion.amount_paid == PRICE and not first.completion.late
-        assert not again.changed and again.completion is None
+        settlement = payment.apply_verdict(verdict("completed"), RATE, LATER)
+        assert payment.status is PaymentState.COMPLETED
+        assert settlement.fate is MoneyFate.HELD and settlement.refund_cause is None
+        assert settlement.money == MoneyReceived(
+            amount=PRICE,
+            amount_paid=PRICE,
+            platform_fee=18_000,
+            escrow_amount=102_000,
+            currency="TND",
+            paid_at=LATER,
+            previous_state=PaymentState.PENDING,
+        )
+        assert (payment.amount_paid, payment.platform_fee, payment.escrow_amount) == (
+            PRICE,
+            18_000,
+            102_000,
+        )
+        assert payment.paid_at == LATER and payment.updated_at == LATER
+
+    def test_duplicate_webhooks_complete_the_payment_once(self) -> None:
+        payment = make_payment()
+        payment.apply_verdict(verdict("completed"), RATE, LATER)
+        before = snapshot(payment)
+        again = payment.apply_verdict(verdict("completed"), RATE, LATER + timedelta(seconds=1))
+        assert again == NOTHING and not again.changed
+        assert snapshot(payment) == before
+
+    def test_money_in_full_past_our_own_expiry_is_still_on_time(self) -> None:
+        # Konnect took it: its own expiry counts from its answer, ours from later.
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("completed", EXPIRY), RATE, EXPIRY)
+        assert settlement.fate is MoneyFate.HELD and not settlement.expired
+
+    def test_more_than_the_amount_is_overpaid(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        settlement = payment.apply_verdict(partial(130_000, "completed"), RATE, LATER)
+        assert payment.status is PaymentState.COMPLETED
+        assert settlement.fate is MoneyFate.OVERPAID
+        assert settlement.money is not None and settlement.money.over
+        assert (settlement.money.amount_paid, settlement.money.escrow_amount) == (
+            130_000,
+            110_500,
+        )
+
+    @given(amount=st.integers(min_value=1, max_value=10**12), rate=fee_rates())
+    def test_the_recorded_fee_and_escrow_add_up(self, amount: int, rate: Decimal) -> None:
+        payment = make_payment()
+        payment.apply_verdict(partial(amount, "completed"), rate, LATER)
+        assert payment.platform_fee + payment.escrow_amount == amount  # type: ignore[operator]
+
+
+class TestUnderpaid:
+    def test_a_short_payment_is_recorded_underpaid_and_stays_open(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(partial(70_000), RATE, LATER)
+        assert payment.status is PaymentState.UNDERPAID and payment.is_open
+        assert settlement.fate is MoneyFate.UNDERPAID and not settlement.expired
+        assert settlement.money is not None and settlement.money.short
+        assert (payment.amount_paid, payment.platform_fee, payment.escrow_amount) == (
+            70_000,
+            10_500,
+            59_500,
+        )
+
+    def test_konnect_completing_a_payment_short_leaves_it_underpaid(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("completed", reachedAmount=70_000), RATE, LATER)
+        assert payment.status is PaymentState.UNDERPAID
+        assert settlement.fate is MoneyFate.UNDERPAID
+
+    def test_more_money_still_short_records_the_new_total(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        settlement = payment.apply_verdict(partial(90_000), RATE, LATER)
+        assert payment.status is PaymentState.UNDERPAID and payment.amount_paid == 90_000
+        assert settlement.fate is MoneyFate.UNDERPAID
+        assert settlement.money is not None and settlement.money.amount_paid == 90_000
+
+    def test_the_same_total_again_changes_nothing(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        before = snapshot(payment)
+        assert payment.apply_verdict(partial(70_000), RATE, LATER) == NOTHING
+        assert snapshot(payment) == before
+
+    def test_konnect_reporting_less_than_recorded_never_takes_money_back(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        assert payment.apply_verdict(partial(10_000), RATE, LATER) == NOTHING
+        assert payment.amount_paid == 70_000
+
+    def test_paying_the_rest_completes_it_on_time(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        settlement = payment.apply_verdict(partial(PRICE, "completed"), RATE, LATER)
+        assert payment.status is PaymentState.COMPLETED
+        assert settlement.fate is MoneyFate.HELD
+        assert settlement.money is not None
+        assert settlement.money.amount_paid == PRICE
+        assert settlement.money.previous_state is PaymentState.UNDERPAID
+
+    @pytest.mark.parametrize("konnect_word", ["expired", "unknown"])
+    def test_at_expiry_what_was_paid_is_owed_back(self, konnect_word: str) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        word = (
+            partial(70_000, "expired")
+            if konnect_word == "expired"
+            else KonnectVerdict.unknown("TND")
+        )
+        settlement = payment.apply_verdict(word, RATE, EXPIRY)
+        assert payment.status is PaymentState.EXPIRED and payment.amount_paid == 70_000
+        assert settlement.expired and settlement.money is None
+        assert settlement.fate is MoneyFate.REFUND_DUE
+        assert settlement.refund_cause is RefundCause.UNDERPAID_EXPIRED
+
+    def test_money_first_seen_at_expiry_short_is_recorded_and_owed_back(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(partial(70_000, "expired"), RATE, LATER)
+        assert payment.status is PaymentState.EXPIRED and payment.amount_paid == 70_000
+        assert settlement.expired and settlement.money is not None
+        assert settlement.fate is MoneyFate.REFUND_DUE
+        assert settlement.refund_cause is RefundCause.UNDERPAID_EXPIRED
+
+    def test_an_underpaid_payment_is_overdue_past_its_expiry(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        assert not payment.is_overdue(EXPIRY - timedelta(microseconds=1))
+        assert payment.is_overdue(EXPIRY)
+
+
+class TestExpiry:
+    def test_expired_at_konnect_with_nothing_paid_expires_the_payment(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("expired"), RATE, LATER)
+        assert settlement == Settlement(expired=True)
+        assert payment.status is PaymentState.EXPIRED
+
+    def test_pending_past_our_own_expiry_expires_the_payment(self) -> None:
+        payment = make_payment()
+        still_open = KonnectVerdict(state=PaymentState.PENDING, amount_paid=0, currency="TND")
+        assert payment.apply_verdict(still_open, RATE, EXPIRY) == Settlement(expired=True)
+
+    def test_an_ended_payment_expires_only_once(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED)
+        assert payment.apply_verdict(verdict("expired"), RATE, LATER) == NOTHING
 
     def test_pending_with_failed_attempts_changes_nothing(self) -> None:
         payment = make_payment()
         settlement = payment.apply_verdict(verdict("pending", failedTransactions=1), RATE, LATER)
-        assert not settlement.changed and payment.status is PaymentState.PENDING
-
-    def test_expired_at_konnect_expires_the_payment(self) -> None:
-        payment = make_payment()
-        settlement = payment.apply_verdict(verdict("expired"), RATE, LATER)
-        assert settlement.expired and payment.status is PaymentState.EXPIRED
-
-    def test_pending_past_our_own_expiry_expires_the_payment(self) -> None:
-        payment = make_payment()
-        payment.expires_at = LATER
-        still_open = KonnectVerdict(state=PaymentState.PENDING, amount_paid=0, currency="TND")
-        assert payment.apply_verdict(still_open, RATE, LATER).expired
-
-    def test_an_ended_payment_expires_only_once(self) -> None:
-        payment = make_payment(PaymentState.EXPIRED)
-        assert not payment.apply_verdict(verdict("expired"), RATE, LATER).changed
-
-    def test_a_partial_payment_still_open_waits_for_the_rest(self) -> None:
-        payment = make_payment()
-        partial = verdict("pending", type="partial", reachedAmount=70_000)
-        assert not payment.apply_verdict(partial, RATE, LATER).changed
-
-    def test_a_partial_payment_that_ended_is_completed_short_never_dropped(self) -> None:
-        payment = make_payment()
-        partial = verdict("expired", type="partial", reachedAmount=70_000)
-        settlement = payment.apply_verdict(partial, RATE, LATER)
-        assert settlement.completion is not None and not settlement.expired
-        assert settlement.completion.amount_paid == 70_000
-        assert not settlement.completion.late and settlement.completion.amount_mismatch
-
-    def test_money_after_the_end_is_a_late_completion(self) -> None:
-        payment = make_payment(PaymentState.EXPIRED)
-        settlement = payment.apply_verdict(verdict("completed"), RATE, LATER)
-        assert settlement.completion is not None and settlement.completion.late
-
-    def test_a_currency_mismatch_is_reported_and_changes_nothing(self) -> None:
-        payment = make_payment()
-        settlement = payment.apply_verdict(verdict("completed", token="EUR"), RATE, LATER)
-        assert isinstance(settlement.currency_mismatch, CurrencyMismatch)
-        assert not settlement.changed and payment.status is PaymentState.PENDING
+        assert settlement == NOTHING and payment.status is PaymentState.PENDING
 
     def test_konnect_not_knowing_the_payment_only_lets_our_expiry_end_it(self) -> None:
         payment = make_payment()
-        assert not payment.apply_verdict(KonnectVerdict.unknown("TND"), RATE, LATER).changed
-        overdue = T0 + timedelta(minutes=30)
-        assert payment.apply_verdict(KonnectVerdict.unknown("TND"), RATE, overdue).expired
+        assert payment.apply_verdict(KonnectVerdict.unknown("TND"), RATE, LATER) == NOTHING
+        assert payment.apply_verdict(KonnectVerdict.unknown("TND"), RATE, EXPIRY).expired
 
 
-class TestEscrowForCompletion:
-    def completion(self, status: PaymentState = PaymentState.PENDING, paid: int = PRICE):
-        return make_payment(status).apply_completion(paid, "TND", RATE, LATER)
+class TestLateMoney:
+    @pytest.mark.parametrize("ended", [PaymentState.EXPIRED, PaymentState.FAILED])
+    def test_money_after_the_payment_ended_is_recorded_and_owed_back(
+        self, ended: PaymentState
+    ) -> None:
+        payment = make_payment(ended)
+        settlement = payment.apply_verdict(verdict("completed"), RATE, LATER)
+        assert payment.status is PaymentState.COMPLETED and payment.amount_paid == PRICE
+        assert settlement.fate is MoneyFate.REFUND_DUE
+        assert settlement.refund_cause is RefundCause.PAYMENT_ENDED
+        assert settlement.money is not None and settlement.money.previous_state is ended
+        assert not settlement.expired
 
-    def hold(self, completion) -> EscrowHold:
-        return EscrowHold.for_completion(
-            completion,
+    def test_late_money_konnect_still_calls_expired_keeps_the_payment_ended(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED)
+        settlement = payment.apply_verdict(partial(50_000, "expired"), RATE, LATER)
+        assert payment.status is PaymentState.EXPIRED and payment.amount_paid == 50_000
+        assert settlement.fate is MoneyFate.REFUND_DUE
+
+    def test_late_money_on_top_of_an_expired_underpayment_owes_the_new_total(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED, paid=70_000)
+        settlement = payment.apply_verdict(partial(PRICE, "completed"), RATE, LATER)
+        assert settlement.fate is MoneyFate.REFUND_DUE
+        assert settlement.money is not None and settlement.money.amount_paid == PRICE
+        assert payment.status is PaymentState.COMPLETED
+
+    def test_an_ended_payment_without_new_money_changes_nothing(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED, paid=70_000)
+        before = snapshot(payment)
+        assert payment.apply_verdict(partial(70_000, "expired"), RATE, LATER) == NOTHING
+        assert snapshot(payment) == before
+
+
+class TestMoneyForAnEndedOrder:
+    def test_money_in_full_for_an_ended_order_is_owed_back_never_held(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("completed"), RATE, LATER, order_ended=True)
+        assert payment.status is PaymentState.COMPLETED
+        assert settlement.fate is MoneyFate.REFUND_DUE
+        assert settlement.refund_cause is RefundCause.ORDER_ENDED
+
+    def test_short_money_for_an_ended_order_waits_for_the_payment_to_end(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(partial(70_000), RATE, LATER, order_ended=True)
+        assert payment.status is PaymentState.UNDERPAID
+        assert settlement.fate is MoneyFate.UNDERPAID_FOR_ENDED_ORDER
+
+    def test_its_expiry_with_money_owes_it_back(self) -> None:
+        payment = make_payment(PaymentState.UNDERPAID, paid=70_000)
+        settlement = payment.apply_verdict(
+            partial(70_000, "expired"), RATE, LATER, order_ended=True
+        )
+        assert settlement.expired and settlement.fate is MoneyFate.REFUND_DUE
+        assert settlement.refund_cause is RefundCause.ORDER_ENDED
+
+    def test_its_expiry_without_money_only_expires(self) -> None:
+        payment = make_payment()
+        settlement = payment.apply_verdict(verdict("expired"), RATE, LATER, order_ended=True)
+        assert settlement == Settlement(expired=True)
+
+    def test_late_money_for_an_ended_order_names_the_ending(self) -> None:
+        payment = make_payment(PaymentState.EXPIRED)
+        settlement = payment.apply_verdict(verdict("completed"), RATE, LATER, order_ended=True)
+        assert settlement.refund_cause is RefundCause.ORDER_ENDED
+
+
+class TestVerdictRefusals:
+    def test_a_currency_mismatch_is_reported_and_changes_nothing(self) -> None:
+        payment = make_payment()
+        before = snapshot(payment)
+        settlement = payment.apply_verdict(verdict("completed", token="EUR"), RATE, LATER)
+        assert isinstance(settlement.currency_mismatch, CurrencyMismatch)
+        assert not settlement.changed and settlement.fate is None
+        assert snapshot(payment) == before
+
+    def test_another_currency_without_money_does_not_stop_an_expiry(self) -> None:
+        payment = make_payment()
+        assert payment.apply_verdict(verdict("expired", token="EUR"), RATE, LATER).expired
+
+    @pytest.mark.parametrize("status", [PaymentState.INITIATING, PaymentState.INITIATION_FAILED])
+    def test_a_payment_never_opened_takes_no_verdict(self, status: PaymentState) -> None:
+        payment = make_payment(status)
+        assert payment.apply_verdict(verdict("completed"), RATE, LATER) == NOTHING
+        assert payment.status is status
+
+    def test_a_float_rate_is_refused_before_anything_changes(self) -> None:
+        payment = make_payment()
+        with pytest.raises(InvalidFeeRate):
+            payment.apply_verdict(verdict("completed"), 0.15, LATER)  # type: ignore[arg-type]
+        assert payment.status is PaymentState.PENDING and payment.amount_paid is None
+
+
+class TestPaymentEnding:
+    @pytest.mark.parametrize("status", [PaymentState.PENDING, PaymentState.UNDERPAID])
+    def test_an_open_payment_expires(self, status: PaymentState) -> None:
+        payment = make_payment(status)
+        payment.expire(LATER)
+        assert payment.status is PaymentState.EXPIRED and payment.updated_at == LATER
+
+    def test_a_pending_payment_fails(self) -> None:
+        payment = make_payment()
+        payment.fail(LATER)
+        assert payment.status is PaymentState.FAILED
+
+    @pytest.mark.parametrize(
+        ("move", "status"),
+        [
+            ("expire", PaymentState.COMPLETED),
+            ("expire", PaymentState.EXPIRED),
+            ("expire", PaymentState.FAILED),
+            ("expire", PaymentState.INITIATING),
+            ("fail", PaymentState.COMPLETED),
+            ("fail", PaymentState.EXPIRED),
+            ("fail", PaymentState.FAILED),
+            ("fail", PaymentState.UNDERPAID),
+        ],
+    )
+    def test_only_an_open_payment_can_end(self, move: str, status: PaymentState) -> None:
+        payment = make_payment(status)
+        with pytest.raises(IllegalTransition) as refused:
+            getattr(payment, move)(LATER)
+        assert refused.value.from_state is status
+        assert payment.status is status and payment.updated_at == T0
+
+    def test_overdue_is_open_past_its_expiry(self) -> None:
+        payment = make_payment()
+        assert not payment.is_overdue(T0 + timedelta(minutes=29))
+        assert payment.is_overdue(EXPIRY)
+        payment.apply_verdict(verdict("completed"), RATE, LATER)
+        assert not payment.is_overdue(T0 + timedelta(days=1))
+
+
+END = T0 + timedelta(days=1, hours=1)
+DELAY = timedelta(hours=24)
+DUE = END + DELAY
+ADMIN = "admin-7"
+
+
+def paid_in_full() -> MoneyReceived:
+    return MoneyReceived(
+        amount=PRICE,
+        amount_paid=PRICE,
+        platform_fee=18_000,
+        escrow_amount=102_000,
+        currency="TND",
+        paid_at=LATER,
+        previous_state=PaymentState.PENDING,
+    )
+
+
+def held(*, scheduled: bool = False) -> EscrowHold:
+    hold = EscrowHold.held_for(
+        paid_in_full(), id=uuid4(), order_id=uuid4(), mentor_id=uuid4(), now=LATER
+    )
+    if scheduled:
+        hold.schedule_release(END, DELAY, LATER)
+    return hold
+
+
+def frozen(kind: FreezeKind = FreezeKind.SCHEDULING_ABANDONED) -> EscrowHold:
+    hold = held()
+    hold.freeze(kind, f"frozen: {kind}", None, LATER)
+    return hold
+
+
+def released() -> EscrowHold:
+    hold = held(scheduled=True)
+    hold.release_when_due(DUE)
+    return hold
+
+
+def refund_due() -> EscrowHold:
+    hold = frozen(FreezeKind.ORDER_CANCELLED)
+    hold.choose_refund("the session will not happen", ADMIN, LATER)
+    return hold
+
+
+def refunded(reference: str = "R-1") -> EscrowHold:
+    hold = refund_due()
+    hold.record_refund(reference, "paid back by bank transfer", ADMIN, LATER)
+    return hold
+
+
+STATES: dict[str, Callable[[], EscrowHold]] = {
+    "held": held,
+    "held, release due": lambda: held(scheduled=True),
+    "frozen (scheduling)": lambda: frozen(FreezeKind.SCHEDULING_ABANDONED),
+    "frozen (cancelled)": lambda: frozen(FreezeKind.ORDER_CANCELLED),
+    "frozen (overpaid)": lambda: frozen(FreezeKind.OVERPAID),
+    "released": released,
+    "refund_due": refund_due,
+    "refunded": refunded,
+}
+
+AT = DUE + timedelta(days=365)  # when every move of the table below is made
+
+MOVES: dict[str, Callable[[EscrowHold], object]] = {
+    "release_when_due": lambda h: h.release_when_due(AT),
+    "freeze (cancelled)": lambda h: h.freeze(FreezeKind.ORDER_CANCELLED, "cancelled", ADMIN, AT),
+    "freeze (scheduling)": lambda h: h.freeze(
+        FreezeKind.SCHEDULING_ABANDONED, "abandoned", None, AT
+    ),
+    "release_by_admin": lambda h: h.release_by_admin("the mentor held it", ADMIN, AT),
+    "choose_refund": lambda h: h.choose_refund("not held", ADMIN, AT),
+    "record_refund (R-1)": lambda h: h.record_refund("R-1", "paid back", ADMIN, AT),
+    "record_refund (R-2)": lambda h: h.record_refund("R-2", "paid back", ADMIN, AT),
+    "owe_more": lambda h: h.owe_more(PRICE + 10_000, 110_500, "late money", AT),
+}
+
+H, F = EscrowStatus.HELD, EscrowStatus.FROZEN
+R, D, X = EscrowStatus.RELEASED, EscrowStatus.REFUND_DUE, EscrowStatus.REFUNDED
+SAME, NO = "already applied", "refused"
+
+# What each move does from each state: the status it leads to, SAME (AlreadyApplied: nothing
+# changes) or NO (IllegalTransition: nothing changes). docs/recovery.md section 4.
+EXPECTED: dict[str, dict[str, EscrowStatus | str]] = {
+    "held": {
+        "release_when_due": NO,  # never scheduled: never released on its own
+        "freeze (cancelled)": F,
+        "freeze (scheduling)": F,
+        "release_by_admin": NO,
+        "choose_refund": NO,
+        "record_refund (R-1)": NO,
+        "record_refund (R-2)": NO,
+        "owe_more": NO,
+    },
+    "held, release due": {
+        "release_when_due": R,
+        "freeze (cancelled)": F,
+        "freeze (scheduling)": F,
+        "release_by_admin": NO,
+        "choose_refund": NO,
+        "record_refund (R-1)": NO,
+        "record_refund (R-2)": NO,
+        "owe_more": NO,
+    },
+    "frozen (scheduling)": {
+        "release_when_due": NO,
+        "freeze (cancelled)": F,  # the graver reason replaces it
+        "freeze (scheduling)": SAME,
+        "release_by_admin": R,
+        "choose_refund": D,
+        "record_refund (R-1)": NO,
+        "record_refund (R-2)": NO,
+        "owe_more": NO,
+    },
+    "frozen (cancelled)": {
+        "release_when_due": NO,
+        "freeze (cancelled)": SAME,
+        "freeze (scheduling)": SAME,
+        "release_by_admin": R,
+        "choose_refund": D,
+        "record_refund (R-1)": NO,
+        "record_refund (R-2)": NO,
+        "owe_more": NO,
+    },
+    "frozen (overpaid)": {
+        "release_when_due": NO,
+        "freeze (cancelled)": F,
+        "freeze (scheduling)": SAME,
+        "release_by_admin": R,
+        "choose_refund": D,
+        "record_refund (R-1)": NO,
+        "record_refund (R-2)": NO,
+        "owe_more": NO,
+    },
+    "released": {
+        "release_when_due": SAME,
+        "freeze (cancelled)": NO,
+        "freeze (scheduling)": NO,
+        "release_by_admin": SAME,
+        "choose_refund": NO,
+        "record_refund (R-1)": NO,
+        "record_refund (R-2)": NO,
+        "owe_more": NO,
+    },
+    "refund_due": {
+        "release_when_due": NO,
+        "freeze (cancelled)": NO,
+        "freeze (scheduling)": NO,
+        "release_by_admin": NO,
+        "choose_refund": SAME,
+        "record_refund (R-1)": X,
+        "record_refund (R-2)": X,
+        "owe_more": D,
+    },
+    "refunded": {
+        "release_when_due": NO,
+        "freeze (cancelled)": NO,
+        "freeze (scheduling)": NO,
+        "release_by_admin": NO,
+        "choose_refund": NO,
+        "record_refund (R-1)": SAME,  # refunded under R-1
+        "record_refund (R-2)": NO,  # a second refund under another reference
+        "owe_more": NO,
+    },
+}
+
+
+def test_the_expectations_cover_every_state_and_move() -> None:
+    assert set(EXPECTED) == set(STATES)
+    assert all(set(moves) == set(MOVES) for moves in EXPECTED.values())
+
+
+class TestEveryStateAndMove:
+    @pytest.mark.parametrize(
+        ("state", "move"), [(state, move) for state in STATES for move in MOVES]
+    )
+    def test_each_move_from_each_state(self, state: str, move: str) -> None:
+        hold = STATES[state]()
+        before = snapshot(hold)
+        expected = EXPECTED[state][move]
+        if expected == NO:
+            with pytest.raises(IllegalTransition) as refused:
+                MOVES[move](hold)
+            assert refused.value.from_state is before["status"]
+            assert snapshot(hold) == before
+        elif expected == SAME:
+            with pytest.raises(AlreadyApplied):
+                MOVES[move](hold)
+            assert snapshot(hold) == before
+        else:
+            MOVES[move](hold)
+            assert hold.status is expected
+            assert hold.sequence == before["sequence"] + 1
+            assert hold.updated_at == AT
+
+
+class TestMadeHeldOrOwedBack:
+    def test_a_payment_in_full_is_held_with_no_release_due_yet(self) -> None:
+        hold = held()
+        assert (hold.status, hold.sequence, hold.release_due_at) == (H, 1, None)
+        assert (hold.amount, hold.amount_paid, hold.currency) == (102_000, PRICE, "TND")
+        assert hold.refund_amount is None and hold.frozen_reason is None
+
+    def test_money_for_an_ended_order_is_owed_back_from_the_start(self) -> None:
+        hold = EscrowHold.owed_back(
             id=uuid4(),
             order_id=uuid4(),
             mentor_id=uuid4(),
-            session_end_at=END,
-            delay=DELAY,
+            escrow_amount=59_500,
+            amount_paid=70_000,
+            currency="TND",
+            reason="the payment expired short",
             now=LATER,
         )
+        assert (hold.status, hold.sequence) == (D, 1)
+        # Everything the mentee paid goes back, the platform's fee included.
+        assert (hold.refund_amount, hold.amount) == (70_000, 59_500)
+        assert hold.reason == "the payment expired short" and hold.release_due_at is None
 
-    def test_an_on_time_full_payment_is_held_until_the_session_ended_plus_the_delay(self):
-        hold = self.hold(self.completion())
-        assert hold.status is EscrowStatus.HELD and hold.release_due_at == END + DELAY
-        assert hold.amount == 102_000 and hold.currency == "TND"
+    def test_a_sequence_starts_at_one(self) -> None:
+        with pytest.raises(ValueError):
+            replace(held(), sequence=0)
 
-    def test_an_overpayment_is_held_too(self) -> None:
-        assert self.hold(self.completion(paid=PRICE + 1)).status is EscrowStatus.HELD
+    def test_a_hold_holds_minor_units(self) -> None:
+        with pytest.raises(InvalidMoney):
+            replace(held(), amount=1.5)
+
+
+class TestTheSessionsFate:
+    def test_order_confirmed_makes_the_release_due_after_the_session_plus_the_delay(self):
+        hold = held()
+        assert hold.schedule_release(END, DELAY, LATER) is ReleaseScheduling.SCHEDULED
+        assert hold.release_due_at == DUE and hold.status is H
+        assert hold.sequence == 1  # no transition: no event
+
+    def test_the_same_confirmation_again_changes_nothing(self) -> None:
+        hold = held(scheduled=True)
+        before = snapshot(hold)
+        assert hold.schedule_release(END, DELAY, LATER) is ReleaseScheduling.UNCHANGED
+        assert snapshot(hold) == before
+
+    def test_a_moved_session_moves_the_release(self) -> None:
+        hold = held(scheduled=True)
+        later_end = END + timedelta(days=2)
+        assert hold.schedule_release(later_end, DELAY, LATER) is ReleaseScheduling.SCHEDULED
+        assert hold.release_due_at == later_end + DELAY
+
+    def test_a_hold_frozen_for_the_scheduling_is_held_again_when_scheduled(self) -> None:
+        hold = frozen(FreezeKind.SCHEDULING_ABANDONED)
+        assert hold.schedule_release(END, DELAY, LATER) is ReleaseScheduling.UNFROZEN
+        assert (hold.status, hold.sequence, hold.release_due_at) == (H, 3, DUE)
+        assert hold.frozen_reason is None and hold.decided_by is None
+        assert "scheduled" in (hold.reason or "")
 
     @pytest.mark.parametrize(
-        ("status", "paid"), [(PaymentState.EXPIRED, PRICE), (PaymentState.PENDING, 70_000)]
+        "state",
+        ["frozen (cancelled)", "frozen (overpaid)", "released", "refund_due", "refunded"],
     )
-    def test_a_late_or_short_payment_is_frozen_never_due(
-        self, status: PaymentState, paid: int
-    ) -> None:
-        hold = self.hold(self.completion(status, paid))
-        assert hold.status is EscrowStatus.FROZEN and hold.release_due_at is None
-        with pytest.raises(IllegalTransition):
-            hold.release_when_due(END + DELAY * 100)
+    def test_any_other_state_ignores_the_session_and_never_errs(self, state: str) -> None:
+        hold = STATES[state]()
+        before = snapshot(hold)
+        assert hold.schedule_release(END, DELAY, LATER) is ReleaseScheduling.IGNORED
+        assert snapshot(hold) == before
 
-    def test_a_held_hold_is_released_when_due_and_not_before(self) -> None:
-        hold = self.hold(self.completion())
-        with pytest.raises(ReleaseTooEarly):
-            hold.release_when_due(END + DELAY - timedelta(microseconds=1))
-        hold.release_when_due(END + DELAY)
-        assert hold.status is EscrowStatus.RELEASED and hold.released_at == END + DELAY
+    def test_a_scheduled_hold_is_released_when_due_and_not_before(self) -> None:
+        hold = held(scheduled=True)
+        with pytest.raises(ReleaseTooEarly) as early:
+            hold.release_when_due(DUE - timedelta(microseconds=1))
+        assert early.value.due_at == DUE and hold.status is H
+        hold.release_when_due(DUE)
+        assert (hold.status, hold.sequence, hold.released_at) == (R, 2, DUE)
+        assert hold.decided_by is None
+
+    def test_a_held_hold_never_scheduled_is_never_released(self) -> None:
+        hold = held()
+        with pytest.raises(IllegalTransition):
+            hold.release_when_due(END + DELAY * 1000)
+        assert hold.status is H and hold.released_at is None
+
+    @pytest.mark.parametrize("kind", list(FreezeKind))
+    def test_freezing_says_why_and_clears_the_due_release(self, kind: FreezeKind) -> None:
+        hold = held(scheduled=True)
+        hold.freeze(kind, "why it froze", ADMIN, LATER)
+        assert (hold.status, hold.frozen_reason, hold.sequence) == (F, kind, 2)
+        assert (hold.reason, hold.decided_by, hold.release_due_at) == ("why it froze", ADMIN, None)
+        with pytest.raises(IllegalTransition):
+            hold.release_when_due(DUE + DELAY * 100)
+
+    def test_a_hold_frozen_for_the_scheduling_then_cancelled_stays_frozen_for_good(self) -> None:
+        hold = frozen(FreezeKind.SCHEDULING_ABANDONED)
+        hold.freeze(FreezeKind.ORDER_CANCELLED, "the order was cancelled", ADMIN, LATER)
+        assert (hold.status, hold.frozen_reason, hold.sequence) == (
+            F,
+            FreezeKind.ORDER_CANCELLED,
+            3,
+        )
+        assert hold.schedule_release(END, DELAY, LATER) is ReleaseScheduling.IGNORED
+        assert hold.status is F
+
+
+class TestAnAdminsDecisions:
+    def test_an_admin_releases_a_frozen_hold(self) -> None:
+        hold = frozen()
+        hold.release_by_admin("the session took place after all", ADMIN, LATER)
+        assert (hold.status, hold.sequence, hold.released_at) == (R, 3, LATER)
+        assert (hold.reason, hold.decided_by) == ("the session took place after all", ADMIN)
+        assert hold.refund_amount is None
+
+    def test_an_admin_chooses_a_refund_of_everything_paid(self) -> None:
+        hold = frozen()
+        hold.choose_refund("the mentor did not show up", ADMIN, LATER)
+        assert (hold.status, hold.sequence, hold.refund_amount) == (D, 3, PRICE)
+        assert hold.frozen_reason is FreezeKind.SCHEDULING_ABANDONED  # why it had been frozen
+
+    def test_an_admin_records_the_refund_with_its_reference(self) -> None:
+        hold = refund_due()
+        hold.record_refund("BT-2030-001", "paid back by transfer", ADMIN, LATER)
+        assert (hold.status, hold.refund_reference, hold.refunded_at) == (
+            X,
+            "BT-2030-001",
+            LATER,
+        )
+        assert (hold.sequence, hold.decided_by) == (4, ADMIN)
+
+    def test_a_second_reference_for_a_refund_is_refused_with_both_named(self) -> None:
+        hold = refunded("R-1")
+        with pytest.raises(RefundAlreadyRecorded) as refused:
+            hold.record_refund("R-2", "again", ADMIN, LATER)
+        assert "R-1" in str(refused.value) and "R-2" in str(refused.value)
+        assert hold.refund_reference == "R-1"
+
+    @pytest.mark.parametrize("reference", ["", "   "])
+    def test_a_refund_is_recorded_with_a_reference(self, reference: str) -> None:
+        hold = refund_due()
+        with pytest.raises(ValueError):
+            hold.record_refund(reference, "paid back", ADMIN, LATER)
+        assert hold.status is D
+
+    def test_every_transition_says_why(self) -> None:
+        hold = frozen()
+        with pytest.raises(ValueError):
+            hold.release_by_admin(" ", ADMIN, LATER)
+        assert hold.status is F and hold.sequence == 2
+
+
+class TestLateMoneyOwed:
+    def test_more_late_money_grows_the_refund_due(self) -> None:
+        hold = EscrowHold.owed_back(
+            id=uuid4(),
+            order_id=uuid4(),
+            mentor_id=uuid4(),
+            escrow_amount=59_500,
+            amount_paid=70_000,
+            currency="TND",
+            reason="expired short",
+            now=LATER,
+        )
+        hold.owe_more(PRICE, 102_000, "the rest came after the expiry", LATER)
+        assert (hold.status, hold.sequence) == (D, 2)
+        assert (hold.refund_amount, hold.amount_paid, hold.amount) == (PRICE, PRICE, 102_000)
+
+    def test_the_same_total_again_is_already_owed(self) -> None:
+        hold = refund_due()
+        before = snapshot(hold)
         with pytest.raises(AlreadyApplied):
-            hold.release_when_due(END + DELAY)
+            hold.owe_more(PRICE, 102_000, "the same money", LATER)
+        assert snapshot(hold) == before
+
+
+class TestSequence:
+    def test_every_transition_counts_up_once(self) -> None:
+        hold = held()  # 1
+        hold.schedule_release(END, DELAY, LATER)  # no transition
+        hold.freeze(FreezeKind.SCHEDULING_ABANDONED, "abandoned", None, LATER)  # 2
+        hold.schedule_release(END, DELAY, LATER)  # 3: unfrozen
+        hold.freeze(FreezeKind.ORDER_CANCELLED, "cancelled", ADMIN, LATER)  # 4
+        hold.choose_refund("refund it", ADMIN, LATER)  # 5
+        hold.record_refund("R-9", "paid back", ADMIN, LATER)  # 6
+        assert (hold.status, hold.sequence) == (X, 6)
+
+    def test_a_repeat_never_counts(self) -> None:
+        hold = released()
+        for _ in range(3):
+            with pytest.raises(AlreadyApplied):
+                hold.release_by_admin("again", ADMIN, LATER)
+        assert hold.sequence == 2

@@ -1,10 +1,11 @@
-"""open_payment: BookingRequested opens exactly one Konnect payment per order."""
+"""The subscribers: BookingRequested opens exactly one Konnect payment per order; orders' events
+(OrderCancelled, OrderConfirmed, SchedulingAbandoned) move the escrow with the session."""
 
 from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from booking.runtime.testing import eventually
 
@@ -118,3 +119,235 @@ class TestRepair:
         await payments_service.initiated(order_id)
         assert len(await sandbox.payments(order_id)) == 1
         assert len(await sandbox.payments(event.order_id)) == 1  # the first, untouched
+
+
+class TestOrderEndings:
+    async def test_an_order_cancelled_before_its_booking_request_opens_no_payment(
+        self, payments_service, sandbox, db
+    ):
+        booking = payments_service.new_booking()
+        await payments_service.cancel(booking, by=None, reason="payment_never_opened")
+
+        await payments_service.handled(await payments_service.publish(booking))
+
+        assert await payments_service.payment_status(booking.order_id) is None
+        assert await sandbox.payments(booking.order_id) == []
+        ending = await db.fetchrow(
+            "SELECT * FROM payments.order_endings WHERE order_id = $1", booking.order_id
+        )
+        assert (ending["reason"], ending["by"]) == ("payment_never_opened", None)
+        await payments_service.spy.settle()
+        assert payments_service.published("PaymentInitiated", booking.order_id) == []
+        assert payments_service.published("PaymentInitiationFailed", booking.order_id) == []
+
+    async def test_an_order_cancelled_while_its_payment_opens_ends_it_quietly(
+        self, payments_service, sandbox, db, caplog
+    ):
+        # Konnect's first answer hangs past the client's timeout: the init is in flight while
+        # the cancel comes; the payment Konnect opens in the end is an orphan nobody sees.
+        await sandbox.fault("timeout", count=1, endpoint="init")
+        booking = await payments_service.request_booking()
+        await eventually(
+            lambda: payments_service.payment_status(booking.order_id), what="payment opened"
+        )
+
+        await payments_service.cancel(booking)
+
+        assert await payments_service.payment_status(booking.order_id) == "initiation_failed"
+        await eventually(lambda: sandbox.payments(booking.order_id), what="Konnect's answer")
+        # The in-flight initiation came back, found the payment ended, and left it.
+        await eventually(lambda: "an orphan nobody will see" in caplog.text, what="the orphan")
+        await payments_service.sweeper.run_once()  # nothing left to repair
+        await payments_service.spy.settle()
+        assert payments_service.published("PaymentInitiated", booking.order_id) == []
+        assert payments_service.published("PaymentInitiationFailed", booking.order_id) == []
+        row = await db.fetchrow(
+            "SELECT * FROM payments.payments WHERE order_id = $1", booking.order_id
+        )
+        assert (row["status"], row["payment_ref"], row["claimed_until"]) == (
+            "initiation_failed",
+            None,
+            None,
+        )
+
+    async def test_a_staged_initiating_payment_ends_without_initiation_failed(
+        self, payments_service, db
+    ):
+        booking = payments_service.new_booking()
+        await db.execute(
+            """
+            INSERT INTO payments.payments (id, order_id, session_id, mentor_id, session_end_at,
+                amount, currency, title, mentee_first_name, mentee_last_name, mentee_email,
+                correlation_id, status, claimed_until)
+            VALUES ($1, $2, $3, $4, $5, 1000, 'TND', 't', 'A', 'B', 'a@example.com', 'c-2',
+                'initiating', now() + interval '1 minute')
+            """,
+            uuid.uuid4(),
+            booking.order_id,
+            booking.session_id,
+            booking.mentor_id,
+            booking.end_at,
+        )
+
+        await payments_service.cancel(booking)
+
+        assert await payments_service.payment_status(booking.order_id) == "initiation_failed"
+        sweep = await payments_service.sweeper.run_once(datetime.now(UTC) + timedelta(hours=1))
+        assert sweep.initiated == 0
+        await payments_service.spy.settle()
+        assert payments_service.published("PaymentInitiationFailed") == []
+
+    async def test_an_open_payment_stays_open_and_money_that_comes_is_owed_back(
+        self, payments_service, sandbox, book
+    ):
+        booking, ref = await book(payments_service, amount=120_000)
+        await payments_service.cancel(booking)
+        assert await payments_service.payment_status(booking.order_id) == "pending"
+
+        await sandbox.complete(ref)
+
+        owed = await payments_service.one("EscrowRefundDue", booking.order_id)
+        assert (owed["refund_amount"], owed["sequence"]) == (120_000, 1)
+        assert "had ended (ill)" in owed["reason"]
+        anomaly = await payments_service.one("PaymentAnomalyDetected", booking.order_id)
+        assert anomaly["kind"] == "payment_for_cancelled_order"
+        assert anomaly["detail"].startswith("Critical")
+        assert payments_service.published("PaymentCompleted", booking.order_id) == []
+        assert (await payments_service.escrow(booking.order_id))["status"] == "refund_due"
+
+    async def test_short_money_for_a_cancelled_order_is_owed_back_when_the_payment_expires(
+        self, payments_service, sandbox, book
+    ):
+        booking, ref = await book(payments_service, amount=120_000)
+        await payments_service.cancel(booking)
+        await sandbox.complete(ref, amount=20_000)
+        await eventually(
+            lambda: payments_service.published("PaymentAnomalyDetected", booking.order_id),
+            what="the anomaly",
+        )
+        assert await payments_service.payment_status(booking.order_id) == "underpaid"
+        assert await payments_service.escrow(booking.order_id) is None
+
+        await sandbox.expire(ref)
+        await payments_service.webhook(ref)
+
+        owed = await payments_service.one("EscrowRefundDue", booking.order_id)
+        assert owed["refund_amount"] == 20_000
+        await payments_service.one("PaymentFailed", booking.order_id)
+        kinds = [
+            a["kind"]
+            for a in payments_service.published("PaymentAnomalyDetected", booking.order_id)
+        ]
+        assert kinds == ["payment_for_cancelled_order", "payment_for_cancelled_order"]
+        assert payments_service.published("PaymentCompleted", booking.order_id) == []
+
+    async def test_cancelling_a_paid_order_freezes_its_escrow_once(
+        self, payments_service, sandbox, pay
+    ):
+        booking = await pay(payments_service, sandbox)
+
+        await payments_service.cancel(booking, by="admin-3", reason="mentor left")
+        await payments_service.cancel(booking, by="admin-3", reason="mentor left")  # redelivered
+
+        frozen = await payments_service.one("EscrowFrozen", booking.order_id)
+        assert (frozen["sequence"], frozen["by"], frozen["escrow_amount"]) == (
+            2,
+            "admin-3",
+            102_000,
+        )
+        assert frozen["reason"] == "the order was cancelled: mentor left"
+        hold = await payments_service.escrow(booking.order_id)
+        assert (hold["status"], hold["frozen_reason"], hold["decided_by"]) == (
+            "frozen",
+            "order_cancelled",
+            "admin-3",
+        )
+
+    async def test_cancelling_an_order_whose_escrow_was_released_leaves_it(
+        self, payments_service, sandbox, pay
+    ):
+        booking = await pay(payments_service, sandbox)
+        await payments_service.confirm(booking)
+        await payments_service.sweeper.run_once(booking.end_at + timedelta(days=2))
+        await payments_service.one("EscrowReleased", booking.order_id)
+
+        await payments_service.cancel(booking)
+
+        hold = await payments_service.escrow(booking.order_id)
+        assert (hold["status"], hold["sequence"]) == ("released", 2)
+        await payments_service.spy.settle()
+        assert payments_service.published("EscrowFrozen", booking.order_id) == []
+
+
+class TestTheSessionsFate:
+    async def test_order_confirmed_makes_the_release_due_after_the_session(
+        self, payments_service, sandbox, pay
+    ):
+        booking = await pay(payments_service, sandbox)
+
+        await payments_service.confirm(booking)
+
+        hold = await payments_service.escrow(booking.order_id)
+        delay = timedelta(minutes=payments_service.settings.escrow_release_delay_minutes)
+        assert (hold["status"], hold["sequence"]) == ("held", 1)
+        assert hold["release_due_at"] == booking.end_at + delay
+
+    async def test_abandoned_scheduling_freezes_the_escrow(self, payments_service, sandbox, pay):
+        booking = await pay(payments_service, sandbox)
+        await payments_service.confirm(booking)
+
+        await payments_service.abandon_scheduling(booking)
+
+        frozen = await payments_service.one("EscrowFrozen", booking.order_id)
+        assert (frozen["sequence"], frozen["by"]) == (2, None)
+        assert "calendar_api_error" in frozen["reason"]
+        hold = await payments_service.escrow(booking.order_id)
+        assert (hold["status"], hold["frozen_reason"], hold["release_due_at"]) == (
+            "frozen",
+            "scheduling_abandoned",
+            None,
+        )
+
+    async def test_a_session_scheduled_after_all_unfreezes_its_escrow(
+        self, payments_service, sandbox, pay
+    ):
+        booking = await pay(payments_service, sandbox)
+        await payments_service.abandon_scheduling(booking)
+
+        await payments_service.confirm(booking)  # an admin's retry of the scheduling worked
+
+        unfrozen = await payments_service.one("EscrowUnfrozen", booking.order_id)
+        delay = timedelta(minutes=payments_service.settings.escrow_release_delay_minutes)
+        assert unfrozen["sequence"] == 3
+        assert datetime.fromisoformat(unfrozen["release_due_at"]) == booking.end_at + delay
+        hold = await payments_service.escrow(booking.order_id)
+        assert (hold["status"], hold["frozen_reason"]) == ("held", None)
+
+    async def test_a_cancelled_orders_escrow_is_not_unfrozen_by_a_late_confirmation(
+        self, payments_service, sandbox, pay
+    ):
+        booking = await pay(payments_service, sandbox)
+        await payments_service.abandon_scheduling(booking)
+        await payments_service.cancel(booking)
+
+        await payments_service.confirm(booking)
+
+        hold = await payments_service.escrow(booking.order_id)
+        assert (hold["status"], hold["frozen_reason"], hold["sequence"]) == (
+            "frozen",
+            "order_cancelled",
+            3,
+        )
+        await payments_service.spy.settle()
+        assert payments_service.published("EscrowUnfrozen", booking.order_id) == []
+
+    async def test_events_for_an_order_without_escrow_are_handled_without_error(
+        self, payments_service, book
+    ):
+        booking, _ = await book(payments_service)  # opened, never paid
+
+        await payments_service.confirm(booking)
+        await payments_service.abandon_scheduling(booking)
+
+        assert await payments_service.escrow(booking.order_id) is None
+        assert await payments_service.payment_status(booking.order_id) == "pending"

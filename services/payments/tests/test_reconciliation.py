@@ -1,8 +1,10 @@
-"""The sweeper: lost webhooks, abandoned payments, escrow release; replicas never double it."""
+"""The sweeper: lost webhooks, abandoned and underpaid payments, the release of escrow whose
+session was scheduled; replicas never double it; a database outage is logged quietly."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +14,7 @@ from booking.payments.service import PaymentService
 from booking.payments.tables import SCHEMA, messaging
 from booking.runtime.db import Database, create_engine
 from booking.runtime.outbox import Outbox
+from booking.runtime.testing import free_port
 
 
 def now() -> datetime:
@@ -110,13 +113,12 @@ class TestExpiry:
 
 
 class TestEscrowRelease:
-    async def test_escrow_is_released_only_once_the_session_ended_plus_the_delay(
-        self, start_payments, sandbox, book, db
+    async def test_escrow_is_released_once_the_scheduled_session_ended_plus_the_delay(
+        self, start_payments, sandbox, pay, db
     ):
         running = await start_payments(escrow_release_delay_minutes=30)
-        event, ref = await book(running, amount=33_333)
-        await sandbox.complete(ref)
-        await running.one("PaymentCompleted", event.order_id)
+        event = await pay(running, sandbox, amount=33_333)
+        await running.confirm(event)
         due = event.end_at + timedelta(minutes=30)
 
         early = await running.sweeper.run_once(due - timedelta(seconds=1))
@@ -131,26 +133,149 @@ class TestEscrowRelease:
             "escrow_amount": 28_333,
             "currency": "TND",
             "released_at": due.isoformat().replace("+00:00", "Z"),
+            "by": None,
+            "reason": released["reason"],
+            "sequence": 2,
         }
-        hold = await db.fetchrow(
-            "SELECT * FROM payments.escrow_holds WHERE order_id = $1", event.order_id
-        )
-        assert (hold["status"], hold["released_at"]) == ("released", due)
+        assert "released when due" in released["reason"]
+        hold = await running.escrow(event.order_id)
+        assert (hold["status"], hold["released_at"], hold["sequence"]) == ("released", due, 2)
 
-    async def test_a_frozen_hold_is_never_released(self, payments_service, sandbox, book, db):
-        event, ref = await book(payments_service, amount=120_000)
-        await sandbox.complete(ref, amount=1_000, webhook="none")
-        await sandbox.expire(ref)
-        await payments_service.sweeper.run_once()
-        await payments_service.one("PaymentCompleted", event.order_id)
+    async def test_a_paid_session_never_scheduled_is_never_released(
+        self, payments_service, sandbox, pay
+    ):
+        event = await pay(payments_service, sandbox)  # OrderConfirmed never comes
 
         sweep = await payments_service.sweeper.run_once(now() + timedelta(days=365))
 
         assert sweep.released == 0
-        status = await db.fetchval(
-            "SELECT status FROM payments.escrow_holds WHERE order_id = $1", event.order_id
+        assert (await payments_service.escrow(event.order_id))["status"] == "held"
+
+    async def test_a_paid_booking_whose_scheduling_was_abandoned_is_never_released(
+        self, payments_service, sandbox, pay
+    ):
+        event = await pay(payments_service, sandbox)
+        await payments_service.confirm(event)
+        await payments_service.abandon_scheduling(event)
+
+        sweep = await payments_service.sweeper.run_once(event.end_at + timedelta(days=365))
+
+        assert sweep.released == 0
+        assert (await payments_service.escrow(event.order_id))["status"] == "frozen"
+        await payments_service.spy.settle()
+        assert payments_service.published("EscrowReleased", event.order_id) == []
+
+    async def test_a_session_scheduled_after_all_is_released_when_due(
+        self, payments_service, sandbox, pay
+    ):
+        event = await pay(payments_service, sandbox)
+        await payments_service.abandon_scheduling(event)
+        await payments_service.confirm(event)
+
+        sweep = await payments_service.sweeper.run_once(event.end_at + timedelta(days=2))
+
+        assert sweep.released == 1
+        released = await payments_service.one("EscrowReleased", event.order_id)
+        sequences = [
+            payments_service.published(kind, event.order_id)[0]["sequence"]
+            for kind in ("EscrowFrozen", "EscrowUnfrozen", "EscrowReleased")
+        ]
+        assert sequences == [2, 3, 4] and released["sequence"] == 4
+
+    async def test_money_owed_back_is_never_released(self, payments_service, sandbox, book):
+        event, ref = await book(payments_service)
+        await sandbox.complete(ref, amount=1_000)
+        await sandbox.expire(ref)
+        await payments_service.webhook(ref)
+        await payments_service.one("EscrowRefundDue", event.order_id)
+
+        sweep = await payments_service.sweeper.run_once(now() + timedelta(days=365))
+
+        assert sweep.released == 0
+        assert (await payments_service.escrow(event.order_id))["status"] == "refund_due"
+
+
+class TestUnderpaidSweep:
+    async def test_a_partial_payment_whose_webhook_was_lost_is_recorded_underpaid(
+        self, payments_service, sandbox, book
+    ):
+        event, ref = await book(payments_service, amount=120_000)
+        await sandbox.complete(ref, amount=70_000, webhook="none")
+
+        sweep = await payments_service.sweeper.run_once()
+
+        assert sweep.checked == 1
+        short = await payments_service.one("PaymentCompleted", event.order_id)
+        assert short["amount_paid"] == 70_000
+        assert await payments_service.payment_status(event.order_id) == "underpaid"
+
+    async def test_an_underpaid_payment_is_expired_by_the_sweep_and_its_money_owed_back(
+        self, payments_service, sandbox, book, db
+    ):
+        event, ref = await book(payments_service, amount=120_000)
+        await sandbox.complete(ref, amount=70_000)
+        await payments_service.one("PaymentCompleted", event.order_id)
+        expires_at = await expiry_of(db, event.order_id)
+
+        # Konnect still calls it pending (its clock); our own expiry ends it.
+        sweep = await payments_service.sweeper.run_once(expires_at + timedelta(hours=1))
+
+        assert sweep.checked == 1  # underpaid payments are asked about too
+        failed = await payments_service.one("PaymentFailed", event.order_id)
+        assert failed["reason"] == "expired"
+        owed = await payments_service.one("EscrowRefundDue", event.order_id)
+        assert owed["refund_amount"] == 70_000
+        kinds = [
+            a["kind"] for a in payments_service.published("PaymentAnomalyDetected", event.order_id)
+        ]
+        assert kinds == ["underpayment", "underpaid_order_expired"]
+        assert await payments_service.payment_status(event.order_id) == "expired"
+
+
+class TestDatabaseOutage:
+    async def test_a_sweep_without_its_database_logs_one_quiet_line(self, payments_service, caplog):
+        settings = payments_service.settings.model_copy(
+            update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"}
         )
-        assert status == "frozen"
+        engine = create_engine(settings)
+        sweeper = Sweeper(
+            PaymentService(
+                db=Database(engine, SCHEMA),
+                outbox=Outbox(messaging, producer="payments", exchange=settings.events_exchange),
+                konnect=payments_service.service.konnect,
+                settings=settings,
+            ),
+            settings,
+        )
+        caplog.set_level(logging.INFO, logger="booking.payments")
+        try:
+            outcomes = [
+                await sweeper.guarded(sweep, now())
+                for sweep in (sweeper.run_once, sweeper.release_escrow, sweeper.run_once)
+            ]
+        finally:
+            await engine.dispose()
+
+        assert outcomes == [False, False, False]
+        records = [r for r in caplog.records if r.name.startswith("booking.payments")]
+        assert len(records) == 1, [r.getMessage() for r in records]
+        [record] = records
+        assert record.levelno == logging.WARNING and record.exc_info is None
+        assert "unreachable" in record.getMessage()
+        assert sweeper.outage.in_outage
+
+    async def test_a_sweep_that_fails_for_another_reason_is_logged_with_its_trace(
+        self, payments_service, caplog
+    ):
+        sweeper = payments_service.sweeper
+
+        async def broken(_now: datetime) -> None:
+            raise RuntimeError("a bug in a sweep")
+
+        assert not await sweeper.guarded(broken, now())
+        [record] = [r for r in caplog.records if r.name == "booking.payments.reconciliation"]
+        assert record.levelno == logging.ERROR and record.exc_info is not None
+        assert await sweeper.guarded(sweeper.run_once, now())
 
 
 class TestReplicas:
@@ -171,6 +296,7 @@ class TestReplicas:
         await first.run_once()  # the paid ones complete; their holds are held
         for event in paid:
             await running.one("PaymentCompleted", event.order_id)
+            await running.confirm(event)  # scheduled: released once over
         # A second replica: its own engine, Konnect client and sweeper on the same schema.
         settings = running.settings
         engine = create_engine(settings)

@@ -4,21 +4,20 @@ Nothing is created at import time; `create_app` builds it all and the lifespan o
 client and starts the sweeper (one per replica), after the runtime has started.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
-from uuid import UUID
+from typing import Any
 
 from fastapi import FastAPI
 
-from booking.contracts import BookingRequested
-from booking.payments.api import webhook_router
-from booking.payments.handlers import open_payment
+from booking.payments.api import escrow_router, webhook_router
+from booking.payments.handlers import HANDLERS
 from booking.payments.konnect import KonnectClient
 from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import messaging
+from booking.runtime.consumer import Handler, MessageContext
 from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
 
@@ -27,16 +26,19 @@ def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
     settings = settings or PaymentsSettings()
     konnect = KonnectClient.from_settings(settings)
 
-    # The handler initiates through the service, which needs the runtime's database: it is
-    # looked up when a message arrives, by which time it exists.
-    async def initiate(payment_id: UUID) -> None:
-        await service.initiate(payment_id)
+    # The handlers act through the service, which needs the runtime's database and outbox: it
+    # is looked up when a message arrives, by which time it exists.
+    def through_service(handler: Callable[..., Awaitable[None]]) -> Handler:
+        async def handle(event: Any, ctx: MessageContext) -> None:
+            await handler(event, ctx, payments=service)
+
+        return handle
 
     runtime = ServiceRuntime(
         name="payments",
         settings=settings,
         tables=messaging,
-        handlers={BookingRequested: partial(open_payment, initiate=initiate)},
+        handlers={event: through_service(handler) for event, handler in HANDLERS.items()},
     )
     assert runtime.db is not None and runtime.outbox is not None
     service = PaymentService(
@@ -70,7 +72,9 @@ def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
             await sweeper.stop()
             await konnect.aclose()
 
-    app = create_service_app(runtime, [webhook_router(service)], lifespan=lifespan)
+    app = create_service_app(
+        runtime, [webhook_router(service), escrow_router(service)], lifespan=lifespan
+    )
     app.state.payments = service
     app.state.sweeper = sweeper
     app.state.konnect = konnect

@@ -1,23 +1,49 @@
 """The payments service's rules: the fee split, Konnect's verdict, payments and escrow holds.
 
-Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now`.
+Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now`. A move the
+status machine does not allow raises `IllegalTransition` and changes nothing; repeating a move
+that took effect raises `AlreadyApplied` (or says "no change"), never a second transition. The
+recovery rules are docs/recovery.md's (sections 4 and 5).
 
 Payment::
 
     initiating --initiated--> pending
-    initiating --initiation_failed--> initiation_failed
-    pending --apply_completion--> completed
-    expired | failed --apply_completion--> completed  (late money: recorded, `Completion.late`)
-    pending --expire--> expired
+    initiating --initiation_failed (Konnect refused, or the order ended first)--> initiation_failed
+    pending | underpaid --money short of the amount, still open--> underpaid
+    pending | underpaid --money in full (or more)--> completed
+    pending --expiry, nothing paid--> expired
+    underpaid --expiry--> expired  (what was paid becomes refund_due)
     pending --fail--> failed
-    completed --apply_completion--> AlreadyApplied
+    expired | failed --late money--> completed, or stays ended with the money recorded
+                                     (Konnect still says expired); the money is refund_due
+    completed --any verdict--> nothing (all its money is recorded)
 
-Escrow hold::
+What becomes of money a verdict records (`MoneyFate`): in full, on time, for a live order, it
+is held; more than the amount is held, then frozen (`overpaid`); short while the payment is
+open, it waits for the rest; after the payment or the order ended, or at the expiry of an
+underpaid payment, it is owed back to the mentee (refund_due).
 
-    held --release (session end + delay passed)--> released
-    held --cancel--> cancelled
-    released --release--> AlreadyApplied
-    frozen (a late or short payment: an admin decides, never released automatically)
+Escrow hold (the table of docs/recovery.md section 4; `sequence` counts the transitions)::
+
+    (none) --a payment in full, on time, for a live order--> held          (`held_for`)
+    held --schedule_release (OrderConfirmed)--> held, release due          (no transition)
+    held --release_when_due (release due has passed)--> released
+    held --freeze (scheduling abandoned, order cancelled, overpaid)--> frozen
+    frozen (for the scheduling only) --schedule_release (OrderConfirmed)--> held, release due
+    frozen --release_by_admin--> released
+    frozen --choose_refund--> refund_due
+    (none) --money for an ended order, an underpaid order expired--> refund_due  (`owed_back`)
+    refund_due --owe_more (late money on top of what is owed)--> refund_due
+    refund_due --record_refund (with its reference)--> refunded
+
+    released --release_when_due | release_by_admin--> AlreadyApplied
+    frozen --freeze (same reason)--> AlreadyApplied
+    frozen for the scheduling --freeze (another reason)--> frozen for that reason
+    refund_due --choose_refund--> AlreadyApplied
+    refunded --record_refund (same reference)--> AlreadyApplied; another reference: refused
+
+Every other move is refused. A hold is never released on its own unless its session was
+scheduled (`release_due_at` is set only by OrderConfirmed); money owed back never is.
 """
 
 from __future__ import annotations
@@ -107,6 +133,8 @@ class PaymentState(StrEnum):
     INITIATION_FAILED = "initiation_failed"
     """Konnect refused to open it, or could not be reached: the order cannot be paid."""
     PENDING = "pending"
+    UNDERPAID = "underpaid"
+    """Money arrived, less than the amount: the payer may pay the rest until it expires."""
     COMPLETED = "completed"
     FAILED = "failed"
     EXPIRED = "expired"
@@ -131,7 +159,7 @@ def konnect_outcome(payment: dict[str, Any], now: datetime) -> PaymentState:
     """Decide a Konnect payment's state from `payment.status` (never from its transactions).
 
     - `completed`: COMPLETED, even past `expirationDate`: money that arrived is never dropped
-      (a late one is the caller's Critical anomaly, see `Payment.apply_completion`).
+      (a late one is owed back, see `Payment.apply_verdict`).
     - `expired`, or any other status once `now` has reached `expirationDate`: EXPIRED.
     - `pending`, with or without failed transactions: PENDING. A failed attempt leaves the
       payment open: Konnect lets the payer retry on its page until the payment expires.
@@ -167,8 +195,8 @@ def konnect_amount_paid(payment: dict[str, Any]) -> int:
 
     A partial payment (`type: partial`) reached `reachedAmount`. A completed payment of another
     type reached `amount`, unless it reports a positive `reachedAmount` below `amount`: then the
-    lower figure, so we never credit money Konnect does not say arrived (the shortfall becomes an
-    underpayment anomaly). A payment that is not completed reached `reachedAmount` (0 if absent).
+    lower figure, so we never credit money Konnect does not say arrived (the payment is then
+    underpaid). A payment that is not completed reached `reachedAmount` (0 if absent).
     """
     reached = _konnect_amount(payment, "reachedAmount")
     if payment.get("type") == "partial" or payment.get("status") != "completed":
@@ -217,9 +245,35 @@ class KonnectVerdict:
 # -- payments ------------------------------------------------------------------------------------
 
 
+class MoneyFate(StrEnum):
+    """What becomes of the money a payment has recorded, once a verdict was applied."""
+
+    HELD = "held"
+    """In full, on time, for a live order: the mentor's share is held in escrow."""
+    OVERPAID = "overpaid"
+    """More than the amount: held, then frozen at once for an admin to settle."""
+    UNDERPAID = "underpaid"
+    """Short, the payment still open: the payer may pay the rest until it expires."""
+    UNDERPAID_FOR_ENDED_ORDER = "underpaid_for_ended_order"
+    """Short, the payment still open, for an order that ended: owed back once the payment ends."""
+    REFUND_DUE = "refund_due"
+    """Owed back to the mentee, everything paid, the fee included (`RefundCause` says why)."""
+
+
+class RefundCause(StrEnum):
+    """Why money is owed back; each value is the kind of the Critical anomaly it raises."""
+
+    PAYMENT_ENDED = "payment_for_ended_order"
+    """The money arrived after the payment had expired or failed (so had its order)."""
+    ORDER_ENDED = "payment_for_cancelled_order"
+    """The money arrived for an order that had ended without its payment (cancelled)."""
+    UNDERPAID_EXPIRED = "underpaid_order_expired"
+    """The payment expired short: what was paid goes back, the order fails."""
+
+
 @dataclass(frozen=True, slots=True)
-class Completion:
-    """What `Payment.apply_completion` recorded; the facts for PaymentCompleted and anomalies."""
+class MoneyReceived:
+    """Money a verdict recorded: the payment's new total, its fee and escrow, and from where."""
 
     amount: int
     amount_paid: int
@@ -230,27 +284,36 @@ class Completion:
     previous_state: PaymentState
 
     @property
-    def late(self) -> bool:
-        """The money arrived after the payment had ended: a Critical anomaly, never dropped."""
-        return self.previous_state is not PaymentState.PENDING
+    def short(self) -> bool:
+        return self.amount_paid < self.amount
 
     @property
-    def amount_mismatch(self) -> bool:
-        """The payer paid more or less than the order's amount: an anomaly for the admins."""
-        return self.amount_paid != self.amount
+    def over(self) -> bool:
+        return self.amount_paid > self.amount
 
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """What applying Konnect's verdict changed: nothing, a completion, or an expiry."""
+    """What applying Konnect's verdict changed, and what becomes of the payment's money.
 
-    completion: Completion | None = None
+    `money` is set when new money was recorded, `expired` when the payment ended now; `fate`
+    says what to do with the money the payment holds (None: nothing to do), and `refund_cause`
+    why, when it is owed back.
+    """
+
+    money: MoneyReceived | None = None
     expired: bool = False
+    fate: MoneyFate | None = None
+    refund_cause: RefundCause | None = None
     currency_mismatch: CurrencyMismatch | None = None
 
     @property
     def changed(self) -> bool:
-        return self.completion is not None or self.expired
+        return self.money is not None or self.expired
+
+
+_OPEN = frozenset({PaymentState.PENDING, PaymentState.UNDERPAID})
+_ENDED = frozenset({PaymentState.EXPIRED, PaymentState.FAILED})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -276,39 +339,10 @@ class Payment:
         minor_units(self.amount, "amount")
         currency_code(self.currency)
 
-    def apply_completion(
-        self, amount_paid: int, currency: str, fee_rate: Decimal, now: datetime
-    ) -> Completion:
-        """Record that Konnect completed the payment: what arrived, the fee and the escrow.
-
-        Applies once: a payment already completed raises `AlreadyApplied` (a duplicate webhook).
-        A payment that had expired or failed is still completed (the money is real and never
-        dropped); the returned `Completion.late` tells the caller to raise a Critical anomaly.
-        A currency other than the payment's raises `CurrencyMismatch` and changes nothing.
-        """
-        minor_units(amount_paid, "amount_paid")
-        currency_code(currency)
-        if self.status is PaymentState.COMPLETED:
-            raise AlreadyApplied(f"payment {self.payment_ref or self.id} is already completed")
-        if currency != self.currency:
-            raise CurrencyMismatch(self.payment_ref or str(self.id), self.currency, currency)
-        split = split_payment(amount_paid, fee_rate)
-        previous = self.status
-        self.status = PaymentState.COMPLETED
-        self.amount_paid = amount_paid
-        self.platform_fee = split.platform_fee
-        self.escrow_amount = split.escrow
-        self.paid_at = now
-        self.updated_at = now
-        return Completion(
-            amount=self.amount,
-            amount_paid=amount_paid,
-            platform_fee=split.platform_fee,
-            escrow_amount=split.escrow,
-            currency=currency,
-            paid_at=now,
-            previous_state=previous,
-        )
+    @property
+    def is_open(self) -> bool:
+        """Konnect may still take money for it (pending, or underpaid until it expires)."""
+        return self.status in _OPEN
 
     def initiated(
         self, payment_ref: str, pay_url: str, expires_at: datetime, now: datetime
@@ -325,63 +359,120 @@ class Payment:
         self.updated_at = now
 
     def initiation_failed(self, now: datetime) -> None:
-        """Konnect refused the payment or stayed out of reach: PaymentInitiationFailed."""
+        """Konnect refused the payment or stayed out of reach, or the order ended before it
+        opened: it will never be opened (a Konnect payment opened meanwhile is an orphan)."""
         if self.status is not PaymentState.INITIATING:
             raise IllegalTransition("payment", self.id, self.status, PaymentState.INITIATION_FAILED)
         self.status = PaymentState.INITIATION_FAILED
         self.updated_at = now
 
     def apply_verdict(
-        self, verdict: KonnectVerdict, fee_rate: Decimal, now: datetime
+        self,
+        verdict: KonnectVerdict,
+        fee_rate: Decimal,
+        now: datetime,
+        *,
+        order_ended: bool = False,
     ) -> Settlement:
         """Apply what Konnect says, once: the one rule the webhook and the sweeper share.
 
-        - Completed: `apply_completion` with what Konnect reached (a duplicate changes nothing;
-          a currency mismatch changes nothing and is reported).
-        - Ended (Konnect says expired, or it is pending past our own expiry) after some money
-          reached it (a partial payment): completed with what arrived, never dropped; the
-          shortfall is the caller's underpayment anomaly.
-        - Ended with nothing paid: the payment expires, if it was still pending.
-        - Pending otherwise (failed attempts or a partial payment included): nothing changes,
-          the payer may still pay (the rest).
-        """
-        ended = verdict.state is PaymentState.EXPIRED or self.is_overdue(now)
-        paid = verdict.state is PaymentState.COMPLETED or (ended and verdict.amount_paid > 0)
-        if paid:
-            try:
-                completion = self.apply_completion(
-                    verdict.amount_paid, verdict.currency, fee_rate, now
-                )
-            except AlreadyApplied:
-                return Settlement()
-            except CurrencyMismatch as mismatch:
-                return Settlement(currency_mismatch=mismatch)
-            return Settlement(completion=completion)
-        if ended and self.status is PaymentState.PENDING:
-            self.expire(now)
-            return Settlement(expired=True)
-        return Settlement()
+        Only money Konnect reports beyond what is recorded changes anything (a duplicate, or an
+        older report, changes nothing); money is never dropped, and never counted twice.
 
-    def is_overdue(self, now: datetime) -> bool:
-        """Pending past its expiry: the sweeper asks Konnect once more, then expires it."""
-        return (
-            self.status is PaymentState.PENDING
-            and self.expires_at is not None
-            and now >= self.expires_at
+        - An open payment that reaches its amount (or more) is completed: held, or overpaid
+          (held then frozen); owed back if its order had ended (`order_ended`).
+        - An open payment with less is underpaid and stays open: the payer may pay the rest.
+        - An open payment that ends (Konnect says expired, or our own expiry passed) expires;
+          what it had received, if anything, is owed back.
+        - An ended payment (expired, failed) that receives money records it, and the money is
+          owed back: it never confirms an order. It is completed if Konnect says so.
+        - A currency other than the payment's changes nothing and is reported.
+        """
+        if self.status is PaymentState.COMPLETED or not (self.is_open or self.status in _ENDED):
+            return Settlement()
+        more = verdict.amount_paid > (self.amount_paid or 0)
+        if more and verdict.currency != self.currency:
+            mismatch = CurrencyMismatch(
+                self.payment_ref or str(self.id), self.currency, verdict.currency
+            )
+            return Settlement(currency_mismatch=mismatch)
+        if self.status in _ENDED:
+            if not more:
+                return Settlement()
+            money = self._record(verdict.amount_paid, fee_rate, now)
+            if verdict.state is PaymentState.COMPLETED:
+                self.status = PaymentState.COMPLETED
+            cause = RefundCause.ORDER_ENDED if order_ended else RefundCause.PAYMENT_ENDED
+            return Settlement(money=money, fate=MoneyFate.REFUND_DUE, refund_cause=cause)
+        ending = verdict.state is PaymentState.EXPIRED or self.is_overdue(now)
+        expiry_cause = RefundCause.ORDER_ENDED if order_ended else RefundCause.UNDERPAID_EXPIRED
+        if not more:
+            if not ending:
+                return Settlement()
+            had_money = bool(self.amount_paid)
+            self.expire(now)
+            if not had_money:
+                return Settlement(expired=True)
+            return Settlement(expired=True, fate=MoneyFate.REFUND_DUE, refund_cause=expiry_cause)
+        money = self._record(verdict.amount_paid, fee_rate, now)
+        if not money.short:
+            # In full: completed, even past our own expiry (Konnect took it; never dropped).
+            self.status = PaymentState.COMPLETED
+            if order_ended:
+                return Settlement(
+                    money=money, fate=MoneyFate.REFUND_DUE, refund_cause=RefundCause.ORDER_ENDED
+                )
+            fate = MoneyFate.OVERPAID if money.over else MoneyFate.HELD
+            return Settlement(money=money, fate=fate)
+        if ending:
+            self.status = PaymentState.EXPIRED
+            return Settlement(
+                money=money, expired=True, fate=MoneyFate.REFUND_DUE, refund_cause=expiry_cause
+            )
+        self.status = PaymentState.UNDERPAID
+        fate = MoneyFate.UNDERPAID_FOR_ENDED_ORDER if order_ended else MoneyFate.UNDERPAID
+        return Settlement(money=money, fate=fate)
+
+    def _record(self, amount_paid: int, fee_rate: Decimal, now: datetime) -> MoneyReceived:
+        """Record the payment's new total: what arrived, the fee and the escrow (exact)."""
+        minor_units(amount_paid, "amount_paid")
+        split = split_payment(amount_paid, fee_rate)
+        previous = self.status
+        self.amount_paid = amount_paid
+        self.platform_fee = split.platform_fee
+        self.escrow_amount = split.escrow
+        self.paid_at = now
+        self.updated_at = now
+        return MoneyReceived(
+            amount=self.amount,
+            amount_paid=amount_paid,
+            platform_fee=split.platform_fee,
+            escrow_amount=split.escrow,
+            currency=self.currency,
+            paid_at=now,
+            previous_state=previous,
         )
 
+    def is_overdue(self, now: datetime) -> bool:
+        """Open past its expiry: the sweeper asks Konnect once more, then expires it."""
+        return self.is_open and self.expires_at is not None and now >= self.expires_at
+
     def expire(self, now: datetime) -> None:
-        """The payment was never completed within its lifespan (PaymentFailed, expired)."""
-        self._end(PaymentState.EXPIRED, now)
+        """The payment was not completed within its lifespan (PaymentFailed, expired)."""
+        if not self.is_open:
+            raise IllegalTransition(
+                "payment", self.payment_ref or self.id, self.status, PaymentState.EXPIRED
+            )
+        self.status = PaymentState.EXPIRED
+        self.updated_at = now
 
     def fail(self, now: datetime) -> None:
         """We end a pending payment for good for another reason (PaymentFailed, failed)."""
-        self._end(PaymentState.FAILED, now)
-
-    def _end(self, to_state: PaymentState, now: datetime) -> None:
         if self.status is not PaymentState.PENDING:
-            raise IllegalTransition("payment", self.payment_ref or self.id, self.status, to_state)
-        self.status = to_state
+            raise IllegalTransition(
+                "payment", self.payment_ref or self.id, self.status, PaymentState.FAILED
+            )
+        self.status = PaymentState.FAILED
         self.updated_at = now
 
 
@@ -390,86 +481,177 @@ class Payment:
 
 class EscrowStatus(StrEnum):
     HELD = "held"
+    """Paid; the session not yet over (released only once scheduled and over, plus the delay)."""
     RELEASED = "released"
-    CANCELLED = "cancelled"
     FROZEN = "frozen"
-    """Money that came late or short: kept, never released automatically; an admin decides."""
+    """The session will not take place as paid: kept, never released on its own; an admin
+    decides (`FreezeKind` says why)."""
+    REFUND_DUE = "refund_due"
+    """Owed back to the mentee: an admin pays it by other means (Konnect has no refund API)."""
+    REFUNDED = "refunded"
+
+
+class FreezeKind(StrEnum):
+    """Why a hold was frozen. Only one frozen for the scheduling may be held again."""
+
+    SCHEDULING_ABANDONED = "scheduling_abandoned"
+    ORDER_CANCELLED = "order_cancelled"
+    OVERPAID = "overpaid"
+    PAYMENT_ANOMALY = "payment_anomaly"
+    """Money that came late or short before these rules (kept by the migration)."""
+
+
+class ReleaseScheduling(StrEnum):
+    """What OrderConfirmed (the session is in the calendar) did to a hold."""
+
+    SCHEDULED = "scheduled"
+    """Held: its release is due at the session's end plus the delay."""
+    UNFROZEN = "unfrozen"
+    """It was frozen for the scheduling only: held again, its release due (EscrowUnfrozen)."""
+    UNCHANGED = "unchanged"
+    """Already due at that time (a repeat)."""
+    IGNORED = "ignored"
+    """It no longer follows the session (released, frozen for another reason, owed back)."""
+
+
+class RefundAlreadyRecorded(IllegalTransition):
+    """A refund is recorded under another reference: a second one would pay the mentee twice."""
+
+    def __init__(self, hold_id: Any, recorded: str, offered: str) -> None:
+        super().__init__("escrow", hold_id, EscrowStatus.REFUNDED, EscrowStatus.REFUNDED)
+        self.recorded = recorded
+        self.args = (
+            f"escrow {hold_id} was refunded under reference {recorded!r}; "
+            f"it cannot be recorded again under {offered!r}",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
 class EscrowHold:
-    """The mentor's share of a completed payment, held until the session is over."""
+    """The mentor's share of an order's payment, held until the session is over, or owed back.
+
+    `amount` is the escrow (the mentor's share); `amount_paid` all the mentee paid, the fee
+    included, which is what a refund gives back (`refund_amount`). `sequence` counts the
+    transitions from 1 (made): every Escrow* event carries it, so a consumer keeps the latest.
+    `reason` and `decided_by` are those of the last transition (`decided_by` None: by the
+    system).
+    """
 
     id: UUID
     order_id: UUID
     mentor_id: UUID
     amount: int
+    amount_paid: int
     currency: str
     created_at: datetime
+    updated_at: datetime
     status: EscrowStatus = EscrowStatus.HELD
+    sequence: int = 1
+    frozen_reason: FreezeKind | None = None
+    reason: str | None = None
+    decided_by: str | None = None
+    refund_amount: int | None = None
+    refund_reference: str | None = None
     release_due_at: datetime | None = None
     released_at: datetime | None = None
-    cancelled_at: datetime | None = None
+    refunded_at: datetime | None = None
 
     def __post_init__(self) -> None:
         minor_units(self.amount, "amount")
+        minor_units(self.amount_paid, "amount_paid")
         currency_code(self.currency)
+        if self.sequence < 1:
+            raise ValueError(f"an escrow's sequence starts at 1, got {self.sequence}")
+
+    # -- made ------------------------------------------------------------------------------
 
     @classmethod
-    def for_completion(
-        cls,
-        completion: Completion,
-        *,
-        id: UUID,
-        order_id: UUID,
-        mentor_id: UUID,
-        session_end_at: datetime,
-        delay: timedelta,
-        now: datetime,
+    def held_for(
+        cls, money: MoneyReceived, *, id: UUID, order_id: UUID, mentor_id: UUID, now: datetime
     ) -> EscrowHold:
-        """The hold for a completed payment's escrow.
+        """(none) -> held: a payment in full, on time, for a live order.
 
-        Held until the session's end plus the delay only when the money came on time and in
-        full; money that came late (the payment had ended) or short is frozen: never released
-        automatically, an admin decides.
+        No release is due yet: only OrderConfirmed (the session is in the calendar) says when.
         """
-        on_time_and_full = not completion.late and completion.amount_paid >= completion.amount
         return cls(
             id=id,
             order_id=order_id,
             mentor_id=mentor_id,
-            amount=completion.escrow_amount,
-            currency=completion.currency,
+            amount=money.escrow_amount,
+            amount_paid=money.amount_paid,
+            currency=money.currency,
             created_at=now,
-            status=EscrowStatus.HELD if on_time_and_full else EscrowStatus.FROZEN,
-            release_due_at=cls.due_at(session_end_at, delay) if on_time_and_full else None,
+            updated_at=now,
+            reason="paid in full",
         )
 
-    @staticmethod
-    def due_at(session_end_at: datetime, delay: timedelta) -> datetime:
-        """When a hold may be released: the session's end plus the delay."""
-        return session_end_at + delay
+    @classmethod
+    def owed_back(
+        cls,
+        *,
+        id: UUID,
+        order_id: UUID,
+        mentor_id: UUID,
+        escrow_amount: int,
+        amount_paid: int,
+        currency: str,
+        reason: str,
+        now: datetime,
+    ) -> EscrowHold:
+        """(none) -> refund_due: money for an order that had ended, or an underpaid order that
+        expired. All that was paid goes back; nothing was ever held for the mentor."""
+        return cls(
+            id=id,
+            order_id=order_id,
+            mentor_id=mentor_id,
+            amount=escrow_amount,
+            amount_paid=amount_paid,
+            currency=currency,
+            created_at=now,
+            updated_at=now,
+            status=EscrowStatus.REFUND_DUE,
+            reason=reason,
+            refund_amount=amount_paid,
+        )
 
-    def release(self, now: datetime, session_end_at: datetime, delay: timedelta) -> None:
-        """Release the hold for the mentor (EscrowReleased).
+    # -- the session's fate ----------------------------------------------------------------
 
-        Refused with `ReleaseTooEarly` before the session's end plus the delay, with
-        `IllegalTransition` once cancelled, and with `AlreadyApplied` when already released.
+    def schedule_release(
+        self, session_end_at: datetime, delay: timedelta, now: datetime
+    ) -> ReleaseScheduling:
+        """The session is in the calendar and ends at `session_end_at` (OrderConfirmed).
+
+        Held: its release is due at the end plus the delay. Frozen for the scheduling only:
+        held again (an admin's retry of the scheduling succeeded). Any other state no longer
+        follows the session: no change, never an error (the caller logs it).
         """
-        if self.status is EscrowStatus.RELEASED:
-            raise AlreadyApplied(f"escrow {self.id} is already released")
-        if self.status is not EscrowStatus.HELD:
-            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.RELEASED)
-        due = self.due_at(session_end_at, delay)
-        if now < due:
-            raise ReleaseTooEarly(self.id, due)
-        self.status = EscrowStatus.RELEASED
-        self.released_at = now
+        due = session_end_at + delay
+        if self.status is EscrowStatus.HELD:
+            if self.release_due_at == due:
+                return ReleaseScheduling.UNCHANGED
+            self.release_due_at = due
+            self.updated_at = now
+            return ReleaseScheduling.SCHEDULED
+        if (
+            self.status is EscrowStatus.FROZEN
+            and self.frozen_reason is FreezeKind.SCHEDULING_ABANDONED
+        ):
+            self._move(
+                EscrowStatus.HELD,
+                f"the session was scheduled after all; its release is due at {due.isoformat()}",
+                None,
+                now,
+            )
+            self.frozen_reason = None
+            self.release_due_at = due
+            return ReleaseScheduling.UNFROZEN
+        return ReleaseScheduling.IGNORED
 
     def release_when_due(self, now: datetime) -> None:
-        """Release the hold at the due time it was given when made (`release_due_at`).
+        """held -> released, once the release OrderConfirmed set is due (EscrowReleased).
 
-        Refused like `release`; a hold without a due time (frozen) is never released here.
+        A held hold without a due time (its session was never scheduled) is never released:
+        IllegalTransition, as for any state but held; `ReleaseTooEarly` before it is due.
         """
         if self.status is EscrowStatus.RELEASED:
             raise AlreadyApplied(f"escrow {self.id} is already released")
@@ -477,12 +659,91 @@ class EscrowHold:
             raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.RELEASED)
         if now < self.release_due_at:
             raise ReleaseTooEarly(self.id, self.release_due_at)
-        self.status = EscrowStatus.RELEASED
+        self._move(
+            EscrowStatus.RELEASED,
+            f"the session was over; released when due ({self.release_due_at.isoformat()})",
+            None,
+            now,
+        )
         self.released_at = now
 
-    def cancel(self, now: datetime) -> None:
-        """The session was cancelled: the hold is never released."""
-        if self.status is not EscrowStatus.HELD:
-            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.CANCELLED)
-        self.status = EscrowStatus.CANCELLED
-        self.cancelled_at = now
+    def freeze(self, kind: FreezeKind, reason: str, by: str | None, now: datetime) -> None:
+        """held -> frozen: the session will not take place as paid; an admin decides.
+
+        A hold already frozen for the same reason: `AlreadyApplied`. Frozen for the scheduling,
+        then for another reason (the order was cancelled): frozen for that one, so that a late
+        OrderConfirmed can no longer unfreeze it. Frozen for another reason, then for the
+        scheduling: `AlreadyApplied` (the graver reason stays). Released or owed back:
+        IllegalTransition.
+        """
+        if self.status is EscrowStatus.FROZEN:
+            if self.frozen_reason is kind or kind is FreezeKind.SCHEDULING_ABANDONED:
+                raise AlreadyApplied(f"escrow {self.id} is already frozen ({self.frozen_reason})")
+        elif self.status is not EscrowStatus.HELD:
+            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.FROZEN)
+        self._move(EscrowStatus.FROZEN, reason, by, now)
+        self.frozen_reason = kind
+        self.release_due_at = None
+
+    # -- an admin's decisions ----------------------------------------------------------------
+
+    def release_by_admin(self, reason: str, by: str, now: datetime) -> None:
+        """frozen -> released: an admin pays the mentor after all. Released: AlreadyApplied."""
+        if self.status is EscrowStatus.RELEASED:
+            raise AlreadyApplied(f"escrow {self.id} is already released")
+        if self.status is not EscrowStatus.FROZEN:
+            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.RELEASED)
+        self._move(EscrowStatus.RELEASED, reason, by, now)
+        self.released_at = now
+
+    def choose_refund(self, reason: str, by: str, now: datetime) -> None:
+        """frozen -> refund_due: an admin gives the mentee back all they paid, the fee
+        included. Already refund_due: AlreadyApplied."""
+        if self.status is EscrowStatus.REFUND_DUE:
+            raise AlreadyApplied(f"a refund of escrow {self.id} is already due")
+        if self.status is not EscrowStatus.FROZEN:
+            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.REFUND_DUE)
+        self._move(EscrowStatus.REFUND_DUE, reason, by, now)
+        self.refund_amount = self.amount_paid
+
+    def owe_more(self, amount_paid: int, escrow_amount: int, reason: str, now: datetime) -> None:
+        """refund_due -> refund_due: more money came late on top of what is owed back; the
+        refund grows to the new total. Refunded already: IllegalTransition (the admins must
+        hear of the rest another way). The total never shrinks: AlreadyApplied."""
+        minor_units(amount_paid, "amount_paid")
+        minor_units(escrow_amount, "escrow_amount")
+        if self.status is not EscrowStatus.REFUND_DUE:
+            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.REFUND_DUE)
+        if amount_paid <= self.amount_paid:
+            raise AlreadyApplied(f"escrow {self.id} already owes back {self.amount_paid}")
+        self._move(EscrowStatus.REFUND_DUE, reason, None, now)
+        self.amount = escrow_amount
+        self.amount_paid = amount_paid
+        self.refund_amount = amount_paid
+
+    def record_refund(self, reference: str, reason: str, by: str, now: datetime) -> None:
+        """refund_due -> refunded: an admin paid the refund back and records its reference.
+
+        Refunded under the same reference: AlreadyApplied; under another:
+        `RefundAlreadyRecorded` (an IllegalTransition: it would be a second refund).
+        """
+        if not reference or not reference.strip():
+            raise ValueError("a refund is recorded with its reference")
+        if self.status is EscrowStatus.REFUNDED:
+            if self.refund_reference == reference:
+                raise AlreadyApplied(f"escrow {self.id} is already refunded ({reference})")
+            raise RefundAlreadyRecorded(self.id, self.refund_reference or "", reference)
+        if self.status is not EscrowStatus.REFUND_DUE:
+            raise IllegalTransition("escrow", self.id, self.status, EscrowStatus.REFUNDED)
+        self._move(EscrowStatus.REFUNDED, reason, by, now)
+        self.refund_reference = reference
+        self.refunded_at = now
+
+    def _move(self, to: EscrowStatus, reason: str, by: str | None, now: datetime) -> None:
+        if not reason or not reason.strip():
+            raise ValueError("every escrow transition says why")
+        self.status = to
+        self.sequence += 1
+        self.reason = reason
+        self.decided_by = by
+        self.updated_at = now

@@ -1,48 +1,54 @@
-"""The payments service's event subscribers."""
+"""The payments service's event subscribers: an event in, one service call.
+
+Each runs in the consumer's transaction (the inbox record commits with it); the service keeps
+the rules and the order's lock that serialises what happens to one order.
+"""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Awaitable, Callable
-
-from sqlalchemy.dialects.postgresql import insert
-
-from booking.contracts import BookingRequested
-from booking.payments.domain import PaymentState
-from booking.payments.tables import payments
+from booking.contracts import BookingRequested, OrderCancelled, OrderConfirmed, SchedulingAbandoned
+from booking.payments.service import PaymentService
 from booking.runtime.consumer import MessageContext
 
-Initiate = Callable[[uuid.UUID], Awaitable[None]]
 
-
-async def open_payment(event: BookingRequested, ctx: MessageContext, *, initiate: Initiate) -> None:
+async def open_payment(
+    event: BookingRequested, ctx: MessageContext, *, payments: PaymentService
+) -> None:
     """Open the order's payment (`initiating`), then initiate it at Konnect once committed.
 
-    Exactly one payment per order, however often BookingRequested arrives and under whatever
-    message ids: the unique order_id decides, not a check. Konnect is called after the commit,
-    never inside this transaction; if that step is lost, the sweeper initiates the payment.
+    Konnect is called after the commit, never inside this transaction; if that step is lost,
+    the sweeper initiates the payment.
     """
-    opened = await ctx.session.execute(
-        insert(payments)
-        .values(
-            id=uuid.uuid4(),
-            order_id=event.order_id,
-            session_id=event.session_id,
-            mentor_id=event.mentor_id,
-            session_end_at=event.end_at,
-            amount=event.amount,
-            currency=event.currency,
-            title=event.offering.title,
-            mentee_first_name=event.mentee.first_name,
-            mentee_last_name=event.mentee.last_name,
-            mentee_email=event.mentee.email,
-            mentee_phone=event.mentee.phone,
-            correlation_id=ctx.envelope.correlation_id,
-            status=PaymentState.INITIATING.value,
-        )
-        .on_conflict_do_nothing(index_elements=[payments.c.order_id])
-        .returning(payments.c.id)
-    )
-    payment_id = opened.scalar_one_or_none()
+    payment_id = await payments.open_payment(ctx.session, event, ctx.envelope.correlation_id)
     if payment_id is not None:
-        ctx.call_after_commit(lambda: initiate(payment_id))
+        ctx.call_after_commit(lambda: payments.initiate(payment_id))
+
+
+async def schedule_escrow_release(
+    event: OrderConfirmed, ctx: MessageContext, *, payments: PaymentService
+) -> None:
+    """The session is in the calendar: its escrow is released after its end plus the delay."""
+    await payments.schedule_release(ctx.session, event)
+
+
+async def freeze_escrow(
+    event: SchedulingAbandoned, ctx: MessageContext, *, payments: PaymentService
+) -> None:
+    """The calendar gave up on the session: its escrow waits for an admin."""
+    await payments.freeze_for_scheduling(ctx.session, event)
+
+
+async def end_order(
+    event: OrderCancelled, ctx: MessageContext, *, payments: PaymentService
+) -> None:
+    """The order ended without its session: no payment opened, or its escrow frozen."""
+    await payments.end_order(ctx.session, event)
+
+
+HANDLERS = {
+    BookingRequested: open_payment,
+    OrderConfirmed: schedule_escrow_release,
+    SchedulingAbandoned: freeze_escrow,
+    OrderCancelled: end_order,
+}
+"""Every event payments consumes, and its subscriber (each takes the service as `payments`)."""

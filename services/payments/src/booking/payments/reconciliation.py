@@ -1,15 +1,20 @@
 """The sweeper: what the webhook and the fast path may have left undone.
 
-(a) Pending payments older than a grace period, not asked about within the interval, are asked
-of Konnect and its verdict applied (lost webhooks); one past its expiry that Konnect does not
-report completed is expired. (b) Payments left `initiating` (the replica crashed before or
-during its Konnect call) are initiated again once their lease lapsed. (c) Escrow holds due are
-released for the mentor.
+(a) Open payments (pending, or underpaid: the payer may pay the rest) older than a grace
+period, not asked about within the interval, are asked of Konnect and its verdict applied (lost
+webhooks); one past its expiry that Konnect does not report completed is expired, and what an
+underpaid one received is owed back. (b) Payments left `initiating` (the replica crashed before
+or during its Konnect call) are initiated again once their lease lapsed. (c) Held escrow whose
+session was scheduled (OrderConfirmed set when its release is due) is released for the mentor
+once due; a hold never scheduled, frozen or owed back never is.
 
 Every replica runs one. Each claims its rows with `FOR UPDATE SKIP LOCKED` and stamps them in the
 same statement, so replicas never take the same row; every change is then applied under the row
 lock and only once, so even a row taken twice is never doubled. `run_once(now)` is one sweep, at
 any `now` (tests drive time with it).
+
+A sweep that meets an unreachable database gives up until its next interval and says so in
+one quiet line now and then (docs/recovery.md section 1), never a stack trace per row.
 """
 
 from __future__ import annotations
@@ -24,19 +29,12 @@ from typing import Any
 
 from sqlalchemy import Row, select, update
 
-from booking.contracts import EscrowReleased
-from booking.payments.domain import (
-    EscrowHold,
-    EscrowStatus,
-    KonnectVerdict,
-    MalformedKonnectPayment,
-    PaymentState,
-)
+from booking.payments.domain import KonnectVerdict, MalformedKonnectPayment, PaymentState
 from booking.payments.konnect import KonnectError, KonnectUnavailable, PaymentNotFound
-from booking.payments.service import PaymentService, event_id, utcnow
+from booking.payments.service import PaymentService, utcnow
 from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import escrow_holds, payments
-from booking.runtime.context import correlated
+from booking.payments.tables import payments
+from booking.runtime.outages import OutageLog, is_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +57,7 @@ class Sweeper:
         self.db = service.db
         self.settings = settings
         self.batch = settings.reconciliation_batch_size
+        self.outage = OutageLog(log, "the database (payments sweeper)")
         self._tasks: list[asyncio.Task] = []
 
     # -- the loops ---------------------------------------------------------------------------
@@ -81,17 +80,30 @@ class Sweeper:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    @staticmethod
-    async def _every(interval: float, sweep: Callable[[datetime], Awaitable[Any]]) -> None:
+    async def _every(self, interval: float, sweep: Callable[[datetime], Awaitable[Any]]) -> None:
         while True:
             # Jittered, so replicas started together do not sweep in step.
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            try:
-                await sweep(utcnow())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sweep failed; trying again in about %ss", interval)
+            await self.guarded(sweep, utcnow())
+
+    async def guarded(self, sweep: Callable[[datetime], Awaitable[Any]], now: datetime) -> bool:
+        """Run one sweep as the loop does; whether it went through.
+
+        An unreachable database skips the round with one quiet line now and then; any other
+        failure is logged with its trace (a bug), and the next round tries again.
+        """
+        try:
+            await sweep(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if is_unreachable(exc):
+                self.outage.failed(exc, "sweeping")
+            else:
+                log.exception("sweep failed; trying again at the next interval")
+            return False
+        self.outage.recovered()
+        return True
 
     async def _payments(self, now: datetime) -> None:
         await self.reconcile(now)
@@ -106,26 +118,29 @@ class Sweeper:
             released=await self.release_escrow(now),
         )
 
-    # -- (a) pending payments ----------------------------------------------------------------
+    # -- (a) open payments -------------------------------------------------------------------
 
     async def reconcile(self, now: datetime) -> int:
-        """Ask Konnect about every pending payment due a check; returns how many were asked."""
+        """Ask Konnect about every open payment due a check; returns how many were asked."""
         checked = 0
         limit = asyncio.Semaphore(_KONNECT_CONCURRENCY)
         while True:
-            claimed = await self._claim_pending(now)
-            await asyncio.gather(*(self._check(row, now, limit) for row in claimed))
+            claimed = await self._claim_open(now)
+            outcomes = await asyncio.gather(
+                *(self._check(row, now, limit) for row in claimed), return_exceptions=True
+            )
+            _raise_first_outage(outcomes)
             checked += len(claimed)
             if len(claimed) < self.batch:
                 return checked
 
-    async def _claim_pending(self, now: datetime) -> list[Row[Any]]:
+    async def _claim_open(self, now: datetime) -> list[Row[Any]]:
         grace = timedelta(seconds=self.settings.reconciliation_grace_seconds)
         interval = timedelta(seconds=self.settings.reconciliation_interval_seconds)
         due = (
             select(payments.c.id)
             .where(
-                payments.c.status == PaymentState.PENDING.value,
+                payments.c.status.in_(_OPEN),
                 payments.c.created_at <= now - grace,
                 payments.c.last_checked_at.is_(None)
                 | (payments.c.last_checked_at <= now - interval),
@@ -158,7 +173,9 @@ class Sweeper:
             return
         try:
             await self.service.apply_verdict(row.id, verdict, now)
-        except Exception:
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise  # the whole sweep stops: the database is away, not this payment wrong
             log.exception(
                 "reconciliation: applying Konnect's verdict on %s failed", row.payment_ref
             )
@@ -192,64 +209,32 @@ class Sweeper:
             log.warning("initiating payment of order %s again (interrupted)", row.order_id)
             try:
                 await self.service.initiate_claimed(row)
-            except Exception:
+            except Exception as exc:
+                if is_unreachable(exc):
+                    raise  # its lease lapses and a later sweep initiates it again
                 log.exception("initiating the payment of order %s failed", row.order_id)
         return len(rows)
 
     # -- (c) escrow ----------------------------------------------------------------------------
 
     async def release_escrow(self, now: datetime) -> int:
-        """Release every held escrow whose session ended plus the delay; returns how many."""
+        """Release every held escrow whose scheduled session ended plus the delay; how many."""
         released = 0
         while True:
-            count = await self._release_batch(now)
+            count = await self.service.release_due_escrow(now, self.batch)
             released += count
             if count < self.batch:
                 return released
 
-    async def _release_batch(self, now: datetime) -> int:
-        due = (
-            select(escrow_holds, payments.c.correlation_id)
-            .join(payments, payments.c.id == escrow_holds.c.payment_id)
-            .where(
-                escrow_holds.c.status == EscrowStatus.HELD.value,
-                escrow_holds.c.release_due_at <= now,
-            )
-            .order_by(escrow_holds.c.release_due_at)
-            .limit(self.batch)
-            .with_for_update(of=escrow_holds, skip_locked=True)
-        )
-        async with self.db.transaction() as session:
-            rows = (await session.execute(due)).all()
-            for row in rows:
-                hold = EscrowHold(
-                    id=row.id,
-                    order_id=row.order_id,
-                    mentor_id=row.mentor_id,
-                    amount=row.amount,
-                    currency=row.currency,
-                    created_at=row.created_at,
-                    status=EscrowStatus(row.status),
-                    release_due_at=row.release_due_at,
-                )
-                hold.release_when_due(now)
-                await session.execute(
-                    update(escrow_holds)
-                    .where(escrow_holds.c.id == hold.id)
-                    .values(status=hold.status.value, released_at=hold.released_at)
-                )
-                with correlated(row.correlation_id):
-                    await self.service.outbox.record(
-                        session,
-                        EscrowReleased(
-                            order_id=hold.order_id,
-                            mentor_id=hold.mentor_id,
-                            escrow_amount=hold.amount,
-                            currency=hold.currency,
-                            released_at=now,
-                        ),
-                        message_id=event_id("escrow_released", hold.id),
-                    )
-        if rows:
-            log.info("released %d escrow hold(s) to mentors", len(rows))
-        return len(rows)
+
+_OPEN = (PaymentState.PENDING.value, PaymentState.UNDERPAID.value)
+
+
+def _raise_first_outage(outcomes: list[Any]) -> None:
+    """Checks run side by side; if one met an unreachable database, the sweep stops with it."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and is_unreachable(outcome):
+            raise outcome
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome

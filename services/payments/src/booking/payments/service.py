@@ -1,10 +1,15 @@
-"""The payments service's units of work: initiating a payment at Konnect, applying Konnect's
-verdict, answering Konnect's webhook.
+"""The payments service's units of work: opening and initiating a payment at Konnect, applying
+Konnect's verdict, answering Konnect's webhook, and the escrow that follows the session
+(OrderConfirmed, SchedulingAbandoned, OrderCancelled, the release when due, an admin's
+settlement).
 
 Konnect is never called inside an open transaction: a step claims or reads what it needs and
 commits, calls Konnect, then records the result and its events in a transaction of its own,
-under a row lock, so a duplicate or a concurrent step finds the work done and does nothing.
-Events carry the booking's correlation id, stored with the payment.
+under the order's lock and the row's, so a duplicate or a concurrent step finds the work done
+and does nothing. Events carry the booking's correlation id, stored with the payment, and ids
+derived from the fact they record: recording one twice stores it once.
+
+The rules of the escrow are docs/recovery.md's (sections 4 and 5); the domain keeps them.
 """
 
 from __future__ import annotations
@@ -13,13 +18,23 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Row, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import (
+    AdminAction,
+    BookingRequested,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowReleased,
+    EscrowUnfrozen,
     Event,
+    OrderCancelled,
+    OrderConfirmed,
     PaymentAnomalyDetected,
     PaymentAnomalyKind,
     PaymentCompleted,
@@ -27,13 +42,23 @@ from booking.contracts import (
     PaymentFailureReason,
     PaymentInitiated,
     PaymentInitiationFailed,
+    SchedulingAbandoned,
 )
+from booking.payments import repository as repo
 from booking.payments.domain import (
+    AlreadyApplied,
     EscrowHold,
+    EscrowStatus,
+    FreezeKind,
+    IllegalTransition,
     KonnectVerdict,
     MalformedKonnectPayment,
+    MoneyFate,
+    MoneyReceived,
     Payment,
     PaymentState,
+    RefundCause,
+    ReleaseScheduling,
     Settlement,
 )
 from booking.payments.konnect import (
@@ -44,8 +69,10 @@ from booking.payments.konnect import (
     PaymentNotFound,
     PaymentRequest,
 )
+from booking.payments.repository import OrderEnding, StoredHold
 from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import escrow_holds, messaging, payments
+from booking.payments.tables import messaging, payments
+from booking.runtime.audit import record_admin_action
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
 from booking.runtime.outbox import Outbox
@@ -54,6 +81,12 @@ log = logging.getLogger(__name__)
 
 # Events about one payment get ids derived from it: recording one twice stores it once.
 _EVENTS = uuid.UUID("0b8a1f6e-3c1d-4e55-9a0e-5d7c2f4b9e21")
+
+# The longest reason an escrow keeps from an event (a final scheduling failure's detail may be
+# a whole stack trace).
+_REASON_CHARS = 1000
+
+SettlementAction = Literal["release", "refund", "refunded"]
 
 
 def event_id(*parts: object) -> uuid.UUID:
@@ -64,6 +97,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _money(amount: int, currency: str) -> str:
+    return f"{amount} {currency} (minor units)"
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 3] + "..."
+
+
 class UnknownPaymentRef(Exception):
     """No payment of ours has this ref (an anomaly was raised)."""
 
@@ -72,44 +113,26 @@ class KonnectCannotBeAsked(Exception):
     """Konnect could not be asked about a payment, or its answer could not be read."""
 
 
+class NoEscrow(Exception):
+    """The order has no escrow: no money was ever recorded for it."""
+
+    def __init__(self, order_id: uuid.UUID) -> None:
+        self.order_id = order_id
+        super().__init__(f"order {order_id} has no escrow: no money was recorded for it")
+
+
 @dataclass(frozen=True, slots=True)
 class WebhookAnswer:
     payment_ref: str
     status: str
 
 
-def payment_of(row: Row[Any]) -> Payment:
-    """The domain's view of a `payments` row."""
-    return Payment(
-        id=row.id,
-        order_id=row.order_id,
-        amount=row.amount,
-        currency=row.currency,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        payment_ref=row.payment_ref,
-        pay_url=row.pay_url,
-        expires_at=row.expires_at,
-        status=PaymentState(row.status),
-        amount_paid=row.amount_paid,
-        platform_fee=row.platform_fee,
-        escrow_amount=row.escrow_amount,
-        paid_at=row.paid_at,
-    )
-
-
-def _stored(payment: Payment) -> dict[str, Any]:
-    return {
-        "status": payment.status.value,
-        "payment_ref": payment.payment_ref,
-        "pay_url": payment.pay_url,
-        "expires_at": payment.expires_at,
-        "amount_paid": payment.amount_paid,
-        "platform_fee": payment.platform_fee,
-        "escrow_amount": payment.escrow_amount,
-        "paid_at": payment.paid_at,
-        "updated_at": payment.updated_at,
-    }
+# An admin's decision on an escrow: the domain's move and how the audit trail names it.
+_SETTLEMENTS: dict[str, AdminAction] = {
+    "release": AdminAction.RELEASE_ESCROW,
+    "refund": AdminAction.REFUND_ESCROW,
+    "refunded": AdminAction.RECORD_REFUND,
+}
 
 
 class PaymentService:
@@ -126,11 +149,55 @@ class PaymentService:
         self.konnect = konnect
         self.settings = settings
         self.lease = timedelta(seconds=settings.initiation_lease_seconds)
+        self.release_delay = timedelta(minutes=settings.escrow_release_delay_minutes)
 
     async def _record(self, session: AsyncSession, event: Event, message_id: uuid.UUID) -> None:
         await self.outbox.record(session, event, message_id=message_id)
 
-    # -- initiation ------------------------------------------------------------------------
+    # -- opening and initiation ------------------------------------------------------------
+
+    async def open_payment(
+        self, session: AsyncSession, event: BookingRequested, correlation_id: str
+    ) -> uuid.UUID | None:
+        """Open the order's payment (`initiating`) in the caller's transaction; its id, or None
+        when there is nothing to initiate.
+
+        Exactly one payment per order, however often BookingRequested arrives and under
+        whatever message ids: the unique order_id decides, not a check. None is opened for an
+        order that ended first (OrderCancelled came before): the order's lock makes whichever
+        of the two comes second see the other.
+        """
+        await repo.lock_order(session, event.order_id)
+        ending = await repo.ending_of(session, event.order_id)
+        if ending is not None:
+            log.info(
+                "order %s ended (%s) before its payment was opened: none is",
+                event.order_id,
+                ending.reason,
+            )
+            return None
+        opened = await session.execute(
+            insert(payments)
+            .values(
+                id=uuid.uuid4(),
+                order_id=event.order_id,
+                session_id=event.session_id,
+                mentor_id=event.mentor_id,
+                session_end_at=event.end_at,
+                amount=event.amount,
+                currency=event.currency,
+                title=event.offering.title,
+                mentee_first_name=event.mentee.first_name,
+                mentee_last_name=event.mentee.last_name,
+                mentee_email=event.mentee.email,
+                mentee_phone=event.mentee.phone,
+                correlation_id=correlation_id,
+                status=PaymentState.INITIATING.value,
+            )
+            .on_conflict_do_nothing(index_elements=[payments.c.order_id])
+            .returning(payments.c.id)
+        )
+        return opened.scalar_one_or_none()
 
     async def initiate(self, payment_id: uuid.UUID, now: datetime | None = None) -> None:
         """Initiate a payment just opened, unless another replica holds it (the fast path)."""
@@ -185,10 +252,6 @@ class PaymentService:
                 row.id, initiated.payment_ref, initiated.pay_url, now=utcnow()
             )
 
-    async def _locked(self, session: AsyncSession, payment_id: uuid.UUID) -> Row[Any]:
-        query = select(payments).where(payments.c.id == payment_id).with_for_update()
-        return (await session.execute(query)).one()
-
     async def _initiated(
         self, payment_id: uuid.UUID, payment_ref: str, pay_url: str, *, now: datetime
     ) -> PaymentState:
@@ -196,9 +259,10 @@ class PaymentService:
         # counts from the same moment or later, so we never end a payment Konnect still takes.
         expires_at = now + timedelta(minutes=self.settings.konnect_payment_lifespan_minutes)
         async with self.db.transaction() as session:
-            row = await self._locked(session, payment_id)
-            payment = payment_of(row)
+            row = await repo.locked_payment(session, payment_id)
+            payment = repo.payment_of(row)
             if payment.status is not PaymentState.INITIATING:
+                # Settled elsewhere: another replica, or the order ended while Konnect answered.
                 log.warning(
                     "payment %s of order %s was settled elsewhere (%s): Konnect payment %s is an "
                     "orphan nobody will see",
@@ -209,11 +273,7 @@ class PaymentService:
                 )
                 return payment.status
             payment.initiated(payment_ref, pay_url, expires_at, now)
-            await session.execute(
-                update(payments)
-                .where(payments.c.id == payment_id)
-                .values(**_stored(payment), claimed_until=None)
-            )
+            await repo.save_payment(session, payment, claimed_until=None)
             await self._record(
                 session,
                 PaymentInitiated(
@@ -232,16 +292,12 @@ class PaymentService:
     ) -> PaymentState:
         now = utcnow()
         async with self.db.transaction() as session:
-            row = await self._locked(session, payment_id)
-            payment = payment_of(row)
+            row = await repo.locked_payment(session, payment_id)
+            payment = repo.payment_of(row)
             if payment.status is not PaymentState.INITIATING:
                 return payment.status
             payment.initiation_failed(now)
-            await session.execute(
-                update(payments)
-                .where(payments.c.id == payment_id)
-                .values(**_stored(payment), claimed_until=None)
-            )
+            await repo.save_payment(session, payment, claimed_until=None)
             await self._record(
                 session,
                 PaymentInitiationFailed(order_id=row.order_id, reason=reason, detail=detail),
@@ -255,23 +311,34 @@ class PaymentService:
     async def apply_verdict(
         self, payment_id: uuid.UUID, verdict: KonnectVerdict, now: datetime
     ) -> PaymentState:
-        """Apply what Konnect says of a payment, once, under the payment's row lock.
+        """Apply what Konnect says of a payment, once, under the order's lock and the row's.
 
-        Used by the webhook and by the sweeper. A concurrent duplicate waits for the lock, then
-        finds the verdict applied and changes nothing.
+        Used by the webhook and by the sweeper. A concurrent duplicate waits for the locks, then
+        finds the verdict applied and changes nothing. Whether the order ended without its
+        payment is read under the same lock, so money and an ending never miss each other.
         """
         async with self.db.transaction() as session:
-            row = await self._locked(session, payment_id)
-            payment = payment_of(row)
+            order_id = await repo.order_of_payment(session, payment_id)
+            await repo.lock_order(session, order_id)
+            row = await repo.locked_payment(session, payment_id)
+            payment = repo.payment_of(row)
+            ending = await repo.ending_of(session, order_id)
             with correlated(row.correlation_id):
-                settlement = payment.apply_verdict(verdict, self.settings.platform_fee_rate, now)
-                values = {"last_checked_at": now}
-                if settlement.changed:
-                    values |= _stored(payment)
-                await session.execute(
-                    update(payments).where(payments.c.id == payment_id).values(**values)
+                settlement = payment.apply_verdict(
+                    verdict,
+                    self.settings.platform_fee_rate,
+                    now,
+                    order_ended=ending is not None,
                 )
-                await self._record_settlement(session, row, payment, settlement, now)
+                if settlement.changed:
+                    await repo.save_payment(session, payment, last_checked_at=now)
+                else:
+                    await session.execute(
+                        update(payments)
+                        .where(payments.c.id == payment_id)
+                        .values(last_checked_at=now)
+                    )
+                await self._record_settlement(session, row, payment, settlement, ending, now)
         return payment.status
 
     async def _record_settlement(
@@ -280,6 +347,7 @@ class PaymentService:
         row: Row[Any],
         payment: Payment,
         settlement: Settlement,
+        ending: OrderEnding | None,
         now: datetime,
     ) -> None:
         ref = row.payment_ref
@@ -299,94 +367,188 @@ class PaymentService:
                 ),
                 event_id("failed", row.id),
             )
-            log.info("payment %s of order %s expired unpaid", ref, row.order_id)
-            return
-        done = settlement.completion
-        if done is None:
-            return
-        hold = EscrowHold.for_completion(
-            done,
-            id=uuid.uuid4(),
-            order_id=row.order_id,
-            mentor_id=row.mentor_id,
-            session_end_at=row.session_end_at,
-            delay=timedelta(minutes=self.settings.escrow_release_delay_minutes),
-            now=now,
-        )
-        await session.execute(
-            escrow_holds.insert().values(
-                id=hold.id,
-                order_id=hold.order_id,
-                payment_id=row.id,
-                mentor_id=hold.mentor_id,
-                amount=hold.amount,
-                currency=hold.currency,
-                status=hold.status.value,
-                release_due_at=hold.release_due_at,
-                created_at=now,
+            log.info(
+                "payment %s of order %s expired with %s paid",
+                ref,
+                row.order_id,
+                payment.amount_paid or 0,
             )
-        )
-        await self._record(
-            session,
-            PaymentCompleted(
-                order_id=row.order_id,
-                payment_ref=ref,
-                amount=done.amount,
-                amount_paid=done.amount_paid,
-                platform_fee=done.platform_fee,
-                escrow_amount=done.escrow_amount,
-                currency=done.currency,
-                paid_at=done.paid_at,
-            ),
-            event_id("completed", row.id),
-        )
-        money = f"{done.amount_paid} {done.currency} (minor units)"
-        if done.late:
-            await self._anomaly(
-                session,
-                row,
-                PaymentAnomalyKind.PAYMENT_FOR_ENDED_ORDER,
-                f"Critical: {money} arrived for payment {ref} of order {row.order_id} after it "
-                f"had {done.previous_state.value}: money for an ended order. It is recorded and "
-                f"its escrow of {done.escrow_amount} frozen, never dropped: an admin must "
-                "refund it or honour the booking.",
-            )
-        if done.amount_paid < done.amount:
+        money, fate = settlement.money, settlement.fate
+        if fate in (MoneyFate.HELD, MoneyFate.OVERPAID, MoneyFate.UNDERPAID):
+            assert money is not None
+            await self._completed(session, row, money)
+        if fate is MoneyFate.HELD or fate is MoneyFate.OVERPAID:
+            assert money is not None
+            await self._hold(session, row, money, now)
+        elif fate is MoneyFate.UNDERPAID:
+            assert money is not None
             await self._anomaly(
                 session,
                 row,
                 PaymentAnomalyKind.UNDERPAYMENT,
-                f"payment {ref} of order {row.order_id} reached {money} of the "
-                f"{done.amount} due: the order stays unpaid and the escrow is frozen.",
+                f"payment {ref} of order {row.order_id} reached "
+                f"{_money(money.amount_paid, money.currency)} of the {money.amount} due: the "
+                "order stays unpaid; the payer may pay the rest until the payment expires "
+                f"({payment.expires_at.isoformat() if payment.expires_at else 'no expiry'}), "
+                "after which what was paid is owed back.",
+                money.amount_paid,
             )
-        elif done.amount_paid > done.amount:
+        elif fate is MoneyFate.UNDERPAID_FOR_ENDED_ORDER:
+            assert money is not None and ending is not None
+            await self._anomaly(
+                session,
+                row,
+                PaymentAnomalyKind.PAYMENT_FOR_CANCELLED_ORDER,
+                f"Critical: {_money(money.amount_paid, money.currency)} arrived for payment {ref} "
+                f"of order {row.order_id}, which had ended ({ending.reason}). The payment is "
+                "still open; what it holds is owed back to the mentee once it ends.",
+                money.amount_paid,
+            )
+        elif fate is MoneyFate.REFUND_DUE:
+            assert settlement.refund_cause is not None
+            await self._owe_back(session, row, payment, settlement.refund_cause, money, ending, now)
+
+    async def _completed(self, session: AsyncSession, row: Row[Any], money: MoneyReceived) -> None:
+        """PaymentCompleted with the payment's total so far: orders pays the order once the
+        total reaches the amount (one event per total: a top-up is a second one)."""
+        await self._record(
+            session,
+            PaymentCompleted(
+                order_id=row.order_id,
+                payment_ref=row.payment_ref,
+                amount=money.amount,
+                amount_paid=money.amount_paid,
+                platform_fee=money.platform_fee,
+                escrow_amount=money.escrow_amount,
+                currency=money.currency,
+                paid_at=money.paid_at,
+            ),
+            event_id("completed", row.id, money.amount_paid),
+        )
+        log.info(
+            "payment %s of order %s: %d paid of %d, fee %d, escrow %d",
+            row.payment_ref,
+            row.order_id,
+            money.amount_paid,
+            money.amount,
+            money.platform_fee,
+            money.escrow_amount,
+        )
+
+    async def _hold(
+        self, session: AsyncSession, row: Row[Any], money: MoneyReceived, now: datetime
+    ) -> None:
+        """Hold the mentor's share of a payment in full; freeze it at once if overpaid."""
+        hold = EscrowHold.held_for(
+            money, id=uuid.uuid4(), order_id=row.order_id, mentor_id=row.mentor_id, now=now
+        )
+        if money.over:
+            hold.freeze(
+                FreezeKind.OVERPAID,
+                f"overpaid: {_money(money.amount_paid, money.currency)} arrived for "
+                f"{money.amount} due; an admin releases the escrow or refunds the mentee",
+                None,
+                now,
+            )
+        await repo.add_hold(session, hold, row.id)
+        if hold.status is EscrowStatus.FROZEN:
+            await self._record_escrow(session, hold)
             await self._anomaly(
                 session,
                 row,
                 PaymentAnomalyKind.AMOUNT_MISMATCH,
-                f"payment {ref} of order {row.order_id} reached {money}, more than the "
-                f"{done.amount} due.",
+                f"payment {row.payment_ref} of order {row.order_id} reached "
+                f"{_money(money.amount_paid, money.currency)}, more than the {money.amount} "
+                "due: its escrow is frozen until an admin settles it.",
+                money.amount_paid,
             )
-        log.info(
-            "payment %s of order %s completed: %d paid, fee %d, escrow %d (%s)",
-            ref,
-            row.order_id,
-            done.amount_paid,
-            done.platform_fee,
-            done.escrow_amount,
-            hold.status.value,
+
+    async def _owe_back(
+        self,
+        session: AsyncSession,
+        row: Row[Any],
+        payment: Payment,
+        cause: RefundCause,
+        money: MoneyReceived | None,
+        ending: OrderEnding | None,
+        now: datetime,
+    ) -> None:
+        """What the payment holds is owed back to the mentee: refund_due (or more of it), with
+        the Critical anomaly, in this transaction. Nothing was ever held for the mentor."""
+        assert payment.amount_paid is not None and payment.escrow_amount is not None
+        paid = _money(payment.amount_paid, payment.currency)
+        ref = row.payment_ref
+        if cause is RefundCause.ORDER_ENDED:
+            assert ending is not None
+            why = f"{paid} arrived for order {row.order_id}, which had ended ({ending.reason})"
+        elif cause is RefundCause.PAYMENT_ENDED:
+            assert money is not None
+            why = f"{paid} arrived after payment {ref} had {money.previous_state.value}"
+        else:
+            why = f"payment {ref} expired with {paid} paid of the {payment.amount} due"
+        reason = _clip(f"{why}: owed back to the mentee")
+        existing = await repo.hold_of_order(session, row.order_id)
+        if existing is None:
+            hold = EscrowHold.owed_back(
+                id=uuid.uuid4(),
+                order_id=row.order_id,
+                mentor_id=row.mentor_id,
+                escrow_amount=payment.escrow_amount,
+                amount_paid=payment.amount_paid,
+                currency=payment.currency,
+                reason=reason,
+                now=now,
+            )
+            await repo.add_hold(session, hold, row.id)
+        else:
+            hold = existing.hold
+            try:
+                hold.owe_more(payment.amount_paid, payment.escrow_amount, reason, now)
+            except AlreadyApplied:
+                return
+            except IllegalTransition:
+                # Refunded already: the rest cannot join that refund. Never dropped: told.
+                extra = payment.amount_paid - hold.amount_paid
+                await self._anomaly(
+                    session,
+                    row,
+                    PaymentAnomalyKind(cause.value),
+                    f"Critical: {why}, after its escrow was {hold.status.value} "
+                    f"(reference {hold.refund_reference}): a further "
+                    f"{_money(extra, payment.currency)} must be paid back to the mentee by hand.",
+                    payment.amount_paid,
+                )
+                return
+            await repo.save_hold(session, hold)
+        await self._record_escrow(session, hold)
+        await self._anomaly(
+            session,
+            row,
+            PaymentAnomalyKind(cause.value),
+            f"Critical: {why}. It is recorded and owed back, never dropped: an admin must pay "
+            f"{_money(hold.refund_amount or 0, hold.currency)} back to the mentee by other "
+            "means (Konnect has no refund API) and record the refund with its reference.",
+            "refund_due",
+            hold.sequence,
         )
+        log.error("order %s: %s (refund due)", row.order_id, why)
 
     async def _anomaly(
-        self, session: AsyncSession, row: Row[Any], kind: PaymentAnomalyKind, detail: str
+        self,
+        session: AsyncSession,
+        row: Row[Any],
+        kind: PaymentAnomalyKind,
+        detail: str,
+        *fact: object,
     ) -> None:
+        """PaymentAnomalyDetected, once per payment, kind and `fact` (an amount, a sequence)."""
         log.warning("payment anomaly %s: %s", kind.value, detail)
         await self._record(
             session,
             PaymentAnomalyDetected(
                 payment_ref=row.payment_ref, order_id=row.order_id, kind=kind, detail=detail
             ),
-            event_id("anomaly", kind.value, row.id),
+            event_id("anomaly", kind.value, row.id, *fact),
         )
 
     # -- the webhook -----------------------------------------------------------------------
@@ -460,6 +622,262 @@ class PaymentService:
                 ),
                 message_id,
             )
+
+    # -- the session's fate (events from orders) -------------------------------------------
+
+    async def schedule_release(self, session: AsyncSession, event: OrderConfirmed) -> None:
+        """The session is in the calendar: its escrow's release is due at its end plus the
+        delay; a hold frozen for the scheduling is held again (EscrowUnfrozen)."""
+        now = utcnow()
+        await repo.lock_order(session, event.order_id)
+        stored = await repo.hold_of_order(session, event.order_id)
+        if stored is None:
+            log.warning(
+                "order %s was confirmed but holds no escrow here: nothing to release",
+                event.order_id,
+            )
+            return
+        hold = stored.hold
+        outcome = hold.schedule_release(event.end_at, self.release_delay, now)
+        if outcome is ReleaseScheduling.UNCHANGED:
+            return
+        if outcome is ReleaseScheduling.IGNORED:
+            log.warning(
+                "order %s was confirmed, but its escrow is %s (%s): it no longer follows the "
+                "session and is left as it is",
+                event.order_id,
+                hold.status.value,
+                hold.frozen_reason.value if hold.frozen_reason else hold.reason,
+            )
+            return
+        await repo.save_hold(session, hold)
+        if outcome is ReleaseScheduling.UNFROZEN:
+            await self._record_escrow(session, hold)
+            log.info("escrow of order %s unfrozen: its session was scheduled", event.order_id)
+        log.info("escrow of order %s due for release at %s", event.order_id, hold.release_due_at)
+
+    async def freeze_for_scheduling(
+        self, session: AsyncSession, event: SchedulingAbandoned
+    ) -> None:
+        """The calendar gave up on the session for good: its escrow is frozen (EscrowFrozen),
+        never released on its own; an admin retries the scheduling, releases or refunds it."""
+        now = utcnow()
+        await repo.lock_order(session, event.order_id)
+        stored = await repo.hold_of_order(session, event.order_id)
+        if stored is None:
+            log.warning(
+                "scheduling of order %s abandoned, but it holds no escrow here", event.order_id
+            )
+            return
+        reason = _clip(f"the calendar gave up on the session ({event.reason}): {event.detail}")
+        await self._freeze(session, stored, FreezeKind.SCHEDULING_ABANDONED, reason, None, now)
+
+    async def end_order(self, session: AsyncSession, event: OrderCancelled) -> None:
+        """The order ended before its session (an admin's cancel, or its payment never
+        opened). Recorded, so that no payment is opened for it afterwards, and:
+
+        - a payment still `initiating` ends as initiation_failed, without
+          PaymentInitiationFailed (the order has ended already);
+        - a pending or underpaid payment stays open: Konnect may still take money until it
+          expires, and what comes is owed back;
+        - a paid order's held escrow is frozen (EscrowFrozen, `by` the admin); released or
+          owed back, it is left as it is.
+        """
+        now = utcnow()
+        await repo.lock_order(session, event.order_id)
+        await repo.record_ending(
+            session,
+            OrderEnding(order_id=event.order_id, reason=event.reason, by=event.by, ended_at=now),
+        )
+        row = await repo.locked_payment_of_order(session, event.order_id)
+        if row is None:
+            log.info("order %s ended before its payment was opened: none will be", event.order_id)
+            return
+        payment = repo.payment_of(row)
+        if payment.status is PaymentState.INITIATING:
+            payment.initiation_failed(now)
+            await repo.save_payment(session, payment, claimed_until=None)
+            log.info("order %s ended while its payment was being opened: ended", event.order_id)
+            return
+        if payment.is_open:
+            log.info(
+                "order %s ended; its payment %s stays open until it expires: money that still "
+                "comes is owed back",
+                event.order_id,
+                payment.payment_ref,
+            )
+            return
+        if payment.status is not PaymentState.COMPLETED:
+            return
+        stored = await repo.hold_of_order(session, event.order_id)
+        if stored is None:
+            log.error("order %s ended; its payment is completed but holds no escrow", row.order_id)
+            return
+        reason = _clip(f"the order was cancelled: {event.reason}")
+        await self._freeze(session, stored, FreezeKind.ORDER_CANCELLED, reason, event.by, now)
+
+    async def _freeze(
+        self,
+        session: AsyncSession,
+        stored: StoredHold,
+        kind: FreezeKind,
+        reason: str,
+        by: str | None,
+        now: datetime,
+    ) -> None:
+        hold = stored.hold
+        try:
+            hold.freeze(kind, reason, by, now)
+        except AlreadyApplied:
+            return
+        except IllegalTransition:
+            # Released or owed back: the money has gone its way; no error to dead-letter.
+            log.warning(
+                "escrow of order %s is %s: not frozen (%s)",
+                hold.order_id,
+                hold.status.value,
+                kind.value,
+            )
+            return
+        await repo.save_hold(session, hold)
+        await self._record_escrow(session, hold)
+        log.warning("escrow of order %s frozen (%s): %s", hold.order_id, kind.value, reason)
+
+    # -- escrow released when due (the sweeper's unit of work) ------------------------------
+
+    async def release_due_escrow(self, now: datetime, limit: int) -> int:
+        """Release up to `limit` held escrows whose session was scheduled and whose end plus
+        the delay has passed (EscrowReleased each); how many. Another replica's are skipped."""
+        async with self.db.transaction() as session:
+            due = await repo.holds_due(session, now, limit)
+            for stored in due:
+                stored.hold.release_when_due(now)
+                await repo.save_hold(session, stored.hold)
+                with correlated(stored.correlation_id):
+                    await self._record_escrow(session, stored.hold)
+        if due:
+            log.info("released %d escrow hold(s) to mentors", len(due))
+        return len(due)
+
+    # -- an admin's view and decisions -------------------------------------------------------
+
+    async def escrow_of(self, order_id: uuid.UUID) -> EscrowHold:
+        """The order's escrow; `NoEscrow` when no money was ever recorded for it."""
+        async with self.db.single_statement() as session:
+            stored = await repo.hold_of_order(session, order_id, lock=False)
+        if stored is None:
+            raise NoEscrow(order_id)
+        return stored.hold
+
+    async def settle_escrow(
+        self,
+        order_id: uuid.UUID,
+        action: SettlementAction,
+        *,
+        reason: str,
+        by: str,
+        reference: str | None = None,
+        now: datetime | None = None,
+    ) -> EscrowHold:
+        """An admin releases a frozen escrow, chooses a refund, or records the refund made.
+
+        One unit of work: the move, its Escrow* event and the audit row (AdminActionRecorded)
+        commit together. A repeat of a move that took effect changes nothing and answers the
+        escrow as it is (no event, no audit). A move the escrow's state forbids raises
+        `IllegalTransition`; an order without escrow `NoEscrow`.
+        """
+        if action == "refunded" and not reference:
+            raise ValueError("a refund is recorded with its reference")
+        audit_action = _SETTLEMENTS[action]
+        now = now or utcnow()
+        async with self.db.transaction() as session:
+            await repo.lock_order(session, order_id)
+            stored = await repo.hold_of_order(session, order_id)
+            if stored is None:
+                raise NoEscrow(order_id)
+            hold = stored.hold
+            before = hold.status
+            try:
+                if action == "release":
+                    hold.release_by_admin(reason, by, now)
+                elif action == "refund":
+                    hold.choose_refund(reason, by, now)
+                else:
+                    assert reference is not None
+                    hold.record_refund(reference, reason, by, now)
+            except AlreadyApplied:
+                return hold
+            await repo.save_hold(session, hold)
+            with correlated(stored.correlation_id):
+                await self._record_escrow(session, hold)
+                await record_admin_action(
+                    session,
+                    self.outbox.tables,
+                    self.outbox,
+                    action=audit_action,
+                    by=by,
+                    reason=reason,
+                    at=now,
+                    order_id=order_id,
+                    session_id=stored.session_id,
+                    detail=(
+                        f"escrow {before.value} -> {hold.status.value} "
+                        f"(sequence {hold.sequence}): "
+                        f"{_money(hold.amount, hold.currency)} escrow, "
+                        f"{_money(hold.amount_paid, hold.currency)} paid"
+                        + (f", reference {reference}" if reference else "")
+                    ),
+                )
+        log.warning(
+            "escrow of order %s %s -> %s by %s: %s",
+            order_id,
+            before.value,
+            hold.status.value,
+            by,
+            reason,
+        )
+        return hold
+
+    # -- escrow events -----------------------------------------------------------------------
+
+    async def _record_escrow(self, session: AsyncSession, hold: EscrowHold) -> None:
+        """The Escrow* event of the hold's last transition, under an id of its sequence."""
+        await self._record(session, escrow_event(hold), event_id("escrow", hold.id, hold.sequence))
+
+
+def escrow_event(hold: EscrowHold) -> Event:
+    """The event that announces the hold's state after a transition (its `sequence` in it)."""
+    common: dict[str, Any] = {
+        "order_id": hold.order_id,
+        "mentor_id": hold.mentor_id,
+        "escrow_amount": hold.amount,
+        "currency": hold.currency,
+        "sequence": hold.sequence,
+    }
+    reason = hold.reason or hold.status.value
+    if hold.status is EscrowStatus.RELEASED:
+        assert hold.released_at is not None
+        return EscrowReleased(
+            **common, released_at=hold.released_at, by=hold.decided_by, reason=reason
+        )
+    if hold.status is EscrowStatus.FROZEN:
+        return EscrowFrozen(**common, reason=reason, by=hold.decided_by)
+    if hold.status is EscrowStatus.HELD:
+        assert hold.release_due_at is not None
+        return EscrowUnfrozen(**common, release_due_at=hold.release_due_at, reason=reason)
+    assert hold.refund_amount is not None
+    if hold.status is EscrowStatus.REFUND_DUE:
+        return EscrowRefundDue(
+            **common, refund_amount=hold.refund_amount, reason=reason, by=hold.decided_by
+        )
+    assert hold.decided_by is not None and hold.refund_reference is not None
+    return EscrowRefunded(
+        **common,
+        refund_amount=hold.refund_amount,
+        reason=reason,
+        by=hold.decided_by,
+        reference=hold.refund_reference,
+    )
 
 
 def _uuid_or_none(value: object) -> uuid.UUID | None:

@@ -1,4 +1,4 @@
-"""The payments schema's tables: payments, escrow holds, and the messaging tables.
+"""The payments schema's tables: payments, escrow holds, order endings, and the runtime's tables.
 
 Money is BIGINT minor units (millimes for TND), never a float. Times are timestamptz.
 """
@@ -13,19 +13,21 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     Text,
     Uuid,
     text,
 )
 from sqlmodel import Field, SQLModel
 
-from booking.payments.domain import EscrowStatus, PaymentState
+from booking.payments.domain import EscrowStatus, FreezeKind, PaymentState
 from booking.runtime.tables import MessagingTables
 
 SCHEMA = "payments"
 
 PAYMENT_STATUSES = tuple(state.value for state in PaymentState)
 ESCROW_STATUSES = tuple(status.value for status in EscrowStatus)
+FREEZE_KINDS = tuple(kind.value for kind in FreezeKind)
 
 messaging = MessagingTables(SQLModel.metadata, SCHEMA)
 
@@ -47,11 +49,11 @@ class PaymentRow(SQLModel, table=True):
 
     __tablename__ = "payments"
     __table_args__ = (
-        # The sweeper's queries: pending ones to ask Konnect about, initiations to repair.
+        # The sweeper's queries: open ones to ask Konnect about, initiations to repair.
         Index(
-            "ix_payments_pending_checked",
+            "ix_payments_open_checked",
             "last_checked_at",
-            postgresql_where=text("status = 'pending'"),
+            postgresql_where=text("status IN ('pending', 'underpaid')"),
         ),
         Index(
             "ix_payments_initiating",
@@ -93,25 +95,40 @@ class PaymentRow(SQLModel, table=True):
     paid_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     # The lease of the replica initiating it (status initiating).
     claimed_until: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    # When Konnect was last asked about it (status pending).
+    # When Konnect was last asked about it (status pending or underpaid).
     last_checked_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
     updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
 
 
 class EscrowHoldRow(SQLModel, table=True):
-    """The mentor's share of a completed payment, held until the session ended plus a delay."""
+    """The mentor's share of an order's payment: held until the scheduled session ended plus a
+    delay, frozen for an admin, or owed back to the mentee (docs/recovery.md section 4)."""
 
     __tablename__ = "escrow_holds"
     __table_args__ = (
-        # The sweeper's query: held ones that are due.
+        # The sweeper's query: held ones that are due (a hold never scheduled has no due time).
         Index(
             "ix_escrow_holds_due",
             "release_due_at",
             postgresql_where=text("status = 'held'"),
         ),
         CheckConstraint(_one_of("status", ESCROW_STATUSES), name="ck_escrow_holds_status"),
-        CheckConstraint("amount >= 0", name="ck_escrow_holds_amount"),
+        CheckConstraint(
+            "amount >= 0 AND amount_paid >= amount AND refund_amount >= 0",
+            name="ck_escrow_holds_amount",
+        ),
+        # A frozen hold says why; a hold settled from frozen keeps why it had been frozen.
+        CheckConstraint(
+            f"(status <> 'frozen' OR frozen_reason IS NOT NULL) AND "
+            f"(frozen_reason IS NULL OR {_one_of('frozen_reason', FREEZE_KINDS)})",
+            name="ck_escrow_holds_frozen_reason",
+        ),
+        CheckConstraint(
+            "status <> 'refunded' OR refund_reference IS NOT NULL",
+            name="ck_escrow_holds_refund_reference",
+        ),
+        CheckConstraint("sequence >= 1", name="ck_escrow_holds_sequence"),
         {"schema": SCHEMA},
     )
 
@@ -121,13 +138,42 @@ class EscrowHoldRow(SQLModel, table=True):
         sa_column=Column(Uuid, ForeignKey(f"{SCHEMA}.payments.id"), nullable=False)
     )
     mentor_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
+    # The mentor's share; and all the mentee paid, the fee included (what a refund gives back).
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount_paid: int = Field(sa_column=Column(BigInteger, nullable=False))
     currency: str = Field(sa_column=Column(Text, nullable=False))
     status: str = Field(sa_column=Column(Text, nullable=False))
+    # Counts the transitions from 1; every Escrow* event carries it.
+    sequence: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("1")))
+    frozen_reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Why, and by whom (an admin's id; NULL: the system), the last transition was made.
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    decided_by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    refund_amount: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    refund_reference: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Set by OrderConfirmed (the session's end plus the delay); NULL: never released on its own.
     release_due_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     released_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    refunded_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+
+
+class OrderEndingRow(SQLModel, table=True):
+    """An order that ended without its payment (an admin's cancel, or orders failing an order
+    whose payment never opened): no payment is opened for it afterwards, and money that still
+    comes for it is owed back."""
+
+    __tablename__ = "order_endings"
+    __table_args__ = ({"schema": SCHEMA},)
+
+    order_id: UUID = Field(sa_column=Column(Uuid, primary_key=True))
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    # The admin who cancelled it; NULL when orders ended it itself.
+    by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    ended_at: datetime = Field(sa_column=_time(nullable=False))
 
 
 payments = PaymentRow.__table__
 escrow_holds = EscrowHoldRow.__table__
+order_endings = OrderEndingRow.__table__
