@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -26,13 +27,14 @@ from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import SCHEMA
-from booking.contracts import Event, MentorRegistered, OrderPaid
+from booking.contracts import Event, MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.auth import issue_token
 from booking.runtime.migrations import upgrade
 from booking.runtime.testing import (
     SandboxClient,
     Served,
     Spy,
+    TcpProxy,
     eventually,
     free_port,
     publish_event,
@@ -55,10 +57,22 @@ async def migrated(database_url: str) -> str:
     return database_url
 
 
+@pytest.fixture
+async def postgres_proxy(migrated: str) -> AsyncIterator[TcpProxy]:
+    """A proxy a test can cut to make Postgres unreachable. Ask for it before the service: it
+    then outlives the service's teardown, which still needs the database."""
+    parts = urlsplit(migrated)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
 async def empty_tables(conn: asyncpg.Connection) -> None:
     await conn.execute(
-        f"TRUNCATE {SCHEMA}.calendar_bookings, {SCHEMA}.connections, {SCHEMA}.oauth_states, "
-        f"{SCHEMA}.mentors, {SCHEMA}.outbox, {SCHEMA}.inbox"
+        f"TRUNCATE {SCHEMA}.scheduling_attempts, {SCHEMA}.calendar_bookings, "
+        f"{SCHEMA}.connections, {SCHEMA}.oauth_states, {SCHEMA}.mentors, {SCHEMA}.outbox, "
+        f"{SCHEMA}.inbox, {SCHEMA}.admin_actions, {SCHEMA}.dead_letters"
     )
 
 
@@ -112,6 +126,14 @@ class Sandbox(SandboxClient):
             body["seconds"] = seconds
         await self._control("POST", "/faults", json=body)
 
+    async def faults(self) -> list[dict[str, Any]]:
+        """The switches not used up yet (a call takes one as it arrives)."""
+        return (await self._control("GET", "/faults"))["faults"]
+
+    async def event(self, account: str, event_id: str) -> dict[str, Any]:
+        [event] = [e for e in await self.events(account) if e["id"] == event_id]
+        return event
+
 
 @contextlib.asynccontextmanager
 async def google_sandbox(**settings: Any) -> AsyncIterator[Sandbox]:
@@ -141,6 +163,18 @@ async def pending_meet_sandbox() -> AsyncIterator[Sandbox]:
     """A sandbox whose new events show their Meet data `pending` for their first 3 reads."""
     async with google_sandbox(google_meet_pending_reads=3) as sandbox:
         yield sandbox
+
+
+@pytest.fixture
+async def make_pending_meet_sandbox() -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
+    """`await make_pending_meet_sandbox(reads)`: a sandbox whose new events show their Meet
+    data `pending` for their first `reads` reads."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(reads: int) -> Sandbox:
+            return await stack.enter_async_context(google_sandbox(google_meet_pending_reads=reads))
+
+        yield make
 
 
 # -- the calendar service ----------------------------------------------------------------------
@@ -196,8 +230,10 @@ class Running:
         """Publish `event` on the service's exchange, as its producer would."""
         await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
 
-    async def register_mentor(self, timezone: str = "Africa/Tunis") -> Mentor:
-        mentor = Mentor(uuid.uuid4(), f"mentor-{uuid.uuid4().hex[:10]}@example.com")
+    async def register_mentor(
+        self, timezone: str = "Africa/Tunis", mentor_id: uuid.UUID | None = None
+    ) -> Mentor:
+        mentor = Mentor(mentor_id or uuid.uuid4(), f"mentor-{uuid.uuid4().hex[:10]}@example.com")
         await self.publish(
             MentorRegistered(
                 mentor_id=mentor.id, name="Ada Lovelace", email=mentor.email, timezone=timezone
@@ -236,11 +272,59 @@ class Running:
         await self.connect(mentor)
         return mentor
 
+    @staticmethod
+    def order_paid(mentor: Mentor | uuid.UUID, **fields: Any) -> OrderPaid:
+        return order_paid(mentor.id if isinstance(mentor, Mentor) else mentor, **fields)
+
     async def pay(self, mentor: Mentor | uuid.UUID, **fields: Any) -> OrderPaid:
-        mentor_id = mentor.id if isinstance(mentor, Mentor) else mentor
-        event = order_paid(mentor_id, **fields)
+        event = self.order_paid(mentor, **fields)
         await self.publish(event)
         return event
+
+    async def cancel(
+        self, paid: OrderPaid, reason: str = "admin_cancelled", by: str | None = "admin-1"
+    ) -> OrderCancelled:
+        """Orders' OrderCancelled for the paid session's order."""
+        event = OrderCancelled(
+            order_id=paid.order_id,
+            session_id=paid.session_id,
+            mentor_id=paid.mentor_id,
+            reason=reason,
+            by=by,
+        )
+        await self.publish(event)
+        return event
+
+    async def retry(
+        self, session_id: uuid.UUID, body: Any = None, role: str = "admin"
+    ) -> httpx.Response:
+        """An admin's retry of the session's scheduling, through the route."""
+        return await self.http.post(
+            f"/api/admin/sessions/{session_id}/retry-scheduling",
+            json=body,
+            headers=self.token(role, "admin-7" if role == "admin" else None),
+        )
+
+    def failures(self, session_id: uuid.UUID) -> list[dict]:
+        """The session's CalendarBookingFailed payloads so far, in the order they came."""
+        return self.published("CalendarBookingFailed", session_id)
+
+    async def failed_times(self, session_id: uuid.UUID, count: int) -> list[dict]:
+        """Wait for the session's `count`-th CalendarBookingFailed; all of them."""
+        await eventually(
+            lambda: len(self.failures(session_id)) >= count,
+            what=f"CalendarBookingFailed #{count} of {session_id}",
+        )
+        return self.failures(session_id)
+
+    async def attempts(self, session_id: uuid.UUID) -> list[asyncpg.Record]:
+        return await self.db.fetch(
+            f"SELECT * FROM {SCHEMA}.scheduling_attempts WHERE session_id = $1 ORDER BY attempt",
+            session_id,
+        )
+
+    async def audit(self) -> list[asyncpg.Record]:
+        return await self.db.fetch(f"SELECT * FROM {SCHEMA}.admin_actions ORDER BY id")
 
     def published(self, event_type: str, session_id: uuid.UUID | None = None) -> list[dict]:
         """Payloads of `event_type` seen on the exchange (about `session_id`, if given)."""

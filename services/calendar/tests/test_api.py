@@ -1,4 +1,5 @@
-"""The connection routes: consent, callback (single-use signed state), status, disconnect."""
+"""The routes: connecting a calendar (consent, callback with a single-use signed state,
+status, disconnect), and an admin's retry of a session's scheduling."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+import pytest
 from pydantic import SecretStr
 
 from booking.calendar.domain import _b64, _unb64
 from booking.calendar.tables import SCHEMA
 from booking.calendar.tokens import TokenCipher
+from booking.runtime.testing import eventually
 
 PROBLEM = "application/problem+json"
 
@@ -257,3 +260,160 @@ class TestStatusAndDisconnect:
             f"/api/mentors/{uuid.uuid4()}/calendar", headers=calendar.token()
         )
         assert unknown.status_code == 404
+
+
+class TestRetryScheduling:
+    async def test_a_failed_scheduling_is_tried_again_now_and_audited(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        await sandbox.fault("quota_403", count=1, endpoint="insert")
+        paid = await calendar.pay(mentor)
+        failed = await calendar.failed(paid.session_id)
+        assert failed["final"] is False  # waiting an hour is not what the admin wants
+
+        response = await calendar.retry(paid.session_id, {"reason": "quota raised"})
+
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "session_id": str(paid.session_id),
+            "order_id": str(paid.order_id),
+            "status": "pending",
+            "reason": None,
+            "final": False,
+            "attempts": 1,
+            "next_attempt_at": None,
+        }
+        await calendar.confirmed(paid.session_id)
+        assert len(await sandbox.events(mentor.email)) == 1
+        [audit] = await calendar.audit()
+        assert (audit["action"], audit["by"], audit["reason"]) == (
+            "retry_scheduling",
+            "admin-7",
+            "quota raised",
+        )
+        assert (audit["order_id"], audit["session_id"]) == (paid.order_id, paid.session_id)
+        recorded = await calendar.one("AdminActionRecorded", paid.session_id)
+        assert recorded["action"] == "retry_scheduling" and recorded["by"] == "admin-7"
+
+    async def test_a_final_failure_is_tried_again_when_the_admin_says_so(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        begun = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        paid = await calendar.pay(mentor, start_at=begun, end_at=begun + timedelta(hours=1))
+        assert (await calendar.failed(paid.session_id))["final"] is True
+        await calendar.connect(mentor)  # too late for a reconnect to retry it
+        await calendar.service.settle()
+        assert (await calendar.booking(paid.session_id))["status"] == "failed"
+
+        response = await calendar.retry(paid.session_id)  # no body at all: the reason is optional
+
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "pending" and response.json()["final"] is False
+        confirmed = await calendar.confirmed(paid.session_id)
+        assert confirmed["event_id"] == paid.session_id.hex
+        assert (await calendar.booking(paid.session_id))["attempts"] == 2
+        [audit] = await calendar.audit()
+        assert audit["reason"] and "finally failed" in audit["detail"]
+
+    async def test_the_retry_schedule_starts_again(self, calendar, sandbox, db):
+        mentor = await calendar.connected()
+        await sandbox.fault("http_503", count=2 * calendar.settings.google_max_attempts)
+        paid = await calendar.pay(mentor)
+        await calendar.failed(paid.session_id)
+        # Stage the end of the schedule: its last failure, final.
+        await db.execute(
+            f"UPDATE {SCHEMA}.calendar_bookings SET final = true, schedule_failures = 5,"
+            " next_attempt_at = NULL WHERE session_id = $1",
+            paid.session_id,
+        )
+
+        assert (await calendar.retry(paid.session_id, {})).status_code == 200
+        failures = await calendar.failed_times(paid.session_id, 2)
+
+        assert failures[-1]["final"] is False and failures[-1]["attempts"] == 2
+        last = (await calendar.attempts(paid.session_id))[-1]
+        assert last["next_attempt_at"] - last["at"] == timedelta(minutes=1)
+
+    async def test_a_repeat_answers_the_state_as_it_is_without_a_new_audit(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        await sandbox.fault("quota_403", count=1, endpoint="insert")
+        paid = await calendar.pay(mentor)
+        await calendar.failed(paid.session_id)
+        assert (await calendar.retry(paid.session_id, {"reason": "again"})).status_code == 200
+        await calendar.confirmed(paid.session_id)
+
+        repeats = [await calendar.retry(paid.session_id, {"reason": "again"}) for _ in range(2)]
+
+        for repeat in repeats:
+            assert repeat.status_code == 200, repeat.text
+            assert repeat.json()["status"] == "confirmed" and repeat.json()["attempts"] == 2
+        assert len(await calendar.audit()) == 1
+        await calendar.one("AdminActionRecorded", paid.session_id)  # still only the one
+        await calendar.confirmed(paid.session_id)  # still once
+
+    async def test_a_pending_scheduling_is_in_flight_already(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        await sandbox.fault("slow", count=1, endpoint="insert", seconds=1.0)
+        paid = await calendar.pay(mentor)
+
+        async def in_flight() -> bool:
+            return await sandbox.faults() == []
+
+        await eventually(in_flight, what="the insert to stall")
+
+        response = await calendar.retry(paid.session_id, {"reason": "is it stuck?"})
+
+        assert response.status_code == 200
+        assert response.json()["status"] == "pending" and response.json()["attempts"] == 0
+        await calendar.confirmed(paid.session_id)
+        assert await calendar.audit() == []
+        assert len(await sandbox.events(mentor.email)) == 1
+
+    async def test_a_cancelled_session_is_refused(self, calendar, sandbox):
+        mentor = await calendar.register_mentor()
+        paid = await calendar.pay(mentor)
+        await calendar.failed(paid.session_id)
+        await calendar.cancel(paid)
+
+        async def cancelled() -> bool:
+            return (await calendar.booking(paid.session_id))["status"] == "cancelled"
+
+        await eventually(cancelled, what="the booking cancelled")
+
+        response = await calendar.retry(paid.session_id, {"reason": "please"})
+
+        assert response.status_code == 409
+        assert response.headers["content-type"] == PROBLEM
+        assert "cancelled" in response.json()["detail"]
+        assert await calendar.audit() == []
+        assert (await calendar.booking(paid.session_id))["status"] == "cancelled"
+
+    async def test_an_unknown_session_is_404(self, calendar):
+        response = await calendar.retry(uuid.uuid4(), {"reason": "please"})
+
+        assert response.status_code == 404
+        assert response.headers["content-type"] == PROBLEM
+
+    @pytest.mark.parametrize(
+        "body", [{"reason": ""}, {"reason": "ok", "force": True}, {"reason": 7}, ["x"]]
+    )
+    async def test_a_bad_body_is_422(self, calendar, body):
+        mentor = await calendar.register_mentor()
+        paid = await calendar.pay(mentor)
+        await calendar.failed(paid.session_id)
+
+        response = await calendar.retry(paid.session_id, body)
+
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"] == PROBLEM
+        assert (await calendar.booking(paid.session_id))["status"] == "failed"
+
+    async def test_only_an_admin_may_retry(self, calendar):
+        mentor = await calendar.register_mentor()
+        paid = await calendar.pay(mentor)
+        await calendar.failed(paid.session_id)
+        path = f"/api/admin/sessions/{paid.session_id}/retry-scheduling"
+
+        for role in ("mentor", "mentee"):
+            assert (await calendar.retry(paid.session_id, {}, role=role)).status_code == 403
+        assert (await calendar.http.post(path, json={})).status_code == 401
+        assert (await calendar.booking(paid.session_id))["status"] == "failed"
+        assert await calendar.audit() == []

@@ -370,6 +370,104 @@ class TestInsertEvent:
         assert len(await pending_meet_sandbox.events(account)) == 1
 
 
+class TestDeleteEvent:
+    async def inserted(self, make_client, sandbox, account):
+        client, calls, mentor = await credentials(make_client, sandbox, account)
+        wanted = session()
+        await client.insert_event(mentor, "primary", wanted)
+        calls.sent.clear()
+        return client, calls, mentor, wanted.event_id
+
+    async def test_the_event_is_cancelled_and_its_guests_told(
+        self, make_client, sandbox, account
+    ) -> None:
+        client, calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+
+        assert await client.delete_event(mentor, "primary", event_id) is True
+
+        [stored] = await sandbox.events(account)
+        assert stored["id"] == event_id and stored["status"] == "cancelled"
+        assert stored["sandbox"]["deleted_send_updates"] == "all"
+        assert calls.count("DELETE", f"/events/{event_id}") == 1
+
+    async def test_a_second_delete_is_gone_already_not_an_error(
+        self, make_client, sandbox, account
+    ) -> None:
+        client, calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+        await client.delete_event(mentor, "primary", event_id)
+
+        assert await client.delete_event(mentor, "primary", event_id) is False
+
+        assert calls.count("DELETE", f"/events/{event_id}") == 2  # 410 is not retried
+
+    async def test_an_event_that_never_was_is_gone_already(
+        self, make_client, sandbox, account
+    ) -> None:
+        client, calls, mentor = await credentials(make_client, sandbox, account)
+        never = session().event_id
+
+        assert await client.delete_event(mentor, "primary", never) is False
+
+        assert calls.count("DELETE", f"/events/{never}") == 1
+
+    @pytest.mark.parametrize("kind", ["http_500", "http_429", "rate_limit_403", "http_503"])
+    async def test_slow_down_answers_and_5xx_are_retried(
+        self, make_client, sandbox, account, kind
+    ) -> None:
+        client, calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+        await sandbox.fault(kind, count=2, endpoint="delete")
+
+        assert await client.delete_event(mentor, "primary", event_id) is True
+
+        assert calls.count("DELETE", f"/events/{event_id}") == 3
+        [stored] = await sandbox.events(account)
+        assert stored["status"] == "cancelled"
+
+    async def test_google_failing_throughout_gives_up_and_the_event_stays(
+        self, make_client, sandbox, account
+    ) -> None:
+        client, calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+        await sandbox.fault("http_503", count=10, endpoint="delete")
+
+        with pytest.raises(GoogleUnavailable) as unavailable:
+            await client.delete_event(mentor, "primary", event_id)
+
+        assert unavailable.value.attempts == 3 == calls.count("DELETE", f"/events/{event_id}")
+        [stored] = await sandbox.events(account)
+        assert stored["status"] == "confirmed"
+
+    async def test_a_quota_403_is_refused_not_retried(self, make_client, sandbox, account):
+        client, calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+        await sandbox.fault("quota_403", count=5, endpoint="delete")
+
+        with pytest.raises(GoogleRefused) as refused:
+            await client.delete_event(mentor, "primary", event_id)
+
+        assert refused.value.reason == "quotaExceeded"
+        assert calls.count("DELETE", f"/events/{event_id}") == 1
+
+    async def test_an_expired_access_token_is_refreshed_once(
+        self, make_client, sandbox, account
+    ) -> None:
+        client, calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+        await sandbox.expire_access_tokens(account)
+
+        assert await client.delete_event(mentor, "primary", event_id) is True
+
+        assert calls.count("DELETE", f"/events/{event_id}") == 2  # 401, then the fresh token
+        assert calls.count("POST", "/token") == 1
+
+    async def test_a_revoked_account_is_integration_revoked(self, make_client, sandbox, account):
+        client, _calls, mentor, event_id = await self.inserted(make_client, sandbox, account)
+        await sandbox.revoke(account)
+
+        with pytest.raises(IntegrationRevoked):
+            await client.delete_event(mentor, "primary", event_id)
+
+        [stored] = await sandbox.events(account)
+        assert stored["status"] == "confirmed"
+
+
 class TestSecrets:
     async def test_no_token_or_secret_reaches_the_logs_or_the_errors(
         self, make_client, sandbox, account, caplog

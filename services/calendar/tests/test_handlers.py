@@ -85,13 +85,25 @@ class TestScheduleSession:
 
         failed = await calendar.failed(paid.session_id)
         assert failed["reason"] == "calendar_api_error"
-        assert failed["attempts"] == calendar.settings.google_max_attempts
+        # The first scheduling attempt, made of every HTTP attempt the client allows.
+        assert failed["attempts"] == 1
+        assert (
+            f"gave up after {calendar.settings.google_max_attempts} attempt(s)"
+            in (failed["detail"])
+        )
         assert "503" in failed["detail"] and "currently unavailable" in failed["detail"]
         assert failed["mentor_id"] == str(mentor.id)
         assert failed["order_id"] == str(paid.order_id)
+        # Not final: it waits for the retry schedule's first delay.
+        assert failed["final"] is False
+        [attempt] = await calendar.attempts(paid.session_id)
+        assert datetime.fromisoformat(failed["next_attempt_at"]) == attempt["next_attempt_at"]
+        assert attempt["next_attempt_at"] - attempt["at"] == timedelta(minutes=1)
+        assert (attempt["outcome"], attempt["reason"]) == ("failed", "calendar_api_error")
         assert await sandbox.events(mentor.email) == []
         booking = await calendar.booking(paid.session_id)
         assert booking["status"] == "failed" and booking["reason"] == "calendar_api_error"
+        assert (booking["final"], booking["attempts"]) == (False, 1)
 
     async def test_a_mentor_who_never_connected_is_not_integrated(self, calendar):
         mentor = await calendar.register_mentor()
@@ -100,7 +112,12 @@ class TestScheduleSession:
 
         failed = await calendar.failed(paid.session_id)
         assert failed["reason"] == "mentor_not_integrated" and failed["attempts"] == 1
-        assert (await calendar.booking(paid.session_id))["status"] == "failed"
+        # It waits for the mentor to connect, not for a time.
+        assert failed["final"] is False and failed["next_attempt_at"] is None
+        booking = await calendar.booking(paid.session_id)
+        assert booking["status"] == "failed" and booking["next_attempt_at"] is None
+        [attempt] = await calendar.attempts(paid.session_id)
+        assert (attempt["attempt"], attempt["reason"]) == (1, "mentor_not_integrated")
 
     async def test_a_disconnected_mentor_is_not_integrated(self, calendar, sandbox):
         mentor = await calendar.connected()
@@ -121,6 +138,8 @@ class TestScheduleSession:
 
         assert failed["reason"] == "store_not_found"
         assert str(paid.mentor_id) in failed["detail"]
+        # MentorRegistered may be late: tried again on the schedule.
+        assert failed["final"] is False and failed["next_attempt_at"] is not None
 
     async def test_a_revoked_token_is_integration_revoked_and_marks_the_connection(
         self, calendar, sandbox
@@ -160,6 +179,7 @@ class TestScheduleSession:
 
         failed = await calendar.failed(paid.session_id)
         assert failed["reason"] == "unexpected_error"
+        assert failed["final"] is False and failed["next_attempt_at"] is not None
         assert failed["detail"].startswith("Traceback (most recent call last)")
         assert "InvalidToken" in failed["detail"] and "schedule_claimed" in failed["detail"]
         assert await sandbox.events(mentor.email) == []
@@ -277,3 +297,147 @@ class TestRecovery:
 
         assert (await calendar.booking(paid.session_id))["status"] == "failed"
         assert await sandbox.events(mentor.email) == []
+
+
+class TestCancelSession:
+    async def test_a_session_cancelled_before_it_was_paid_is_never_scheduled(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.connected()
+        paid = calendar.order_paid(mentor)  # not published yet
+        await calendar.cancel(paid, reason="payment_never_opened", by=None)
+        await eventually(
+            lambda: calendar.booking(paid.session_id), what="the cancelled session's tombstone"
+        )
+
+        await calendar.publish(paid)  # OrderPaid after all (a late or replayed message)
+        await eventually(lambda: handled(calendar, 3), what="mentor, cancel and paid handled")
+        await calendar.service.settle()
+        await calendar.spy.settle()
+
+        booking = await calendar.booking(paid.session_id)
+        assert booking["status"] == "cancelled" and booking["event_delete_pending"] is False
+        assert "payment_never_opened" in booking["detail"]
+        assert booking["title"] is None and booking["attempts"] == 0
+        assert await sandbox.events(mentor.email) == []
+        assert calendar.published("CalendarBookingConfirmed") == []
+        assert calendar.published("CalendarBookingFailed") == []
+
+    async def test_a_confirmed_session_cancelled_has_its_event_deleted(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        paid = await calendar.pay(mentor)
+        await calendar.confirmed(paid.session_id)
+
+        await calendar.cancel(paid)
+
+        async def deleted() -> bool:
+            event = await sandbox.event(mentor.email, paid.session_id.hex)
+            return event["status"] == "cancelled"
+
+        await eventually(deleted, what="the event deleted in Google")
+        event = await sandbox.event(mentor.email, paid.session_id.hex)
+        assert event["sandbox"]["deleted_send_updates"] == "all"  # the mentee is told
+        await eventually(
+            lambda: settled_deletion(calendar, paid.session_id), what="the deletion recorded"
+        )
+        booking = await calendar.booking(paid.session_id)
+        assert booking["status"] == "cancelled" and booking["claimed_until"] is None
+        assert booking["meet_link"] == event["hangoutLink"]  # what it was, kept
+
+    async def test_a_repeated_cancel_changes_nothing(self, calendar, sandbox):
+        mentor = await calendar.connected()
+        paid = await calendar.pay(mentor)
+        await calendar.confirmed(paid.session_id)
+        cancelled = await calendar.cancel(paid)
+        await eventually(
+            lambda: settled_deletion(calendar, paid.session_id), what="the deletion recorded"
+        )
+        before = await calendar.booking(paid.session_id)
+
+        await calendar.publish(cancelled)  # the same fact again, under another message id
+        await eventually(lambda: handled(calendar, 4), what="both cancels handled")
+        await calendar.service.settle()
+
+        assert await calendar.booking(paid.session_id) == before
+        [event] = await sandbox.events(mentor.email)
+        assert event["status"] == "cancelled"
+
+    async def test_a_cancel_during_an_insert_in_flight_leaves_no_live_event(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.connected()
+        # Shorter than the client's timeout: the insert answers, after the cancel is in.
+        await sandbox.fault("slow", count=1, endpoint="insert", seconds=1.5)
+        paid = await calendar.pay(mentor)
+
+        async def stalled() -> bool:
+            return await sandbox.faults() == []  # the insert took the switch: it is stalling
+
+        await eventually(stalled, what="the insert to reach Google and stall")
+        await calendar.cancel(paid)
+        await eventually(
+            lambda: cancelled_row(calendar, paid.session_id), what="the booking cancelled"
+        )
+        assert await sandbox.events(mentor.email) == []  # the insert has not landed yet
+
+        async def deleted() -> bool:
+            events = await sandbox.events(mentor.email)
+            return len(events) == 1 and events[0]["status"] == "cancelled"
+
+        await eventually(deleted, what="the run to delete the event it made")
+        await eventually(
+            lambda: settled_deletion(calendar, paid.session_id), what="the deletion recorded"
+        )
+        await calendar.spy.settle()
+        assert calendar.published("CalendarBookingConfirmed") == []
+        booking = await calendar.booking(paid.session_id)
+        assert booking["status"] == "cancelled" and booking["attempts"] == 0
+
+    async def test_a_failed_booking_cancelled_is_not_scheduled_by_a_reconnect(
+        self, calendar, sandbox
+    ):
+        mentor = await calendar.register_mentor()
+        paid = await calendar.pay(mentor)
+        await calendar.failed(paid.session_id)
+
+        await calendar.cancel(paid)
+        await eventually(
+            lambda: settled_deletion(calendar, paid.session_id),
+            what="the deletion settled without a connection",
+        )
+        await calendar.connect(mentor)
+        await calendar.service.settle()
+
+        assert (await calendar.booking(paid.session_id))["status"] == "cancelled"
+        assert await sandbox.events(mentor.email) == []
+        await calendar.spy.settle()
+        assert calendar.published("CalendarBookingConfirmed") == []
+
+    async def test_a_mentor_with_no_working_connection_leaves_nothing_deletable(
+        self, calendar, sandbox, caplog
+    ):
+        mentor = await calendar.connected()
+        paid = await calendar.pay(mentor)
+        await calendar.confirmed(paid.session_id)
+        await sandbox.revoke(mentor.email)
+        calendar.service.google.forget(mentor.id)
+
+        await calendar.cancel(paid)
+
+        await eventually(
+            lambda: settled_deletion(calendar, paid.session_id), what="the deletion given up"
+        )
+        # Google still has it: only the mentor can remove it now, and the logs say so.
+        assert (await sandbox.event(mentor.email, paid.session_id.hex))["status"] == "confirmed"
+        assert "cannot be deleted by the platform" in caplog.text
+        assert (await calendar.connection(mentor))["revoked_at"] is not None
+
+
+async def cancelled_row(calendar, session_id: uuid.UUID) -> bool:
+    row = await calendar.booking(session_id)
+    return row is not None and row["status"] == "cancelled"
+
+
+async def settled_deletion(calendar, session_id: uuid.UUID) -> bool:
+    row = await calendar.booking(session_id)
+    return row is not None and row["status"] == "cancelled" and not row["event_delete_pending"]

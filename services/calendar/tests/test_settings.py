@@ -1,8 +1,11 @@
-"""CalendarSettings: the environment names of DESIGN section 8, sandbox defaults, hidden secrets."""
+"""CalendarSettings: the environment names every deployment sets, sandbox defaults, the
+scheduling retry schedule, hidden secrets."""
 
 import base64
+from datetime import timedelta
 
 import pytest
+from pydantic import ValidationError
 
 from booking.calendar.settings import CalendarSettings
 
@@ -14,6 +17,7 @@ NAMES = (
     "GOOGLE_TOKEN_URL",
     "GOOGLE_CALENDAR_API_URL",
     "TOKEN_ENCRYPTION_KEY",
+    "SCHEDULING_RETRY_DELAYS_MINUTES",
 )
 
 
@@ -73,3 +77,25 @@ class TestEnvironment:
         shown = repr(settings)
         assert settings.google_client_secret.get_secret_value() not in shown
         assert settings.token_encryption_key.get_secret_value() not in shown
+
+
+class TestRetrySchedule:
+    def test_by_default_four_delays_one_five_fifteen_sixty_minutes(self) -> None:
+        assert CalendarSettings().retry_schedule.delays == tuple(
+            timedelta(minutes=m) for m in (1, 5, 15, 60)
+        )
+
+    def test_the_environment_sets_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SCHEDULING_RETRY_DELAYS_MINUTES", "0.5,2,10")
+
+        delays = CalendarSettings().retry_schedule.delays
+
+        assert delays == (timedelta(seconds=30), timedelta(minutes=2), timedelta(minutes=10))
+
+    @pytest.mark.parametrize("value", ["", "soon", "1,0", "-1"])
+    def test_a_schedule_that_is_not_positive_minutes_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, value: str
+    ) -> None:
+        monkeypatch.setenv("SCHEDULING_RETRY_DELAYS_MINUTES", value)
+        with pytest.raises(ValidationError, match="scheduling_retry_delays_minutes"):
+            CalendarSettings()

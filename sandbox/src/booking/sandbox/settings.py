@@ -1,4 +1,4 @@
-"""The sandbox providers' settings: where they listen (DESIGN 8) and how each one behaves."""
+"""The sandbox providers' settings: where they listen and how each one behaves."""
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict

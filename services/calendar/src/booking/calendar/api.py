@@ -1,4 +1,5 @@
-"""The calendar service's HTTP routes: connecting a mentor's Google calendar (DESIGN section 5).
+"""The calendar service's HTTP routes: connecting a mentor's Google calendar, and an admin's
+retry of a session's scheduling.
 
 The gateway forwards the caller's Authorization header; every route but Google's callback
 verifies the token and the role again, so the service reached directly is no more open than
@@ -9,11 +10,17 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
 from fastapi.responses import RedirectResponse
 
-from booking.calendar.service import CalendarService, ConnectRefused, UnknownMentor
-from booking.contracts.http import CalendarConnection
+from booking.calendar.service import (
+    CalendarService,
+    ConnectRefused,
+    RetryRefused,
+    UnknownMentor,
+    UnknownSession,
+)
+from booking.contracts.http import CalendarConnection, OptionalReason, SessionScheduling
 from booking.runtime.auth import Identity, Role, require_roles
 
 _PROBLEM = {"content": {"application/problem+json": {}}}
@@ -104,5 +111,28 @@ def calendar_router(calendar: CalendarService) -> APIRouter:
         except UnknownMentor:
             raise _unknown(mentor_id) from None
         return Response(status_code=204)
+
+    @router.post(
+        "/api/admin/sessions/{session_id}/retry-scheduling",
+        response_model=SessionScheduling,
+        responses={
+            404: {"description": "no such session", **_PROBLEM},
+            409: {"description": "the session was cancelled", **_PROBLEM},
+        },
+        summary="Try a failed scheduling again now (a final one too); the retry schedule restarts",
+    )
+    async def retry_scheduling(
+        session_id: UUID,
+        body: OptionalReason = Body(default_factory=OptionalReason),
+        identity: Identity = Depends(require_roles(Role.ADMIN)),
+    ) -> SessionScheduling:
+        try:
+            return await calendar.retry_scheduling(
+                session_id, by=identity.sub, reason=body.reason or "scheduling retried"
+            )
+        except UnknownSession:
+            raise HTTPException(404, f"no paid session has the id {session_id}") from None
+        except RetryRefused as refused:
+            raise HTTPException(409, str(refused)) from None
 
     return router

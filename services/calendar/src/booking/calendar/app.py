@@ -13,13 +13,13 @@ from fastapi import FastAPI
 
 from booking.calendar.api import calendar_router
 from booking.calendar.google import GoogleClient
-from booking.calendar.handlers import register_mentor, schedule_session
+from booking.calendar.handlers import cancel_session, register_mentor, schedule_session
 from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import messaging
 from booking.calendar.tokens import TokenCipher
-from booking.contracts import MentorRegistered, OrderPaid
+from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
 
@@ -28,10 +28,13 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     settings = settings or CalendarSettings()
     google = GoogleClient.from_settings(settings)
 
-    # The handler schedules through the service, which needs the runtime's database: it is
-    # looked up when a message arrives, by which time it exists.
+    # The handlers schedule and delete through the service, which needs the runtime's
+    # database: it is looked up when a message arrives, by which time it exists.
     async def schedule(session_id: UUID) -> None:
         await service.schedule(session_id)
+
+    async def delete(session_id: UUID) -> None:
+        await service.delete_owed(session_id)
 
     runtime = ServiceRuntime(
         name="calendar",
@@ -39,7 +42,10 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
         tables=messaging,
         handlers={
             MentorRegistered: register_mentor,
-            OrderPaid: partial(schedule_session, schedule=schedule),
+            OrderPaid: partial(
+                schedule_session, schedule=schedule, retries=settings.retry_schedule
+            ),
+            OrderCancelled: partial(cancel_session, delete=delete),
         },
     )
     assert runtime.db is not None and runtime.outbox is not None

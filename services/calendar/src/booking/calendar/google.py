@@ -5,7 +5,8 @@ errors, 429, 403 rateLimitExceeded/userRateLimitExceeded and 5xx are retried wit
 backoff and full jitter, a bounded number of times (a short Retry-After is honoured); any other
 4xx is an answer, never retried. At the calendar API a 401 refreshes the access token once and
 tries again; a 409 duplicate means the event exists (its id is derived from the session), so it
-is read instead. invalid_grant at a refresh is `IntegrationRevoked`, never retried.
+is read instead; at a delete, 410 `deleted` and 404 mean the event is gone already, which is
+what was asked. invalid_grant at a refresh is `IntegrationRevoked`, never retried.
 
 Access tokens live in memory only, per mentor, until shortly before they expire. Refresh and
 access tokens and the client secret never reach a log line, an exception or a repr.
@@ -396,6 +397,32 @@ class GoogleClient(OutsideClient):
 
         response = await self._authorized("event read", credentials, read)
         return CalendarEvent.read(_json_object(response))
+
+    async def delete_event(
+        self, credentials: MentorCredentials, calendar_id: str, event_id: str
+    ) -> bool:
+        """Remove the event from the mentor's calendar, telling its guests; True if this call
+        deleted it, False if it was gone already (410 deleted by an earlier call, or 404).
+
+        Safe to repeat: Google keeps a deleted event `cancelled` and answers 410 thereafter, and
+        its id is never free again, so a late insert under it cannot bring it back.
+        """
+
+        async def delete(token: SecretStr) -> httpx.Response:
+            return await self.http.delete(
+                f"{self._events_url(calendar_id)}/{quote(event_id, safe='')}",
+                params={"sendUpdates": "all"},
+                headers=_bearer(token),
+            )
+
+        try:
+            await self._authorized("event delete", credentials, delete)
+        except GoogleRefused as refused:
+            if refused.status in (404, 410):
+                log.info("event %s is gone already (%s)", event_id, refused.describe())
+                return False
+            raise
+        return True
 
     async def _with_meet_link(
         self, credentials: MentorCredentials, calendar_id: str, event: CalendarEvent

@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 
-from booking.calendar.domain import BookingStatus, google_event_id
+from booking.calendar.domain import BookingStatus, RetrySchedule, google_event_id
 from booking.calendar.service import (
+    booking_of,
+    cancel_booking,
     connection_of,
-    failure_event_id,
     lock_mentor,
     missing_connection,
+    record_failure,
+    unknown_mentor,
 )
 from booking.calendar.tables import calendar_bookings, mentors
-from booking.contracts import (
-    CalendarBookingFailed,
-    CalendarFailureReason,
-    MentorRegistered,
-    OrderPaid,
-)
+from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.consumer import MessageContext
 
-Schedule = Callable[[uuid.UUID], Awaitable[None]]
+log = logging.getLogger(__name__)
+
+# A step run once the message's transaction has committed: schedule a booking, delete an event.
+AfterCommit = Callable[[uuid.UUID], Awaitable[None]]
 
 
 async def register_mentor(event: MentorRegistered, ctx: MessageContext) -> None:
@@ -42,13 +43,16 @@ async def register_mentor(event: MentorRegistered, ctx: MessageContext) -> None:
     )
 
 
-async def schedule_session(event: OrderPaid, ctx: MessageContext, *, schedule: Schedule) -> None:
+async def schedule_session(
+    event: OrderPaid, ctx: MessageContext, *, schedule: AfterCommit, retries: RetrySchedule
+) -> None:
     """Open the session's calendar booking, and schedule it in Google once committed.
 
     One booking per session, however often OrderPaid arrives: the session id's primary key
-    decides, not a check. What needs no Google is decided here, in this transaction (an unknown
-    mentor, no connection, a revoked one); otherwise Google is called after the commit, never
-    inside it. If that step is lost, the sweeper schedules the booking.
+    decides, not a check (a session cancelled first has its tombstone there, and is never
+    scheduled). What needs no Google is decided here, in this transaction (an unknown mentor,
+    no connection, a revoked one): the first attempt, failed. Otherwise Google is called after
+    the commit, never inside it. If that step is lost, the sweeper schedules the booking.
     """
     now = datetime.now(UTC)
     opened = await ctx.session.execute(
@@ -69,37 +73,35 @@ async def schedule_session(event: OrderPaid, ctx: MessageContext, *, schedule: S
             updated_at=now,
         )
         .on_conflict_do_nothing(index_elements=[calendar_bookings.c.session_id])
-        .returning(calendar_bookings.c.session_id)
+        .returning(*calendar_bookings.c)
     )
-    if opened.scalar_one_or_none() is None:
-        return  # a repeat: the first OrderPaid scheduled it
+    row = opened.one_or_none()
+    if row is None:
+        return  # a repeat (the first OrderPaid scheduled it), or the session was cancelled
 
     # FOR SHARE: a reconnect in flight (FOR UPDATE) commits first, and then we see it.
     if await lock_mentor(ctx.session, event.mentor_id, share=True):
         missing = missing_connection(await connection_of(ctx.session, event.mentor_id))
     else:
-        missing = (
-            CalendarFailureReason.STORE_NOT_FOUND,
-            f"the calendar service knows no mentor {event.mentor_id} (no MentorRegistered)",
-        )
+        missing = unknown_mentor(event.mentor_id)
     if missing is None:
         ctx.call_after_commit(lambda: schedule(event.session_id))
         return
 
-    reason, detail = missing
-    await ctx.session.execute(
-        update(calendar_bookings)
-        .where(calendar_bookings.c.session_id == event.session_id)
-        .values(status=BookingStatus.FAILED.value, reason=reason.value, detail=detail, attempts=1)
-    )
-    await ctx.record(
-        CalendarBookingFailed(
-            session_id=event.session_id,
-            order_id=event.order_id,
-            mentor_id=event.mentor_id,
-            reason=reason,
-            detail=detail,
-            attempts=1,
-        ),
-        message_id=failure_event_id(event.session_id, 1),
-    )
+    booking = booking_of(row)
+    booking.fail(*missing, now, retries)
+    await record_failure(ctx.session, ctx.outbox, booking, now)
+
+
+async def cancel_session(
+    event: OrderCancelled, ctx: MessageContext, *, delete: AfterCommit
+) -> None:
+    """The order ended: its session is never scheduled, and its Google event, if it may have
+    one, is deleted once committed (by the run in flight, if one holds the booking; by the
+    sweeper, if this step is lost)."""
+    now = datetime.now(UTC)
+    if await cancel_booking(ctx.session, event, ctx.envelope.correlation_id, now):
+        log.info(
+            "session %s was cancelled (%s): its event is deleted", event.session_id, event.reason
+        )
+        ctx.call_after_commit(lambda: delete(event.session_id))

@@ -1,14 +1,20 @@
-"""The sweeper: bookings the fast path left pending, and spent consent states.
+"""The sweeper: bookings the fast path left pending, failed ones whose next attempt is due,
+ones whose session began while they waited for a reconnect, events of cancelled sessions still
+to delete, and spent consent states.
 
 (a) A pending booking whose lease lapsed (the replica crashed while Google was being asked, or
-after Google answered but before its commit), or that nobody claimed within a grace period, is
-scheduled again. The event id derived from the session makes that harmless: Google answers 409,
-the event is read, and the booking is confirmed with the one event there is. (b) Consent states
-long expired are deleted.
+after Google answered but before its commit, or our database went away meanwhile), or that
+nobody claimed within a grace period, is scheduled again. The event id derived from the session
+makes that harmless: Google answers 409, the event is read, and the booking is confirmed with
+the one event there is. (b) A failed booking on the retry schedule whose next attempt is due is
+run again. (c) A booking still waiting for its mentor to connect Google when its session begins
+is final (docs/recovery.md, section 6). (d) A cancelled booking whose Google event is still owed
+a delete, and that no run holds, has it deleted. (e) Consent states long expired are deleted.
 
 Every replica runs one. Each claims its rows with `FOR UPDATE SKIP LOCKED` and stamps a lease in
 the same statement, so replicas never take the same booking; the outcome is then recorded under
 the row lock and only once. `run_once(now)` is one sweep, at any `now` (tests drive time with it).
+While the database cannot be reached a sweep is skipped, and said so once in a while.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +33,7 @@ from booking.calendar.domain import BookingStatus
 from booking.calendar.service import CalendarService, utcnow
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import calendar_bookings, oauth_states
+from booking.runtime.outages import OutageLog, is_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ class Sweep:
     """What one sweep did."""
 
     scheduled: int = 0
+    retried: int = 0
+    given_up: int = 0
+    deletions: int = 0
     states_pruned: int = 0
 
 
@@ -49,6 +60,8 @@ class Sweeper:
         self.db = service.db
         self.settings = settings
         self.batch = settings.sweeper_batch_size
+        self.lease = timedelta(seconds=settings.scheduling_lease_seconds)
+        self.outage = OutageLog(log, "the calendar database (sweeper)")
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -65,36 +78,74 @@ class Sweeper:
         while True:
             # Jittered, so replicas started together do not sweep in step.
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sweep failed; trying again in about %ss", interval)
+            await self.tick()
+
+    async def tick(self) -> Sweep | None:
+        """One sweep as the background loop runs it: one that meets the database away is
+        skipped (the next interval tries again) with a line now and then, not a trace."""
+        try:
+            sweep = await self.run_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if is_unreachable(exc):
+                self.outage.failed(exc, "sweeping")
+            else:
+                log.exception(
+                    "sweep failed; trying again in about %ss",
+                    self.settings.sweeper_interval_seconds,
+                )
+            return None
+        self.outage.recovered()
+        return sweep
 
     async def run_once(self, now: datetime | None = None) -> Sweep:
         """One full sweep at `now` (default: the clock)."""
         now = now or utcnow()
         return Sweep(
-            scheduled=await self.reschedule(now), states_pruned=await self.prune_states(now)
+            scheduled=await self.reschedule(now),
+            retried=await self.retry_due(now),
+            given_up=await self.give_up_unscheduled(now),
+            deletions=await self.delete_owed(now),
+            states_pruned=await self.prune_states(now),
         )
+
+    async def _in_batches(
+        self,
+        claim: Callable[[datetime], Awaitable[list[Row[Any]]]],
+        work: Callable[[Row[Any]], Awaitable[Any]],
+        what: str,
+        now: datetime,
+    ) -> int:
+        """Claim rows batch by batch and work each (a few Google calls at once); how many."""
+        done = 0
+        limit = asyncio.Semaphore(_GOOGLE_CONCURRENCY)
+
+        async def one(row: Row[Any]) -> None:
+            try:
+                async with limit:
+                    await work(row)
+            except Exception as exc:
+                if is_unreachable(exc):
+                    self.outage.failed(exc, f"{what} {row.session_id}")
+                else:
+                    log.exception("%s %s failed; the next sweep retries", what, row.session_id)
+
+        while True:
+            claimed = await claim(now)
+            await asyncio.gather(*(one(row) for row in claimed))
+            done += len(claimed)
+            if len(claimed) < self.batch:
+                return done
 
     # -- (a) interrupted bookings ------------------------------------------------------------
 
     async def reschedule(self, now: datetime) -> int:
         """Schedule every pending booking whose lease lapsed or nobody claimed; how many."""
-        scheduled = 0
-        limit = asyncio.Semaphore(_GOOGLE_CONCURRENCY)
-        while True:
-            claimed = await self._claim_lapsed(now)
-            await asyncio.gather(*(self._schedule(row, limit) for row in claimed))
-            scheduled += len(claimed)
-            if len(claimed) < self.batch:
-                return scheduled
+        return await self._in_batches(self._claim_lapsed, self._schedule, "scheduling", now)
 
     async def _claim_lapsed(self, now: datetime) -> list[Row[Any]]:
         grace = timedelta(seconds=self.settings.scheduling_grace_seconds)
-        lease = timedelta(seconds=self.settings.scheduling_lease_seconds)
         bookings = calendar_bookings.c
         lapsed = (
             select(bookings.session_id)
@@ -110,26 +161,110 @@ class Sweeper:
         claim = (
             update(calendar_bookings)
             .where(bookings.session_id.in_(lapsed.scalar_subquery()))
-            .values(claimed_until=now + lease, attempts=bookings.attempts + 1)
+            .values(claimed_until=now + self.lease)
             .returning(*calendar_bookings.c)
         )
         async with self.db.transaction() as session:
             return list((await session.execute(claim)).all())
 
-    async def _schedule(self, row: Row[Any], limit: asyncio.Semaphore) -> None:
+    async def _schedule(self, row: Row[Any]) -> None:
         log.warning(
-            "scheduling session %s of order %s again (run %d: interrupted or not yet claimed)",
+            "scheduling session %s of order %s again (after %d attempt(s): interrupted or not "
+            "yet claimed)",
             row.session_id,
             row.order_id,
             row.attempts,
         )
-        try:
-            async with limit:
-                await self.service.schedule_claimed(row)
-        except Exception:
-            log.exception("scheduling session %s failed; the next sweep retries", row.session_id)
+        await self.service.schedule_claimed(row)
 
-    # -- (b) consent states ------------------------------------------------------------------
+    # -- (b) the retry schedule --------------------------------------------------------------
+
+    async def retry_due(self, now: datetime) -> int:
+        """Run again every failed booking whose next attempt on the schedule is due; how many."""
+        return await self._in_batches(self._claim_due, self._retry, "retrying", now)
+
+    async def _claim_due(self, now: datetime) -> list[Row[Any]]:
+        bookings = calendar_bookings.c
+        due = (
+            select(bookings.session_id)
+            .where(
+                bookings.status == BookingStatus.FAILED.value,
+                bookings.final.is_(False),
+                bookings.next_attempt_at <= now,
+            )
+            .order_by(bookings.next_attempt_at)
+            .limit(self.batch)
+            .with_for_update(skip_locked=True)
+        )
+        # Pending again under this sweeper's lease: the run's outcome is recorded as any other.
+        claim = (
+            update(calendar_bookings)
+            .where(bookings.session_id.in_(due.scalar_subquery()))
+            .values(
+                status=BookingStatus.PENDING.value,
+                reason=None,
+                detail=None,
+                next_attempt_at=None,
+                claimed_until=now + self.lease,
+                updated_at=now,
+            )
+            .returning(*calendar_bookings.c)
+        )
+        async with self.db.transaction() as session:
+            return list((await session.execute(claim)).all())
+
+    async def _retry(self, row: Row[Any]) -> None:
+        log.info(
+            "scheduling session %s of order %s again on its retry schedule (attempt %d)",
+            row.session_id,
+            row.order_id,
+            row.attempts + 1,
+        )
+        await self.service.schedule_claimed(row)
+
+    # -- (c) sessions that began unscheduled -------------------------------------------------
+
+    async def give_up_unscheduled(self, now: datetime) -> int:
+        given_up = 0
+        while True:
+            batch = await self.service.give_up_unscheduled(now, self.batch)
+            given_up += batch
+            if batch < self.batch:
+                return given_up
+
+    # -- (d) events of cancelled sessions ----------------------------------------------------
+
+    async def delete_owed(self, now: datetime) -> int:
+        """Delete the event of every cancelled booking that owes one and no run holds; how many
+        were tried (a delete Google did not do stays owed, for after the lease)."""
+        return await self._in_batches(
+            self._claim_deletions, self.service.delete_claimed, "deleting the event of", now
+        )
+
+    async def _claim_deletions(self, now: datetime) -> list[Row[Any]]:
+        bookings = calendar_bookings.c
+        owed = (
+            select(bookings.session_id)
+            .where(
+                bookings.event_delete_pending.is_(True),
+                bookings.status == BookingStatus.CANCELLED.value,
+                # A run still inserting holds the lease: its delete would come before the event.
+                bookings.claimed_until.is_(None) | (bookings.claimed_until < now),
+            )
+            .order_by(bookings.updated_at)
+            .limit(self.batch)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            update(calendar_bookings)
+            .where(bookings.session_id.in_(owed.scalar_subquery()))
+            .values(claimed_until=now + self.lease)
+            .returning(*calendar_bookings.c)
+        )
+        async with self.db.transaction() as session:
+            return list((await session.execute(claim)).all())
+
+    # -- (e) consent states ------------------------------------------------------------------
 
     async def prune_states(self, now: datetime) -> int:
         async with self.db.transaction() as session:

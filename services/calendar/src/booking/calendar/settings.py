@@ -1,10 +1,11 @@
-"""Settings of the calendar service (DESIGN section 8)."""
+"""Settings of the calendar service: the shared ones, Google, the consent, scheduling."""
 
 import hashlib
 import hmac
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
+from booking.calendar.domain import RetrySchedule
 from booking.runtime.settings import RuntimeSettings
 
 
@@ -52,12 +53,27 @@ class CalendarSettings(RuntimeSettings):
     scheduling_grace_seconds: float = Field(default=10.0, ge=0)
     # Scheduling runs per booking while Google keeps the Meet data pending; then it fails.
     scheduling_max_attempts: int = Field(default=5, ge=1)
+    # A booking that failed with calendar_api_error, unexpected_error or store_not_found waits
+    # this many minutes before its next attempt, then the next, ...; the failure after the
+    # last delay is final (docs/recovery.md, section 6). Tests may shorten the delays, never
+    # change their count.
+    scheduling_retry_delays_minutes: str = "1,5,15,60"
     # After a run that left the Meet data pending, the sweeper looks again this much later.
     meet_pending_retry_seconds: float = Field(default=60.0, gt=0)
 
     # The sweeper of interrupted bookings, in every replica.
     sweeper_interval_seconds: float = Field(default=30.0, gt=0)
     sweeper_batch_size: int = Field(default=50, ge=1)
+
+    @field_validator("scheduling_retry_delays_minutes")
+    @classmethod
+    def _a_schedule(cls, value: str) -> str:
+        RetrySchedule.from_minutes(value)
+        return value
+
+    @property
+    def retry_schedule(self) -> RetrySchedule:
+        return RetrySchedule.from_minutes(self.scheduling_retry_delays_minutes)
 
     @property
     def oauth_state_key(self) -> bytes:
@@ -73,5 +89,5 @@ class CalendarSettings(RuntimeSettings):
 
     @property
     def oauth_redirect_uri(self) -> str:
-        """Where Google sends the browser back, through the gateway (DESIGN 5)."""
+        """Where Google sends the browser back, through the gateway."""
         return f"{self.public_base_url.rstrip('/')}/api/calendar/oauth/callback"

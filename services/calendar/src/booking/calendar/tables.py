@@ -1,16 +1,19 @@
 """The calendar schema's tables: mentors, their Google connections, the single-use consent
-states, the bookings of paid sessions, and the messaging tables. Times are timestamptz."""
+states, the bookings of paid sessions and each attempt at them, and the messaging tables.
+Times are timestamptz."""
 
 from datetime import datetime
 from uuid import UUID
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     Text,
     Uuid,
     text,
@@ -25,6 +28,7 @@ SCHEMA = "calendar"
 
 BOOKING_STATUSES = tuple(status.value for status in BookingStatus)
 FAILURE_REASONS = tuple(reason.value for reason in CalendarFailureReason)
+ATTEMPT_OUTCOMES = ("confirmed", "failed", "meet_pending")
 
 messaging = MessagingTables(SQLModel.metadata, SCHEMA)
 
@@ -90,7 +94,7 @@ class OAuthStateRow(SQLModel, table=True):
 
 
 class CalendarBookingRow(SQLModel, table=True):
-    """One paid session to put in its mentor's calendar: pending, confirmed or failed."""
+    """One paid session to put in its mentor's calendar: pending, confirmed, failed or cancelled."""
 
     __tablename__ = "calendar_bookings"
     __table_args__ = (
@@ -106,6 +110,26 @@ class CalendarBookingRow(SQLModel, table=True):
             "mentor_id",
             postgresql_where=text("status = 'failed'"),
         ),
+        # The sweeper's: failed bookings whose next attempt on the schedule is due.
+        Index(
+            "ix_calendar_bookings_retry_due",
+            "next_attempt_at",
+            postgresql_where=text(
+                "status = 'failed' AND NOT final AND next_attempt_at IS NOT NULL"
+            ),
+        ),
+        # The sweeper's: bookings waiting for a reconnect, final once their session begins.
+        Index(
+            "ix_calendar_bookings_waiting",
+            "start_at",
+            postgresql_where=text("status = 'failed' AND NOT final AND next_attempt_at IS NULL"),
+        ),
+        # The sweeper's: cancelled bookings whose Google event is still to delete.
+        Index(
+            "ix_calendar_bookings_delete_pending",
+            "updated_at",
+            postgresql_where=text("event_delete_pending"),
+        ),
         CheckConstraint(_one_of("status", BOOKING_STATUSES), name="ck_calendar_bookings_status"),
         CheckConstraint(
             f"reason IS NULL OR {_one_of('reason', FAILURE_REASONS)}",
@@ -119,20 +143,35 @@ class CalendarBookingRow(SQLModel, table=True):
     order_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
     # No foreign key: a booking for a mentor we do not know is kept (failed store_not_found).
     mentor_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
-    mentee_email: str = Field(sa_column=Column(Text, nullable=False))
-    title: str = Field(sa_column=Column(Text, nullable=False))
-    start_at: datetime = Field(sa_column=_time(nullable=False))
-    end_at: datetime = Field(sa_column=_time(nullable=False))
+    # The session as OrderPaid told it; NULL in a tombstone (OrderCancelled came first).
+    mentee_email: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    title: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    start_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    end_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     # Derived from the session id before Google is asked: the same on every attempt.
     event_id: str = Field(sa_column=Column(Text, nullable=False))
     status: str = Field(sa_column=Column(Text, nullable=False))
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    # Scheduling runs so far (each claim counts one).
+    # Attempts recorded (scheduling_attempts): counted at each outcome, so a run lost before
+    # its outcome (a crash, our database away) costs nothing.
     attempts: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("0")))
+    # Failures on the retry schedule since it (re)started (an admin's retry restarts it).
+    schedule_failures: int = Field(
+        sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    # Scheduling gave up (status failed): an admin decides.
+    final: bool = Field(sa_column=Column(Boolean, nullable=False, server_default=text("false")))
+    # A failed booking on the schedule is run again from then.
+    next_attempt_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    # Cancelled, and Google may have its event: deleted once no run holds the lease.
+    event_delete_pending: bool = Field(
+        sa_column=Column(Boolean, nullable=False, server_default=text("false"))
+    )
     meet_link: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     html_link: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    # The lease of the replica scheduling it (status pending).
+    # The lease of the replica scheduling it (status pending), or deleting its event
+    # (cancelled); its value is the holder's token.
     claimed_until: datetime | None = Field(default=None, sa_column=_time(nullable=True))
     # The booking's correlation id: every event about it carries it.
     correlation_id: str = Field(sa_column=Column(Text, nullable=False))
@@ -140,7 +179,38 @@ class CalendarBookingRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
 
 
+class SchedulingAttemptRow(SQLModel, table=True):
+    """One attempt at scheduling a booking, as it ended: what an admin reads to see its story."""
+
+    __tablename__ = "scheduling_attempts"
+    __table_args__ = (
+        # The attempt's number is the booking's count, taken under its row lock: once each.
+        PrimaryKeyConstraint("session_id", "attempt", name="pk_scheduling_attempts"),
+        CheckConstraint(
+            _one_of("outcome", ATTEMPT_OUTCOMES), name="ck_scheduling_attempts_outcome"
+        ),
+        CheckConstraint(
+            f"reason IS NULL OR {_one_of('reason', FAILURE_REASONS)}",
+            name="ck_scheduling_attempts_reason",
+        ),
+        {"schema": SCHEMA},
+    )
+
+    session_id: UUID = Field(
+        sa_column=Column(Uuid, ForeignKey(f"{SCHEMA}.calendar_bookings.session_id"), nullable=False)
+    )
+    attempt: int = Field(sa_column=Column(Integer, nullable=False))
+    at: datetime = Field(sa_column=_time(nullable=False))
+    outcome: str = Field(sa_column=Column(Text, nullable=False))
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Whether the scheduling gave up with this failure, and when it tries next.
+    final: bool = Field(sa_column=Column(Boolean, nullable=False, server_default=text("false")))
+    next_attempt_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+
+
 mentors = MentorRow.__table__
 connections = ConnectionRow.__table__
 oauth_states = OAuthStateRow.__table__
 calendar_bookings = CalendarBookingRow.__table__
+scheduling_attempts = SchedulingAttemptRow.__table__
