@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from booking.contracts import OrderCancelled
+from booking.payments.domain import KonnectVerdict, PaymentState
 from booking.runtime.testing import eventually
 
 
@@ -351,3 +354,103 @@ class TestTheSessionsFate:
 
         assert await payments_service.escrow(booking.order_id) is None
         assert await payments_service.payment_status(booking.order_id) == "pending"
+
+
+async def waiting_on_the_order(db, order_id: uuid.UUID) -> bool:
+    """A transaction of this database waits for the order's lock (its advisory lock)."""
+    query = """
+        SELECT count(*) FROM pg_locks
+        WHERE locktype = 'advisory' AND NOT granted
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND ((classid::bigint << 32) | objid::bigint) = hashtext($1)::bigint
+    """
+    return await db.fetchval(query, f"payments:order:{order_id}") > 0
+
+
+class TestTheOrdersLock:
+    """Whichever of two changes to one order commits second sees the first."""
+
+    async def test_an_ending_waits_for_an_opening_and_ends_the_payment(self, payments_service, db):
+        service = payments_service.service
+        booking = payments_service.new_booking()
+        cancel = OrderCancelled(
+            order_id=booking.order_id,
+            session_id=booking.session_id,
+            mentor_id=booking.mentor_id,
+            reason="changed my mind",
+            by="admin-1",
+        )
+
+        async def end_it() -> None:
+            async with service.db.transaction() as session:
+                await service.end_order(session, cancel)
+
+        async with service.db.transaction() as session:
+            payment_id = await service.open_payment(session, booking, "c-1")
+            ending = asyncio.create_task(end_it())
+            await eventually(
+                lambda: waiting_on_the_order(db, booking.order_id), what="the ending waiting"
+            )
+        await ending
+
+        assert payment_id is not None
+        assert await payments_service.payment_status(booking.order_id) == "initiation_failed"
+
+    async def test_an_opening_waits_for_an_ending_and_opens_nothing(self, payments_service, db):
+        service = payments_service.service
+        booking = payments_service.new_booking()
+        cancel = OrderCancelled(
+            order_id=booking.order_id,
+            session_id=booking.session_id,
+            mentor_id=booking.mentor_id,
+            reason="payment_never_opened",
+        )
+
+        async def open_it() -> uuid.UUID | None:
+            async with service.db.transaction() as session:
+                return await service.open_payment(session, booking, "c-1")
+
+        async with service.db.transaction() as session:
+            await service.end_order(session, cancel)
+            opening = asyncio.create_task(open_it())
+            await eventually(
+                lambda: waiting_on_the_order(db, booking.order_id), what="the opening waiting"
+            )
+
+        assert await opening is None
+        assert await payments_service.payment_status(booking.order_id) is None
+
+    async def test_money_that_waits_for_an_ending_is_owed_back_never_held(
+        self, payments_service, sandbox, book, db
+    ):
+        service = payments_service.service
+        booking, ref = await book(payments_service)
+        await sandbox.complete(ref, webhook="none")
+        payment_id = await db.fetchval(
+            "SELECT id FROM payments.payments WHERE order_id = $1", booking.order_id
+        )
+        cancel = OrderCancelled(
+            order_id=booking.order_id,
+            session_id=booking.session_id,
+            mentor_id=booking.mentor_id,
+            reason="mentor left",
+            by="admin-1",
+        )
+        paid_in_full = KonnectVerdict(
+            state=PaymentState.COMPLETED, amount_paid=booking.amount, currency="TND"
+        )
+
+        async with service.db.transaction() as session:
+            await service.end_order(session, cancel)
+            money = asyncio.create_task(
+                service.apply_verdict(payment_id, paid_in_full, datetime.now(UTC))
+            )
+            await eventually(
+                lambda: waiting_on_the_order(db, booking.order_id), what="the money waiting"
+            )
+        await money
+
+        hold = await payments_service.escrow(booking.order_id)
+        assert (hold["status"], hold["refund_amount"]) == ("refund_due", booking.amount)
+        await payments_service.one("EscrowRefundDue", booking.order_id)
+        assert payments_service.published("PaymentCompleted", booking.order_id) == []
