@@ -146,9 +146,11 @@ class TestOrderEndings:
     async def test_an_order_cancelled_while_its_payment_opens_ends_it_quietly(
         self, payments_service, sandbox, db, caplog
     ):
-        # Konnect's first answer hangs past the client's timeout: the init is in flight while
-        # the cancel comes; the payment Konnect opens in the end is an orphan nobody sees.
-        await sandbox.fault("timeout", count=1, endpoint="init")
+        # Konnect's first two answers hang past the client's timeout (seconds): the init is in
+        # flight while the cancel comes; the payment Konnect opens in the end (the third try)
+        # is an orphan nobody sees.
+        attempts = payments_service.settings.konnect_max_attempts
+        await sandbox.fault("timeout", count=attempts - 1, endpoint="init")
         booking = await payments_service.request_booking()
         await eventually(
             lambda: payments_service.payment_status(booking.order_id), what="payment opened"

@@ -84,12 +84,14 @@ def escrow_router(payments: PaymentService) -> APIRouter:
     router = APIRouter(prefix="/api/admin/orders/{order_id}/escrow", tags=["escrow"])
     admin = require_roles(Role.ADMIN)
     errors = {
-        404: {"description": "the order has no escrow: no money was recorded for it", **_PROBLEM},
+        404: {"description": "the order has no escrow: nothing is held or owed for it", **_PROBLEM},
     }
 
     def no_escrow(order_id: uuid.UUID) -> HTTPException:
         return HTTPException(
-            404, f"order {order_id} has no escrow: no money was ever recorded for it"
+            404,
+            f"order {order_id} has no escrow: nothing is held or owed for it (no payment in "
+            "full, and no money owed back)",
         )
 
     @router.get(

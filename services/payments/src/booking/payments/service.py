@@ -114,11 +114,11 @@ class KonnectCannotBeAsked(Exception):
 
 
 class NoEscrow(Exception):
-    """The order has no escrow: no money was ever recorded for it."""
+    """The order has no escrow: nothing is held or owed for it (unpaid, or underpaid so far)."""
 
     def __init__(self, order_id: uuid.UUID) -> None:
         self.order_id = order_id
-        super().__init__(f"order {order_id} has no escrow: no money was recorded for it")
+        super().__init__(f"order {order_id} has no escrow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,7 +762,7 @@ class PaymentService:
     # -- an admin's view and decisions -------------------------------------------------------
 
     async def escrow_of(self, order_id: uuid.UUID) -> EscrowHold:
-        """The order's escrow; `NoEscrow` when no money was ever recorded for it."""
+        """The order's escrow; `NoEscrow` when nothing is held or owed for it."""
         async with self.db.single_statement() as session:
             stored = await repo.hold_of_order(session, order_id, lock=False)
         if stored is None:
