@@ -4,6 +4,11 @@ Debian's Chromium (`/usr/bin/chromium`), headless, driven by Playwright's Python
 browser Playwright downloads. Every wait is Playwright's auto-waiting `expect` or the runtime's
 `eventually`: no sleeps.
 
+The admins' actions (docs/recovery.md section 7) are driven on the page, each through its
+confirmation dialog, on what the running system really holds: dead letters made by publishing an
+unreadable message straight to the notifications service's queue, orders booked (and paid) at
+the sandbox Konnect, a scheduling failed by faults at the sandbox Google.
+
 Two tests need more than the shared system offers:
 - the websocket cut: the page is opened through a loopback TCP proxy in front of the gateway,
   and the test cuts the proxy (every open connection dropped, new ones refused), then restores
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import sys
 import uuid
@@ -504,3 +510,406 @@ class TestHealth:
                 phone = tmp_path / "dashboard-phone.png"
                 await page.screenshot(path=str(phone), full_page=True)
                 print(f"dashboard screenshots: {desktop} {phone}")
+
+
+# --- admin actions ---------------------------------------------------------------------------
+
+DEAD_LETTERS = "#dead-letter-list > li"
+DESK_ADMIN = "admin-desk"  # the admin acting in these tests, as the audit records them
+
+
+@pytest.fixture(scope="module")
+def system_overrides() -> dict[str, str]:
+    # Google's failures are retried in the call after 0.1 s, 0.2 s ... rather than 1 s, 2 s ...:
+    # a shorter delay, the same five attempts.
+    return {"GOOGLE_RETRY_BASE_SECONDS": "0.1"}
+
+
+def desk_admin(running_system) -> str:
+    return bare(running_system.token("admin", DESK_ADMIN))
+
+
+def dead_letter_row(page: Page, dead_letter_id: str):
+    return page.locator(f'{DEAD_LETTERS}[data-id="{dead_letter_id}"]')
+
+
+async def unreadable_message(running_system, queue: str = "notifications") -> str:
+    """A message that is no envelope, straight to `queue`: its consumer dead-letters it at once.
+    Its AMQP message id (what the dead letter lists it by when there is no envelope)."""
+    message_id = str(uuid.uuid4())
+    connection = await aio_pika.connect(running_system.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body=f"not an envelope: {message_id}".encode(),
+                content_type="text/plain",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message_id,
+            ),
+            queue,
+        )
+    return message_id
+
+
+async def dead_lettered_by_the_broker(running_system, event: Any) -> str:
+    """`event` where the broker puts a message delivered `x-delivery-limit` times without an
+    ack (its consumer kept dying on it): the notifications service's dead-letter queue. Never
+    handled, it raised no alert; its message id."""
+    envelope = wrap(event, message_id=uuid.uuid4(), correlation_id=str(uuid.uuid4()))
+    connection = await aio_pika.connect(running_system.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body=envelope.model_dump_json().encode(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(envelope.message_id),
+                correlation_id=envelope.correlation_id,
+                type=envelope.type,
+                headers={"x-delivery-count": 10},
+            ),
+            "notifications.dlq",
+        )
+    return str(envelope.message_id)
+
+
+async def kept_dead_letter(market, message_id: str) -> dict[str, Any]:
+    """The notifications service's dead letter of `message_id`, once kept (waits for it)."""
+
+    async def find() -> dict[str, Any] | None:
+        listed = await market.api.get(
+            "/api/admin/dead-letters",
+            params={"service": "notifications", "limit": 200},
+            headers=market.admin,
+        )
+        assert listed.status_code == 200, listed.text
+        return next((d for d in listed.json()["items"] if d["message_id"] == message_id), None)
+
+    return await eventually(
+        find, timeout=FLOW_SECONDS, interval=0.2, what=f"a dead letter of {message_id}"
+    )
+
+
+async def dead_letter_detail(market, dead_letter_id: str) -> dict[str, Any]:
+    shown = await market.api.get(f"/api/admin/dead-letters/{dead_letter_id}", headers=market.admin)
+    assert shown.status_code == 200, shown.text
+    return shown.json()
+
+
+async def confirm(page: Page, button: str, *, reason: str | None = None) -> None:
+    """In the open confirmation dialog: type the reason (when given), press `button`, and see
+    the dialog close (the action took effect)."""
+    dialog = page.get_by_role("dialog")
+    await expect(dialog).to_be_visible()
+    if reason is not None:
+        await dialog.locator("#confirm-reason").fill(reason)
+    await dialog.get_by_role("button", name=button, exact=True).click()
+    await expect(dialog).to_be_hidden(timeout=FLOW_MS)
+
+
+async def look_up(page: Page, order_id: str) -> None:
+    await page.get_by_label("Order id").fill(order_id)
+    await page.get_by_role("button", name="Look up").click()
+    await expect(page.locator(f'#order-view [data-order-id="{order_id}"]')).to_be_visible(
+        timeout=FLOW_MS
+    )
+
+
+def desk(page: Page, what: str):
+    """The order desk's `what` (order, session or escrow) status."""
+    return page.locator(f"#order-view .{what}-status")
+
+
+def desk_button(page: Page, name: str):
+    return page.locator("#order-view").get_by_role("button", name=name, exact=True)
+
+
+async def escrow(market, order_id: str) -> dict[str, Any]:
+    shown = await market.api.get(f"/api/admin/orders/{order_id}/escrow", headers=market.admin)
+    assert shown.status_code == 200, shown.text
+    return shown.json()
+
+
+class TestDeadLetters:
+    async def test_a_new_dead_letter_appears_and_is_replayed_after_the_confirmation(
+        self, page, running_system, market, events
+    ):
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+        ref = uuid.uuid4().hex[:24]
+        anomaly = PaymentAnomalyDetected(
+            payment_ref=ref,
+            order_id=None,
+            kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
+            detail=f"a webhook named {ref}",
+        )
+        dead = await kept_dead_letter(
+            market, await dead_lettered_by_the_broker(running_system, anomaly)
+        )
+        row = dead_letter_row(page, dead["id"])
+
+        # On the open page: the dead letter is reported, and the list shows it.
+        await expect(row).to_have_count(1, timeout=FLOW_MS)
+        await expect(row).to_have_attribute("data-status", "kept")
+        await expect(row.locator(".badge.service")).to_have_text("notifications")
+        await expect(row.locator(".type")).to_have_text("PaymentAnomalyDetected")
+        await expect(row.locator(".error-summary")).to_contain_text("delivered 10 times")
+        await expect(row.locator(".when")).to_contain_text("attempt")
+
+        # Its envelope on demand.
+        await row.locator("summary").click()
+        await expect(row.locator(".envelope-json")).to_contain_text(ref)
+        await expect(row.locator(".detail-body")).to_contain_text("delivery_limit")
+
+        # Replay: nothing happens until the dialog is confirmed.
+        await row.get_by_role("button", name="Replay").click()
+        dialog = page.get_by_role("dialog")
+        await expect(dialog).to_contain_text(f"Replay dead letter {dead['id']}?")
+        await dialog.get_by_role("button", name="Go back").click()
+        await expect(dialog).to_be_hidden()
+        await expect(row).to_have_attribute("data-status", "kept")
+        assert (await dead_letter_detail(market, dead["id"]))["replayed_at"] is None
+        await expect(row_about(page, ref)).to_have_count(0)  # never handled: no alert
+
+        await row.get_by_role("button", name="Replay").click()
+        await confirm(page, "Replay", reason="the notifications consumer is fixed")
+
+        await expect(row).to_have_attribute("data-status", "replayed")
+        await expect(row.locator(".state")).to_have_text("replayed")
+        await expect(row.get_by_role("button", name="Replay")).to_have_count(0)
+        await expect(page.locator("#dead-letters-message")).to_contain_text(
+            f"{dead['id']} replayed"
+        )
+        # Handled at last: the alert it carried reaches the page.
+        await expect(row_about(page, ref)).to_have_count(1, timeout=FLOW_MS)
+        shown = await dead_letter_detail(market, dead["id"])
+        assert (shown["status"], shown["decided_by"], shown["decision_reason"]) == (
+            "replayed",
+            DESK_ADMIN,
+            "the notifications consumer is fixed",
+        )
+        [audit] = await events.seen(
+            "AdminActionRecorded", action="replay_dead_letter", dead_letter_id=dead["id"]
+        )
+        assert (audit["by"], audit["reason"]) == (DESK_ADMIN, "the notifications consumer is fixed")
+
+    async def test_a_discard_needs_a_reason_and_the_filters_show_it_discarded(
+        self, page, running_system, market
+    ):
+        message_id = await unreadable_message(running_system)
+        dead = await kept_dead_letter(market, message_id)
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+        row = dead_letter_row(page, dead["id"])
+        await expect(row).to_have_count(1, timeout=FLOW_MS)
+
+        await row.get_by_role("button", name="Discard").click()
+        dialog = page.get_by_role("dialog")
+        await dialog.get_by_role("button", name="Discard", exact=True).click()
+        # No reason, no discard: the dialog says so and stays open.
+        await expect(dialog.locator("#confirm-message")).to_contain_text("Say why")
+        await expect(dialog).to_be_visible()
+        assert (await dead_letter_detail(market, dead["id"]))["status"] == "kept"
+
+        await confirm(page, "Discard", reason="a test message, nothing to handle")
+
+        await expect(row).to_have_attribute("data-status", "discarded")
+        await expect(row.get_by_role("button")).to_have_count(0)
+        shown = await dead_letter_detail(market, dead["id"])
+        assert (shown["status"], shown["decided_by"], shown["decision_reason"]) == (
+            "discarded",
+            DESK_ADMIN,
+            "a test message, nothing to handle",
+        )
+
+        # The filters: only discarded ones of notifications, then only kept ones.
+        await page.get_by_label("Service", exact=True).select_option("notifications")
+        await page.get_by_label("Status", exact=True).select_option("discarded")
+        await expect(row).to_have_count(1)
+        await expect(page.locator(f'{DEAD_LETTERS}:not([data-status="discarded"])')).to_have_count(
+            0
+        )
+        await expect(
+            page.locator(f'{DEAD_LETTERS}:not([data-service="notifications"])')
+        ).to_have_count(0)
+        await page.get_by_label("Status", exact=True).select_option("kept")
+        await expect(row).to_have_count(0)
+
+    async def test_replay_all_kept_of_one_service(self, page, running_system, market, events):
+        ids = []
+        for _ in range(2):
+            ids.append(
+                (await kept_dead_letter(market, await unreadable_message(running_system)))["id"]
+            )
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+        await page.get_by_label("Service", exact=True).select_option("notifications")
+        await page.get_by_label("Status", exact=True).select_option("kept")
+        for dead_letter_id in ids:
+            await expect(dead_letter_row(page, dead_letter_id)).to_have_count(1, timeout=FLOW_MS)
+
+        await page.get_by_role("button", name="Replay all kept (notifications)").click()
+        await expect(page.get_by_role("dialog")).to_contain_text("of notifications")
+        await confirm(page, "Replay all")
+
+        await expect(page.locator("#dead-letters-message")).to_have_text(
+            re.compile(r"^\d+ replayed\.$")
+        )
+        replayed = int(
+            (await page.locator("#dead-letters-message").text_content() or "0").split()[0]
+        )
+        assert replayed >= len(ids)
+        for dead_letter_id in ids:
+            await events.seen(
+                "AdminActionRecorded", action="replay_dead_letter", dead_letter_id=dead_letter_id
+            )
+
+
+class TestOrderDesk:
+    async def test_an_order_is_cancelled_through_the_confirmation_and_its_slot_freed(
+        self, page, running_system, market, events
+    ):
+        offering = await market.offering()
+        start_at = market.next_week(hours=3)
+        order_id = await market.booked(offering, start_at)
+        await market.payment_ref(order_id)  # awaiting payment
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+
+        # An order that does not exist: the server's own words.
+        await page.get_by_label("Order id").fill(str(uuid.uuid4()))
+        await page.get_by_role("button", name="Look up").click()
+        await expect(page.locator("#order-message")).to_contain_text("no order")
+
+        await look_up(page, order_id)
+        await expect(desk(page, "order")).to_have_text("awaiting_payment")
+        await expect(desk_button(page, "Retry scheduling")).to_have_count(0)
+        await expect(desk_button(page, "Release escrow")).to_have_count(0)
+
+        await desk_button(page, "Cancel order").click()
+        await expect(page.get_by_role("dialog")).to_contain_text(f"Cancel order {order_id}?")
+        await confirm(page, "Cancel order", reason="the mentee asked by phone")
+
+        await expect(desk(page, "order")).to_have_text("cancelled")
+        await expect(desk(page, "session")).to_have_text("cancelled", timeout=FLOW_MS)
+        await expect(desk_button(page, "Cancel order")).to_have_count(0)
+        assert (await market.order(order_id))["status"] == "cancelled"
+        [cancelled] = await events.seen("OrderCancelled", order_id=order_id)
+        assert cancelled["by"] == DESK_ADMIN
+        # The slot is free again.
+        again = await market.book(offering, start_at)
+        assert again.status_code == 202, again.text
+
+    async def test_a_frozen_escrow_is_refunded_and_the_refund_recorded(
+        self, page, running_system, market
+    ):
+        order_id = await unschedulable_booking(market)  # paid; the mentor never connected Google
+        await market.order_when(order_id, "paid", lambda o: o["status"] == "paid")
+        cancelled = await market.api.post(
+            f"/api/admin/orders/{order_id}/cancel",
+            json={"reason": "the mentor left the platform"},
+            headers=market.admin,
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+        # Opened from the alert about its scheduling (the mentor had no Google calendar).
+        alert = page.locator(f'{ROWS}[data-type="IntegrationFailure"]', has_text=order_id)
+        await alert.get_by_role("button", name="Open order").click()
+        await expect(page.locator(f'#order-view [data-order-id="{order_id}"]')).to_be_visible(
+            timeout=FLOW_MS
+        )
+        await expect(page.get_by_label("Order id")).to_have_value(order_id)
+
+        # Frozen, as payments says: release or refund; nothing to record yet.
+        await expect(desk(page, "escrow")).to_have_text("frozen", timeout=FLOW_MS)
+        await expect(desk_button(page, "Release escrow")).to_be_visible()
+        await expect(desk_button(page, "Record refund")).to_have_count(0)
+
+        await desk_button(page, "Refund mentee").click()
+        await confirm(page, "Refund", reason="the session will not take place")
+
+        await expect(desk(page, "escrow")).to_have_text("refund_due")
+        await expect(desk_button(page, "Release escrow")).to_have_count(0)
+        await expect(desk_button(page, "Refund mentee")).to_have_count(0)
+
+        # Recording the refund takes its reference.
+        await desk_button(page, "Record refund").click()
+        dialog = page.get_by_role("dialog")
+        await dialog.locator("#confirm-reason").fill("paid back by bank transfer")
+        await dialog.get_by_role("button", name="Record refund", exact=True).click()
+        await expect(dialog.locator("#confirm-message")).to_contain_text("reference is required")
+        await dialog.get_by_label("Refund reference").fill("VIR-2030-0042")
+        await dialog.get_by_role("button", name="Record refund", exact=True).click()
+        await expect(dialog).to_be_hidden(timeout=FLOW_MS)
+
+        await expect(desk(page, "escrow")).to_have_text("refunded")
+        await expect(page.locator("#order-view")).to_contain_text("paid back to the mentee")
+        await expect(page.locator("#order-view")).to_contain_text("VIR-2030-0042")
+        await expect(page.locator("#order-view .actions")).to_have_count(0)
+        settled = await escrow(market, order_id)
+        assert (settled["status"], settled["reference"]) == ("refunded", "VIR-2030-0042")
+        # Orders hears of it too (EscrowRefunded), and the order shows it.
+        await market.order_when(
+            order_id, "the refund on the order", lambda o: o["escrow"]["status"] == "refunded"
+        )
+
+    async def test_a_frozen_escrow_is_released_to_the_mentor(self, page, running_system, market):
+        order_id = await unschedulable_booking(market)
+        await market.order_when(order_id, "paid", lambda o: o["status"] == "paid")
+        cancelled = await market.api.post(
+            f"/api/admin/orders/{order_id}/cancel",
+            json={"reason": "the mentee did not come; the mentor is paid anyway"},
+            headers=market.admin,
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+        await look_up(page, order_id)
+        await expect(desk(page, "escrow")).to_have_text("frozen", timeout=FLOW_MS)
+
+        await desk_button(page, "Release escrow").click()
+        await expect(page.get_by_role("dialog")).to_contain_text("102.000 TND")
+        await confirm(page, "Release", reason="the session took place by phone")
+
+        await expect(desk(page, "escrow")).to_have_text("released")
+        await expect(page.locator("#order-view")).to_contain_text("released to the mentor")
+        await expect(page.locator("#order-view .actions")).to_have_count(0)
+        settled = await escrow(market, order_id)
+        assert (settled["status"], settled["reason"]) == (
+            "released",
+            "the session took place by phone",
+        )
+
+    async def test_a_failed_scheduling_is_retried_and_the_session_scheduled(
+        self, page, running_system, market, google, events
+    ):
+        offering = await market.offering()
+        mentor_id = offering["mentor_id"]
+        await market.connect_calendar(mentor_id)
+        # Google fails every insert until told otherwise: the booking fails (retried later).
+        faulted = await google.post(
+            "/_sandbox/faults", json={"kind": "http_500", "count": 1000, "endpoint": "insert"}
+        )
+        assert faulted.status_code == 200, faulted.text
+        order_id = await market.booked(offering)
+        await market.pay(await market.payment_ref(order_id))
+        [failed] = await events.seen(
+            "CalendarBookingFailed", order_id=order_id, reason="calendar_api_error"
+        )
+        assert failed["final"] is False and failed["next_attempt_at"]
+        cleared = await google.delete("/_sandbox/faults")
+        assert cleared.status_code == 200, cleared.text
+
+        await sign_in(page, running_system.gateway, desk_admin(running_system))
+        await look_up(page, order_id)
+        await expect(desk(page, "session")).to_have_text("awaiting_calendar")
+        await desk_button(page, "Retry scheduling").click()
+        await confirm(page, "Retry now", reason="Google is answering again")
+
+        await expect(page.locator("#order-view .scheduling")).to_be_visible()
+        await expect(desk(page, "session")).to_have_text("scheduled", timeout=FLOW_MS)
+        await expect(desk(page, "order")).to_have_text("confirmed", timeout=FLOW_MS)
+        await expect(desk_button(page, "Retry scheduling")).to_have_count(0)
+        session_id = (await market.order(order_id))["session"]["id"]
+        [audit] = await events.seen(
+            "AdminActionRecorded", action="retry_scheduling", session_id=session_id
+        )
+        assert (audit["by"], audit["reason"]) == (DESK_ADMIN, "Google is answering again")
+        assert [e["id"] for e in await market.google_events(mentor_id)]

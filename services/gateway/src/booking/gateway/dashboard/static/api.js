@@ -26,20 +26,23 @@ export class Api {
     this.onUnauthorized = onUnauthorized;
   }
 
-  async request(method, path, params) {
+  /** params: the query string (empty values left out); body: sent as JSON when given. */
+  async request(method, path, params, body) {
     const url = new URL(path, location.origin);
     for (const [name, value] of Object.entries(params || {})) {
       if (value !== null && value !== undefined && value !== "" && value !== false) {
         url.searchParams.set(name, String(value));
       }
     }
+    const headers = { Authorization: `Bearer ${this.token()}`, Accept: "application/json" };
+    const init = { method, headers, cache: "no-store" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
     let response;
     try {
-      response = await fetch(url, {
-        method,
-        headers: { Authorization: `Bearer ${this.token()}`, Accept: "application/json" },
-        cache: "no-store",
-      });
+      response = await fetch(url, init);
     } catch {
       throw new ApiError(0, "The gateway cannot be reached.");
     }
@@ -71,6 +74,57 @@ export class Api {
   summary(days) {
     return this.request("GET", "/api/admin/notifications/summary", { days });
   }
+
+  // --- admin actions (docs/recovery.md section 7) ---
+
+  /** filters: {service, status, type}; -> {items, next_cursor} newest first, across services */
+  deadLetters(filters, { cursor, limit } = {}) {
+    return this.request("GET", "/api/admin/dead-letters", { ...filters, cursor, limit });
+  }
+
+  /** One dead letter with its envelope; its id (`payments:42`) names its service. */
+  deadLetter(id) {
+    return this.request("GET", deadLetterPath(id));
+  }
+
+  replayDeadLetter(id, reason) {
+    return this.request("POST", `${deadLetterPath(id)}/replay`, null, reason ? { reason } : {});
+  }
+
+  discardDeadLetter(id, reason) {
+    return this.request("POST", `${deadLetterPath(id)}/discard`, null, { reason });
+  }
+
+  /** Every kept dead letter (of `service` when given) back to its consumer; -> {replayed} */
+  replayAllDeadLetters(service) {
+    return this.request("POST", "/api/admin/dead-letters/replay", null, service ? { service } : {});
+  }
+
+  order(id) {
+    return this.request("GET", `/api/orders/${encodeURIComponent(id)}`);
+  }
+
+  cancelOrder(id, reason) {
+    return this.request("POST", `/api/admin/orders/${encodeURIComponent(id)}/cancel`, null, { reason });
+  }
+
+  retryScheduling(sessionId, reason) {
+    const path = `/api/admin/sessions/${encodeURIComponent(sessionId)}/retry-scheduling`;
+    return this.request("POST", path, null, reason ? { reason } : {});
+  }
+
+  escrow(orderId) {
+    return this.request("GET", `/api/admin/orders/${encodeURIComponent(orderId)}/escrow`);
+  }
+
+  /** settlement: {action: "release" | "refund" | "refunded", reason, reference?} */
+  settleEscrow(orderId, settlement) {
+    return this.request("POST", `/api/admin/orders/${encodeURIComponent(orderId)}/escrow`, null, settlement);
+  }
+}
+
+function deadLetterPath(id) {
+  return `/api/admin/dead-letters/${encodeURIComponent(id)}`;
 }
 
 /** The gateway's aggregated health report; answered 200 (pass, warn) or 503 (fail), no token. */

@@ -1,11 +1,15 @@
-// The dashboard's composition: sign-in, then the feed, its live socket, the counts, the chart
-// and the health grid, all started together and stopped together on sign-out.
+// The dashboard's composition: sign-in, then the feed, its live socket, the counts, the chart,
+// the health grid, the order desk and the dead letters, all started together and stopped
+// together on sign-out. Every admin action goes through the one confirmation dialog.
 
 import { Api } from "./api.js";
+import { Confirmation } from "./confirm.js";
+import { DeadLetters } from "./deadletters.js";
 import { byId, fill, h } from "./dom.js";
 import { Feed } from "./feed.js";
 import { HealthGrid } from "./health.js";
 import { LiveFeed } from "./live.js";
+import { OrderDesk } from "./orders.js";
 import {
   TokenProblem,
   checkToken,
@@ -73,18 +77,28 @@ function reportBanner(text) {
 }
 
 const stats = new Stats(api, reportBanner);
-const feed = new Feed(api, () => stats.soon(), reportFeed, pageSize());
+const confirmation = new Confirmation();
+const orders = new OrderDesk(api, confirmation);
+const openOrder = (id) => orders.open(id);
+const feed = new Feed(api, () => stats.soon(), reportFeed, pageSize(), openOrder);
+const deadLetters = new DeadLetters(api, confirmation, openOrder);
 const health = new HealthGrid();
 const live = new LiveFeed(() => token, {
-  notification: (n) => feed.receive(n),
+  notification: (n) => {
+    feed.receive(n);
+    // A dead letter is reported as a SystemError: the list has a new (or returning) one.
+    if (n.type === "SystemError") deadLetters.refresh();
+  },
   state: showLive,
   fresh: () => {
     feed.refreshTop();
     stats.soon();
+    deadLetters.refresh();
   },
   resumed: (awaySince) => {
     if (awaySince) feed.catchUp(awaySince);
     stats.soon();
+    deadLetters.refresh();
   },
   refused: () => {
     // A browser is not told why a handshake failed: ask over HTTP (a 401/403 signs out).
@@ -175,7 +189,7 @@ async function signIn(text, { remembered = false } = {}) {
   live.start();
   statsTimer = setInterval(() => stats.soon(), STATS_EVERY_MS);
   reportBanner(unchecked ?? "");
-  await Promise.all([feed.reset(currentFilters()), stats.refresh()]);
+  await Promise.all([feed.reset(currentFilters()), stats.refresh(), deadLetters.reset()]);
 }
 
 function signOut(message) {
@@ -183,10 +197,13 @@ function signOut(message) {
   forgetToken();
   clearTimeout(expiryTimer);
   clearInterval(statsTimer);
+  confirmation.dismiss();
   live.stop();
   health.stop();
   stats.clear();
   feed.clear();
+  orders.clear();
+  deadLetters.clear();
   reportBanner("");
   reportFeed("");
   showSignIn(message);

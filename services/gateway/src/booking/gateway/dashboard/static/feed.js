@@ -21,12 +21,16 @@ function merged(old, incoming) {
 }
 
 export class Feed {
-  /** api: Api; changed(): the counts may have changed; report(text): a line for the admin */
-  constructor(api, changed, report, pageSize = 50) {
+  /**
+   * api: Api; changed(): the counts may have changed; report(text): a line for the admin;
+   * openOrder(id): show an order on the order desk (a notification about one offers it)
+   */
+  constructor(api, changed, report, pageSize = 50, openOrder = null) {
     this.api = api;
     this.pageSize = pageSize;
     this.changed = changed;
     this.report = report;
+    this.openOrder = openOrder;
     this.list = byId("notifications");
     this.empty = byId("feed-empty");
     this.more = byId("load-more");
@@ -263,6 +267,18 @@ export class Feed {
       h(
         "div",
         { class: "actions" },
+        this.openOrder && typeof n.metadata?.order_id === "string"
+          ? h(
+              "button",
+              {
+                type: "button",
+                dataset: { action: "open-order" },
+                "aria-label": `Open order: ${title}`,
+                onclick: () => this.openOrder(n.metadata.order_id),
+              },
+              "Open order",
+            )
+          : null,
         n.is_read
           ? null
           : h(
