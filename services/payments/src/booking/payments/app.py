@@ -10,8 +10,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from booking.contracts import BookingRequested, OrderCancelled, OrderConfirmed, SchedulingAbandoned
 from booking.payments.api import escrow_router, webhook_router
-from booking.payments.handlers import HANDLERS
+from booking.payments.handlers import (
+    end_order,
+    freeze_escrow,
+    open_payment,
+    schedule_escrow_release,
+)
 from booking.payments.konnect import KonnectClient
 from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
@@ -38,7 +44,12 @@ def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
         name="payments",
         settings=settings,
         tables=messaging,
-        handlers={event: through_service(handler) for event, handler in HANDLERS.items()},
+        handlers={
+            BookingRequested: through_service(open_payment),
+            OrderConfirmed: through_service(schedule_escrow_release),
+            SchedulingAbandoned: through_service(freeze_escrow),
+            OrderCancelled: through_service(end_order),
+        },
     )
     assert runtime.db is not None and runtime.outbox is not None
     service = PaymentService(

@@ -43,12 +43,3 @@ async def end_order(
 ) -> None:
     """The order ended without its session: no payment opened, or its escrow frozen."""
     await payments.end_order(ctx.session, event)
-
-
-HANDLERS = {
-    BookingRequested: open_payment,
-    OrderConfirmed: schedule_escrow_release,
-    SchedulingAbandoned: freeze_escrow,
-    OrderCancelled: end_order,
-}
-"""Every event payments consumes, and its subscriber (each takes the service as `payments`)."""
