@@ -474,11 +474,16 @@ class Walkthrough:
         say.show("paid", money(order["amount_paid"]))
         if order.get("escrow"):
             say.show("platform fee", money(order["escrow"]["platform_fee"]))
-            say.show("escrow", money(order["escrow"]["escrow_amount"]) + " (for the mentor)")
+            say.show(
+                "escrow",
+                money(order["escrow"]["escrow_amount"])
+                + f" (for the mentor; {order['escrow'].get('status')})",
+            )
         say.behind(
             "payments asked Konnect about the payment and applied it once (PaymentCompleted);"
             " orders marked the order paid (OrderPaid); calendar created the Google event with"
-            " its Meet link (CalendarBookingConfirmed); orders confirmed the order."
+            " its Meet link (CalendarBookingConfirmed); orders confirmed the order"
+            " (OrderConfirmed), so payments releases the escrow a day after the session."
         )
 
     # 6
@@ -494,16 +499,22 @@ class Walkthrough:
         say.show("message", alert["message"])
         say.show("reason", metadata.get("reason"))
 
-        async def failed() -> dict[str, Any] | None:
+        async def waiting() -> dict[str, Any] | None:
             order = await self.order(order_id)
-            return order if order["session"]["status"] == "scheduling_failed" else None
+            paid = order["status"] == "paid" and order["session"]["status"] == "awaiting_calendar"
+            return order if paid else None
 
-        order = await until(failed, f"order {order_id}'s session scheduling_failed", self.timeout)
-        say.ok(f"order {order['status']} (the money is held), session {order['session']['status']}")
+        order = await until(waiting, f"order {order_id} paid, its session waiting", self.timeout)
+        escrow = (order.get("escrow") or {}).get("status")
+        say.ok(
+            f"order {order['status']} (the escrow {escrow}), session {order['session']['status']}"
+        )
         say.behind(
-            "calendar published CalendarBookingFailed (mentor_not_integrated); notifications"
-            " stored the alert and fanned it out on admin.alerts; the gateway pushed it to every"
-            " connected admin. Once Karim connects Google, the session is scheduled by itself."
+            "calendar published CalendarBookingFailed (mentor_not_integrated, not final);"
+            " notifications stored the alert and fanned it out on admin.alerts; the gateway pushed"
+            " it to every connected admin. Once Karim connects Google, the session is scheduled"
+            " by itself; if the session starts first, the booking is abandoned and its escrow"
+            " frozen for an admin to release or refund."
         )
 
     async def book_and_pay(self, mentor: dict[str, Any], *, days: int) -> str:

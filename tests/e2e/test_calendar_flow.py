@@ -50,7 +50,7 @@ class TestAConnectedMentor:
         [confirmed] = await events.seen("CalendarBookingConfirmed", order_id=order_id)
         assert confirmed["meet_link"] == session["meet_link"]
 
-    async def test_a_revoked_connection_fails_the_booking_and_shows_as_revoked(
+    async def test_a_revoked_connection_holds_the_booking_until_the_mentor_reconnects(
         self, market, google, events
     ):
         offering = await market.offering()
@@ -65,15 +65,21 @@ class TestAConnectedMentor:
 
         [failed] = await events.seen("CalendarBookingFailed", order_id=order_id)
         assert failed["reason"] == "integration_revoked"
-        order = await market.order_when(
-            order_id,
-            "the session scheduling_failed",
-            lambda o: o["session"]["status"] == "scheduling_failed",
-        )
-        assert order["status"] == "paid"  # paid for, its slot still held
+        # Not final: it waits for the mentor to connect again, until the session starts.
+        assert (failed["final"], failed["next_attempt_at"]) == (False, None)
+        order = await market.order_when(order_id, "the order paid", lambda o: o["status"] == "paid")
+        assert order["session"]["status"] == "awaiting_calendar"  # its slot still held
+        assert order["escrow"]["status"] == "held"  # not frozen: nothing was given up
         status = await market.api.get(f"/api/mentors/{mentor_id}/calendar", headers=market.admin)
         assert status.json()["revoked"] is True
         assert await market.google_events(mentor_id) == []
+
+        await market.connect_calendar(mentor_id)
+        order = await market.order_when(
+            order_id, "the order confirmed", lambda o: o["status"] == "confirmed"
+        )
+        assert order["session"]["status"] == "scheduled"
+        assert len(await market.google_events(mentor_id)) == 1
 
 
 class TestAMentorWithoutGoogle:
@@ -85,11 +91,9 @@ class TestAMentorWithoutGoogle:
         order_id = await paid_booking(market, offering)
         [failed] = await events.seen("CalendarBookingFailed", order_id=order_id)
         assert failed["reason"] == "mentor_not_integrated"
-        await market.order_when(
-            order_id,
-            "the session scheduling_failed",
-            lambda o: o["session"]["status"] == "scheduling_failed",
-        )
+        assert failed["final"] is False
+        order = await market.order_when(order_id, "the order paid", lambda o: o["status"] == "paid")
+        assert order["session"]["status"] == "awaiting_calendar"
 
         await market.connect_calendar(mentor_id)
 

@@ -48,6 +48,7 @@ class TestPayingForABooking:
         assert order["escrow"] == {
             "platform_fee": {"amount": 5_000, "currency": "TND"},
             "escrow_amount": {"amount": 28_333, "currency": "TND"},
+            "status": "held",
         }
         # Paid, the session goes on to the calendar; this mentor never connected Google.
         assert order["session"]["status"] in ("awaiting_calendar", "scheduling_failed")
