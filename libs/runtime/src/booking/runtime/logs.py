@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -22,6 +23,37 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class QuietBrokerClient(logging.Filter):
+    """The broker client logs each failed reconnect (twice), and the end of a connection with a
+    stack trace: during an outage that is a few lines a second from every process. Each kind of
+    line passes once per `interval`, saying how many like it were held back, and without its
+    trace (the outage itself is reported by booking.runtime.outages)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held_back: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        key = f"{record.name}:{record.msg}"
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held_back[key] = self._held_back.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held_back = self._held_back.pop(key, 0)
+        if held_back:
+            record.held_back = held_back  # a field of the JSON line
+        return True
+
+
+BROKER_CLIENT_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.tools")
+
+
 def configure_logging(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_ContextFilter(service))
@@ -38,3 +70,9 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     # Chatty libraries: their INFO lines are noise at our volume.
     for name in ("aio_pika", "aiormq", "uvicorn.access", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = QuietBrokerClient()
+    for name in BROKER_CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, QuietBrokerClient)]:
+            logger.removeFilter(old)
+        logger.addFilter(quiet)
