@@ -20,9 +20,8 @@ def record(name: str, message: str, *, exc: bool = False) -> logging.LogRecord:
 
 def test_each_kind_of_line_passes_once_per_interval_with_the_count_held_back():
     quiet = QuietBrokerClient(interval=60)
-    attempts = [
-        record("aio_pika.robust_connection", "Connection attempt to %s failed") for _ in range(5)
-    ]
+    attempt = "Connection attempt to %s failed"
+    attempts = [record("aio_pika.robust_connection", attempt) for _ in range(5)]
     passed = [r for r in attempts if quiet.filter(r)]
     assert passed == attempts[:1]
     other = record("aiormq.connection", "error when creating transport: %r")
