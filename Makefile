@@ -37,9 +37,12 @@ run: install
 migrate: install
 	for s in orders payments calendar notifications; do $(PY) -m booking.$$s migrate || exit 1; done
 
-## test: every test against the local (or $$DATABASE_URL / $$RABBITMQ_URL) Postgres and RabbitMQ
+## test: every test against the local (or $$DATABASE_URL / $$RABBITMQ_URL) Postgres and RabbitMQ:
+## first those that start no whole system, on two workers (they mostly wait on the servers), then
+## the whole-system ones (tests/e2e, marker e2e) one at a time, since each runs every service
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not e2e" -n 2
+	$(PY) -m pytest -m e2e
 
 ## drills: only the fault drills (kill -9, broker and database restarts, provider outages) under
 ## load; `make test` runs them too

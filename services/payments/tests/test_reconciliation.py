@@ -273,7 +273,7 @@ class TestDatabaseOutage:
             raise RuntimeError("a bug in a sweep")
 
         assert not await sweeper.guarded(broken, now())
-        [record] = [r for r in caplog.records if r.name == "booking.payments.reconciliation"]
+        [record] = [r for r in caplog.records if r.name == "booking.runtime.sweeping"]
         assert record.levelno == logging.ERROR and record.exc_info is not None
         assert await sweeper.guarded(sweeper.run_once, now())
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,6 +33,7 @@ from booking.calendar.service import CalendarService, utcnow
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import calendar_bookings, oauth_states
 from booking.runtime.outages import OutageLog, is_unreachable
+from booking.runtime.sweeping import Every, run_quietly
 
 log = logging.getLogger(__name__)
 
@@ -62,42 +62,18 @@ class Sweeper:
         self.batch = settings.sweeper_batch_size
         self.lease = timedelta(seconds=settings.scheduling_lease_seconds)
         self.outage = OutageLog(log, "the calendar database (sweeper)")
-        self._task: asyncio.Task | None = None
+        self._loop = Every(settings.sweeper_interval_seconds, self.tick, name="calendar-sweeper")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="calendar-sweeper")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _forever(self) -> None:
-        interval = self.settings.sweeper_interval_seconds
-        while True:
-            # Jittered, so replicas started together do not sweep in step.
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            await self.tick()
+        await self._loop.stop()
 
     async def tick(self) -> Sweep | None:
         """One sweep as the background loop runs it: one that meets the database away is
         skipped (the next interval tries again) with a line now and then, not a trace."""
-        try:
-            sweep = await self.run_once()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if is_unreachable(exc):
-                self.outage.failed(exc, "sweeping")
-            else:
-                log.exception(
-                    "sweep failed; trying again in about %ss",
-                    self.settings.sweeper_interval_seconds,
-                )
-            return None
-        self.outage.recovered()
-        return sweep
+        return await run_quietly(self.run_once, self.outage, "sweeping")
 
     async def run_once(self, now: datetime | None = None) -> Sweep:
         """One full sweep at `now` (default: the clock)."""

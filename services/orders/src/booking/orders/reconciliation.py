@@ -15,9 +15,7 @@ database is away the sweep says so in one quiet line and tries again at its next
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -31,8 +29,9 @@ from booking.orders.settings import OrdersSettings
 from booking.orders.tables import BookedSessionRow, OrderRow
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
-from booking.runtime.outages import OutageLog, is_unreachable
+from booking.runtime.outages import OutageLog
 from booking.runtime.outbox import Outbox
+from booking.runtime.sweeping import Every, run_quietly
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +54,20 @@ class Sweeper:
         self.batch = settings.orders_sweeper_batch_size
         self.opening_timeout = timedelta(minutes=settings.payment_opening_timeout_minutes)
         self.outage = OutageLog(log, "Postgres (orders sweeper)")
-        self._task: asyncio.Task | None = None
+        self._loop = Every(self.interval, self.sweep, name="orders-sweeper")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="orders-sweeper")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _forever(self) -> None:
-        while True:
-            # Jittered, so replicas started together do not sweep in step.
-            await asyncio.sleep(self.interval * random.uniform(0.8, 1.2))
-            await self.sweep()
+        await self._loop.stop()
 
     async def sweep(self, now: datetime | None = None) -> Sweep | None:
         """One sweep that never raises: a database that cannot be reached is logged quietly
         (once in a while, no trace) and the sweep skipped; anything else is logged in full."""
-        try:
-            done = await self.run_once(now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if is_unreachable(exc):
-                self.outage.failed(exc, "failing orders whose payment never opened")
-            else:
-                log.exception("sweep failed; trying again in about %ss", self.interval)
-            return None
-        self.outage.recovered()
-        return done
+        return await run_quietly(
+            lambda: self.run_once(now), self.outage, "failing orders whose payment never opened"
+        )
 
     async def run_once(self, now: datetime | None = None) -> Sweep:
         """One full sweep at `now` (default: the clock)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +34,7 @@ from booking.payments.service import PaymentService, utcnow
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import payments
 from booking.runtime.outages import OutageLog, is_unreachable
+from booking.runtime.sweeping import Every, run_quietly
 
 log = logging.getLogger(__name__)
 
@@ -58,52 +58,39 @@ class Sweeper:
         self.settings = settings
         self.batch = settings.reconciliation_batch_size
         self.outage = OutageLog(log, "the database (payments sweeper)")
-        self._tasks: list[asyncio.Task] = []
+        self._loops: list[Every] = []
 
     # -- the loops ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(
-                self._every(self.settings.reconciliation_interval_seconds, self._payments),
+        self._loops = [
+            Every(
+                self.settings.reconciliation_interval_seconds,
+                lambda: self.guarded(self._payments, utcnow()),
                 name="sweeper-payments",
             ),
-            asyncio.create_task(
-                self._every(self.settings.escrow_release_interval_seconds, self.release_escrow),
+            Every(
+                self.settings.escrow_release_interval_seconds,
+                lambda: self.guarded(self.release_escrow, utcnow()),
                 name="sweeper-escrow",
             ),
         ]
+        for loop in self._loops:
+            loop.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-
-    async def _every(self, interval: float, sweep: Callable[[datetime], Awaitable[Any]]) -> None:
-        while True:
-            # Jittered, so replicas started together do not sweep in step.
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-            await self.guarded(sweep, utcnow())
+        for loop in self._loops:
+            await loop.stop()
+        self._loops = []
 
     async def guarded(self, sweep: Callable[[datetime], Awaitable[Any]], now: datetime) -> bool:
-        """Run one sweep as the loop does; whether it went through.
+        """Run one sweep as the loop does; whether it went through (see run_quietly)."""
 
-        An unreachable database skips the round with one quiet line now and then; any other
-        failure is logged with its trace (a bug), and the next round tries again.
-        """
-        try:
+        async def went_through() -> bool:
             await sweep(now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if is_unreachable(exc):
-                self.outage.failed(exc, "sweeping")
-            else:
-                log.exception("sweep failed; trying again at the next interval")
-            return False
-        self.outage.recovered()
-        return True
+            return True
+
+        return await run_quietly(went_through, self.outage, "sweeping") is not None
 
     async def _payments(self, now: datetime) -> None:
         await self.reconcile(now)
