@@ -1331,8 +1331,9 @@ async def assert_nothing_lost(
 
 
 def as_planned(booking: Booking) -> set[str]:
-    """Without provider outages: confirmed, unless the mentor never connected Google."""
-    return {CONFIRMED} if booking.mentor.connected else {CALENDAR_FAILED}
+    """Without provider outages: confirmed, unless the mentor never connected Google (then paid,
+    the session waiting for them)."""
+    return {CONFIRMED} if booking.mentor.connected else {CALENDAR_WAITING}
 
 
 @contextlib.asynccontextmanager
