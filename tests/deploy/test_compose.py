@@ -170,9 +170,8 @@ class TestDatabaseRoles:
             "postgres-roles": {"condition": "service_completed_successfully"},
             "rabbitmq": {"condition": "service_healthy"},
         }
-        assert environment(services["migrate"])["RABBITMQ_URL"] == (
-            environment(services["orders"])["RABBITMQ_URL"]
-        )
+        broker = environment(services["orders"])["RABBITMQ_URL"]
+        assert environment(services["migrate"])["RABBITMQ_URL"] == broker
         assert services["postgres-roles"]["depends_on"]["postgres"] == {
             "condition": "service_healthy"
         }
