@@ -1,4 +1,4 @@
-"""The gateway and the services agree on the public API (DESIGN section 5).
+"""The gateway and the services agree on the public API (the gateway's OpenAPI).
 
 The gateway forwards a request to the owning service at the same path and passes the answer
 back without re-validating it, so a service that drifts from the contract would break it

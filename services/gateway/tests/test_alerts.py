@@ -1,4 +1,4 @@
-"""The admins' live alert websocket, /ws/admin (DESIGN section 6; issue 6, shows 5 to 7).
+"""The admins' live alert websocket, /ws/admin .
 
 Real RabbitMQ (the test publishes AdminNotificationRaised to its own `admin.alerts` fanout, as
 the notifications service does), the gateway served over real HTTP, and a stand-in for the

@@ -37,7 +37,7 @@ BOOKING_BODY = {
     },
 }
 
-# Who may call: DESIGN section 5's table.
+# Who may call each route (the README and docs/recovery.md say so route by route).
 ADMIN, SIGNED_IN, MENTEE, MENTEE_OR_ADMIN, OWNER_OR_ADMIN, ANYONE = (
     "admin",
     "signed in",

@@ -1,4 +1,4 @@
-"""GatewaySettings: where the gateway finds each service (DESIGN section 8)."""
+"""GatewaySettings: where the gateway finds each service (the README's Settings section)."""
 
 import pytest
 

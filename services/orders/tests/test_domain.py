@@ -97,7 +97,7 @@ ORDER_MOVES: dict[str, tuple[OrderMove, OrderStatus]] = {
     "cancel": (lambda o: o.cancel(LATER), OrderStatus.CANCELLED),
 }
 
-# Written out by hand from DESIGN section 4, not derived from the code under test.
+# Written out by hand from docs/states.md, not derived from the code under test.
 LEGAL_ORDER_MOVES = {
     (OrderStatus.PENDING, "awaiting_payment"),
     (OrderStatus.PENDING, "set_amount_paid"),  # PaymentCompleted before PaymentInitiated

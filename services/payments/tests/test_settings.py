@@ -1,4 +1,4 @@
-"""PaymentsSettings: the environment names of DESIGN section 8, sandbox defaults, hidden secrets."""
+"""PaymentsSettings: the README's environment names, sandbox defaults, hidden secrets."""
 
 from decimal import Decimal
 

@@ -60,7 +60,7 @@ class Event(BaseModel):
 
 
 class Envelope(BaseModel):
-    """What travels on the wire: the metadata of DESIGN section 2 around a payload."""
+    """What travels on the wire: the metadata around a payload (docs/asyncapi.json)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

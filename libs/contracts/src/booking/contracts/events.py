@@ -1,4 +1,4 @@
-"""The payload of every event of DESIGN section 2, one model per event.
+"""The payload of every event, one model per event (docs/asyncapi.json is generated from them).
 
 Money is an integer amount in minor units (millimes for TND) plus a currency code, never a float.
 Times are timezone-aware and normalised to UTC.

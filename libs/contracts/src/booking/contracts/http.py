@@ -1,4 +1,4 @@
-"""The public HTTP contract's bodies (DESIGN section 5): what callers send and what they get back.
+"""The public HTTP contract's bodies (the gateway's OpenAPI): what callers send and get back.
 
 Defined once, here: the gateway checks requests against these models and the services answer
 with them, so the two cannot drift apart.

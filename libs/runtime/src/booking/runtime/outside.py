@@ -1,6 +1,6 @@
 """What every client of an outside system (Konnect, Google) shares: the lifecycle of its HTTP
 client, reading Retry-After, the retry policy, naming a failed call, and the two health checks
-of DESIGN section 7 (configured; reachable)."""
+of the README's Health section (configured; reachable)."""
 
 from __future__ import annotations
 
@@ -222,8 +222,8 @@ async def configured_check(component: str, missing: Sequence[str], target: str) 
 async def reachable_check(
     component: str, ping: Callable[[], Awaitable[int]], target: str
 ) -> Observation:
-    """Any HTTP answer in time is reachable; no answer is warn, never fail (DESIGN 7): an outage
-    at a provider must not take our pods out."""
+    """Any HTTP answer in time is reachable; no answer is warn, never fail (README: Health): an
+    outage at a provider must not take our pods out."""
     start = time.perf_counter()
     try:
         status = await ping()

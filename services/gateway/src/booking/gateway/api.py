@@ -1,4 +1,4 @@
-"""The public HTTP API (DESIGN section 5): each route declared, checked, and sent on to its service.
+"""The public HTTP API (OpenAPI at /docs): each route declared, checked, sent on to its service.
 
 The gateway checks the token, the role and the body, then forwards the request as it came to the
 owning service at the same path. Ownership the gateway cannot see (a mentee reading another's

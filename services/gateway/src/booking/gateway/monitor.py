@@ -2,7 +2,7 @@
 
 `SystemHealth` asks each service for its `GET /health` at the same time, each under its own
 timeout, over one pooled client, and folds the answers into the gateway's own report
-(application/health+json, DESIGN section 7): one `checks["<service>:health"]` entry per service.
+(application/health+json; the README's Health): one `checks["<service>:health"]` entry per service.
 `/health/ready` and `/health/live` stay the runtime's: the gateway's own dependencies, and nothing.
 
 `HealthMonitor` polls the services in the background and publishes HealthCheckFailed when one

@@ -1,4 +1,4 @@
-"""Settings of the gateway service (DESIGN section 8)."""
+"""Settings of the gateway service (the README's Settings section)."""
 
 from pydantic import Field
 

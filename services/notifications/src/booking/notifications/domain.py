@@ -103,7 +103,7 @@ from booking.runtime.domain import DomainError
 
 
 class NotificationType(IntEnum):
-    """Stored as these small integers (DESIGN section 6); the API speaks the names."""
+    """Stored as these small integers (the README's ops queries use them); the API speaks names."""
 
     IntegrationFailure = 0
     PaymentAnomaly = 1

@@ -1,4 +1,4 @@
-"""Settings of the notifications service (DESIGN section 8)."""
+"""Settings of the notifications service (the README's Settings section)."""
 
 from pydantic import Field
 

@@ -1,4 +1,4 @@
-"""Settings of the payments service (DESIGN section 8)."""
+"""Settings of the payments service (the README's Settings section)."""
 
 from decimal import Decimal
 
@@ -35,7 +35,7 @@ class PaymentsSettings(RuntimeSettings):
     # PUBLIC_BASE_URL.
     konnect_success_url: str | None = None
     konnect_fail_url: str | None = None
-    # Where Konnect calls (`GET <this>?payment_ref=...`, through the gateway: DESIGN 4.2);
+    # Where Konnect calls (`GET <this>?payment_ref=...`, through the gateway);
     # default: under PUBLIC_BASE_URL. Set apart where Konnect reaches the gateway by another
     # address than browsers do (Compose: the sandbox calls the gateway's container).
     konnect_webhook_url: str | None = None

@@ -1,4 +1,4 @@
-"""The admins' live alert feed: `WS /ws/admin` (DESIGN section 6).
+"""The admins' live alert feed: `WS /ws/admin`.
 
 Protocol (JSON text frames):
 

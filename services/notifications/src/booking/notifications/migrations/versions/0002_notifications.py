@@ -19,7 +19,7 @@ TABLE = "admin_notifications"
 
 def upgrade() -> None:
     # Type 0..4: IntegrationFailure, PaymentAnomaly, SessionIssue, SystemError,
-    # HealthCheckFailure. Severity 0..3: Info, Warning, Error, Critical (DESIGN section 6).
+    # HealthCheckFailure. Severity 0..3: Info, Warning, Error, Critical.
     op.create_table(
         TABLE,
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
