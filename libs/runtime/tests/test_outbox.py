@@ -303,3 +303,26 @@ class TestUnroutableEvents:
                 what="the kept events delivered once bound",
             )
         await eventually(lambda: _is_zero(service.unsent()), what="the outbox emptied")
+
+    async def test_an_event_kept_for_days_waits_the_longest_pause_and_no_more(self, make_service):
+        # Tried thousands of times: the doubling pause stops at its maximum (2**9999 seconds
+        # would overflow the database's arithmetic and stall the relay on every batch).
+        service = await make_service(start=False, outbox_unroutable_retry_max_seconds=30)
+        service.runtime.broker.start()
+        await service.runtime.broker.wait_ready(10)
+        outbox = service.tables.outbox
+        [message_id] = await service.record(
+            PaymentFailed(order_id=uuid.uuid4(), payment_ref="b" * 24, reason="expired")
+        )
+        async with service.db.transaction() as session:
+            await session.execute(
+                outbox.update().where(outbox.c.message_id == message_id).values(attempts=10_000)
+            )
+        assert await service.runtime.relay.relay_batch() == 0  # kept: nobody takes it
+        async with service.db.engine.connect() as conn:
+            row = (
+                await conn.execute(select(outbox).where(outbox.c.message_id == message_id))
+            ).one()
+            waits = await conn.scalar(select(row.next_attempt_at - func.clock_timestamp()))
+        assert row.sent_at is None
+        assert 25 < waits.total_seconds() <= 30

@@ -151,11 +151,12 @@ class OutboxRelay:
                       o.correlation_id, o.body, o.attempts
             """
         self._unstamp = f"UPDATE {table} SET sent_at = NULL, last_error = $2 WHERE id = ANY($1)"
-        # An unroutable event waits before it is tried again: 1 s, doubling, at most the max.
+        # An unroutable event waits before it is tried again: 1 s, doubling, at most the max
+        # (the exponent capped too: an event kept for days has been tried thousands of times).
         self._postpone = f"""
             UPDATE {table} SET sent_at = NULL, last_error = $2,
                 next_attempt_at = clock_timestamp()
-                    + make_interval(secs => LEAST($3::float8, power(2, attempts - 1)))
+                    + make_interval(secs => LEAST($3::float8, power(2, LEAST(attempts - 1, 30))))
             WHERE id = ANY($1)
             """
         self._insert_alert = f"""
