@@ -28,6 +28,15 @@ _ASYNCPG_UNREACHABLE = (
 _AIORMQ_UNREACHABLE = ("AMQPConnectionError", "ChannelInvalidStateError", "ConnectionClosed")
 
 
+_FILE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -54,7 +63,9 @@ def is_unreachable(exc: BaseException) -> bool:
     constraint, bad SQL, a validation) is not one.
     """
     for error in _chain(exc):
-        if isinstance(error, OSError):  # ConnectionError, TimeoutError, socket.gaierror ...
+        # Sockets: ConnectionError, TimeoutError, socket.gaierror, "Multiple exceptions" (a
+        # connect to several addresses), no route to host... but not a file that is missing.
+        if isinstance(error, OSError) and not isinstance(error, _FILE_ERRORS):
             return True
         if getattr(error, "connection_invalidated", False):
             return True
