@@ -105,12 +105,12 @@ OUTAGE_SECONDS = 60  # how long Postgres or RabbitMQ stays down in their drills
 OUTAGE_LOG_BYTES = 2_000_000
 
 # The defaults are the tested settings: attempt counts are the services' own.
-CONSUMER_MAX_ATTEMPTS = RuntimeSettings().consumer_max_attempts
-KONNECT_MAX_ATTEMPTS = PaymentsSettings().konnect_max_attempts
-GOOGLE_MAX_ATTEMPTS = CalendarSettings().google_max_attempts
+CONSUMER_ATTEMPTS = RuntimeSettings().consumer_max_attempts
+KONNECT_ATTEMPTS = PaymentsSettings().konnect_max_attempts
+GOOGLE_ATTEMPTS = CalendarSettings().google_max_attempts
 # Faults per endpoint in the drill the retries must absorb: fewer than one call's attempts, so
 # no booking can meet more faults than it has retries, however the calls interleave.
-ABSORBED_FAULTS = {"konnect": KONNECT_MAX_ATTEMPTS - 1, "google": GOOGLE_MAX_ATTEMPTS - 1}
+ABSORBED_FAULTS = {"konnect": KONNECT_ATTEMPTS - 1, "google": GOOGLE_ATTEMPTS - 1}
 
 DRILL_SETTINGS = {
     "LOG_LEVEL": "INFO",
@@ -1193,7 +1193,7 @@ async def queue_depths(system: DrillSystem) -> dict[str, tuple[int, int]]:
     names = []
     for consumer in CONSUMERS:
         names += [consumer, f"{consumer}.dlq"]
-        names += [f"{consumer}.retry.{n}" for n in range(1, CONSUMER_MAX_ATTEMPTS)]
+        names += [f"{consumer}.retry.{n}" for n in range(1, CONSUMER_ATTEMPTS)]
     depths = {}
     connection = await aio_pika.connect(system.rabbitmq.url, timeout=10)
     async with connection:
