@@ -52,6 +52,7 @@ from booking.runtime.context import correlated
 from booking.runtime.db import Database
 from booking.runtime.outages import OutageLog, describe, is_unreachable
 from booking.runtime.outbox import Outbox
+from booking.runtime.sweeping import run_quietly
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
@@ -390,14 +391,8 @@ class Consumer(QueueWorker):
     def _run_after_commit(self, step: Callable[[], Awaitable[None]], envelope: Envelope) -> None:
         async def run() -> None:
             with correlated(envelope.correlation_id, str(envelope.message_id)):
-                try:
-                    await step()
-                except Exception as exc:
-                    # The intent is committed; the service's sweeper finishes what this left.
-                    if is_unreachable(exc):
-                        self.outage.failed(exc, f"the after-commit step of {envelope.type}")
-                    else:
-                        log.exception("after-commit step of %s %s failed", envelope.type, self.name)
+                # The intent is committed; the service's sweeper finishes what this leaves.
+                await run_quietly(step, self.outage, f"the after-commit step of {envelope.type}")
 
         task = asyncio.create_task(run())
         self._after_commit.add(task)

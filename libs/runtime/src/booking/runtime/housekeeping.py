@@ -10,14 +10,14 @@ once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from booking.runtime.outages import describe
+from booking.runtime.outages import OutageLog
+from booking.runtime.sweeping import Every, run_quietly
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,14 @@ class Housekeeping:
                 inbox_retention,
             ),
         ]
-        self._task: asyncio.Task | None = None
+        self.outage = OutageLog(log, f"the database (housekeeping of {schema})")
+        self._loop = Every(interval, self._prune_quietly, name="housekeeping")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._prune_forever(), name="housekeeping")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._loop.stop()
 
     async def prune(self) -> int:
         """Delete everything past its retention, batch by batch; returns how many rows."""
@@ -81,15 +80,6 @@ class Housekeeping:
                     break
         return deleted
 
-    async def _prune_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                if deleted := await self.prune():
-                    log.info("pruned %d outbox and inbox rows past their retention", deleted)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "pruning the messaging tables failed; trying again later: %s", describe(exc)
-                )
+    async def _prune_quietly(self) -> None:
+        if deleted := await run_quietly(self.prune, self.outage, "pruning the messaging tables"):
+            log.info("pruned %d outbox and inbox rows past their retention", deleted)

@@ -1,9 +1,9 @@
-"""Sweepers: the work a service does every so often in the background, in every replica.
+"""Background work: sweepers, housekeeping, and the steps that run after a commit.
 
 A sweep claims its rows itself (`FOR UPDATE SKIP LOCKED`), so replicas share the work; what is
-shared here is the loop around it: a jittered interval, so replicas started together do not
-sweep in step, and a round that never raises. A round that meets an unreachable database is
-skipped with a line now and then (the next interval tries again; nothing is spent); any other
+shared here is the loop around it, a jittered interval (replicas started together do not sweep
+in step), and a round that never raises. Work that meets an unreachable database is dropped
+with a line now and then (a later round, or a sweeper, does it; nothing is spent); any other
 failure is a bug, logged with its trace.
 """
 
@@ -23,7 +23,8 @@ T = TypeVar("T")
 
 
 async def run_quietly(work: Callable[[], Awaitable[T]], outage: OutageLog, doing: str) -> T | None:
-    """One round of background work that never raises; None when it did not go through."""
+    """One round of background work that never raises; None when it did not go through (what
+    it left is done later: by the next round, or by a sweeper)."""
     try:
         done = await work()
     except asyncio.CancelledError:
@@ -32,7 +33,7 @@ async def run_quietly(work: Callable[[], Awaitable[T]], outage: OutageLog, doing
         if is_unreachable(exc):
             outage.failed(exc, doing)
         else:
-            log.exception("%s failed; trying again at the next interval", doing)
+            log.exception("%s failed; it is done again later", doing)
         return None
     outage.recovered()
     return done

@@ -85,8 +85,9 @@ from booking.runtime.audit import record_admin_action
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
 from booking.runtime.domain import IllegalTransition
-from booking.runtime.outages import OutageLog, is_unreachable
+from booking.runtime.outages import OutageLog
 from booking.runtime.outbox import Outbox
+from booking.runtime.sweeping import run_quietly
 
 log = logging.getLogger(__name__)
 
@@ -427,14 +428,8 @@ class CalendarService:
         """Run `work` after the answer; the sweeper finishes whatever a crash leaves of it."""
 
         async def run() -> None:
-            try:
-                await work
-            except Exception as exc:
-                if is_unreachable(exc):
-                    # Said once in a while, not a trace per booking: the sweeper finishes it.
-                    self.outage.failed(exc, name)
-                else:
-                    log.exception("%s failed; the sweeper will finish it", name)
+            # An unreachable database is said once in a while, not a trace per booking.
+            await run_quietly(lambda: work, self.outage, name)
 
         task = asyncio.create_task(run(), name=name)
         self._background.add(task)
