@@ -355,7 +355,6 @@ class DeadLetters:
 
     async def discard(self, number: int, *, by: str, reason: str) -> http.DeadLetterDetail:
         now = datetime.now(UTC)
-        dead = self.tables.dead_letters
         async with self.db.transaction() as session:
             row = await self._locked(session, number)
             if row.status == DISCARDED:
@@ -364,28 +363,16 @@ class DeadLetters:
                 raise DeadLetterRefused(
                     f"dead letter {self._id(number)} was replayed; there is nothing to discard"
                 )
-            row = (
-                await session.execute(
-                    update(dead)
-                    .where(dead.c.id == number)
-                    .values(
-                        status=DISCARDED, discarded_at=now, decided_by=by, decision_reason=reason
-                    )
-                    .returning(*dead.c)
-                )
-            ).one()
-            await record_admin_action(
+            row = await self._decide(
                 session,
-                self.tables,
-                self.outbox,
-                action=AdminAction.DISCARD_DEAD_LETTER,
+                row,
+                AdminAction.DISCARD_DEAD_LETTER,
                 by=by,
                 reason=reason,
-                at=now,
-                dead_letter_id=self._id(number),
-                detail=f"{row.event_type or 'unreadable message'} {row.message_id}",
+                now=now,
+                status=DISCARDED,
+                discarded_at=now,
             )
-        log.warning("dead letter %s discarded by %s: %s", self._id(number), by, reason)
         return self.detail(row)
 
     async def _locked(self, session: Any, number: int) -> Row[Any]:
@@ -400,7 +387,6 @@ class DeadLetters:
     async def _replay_locked(
         self, session: Any, row: Row[Any], *, by: str, reason: str, now: datetime
     ) -> Row[Any]:
-        dead = self.tables.dead_letters
         try:
             body = bytes(row.body).decode()
         except UnicodeDecodeError:
@@ -420,11 +406,36 @@ class DeadLetters:
             )
             .on_conflict_do_nothing(index_elements=[self.tables.outbox.c.message_id])
         )
-        replayed = (
+        return await self._decide(
+            session,
+            row,
+            AdminAction.REPLAY_DEAD_LETTER,
+            by=by,
+            reason=reason,
+            now=now,
+            status=REPLAYED,
+            replayed_at=now,
+        )
+
+    async def _decide(
+        self,
+        session: Any,
+        row: Row[Any],
+        action: AdminAction,
+        *,
+        by: str,
+        reason: str,
+        now: datetime,
+        **stamps: Any,
+    ) -> Row[Any]:
+        """An admin's decision on a dead letter: its new status (`stamps`), who and why, and
+        the audit of it, in the caller's transaction; the row as it now is."""
+        dead = self.tables.dead_letters
+        decided = (
             await session.execute(
                 update(dead)
                 .where(dead.c.id == row.id)
-                .values(status=REPLAYED, replayed_at=now, decided_by=by, decision_reason=reason)
+                .values(**stamps, decided_by=by, decision_reason=reason)
                 .returning(*dead.c)
             )
         ).one()
@@ -432,15 +443,15 @@ class DeadLetters:
             session,
             self.tables,
             self.outbox,
-            action=AdminAction.REPLAY_DEAD_LETTER,
+            action=action,
             by=by,
             reason=reason,
             at=now,
             dead_letter_id=self._id(row.id),
             detail=f"{row.event_type or 'unreadable message'} {row.message_id}",
         )
-        log.warning("dead letter %s replayed by %s: %s", self._id(row.id), by, reason)
-        return replayed
+        log.warning("dead letter %s: %s by %s: %s", self._id(row.id), action.value, by, reason)
+        return decided
 
 
 def dead_letters_router(dead_letters: DeadLetters) -> APIRouter:
