@@ -304,6 +304,19 @@ class DeadLetterPage(BaseModel):
     next_cursor: str | None
 
 
+def cursor_token(text: str) -> str:
+    """A listing's position as the opaque token callers pass back (URL-safe, unpadded)."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def cursor_text(token: str) -> str:
+    """What `cursor_token` made `token` from; ValueError for anything it did not make."""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+    except ValueError as exc:  # bad base64 (binascii.Error), not ASCII, not text
+        raise ValueError("not a cursor") from exc
+
+
 @dataclass(frozen=True)
 class DeadLetterCursor:
     """Where a page of dead letters ended: they come newest first, by (dead_lettered_at, id).
@@ -315,8 +328,7 @@ class DeadLetterCursor:
     id: int
 
     def encode(self) -> str:
-        raw = f"{self.at.isoformat()}|{self.id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return cursor_token(f"{self.at.isoformat()}|{self.id}")
 
     @classmethod
     def decode(cls, token: str) -> DeadLetterCursor:

@@ -19,8 +19,6 @@ does not answer fails the whole request, naming it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -41,6 +39,8 @@ from booking.contracts.http import (
     DeadLetterFilter,
     DeadLetterPage,
     Replayed,
+    cursor_text,
+    cursor_token,
 )
 from booking.gateway.upstreams import (
     Service,
@@ -108,17 +108,15 @@ class Position:
         return DeadLetterCursor(self.at, MAX_MINOR_UNITS)
 
     def encode(self) -> str:
-        raw = f"{self.at.isoformat()}|{self.service}|{self.number}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return cursor_token(f"{self.at.isoformat()}|{self.service}|{self.number}")
 
     @classmethod
     def decode(cls, token: str) -> Position:
         """ValueError for a token the merged listing did not give."""
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-            at, service, number = raw.split("|")
+            at, service, number = cursor_text(token).split("|")
             position = cls(datetime.fromisoformat(at), Service(service), int(number))
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+        except ValueError:
             raise ValueError(_BAD_CURSOR) from None
         if position.at.tzinfo is None or not 0 < position.number <= MAX_MINOR_UNITS:
             raise ValueError(_BAD_CURSOR)

@@ -73,8 +73,6 @@ Times are the events' `occurred_at`: when the failure happened, not when it was 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +97,7 @@ from booking.contracts import (
     SessionIssueDetected,
     SystemErrorReported,
 )
+from booking.contracts.http import cursor_text, cursor_token
 from booking.runtime.domain import DomainError
 
 
@@ -673,14 +672,13 @@ class Cursor:
     ascending: bool = False
 
     def encode(self) -> str:
-        raw = f"{'a' if self.ascending else 'd'}{self.last_id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return cursor_token(f"{'a' if self.ascending else 'd'}{self.last_id}")
 
     @classmethod
     def decode(cls, token: str) -> Cursor:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raw = cursor_text(token)
+        except ValueError:
             raw = ""
         valid = 2 <= len(raw) <= 20 and raw[0] in "ad" and raw[1:].isdigit()
         if not valid or int(raw[1:]) > MAX_ID:
