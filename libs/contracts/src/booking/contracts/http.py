@@ -11,7 +11,6 @@ and timezone-aware; ids are the UUIDs the services give, notifications' increasi
 from __future__ import annotations
 
 import base64
-import binascii
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -333,16 +332,14 @@ class DeadLetterCursor:
     @classmethod
     def decode(cls, token: str) -> DeadLetterCursor:
         """Raises ValueError for a token this listing did not give."""
+        invalid = "cursor is not one this listing gave; start again without it"
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-            at, _, number = raw.partition("|")
+            at, _, number = cursor_text(token).partition("|")
             cursor = cls(datetime.fromisoformat(at), int(number))
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise ValueError(
-                "cursor is not one this listing gave; start again without it"
-            ) from None
+        except ValueError:
+            raise ValueError(invalid) from None
         if cursor.at.tzinfo is None or not 0 <= cursor.id <= MAX_MINOR_UNITS:
-            raise ValueError("cursor is not one this listing gave; start again without it")
+            raise ValueError(invalid)
         return cursor
 
 
