@@ -445,7 +445,7 @@ class TestTheOrdersLock:
         async with service.db.transaction() as session:
             await service.end_order(session, cancel)
             money = asyncio.create_task(
-                service.apply_verdict(payment_id, paid_in_full, datetime.now(UTC))
+                service.apply_verdict(payment_id, booking.order_id, paid_in_full, datetime.now(UTC))
             )
             await eventually(
                 lambda: waiting_on_the_order(db, booking.order_id), what="the money waiting"

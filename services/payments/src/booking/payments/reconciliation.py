@@ -140,7 +140,9 @@ class Sweeper:
             update(payments)
             .where(payments.c.id.in_(due.scalar_subquery()))
             .values(last_checked_at=now)
-            .returning(payments.c.id, payments.c.payment_ref, payments.c.currency)
+            .returning(
+                payments.c.id, payments.c.order_id, payments.c.payment_ref, payments.c.currency
+            )
         )
         async with self.db.transaction() as session:
             return list((await session.execute(claim)).all())
@@ -159,7 +161,7 @@ class Sweeper:
             log.warning("reconciliation: %s not checked: %s", row.payment_ref, error)
             return
         try:
-            await self.service.apply_verdict(row.id, verdict, now)
+            await self.service.apply_verdict(row.id, row.order_id, verdict, now)
         except Exception as exc:
             if is_unreachable(exc):
                 raise  # the whole sweep stops: the database is away, not this payment wrong

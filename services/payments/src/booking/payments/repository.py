@@ -90,13 +90,6 @@ async def locked_payment_of_order(session: AsyncSession, order_id: uuid.UUID) ->
     return (await session.execute(query)).one_or_none()
 
 
-async def order_of_payment(session: AsyncSession, payment_id: uuid.UUID) -> uuid.UUID:
-    """The payment's order (never changes, so read without a lock, before taking the order's)."""
-    return (
-        await session.execute(select(payments.c.order_id).where(payments.c.id == payment_id))
-    ).scalar_one()
-
-
 async def save_payment(session: AsyncSession, payment: Payment, **columns: Any) -> None:
     await session.execute(
         update(payments).where(payments.c.id == payment.id).values(**stored(payment), **columns)

@@ -309,7 +309,7 @@ class PaymentService:
     # -- Konnect's verdict -----------------------------------------------------------------
 
     async def apply_verdict(
-        self, payment_id: uuid.UUID, verdict: KonnectVerdict, now: datetime
+        self, payment_id: uuid.UUID, order_id: uuid.UUID, verdict: KonnectVerdict, now: datetime
     ) -> PaymentState:
         """Apply what Konnect says of a payment, once, under the order's lock and the row's.
 
@@ -318,7 +318,6 @@ class PaymentService:
         payment is read under the same lock, so money and an ending never miss each other.
         """
         async with self.db.transaction() as session:
-            order_id = await repo.order_of_payment(session, payment_id)
             await repo.lock_order(session, order_id)
             row = await repo.locked_payment(session, payment_id)
             payment = repo.payment_of(row)
@@ -560,7 +559,7 @@ class PaymentService:
         `KonnectCannotBeAsked` when Konnect cannot be asked (reconciliation makes it good).
         """
         async with self.db.single_statement() as session:
-            query = select(payments.c.id, payments.c.status).where(
+            query = select(payments.c.id, payments.c.order_id, payments.c.status).where(
                 payments.c.payment_ref == payment_ref
             )
             found = (await session.execute(query)).one_or_none()
@@ -578,7 +577,7 @@ class PaymentService:
         except (KonnectError, KonnectUnavailable, MalformedKonnectPayment) as error:
             log.warning("webhook for %s: Konnect could not be asked: %s", payment_ref, error)
             raise KonnectCannotBeAsked(str(error)) from error
-        status = await self.apply_verdict(found.id, verdict, now)
+        status = await self.apply_verdict(found.id, found.order_id, verdict, now)
         return WebhookAnswer(payment_ref, status.value)
 
     async def _unknown_ref(self, payment_ref: str) -> None:
