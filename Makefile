@@ -39,15 +39,18 @@ migrate: install
 
 ## test: every test against the local (or $$DATABASE_URL / $$RABBITMQ_URL) Postgres and RabbitMQ:
 ## first those that start no whole system, on two workers (they mostly wait on the servers), then
-## the whole-system ones (tests/e2e, marker e2e) one at a time, since each runs every service
+## the whole-system modules (tests/e2e, marker e2e) two at a time, each module on one worker with
+## its own system, then the fault drills alone (they time outages and load the machine)
+DRILLS := tests/e2e/test_fault_drills.py
 test: install
 	$(PY) -m pytest -m "not e2e" -n 2
-	$(PY) -m pytest -m e2e
+	$(PY) -m pytest -m e2e -n 2 --dist loadfile --ignore $(DRILLS)
+	$(PY) -m pytest $(DRILLS)
 
 ## drills: only the fault drills (kill -9, broker and database restarts, provider outages) under
 ## load; `make test` runs them too
 drills: install
-	$(PY) -m pytest tests/e2e/test_fault_drills.py
+	$(PY) -m pytest $(DRILLS)
 
 lint: install
 	$(VENV)/bin/ruff check .

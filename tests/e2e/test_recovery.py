@@ -1,8 +1,8 @@
 """Recovery through the real services: escrow follows the session, nothing holds a slot for ever,
 and admins put things right through the gateway (docs/recovery.md).
 
-The system runs with the scheduling retry schedule a hundred times faster than its default
-(the same four delays, the same shape) and its sweepers every second.
+The system runs with the scheduling retry schedule a thousand times faster than its default
+(the same four delays, the same shape) and its calendar sweeper twice a second.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ SLOW_SECONDS = 60  # a flow that waits out the (shortened) retry schedule on a l
 @pytest.fixture(scope="module")
 def system_overrides() -> dict[str, str]:
     return {
-        "SCHEDULING_RETRY_DELAYS_MINUTES": "0.005,0.025,0.075,0.3",  # 1, 5, 15, 60 min / 200
-        "SWEEPER_INTERVAL_SECONDS": "1",
+        "SCHEDULING_RETRY_DELAYS_MINUTES": "0.001,0.005,0.015,0.06",  # 1, 5, 15, 60 min / 1000
+        "SWEEPER_INTERVAL_SECONDS": "0.5",
         "GOOGLE_RETRY_BASE_SECONDS": "0.05",
         "CONSUMER_RETRY_BASE_DELAY_MS": "100",
     }
