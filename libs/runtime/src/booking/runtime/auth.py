@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from uuid import UUID
 
 import jwt
 from fastapi import Depends, HTTPException, Request
@@ -31,6 +32,19 @@ class Identity:
     @property
     def is_admin(self) -> bool:
         return self.role is Role.ADMIN
+
+
+def acts_as_mentor(identity: Identity, mentor_id: UUID, identity_subject: str | None) -> bool:
+    """Whether `identity` may act as the mentor `mentor_id`: an admin always; a mentor whose
+    token's `sub` is the id the system gave (development tokens) or the identity-provider subject
+    stored on the mentor's record (a provider's `sub` is its own, not ours)."""
+    if identity.is_admin:
+        return True
+    if identity.role is not Role.MENTOR:
+        return False
+    return identity.sub == str(mentor_id) or (
+        identity_subject is not None and identity.sub == identity_subject
+    )
 
 
 class InvalidToken(Exception):

@@ -26,6 +26,10 @@ class RuntimeSettings(BaseSettings):
     rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
     public_base_url: str = "http://127.0.0.1:8000"
     auth_jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-0123456789abcdef")
+    # Local runs and tests only (`make run` and the test suite turn it on): it allows the built-in
+    # JWT secret and HS256 next to an identity provider, and exempts loopback from the webhook's
+    # per-address limit. A deployment leaves it off.
+    development_mode: bool = False
     log_level: str = "INFO"
     bind_host: str = "127.0.0.1"
     port: int = 8000  # each service reads its own <SERVICE>_PORT instead
