@@ -33,6 +33,7 @@ from booking.contracts import (
     HealthCheckFailed,
     HealthCheckRecovered,
     MenteeContact,
+    MentorIdentityLinked,
     MentorRegistered,
     Offering,
     OrderCancelled,
@@ -64,7 +65,20 @@ END = START + timedelta(hours=1)
 
 SAMPLES: list[Event] = [
     MentorRegistered(
-        mentor_id=MENTOR, name="Amira Ben Salah", email="amira@example.com", timezone="Africa/Tunis"
+        mentor_id=MENTOR,
+        name="Amira Ben Salah",
+        email="amira@example.com",
+        timezone="Africa/Tunis",
+        identity_subject="auth0|65f0c1e2d3a4b5c6d7e8f9a0",
+    ),
+    MentorIdentityLinked(
+        mentor_id=MENTOR,
+        identity_subject="f81d4fae-7dec-41d0-a765-00a0c91e6bf6",
+        previous_subject="auth0|65f0c1e2d3a4b5c6d7e8f9a0",
+        by="admin-1",
+        reason="the mentor moved to the company's identity provider",
+        linked_at=START - timedelta(days=3),
+        sequence=1,
     ),
     BookingRequested(
         order_id=ORDER,

@@ -287,7 +287,9 @@ def admin_case(action: str, type_: str, **subject: Any) -> Case:
         type_,
         "Info",
         f"Admin action: {action} by admin-7",
-        f"admin-7 did {action} on {named}: the mentee asked",
+        # An action on no order, session or dead letter (a mentor's identity link) names the
+        # service that did it.
+        f"admin-7 did {action} on {named or 'payments'}: the mentee asked",
         metadata,
         producer="payments",
     )
@@ -438,6 +440,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "admin releases an escrow": lambda: admin_case(
         "release_escrow", "PaymentAnomaly", order_id=uuid.uuid4()
     ),
+    "admin links a mentor's identity": lambda: admin_case("link_mentor_identity", "SystemError"),
     "health failed: a whole service": lambda: health_case(
         HealthCheckFailed, "orders:health", "fail", "Critical", "failing_vital"
     ),

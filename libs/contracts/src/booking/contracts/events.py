@@ -102,6 +102,7 @@ class AdminAction(StrEnum):
     RELEASE_ESCROW = "release_escrow"
     REFUND_ESCROW = "refund_escrow"
     RECORD_REFUND = "record_refund"
+    LINK_MENTOR_IDENTITY = "link_mentor_identity"
 
 
 class Offering(_Part):
@@ -131,6 +132,27 @@ class MentorRegistered(Event):
     name: NonEmptyStr
     email: EmailAddress
     timezone: NonEmptyStr  # IANA name, e.g. Africa/Tunis
+    identity_subject: NonEmptyStr | None = None
+    """The mentor's `sub` at the identity provider, when it was given at registration."""
+
+
+@register
+class MentorIdentityLinked(Event):
+    """An admin linked a mentor to its identity-provider subject, or changed it."""
+
+    # A token with this `sub` (and the mentor role) acts as the mentor from now on; the
+    # previous subject no longer does.
+
+    producer = "orders"
+
+    mentor_id: UUID
+    identity_subject: NonEmptyStr
+    by: NonEmptyStr
+    reason: NonEmptyStr
+    linked_at: UtcDatetime
+    sequence: int = Field(ge=1)
+    """The mentor's link count: a consumer keeps the subject of the highest one seen."""
+    previous_subject: NonEmptyStr | None = None
 
 
 @register
@@ -499,6 +521,7 @@ __all__ = [
     "HealthCheckFailed",
     "HealthCheckRecovered",
     "MenteeContact",
+    "MentorIdentityLinked",
     "MentorRegistered",
     "MinorUnits",
     "Offering",

@@ -52,7 +52,7 @@ monitor names them, or `orders`) or a database or broker (`database:...`, `rabbi
 A final failure is its own notification (its reason key is `<reason>:final`), apart from the
 earlier ones of the same booking.
 (4) on dead letters SystemError, on an order SessionIssue, on a scheduling IntegrationFailure,
-on an escrow PaymentAnomaly.
+on an escrow PaymentAnomaly, on a mentor's identity-provider link SystemError.
 (5) no notification: the calendar tries again on its schedule; only the final failure is news.
 
 What each alert means and what to do about it: docs/alerts.md.
@@ -306,6 +306,7 @@ _ADMIN_TYPES = {
     AdminAction.RELEASE_ESCROW: T.PaymentAnomaly,
     AdminAction.REFUND_ESCROW: T.PaymentAnomaly,
     AdminAction.RECORD_REFUND: T.PaymentAnomaly,
+    AdminAction.LINK_MENTOR_IDENTITY: T.SystemError,
 }
 _ESCROW_METADATA = ("order_id", "mentor_id", "escrow_amount", "currency", "by")
 
