@@ -103,6 +103,69 @@ def _json(body: BaseModel) -> bytes:
     return body.model_dump_json(exclude_unset=True).encode()
 
 
+# --- OpenAPI links: where an answer leads (a client, or a stateful test, goes on from there) ----
+
+
+def _to(target: str, body: dict[str, str] | None = None, **parameters: str) -> dict[str, Any]:
+    """A link to `target` ("GET /api/mentors/{mentor_id}"), its parameters (and the fields of its
+    body) filled from this answer by runtime expressions (`$response.body#/id`)."""
+    method, path = target.split(" ")
+    pointer = path.replace("~", "~0").replace("/", "~1")  # a JSON pointer's escapes
+    link: dict[str, Any] = {"operationRef": f"#/paths/{pointer}/{method.lower()}"}
+    if parameters:
+        link["parameters"] = parameters
+    if body:
+        link["requestBody"] = body
+    return link
+
+
+def _links(status: int, **links: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"links": links}}
+
+
+def _mentor_links(mentor_id: str) -> dict[str, dict[str, Any]]:
+    """What may be done with a mentor whose id is at `mentor_id` in the answer."""
+    at = {"mentor_id": mentor_id}
+    return {
+        "GetMentor": _to("GET /api/mentors/{mentor_id}", **at),
+        "AddOffering": _to("POST /api/mentors/{mentor_id}/offerings", **at),
+        "ListOfferings": _to("GET /api/mentors/{mentor_id}/offerings", **at),
+        "ConnectCalendar": _to("GET /api/mentors/{mentor_id}/calendar/connect", **at),
+        "GetCalendarConnection": _to("GET /api/mentors/{mentor_id}/calendar", **at),
+        "DisconnectCalendar": _to("DELETE /api/mentors/{mentor_id}/calendar", **at),
+    }
+
+
+def _order_links(order_id: str, session_id: str) -> dict[str, dict[str, Any]]:
+    """What an admin may do with an order (and its session) whose ids are at those places."""
+    return {
+        "CancelOrder": _to("POST /api/admin/orders/{order_id}/cancel", order_id=order_id),
+        "GetEscrow": _to("GET /api/admin/orders/{order_id}/escrow", order_id=order_id),
+        "SettleEscrow": _to("POST /api/admin/orders/{order_id}/escrow", order_id=order_id),
+        "RetryScheduling": _to(
+            "POST /api/admin/sessions/{session_id}/retry-scheduling", session_id=session_id
+        ),
+    }
+
+
+def _dead_letter_links(dead_letter_id: str) -> dict[str, dict[str, Any]]:
+    return {
+        "ReplayDeadLetter": _to(
+            "POST /api/admin/dead-letters/{dead_letter_id}/replay", dead_letter_id=dead_letter_id
+        ),
+        "DiscardDeadLetter": _to(
+            "POST /api/admin/dead-letters/{dead_letter_id}/discard", dead_letter_id=dead_letter_id
+        ),
+    }
+
+
+def _delete_notification(notification_id: str) -> dict[str, Any]:
+    return _to("DELETE /api/admin/notifications/{notification_id}", notification_id=notification_id)
+
+
+BOOK = "POST /api/bookings"
+
+
 MentorId = Path(description="the mentor's id, as the system gave it")
 
 # --- orders: mentors, offerings, bookings, orders ----------------------------------------------
@@ -114,7 +177,7 @@ orders = APIRouter(tags=["mentors and bookings"])
     "/api/mentors",
     status_code=201,
     response_model=Mentor,
-    responses=_problems(*WITH_BODY),
+    responses={**_problems(*WITH_BODY), **_links(201, **_mentor_links("$response.body#/id"))},
     dependencies=[Depends(require_roles(Role.ADMIN))],
     summary="Register a mentor",
 )
@@ -141,7 +204,16 @@ async def get_mentor(
     "/api/mentors/{mentor_id}/offerings",
     status_code=201,
     response_model=Offering,
-    responses=_problems(*WITH_BODY, 404),
+    responses={
+        **_problems(*WITH_BODY, 404),
+        **_links(
+            201,
+            Book=_to(BOOK, body={"offering_id": "$response.body#/id"}),
+            ListOfferings=_to(
+                "GET /api/mentors/{mentor_id}/offerings", mentor_id="$response.body#/mentor_id"
+            ),
+        ),
+    },
     dependencies=[Depends(mentor_himself_or_admin)],
     summary="Add an offering to a mentor",
 )
@@ -157,7 +229,10 @@ async def add_offering(
 @orders.get(
     "/api/mentors/{mentor_id}/offerings",
     response_model=list[Offering],
-    responses=_problems(*SIGNED_IN, 404),
+    responses={
+        **_problems(*SIGNED_IN, 404),
+        **_links(200, Book=_to(BOOK, body={"offering_id": "$response.body#/0/id"})),
+    },
     dependencies=[Depends(authenticated)],
     summary="A mentor's offerings",
 )
@@ -171,7 +246,14 @@ async def list_offerings(
     "/api/bookings",
     status_code=202,
     response_model=BookingAccepted,
-    responses=_problems(*WITH_BODY, 404, 409),
+    responses={
+        **_problems(*WITH_BODY, 404, 409),
+        **_links(
+            202,
+            GetOrder=_to("GET /api/orders/{order_id}", order_id="$response.body#/order_id"),
+            **_order_links("$response.body#/order_id", "$response.body#/session_id"),
+        ),
+    },
     dependencies=[Depends(require_roles(Role.MENTEE))],
     summary="Book a session (the order then awaits payment)",
 )
@@ -193,7 +275,10 @@ async def book_session(
 @orders.get(
     "/api/orders/{order_id}",
     response_model=Order,
-    responses=_problems(*SIGNED_IN, 404),
+    responses={
+        **_problems(*SIGNED_IN, 404),
+        **_links(200, **_order_links("$response.body#/id", "$response.body#/session/id")),
+    },
     dependencies=[Depends(require_roles(Role.MENTEE, Role.ADMIN))],
     summary="An order, its payment, session and escrow",
 )
@@ -311,7 +396,17 @@ async def _filters(given: Annotated[FeedFilter, Query()]) -> None:
 @notifications.get(
     "",
     response_model=NotificationPage,
-    responses=_problems(*SIGNED_IN),
+    responses={
+        **_problems(*SIGNED_IN),
+        **_links(
+            200,
+            MarkRead=_to(
+                "POST /api/admin/notifications/{notification_id}/read",
+                notification_id="$response.body#/items/0/id",
+            ),
+            DeleteNotification=_delete_notification("$response.body#/items/0/id"),
+        ),
+    },
     dependencies=[Depends(_filters)],
     summary="The notifications, newest first",
 )
@@ -352,7 +447,10 @@ async def summarize_notifications(
 @notifications.post(
     "/{notification_id}/read",
     response_model=Notification,
-    responses=_problems(*SIGNED_IN, 404),
+    responses={
+        **_problems(*SIGNED_IN, 404),
+        **_links(200, DeleteNotification=_delete_notification("$response.body#/id")),
+    },
     summary="Mark a notification read",
 )
 async def mark_read(
@@ -398,7 +496,17 @@ def _owner(dead_letter_id: str) -> Service:
 @dead_letter_routes.get(
     "",
     response_model=DeadLetterPage,
-    responses=_problems(*SIGNED_IN),
+    responses={
+        **_problems(*SIGNED_IN),
+        **_links(
+            200,
+            GetDeadLetter=_to(
+                "GET /api/admin/dead-letters/{dead_letter_id}",
+                dead_letter_id="$response.body#/items/0/id",
+            ),
+            **_dead_letter_links("$response.body#/items/0/id"),
+        ),
+    },
     summary="Dead letters, newest first, of one service or of all four",
 )
 async def list_dead_letters(
@@ -442,7 +550,10 @@ async def replay_dead_letters(
 @dead_letter_routes.get(
     "/{dead_letter_id}",
     response_model=DeadLetterDetail,
-    responses=_problems(*SIGNED_IN, 404),
+    responses={
+        **_problems(*SIGNED_IN, 404),
+        **_links(200, **_dead_letter_links("$response.body#/id")),
+    },
     summary="A dead letter, with its whole envelope",
 )
 async def get_dead_letter(
@@ -491,7 +602,10 @@ NOT_FROM_HERE = "the state machine does not allow this move from where it stands
 @admin.post(
     "/orders/{order_id}/cancel",
     response_model=Order,
-    responses=_problems(*WITH_BODY, 404, 409, conflict=NOT_FROM_HERE),
+    responses={
+        **_problems(*WITH_BODY, 404, 409, conflict=NOT_FROM_HERE),
+        **_links(200, **_order_links("$response.body#/id", "$response.body#/session/id")),
+    },
     summary="Cancel an order: its slot freed, its Google event deleted, a paid one's escrow frozen",
 )
 async def cancel_order(
