@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from booking.runtime.testing import eventually, free_port
+from booking.sandbox.control import ControlAuth
 from booking.sandbox.google import create_app
 from booking.sandbox.settings import SandboxSettings
 
@@ -204,7 +205,9 @@ async def make_google() -> AsyncIterator[MakeGoogle]:
     def make(**settings: Any) -> Google:
         clock = Clock()
         app = create_app(SandboxSettings(google_public_url=PUBLIC_URL, **settings), clock)
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL)
+        http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL, auth=ControlAuth()
+        )
         clients.append(http)
         return Google(http, clock)
 
@@ -1195,7 +1198,7 @@ class TestServeCommand:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            async with httpx.AsyncClient(base_url=url, trust_env=False) as http:
+            async with httpx.AsyncClient(base_url=url, trust_env=False, auth=ControlAuth()) as http:
 
                 async def live() -> bool:
                     assert process.returncode is None, "the sandbox exited"

@@ -8,11 +8,12 @@ loopback. Tests without a webhook call the sandbox in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from fastapi import FastAPI, Request, Response
 
 from booking.runtime.testing import eventually, free_port, serving
+from booking.sandbox.control import ControlAuth
 from booking.sandbox.konnect import create_app
 from booking.sandbox.settings import SandboxSettings
 
@@ -71,12 +73,14 @@ async def konnect(request: pytest.FixtureRequest) -> AsyncIterator[Konnect]:
     app = create_app(sandbox_settings())
     if "receiver" not in request.fixturenames:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sandbox") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://sandbox", auth=ControlAuth()
+        ) as http:
             yield Konnect(http)
         return
     async with (
         serving(app) as url,
-        httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as http,
+        httpx.AsyncClient(base_url=url, timeout=10, trust_env=False, auth=ControlAuth()) as http,
     ):
         yield Konnect(http)
 
@@ -86,7 +90,7 @@ async def served_konnect() -> AsyncIterator[Konnect]:
     """A fresh sandbox over real HTTP, for tests about the wire itself (client timeouts)."""
     async with (
         serving(create_app(sandbox_settings())) as url,
-        httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as http,
+        httpx.AsyncClient(base_url=url, timeout=10, trust_env=False, auth=ControlAuth()) as http,
     ):
         yield Konnect(http)
 
@@ -423,6 +427,96 @@ class TestWebhooks:
         delivery = response.json()
         assert delivery["status_code"] is None
         assert "ConnectError" in delivery["error"]
+
+
+DEPLOYED_TOKEN = "a-staging-token-from-the-secret-manager-0123456789"
+
+
+@pytest.fixture
+async def deployed_konnect() -> AsyncIterator[Callable[..., Awaitable[Konnect]]]:
+    """`await deployed_konnect(**settings)`: a sandbox as a deployment runs it (no development
+    mode, a token of its own), served over real HTTP."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**settings: Any) -> Konnect:
+            values = {
+                "development_mode": False,
+                "control_token": DEPLOYED_TOKEN,
+                "konnect_webhook_timeout_seconds": 5,
+                **settings,
+            }
+            url = await stack.enter_async_context(serving(create_app(SandboxSettings(**values))))
+            http = httpx.AsyncClient(
+                base_url=url, timeout=10, trust_env=False, auth=ControlAuth(DEPLOYED_TOKEN)
+            )
+            await stack.enter_async_context(http)
+            return Konnect(http)
+
+        yield make
+
+
+class TestForgedWebhooks:
+    """/_sandbox/webhooks/send calls only a payment's webhook URL or an allowed host: never a
+    relay to whatever address the sandbox's network reaches."""
+
+    @pytest.mark.parametrize(
+        ("url", "host"),
+        [
+            ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+            ("http://10.0.0.5:8080/admin", "10.0.0.5"),
+            ("https://internal.example/hook", "internal.example"),
+            # What the URL says before the @ is a user name, not the host.
+            ("http://127.0.0.1@internal.example/hook", "internal.example"),
+            # Loopback spelled so that a resolver, not an address parser, would say so.
+            ("http://127.1:8000/hook", "127.1"),
+        ],
+    )
+    async def test_an_arbitrary_address_is_refused_and_nothing_is_sent(self, konnect, url, host):
+        response = await konnect.http.post(
+            "/_sandbox/webhooks/send", json={"url": url, "payment_ref": "a" * 24}
+        )
+        assert response.status_code == 403, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert f"{host} is neither" in response.json()["detail"]
+        assert (await konnect.http.get("/_sandbox/webhooks")).json() == {"deliveries": []}
+
+    async def test_outside_development_mode_only_a_payments_webhook_url_is_called(
+        self, deployed_konnect, receiver
+    ):
+        konnect = await deployed_konnect()
+        ref = (await konnect.init(webhook=receiver.url))["paymentRef"]
+        sent = await konnect.http.post(
+            "/_sandbox/webhooks/send", json={"url": receiver.url, "payment_ref": ref}
+        )
+        assert sent.status_code == 200, sent.text
+        assert receiver.refs() == [ref]
+        # Loopback, but no payment's webhook: development mode alone allows it.
+        elsewhere = receiver.url.replace("/api/payments/webhook", "/elsewhere")
+        refused = await konnect.http.post(
+            "/_sandbox/webhooks/send", json={"url": elsewhere, "payment_ref": ref}
+        )
+        assert refused.status_code == 403, refused.text
+        assert [c.path for c in receiver.everything if "elsewhere" in c.path] == []
+
+    async def test_a_host_in_the_allowlist_may_be_called(self, deployed_konnect, receiver):
+        konnect = await deployed_konnect(konnect_forged_webhook_hosts=["127.0.0.1"])
+        forged = "f" * 24
+        sent = await konnect.http.post(
+            "/_sandbox/webhooks/send", json={"url": receiver.url, "payment_ref": forged}
+        )
+        assert sent.status_code == 200, sent.text
+        assert receiver.refs() == [forged]
+
+    async def test_without_the_token_nothing_is_sent(self, deployed_konnect, receiver):
+        konnect = await deployed_konnect()
+        ref = (await konnect.init(webhook=receiver.url))["paymentRef"]
+        response = await konnect.http.post(
+            "/_sandbox/webhooks/send",
+            json={"url": receiver.url, "payment_ref": ref},
+            headers={"Authorization": "Bearer not-the-token"},
+        )
+        assert response.status_code == 401
+        assert receiver.calls == []
 
 
 class TestFaults:

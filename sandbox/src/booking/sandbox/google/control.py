@@ -1,6 +1,7 @@
-"""The control API under /_sandbox (no auth; for tests and demos): consent without a browser,
-look at events and tokens, revoke an account's access, expire access tokens, switch faults on,
-reset. Not Google's: its errors are problem+json.
+"""The control API under /_sandbox, for tests and demos (the token is checked before any route,
+by booking.sandbox.control): consent without a browser, look at events and tokens, revoke an
+account's access, expire access tokens, switch faults on, reset. Not Google's: its errors are
+problem+json.
 """
 
 from __future__ import annotations

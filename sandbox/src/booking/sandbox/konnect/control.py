@@ -1,5 +1,6 @@
-"""The control API under /_sandbox (no auth; for tests and demos): pay, fail, expire, forge
-webhooks, switch faults on, look at what happened. Not Konnect's: its errors are problem+json.
+"""The control API under /_sandbox, for tests and demos (the token is checked before any route,
+by booking.sandbox.control): pay, fail, expire, forge webhooks, switch faults on, look at what
+happened. Not Konnect's: its errors are problem+json.
 """
 
 from __future__ import annotations
@@ -8,12 +9,19 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import httpx
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from booking.sandbox.konnect.faults import FaultEndpoint, FaultKind, Faults
 from booking.sandbox.konnect.payments import Payment, PaymentClosed, Payments
-from booking.sandbox.konnect.webhooks import WebhookMode, Webhooks
+from booking.sandbox.konnect.webhooks import (
+    WebhookMode,
+    Webhooks,
+    forged_webhook_target,
+    may_forge_to,
+)
+from booking.sandbox.settings import SandboxSettings
 
 
 class FailRequest(BaseModel):
@@ -44,6 +52,7 @@ class ForgedWebhook(BaseModel):
 
 
 def control_router(
+    settings: SandboxSettings,
     payments: Payments,
     faults: Faults,
     webhooks: Webhooks,
@@ -98,6 +107,19 @@ def control_router(
 
     @router.post("/webhooks/send")
     async def send_webhook(body: ForgedWebhook) -> dict[str, Any]:
+        try:
+            host = forged_webhook_target(body.url, body.payment_ref)
+        except httpx.InvalidURL as exc:
+            raise HTTPException(422, f"url: not a URL the sandbox can call ({exc})") from None
+        ours = {p.request.webhook for p in payments.all() if p.request.webhook}
+        allowed = settings.konnect_forged_webhook_hosts
+        if not may_forge_to(body.url, host, ours, allowed, loopback=settings.development_mode):
+            raise HTTPException(
+                403,
+                "the sandbox forges webhooks only to one of its payments' webhook URLs or to a "
+                "host in SANDBOX_KONNECT_FORGED_WEBHOOK_HOSTS (loopback too in development "
+                f"mode); {host} is neither",
+            )
         delivery = await webhooks.deliver(body.url, body.payment_ref, "forged")
         return delivery.as_json()
 

@@ -7,8 +7,9 @@ body and no signature. It may call twice, late, or never; the modes below stage 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -32,6 +33,32 @@ def with_payment_ref(url: str, ref: str) -> str:
     extra = urlencode({"payment_ref": ref})
     query = f"{parts.query}&{extra}" if parts.query else extra
     return urlunsplit(parts._replace(query=query))
+
+
+def forged_webhook_target(url: str, ref: str) -> str:
+    """The host a forged webhook to `url` would reach, as the client that sends it reads the URL
+    (not as another parser might: they disagree on odd URLs)."""
+    return httpx.URL(with_payment_ref(url, ref)).host.lower()
+
+
+def may_forge_to(
+    url: str, host: str, webhooks: Collection[str], hosts: Collection[str], loopback: bool
+) -> bool:
+    """Whether a forged webhook may go to `url` (whose host is `host`): the webhook URL of a
+    payment the sandbox holds, an allowed host, or with `loopback` any loopback address.
+    Anything else would make the sandbox a relay to every address it can reach."""
+    if url in webhooks or host in hosts:
+        return True
+    return loopback and is_loopback(host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
