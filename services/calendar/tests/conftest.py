@@ -40,6 +40,7 @@ from booking.runtime.testing import (
     publish_event,
     serving_with_client,
 )
+from booking.sandbox.control import ControlAuth
 from booking.sandbox.google import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings
 
@@ -143,6 +144,7 @@ async def google_sandbox(**settings: Any) -> AsyncIterator[Sandbox]:
         **settings,
     }
     async with serving_with_client(create_sandbox(SandboxSettings(**values))) as (url, http):
+        http.auth = ControlAuth()  # the sandbox's control API takes the test run's token
         yield Sandbox(url, http)
 
 

@@ -47,6 +47,7 @@ from booking.runtime.testing import (
     publish_event,
     serving_with_client,
 )
+from booking.sandbox.control import ControlAuth
 from booking.sandbox.konnect import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings
 
@@ -152,6 +153,7 @@ class Sandbox(SandboxClient):
 async def sandbox_server() -> AsyncIterator[Sandbox]:
     settings = SandboxSettings(konnect_timeout_fault_seconds=SANDBOX_HANG_SECONDS)
     async with serving_with_client(create_sandbox(settings)) as (url, http):
+        http.auth = ControlAuth()  # the sandbox's control API takes the test run's token
         yield Sandbox(url, http)
 
 
