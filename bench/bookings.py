@@ -64,6 +64,7 @@ from booking.runtime.devrun import CHILDREN, probe_host
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
 from booking.runtime.testing import pick_free_ports, private_database, private_vhost
 from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
+from booking.sandbox.control import ControlAuth
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PREFIX = "bench_bookings"  # of its database and vhost
@@ -529,10 +530,13 @@ class Driver:
         self.api = httpx.AsyncClient(
             base_url=system.gateway, timeout=60, trust_env=False, limits=limits
         )
+        # The sandboxes' control calls (pay, consent) carry the control token.
         self.konnect = httpx.AsyncClient(
-            base_url=system.konnect, timeout=60, trust_env=False, limits=limits
+            base_url=system.konnect, timeout=60, trust_env=False, limits=limits, auth=ControlAuth()
         )
-        self.google = httpx.AsyncClient(base_url=system.google, timeout=60, trust_env=False)
+        self.google = httpx.AsyncClient(
+            base_url=system.google, timeout=60, trust_env=False, auth=ControlAuth()
+        )
         self.mentors: list[Mentor] = []
         self._next = 0
         # Sessions a month ahead, one hour apart per mentor: no two ever overlap.

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from booking.runtime.auth import issue_token
 from booking.runtime.devrun import CHILDREN, DevRunError, probe_host
 from booking.runtime.settings import RuntimeSettings
+from booking.sandbox.control import ControlAuth
 
 T = TypeVar("T")
 STEPS = 7
@@ -167,12 +168,21 @@ _HINTS = {
 class Http:
     """One client per party (the gateway, each sandbox) that turns failures into one line."""
 
-    def __init__(self, base: str, name: str, hint: str) -> None:
+    def __init__(
+        self,
+        base: str,
+        name: str,
+        hint: str,
+        auth: httpx.Auth | None = None,
+        refused_hint: str | None = None,
+    ) -> None:
         self.base = base
         self.name = name
         self.hint = hint
+        # What a 401 means here, when not the gateway's (a sandbox's control token).
+        self.refused_hint = refused_hint
         # trust_env=False: a proxy from the environment must not swallow loopback calls.
-        self.client = httpx.AsyncClient(base_url=base, timeout=15, trust_env=False)
+        self.client = httpx.AsyncClient(base_url=base, timeout=15, trust_env=False, auth=auth)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -196,6 +206,8 @@ class Http:
             ) from None
         if response.status_code not in expect:
             hint = _HINTS.get(response.status_code)
+            if response.status_code == 401 and self.refused_hint:
+                hint = self.refused_hint
             raise DemoStopped(
                 f"{method} {path} answered {response.status_code}: {_detail(response)}"
                 + (f" ({hint})" if hint else "")
@@ -323,15 +335,24 @@ class Walkthrough:
         self.mentee = self.system.token("mentee", f"demo-mentee-{self.run_id}")
         down = "start it with `make run` (or set GATEWAY_PORT as for `make run`)"
         self.api = Http(self.system.gateway, "the gateway", down)
+        # The sandboxes' control API takes SANDBOX_CONTROL_TOKEN, or `make run`'s development one.
+        refused = (
+            "the sandbox refused its control token: is SANDBOX_CONTROL_TOKEN the same here as"
+            " for `make run`?"
+        )
         self.konnect = Http(
             self.system.konnect,
             "the sandbox Konnect",
             "start the system with `make run` (or set SANDBOX_KONNECT_PORT as for it)",
+            auth=ControlAuth(),
+            refused_hint=refused,
         )
         self.google = Http(
             self.system.google,
             "the sandbox Google",
             "start the system with `make run` (or set SANDBOX_GOOGLE_PORT as for it)",
+            auth=ControlAuth(),
+            refused_hint=refused,
         )
 
     async def close(self) -> None:

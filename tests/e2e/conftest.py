@@ -34,6 +34,7 @@ from booking.runtime.testing import (
     private_database,
     private_vhost,
 )
+from booking.sandbox.control import ControlAuth
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PREFIX = "booking_e2e"  # of each run's database and vhost
@@ -115,7 +116,8 @@ class RunningSystem:
 
     @property
     def konnect(self) -> str:
-        """The sandbox Konnect: its API under /api/v2, its control API under /_sandbox."""
+        """The sandbox Konnect: its API under /api/v2, its control API under /_sandbox (the
+        system runs in development mode, as the tests do: ControlAuth's development token)."""
         return self.url("SANDBOX_KONNECT_PORT")
 
     @property
@@ -214,7 +216,7 @@ async def api(running_system) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def konnect(running_system) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
-        base_url=running_system.konnect, timeout=30, trust_env=False
+        base_url=running_system.konnect, timeout=30, trust_env=False, auth=ControlAuth()
     ) as client:
         yield client
         await client.delete("/_sandbox/faults")
@@ -396,7 +398,7 @@ class Marketplace:
 @pytest.fixture
 async def google(running_system) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
-        base_url=running_system.google, timeout=30, trust_env=False
+        base_url=running_system.google, timeout=30, trust_env=False, auth=ControlAuth()
     ) as client:
         yield client
         await client.delete("/_sandbox/faults")

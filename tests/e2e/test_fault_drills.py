@@ -79,6 +79,7 @@ from booking.runtime.devrun import child_environment
 from booking.runtime.settings import RuntimeSettings
 from booking.runtime.testing import eventually, pick_free_ports
 from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
+from booking.sandbox.control import ControlAuth
 
 pytestmark = pytest.mark.e2e
 
@@ -684,7 +685,8 @@ async def drill_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     postgres = PrivatePostgres(bindir, pg_port)
     rabbitmq = PrivateRabbitMQ(amqp_port, dist_port)
     processes: dict[str, Process] = {}
-    async with httpx.AsyncClient(timeout=15, trust_env=False) as http:
+    # The drills' one client: the sandboxes' control calls carry their token, the rest nothing.
+    async with httpx.AsyncClient(timeout=15, trust_env=False, auth=ControlAuth()) as http:
         try:
             await asyncio.gather(postgres.create(), rabbitmq.start())
             env = {k: v for k, v in os.environ.items() if not k.endswith("_URL")}
@@ -806,6 +808,7 @@ class Load:
         self._client = httpx.AsyncClient(
             timeout=15,
             trust_env=False,
+            auth=ControlAuth(),  # it pays at the sandbox Konnect too
             # Idle connections let go before uvicorn's keep-alive close, as the services' do.
             limits=httpx.Limits(
                 max_connections=200,
@@ -1734,14 +1737,14 @@ async def deliver_again(system: DrillSystem, messages: list[AbstractIncomingMess
 
 
 async def add_fault(sandbox: str, count: int, endpoint: str) -> None:
-    async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+    async with httpx.AsyncClient(timeout=10, trust_env=False, auth=ControlAuth()) as http:
         fault = {"kind": "http_503", "count": count, "endpoint": endpoint}
         added = await http.post(f"{sandbox}/_sandbox/faults", json=fault)
         assert added.status_code == 200, added.text
 
 
 async def faults_left(sandbox: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+    async with httpx.AsyncClient(timeout=10, trust_env=False, auth=ControlAuth()) as http:
         return (await http.get(f"{sandbox}/_sandbox/faults")).json()["faults"]
 
 
