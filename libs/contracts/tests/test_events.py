@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 
 from booking.contracts import (
     ANY_PRODUCER,
+    UNKNOWN_REF_SAMPLE,
     AdminAction,
     AdminActionRecorded,
     AdminNotificationRaised,
@@ -312,6 +313,12 @@ def type_strategy(tp: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
         return st.none() | type_strategy(inner, metadata)
     if get_origin(tp) is dict:
         return st.dictionaries(st.text(), JSON_VALUES, max_size=4)
+    if get_origin(tp) is list:
+        (item,) = args
+        max_size = min(
+            (m.max_length for m in metadata if getattr(m, "max_length", None)), default=5
+        )
+        return st.lists(type_strategy(item, []), max_size=min(max_size, 5))
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return model_strategy(tp)
     if isinstance(tp, type) and issubclass(tp, Enum):
@@ -335,7 +342,10 @@ def type_strategy(tp: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
             if isinstance(item, StringConstraints) and item.pattern:
                 return st.from_regex(item.pattern, fullmatch=True)
         min_size = max((getattr(item, "min_length", 0) or 0 for item in metadata), default=0)
-        return st.text(min_size=min_size)
+        max_size = min(
+            (m.max_length for m in metadata if getattr(m, "max_length", None)), default=None
+        )
+        return st.text(min_size=min_size, max_size=max_size)
     raise NotImplementedError(f"no strategy for {tp!r}")
 
 
@@ -386,3 +396,33 @@ def test_events_are_frozen():
     event = SAMPLES[0]
     with pytest.raises(ValueError):
         event.name = "someone else"  # type: ignore[misc]
+
+
+class TestUnknownRefReports:
+    def report(self, **fields: Any) -> PaymentAnomalyDetected:
+        values: dict[str, Any] = {
+            "payment_ref": "a" * 24,
+            "order_id": None,
+            "kind": PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
+            "detail": "webhooks for refs none of our payments has",
+        }
+        return PaymentAnomalyDetected(**(values | fields))
+
+    def test_one_anomaly_reports_one_webhook_unless_it_says_how_many(self):
+        assert self.report().occurrences == 1 and self.report().payment_refs == []
+        many = self.report(occurrences=10_000, payment_refs=[f"{n:024x}" for n in range(40)])
+        assert_round_trips(many)
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"occurrences": 0},
+            {"payment_refs": [f"{n:024x}" for n in range(2 * UNKNOWN_REF_SAMPLE + 1)]},
+            {"payment_refs": [""]},
+            {"payment_refs": ["f" * 101]},
+        ],
+        ids=["no occurrence", "too many refs", "an empty ref", "a ref too long"],
+    )
+    def test_a_report_out_of_bounds_is_refused(self, fields: dict[str, Any]):
+        with pytest.raises(ValueError):
+            self.report(**fields)

@@ -20,6 +20,7 @@ from booking.contracts.envelope import (
     wrap,
 )
 from booking.contracts.events import (
+    UNKNOWN_REF_SAMPLE,
     AdminAction,
     AdminActionRecorded,
     AdminNotificationRaised,
@@ -61,6 +62,7 @@ __all__ = [
     "ADMIN_ALERTS_EXCHANGE",
     "ANY_PRODUCER",
     "EXCHANGE",
+    "UNKNOWN_REF_SAMPLE",
     "AdminAction",
     "AdminActionRecorded",
     "AdminNotificationRaised",

@@ -28,6 +28,11 @@ system, at the API; full validation on every decode cost a tenth of a consumer's
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
+UNKNOWN_REF_SAMPLE = 20
+"""Unknown payment refs listed at each end of a tally (the first and the last ones)."""
+
+SampledRef = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
 HttpLink = Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
 """An absolute http(s) URL, kept as a plain string."""
 
@@ -314,12 +319,19 @@ class EscrowRefunded(Event):
 class PaymentAnomalyDetected(Event):
     """A payment notification did not match what the payments service expected."""
 
+    # Webhooks naming refs none of our payments has (unknown_payment_ref) are tallied and
+    # reported together, one event per few seconds however many come: `occurrences` says how
+    # many webhooks this event reports, `payment_refs` a sample of their refs, oldest first (the
+    # first and the last UNKNOWN_REF_SAMPLE), `payment_ref` the first of them.
+
     producer = "payments"
 
     payment_ref: NonEmptyStr
     order_id: UUID | None
     kind: PaymentAnomalyKind
     detail: str
+    occurrences: int = Field(default=1, ge=1)
+    payment_refs: list[SampledRef] = Field(default_factory=list, max_length=2 * UNKNOWN_REF_SAMPLE)
 
 
 @register
@@ -505,6 +517,7 @@ class AdminNotificationRaised(Event):
 
 
 __all__ = [
+    "UNKNOWN_REF_SAMPLE",
     "AdminAction",
     "AdminActionRecorded",
     "AdminNotificationRaised",
