@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from booking.sandbox.settings import DEVELOPMENT_CONTROL_TOKEN, SandboxSettings
+
 SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
 MIGRATED = ("orders", "payments", "calendar", "notifications")
 SANDBOXES = ("sandbox-konnect", "sandbox-google")
@@ -161,6 +163,17 @@ class TestPortsAndScaling:
         assert sandbox["SANDBOX_KONNECT_API_KEY"] == payments["KONNECT_API_KEY"]
         google = environment(services["sandbox-google"])
         assert google["SANDBOX_GOOGLE_CLIENT_SECRET"] == calendar["GOOGLE_CLIENT_SECRET"]
+
+    @pytest.mark.parametrize("name", SANDBOXES)
+    def test_the_sandboxes_control_api_takes_the_development_token_unless_one_is_set(
+        self, services, compose, name
+    ):
+        # Compose is a laptop's setup: the demo and a developer's curl drive the sandboxes as
+        # they drive `make run`'s.
+        env = environment(services[name])
+        assert SandboxSettings(**env).control_api_token() == DEVELOPMENT_CONTROL_TOKEN
+        raw = compose["services"][name]["environment"]["SANDBOX_CONTROL_TOKEN"]
+        assert raw == f"${{SANDBOX_CONTROL_TOKEN:-{DEVELOPMENT_CONTROL_TOKEN}}}"
 
 
 class TestDatabaseRoles:

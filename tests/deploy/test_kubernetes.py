@@ -10,6 +10,9 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+from pydantic import ValidationError
+
+from booking.sandbox.settings import SandboxSettings
 
 KUBERNETES = "1.37.0"
 SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
@@ -307,6 +310,22 @@ class TestTheSandboxes:
         assert base["GOOGLE_TOKEN_URL"] == "https://oauth2.googleapis.com/token"
         assert example["KONNECT_API_URL"] == "http://sandbox-konnect:8010/api/v2"
         assert example["GOOGLE_TOKEN_URL"] == "http://sandbox-google:8011/token"
+
+    def test_their_control_token_is_a_placeholder_they_refuse_outside_development_mode(
+        self, rendered
+    ):
+        docs = rendered["example"]
+        token = secret_data(by_generated_name(docs, "Secret", "sandbox-secrets"))[
+            "SANDBOX_CONTROL_TOKEN"
+        ]
+        # Nothing turns development mode on, where the placeholder (and loopback) would pass.
+        for name, deployment in of_kind(docs, "Deployment").items():
+            (container,) = containers(deployment)
+            assert "DEVELOPMENT_MODE" not in {e["name"] for e in container.get("env", [])}, name
+        for name, config in of_kind(docs, "ConfigMap").items():
+            assert "DEVELOPMENT_MODE" not in config.get("data", {}), name
+        with pytest.raises(ValidationError, match="SANDBOX_CONTROL_TOKEN"):
+            SandboxSettings(development_mode=False, control_token=token)
 
     def test_each_keeps_one_replica_for_its_state_in_memory(self, rendered):
         deployments = of_kind(rendered["example"], "Deployment")
