@@ -5,6 +5,9 @@ browser pages never ask for it. And the client side: ControlAuth sends the token
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -213,6 +216,23 @@ class TestSettings:
             SandboxSettings(development_mode=False, control_token=token)
         # A laptop may use whatever it likes.
         assert SandboxSettings(development_mode=True, control_token=token).control_api_token()
+
+    def test_the_serve_command_refuses_a_placeholder_token_in_one_line(self):
+        env = {
+            **os.environ,
+            "DEVELOPMENT_MODE": "false",
+            "SANDBOX_CONTROL_TOKEN": "REPLACE-WITH-A-LONG-RANDOM-TOKEN",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "booking.sandbox", "konnect", "serve"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert done.stderr.startswith("sandbox-konnect refuses its settings: SANDBOX_CONTROL_TOKEN")
+        assert "Traceback" not in done.stderr
 
     def test_the_forged_webhook_hosts_are_a_comma_separated_list(self, monkeypatch):
         monkeypatch.setenv("SANDBOX_KONNECT_FORGED_WEBHOOK_HOSTS", "Gateway, [::1],,10.0.0.5")

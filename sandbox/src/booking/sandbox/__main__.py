@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from booking.runtime.logs import configure_logging
 from booking.sandbox import google, konnect
@@ -26,7 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["serve"], help="serve the stand-in over HTTP")
     args = parser.parse_args(argv)
 
-    settings = SandboxSettings()
+    try:
+        settings = SandboxSettings()
+    except ValidationError as exc:
+        # One line an operator can act on (a placeholder token, say), not a traceback.
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        sys.exit(f"sandbox-{args.provider} refuses its settings: {reasons}")
     configure_logging(f"sandbox-{args.provider}", settings.log_level)
     create_app, port = PROVIDERS[args.provider]
     uvicorn.run(
