@@ -39,6 +39,7 @@ from booking.gateway.app import create_app
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.testing import TcpProxy, eventually, free_port, serving, url_via
+from booking.runtime.testing_provider import IdentityProvider, SigningKey, claims
 
 FRAME_TIMEOUT = 15.0  # seconds to wait for a frame that must come (a bound, not a measure)
 
@@ -450,6 +451,59 @@ class TestHandshake:
         assert code == 4401 and "expired" in reason
         assert expires_at - 0.1 <= time.time() < expires_at + 1.5
         assert sum(f["type"] == "ping" for f in admin.frames) >= 2
+
+
+class TestHandshakeWithAnIdentityProvider:
+    """The websocket verifies tokens as the routes do: the app's verifier, the provider's keys
+    (AUTH_JWKS_URL), its role claim, no HS256 outside development mode, and 503 while the keys
+    cannot be fetched."""
+
+    @pytest.fixture
+    async def provider(self, world: AlertsWorld) -> IdentityProvider:
+        idp = IdentityProvider(keys=[SigningKey.rsa(), SigningKey.ec()])
+        return idp.served_at(await world.stack.enter_async_context(serving(idp.app)))
+
+    @staticmethod
+    def signed(key: SigningKey, sub: str, *roles: str) -> str:
+        return key.sign(claims(sub, role=None, realm_access={"roles": list(roles)}))
+
+    async def test_the_providers_admins_connect_and_nobody_else_does(
+        self, world: AlertsWorld, provider: IdentityProvider
+    ) -> None:
+        gateway = await world.gateway(**provider.settings(auth_role_claim="realm_access.roles"))
+        rsa_key, ec_key = provider.keys
+        by_header = await world.admin(gateway, token=self.signed(rsa_key, "a-1", "admin"))
+        by_query = await world.admin(
+            gateway, token=self.signed(ec_key, "a-2", "admin"), via="query"
+        )
+        alert = await world.notifications.raise_alert()
+        assert (await by_header.notification())["id"] == alert["id"]
+        assert (await by_query.notification())["id"] == alert["id"]
+
+        refusals = {
+            "an HS256 token, even signed with the secret": (world.token(Role.ADMIN), 401),
+            "another key under the provider's kid": (
+                self.signed(SigningKey.rsa(rsa_key.kid), "x", "admin"),
+                401,
+            ),
+            "a mentor": (self.signed(rsa_key, "m-1", "mentor"), 403),
+            "no role this system knows": (self.signed(rsa_key, "n-1", "offline_access"), 403),
+        }
+        for what, (token, status) in refusals.items():
+            response = await world.refusal(gateway, Authorization=f"Bearer {token}")
+            assert response.status_code == status, what
+            assert json.loads(response.body)["status"] == status, what
+
+    async def test_while_the_keys_cannot_be_fetched_a_new_kid_is_503_with_retry_after(
+        self, world: AlertsWorld, provider: IdentityProvider
+    ) -> None:
+        gateway = await world.gateway(**provider.settings())
+        provider.status = 503
+        token = SigningKey.rsa().sign(claims("a-1", role="admin"))
+        response = await world.refusal(gateway, Authorization=f"Bearer {token}")
+        assert response.status_code == 503
+        assert "keys cannot be fetched" in json.loads(response.body)["detail"]
+        assert int(response.headers["retry-after"]) >= 1
 
 
 # --- hello and the live feed --------------------------------------------------------------------

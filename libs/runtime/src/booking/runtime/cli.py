@@ -11,7 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from booking.runtime.logs import configure_logging
-from booking.runtime.settings import RuntimeSettings
+from booking.runtime.settings import RefusedSettings, RuntimeSettings
 
 
 def declare_topology(app: FastAPI) -> None:
@@ -50,15 +50,21 @@ def main(
 
     settings = settings_type()
     configure_logging(name, settings.log_level)
+    try:
+        # Before anything is done, a migration included: settings no deployment may run with
+        # (a JWT secret anyone knows) stop the process with the reason, not a trace.
+        app = create_app(settings)
+    except RefusedSettings as refused:
+        parser.exit(2, f"booking.{name} will not start: {refused}\n")
     if args.command == "migrate":
         assert schema is not None
         from booking.runtime.migrations import upgrade  # Alembic only where there is a schema
 
         upgrade(settings, f"booking.{name}", schema)
-        declare_topology(create_app(settings))
+        declare_topology(app)
         return
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.bind_host,
         port=settings.port,
         log_config=None,

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from booking.contracts import Event
 from booking.runtime import context, metrics
+from booking.runtime.auth import TokenVerifier
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, Observation, timed_ms
 from booking.runtime.problems import install_problem_handlers
@@ -52,6 +53,8 @@ class ServiceRuntime:
     ) -> None:
         self.name = name
         self.settings = settings
+        # First: settings no deployment may run with (a known JWT secret) stop every service here.
+        self.verifier = TokenVerifier(settings)
         self.broker = Broker(
             settings.rabbitmq_url.get_secret_value(),
             client_name=name,
@@ -141,6 +144,7 @@ class ServiceRuntime:
         if self.dead_letter_keeper is not None:
             await self.dead_letter_keeper.stop()
         await self.broker.stop()
+        await self.verifier.aclose()
         if self.db is not None:
             await self.db.engine.dispose()
 
@@ -353,6 +357,7 @@ def create_service_app(
     )
     app.state.settings = runtime.settings
     app.state.runtime = runtime
+    app.state.token_verifier = runtime.verifier  # booking.runtime.auth.authenticated
     dependency_errors: list[type[Exception]] = []
     if runtime.db is not None:
         import asyncpg

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+from urllib.parse import urlsplit
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Public, so only development mode accepts it (booking.runtime.auth.check_auth_settings).
+DEVELOPMENT_JWT_SECRET = "dev-only-secret-change-me-0123456789abcdef"
+
+
+class RefusedSettings(Exception):
+    """Settings a process must not start with; the message names the setting and what to do."""
 
 
 def async_database_url(url: str) -> str:
@@ -25,7 +34,29 @@ class RuntimeSettings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
     public_base_url: str = "http://127.0.0.1:8000"
-    auth_jwt_secret: SecretStr = SecretStr("dev-only-secret-change-me-0123456789abcdef")
+    # Bearer tokens (docs/security.md). HS256 signed with this secret: development, or a
+    # deployment without an identity provider (then at least 32 random bytes).
+    auth_jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
+    # An identity provider's JSON Web Key Set: its RS256/ES256 tokens are verified with these
+    # keys, and HS256 is refused (outside development mode). Needs AUTH_ISSUER, AUTH_AUDIENCE.
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None  # the tokens' `iss`, checked when set
+    auth_audience: str | None = None  # must be (one of) the tokens' `aud`, checked when set
+    # Where the role is in the claims: a claim's name (`role`, `https://x.example/roles`) or a
+    # dotted path (`realm_access.roles`); its value a string or a list of strings.
+    auth_role_claim: str = "role"
+    # The provider's role names onto ours, as JSON: {"platform-admin": "admin", "coach":
+    # "mentor"}. When set, only these names count; otherwise admin, mentor and mentee do.
+    auth_role_values: dict[str, Literal["admin", "mentor", "mentee"]] = {}
+    # No token may live longer (exp - iat; without iat, exp - now), whoever signed it.
+    auth_max_token_lifetime_seconds: int = Field(default=86400, gt=0)
+    # Clock skew allowed on exp, nbf and iat.
+    auth_leeway_seconds: float = Field(default=5.0, ge=0, le=300)
+    # The provider's keys: each fetch may take this long; kept this long, then fetched again
+    # at the next token; an unknown `kid` fetches them again, at most once per interval.
+    auth_jwks_timeout_seconds: float = Field(default=5.0, gt=0)
+    auth_jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    auth_jwks_refetch_interval_seconds: float = Field(default=10.0, gt=0)
     # Local runs and tests only (`make run` and the test suite turn it on): it allows the built-in
     # JWT secret and HS256 next to an identity provider, and exempts loopback from the webhook's
     # per-address limit. A deployment leaves it off.
@@ -68,6 +99,28 @@ class RuntimeSettings(BaseSettings):
     @classmethod
     def _plain_postgres_url(cls, value: str) -> str:
         async_database_url(value)  # raises on anything that is not Postgres
+        return value
+
+    @field_validator("auth_jwks_url", "auth_issuer", "auth_audience", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # A manifest's `AUTH_ISSUER=` means "not set", not "the empty issuer".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("auth_jwks_url")
+    @classmethod
+    def _a_web_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("AUTH_JWKS_URL must be an https:// URL")
+        return value
+
+    @field_validator("auth_role_claim")
+    @classmethod
+    def _a_claim_name(cls, value: str) -> str:
+        if not value.strip(". "):
+            raise ValueError("AUTH_ROLE_CLAIM must name a claim, e.g. role or realm_access.roles")
         return value
 
     @property

@@ -1,14 +1,17 @@
 import gc
+import os
 import sys
 
 # Resident memory (issue 6: <= 100 MB with 1,000 admin websockets). Before anything imports them:
 # - cryptography (~10 MB resident: its Rust extension and libcrypto's pages) is in the image for
-#   the calendar's Google keys; PyJWT loads it when present, but the gateway verifies HS256 only.
+#   the calendar's Google keys; PyJWT loads it when present. Without an identity provider the
+#   gateway verifies HS256 only; with one (AUTH_JWKS_URL), RS256 and ES256 need it.
 # - httpx imports its command line (click, rich, pygments: ~3 MB) when they are installed, as in
 #   the dev environment; the image has no rich, and the gateway runs no CLI.
 # - watchfiles (~1 MB: a Rust extension) is uvicorn's --reload, which the gateway never uses.
 # A None entry makes their import fail, which each of those libraries expects and handles.
-for _unused in ("cryptography", "httpx._main", "watchfiles"):
+_provider = any(k.upper() == "AUTH_JWKS_URL" and v.strip() for k, v in os.environ.items())
+for _unused in ("httpx._main", "watchfiles", *(() if _provider else ("cryptography",))):
     sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
 
 from booking.gateway.app import create_app  # noqa: E402

@@ -30,7 +30,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         interval=settings.health_monitor_interval_seconds,
         failures_to_alert=settings.health_monitor_failures_to_alert,
     )
-    alerts = AdminAlerts(settings, runtime.broker)
+    alerts = AdminAlerts(settings, runtime.broker, runtime.verifier)
     alerts.add_checks(runtime.health)
 
     @asynccontextmanager

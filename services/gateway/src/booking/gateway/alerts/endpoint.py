@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 
 import jwt
 from prometheus_client import Counter, Gauge
-from pydantic import SecretStr
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -26,7 +25,7 @@ from booking.gateway.alerts.feed import COMPONENT, AlertFeed
 from booking.gateway.alerts.notifications import Notifications
 from booking.gateway.settings import GatewaySettings
 from booking.runtime import context
-from booking.runtime.auth import Identity, InvalidToken, verify_token
+from booking.runtime.auth import Identity, TokenRefused, TokenVerifier
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, Observation
 from booking.runtime.problems import problem
@@ -42,10 +41,11 @@ DROPPED = Counter(
 
 
 class Refused(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers or {}
 
 
 class AdminAlerts:
@@ -55,8 +55,8 @@ class AdminAlerts:
     `Broker.on_connected`); `running()` belongs in the app's lifespan.
     """
 
-    def __init__(self, settings: GatewaySettings, broker: Broker) -> None:
-        self.secret: SecretStr = settings.auth_jwt_secret
+    def __init__(self, settings: GatewaySettings, broker: Broker, verifier: TokenVerifier) -> None:
+        self.verifier = verifier  # the app's: the same rules and provider keys as its routes
         self.feed = AlertFeed(broker, reattach_interval=settings.broker_reconnect_interval_seconds)
         self.notifications = Notifications(
             settings.notifications_url,
@@ -118,7 +118,7 @@ class AdminAlerts:
         with context.correlated(str(uuid.uuid4())):
             try:
                 token = bearer_token(websocket)
-                identity = self._authorise(token)
+                identity = await self._authorise(token)
                 after_id = resume_from_query(websocket)
             except Refused as refused:
                 await refuse(websocket, refused)
@@ -153,11 +153,11 @@ class AdminAlerts:
                     connection.close_reason,
                 )
 
-    def _authorise(self, token: str) -> Identity:
+    async def _authorise(self, token: str) -> Identity:
         try:
-            identity = verify_token(self.secret.get_secret_value(), token)
-        except InvalidToken as exc:
-            raise Refused(401, str(exc)) from None
+            identity = await self.verifier.verify(token)
+        except TokenRefused as refused:
+            raise Refused(refused.status, refused.detail, refused.headers) from None
         if not identity.is_admin:
             raise Refused(403, f"the alert feed is for admins; the token has {identity.role}")
         return identity
@@ -200,10 +200,13 @@ def token_expiry(token: str) -> float | None:
 
 
 async def refuse(websocket: WebSocket, refused: Refused) -> None:
-    """Refuse the handshake with an HTTP answer (problem+json): 401, 403 or 400."""
+    """Refuse the handshake with an HTTP answer (problem+json): 401, 403, 400, or 503 when the
+    identity provider's keys cannot be fetched."""
     response = problem(refused.status, refused.detail, instance=PATH)
     if refused.status == 401:
         response.headers["www-authenticate"] = "Bearer"
+    for name, value in refused.headers.items():
+        response.headers[name] = value
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:
