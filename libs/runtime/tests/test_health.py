@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import MetaData
 
@@ -95,7 +96,12 @@ class TestReportsOfAHealthyService:
         async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
             ready = await client.get("/health/ready")
             full = await client.get("/health")
+            internal = await client.get("/internal/health")
+            document = (await client.get("/openapi.json")).json()
         assert ready.status_code == 200, ready.text
+        # The same full report at the path every process serves it on, which no ingress routes.
+        assert set(parse_report(internal).checks) == set(parse_report(full).checks)
+        assert "/internal/health" not in document["paths"]
         report = parse_report(full)
         assert report.status == "pass"
         assert set(report.checks) == {
@@ -109,6 +115,25 @@ class TestReportsOfAHealthyService:
         assert report.checks["deadLetters:kept"][0].observedValue == 0
         assert report.checks["rabbitmq:consumers"][0].observedValue == 1
         assert report.checks["database:responseTime"][0].observedUnit == "ms"
+
+
+class TestAHealthPathServedElsewhere:
+    async def test_is_left_to_the_service_and_documented_as_it_answers(self, make_settings):
+        runtime = ServiceRuntime(name="edge", settings=make_settings())
+        own = APIRouter()
+
+        @own.get("/health", summary="the overall status alone")
+        async def overall() -> dict[str, str]:
+            return {"status": "pass"}
+
+        app = create_service_app(runtime, [own])
+        transport = httpx.ASGITransport(app=app)  # no lifespan: nothing is checked here
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+            answer = await client.get("/health")
+            document = (await client.get("/openapi.json")).json()
+        assert answer.json() == {"status": "pass"}
+        assert document["paths"]["/health"]["get"]["summary"] == "the overall status alone"
+        assert {"/health/live", "/health/ready"} <= set(document["paths"])
 
 
 class TestChecks:

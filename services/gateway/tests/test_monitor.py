@@ -1,4 +1,5 @@
-"""System health: the gateway's /health aggregates every service's, and the monitor alerts.
+"""System health: the gateway aggregates every service's (for admins and the cluster; the public
+sees the overall status alone), and the monitor alerts.
 
 Real HTTP (stand-in services served on loopback ports, whose /health answers what the test says)
 and the real RabbitMQ (a test queue bound to the test's own exchange collects what is published).
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -26,6 +28,7 @@ from booking.gateway.monitor import (
     SystemHealth,
 )
 from booking.gateway.settings import GatewaySettings
+from booking.runtime.auth import Role, issue_token
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, HealthResponse
 from booking.runtime.settings import RuntimeSettings
@@ -49,11 +52,13 @@ class StandIn:
         self.status = "pass"
         self.mode = "report"
         self.url = ""
+        self.asked = 0  # how many times its /health was asked
         self.release = asyncio.Event()
         self.app = FastAPI()
         self.app.add_api_route("/health", self.health, methods=["GET"])
 
     async def health(self) -> Response:
+        self.asked += 1
         if self.mode == "hang":
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(30):
@@ -156,9 +161,21 @@ async def polls_pass(monitor: HealthMonitor, count: int) -> None:
 # --- the aggregated report ------------------------------------------------------------------
 
 
+@dataclass
+class Gateway:
+    url: str
+    settings: GatewaySettings
+
+    def auth(self, role: Role) -> dict[str, str]:
+        secret = self.settings.auth_jwt_secret.get_secret_value()
+        return {"Authorization": f"Bearer {issue_token(secret, f'{role}-1', role)}"}
+
+
 @contextlib.asynccontextmanager
-async def gateway(make_settings, upstreams: dict[str, str]) -> AsyncIterator[str]:
-    """The gateway app wired as app.py wires it, served over HTTP; yields its URL."""
+async def gateway(
+    make_settings, upstreams: dict[str, str], **overrides: Any
+) -> AsyncIterator[Gateway]:
+    """The gateway app wired as app.py wires it, served over HTTP."""
     settings = make_settings(
         GatewaySettings,
         orders_url=upstreams["orders"],
@@ -167,11 +184,12 @@ async def gateway(make_settings, upstreams: dict[str, str]) -> AsyncIterator[str
         notifications_url=upstreams["notifications"],
         health_upstream_timeout_seconds=TIMEOUT,
         health_monitor_interval_seconds=3600,  # these tests drive the monitor themselves
+        **overrides,
     )
     app = create_app(settings)
     async with serving(app) as url:
         await app.state.runtime.broker.wait_ready(15)
-        yield url
+        yield Gateway(url, settings)
     async with await aio_pika.connect(settings.rabbitmq_url.get_secret_value()) as connection:
         channel = await connection.channel()
         await channel.exchange_delete(settings.events_exchange)
@@ -183,10 +201,10 @@ class TestAggregatedReport:
         self, make_settings, standins
     ):
         standins["payments"].status = "warn"
-        async with gateway(make_settings, urls(standins)) as url, httpx.AsyncClient() as client:
-            full = await client.get(f"{url}/health")
-            ready = await client.get(f"{url}/health/ready")
-            live = await client.get(f"{url}/health/live")
+        async with gateway(make_settings, urls(standins)) as gw, httpx.AsyncClient() as client:
+            full = await client.get(f"{gw.url}/internal/health")
+            ready = await client.get(f"{gw.url}/health/ready")
+            live = await client.get(f"{gw.url}/health/live")
 
         assert full.status_code == 200, full.text
         assert full.headers["content-type"].startswith("application/health+json")
@@ -224,9 +242,9 @@ class TestAggregatedReport:
         standins["payments"].mode = "garbage"
         standins["notifications"].mode = "hang"
         upstreams = urls(standins, calendar=closed_url())
-        async with gateway(make_settings, upstreams) as url, httpx.AsyncClient() as client:
+        async with gateway(make_settings, upstreams) as gw, httpx.AsyncClient() as client:
             started = time.monotonic()
-            response = await client.get(f"{url}/health")
+            response = await client.get(f"{gw.url}/internal/health")
             elapsed = time.monotonic() - started
 
         assert response.status_code == 503
@@ -244,6 +262,90 @@ class TestAggregatedReport:
         assert f"within {TIMEOUT:g}s" in entries["notifications"]["output"]
         # The hanging service (30 s) was given up on at its timeout, not waited out.
         assert elapsed < 10
+
+
+class TestWhoSeesWhat:
+    """The report names hosts, queues and errors: the public sees the overall status alone."""
+
+    @pytest.mark.parametrize(("status", "code"), [("pass", 200), ("warn", 200), ("fail", 503)])
+    async def test_the_public_health_is_the_overall_status_and_nothing_else(
+        self, make_settings, standins, status, code
+    ):
+        standins["calendar"].status = status
+        async with gateway(make_settings, urls(standins)) as gw, httpx.AsyncClient() as client:
+            public = await client.get(f"{gw.url}/health")
+            internal = await client.get(f"{gw.url}/internal/health")
+
+        assert public.status_code == internal.status_code == code
+        assert public.headers["content-type"].startswith("application/health+json")
+        assert public.json() == {"status": status}
+        assert internal.json()["checks"]["calendar:health"][0]["status"] == status
+
+    async def test_the_whole_report_is_an_admins_and_no_one_elses(self, make_settings, standins):
+        standins["orders"].status = "fail"
+        async with gateway(make_settings, urls(standins)) as gw, httpx.AsyncClient() as client:
+            nobody = await client.get(f"{gw.url}/api/admin/health")
+            forged = await client.get(
+                f"{gw.url}/api/admin/health", headers={"Authorization": "Bearer not-a-jwt"}
+            )
+            mentee = await client.get(f"{gw.url}/api/admin/health", headers=gw.auth(Role.MENTEE))
+            mentor = await client.get(f"{gw.url}/api/admin/health", headers=gw.auth(Role.MENTOR))
+            admin = await client.get(f"{gw.url}/api/admin/health", headers=gw.auth(Role.ADMIN))
+
+        for refused, code in ((nobody, 401), (forged, 401), (mentee, 403), (mentor, 403)):
+            assert refused.status_code == code, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "checks" not in refused.json()
+        # Fail answers 503, with the report that says why.
+        assert admin.status_code == 503, admin.text
+        assert admin.headers["content-type"].startswith("application/health+json")
+        report = admin.json()
+        assert report["status"] == "fail"
+        assert {f"{name}:health" for name in SERVICES} <= set(report["checks"])
+        orders = report["checks"]["orders:health"][0]
+        assert orders["output"] == "database:responseTime fail: connection refused"
+
+    async def test_the_openapi_document_declares_the_admin_route_and_not_the_internal_one(
+        self, make_settings, standins
+    ):
+        async with gateway(make_settings, urls(standins)) as gw, httpx.AsyncClient() as client:
+            document = (await client.get(f"{gw.url}/openapi.json")).json()
+
+        assert "/internal/health" not in document["paths"]
+        admin = document["paths"]["/api/admin/health"]["get"]["responses"]
+        assert set(admin) == {"200", "401", "403", "503"}
+        for refused in ("401", "403"):
+            assert set(admin[refused]["content"]) == {"application/problem+json"}
+        public = document["paths"]["/health"]["get"]
+        assert "overall status" in public["summary"]  # the gateway's, not the runtime's
+
+    async def test_a_burst_of_public_requests_asks_each_service_once(self, make_settings, standins):
+        # A max age far longer than the burst, so that "once" holds on a slow machine too.
+        async with (
+            gateway(make_settings, urls(standins), health_public_max_age_seconds=60) as gw,
+            httpx.AsyncClient() as client,
+        ):
+            # The monitor polls once as it starts: wait for that, then count from there.
+            await eventually(lambda: all(s.asked for s in standins.values()), what="first poll")
+            before = {name: s.asked for name, s in standins.items()}
+            answers = await asyncio.gather(*(client.get(f"{gw.url}/health") for _ in range(30)))
+
+        assert {a.status_code for a in answers} == {200}
+        assert {name: s.asked - before[name] for name, s in standins.items()} == {
+            name: 1 for name in SERVICES
+        }
+
+    async def test_the_public_status_follows_a_change_within_its_max_age(
+        self, make_settings, standins
+    ):
+        async with gateway(make_settings, urls(standins)) as gw, httpx.AsyncClient() as client:
+            assert (await client.get(f"{gw.url}/health")).json() == {"status": "pass"}
+            standins["notifications"].status = "fail"
+
+            async def public_fails() -> bool:
+                return (await client.get(f"{gw.url}/health")).status_code == 503
+
+            await eventually(public_fails, timeout=10, what="the public /health failing")
 
 
 # --- the monitor ----------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Health reports in application/health+json (the README's Health section).
 
 `/health/live` answers while the process does and checks nothing. `/health/ready` runs the checks
-marked for readiness (the service's own dependencies); `/health` runs them all. Checks run
-concurrently, each under its own timeout, and a check that times out or raises reports itself
-as failed (or warn, for outside systems that readiness must never depend on).
+marked for readiness (the service's own dependencies); `/health` runs them all, and so does
+`/internal/health`: the one path that gives the full report on every process, the gateway
+included (whose public `/health` says only the overall status). Checks run concurrently, each
+under its own timeout, and a check that times out or raises reports itself as failed (or warn,
+for outside systems that readiness must never depend on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -20,6 +22,8 @@ from fastapi.responses import JSONResponse
 
 Status = Literal["pass", "warn", "fail"]
 HEALTH_MEDIA_TYPE = "application/health+json"
+INTERNAL_HEALTH_PATH = "/internal/health"
+"""The full report, tokenless, for monitoring inside the cluster: never routed by the ingress."""
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 
 
@@ -138,7 +142,9 @@ class Health:
             "checks": checks,
         }
 
-    def router(self) -> APIRouter:
+    def router(self, *, served_elsewhere: Collection[str] = ()) -> APIRouter:
+        """The health routes, but for the paths in `served_elsewhere` (the gateway answers its
+        `/health` and `/internal/health` itself): a shadowed route would still be documented."""
         router = APIRouter(tags=["health"])
         documented = {"status_code": 200, "responses": HEALTH_RESPONSES}
 
@@ -156,6 +162,14 @@ class Health:
         async def full() -> HealthResponse:
             return HealthResponse(await self.report())
 
+        # Not in the OpenAPI document: no ingress routes /internal/, it is for the cluster's ops.
+        @router.get(INTERNAL_HEALTH_PATH, response_class=HealthResponse, include_in_schema=False)
+        async def internal() -> HealthResponse:
+            return HealthResponse(await self.report())
+
+        router.routes[:] = [
+            r for r in router.routes if getattr(r, "path", None) not in served_elsewhere
+        ]
         return router
 
 

@@ -1,8 +1,11 @@
-"""The system's health: the gateway's `/health` aggregates every service's, and a monitor alerts.
+"""The system's health: the gateway aggregates every service's, and a monitor alerts.
 
 `SystemHealth` asks each service for its `GET /health` at the same time, each under its own
 timeout, over one pooled client, and folds the answers into the gateway's own report
 (application/health+json; the README's Health): one `checks["<service>:health"]` entry per service.
+That report names hosts, queues and errors, so the public `/health` shows only its overall status;
+the whole report is for admins (`GET /api/admin/health`) and for monitoring inside the cluster
+(`GET /internal/health`, which the ingress does not route).
 `/health/ready` and `/health/live` stay the runtime's: the gateway's own dependencies, and nothing.
 
 `HealthMonitor` polls the services in the background and publishes HealthCheckFailed when one
@@ -26,15 +29,18 @@ from datetime import UTC, datetime
 from typing import Any, get_args
 
 import httpx
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from booking.contracts import Event, HealthCheckFailed, HealthCheckRecovered, wrap
+from booking.contracts.http import Problem
 from booking.gateway.upstreams import Service
 from booking.runtime import context
+from booking.runtime.auth import Role, require_roles
 from booking.runtime.broker import Broker, OutgoingMessage
 from booking.runtime.health import (
     HEALTH_MEDIA_TYPE,
     HEALTH_RESPONSES,
+    INTERNAL_HEALTH_PATH,
     Health,
     HealthResponse,
     Observation,
@@ -55,6 +61,16 @@ MEASUREMENT = "health"
 PRODUCER = "gateway"
 _STATUSES: tuple[str, ...] = get_args(Status)
 _OUTPUT_LIMIT = 500
+
+_PROBLEM = {"application/problem+json": {"schema": Problem.model_json_schema()}}
+ADMIN_HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **HEALTH_RESPONSES,
+    401: {
+        "description": "no token, or a malformed, expired or wrongly signed one",
+        "content": _PROBLEM,
+    },
+    403: {"description": "the token is not an admin's", "content": _PROBLEM},
+}
 
 
 def _clip(text: str) -> str:
@@ -82,8 +98,7 @@ def _summary(body: dict[str, Any]) -> str | None:
 class SystemHealth:
     """The gateway's own checks plus every service's `/health`, gathered concurrently.
 
-    `start()` opens the pooled HTTP client and `stop()` closes it; the app's lifespan runs both
-    (see `serve_system_health`).
+    `start()` opens the pooled HTTP client and `stop()` closes it; the app's lifespan runs both.
     """
 
     def __init__(
@@ -92,11 +107,15 @@ class SystemHealth:
         upstreams: Mapping[str, str],
         *,
         timeout: float = 2.0,
+        public_max_age: float = 1.0,
     ) -> None:
         self.health = health
         self.upstreams = {name: url.rstrip("/") for name, url in upstreams.items()}
         self.timeout = timeout
+        self.public_max_age = public_max_age
         self._client: httpx.AsyncClient | None = None
+        self._latest: tuple[float, Status] | None = None  # (monotonic time, overall status)
+        self._refreshing: asyncio.Future[Status] | None = None
 
     async def start(self) -> None:
         if self._client is None:
@@ -109,6 +128,8 @@ class SystemHealth:
             )
 
     async def stop(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -172,14 +193,58 @@ class SystemHealth:
             "checks": checks,
         }
 
+    async def overall(self) -> Status:
+        """The overall status alone, for the public `/health`.
+
+        Anyone may ask it, and each report asks every service: so one report answers every
+        caller while it runs and for `public_max_age` seconds after, and a flood of requests
+        costs the services one report per replica and interval, not one per request.
+        """
+        latest = self._latest
+        if latest is not None and time.monotonic() - latest[0] < self.public_max_age:
+            return latest[1]
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        # Shielded: a caller who hangs up does not cancel the report the others wait for.
+        return await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> Status:
+        try:
+            status: Status = (await self.report())["status"]
+            self._latest = (time.monotonic(), status)
+            return status
+        finally:
+            self._refreshing = None
+
     def router(self) -> APIRouter:
-        """`GET /health`: the aggregated report. Mount it ahead of the runtime's health router."""
+        """The gateway's `/health` (the overall status only), `/api/admin/health` and
+        `/internal/health` (the aggregated report). Mount it ahead of the runtime's health
+        router, whose `/health` and `/internal/health` these answer in place of."""
         router = APIRouter(tags=["health"])
 
         @router.get(
-            "/health", response_class=HealthResponse, status_code=200, responses=HEALTH_RESPONSES
+            "/health",
+            response_class=HealthResponse,
+            status_code=200,
+            responses=HEALTH_RESPONSES,
+            summary="The system's overall status: pass, warn (200) or fail (503)",
         )
-        async def system_health() -> HealthResponse:
+        async def public_health() -> HealthResponse:
+            return HealthResponse({"status": await self.overall()})
+
+        @router.get(
+            "/api/admin/health",
+            response_class=HealthResponse,
+            status_code=200,
+            responses=ADMIN_HEALTH_RESPONSES,
+            dependencies=[Depends(require_roles(Role.ADMIN))],
+            summary="The health of the gateway and of every service, check by check",
+        )
+        async def admin_health() -> HealthResponse:
+            return HealthResponse(await self.report())
+
+        @router.get(INTERNAL_HEALTH_PATH, response_class=HealthResponse, include_in_schema=False)
+        async def internal_health() -> HealthResponse:
             return HealthResponse(await self.report())
 
         return router

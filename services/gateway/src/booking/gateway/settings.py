@@ -27,8 +27,11 @@ class GatewaySettings(RuntimeSettings):
     rate_limit_per_minute: int = Field(default=120, ge=1)
     webhook_rate_limit_per_minute: int = Field(default=6000, ge=1)
 
-    # System health: the aggregated /health, and the monitor that alerts the admins.
+    # System health: the aggregated report, and the monitor that alerts the admins.
     health_upstream_timeout_seconds: float = Field(default=3.0, gt=0)
+    # The public /health reuses one report this long: anyone may ask, and each report asks
+    # every service.
+    health_public_max_age_seconds: float = Field(default=1.0, ge=0)
     health_monitor_interval_seconds: float = Field(default=15.0, gt=0)
     health_monitor_failures_to_alert: int = Field(default=3, ge=1)
 

@@ -1,5 +1,7 @@
-// The gateway's public API as the dashboard uses it (DESIGN sections 5 and 7). Errors are
-// problem+json; an ApiError carries the status and the server's own `detail`.
+// The gateway's public API as the dashboard uses it (the README's API and Health sections).
+// Errors are problem+json; an ApiError carries the status and the server's own `detail`.
+
+const HEALTH_JSON = "application/health+json";
 
 export class ApiError extends Error {
   constructor(status, detail) {
@@ -28,13 +30,19 @@ export class Api {
 
   /** params: the query string (empty values left out); body: sent as JSON when given. */
   async request(method, path, params, body) {
+    const response = await this.send(method, path, params, body);
+    return response.status === 204 ? null : response.json();
+  }
+
+  /** The response of a call that succeeded; an ApiError (401/403 told) for any other. */
+  async send(method, path, params, body, accept = "application/json") {
     const url = new URL(path, location.origin);
     for (const [name, value] of Object.entries(params || {})) {
       if (value !== null && value !== undefined && value !== "" && value !== false) {
         url.searchParams.set(name, String(value));
       }
     }
-    const headers = { Authorization: `Bearer ${this.token()}`, Accept: "application/json" };
+    const headers = { Authorization: `Bearer ${this.token()}`, Accept: accept };
     const init = { method, headers, cache: "no-store" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -46,12 +54,26 @@ export class Api {
     } catch {
       throw new ApiError(0, "The gateway cannot be reached.");
     }
-    if (!response.ok) {
+    // A health report answers 503 when the system fails: that is the report, not an error.
+    const type = response.headers.get("Content-Type") || "";
+    const report = response.status === 503 && type.startsWith(HEALTH_JSON);
+    if (!response.ok && !report) {
       const error = new ApiError(response.status, await problemDetail(response));
       if (response.status === 401 || response.status === 403) this.onUnauthorized(error);
       throw error;
     }
-    return response.status === 204 ? null : response.json();
+    return response;
+  }
+
+  /** The health of the gateway and of every service, check by check (admins only). */
+  async health() {
+    const accept = `${HEALTH_JSON}, application/json`;
+    const response = await this.send("GET", "/api/admin/health", null, undefined, accept);
+    try {
+      return await response.json();
+    } catch {
+      throw new ApiError(response.status, `The gateway answered HTTP ${response.status} without a health report.`);
+    }
   }
 
   /** filters: {unreadOnly, severity, type, since}; -> {items, next_cursor} newest first */
@@ -125,22 +147,4 @@ export class Api {
 
 function deadLetterPath(id) {
   return `/api/admin/dead-letters/${encodeURIComponent(id)}`;
-}
-
-/** The gateway's aggregated health report; answered 200 (pass, warn) or 503 (fail), no token. */
-export async function fetchHealth() {
-  let response;
-  try {
-    response = await fetch("/health", {
-      headers: { Accept: "application/health+json, application/json" },
-      cache: "no-store",
-    });
-  } catch {
-    throw new ApiError(0, "The gateway cannot be reached.");
-  }
-  try {
-    return await response.json();
-  } catch {
-    throw new ApiError(response.status, `The gateway answered HTTP ${response.status} without a health report.`);
-  }
 }

@@ -82,7 +82,7 @@ const orders = new OrderDesk(api, confirmation);
 const openOrder = (id) => orders.open(id);
 const feed = new Feed(api, () => stats.soon(), reportFeed, pageSize(), openOrder);
 const deadLetters = new DeadLetters(api, confirmation, openOrder);
-const health = new HealthGrid();
+const health = new HealthGrid(api);
 const live = new LiveFeed(() => token, {
   notification: (n) => {
     feed.receive(n);

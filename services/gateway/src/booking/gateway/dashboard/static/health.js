@@ -1,7 +1,7 @@
-// Every component's health from the gateway's /health (application/health+json, checks keyed
-// "component:measurement", each a list of observations), refreshed on an interval.
+// Every component's health from the gateway's /api/admin/health (application/health+json, checks
+// keyed "component:measurement", each a list of observations), refreshed on an interval. The
+// public /health says only the overall status: the checks are for admins.
 
-import { fetchHealth } from "./api.js";
 import { byId, fill, h, timeElement } from "./dom.js";
 
 export const HEALTH_EVERY_MS = 5_000;
@@ -41,7 +41,9 @@ function tile(key, entries) {
 }
 
 export class HealthGrid {
-  constructor() {
+  /** api: the signed-in admin's Api (a refused token signs out, as on every call). */
+  constructor(api) {
+    this.api = api;
     this.grid = byId("health-grid");
     this.overall = byId("health-overall");
     this.note = byId("health-note");
@@ -70,11 +72,14 @@ export class HealthGrid {
   async refresh() {
     let report;
     try {
-      report = await fetchHealth();
+      report = await this.api.health();
     } catch (error) {
+      // A refused token has signed out (and stopped the grid) meanwhile: nothing to show.
+      if (!this.running) return;
       this.show("fail", [tile("gateway:reachable", [{ status: "fail", output: error.message }])]);
       return;
     }
+    if (!this.running) return;
     const checks = Object.entries(report.checks || {});
     // Failing first, then warnings: what needs a look is at the top.
     checks.sort(([, a], [, b]) => rank(b) - rank(a));
