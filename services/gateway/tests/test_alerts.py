@@ -865,7 +865,7 @@ class TestFeedQueue:
         await world.admin(gateway)
         await world.admin(gateway)
         async with httpx.AsyncClient(base_url=gateway.url, trust_env=False, timeout=30) as client:
-            checks = (await client.get("/health")).json()["checks"]
+            checks = (await client.get("/internal/health")).json()["checks"]
             ready = (await client.get("/health/ready")).json()["checks"]
         consumers = checks["admin-alerts:consumers"][0]
         assert consumers["status"] == "pass" and consumers["observedValue"] == 1

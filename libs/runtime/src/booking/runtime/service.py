@@ -335,9 +335,10 @@ def create_service_app(
 ) -> FastAPI:
     """The service's FastAPI app around its runtime.
 
-    `routers` come before the standard health routes, so a service may answer `/health` itself
-    (the gateway's aggregate). `lifespan` runs inside the runtime's (the broker is being
-    connected, the database is there); `middleware` sits inside the correlation middleware.
+    `routers` come before the standard health routes, and a health path one of them serves is
+    left to it (the gateway answers its own `/health` and `/internal/health`). `lifespan` runs
+    inside the runtime's (the broker is being connected, the database is there); `middleware`
+    sits inside the correlation middleware.
     """
 
     @asynccontextmanager
@@ -365,13 +366,15 @@ def create_service_app(
 
         dependency_errors += [SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError]
     install_problem_handlers(app, dependency_errors)
+    served: set[str] = set()
     for router in routers:
         app.include_router(router)
+        served.update(getattr(route, "path", "") for route in router.routes)
     if runtime.dead_letters is not None:
         from booking.runtime.dead_letters import dead_letters_router
 
         app.include_router(dead_letters_router(runtime.dead_letters))
-    app.include_router(runtime.health.router())
+    app.include_router(runtime.health.router(served_elsewhere=served))
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

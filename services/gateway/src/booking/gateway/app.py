@@ -21,7 +21,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     runtime = ServiceRuntime(name="gateway", settings=settings)
     system = SystemHealth(
-        runtime.health, service_urls(settings), timeout=settings.health_upstream_timeout_seconds
+        runtime.health,
+        service_urls(settings),
+        timeout=settings.health_upstream_timeout_seconds,
+        public_max_age=settings.health_public_max_age_seconds,
     )
     monitor = HealthMonitor(
         system,
@@ -47,7 +50,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = create_service_app(
         runtime,
-        # The aggregated /health first: it answers in place of the runtime's own.
+        # The system's health first: its /health (the overall status only) and /internal/health
+        # (the aggregated report) answer in place of the runtime's own.
         routers=[system.router(), dashboard.router(), *routers],
         title="Mentor booking API",
         lifespan=open_gateway,
