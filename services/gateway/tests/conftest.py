@@ -291,7 +291,21 @@ class System:
     url: str
     settings: GatewaySettings
     upstreams: dict[Service, RecordingUpstream]
+    app: FastAPI
     client: httpx.AsyncClient = field(init=False)
+    peers: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+
+    def peer(self, address: str) -> httpx.AsyncClient:
+        """A client reaching the served gateway in-process, connected (as the ASGI scope's
+        `client` says) from `address`: the real server's peer is always loopback."""
+        if address not in self.peers:
+            transport = httpx.ASGITransport(self.app, client=(address, 40000))
+            self.peers[address] = httpx.AsyncClient(transport=transport, base_url="http://gateway")
+        return self.peers[address]
+
+    async def close_peers(self) -> None:
+        for client in self.peers.values():
+            await client.aclose()
 
     def token(self, role: Role | str, sub: str | None = None, **kwargs: Any) -> str:
         secret = self.settings.auth_jwt_secret.get_secret_value()
@@ -322,8 +336,10 @@ async def run_system(
             closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
             urls[f"{service}_url"] = closed if service in down else f"{base}/{service}"
         settings = settings.model_copy(update=urls)
-        url = await stack.enter_async_context(serving(create_app(settings)))
-        system = System(url, settings, upstreams)
+        app = create_app(settings)
+        url = await stack.enter_async_context(serving(app))
+        system = System(url, settings, upstreams, app)
+        stack.push_async_callback(system.close_peers)
         system.client = await stack.enter_async_context(
             httpx.AsyncClient(base_url=url, timeout=10, trust_env=False)
         )

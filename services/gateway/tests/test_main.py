@@ -1,8 +1,16 @@
 """`python -m booking.gateway`: what the gateway process loads (its resident memory, issue 6)."""
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
+
+import httpx
+
+from booking.gateway.settings import GatewaySettings
+from booking.runtime.testing import eventually, free_port
 
 # Runs the module's preamble and imports as `python -m booking.gateway --help` does (argparse
 # exits before serving), then reports what is loaded and whether an admin token still verifies.
@@ -34,3 +42,64 @@ class TestWhatTheGatewayLoads:
 
     def test_admin_tokens_still_verify_without_cryptography(self) -> None:
         assert probe()["sub"] == "admin-1"
+
+
+class TestServe:
+    async def test_the_peer_is_never_taken_from_x_forwarded_for(
+        self, gateway_settings: Callable[..., GatewaySettings]
+    ) -> None:
+        # uvicorn's own proxy-header handling (on by default, trusting loopback, or anyone with
+        # FORWARDED_ALLOW_IPS="*") would make each forged header a new client; `serve` turns it
+        # off, so the gateway's TRUSTED_PROXIES (none here) is the only rule.
+        settings = gateway_settings()
+        port = free_port()
+        env = {
+            **os.environ,
+            "GATEWAY_PORT": str(port),
+            "FORWARDED_ALLOW_IPS": "*",
+            "DEVELOPMENT_MODE": "false",  # loopback is limited like anyone
+            "AUTH_JWT_SECRET": "a-deployed-signing-secret-0123456789",
+            "WEBHOOK_RATE_LIMIT_PER_MINUTE": "1",
+            "RABBITMQ_URL": settings.rabbitmq_url.get_secret_value(),
+            "EVENTS_EXCHANGE": settings.events_exchange,
+            "ADMIN_ALERTS_EXCHANGE": settings.admin_alerts_exchange,
+            "QUEUE_PREFIX": settings.queue_prefix,
+            "PAYMENTS_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: a 503
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "booking.gateway",
+            "serve",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
+            ) as http:
+
+                async def live() -> bool:
+                    assert process.returncode is None, "the gateway exited"
+                    try:
+                        return (await http.get("/health/live")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await eventually(live, timeout=60, interval=0.1, what="the gateway serving")
+                found = [
+                    await http.get(
+                        "/api/payments/webhook?payment_ref=p",
+                        headers={"X-Forwarded-For": f"198.51.100.{n}"},
+                    )
+                    for n in range(2)
+                ]
+        finally:
+            if process.returncode is None:
+                process.terminate()
+            async with asyncio.timeout(30):
+                await process.wait()
+
+        assert [r.status_code for r in found] == [503, 429]
+        assert "from 127.0.0.1" in found[1].json()["detail"]

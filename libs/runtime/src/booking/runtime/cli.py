@@ -70,6 +70,10 @@ def main(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # The peer stays the peer: the gateway reads X-Forwarded-For itself, from its
+        # TRUSTED_PROXIES only (booking.gateway.forwarded). uvicorn's own rewriting would trust
+        # FORWARDED_ALLOW_IPS instead (loopback by default; with "*", the client's own entry).
+        proxy_headers=False,
         # Alerts are small JSON: compressing each for every admin cost more memory (~40 KB a
         # connection) and CPU than it saved bytes.
         ws_per_message_deflate=False,

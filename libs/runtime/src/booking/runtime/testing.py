@@ -462,7 +462,10 @@ async def serving(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
     """
     port = port or free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+        # proxy_headers off, as `serve` runs: the peer is never rewritten from X-Forwarded-For.
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, lifespan="on", proxy_headers=False
+        )
     )
     task = asyncio.create_task(server.serve())
     try:

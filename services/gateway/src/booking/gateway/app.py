@@ -61,6 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
         ],
     )
+    app.state.trusted_proxies = settings.trusted_proxies  # booking.gateway.forwarded
     app.state.rate_limiters = rate_limiters(settings)
     app.state.admin_alerts = alerts
     return app

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from enum import StrEnum
+from ipaddress import IPv6Address, IPv6Network
 
 from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from booking.gateway.forwarded import LOOPBACK, IPAddress, Networks, request_client, within
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.problems import problem
 
@@ -97,30 +99,63 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class RateLimiter:
-    """At most `per_minute` requests per client in each clock minute (a fixed window).
+    """At most `per_minute` requests per client in each clock minute (a fixed window); a client
+    in `exempt` is not counted. An IPv6 client is counted by its /64, the block one host or site
+    is given, so that cycling through its own addresses does not escape the limit.
 
     In-process, so the limit holds per gateway replica: n replicas let a client make up to
-    n x per_minute. Counts are dropped at each new window, so memory holds one minute's clients.
+    n x per_minute. Memory is bounded: once `max_clients` clients are counted in a minute, every
+    further one shares a single overflow count, so a flood of distinct addresses grows nothing
+    and is held to `per_minute` as a whole. The clients already counted keep their own counts
+    (none is evicted: a flood cannot reset anyone's count). Counts are dropped at each new window.
     """
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        max_clients: int = 10_000,
+        exempt: Networks = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.per_minute = per_minute
+        self.max_clients = max_clients
+        self.exempt = exempt
         self.clock = clock
         self._window = -1
-        self._counts: dict[str, int] = {}
+        self._counts: dict[Hashable, int] = {}
+        self._overflow = 0
 
-    def retry_after(self, client: str) -> int | None:
+    @property
+    def tracked(self) -> int:
+        """The clients counted on their own in this minute (at most `max_clients`)."""
+        return len(self._counts)
+
+    def retry_after(self, client: IPAddress | None) -> int | None:
         """Count one request from `client`; None if allowed, else seconds until it may retry."""
+        if within(client, self.exempt):
+            return None
         now = self.clock()
         window = int(now // 60)
         if window != self._window:
             self._window = window
             self._counts = {}
-        count = self._counts.get(client, 0) + 1
-        self._counts[client] = count
+            self._overflow = 0
+        key = _counted_as(client)
+        if key in self._counts or len(self._counts) < self.max_clients:
+            count = self._counts[key] = self._counts.get(key, 0) + 1
+        else:
+            self._overflow += 1
+            count = self._overflow
         if count <= self.per_minute:
             return None
         return max(1, math.ceil((window + 1) * 60 - now))
+
+
+def _counted_as(client: IPAddress | None) -> Hashable:
+    if isinstance(client, IPv6Address):
+        return IPv6Network((client, 64), strict=False)
+    return client  # None (no IP peer) is one client
 
 
 class Limit(StrEnum):
@@ -131,9 +166,17 @@ class Limit(StrEnum):
 
 
 def rate_limiters(settings: GatewaySettings) -> dict[Limit, RateLimiter]:
+    # Konnect's addresses send every payment's notification: never held back. Locally the
+    # sandbox Konnect, the bench and the tests call from loopback.
+    webhook_exempt = settings.konnect_webhook_sources
+    if settings.development_mode:
+        webhook_exempt += LOOPBACK
+    max_clients = settings.rate_limit_max_clients
     return {
-        Limit.WEBHOOK: RateLimiter(settings.webhook_rate_limit_per_minute),
-        Limit.PUBLIC: RateLimiter(settings.rate_limit_per_minute),
+        Limit.WEBHOOK: RateLimiter(
+            settings.webhook_rate_limit_per_minute, max_clients=max_clients, exempt=webhook_exempt
+        ),
+        Limit.PUBLIC: RateLimiter(settings.rate_limit_per_minute, max_clients=max_clients),
     }
 
 
@@ -142,13 +185,13 @@ def rate_limited(limit: Limit) -> Callable[[Request], Awaitable[None]]:
 
     async def dependency(request: Request) -> None:
         limiter: RateLimiter = request.app.state.rate_limiters[limit]
-        # The peer address; behind a proxy, uvicorn's --forwarded-allow-ips makes it the client's.
-        client = request.client.host if request.client else "unknown"
+        client = request_client(request)
         wait = limiter.retry_after(client)
         if wait is not None:
             raise HTTPException(
                 429,
-                f"too many requests from {client}; at most {limiter.per_minute} a minute. "
+                f"too many requests from {client or 'this client'}; "
+                f"at most {limiter.per_minute} a minute. "
                 f"Retry after {wait}s",
                 headers={"Retry-After": str(wait)},
             )

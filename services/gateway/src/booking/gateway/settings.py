@@ -1,8 +1,15 @@
 """Settings of the gateway service (the README's Settings section)."""
 
-from pydantic import Field
+from typing import Annotated
 
+from pydantic import BeforeValidator, Field
+from pydantic_settings import NoDecode
+
+from booking.gateway.forwarded import Networks, parse_networks
 from booking.runtime.settings import RuntimeSettings
+
+# Comma-separated IPs and CIDR networks (not JSON, as pydantic-settings would read a tuple).
+NetworkList = Annotated[Networks, NoDecode, BeforeValidator(parse_networks)]
 
 
 class GatewaySettings(RuntimeSettings):
@@ -20,12 +27,20 @@ class GatewaySettings(RuntimeSettings):
     upstream_max_connections: int = Field(default=100, ge=1)
     upstream_max_keepalive_connections: int = Field(default=20, ge=0)
 
+    # Who the client is (booking.gateway.forwarded): X-Forwarded-For is read only from these
+    # proxies (the ingress controller's addresses); empty, the peer is the client.
+    trusted_proxies: NetworkList = ()
+
     # Limits on what callers may send.
     max_body_bytes: int = Field(default=64 * 1024, ge=1)
     # Per client IP and replica on the unauthenticated routes: the OAuth callback, and apart from
-    # it Konnect's webhook, which comes from a few addresses for every payment.
+    # it Konnect's webhook. Konnect's sending addresses are exempt from the webhook's limit, and
+    # loopback too in development mode; anyone else calling it gets the low limit.
     rate_limit_per_minute: int = Field(default=120, ge=1)
-    webhook_rate_limit_per_minute: int = Field(default=6000, ge=1)
+    webhook_rate_limit_per_minute: int = Field(default=60, ge=1)
+    konnect_webhook_sources: NetworkList = ()
+    # Clients each limit tracks in a minute; past it, new ones share one count (bounded memory).
+    rate_limit_max_clients: int = Field(default=10_000, ge=1)
 
     # System health: the aggregated report, and the monitor that alerts the admins.
     health_upstream_timeout_seconds: float = Field(default=3.0, gt=0)

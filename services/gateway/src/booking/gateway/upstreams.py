@@ -1,9 +1,10 @@
 """Forwarding to the services behind the gateway: one pooled httpx client per service.
 
-A request goes on at the same path with its query string, the caller's Authorization header
-and the correlation id; the service's status, body and content type come back. Failures become
-problem+json: unreachable 503, too slow 504, a service's own 5xx 502 (a service's 503
-problem+json passes as it is). Every call is bounded in total time, so nothing hangs.
+A request goes on at the same path with its query string, the caller's Authorization header,
+the correlation id and the client's address (X-Forwarded-For, booking.gateway.forwarded); the
+service's status, body and content type come back. Failures become problem+json: unreachable
+503, too slow 504, a service's own 5xx 502 (a service's 503 problem+json passes as it is).
+Every call is bounded in total time, so nothing hangs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import httpx
 from fastapi import Request
 from starlette.responses import Response
 
+from booking.gateway.forwarded import request_client
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.context import current_correlation_id
 from booking.runtime.problems import PROBLEM_MEDIA_TYPE, problem
@@ -115,11 +117,10 @@ class Upstreams:
             if (value := request.headers.get(name)) is not None
         }
         headers["x-correlation-id"] = current_correlation_id()
-        if request.client is not None:
-            prior = request.headers.get("x-forwarded-for")
-            headers["x-forwarded-for"] = (
-                f"{prior}, {request.client.host}" if prior else request.client.host
-            )
+        # The client as the gateway judged it, alone: the entries a client wrote itself are not
+        # passed on for a service to believe.
+        if (address := request_client(request)) is not None:
+            headers["x-forwarded-for"] = str(address)
         if content is not None:
             headers["content-type"] = "application/json"  # a body the gateway checked and wrote
         elif request.method in ("POST", "PUT", "PATCH"):
