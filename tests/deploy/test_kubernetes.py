@@ -5,13 +5,18 @@ paths and port, has resources and runs unprivileged; each service scales on its 
 from __future__ import annotations
 
 import base64
+import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import kubernetes_validate
 import pytest
+from fastapi import FastAPI
 from pydantic import ValidationError
 
+from booking.sandbox.google.browser import AUTH_PATH, DECISION_PATH
 from booking.sandbox.settings import SandboxSettings
 
 KUBERNETES = "1.37.0"
@@ -272,26 +277,141 @@ class TestTheMigrationJob:
             assert ("Namespace", "booking") in names
 
 
+# --- what an ingress routes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngressPath:
+    ingress: str
+    host: str | None  # None: every host
+    path: str
+    path_type: str
+    service: str
+
+    def routes(self, host: str, path: str) -> bool:
+        """Whether a request for `host` and `path` takes this path, as Kubernetes defines it:
+        Exact is the whole path; Prefix matches element by element (/api matches /api and
+        /api/x, never /apix), a trailing slash aside."""
+        if self.host is not None and self.host != host:
+            return False
+        if self.path_type == "Exact":
+            return path == self.path
+        assert self.path_type == "Prefix", f"{self}: no portable meaning"
+        prefix = [e for e in self.path.split("/") if e]
+        return [e for e in path.split("/") if e][: len(prefix)] == prefix
+
+
+def ingress_paths(docs: list[dict[str, Any]]) -> list[IngressPath]:
+    return [
+        IngressPath(
+            name,
+            rule.get("host"),
+            path["path"],
+            path["pathType"],
+            path["backend"]["service"]["name"],
+        )
+        for name, ingress in of_kind(docs, "Ingress").items()
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+
+
+def routed(docs: list[dict[str, Any]], host: str, path: str) -> set[str]:
+    """The services a request for `host` and `path` could reach through the ingresses."""
+    return {p.service for p in ingress_paths(docs) if p.routes(host, path)}
+
+
+PUBLIC_HOST = {"base": "any.host.example", "example": "booking.example.com"}
+# What the gateway serves that only the cluster may reach: the metrics, the full health report,
+# the probes and the API's schema.
+INTERNAL = [
+    "/metrics",
+    "/internal/health",
+    "/health/live",
+    "/health/ready",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+]
+
+
+@pytest.fixture(scope="module")
+def gateway_app() -> FastAPI:
+    from booking.gateway.app import create_app
+    from booking.gateway.settings import GatewaySettings
+
+    return create_app(GatewaySettings())  # connects to nothing until served
+
+
+def public_paths(app: FastAPI) -> list[str]:
+    """A request path for each route of the gateway's public contract (its OpenAPI document,
+    but for the kubelet's probes), for the dashboard, and for the admins' websocket."""
+    documented = [
+        re.sub(r"\{[^}]+\}", "x", path)
+        for path in app.openapi()["paths"]
+        if path not in ("/health/live", "/health/ready")
+    ]
+    return [*documented, "/admin", "/admin/", "/admin/app.js", "/ws/admin"]
+
+
 class TestTheIngress:
     @pytest.mark.parametrize("output", OUTPUTS)
     def test_the_gateway_is_the_one_public_entry_and_its_websocket_stays_open(
         self, rendered, output
     ):
         ingresses = of_kind(rendered[output], "Ingress")
-        backends = {
-            (name, path["path"], path["backend"]["service"]["name"])
-            for name, ingress in ingresses.items()
-            for rule in ingress["spec"]["rules"]
-            for path in rule["http"]["paths"]
+        public = {
+            (p.ingress, p.path, p.path_type, p.service)
+            for p in ingress_paths(rendered[output])
+            if not p.ingress.startswith("sandbox")
         }
-        public = {b for b in backends if not b[0].startswith("sandbox")}
         assert public == {
-            ("gateway", "/", "gateway"),
-            ("gateway-websocket", "/ws/admin", "gateway"),
+            ("gateway", "/api", "Prefix", "gateway"),
+            ("gateway", "/admin", "Prefix", "gateway"),
+            ("gateway", "/health", "Exact", "gateway"),
+            ("gateway-websocket", "/ws/admin", "Exact", "gateway"),
         }
         websocket = ingresses["gateway-websocket"]["metadata"]["annotations"]
         for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
             assert int(websocket[f"nginx.ingress.kubernetes.io/{timeout}"]) >= 3600
+
+    @pytest.mark.parametrize("output", OUTPUTS)
+    def test_every_public_route_of_the_gateway_is_routed(self, rendered, output, gateway_app):
+        host = PUBLIC_HOST[output]
+        unrouted = [
+            p for p in public_paths(gateway_app) if routed(rendered[output], host, p) != {"gateway"}
+        ]
+        assert unrouted == []
+        assert "/api/admin/health" in public_paths(gateway_app)
+
+    @pytest.mark.parametrize("output", OUTPUTS)
+    async def test_nothing_internal_of_the_gateway_is_routed(self, rendered, output, gateway_app):
+        host = PUBLIC_HOST[output]
+        leaks = [
+            p
+            for p in [*INTERNAL, "/internal/x", "/metrics/x", "/healthz"]
+            if routed(rendered[output], host, p)
+        ]
+        assert leaks == []
+        # The list above is what the gateway really serves (else it would prove nothing).
+        transport = httpx.ASGITransport(app=gateway_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            missing = [p for p in INTERNAL if (await client.get(p)).status_code == 404]
+        assert missing == []
+
+    def test_the_path_matching_is_kubernetes_own(self):
+        prefix = IngressPath("i", None, "/api", "Prefix", "s")
+        exact = IngressPath("i", "h", "/health", "Exact", "s")
+        assert (
+            prefix.routes("h", "/api")
+            and prefix.routes("h", "/api/")
+            and prefix.routes("h", "/api/x")
+        )
+        assert not prefix.routes("h", "/apix") and not prefix.routes("h", "/")
+        assert exact.routes("h", "/health") and not exact.routes("h", "/health/ready")
+        assert not exact.routes("other", "/health")
+        assert IngressPath("i", None, "/", "Prefix", "s").routes("h", "/anything/at/all")
 
     def test_the_example_serves_the_host_over_tls(self, rendered):
         for name in ("gateway", "gateway-websocket"):
@@ -303,6 +423,45 @@ class TestTheIngress:
 
 
 class TestTheSandboxes:
+    def test_their_ingress_shows_a_browser_the_pages_it_opens_and_nothing_else(self, rendered):
+        docs = rendered["example"]
+        sandbox = by_generated_name(docs, "ConfigMap", "sandbox-config")["data"]
+        konnect = urlsplit(sandbox["SANDBOX_KONNECT_PUBLIC_URL"]).hostname
+        google = urlsplit(sandbox["SANDBOX_GOOGLE_PUBLIC_URL"]).hostname
+        # Where the services send browsers: the consent page (GOOGLE_AUTH_URL), and its answer.
+        auth_url = urlsplit(
+            by_generated_name(docs, "ConfigMap", "booking-config")["data"]["GOOGLE_AUTH_URL"]
+        )
+        assert auth_url.hostname == google and auth_url.path == AUTH_PATH
+        pages = {
+            konnect: ["/pay/abc", "/pay/abc/pay", "/pay/abc/fail"],
+            google: [AUTH_PATH, DECISION_PATH, "/calendar/event"],
+        }
+        service = {konnect: "sandbox-konnect", google: "sandbox-google"}
+        for host, paths in pages.items():
+            for path in paths:
+                assert routed(docs, host, path) == {service[host]}, (host, path)
+        # Their APIs (the services call them inside the cluster), control API, health, metrics.
+        hidden = [
+            "/", "/_sandbox", "/_sandbox/payments/abc/complete", "/_sandbox/reset",
+            "/api/v2/payments/init-payment", "/api/v2/payments/abc", "/token",
+            "/calendar/v3/calendars/primary/events", "/health", "/health/live", "/metrics",
+            "/docs", "/openapi.json",
+        ]  # fmt: skip
+        for host in (konnect, google):
+            assert [p for p in hidden if routed(docs, host, p)] == [], host
+
+    @pytest.mark.parametrize("output", OUTPUTS)
+    def test_no_ingress_routes_the_control_api_or_a_whole_sandbox_host(self, rendered, output):
+        paths = ingress_paths(rendered[output])
+        sandbox_hosts = {p.host for p in paths if p.service.startswith("sandbox")}
+        for path in paths:
+            for host in {path.host or "any.host.example", *sandbox_hosts}:
+                assert not path.routes(host, "/_sandbox/reset"), path
+            if path.service.startswith("sandbox"):
+                assert path.host is not None, f"{path}: a sandbox on every host"
+                assert path.path.strip("/"), f"{path}: the whole sandbox"
+
     def test_only_the_example_runs_them_and_points_the_services_at_them(self, rendered):
         base = by_generated_name(rendered["base"], "ConfigMap", "booking-config")["data"]
         example = by_generated_name(rendered["example"], "ConfigMap", "booking-config")["data"]
