@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from booking.runtime.auth import check_auth_settings
+from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings, RuntimeSettings
 from booking.sandbox.settings import DEVELOPMENT_CONTROL_TOKEN, SandboxSettings
 
 SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
@@ -174,6 +176,19 @@ class TestPortsAndScaling:
         assert SandboxSettings(**env).control_api_token() == DEVELOPMENT_CONTROL_TOKEN
         raw = compose["services"][name]["environment"]["SANDBOX_CONTROL_TOKEN"]
         assert raw == f"${{SANDBOX_CONTROL_TOKEN:-{DEVELOPMENT_CONTROL_TOKEN}}}"
+
+    @pytest.mark.parametrize("name", ("migrate", *SERVICES))
+    def test_the_services_take_the_development_secret_unless_one_is_set(
+        self, services, compose, name
+    ):
+        # A laptop's setup: `make token`'s tokens work against it as against `make run`'s.
+        env = {k.lower(): v for k, v in environment(services[name]).items()}
+        settings = RuntimeSettings(**env)
+        assert settings.auth_jwt_secret.get_secret_value() == DEVELOPMENT_JWT_SECRET
+        check_auth_settings(settings)
+        with pytest.raises(RefusedSettings, match="AUTH_JWT_SECRET"):
+            check_auth_settings(RuntimeSettings(**{**env, "development_mode": "false"}))
+        assert compose["x-common-environment"]["DEVELOPMENT_MODE"] == "${DEVELOPMENT_MODE:-true}"
 
 
 class TestDatabaseRoles:

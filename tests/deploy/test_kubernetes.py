@@ -17,6 +17,8 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from booking.sandbox.google.browser import AUTH_PATH, DECISION_PATH
+from booking.runtime.auth import check_auth_settings
+from booking.runtime.settings import RefusedSettings, RuntimeSettings
 from booking.sandbox.settings import SandboxSettings
 
 KUBERNETES = "1.37.0"
@@ -223,6 +225,14 @@ def test_every_secret_of_the_base_is_a_placeholder(rendered):
     for secret in of_kind(rendered["base"], "Secret").values():
         for key, value in secret_data(secret).items():
             assert "REPLACE-WITH" in value, f"{secret['metadata']['name']}.{key}"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_no_service_starts_with_the_jwt_secret_as_it_stands(rendered, output):
+    shared = secret_data(by_generated_name(rendered[output], "Secret", "booking-shared"))
+    settings = RuntimeSettings(development_mode=False, auth_jwt_secret=shared["AUTH_JWT_SECRET"])
+    with pytest.raises(RefusedSettings, match="AUTH_JWT_SECRET is still the deployment's placeh"):
+        check_auth_settings(settings)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)

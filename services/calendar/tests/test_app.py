@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import pytest
+
+from booking.calendar.app import create_app
+from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import SCHEMA
+from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings
 from booking.runtime.testing import free_port, health_checks, schema_differences
 
 
 class TestMigrations:
     async def test_the_migrated_schema_is_exactly_the_tables(self, migrated: str) -> None:
         assert await schema_differences(migrated, SCHEMA) == []
+
+
+class TestConsentStateKey:
+    """With an identity provider, AUTH_JWT_SECRET may keep its built-in value (it signs no
+    token); the consent state's key must then not be derived from it."""
+
+    PROVIDER = {
+        "development_mode": False,
+        "auth_jwks_url": "https://idp.example/jwks",
+        "auth_issuer": "https://idp.example/",
+        "auth_audience": "booking-api",
+    }
+
+    def test_no_calendar_starts_with_a_state_key_anyone_can_derive(self) -> None:
+        with pytest.raises(RefusedSettings, match="OAUTH_STATE_SECRET"):
+            create_app(CalendarSettings(**self.PROVIDER))
+        with pytest.raises(RefusedSettings, match="OAUTH_STATE_SECRET is still"):
+            create_app(CalendarSettings(**self.PROVIDER, oauth_state_secret="REPLACE-WITH-IT"))
+
+    def test_its_own_secret_or_development_mode_will_do(self) -> None:
+        create_app(CalendarSettings(**self.PROVIDER, oauth_state_secret="k" * 32 + "-random"))
+        create_app(CalendarSettings(**{**self.PROVIDER, "development_mode": True}))
+        create_app(CalendarSettings(development_mode=True, auth_jwt_secret=DEVELOPMENT_JWT_SECRET))
 
 
 def google_checks(report: dict) -> dict:

@@ -20,12 +20,15 @@ from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import messaging
 from booking.calendar.tokens import TokenCipher
 from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
+from booking.runtime.auth import GENERATE_SECRET, secret_weakness
 from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
+from booking.runtime.settings import RefusedSettings
 
 
 def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     settings = settings or CalendarSettings()
+    refuse_a_known_state_key(settings)
     google = GoogleClient.from_settings(settings)
 
     # The handlers schedule and delete through the service, which needs the runtime's
@@ -90,3 +93,22 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     app.state.sweeper = sweeper
     app.state.google = google
     return app
+
+
+def refuse_a_known_state_key(settings: CalendarSettings) -> None:
+    """The consent `state`'s HMAC key is OAUTH_STATE_SECRET or else derived from AUTH_JWT_SECRET,
+    which a deployment with an identity provider may leave at its built-in value (it signs no
+    token there): a key anyone can derive would let anyone forge a consent round trip."""
+    if settings.development_mode:
+        return
+    own = settings.oauth_state_secret
+    if own is not None and own.get_secret_value():
+        name, weakness = "OAUTH_STATE_SECRET", secret_weakness(own.get_secret_value())
+    else:
+        name = "AUTH_JWT_SECRET, from which the consent state's key is derived,"
+        weakness = secret_weakness(settings.auth_jwt_secret.get_secret_value())
+    if weakness is not None:
+        raise RefusedSettings(
+            f"{name} {weakness}. Set OAUTH_STATE_SECRET to at least 32 random bytes "
+            f"(e.g. {GENERATE_SECRET})"
+        )
