@@ -26,6 +26,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
+from booking.contracts.money import format_money
 from booking.runtime.auth import issue_token
 from booking.runtime.devrun import CHILDREN, DevRunError, probe_host
 from booking.runtime.settings import RuntimeSettings
@@ -119,12 +120,10 @@ class Narrator:
 
 
 def money(value: Mapping[str, Any] | None) -> str:
-    """{amount: 120000, currency: TND} as `120.000 TND` (TND has 1000 millimes)."""
+    """{amount: 120000, currency: TND} as `120.000 TND` (the contract's minor-units table)."""
     if not value:
         return "-"
-    amount, currency = int(value["amount"]), value["currency"]
-    digits = 3 if currency == "TND" else 2
-    return f"{amount / 10**digits:.{digits}f} {currency}"
+    return format_money(int(value["amount"]), value["currency"])
 
 
 def short(url: str, keep: tuple[str, ...] = ()) -> str:

@@ -149,6 +149,7 @@ DRILL_SETTINGS = {
 # Who consumes what (each service's handlers), for the check that no event was lost.
 SUBSCRIBERS: dict[str, tuple[str, ...]] = {
     "MentorRegistered": ("calendar",),
+    "MentorIdentityLinked": ("calendar",),
     "OrderConfirmed": ("payments",),
     "OrderCancelled": ("payments", "calendar"),
     "SchedulingAbandoned": ("payments",),

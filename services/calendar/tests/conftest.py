@@ -233,12 +233,19 @@ class Running:
         await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
 
     async def register_mentor(
-        self, timezone: str = "Africa/Tunis", mentor_id: uuid.UUID | None = None
+        self,
+        timezone: str = "Africa/Tunis",
+        mentor_id: uuid.UUID | None = None,
+        identity_subject: str | None = None,
     ) -> Mentor:
         mentor = Mentor(mentor_id or uuid.uuid4(), f"mentor-{uuid.uuid4().hex[:10]}@example.com")
         await self.publish(
             MentorRegistered(
-                mentor_id=mentor.id, name="Ada Lovelace", email=mentor.email, timezone=timezone
+                mentor_id=mentor.id,
+                name="Ada Lovelace",
+                email=mentor.email,
+                timezone=timezone,
+                identity_subject=identity_subject,
             )
         )
 

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 from booking.calendar.domain import _b64, _unb64
 from booking.calendar.tables import SCHEMA
 from booking.calendar.tokens import TokenCipher
+from booking.contracts import MentorIdentityLinked
 from booking.runtime.testing import eventually
 
 PROBLEM = "application/problem+json"
@@ -103,6 +104,80 @@ class TestConnectFlow:
         assert response.status_code == 404
         assert response.headers["content-type"] == PROBLEM
         assert await calendar.db.fetchval(f"SELECT count(*) FROM {SCHEMA}.oauth_states") == 0
+
+
+class TestActingAsTheMentor:
+    """Connect, status and disconnect: an admin, or a mentor token whose `sub` is the mentor's
+    id or the identity-provider subject MentorRegistered or MentorIdentityLinked gave it."""
+
+    async def answers(self, calendar, mentor_id, headers) -> list[int]:
+        """What connect, status and disconnect answer the caller, in that order."""
+        path = f"/api/mentors/{mentor_id}/calendar"
+        return [
+            (await calendar.http.get(f"{path}/connect", headers=headers)).status_code,
+            (await calendar.http.get(path, headers=headers)).status_code,
+            (await calendar.http.delete(path, headers=headers)).status_code,
+        ]
+
+    async def test_the_registered_subject_acts_as_its_mentor(self, calendar, sandbox):
+        mentor = await calendar.register_mentor(identity_subject="auth0|amel")
+        own = calendar.token("mentor", "auth0|amel")
+
+        assert await self.answers(calendar, mentor.id, own) == [302, 200, 204]
+        other = await calendar.register_mentor(identity_subject="auth0|sami")
+        assert await self.answers(calendar, other.id, own) == [403, 403, 403]
+
+    async def test_another_subject_or_another_role_is_refused_as_a_problem(self, calendar):
+        mentor = await calendar.register_mentor(identity_subject="auth0|amel")
+        for headers, why in (
+            (calendar.token("mentor", "auth0|someone-else"), "own calendar"),
+            (calendar.token("mentee", "auth0|amel"), "role"),
+        ):
+            response = await calendar.http.get(
+                f"/api/mentors/{mentor.id}/calendar/connect", headers=headers
+            )
+            assert response.status_code == 403
+            assert response.headers["content-type"] == PROBLEM
+            assert why in response.json()["detail"]
+        assert await calendar.db.fetchval(f"SELECT count(*) FROM {SCHEMA}.oauth_states") == 0
+
+    async def test_a_linked_subject_acts_at_once_and_the_old_one_no_more(self, calendar, sandbox):
+        mentor = await calendar.register_mentor(identity_subject="auth0|old")
+        new = calendar.token("mentor", "kc-4a7e9f57")
+        assert await self.answers(calendar, mentor.id, new) == [403, 403, 403]
+
+        await calendar.publish(
+            MentorIdentityLinked(
+                mentor_id=mentor.id,
+                identity_subject="kc-4a7e9f57",
+                previous_subject="auth0|old",
+                by="admin-1",
+                reason="moved to the company's identity provider",
+                linked_at=datetime.now(UTC),
+                sequence=1,
+            )
+        )
+
+        async def linked() -> bool:
+            return (
+                await calendar.db.fetchval(
+                    f"SELECT identity_subject FROM {SCHEMA}.mentors WHERE id = $1", mentor.id
+                )
+                == "kc-4a7e9f57"
+            )
+
+        await eventually(linked, what="the link consumed")
+        assert await self.answers(calendar, mentor.id, new) == [302, 200, 204]
+        old = calendar.token("mentor", "auth0|old")
+        assert await self.answers(calendar, mentor.id, old) == [403, 403, 403]
+
+    async def test_an_unknown_mentor_is_403_to_another_mentor_and_404_to_an_admin(self, calendar):
+        unknown = uuid.uuid4()
+        other = calendar.token("mentor", "auth0|someone")
+        assert await self.answers(calendar, unknown, other) == [403, 403, 403]
+        assert await self.answers(calendar, unknown, calendar.token()) == [404, 404, 404]
+        own_id = calendar.token("mentor", str(unknown))
+        assert await self.answers(calendar, unknown, own_id) == [404, 404, 404]
 
 
 class TestRefusedCallbacks:

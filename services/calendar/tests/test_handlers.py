@@ -1,4 +1,5 @@
-"""register_mentor and schedule_session: a paid session becomes exactly one calendar event."""
+"""register_mentor, link_mentor_identity and schedule_session: a mentor's record keeps its
+latest identity-provider subject; a paid session becomes exactly one calendar event."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from cryptography.fernet import Fernet
+from prometheus_client.parser import text_string_to_metric_families
 
 from booking.calendar.tables import SCHEMA
-from booking.contracts import MentorRegistered
+from booking.contracts import MentorIdentityLinked, MentorRegistered
 from booking.runtime.testing import eventually
 
 
@@ -29,6 +31,99 @@ class TestRegisterMentor:
         assert [(r["id"], r["email"], r["timezone"]) for r in rows] == [
             (event.mentor_id, "ada@example.com", "Europe/Paris")
         ]
+
+
+def linked(mentor_id: uuid.UUID, subject: str, sequence: int = 1) -> MentorIdentityLinked:
+    return MentorIdentityLinked(
+        mentor_id=mentor_id,
+        identity_subject=subject,
+        by="admin-1",
+        reason="the mentor signs in with the company's identity provider",
+        linked_at=datetime.now(UTC),
+        sequence=sequence,
+    )
+
+
+async def consumed(calendar, outcome: str, type_: str = "MentorIdentityLinked") -> float:
+    """How many `type_` messages the consumer counted with `outcome` (its /metrics)."""
+    answer = await calendar.http.get("/metrics")
+    labels = {"consumer": f"{calendar.settings.queue_prefix}calendar", "type": type_}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+        if sample.name == "messages_handled_total"
+        and sample.labels == {**labels, "outcome": outcome}
+    )
+
+
+async def identity_of(calendar, mentor_id: uuid.UUID) -> tuple[str | None, int] | None:
+    row = await calendar.db.fetchrow(
+        f"SELECT identity_subject, identity_sequence FROM {SCHEMA}.mentors WHERE id = $1",
+        mentor_id,
+    )
+    return None if row is None else (row["identity_subject"], row["identity_sequence"])
+
+
+class TestLinkMentorIdentity:
+    async def test_a_registration_brings_its_subject(self, calendar):
+        mentor = await calendar.register_mentor(identity_subject="auth0|first")
+        assert await identity_of(calendar, mentor.id) == ("auth0|first", 0)
+
+    async def test_a_link_is_kept_once_however_often_it_comes(self, calendar):
+        mentor = await calendar.register_mentor(identity_subject="auth0|first")
+        event = linked(mentor.id, "kc-7d0a4a7e")
+        message_id = uuid.uuid4()
+
+        await calendar.publish(event, message_id=message_id)
+        await calendar.publish(event, message_id=message_id)  # redelivered
+        await calendar.publish(event)  # the same fact under another message id
+
+        async def all_three_consumed() -> bool:
+            return (
+                await consumed(calendar, "handled") == 2
+                and await consumed(calendar, "duplicate") == 1
+            )
+
+        await eventually(all_three_consumed, what="the three deliveries consumed")
+        assert await identity_of(calendar, mentor.id) == ("kc-7d0a4a7e", 1)
+        assert await consumed(calendar, "retried") == 0
+
+    async def test_an_older_link_arriving_late_changes_nothing(self, calendar):
+        mentor = await calendar.register_mentor()
+        await calendar.publish(linked(mentor.id, "auth0|second", sequence=2))
+        await eventually(lambda: handled(calendar, 2), what="the second link handled")
+
+        await calendar.publish(linked(mentor.id, "auth0|first", sequence=1))
+        await eventually(lambda: handled(calendar, 3), what="the first link handled")
+
+        assert await identity_of(calendar, mentor.id) == ("auth0|second", 2)
+        assert await consumed(calendar, "retried") == 0
+
+    async def test_a_link_for_an_unknown_mentor_waits_as_a_dead_letter_for_its_replay(
+        self, calendar
+    ):
+        mentor_id = uuid.uuid4()
+        message_id = uuid.uuid4()
+        event = linked(mentor_id, "auth0|early")
+        await calendar.publish(event, message_id=message_id)
+
+        async def dead_letter() -> str | None:
+            return await calendar.db.fetchval(
+                f"SELECT error FROM {SCHEMA}.dead_letters WHERE message_id = $1", str(message_id)
+            )
+
+        error = await eventually(dead_letter, what="the link kept as a dead letter")
+        assert f"no mentor {mentor_id} to link" in error
+        assert await identity_of(calendar, mentor_id) is None
+
+        await calendar.register_mentor(mentor_id=mentor_id)
+        await calendar.publish(event, message_id=message_id)  # as a replay sends it
+
+        async def applied() -> bool:
+            return await identity_of(calendar, mentor_id) == ("auth0|early", 1)
+
+        await eventually(applied, what="the replayed link applied")
 
 
 class TestScheduleSession:

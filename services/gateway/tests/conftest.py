@@ -75,7 +75,13 @@ def dead_letter_detail(service: Service | str, number: int = 1, **fields: Any) -
 def valid_answer(method: str, path: str, service: Service | None = None) -> Response:
     """What the owning service would answer to a valid request: bodies that fit the contract."""
     money = {"amount": 120000, "currency": "TND"}
-    mentor = {"id": MENTOR_ID, "name": "Amel", "email": "amel@example.com", "timezone": "UTC"}
+    mentor = {
+        "id": MENTOR_ID,
+        "name": "Amel",
+        "email": "amel@example.com",
+        "timezone": "UTC",
+        "identity_subject": None,
+    }
     offering = {
         "id": OFFERING_ID,
         "mentor_id": MENTOR_ID,
@@ -147,6 +153,11 @@ def valid_answer(method: str, path: str, service: Service | None = None) -> Resp
     answers: list[tuple[str, str, Callable[[], Response]]] = [
         ("POST", "/api/mentors", lambda: JSONResponse(mentor, 201)),
         ("GET", f"/api/mentors/{uuid_}", lambda: JSONResponse(mentor)),
+        (
+            "PUT",
+            f"/api/admin/mentors/{uuid_}/identity",
+            lambda: JSONResponse({**mentor, "identity_subject": "auth0|amel"}),
+        ),
         ("POST", f"/api/mentors/{uuid_}/offerings", lambda: JSONResponse(offering, 201)),
         ("GET", f"/api/mentors/{uuid_}/offerings", lambda: JSONResponse([offering])),
         (

@@ -36,7 +36,7 @@ def test_the_gateway_keeps_its_contract(system_in_thread: str, gateway_settings:
         result.ok()
         for result in schema.exclude(path_regex="^/health").get_all_operations()  # not ours
     ]
-    assert len(operations) == 26
+    assert len(operations) == 27
 
     for operation in operations:
         # A mentee books; an admin may do everything else.

@@ -25,8 +25,8 @@ class TestMentors:
         created = await orders.client.post("/api/mentors", json=body, headers=orders.admin)
         assert created.status_code == 201, created.text
         mentor = created.json()
-        assert set(mentor) == {"id", "name", "email", "timezone"}
-        assert {k: mentor[k] for k in body} == body
+        assert set(mentor) == {"id", "name", "email", "timezone", "identity_subject"}
+        assert {k: mentor[k] for k in body} == body and mentor["identity_subject"] is None
 
         read = await orders.client.get(f"/api/mentors/{mentor['id']}", headers=orders.mentee())
         assert read.status_code == 200 and read.json() == mentor
@@ -39,6 +39,7 @@ class TestMentors:
                 "name": "Amel Ben Salah",
                 "email": "amel@example.com",
                 "timezone": "Africa/Tunis",
+                "identity_subject": None,
             }
         ]
         assert len(orders.spy.of_type("MentorRegistered")) == 1

@@ -8,6 +8,7 @@ from uuid import uuid4
 import pytest
 
 from booking.orders.domain import (
+    CLOCK_SKEW,
     LIVE_SESSION_STATUSES,
     BookedSession,
     CurrencyMismatch,
@@ -16,12 +17,14 @@ from booking.orders.domain import (
     IllegalTransition,
     InvalidBooking,
     InvalidMoney,
+    InvalidOffering,
     Money,
     Order,
     OrderStatus,
     SessionStatus,
     Underpayment,
     cancel_booking,
+    check_price,
     fail_unopened_payment,
     plan_session,
 )
@@ -515,32 +518,76 @@ class TestEscrow:
         assert escrow == Escrow()
 
 
+YEAR = timedelta(days=365)
+
+
 class TestPlanSession:
     def test_the_end_is_the_start_plus_the_offering_duration(self) -> None:
         start = T0 + timedelta(days=2)
-        assert plan_session(45, start, T0) == start + timedelta(minutes=45)
+        assert plan_session(45, start, T0, horizon=YEAR) == start + timedelta(minutes=45)
 
     def test_a_start_in_another_offset_is_the_same_instant(self) -> None:
         tunis = datetime(2030, 1, 7, 10, 0, tzinfo=UTC).astimezone()
-        assert plan_session(60, tunis, T0) == datetime(2030, 1, 7, 11, 0, tzinfo=UTC)
+        assert plan_session(60, tunis, T0, horizon=YEAR) == datetime(2030, 1, 7, 11, 0, tzinfo=UTC)
 
-    @pytest.mark.parametrize("start", [T0, T0 - timedelta(seconds=1), T0 - timedelta(days=3)])
-    def test_a_start_that_is_not_in_the_future_is_refused(self, start: datetime) -> None:
-        with pytest.raises(InvalidBooking, match="not in the future"):
-            plan_session(60, start, T0)
+    @pytest.mark.parametrize(
+        "start",
+        [T0 - CLOCK_SKEW - timedelta(seconds=1), T0 - timedelta(hours=1), T0 - timedelta(days=3)],
+        ids=["just past the skew", "an hour ago", "days ago"],
+    )
+    def test_a_start_in_the_past_is_refused(self, start: datetime) -> None:
+        with pytest.raises(InvalidBooking, match="in the past") as refused:
+            plan_session(60, start, T0, horizon=YEAR)
+        assert refused.value.field == "start_at"
+
+    @pytest.mark.parametrize(
+        "start", [T0, T0 - timedelta(seconds=1), T0 - CLOCK_SKEW], ids=["now", "1 s ago", "skew"]
+    )
+    def test_a_start_within_the_clock_skew_of_now_is_taken(self, start: datetime) -> None:
+        assert plan_session(60, start, T0, horizon=YEAR) == start + timedelta(hours=1)
+
+    def test_a_start_at_the_horizon_is_taken_and_past_it_refused(self) -> None:
+        assert plan_session(60, T0 + YEAR, T0, horizon=YEAR) == T0 + YEAR + timedelta(hours=1)
+        with pytest.raises(InvalidBooking, match="more than 365 days ahead") as refused:
+            plan_session(60, T0 + YEAR + timedelta(seconds=1), T0, horizon=YEAR)
+        assert refused.value.field == "start_at"
+
+    def test_the_horizon_is_the_callers(self) -> None:
+        week = timedelta(days=7)
+        with pytest.raises(InvalidBooking, match="more than 7 days ahead"):
+            plan_session(60, T0 + timedelta(days=8), T0, horizon=week)
 
     def test_a_session_that_would_end_past_the_end_of_time_is_refused(self) -> None:
         last = datetime.max.replace(tzinfo=UTC) - timedelta(minutes=30)
+        forever = last - T0
         with pytest.raises(InvalidBooking, match="earlier start"):
-            plan_session(60, last, T0)
+            plan_session(60, last, T0, horizon=forever)
 
     def test_a_naive_start_is_refused(self) -> None:
         with pytest.raises(InvalidBooking, match="time zone"):
-            plan_session(60, datetime(2031, 1, 1, 9, 0), T0)
+            plan_session(60, datetime(2031, 1, 1, 9, 0), T0, horizon=YEAR)
 
     @pytest.mark.parametrize("duration", [0, -30, 30.0, True, None, "60"])
     def test_a_duration_that_is_not_a_positive_whole_number_of_minutes_is_refused(
         self, duration: object
     ) -> None:
         with pytest.raises(InvalidBooking, match="duration"):
-            plan_session(duration, T0 + timedelta(days=1), T0)  # type: ignore[arg-type]
+            plan_session(duration, T0 + timedelta(days=1), T0, horizon=YEAR)  # type: ignore[arg-type]
+
+
+class TestCheckPrice:
+    @pytest.mark.parametrize(
+        ("currency", "limit"), [("TND", 10_000_000), ("EUR", 1_000_000), ("USD", 1_000_000)]
+    )
+    def test_the_maximum_is_in_major_units_of_the_prices_own_currency(
+        self, currency: str, limit: int
+    ) -> None:
+        check_price(Money(limit, currency), max_major_units=10_000)
+        with pytest.raises(InvalidOffering, match="above the most an offering may cost") as over:
+            check_price(Money(limit + 1, currency), max_major_units=10_000)
+        assert over.value.field == "price.amount"
+
+    def test_the_refusal_shows_both_amounts_as_the_currency_writes_them(self) -> None:
+        with pytest.raises(InvalidOffering) as over:
+            check_price(Money(10_000_001, "TND"), max_major_units=10_000)
+        assert "10000.001 TND" in str(over.value) and "10000.000 TND" in str(over.value)

@@ -27,6 +27,11 @@ Name = Annotated[
 ]
 TimeZone = Annotated[str, Text(pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")]
 Phone = Annotated[str, Text(pattern=r"^\+?[0-9][0-9 ().\-]{4,24}$")]
+# OpenID Connect: a `sub` is at most 255 ASCII characters; providers use visible ones only
+# (Keycloak a UUID, Auth0 `auth0|...`), so spaces and control characters are the caller's error.
+IdentitySubject = Annotated[
+    str, Text(strip_whitespace=True, min_length=1, max_length=255, pattern=r"^[!-~]+$")
+]
 
 OrderStatus = Literal[
     "pending", "awaiting_payment", "paid", "confirmed", "payment_failed", "cancelled"
@@ -67,6 +72,12 @@ class MentorCreate(RequestBody):
     name: Name
     email: EmailStr
     timezone: TimeZone = Field(description="IANA name", examples=["Africa/Tunis"])
+    identity_subject: IdentitySubject | None = Field(
+        None,
+        description="the mentor's `sub` at the identity provider: a token with it (and the "
+        "mentor role) acts as this mentor; one mentor per subject",
+        examples=["f81d4fae-7dec-41d0-a765-00a0c91e6bf6"],
+    )
 
 
 class OfferingCreate(RequestBody):
@@ -96,6 +107,15 @@ Reason = Annotated[
 class AdminReason(RequestBody):
     """Why an admin acts: kept in the audit trail with who and when."""
 
+    reason: Reason
+
+
+class MentorIdentityLink(RequestBody):
+    """An admin links a mentor to its identity-provider subject (or changes it), saying why."""
+
+    identity_subject: IdentitySubject = Field(
+        description="the mentor's `sub` at the identity provider; one mentor per subject"
+    )
     reason: Reason
 
 
@@ -132,6 +152,9 @@ class Mentor(BaseModel):
     name: str
     email: str
     timezone: str
+    identity_subject: str | None = Field(
+        description="the identity-provider subject that acts as this mentor; null if none"
+    )
 
 
 class Offering(BaseModel):

@@ -3,7 +3,9 @@ retry of a session's scheduling.
 
 The gateway forwards the caller's Authorization header; every route but Google's callback
 verifies the token and the role again, so the service reached directly is no more open than
-through the gateway. Errors are problem+json.
+through the gateway. Which mentor a token may act as is decided here, by `acts_as_mentor`, with
+the identity-provider subject MentorRegistered or MentorIdentityLinked gave the mentor (the
+gateway only checks the role). Errors are problem+json.
 """
 
 from __future__ import annotations
@@ -21,18 +23,9 @@ from booking.calendar.service import (
     UnknownSession,
 )
 from booking.contracts.http import CalendarConnection, OptionalReason, SessionScheduling
-from booking.runtime.auth import Identity, Role, require_roles
+from booking.runtime.auth import Identity, Role, acts_as_mentor, require_roles
 
 _PROBLEM = {"content": {"application/problem+json": {}}}
-
-
-async def mentor_himself_or_admin(
-    mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
-) -> Identity:
-    """An admin, or the mentor whose id is in the path (a mentor's token has it as `sub`)."""
-    if identity.role is Role.MENTOR and identity.sub != str(mentor_id):
-        raise HTTPException(403, "a mentor may act only on their own calendar")
-    return identity
 
 
 def _unknown(mentor_id: UUID) -> HTTPException:
@@ -41,6 +34,16 @@ def _unknown(mentor_id: UUID) -> HTTPException:
 
 def calendar_router(calendar: CalendarService) -> APIRouter:
     router = APIRouter(tags=["calendar"])
+
+    async def acting_as_the_mentor(
+        mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
+    ) -> Identity:
+        """403 unless the caller may act as the mentor in the path; asked before whether the
+        mentor exists, so another mentor learns nothing of it (an unknown mentor has no
+        subject)."""
+        if not acts_as_mentor(identity, mentor_id, await calendar.identity_subject(mentor_id)):
+            raise HTTPException(403, "a mentor may act only on their own calendar")
+        return identity
 
     @router.get(
         "/api/mentors/{mentor_id}/calendar/connect",
@@ -54,7 +57,7 @@ def calendar_router(calendar: CalendarService) -> APIRouter:
             },
             404: {"description": "no such mentor", **_PROBLEM},
         },
-        dependencies=[Depends(mentor_himself_or_admin)],
+        dependencies=[Depends(acting_as_the_mentor)],
         summary="Start connecting a mentor's Google Calendar",
     )
     async def connect_calendar(mentor_id: UUID) -> Response:
@@ -87,7 +90,7 @@ def calendar_router(calendar: CalendarService) -> APIRouter:
         "/api/mentors/{mentor_id}/calendar",
         response_model=CalendarConnection,
         responses={404: {"description": "no such mentor", **_PROBLEM}},
-        dependencies=[Depends(mentor_himself_or_admin)],
+        dependencies=[Depends(acting_as_the_mentor)],
         summary="A mentor's calendar connection",
     )
     async def calendar_connection(mentor_id: UUID) -> CalendarConnection:
@@ -102,7 +105,7 @@ def calendar_router(calendar: CalendarService) -> APIRouter:
         response_class=Response,
         response_model=None,
         responses={404: {"description": "no such mentor", **_PROBLEM}},
-        dependencies=[Depends(mentor_himself_or_admin)],
+        dependencies=[Depends(acting_as_the_mentor)],
         summary="Disconnect a mentor's calendar (its tokens are forgotten)",
     )
     async def disconnect_calendar(mentor_id: UUID) -> Response:

@@ -13,13 +13,18 @@ from fastapi import FastAPI
 
 from booking.calendar.api import calendar_router
 from booking.calendar.google import GoogleClient
-from booking.calendar.handlers import cancel_session, register_mentor, schedule_session
+from booking.calendar.handlers import (
+    cancel_session,
+    link_mentor_identity,
+    register_mentor,
+    schedule_session,
+)
 from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import messaging
 from booking.calendar.tokens import TokenCipher
-from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
+from booking.contracts import MentorIdentityLinked, MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.auth import GENERATE_SECRET, secret_weakness
 from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
@@ -45,6 +50,7 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
         tables=messaging,
         handlers={
             MentorRegistered: register_mentor,
+            MentorIdentityLinked: link_mentor_identity,
             OrderPaid: partial(
                 schedule_session, schedule=schedule, retries=settings.retry_schedule
             ),

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from booking.calendar.domain import BookingStatus, RetrySchedule, google_event_id
@@ -20,7 +21,7 @@ from booking.calendar.service import (
     unknown_mentor,
 )
 from booking.calendar.tables import calendar_bookings, mentors
-from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
+from booking.contracts import MentorIdentityLinked, MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.consumer import MessageContext
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,37 @@ async def register_mentor(event: MentorRegistered, ctx: MessageContext) -> None:
             name=event.name,
             email=event.email,
             timezone=event.timezone,
+            identity_subject=event.identity_subject,
         )
         .on_conflict_do_nothing(index_elements=[mentors.c.id])
     )
+
+
+class UnknownMentorLinked(Exception):
+    """A link for a mentor whose MentorRegistered has not reached us (yet)."""
+
+
+async def link_mentor_identity(event: MentorIdentityLinked, ctx: MessageContext) -> None:
+    """Keep the mentor's identity-provider subject: the link of the highest sequence stands, so
+    a late or replayed older link changes nothing.
+
+    A link for a mentor we do not know raises: the consumer tries again (MentorRegistered is
+    usually just behind), then keeps it as a dead letter to replay once the mentor is known.
+    """
+    applied = await ctx.session.execute(
+        update(mentors)
+        .where(mentors.c.id == event.mentor_id, mentors.c.identity_sequence < event.sequence)
+        .values(identity_subject=event.identity_subject, identity_sequence=event.sequence)
+        .returning(mentors.c.id)
+    )
+    if applied.scalar_one_or_none() is not None:
+        log.info("mentor %s is linked to a new identity subject", event.mentor_id)
+        return
+    known = await ctx.session.scalar(select(mentors.c.id).where(mentors.c.id == event.mentor_id))
+    if known is None:
+        raise UnknownMentorLinked(
+            f"no mentor {event.mentor_id} to link (no MentorRegistered yet); tried again"
+        )
 
 
 async def schedule_session(

@@ -632,6 +632,14 @@ class CalendarService:
         )
         return list(reopened.scalars())
 
+    async def identity_subject(self, mentor_id: uuid.UUID) -> str | None:
+        """The identity-provider subject that acts as the mentor; None if it has none or the
+        mentor is unknown (then only an admin or the mentor's own id acts as it)."""
+        async with self.db.single_statement() as session:
+            return await session.scalar(
+                select(mentors.c.identity_subject).where(mentors.c.id == mentor_id)
+            )
+
     async def connection_status(self, mentor_id: uuid.UUID) -> CalendarConnection:
         async with self.db.engine.connect() as conn:
             row = (

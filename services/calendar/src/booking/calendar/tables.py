@@ -46,7 +46,8 @@ def _time(*, nullable: bool, default_now: bool = False) -> Column:
 
 
 class MentorRow(SQLModel, table=True):
-    """A mentor as MentorRegistered told us: the calendar's own record (no other schema)."""
+    """A mentor as MentorRegistered and MentorIdentityLinked told us: the calendar's own record
+    (no other schema)."""
 
     __tablename__ = "mentors"
     __table_args__ = {"schema": SCHEMA}
@@ -56,6 +57,14 @@ class MentorRow(SQLModel, table=True):
     email: str = Field(sa_column=Column(Text, nullable=False))
     timezone: str = Field(sa_column=Column(Text, nullable=False))  # IANA name
     registered_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    # The identity-provider subject that acts as the mentor. Not unique here: orders keeps one
+    # mentor per subject, and its events may arrive out of order for a moment.
+    identity_subject: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The sequence of the MentorIdentityLinked it came from (0: as registered): a link is
+    # applied only over a lower one.
+    identity_sequence: int = Field(
+        sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
 
 
 class ConnectionRow(SQLModel, table=True):

@@ -2,7 +2,11 @@
 
 The gateway checks the token, the role and the body, then forwards the request as it came to the
 owning service at the same path. Ownership the gateway cannot see (a mentee reading another's
-order) is the owning service's to refuse: it gets the caller's token and verifies it too.
+order, a mentor acting on another mentor's offerings or calendar) is the owning service's to
+refuse: it gets the caller's token and verifies it too, and its 403 problem+json comes back as
+it is. A mentor's routes are checked here for the role only (admin or mentor): which mentor a
+token acts as depends on the identity-provider subject linked to the mentor, which only the
+services hold.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from booking.contracts.http import (
     MarkedRead,
     Mentor,
     MentorCreate,
+    MentorIdentityLink,
     Notification,
     NotificationPage,
     NotificationSummary,
@@ -45,27 +50,15 @@ from booking.contracts.http import (
 from booking.gateway import dead_letters
 from booking.gateway.limits import Limit, rate_limited
 from booking.gateway.upstreams import Service, Upstreams
-from booking.runtime.auth import Identity, Role, authenticated, require_roles
+from booking.runtime.auth import Role, authenticated, require_roles
 
 
 async def upstreams(request: Request) -> Upstreams:
     return request.app.state.upstreams
 
 
-async def mentor_himself_or_admin(
-    mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
-) -> Identity:
-    """An admin, or the mentor whose id is in the path (a mentor's `sub` is their id)."""
-    if identity.role is Role.MENTOR and not _same_id(identity.sub, mentor_id):
-        raise HTTPException(403, "a mentor may act only on their own offerings and calendar")
-    return identity
-
-
-def _same_id(sub: str, mentor_id: UUID) -> bool:
-    try:
-        return UUID(sub) == mentor_id
-    except ValueError:
-        return False
+# Which mentor the token may act as is the owning service's to decide (see the docstring).
+mentor_or_admin = require_roles(Role.ADMIN, Role.MENTOR)
 
 
 def _problems(*statuses: int, conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
@@ -214,7 +207,7 @@ async def get_mentor(
             ),
         ),
     },
-    dependencies=[Depends(mentor_himself_or_admin)],
+    dependencies=[Depends(mentor_or_admin)],
     summary="Add an offering to a mentor",
 )
 async def add_offering(
@@ -327,7 +320,7 @@ calendar = APIRouter(tags=["calendar"])
         },
         **_problems(*SIGNED_IN, 404),
     },
-    dependencies=[Depends(mentor_himself_or_admin)],
+    dependencies=[Depends(mentor_or_admin)],
     summary="Start connecting a mentor's Google Calendar",
 )
 async def connect_calendar(
@@ -356,7 +349,7 @@ async def finish_calendar_connection(
     "/api/mentors/{mentor_id}/calendar",
     response_model=CalendarConnection,
     responses=_problems(*SIGNED_IN, 404),
-    dependencies=[Depends(mentor_himself_or_admin)],
+    dependencies=[Depends(mentor_or_admin)],
     summary="A mentor's calendar connection",
 )
 async def calendar_connection(
@@ -371,7 +364,7 @@ async def calendar_connection(
     response_class=Response,
     response_model=None,
     responses=_problems(*SIGNED_IN, 404),
-    dependencies=[Depends(mentor_himself_or_admin)],
+    dependencies=[Depends(mentor_or_admin)],
     summary="Disconnect a mentor's calendar (its tokens are forgotten)",
 )
 async def disconnect_calendar(
@@ -651,6 +644,24 @@ async def settle_escrow(
     body: EscrowSettlement, request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
 ) -> Response:
     return await up.forward(request, Service.PAYMENTS, content=_json(body))
+
+
+@admin.put(
+    "/mentors/{mentor_id}/identity",
+    response_model=Mentor,
+    responses=_problems(
+        *WITH_BODY, 404, 409, conflict="the identity subject acts as another mentor already"
+    ),
+    summary="Link a mentor to its identity-provider subject (or change it): tokens with it act "
+    "as the mentor",
+)
+async def link_mentor_identity(
+    body: MentorIdentityLink,
+    request: Request,
+    mentor_id: UUID = MentorId,
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    return await up.forward(request, Service.ORDERS, content=_json(body))
 
 
 routers = [orders, payments, calendar, notifications, dead_letter_routes, admin]

@@ -1,9 +1,12 @@
-"""The orders service's HTTP routes: mentors, offerings, bookings, orders and an admin's cancel.
+"""The orders service's HTTP routes: mentors, offerings, bookings, orders, and an admin's cancel
+and link of a mentor to its identity-provider subject.
 
 The gateway forwards the caller's Authorization header; every route verifies the token and the
 role again, so the service reached directly is no more open than through the gateway. Bodies are
 the public contract's (`booking.contracts.http`); errors are problem+json. The use cases behind
-bookings and orders are `service.OrderService`'s: a route parses, calls one, and shapes.
+bookings and orders are `service.OrderService`'s, those behind mentors `service.MentorService`'s:
+a route parses, calls one, and shapes. Who may act as a mentor is `acts_as_mentor`'s to say: an
+admin, or a mentor token whose `sub` is the mentor's id or its linked identity-provider subject.
 """
 
 from __future__ import annotations
@@ -18,44 +21,35 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from booking.contracts import MentorRegistered, http
+from booking.contracts import http
 from booking.orders.domain import EscrowStatus, IllegalTransition, InvalidBooking
 from booking.orders.service import (
     FirstAnswer,
     IdempotencyKeyReused,
     IdempotencyKeyUnanswered,
+    MentorService,
+    NoSuchMentor,
     NoSuchOffering,
     NoSuchOrder,
     OrderService,
     SlotTaken,
+    SubjectTaken,
 )
 from booking.orders.tables import BookedSessionRow, MentorRow, OfferingRow, OrderRow
-from booking.runtime.auth import Identity, Role, authenticated, require_roles
+from booking.runtime.auth import Identity, Role, acts_as_mentor, authenticated, require_roles
 from booking.runtime.db import Database, database
-from booking.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
 
-async def outbox(request: Request) -> Outbox:
-    box = request.app.state.runtime.outbox
-    assert box is not None
-    return box
-
-
 async def orders_service(request: Request) -> OrderService:
     return request.app.state.orders
 
 
-async def mentor_himself_or_admin(
-    mentor_id: UUID, identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR))
-) -> Identity:
-    """An admin, or the mentor whose id is in the path (a mentor's token has it as `sub`)."""
-    if identity.role is Role.MENTOR and identity.sub != str(mentor_id):
-        raise HTTPException(403, "a mentor may add offerings only to their own profile")
-    return identity
+async def mentors_service(request: Request) -> MentorService:
+    return request.app.state.mentors
 
 
 # --- mentors and offerings ----------------------------------------------------------------------
@@ -65,24 +59,13 @@ async def mentor_himself_or_admin(
 async def register_mentor(
     body: http.MentorCreate,
     _: Identity = Depends(require_roles(Role.ADMIN)),
-    db: Database = Depends(database),
-    events: Outbox = Depends(outbox),
+    mentors: MentorService = Depends(mentors_service),
 ) -> http.Mentor:
-    mentor = MentorRow(
-        id=uuid4(),
-        name=body.name,
-        email=body.email,
-        timezone=body.timezone,
-        created_at=datetime.now(UTC),
-    )
-    async with db.transaction() as session:
-        session.add(mentor)
-        await events.record(
-            session,
-            MentorRegistered(
-                mentor_id=mentor.id, name=mentor.name, email=mentor.email, timezone=mentor.timezone
-            ),
-        )
+    """A mentor, and MentorRegistered; 409 when its identity subject acts as another already."""
+    try:
+        mentor = await mentors.register(body, now=datetime.now(UTC))
+    except SubjectTaken:
+        raise _subject_taken() from None
     return _mentor_view(mentor)
 
 
@@ -101,12 +84,18 @@ async def get_mentor(
 async def add_offering(
     mentor_id: UUID,
     body: http.OfferingCreate,
-    _: Identity = Depends(mentor_himself_or_admin),
+    identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR)),
     db: Database = Depends(database),
 ) -> http.Offering:
     async with db.transaction() as session:
-        await _mentor_or_404(session, mentor_id)
+        mentor = await session.get(MentorRow, mentor_id)
+        # 403 before 404: whether another mentor exists is not a mentor's to learn.
+        if not acts_as_mentor(identity, mentor_id, mentor.identity_subject if mentor else None):
+            raise HTTPException(403, "a mentor may add offerings only to their own profile")
+        if mentor is None:
+            raise HTTPException(404, f"there is no mentor {mentor_id}")
         offering = OfferingRow(
+
             id=uuid4(),
             mentor_id=mentor_id,
             title=body.title,
@@ -143,7 +132,21 @@ async def _mentor_or_404(session: AsyncSession, mentor_id: UUID) -> MentorRow:
 
 
 def _mentor_view(mentor: MentorRow) -> http.Mentor:
-    return http.Mentor(id=mentor.id, name=mentor.name, email=mentor.email, timezone=mentor.timezone)
+    return http.Mentor(
+        id=mentor.id,
+        name=mentor.name,
+        email=mentor.email,
+        timezone=mentor.timezone,
+        identity_subject=mentor.identity_subject,
+    )
+
+
+def _subject_taken() -> HTTPException:
+    return HTTPException(
+        409,
+        "this identity subject acts as another mentor already (each subject acts as one "
+        "mentor): link that mentor to its own subject first, or check the subject",
+    )
 
 
 def _offering_view(offering: OfferingRow) -> http.Offering:
@@ -237,6 +240,30 @@ async def cancel_order(
             409, f"{exc}: an order whose payment failed has already ended and freed its slot"
         ) from None
     return _order_view(*cancelled)
+
+
+@router.put("/api/admin/mentors/{mentor_id}/identity", response_model=http.Mentor)
+async def link_mentor_identity(
+    mentor_id: UUID,
+    body: http.MentorIdentityLink,
+    identity: Identity = Depends(require_roles(Role.ADMIN)),
+    mentors: MentorService = Depends(mentors_service),
+) -> http.Mentor:
+    """Link a mentor to its identity-provider subject (or change it): tokens with it act as the
+    mentor, the previous subject's no longer. A repeat answers the mentor as it is."""
+    try:
+        mentor = await mentors.link_identity(
+            mentor_id,
+            body.identity_subject,
+            by=identity.sub,
+            reason=body.reason,
+            now=datetime.now(UTC),
+        )
+    except NoSuchMentor:
+        raise HTTPException(404, f"there is no mentor {mentor_id}") from None
+    except SubjectTaken:
+        raise _subject_taken() from None
+    return _mentor_view(mentor)
 
 
 def _order_view(order: OrderRow, booked: BookedSessionRow) -> http.Order:

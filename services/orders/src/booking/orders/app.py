@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from booking.orders.api import router
 from booking.orders.handlers import HANDLERS
 from booking.orders.reconciliation import Sweeper
-from booking.orders.service import OrderService
+from booking.orders.service import MentorService, OrderService
 from booking.orders.settings import OrdersSettings
 from booking.orders.tables import messaging
 from booking.runtime.service import ServiceRuntime, create_service_app
@@ -23,6 +23,7 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging, handlers=HANDLERS)
     assert runtime.db is not None and runtime.outbox is not None
     orders = OrderService(runtime.db, runtime.outbox, messaging)
+    mentors = MentorService(runtime.db, runtime.outbox, messaging)
     sweeper = Sweeper(runtime.db, runtime.outbox, settings)
 
     @asynccontextmanager
@@ -35,5 +36,6 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
 
     app = create_service_app(runtime, routers=[router], lifespan=lifespan)
     app.state.orders = orders
+    app.state.mentors = mentors
     app.state.sweeper = sweeper
     return app

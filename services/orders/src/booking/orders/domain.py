@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
+from booking.contracts.money import format_money, major_to_minor
 from booking.runtime.domain import (
     DomainError,
     IllegalTransition,
@@ -53,7 +54,21 @@ class CurrencyMismatch(DomainError):
 
 
 class InvalidBooking(DomainError, ValueError):
-    """A booking whose times cannot be accepted (a start in the past, a bad duration)."""
+    """A booking whose times cannot be accepted (a start in the past or too far ahead, a bad
+    duration). `field` names the part of the request at fault."""
+
+    def __init__(self, message: str, field: str = "start_at") -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class InvalidOffering(DomainError, ValueError):
+    """An offering the platform does not sell (a price above its maximum). `field` names the
+    part of the request at fault."""
+
+    def __init__(self, message: str, field: str) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,25 +400,55 @@ class Escrow:
         return True
 
 
-def plan_session(offering_duration_minutes: int, start_at: datetime, now: datetime) -> datetime:
+def check_price(price: Money, max_major_units: int) -> None:
+    """Refuse (`InvalidOffering`) a price above `max_major_units` whole units of its currency.
+
+    The price's shape (positive, a currency Konnect takes, the hard ceiling) is the contract's
+    to check; this is the platform's own, configurable, maximum.
+    """
+    limit = major_to_minor(max_major_units, price.currency)
+    if price.amount > limit:
+        raise InvalidOffering(
+            f"the price {format_money(price.amount, price.currency)} ({price.amount} minor "
+            f"units) is above the most an offering may cost, {format_money(limit, price.currency)}"
+            f" ({limit} minor units)",
+            field="price.amount",
+        )
+
+
+CLOCK_SKEW = timedelta(minutes=1)
+"""How far in the past a requested start may be and still be taken: the caller's clock may run
+a little behind ours, and "now" on their side must not be refused as past on ours."""
+
+
+def plan_session(
+    offering_duration_minutes: int, start_at: datetime, now: datetime, *, horizon: timedelta
+) -> datetime:
     """Check a requested start and return the session's end (start + the offering's duration).
 
-    Raises `InvalidBooking` for a naive datetime, a start that is not in the future, a session
-    that would end past the end of time, or a duration that is not a positive whole number of
-    minutes.
+    Raises `InvalidBooking` for a naive datetime, a start in the past (beyond `CLOCK_SKEW`), a
+    start more than `horizon` ahead of `now`, a session that would end past the end of time, or
+    a duration that is not a positive whole number of minutes.
     """
     duration = offering_duration_minutes
     if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
         raise InvalidBooking(
-            f"the offering's duration must be a positive number of minutes, got {duration!r}"
+            f"the offering's duration must be a positive number of minutes, got {duration!r}",
+            field="offering_id",
         )
     if start_at.tzinfo is None or start_at.utcoffset() is None:
         raise InvalidBooking("start_at must carry a time zone (RFC 3339, e.g. ...Z)")
     if now.tzinfo is None or now.utcoffset() is None:
         raise InvalidBooking("now must carry a time zone")
-    if start_at <= now:
+    if start_at < now - CLOCK_SKEW:
         raise InvalidBooking(
-            f"start_at {start_at.isoformat()} is not in the future; choose a later start"
+            f"start_at {start_at.isoformat()} is in the past (now is "
+            f"{now.isoformat(timespec='seconds')}); choose a later start"
+        )
+    if start_at - now > horizon:
+        raise InvalidBooking(
+            f"start_at {start_at.isoformat()} is more than {_days(horizon)} ahead; sessions "
+            f"are booked at most that far in advance: choose an earlier start"
         )
     try:
         return start_at + timedelta(minutes=duration)
@@ -412,3 +457,7 @@ def plan_session(offering_duration_minutes: int, start_at: datetime, now: dateti
             f"start_at {start_at.isoformat()} is so late that the session would end after the "
             f"last representable time; choose an earlier start"
         ) from None
+
+
+def _days(span: timedelta) -> str:
+    return f"{span.days} day{'' if span.days == 1 else 's'}" if not span.seconds else str(span)

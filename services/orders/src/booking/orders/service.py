@@ -1,4 +1,5 @@
-"""The orders service's units of work: booking a session, reading an order, an admin's cancel.
+"""The orders service's units of work: booking a session, reading an order, an admin's cancel,
+registering a mentor and an admin's link of a mentor to its identity-provider subject.
 
 Each use case is one transaction: its state changes, its events (through the outbox) and, for
 an admin's action, its audit row commit together or not at all. An order and its session are
@@ -12,6 +13,8 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +28,8 @@ from booking.contracts import (
     AdminAction,
     BookingRequested,
     MenteeContact,
+    MentorIdentityLinked,
+    MentorRegistered,
     OrderCancelled,
     http,
 )
@@ -38,8 +43,10 @@ from booking.orders.domain import (
 )
 from booking.orders.tables import (
     NO_OVERLAP,
+    SUBJECT_TAKEN,
     BookedSessionRow,
     IdempotencyKeyRow,
+    MentorRow,
     OfferingRow,
     OrderRow,
 )
@@ -79,6 +86,14 @@ class IdempotencyKeyReused(Exception):
 
 class IdempotencyKeyUnanswered(Exception):
     """An Idempotency-Key whose first request stored no answer (never written by this code)."""
+
+
+class NoSuchMentor(Exception):
+    """There is no mentor with this id."""
+
+
+class SubjectTaken(Exception):
+    """The identity-provider subject acts as another mentor already (or is another's id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +328,125 @@ class OrderService:
                 )
         log.warning("order %s cancelled by %s (was %s): %s", order_id, by, was, reason)
         return row, booked_row
+
+
+class MentorService:
+    """Registering mentors and linking them to their identity-provider subject.
+
+    A subject acts as one mentor: the unique constraint decides (`SubjectTaken`), not a check
+    before it, and a subject that is another mentor's id is refused too (that mentor's own
+    tokens carry their id as `sub`).
+    """
+
+    def __init__(self, db: Database, outbox: Outbox, tables: MessagingTables) -> None:
+        self.db = db
+        self.outbox = outbox
+        self.tables = tables
+
+    async def register(self, request: http.MentorCreate, *, now: datetime) -> MentorRow:
+        """The mentor and its MentorRegistered, in one transaction. Raises `SubjectTaken`."""
+        mentor = MentorRow(
+            id=uuid.uuid4(),
+            name=request.name,
+            email=request.email,
+            timezone=request.timezone,
+            identity_subject=request.identity_subject,
+            created_at=now,
+        )
+        subject = mentor.identity_subject
+        async with self._subject_guarded(subject), self.db.transaction() as session:
+            if subject is not None:
+                await _refuse_another_mentors_id(session, subject, mentor.id)
+            session.add(mentor)
+            await session.flush()  # here the unique constraint says whether the subject is free
+            await self.outbox.record(
+                session,
+                MentorRegistered(
+                    mentor_id=mentor.id,
+                    name=mentor.name,
+                    email=mentor.email,
+                    timezone=mentor.timezone,
+                    identity_subject=subject,
+                ),
+            )
+        return mentor
+
+    async def link_identity(
+        self, mentor_id: uuid.UUID, subject: str, *, by: str, reason: str, now: datetime
+    ) -> MentorRow:
+        """An admin links the mentor to `subject` (replacing any other): MentorIdentityLinked
+        and the audit row, in one transaction under the mentor's lock. A repeat (the subject is
+        the mentor's already) changes nothing: no event, no audit row. Raises `NoSuchMentor` or
+        `SubjectTaken`."""
+        async with self._subject_guarded(subject), self.db.transaction() as session:
+            mentor = await session.get(MentorRow, mentor_id, with_for_update=True)
+            if mentor is None:
+                raise NoSuchMentor(mentor_id)
+            if mentor.identity_subject == subject:
+                return mentor
+            await _refuse_another_mentors_id(session, subject, mentor_id)
+            previous = mentor.identity_subject
+            mentor.identity_subject = subject
+            mentor.identity_sequence += 1
+            sequence = mentor.identity_sequence
+            await session.flush()  # here the unique constraint says whether the subject is free
+            await self.outbox.record(
+                session,
+                MentorIdentityLinked(
+                    mentor_id=mentor_id,
+                    identity_subject=subject,
+                    previous_subject=previous,
+                    by=by,
+                    reason=reason,
+                    linked_at=now,
+                    sequence=sequence,
+                ),
+                message_id=event_id(f"MentorIdentityLinked:{mentor_id}:{sequence}"),
+            )
+            await record_admin_action(
+                session,
+                self.tables,
+                self.outbox,
+                action=AdminAction.LINK_MENTOR_IDENTITY,
+                by=by,
+                reason=reason,
+                at=now,
+                detail=f"mentor {mentor_id}: identity subject {subject!r}, was {previous!r}",
+            )
+        log.warning(
+            "mentor %s linked to identity subject %r by %s (was %r): %s",
+            mentor_id,
+            subject,
+            by,
+            previous,
+            reason,
+        )
+        return mentor
+
+    @staticmethod
+    @asynccontextmanager
+    async def _subject_guarded(subject: str | None) -> AsyncIterator[None]:
+        """`SubjectTaken` for the unique constraint's refusal, raised once the transaction has
+        rolled back."""
+        try:
+            yield
+        except IntegrityError as exc:
+            if subject is not None and _violated_constraint(exc) == SUBJECT_TAKEN:
+                raise SubjectTaken(subject) from None
+            raise
+
+
+async def _refuse_another_mentors_id(
+    session: AsyncSession, subject: str, mentor_id: uuid.UUID
+) -> None:
+    """`SubjectTaken` if `subject` is the id of another mentor: that mentor's tokens (whose `sub`
+    is their id) would act as this one too."""
+    try:
+        named = uuid.UUID(subject)
+    except ValueError:
+        return
+    if named != mentor_id and await session.get(MentorRow, named) is not None:
+        raise SubjectTaken(subject)
 
 
 async def _claim_key(

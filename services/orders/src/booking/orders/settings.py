@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from booking.contracts.money import MINOR_UNITS_PER_MAJOR, PRICE_CEILING_MINOR_UNITS
 from booking.runtime.settings import RuntimeSettings
 
 
@@ -15,3 +16,15 @@ class OrdersSettings(RuntimeSettings):
     # per transaction.
     orders_sweeper_interval_seconds: float = Field(default=60.0, gt=0)
     orders_sweeper_batch_size: int = Field(default=100, ge=1)
+
+    # The most an offering may cost, in whole units of its own currency (10000: 10,000 TND,
+    # EUR or USD), converted to minor units by the contract's table. One number for every
+    # currency: it bounds a price typed in the wrong unit, not a market. Never above the
+    # contract's ceiling in any currency.
+    offering_max_price_major_units: int = Field(
+        default=10_000,
+        ge=1,
+        le=PRICE_CEILING_MINOR_UNITS // max(MINOR_UNITS_PER_MAJOR.values()),
+    )
+    # A session may be booked to start at most this many days ahead.
+    booking_horizon_days: int = Field(default=365, ge=1, le=3660)

@@ -1,5 +1,7 @@
 """The orders schema's tables: mentors, offerings, orders, their booked sessions, idempotency keys.
 
+A mentor may be linked to its identity-provider subject, one mentor per subject.
+
 An order also keeps what it last heard of its escrow (status and sequence, from payments' events)
 and the correlation id of its booking, which the events orders sends about it later carry.
 
@@ -21,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Text,
+    UniqueConstraint,
     Uuid,
     literal_column,
 )
@@ -56,15 +59,24 @@ def _money(**kwargs: Any) -> Any:
     return Field(sa_type=BigInteger, **kwargs)
 
 
+SUBJECT_TAKEN = "uq_mentors_identity_subject"
+"""The unique constraint that gives an identity-provider subject to one mentor (409 when
+violated)."""
+
+
 class MentorRow(SQLModel, table=True):
     __tablename__ = "mentors"
-    __table_args__ = {"schema": SCHEMA}
+    __table_args__ = (UniqueConstraint("identity_subject", name=SUBJECT_TAKEN), {"schema": SCHEMA})
 
     id: UUID = Field(primary_key=True)
     name: str = Field(sa_type=Text)
     email: str = Field(sa_type=Text)
     timezone: str = Field(sa_type=Text)
     created_at: datetime = _timestamp()
+    # The mentor's `sub` at the identity provider: a token with it acts as this mentor.
+    identity_subject: str | None = Field(default=None, sa_type=Text)
+    # How many times an admin linked a subject (MentorIdentityLinked's sequence).
+    identity_sequence: int = Field(default=0)
 
 
 class OfferingRow(SQLModel, table=True):

@@ -186,7 +186,9 @@ def _konnect_amount(payment: dict[str, Any], field: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MalformedKonnectPayment(f"{field} must be a whole number of millimes, got {value!r}")
+        raise MalformedKonnectPayment(
+            f"{field} must be a whole number of minor units (millimes, cents), got {value!r}"
+        )
     return value
 
 
