@@ -88,7 +88,7 @@ class TestTheSchemas:
         kinds = {o: sorted({d["kind"] for d in rendered[o]}) for o in OUTPUTS}
         expected = [
             "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Ingress", "Job",
-            "PodDisruptionBudget", "Secret", "Service",
+            "NetworkPolicy", "PodDisruptionBudget", "Secret", "Service",
         ]  # fmt: skip
         assert kinds["base"] == expected
         assert kinds["example"] == sorted([*expected, "Namespace"])
