@@ -330,6 +330,31 @@ class TestForwarding:
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json() == problem
 
+    async def test_an_orders_422_comes_back_as_the_same_problem(self, system) -> None:
+        # The price's maximum and the booking horizon are orders' settings: the gateway lets the
+        # body through and its refusal back, byte for byte.
+        problem = {
+            "type": "about:blank",
+            "title": "Unprocessable Entity",
+            "status": 422,
+            "detail": "the request is not valid: price.amount: the price 10000.001 TND is above "
+            "the most an offering may cost, 10000.000 TND",
+            "instance": f"/api/mentors/{MENTOR_ID}/offerings",
+            "errors": [{"field": "price.amount", "message": "the price 10000.001 TND is above"}],
+        }
+        system.upstreams[Service.ORDERS].answer = lambda _: JSONResponse(
+            problem, 422, media_type="application/problem+json"
+        )
+        body = {**OFFERING_BODY, "price": {"amount": 10_000_001, "currency": "TND"}}
+        response = await system.client.post(
+            f"/api/mentors/{MENTOR_ID}/offerings", json=body, headers=system.auth(Role.ADMIN)
+        )
+        assert response.status_code == 422
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json() == problem
+        [seen] = system.upstreams[Service.ORDERS].requests
+        assert json.loads(seen.body) == body
+
     async def test_the_google_redirect_comes_back_unfollowed(self, system) -> None:
         response = await system.client.get(
             f"/api/mentors/{MENTOR_ID}/calendar/connect", headers=system.auth(Role.ADMIN)
@@ -353,8 +378,24 @@ class TestValidation:
             {**OFFERING_BODY, "price": {"amount": 1000, "currency": "tnd"}},
             {**OFFERING_BODY, "price": {"amount": 1000, "currency": "TND", "x": 1}},
             {**OFFERING_BODY, "duration_minutes": "sixty"},
+            {**OFFERING_BODY, "price": {"amount": 0, "currency": "TND"}},
+            {**OFFERING_BODY, "price": {"amount": 1000, "currency": "XYZ"}},
+            {**OFFERING_BODY, "price": {"amount": 1_000_000_001, "currency": "TND"}},
+            {**OFFERING_BODY, "duration_minutes": 10},
+            {**OFFERING_BODY, "duration_minutes": 481},
         ],
-        ids=["unknown field", "float money", "lower-case currency", "unknown money field", "type"],
+        ids=[
+            "unknown field",
+            "float money",
+            "lower-case currency",
+            "unknown money field",
+            "type",
+            "zero price",
+            "a currency Konnect does not take",
+            "over the contract's ceiling",
+            "too short",
+            "too long",
+        ],
     )
     async def test_a_body_off_the_contract_is_422_and_goes_nowhere(
         self, system, body: dict[str, Any]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -145,34 +146,53 @@ class TestOfferings:
         orders.problem(listed, 404)
 
     @pytest.mark.parametrize(
-        "change",
+        ("change", "field"),
         [
-            {"price": {"amount": -1, "currency": "TND"}},
-            {"price": {"amount": 120.5, "currency": "TND"}},
-            {"price": {"amount": 120000.0, "currency": "TND"}},
-            {"price": {"amount": "120000", "currency": "TND"}},
-            {"price": {"amount": 120000, "currency": "tnd"}},
-            {"price": {"amount": 120000, "currency": "TND", "fx": 1}},
-            {"duration_minutes": 0},
-            {"duration_minutes": 30.5},
-            {"discount": 10},
-            {"price": {"amount": 2**63, "currency": "TND"}},
+            ({"price": {"amount": 0, "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": -1, "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": 120.5, "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": 120000.0, "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": "120000", "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": 120000, "currency": "XYZ"}}, "price.currency"),
+            ({"price": {"amount": 120000, "currency": "tnd"}}, "price.currency"),
+            ({"price": {"amount": 120000, "currency": "GBP"}}, "price.currency"),
+            ({"price": {"amount": 120000, "currency": "TND", "fx": 1}}, "price.fx"),
+            # Above the default maximum, 10,000 in the currency's own major units.
+            ({"price": {"amount": 10_000_001, "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": 1_000_001, "currency": "EUR"}}, "price.amount"),
+            ({"price": {"amount": 1_000_001, "currency": "USD"}}, "price.amount"),
+            ({"price": {"amount": 1_000_000_001, "currency": "TND"}}, "price.amount"),
+            ({"price": {"amount": 2**63, "currency": "TND"}}, "price.amount"),
+            ({"duration_minutes": 0}, "duration_minutes"),
+            ({"duration_minutes": 14}, "duration_minutes"),
+            ({"duration_minutes": 481}, "duration_minutes"),
+            ({"duration_minutes": 30.5}, "duration_minutes"),
+            ({"discount": 10}, "discount"),
         ],
         ids=[
+            "zero price",
             "negative money",
             "fractional money",
             "float money",
             "money as a string",
+            "unknown currency",
             "lower-case currency",
+            "a currency Konnect does not take",
             "extra field in money",
+            "over the maximum in TND",
+            "over the maximum in EUR",
+            "over the maximum in USD",
+            "over the contract's ceiling",
+            "money beyond 64 bits",
             "zero duration",
+            "under fifteen minutes",
+            "over eight hours",
             "fractional duration",
             "extra field",
-            "money beyond 64 bits",
         ],
     )
-    async def test_a_bad_offering_is_a_422_problem_and_stores_nothing(
-        self, orders, change: dict[str, Any]
+    async def test_a_bad_offering_is_a_422_problem_naming_the_field_and_stores_nothing(
+        self, orders, change: dict[str, Any], field: str
     ) -> None:
         mentor = await orders.add_mentor()
         body = {
@@ -184,9 +204,53 @@ class TestOfferings:
         answer = await orders.client.post(
             f"/api/mentors/{mentor['id']}/offerings", json=body, headers=orders.admin
         )
-        orders.problem(answer, 422)
+        problem = orders.problem(answer, 422)
+        assert [error["field"] for error in problem["errors"]] == [field]
+        assert field in problem["detail"]
         sql = "SELECT count(*) FROM orders.offerings WHERE mentor_id = :m"
         assert await orders.scalar(sql, m=mentor["id"]) == 0
+
+    @pytest.mark.parametrize(
+        ("amount", "currency", "minutes"),
+        [(10_000_000, "TND", 15), (1_000_000, "EUR", 480), (1, "USD", 60)],
+    )
+    async def test_prices_up_to_the_maximum_and_durations_within_bounds_are_taken(
+        self, orders, amount: int, currency: str, minutes: int
+    ) -> None:
+        mentor = await orders.add_mentor()
+        price = {"amount": amount, "currency": currency}
+        answer = await orders.client.post(
+            f"/api/mentors/{mentor['id']}/offerings",
+            json={"title": "Career chat", "duration_minutes": minutes, "price": price},
+            headers=orders.admin,
+        )
+        assert answer.status_code == 201, answer.text
+        assert (answer.json()["price"], answer.json()["duration_minutes"]) == (price, minutes)
+
+    async def test_the_maximum_is_a_setting_in_major_units(self, serve_orders) -> None:
+        async with serve_orders(offering_max_price_major_units=50) as orders:
+            mentor = await orders.add_mentor()
+            at_most = await orders.add_offering(mentor["id"], price=50_000)  # 50 TND
+            over = await orders.client.post(
+                f"/api/mentors/{mentor['id']}/offerings",
+                json={
+                    "title": "Career chat",
+                    "duration_minutes": 60,
+                    "price": {"amount": 5_001, "currency": "EUR"},  # 50.01 EUR
+                },
+                headers=orders.admin,
+            )
+            problem = orders.problem(over, 422)
+            assert problem["errors"] == [
+                {
+                    "field": "price.amount",
+                    "message": "the price 50.01 EUR (5001 minor units) is above the most an "
+                    "offering may cost, 50.00 EUR (5000 minor units)",
+                }
+            ]
+            sql = "SELECT count(*) FROM orders.offerings WHERE mentor_id = :m"
+            assert await orders.scalar(sql, m=mentor["id"]) == 1
+            assert at_most["price"] == {"amount": 50_000, "currency": "TND"}
 
 
 class TestBooking:
@@ -379,6 +443,8 @@ class TestIdempotencyKey:
 BAD_BOOKINGS: dict[str, tuple[int, dict[str, Any]]] = {
     "unknown offering": (404, {"offering_id": "unknown"}),
     "start in the past": (422, {"start_at": "2001-01-01T09:00:00Z"}),
+    "start an hour ago": (422, {"start_at": "an hour ago"}),
+    "start past the horizon": (422, {"start_at": "past the horizon"}),
     "start without a time zone": (422, {"start_at": "2031-01-01T09:00:00"}),
     "start at the end of time": (422, {"start_at": "9999-12-31T23:30:00Z"}),
     "malformed email": (422, {"mentee.email": "sami-at-example"}),
@@ -387,6 +453,13 @@ BAD_BOOKINGS: dict[str, tuple[int, dict[str, Any]]] = {
     "extra field": (422, {"coupon": "FREE"}),
     "extra mentee field": (422, {"mentee.role": "admin"}),
     "missing mentee": (422, {"mentee": None}),
+}
+
+
+# Starts relative to the moment of the request (the default horizon is 365 days).
+RELATIVE_STARTS: dict[str, Callable[[], datetime]] = {
+    "an hour ago": lambda: datetime.now(UTC) - timedelta(hours=1),
+    "past the horizon": lambda: datetime.now(UTC) + timedelta(days=366),
 }
 
 
@@ -404,6 +477,8 @@ class TestBadBookings:
                 del part[name]
             elif field == "offering_id" and value == "unknown":
                 part[name] = str(uuid.uuid4())
+            elif value in RELATIVE_STARTS:
+                part[name] = RELATIVE_STARTS[value]().isoformat()
             else:
                 part[name] = value
         answer = await orders.client.post(
@@ -411,13 +486,47 @@ class TestBadBookings:
             json=body,
             headers={**orders.mentee(sub), "Idempotency-Key": f"bad-{case}"},
         )
-        orders.problem(answer, status)
+        problem = orders.problem(answer, status)
+        if status == 422:
+            named = {error["field"] for error in problem["errors"]}
+            assert named == {next(iter(change))}, problem
         assert await orders.stored(offering, sub) == {
             "orders": 0,
             "sessions": 0,
             "events": 0,
             "keys": 0,
         }
+
+    @pytest.mark.parametrize(
+        ("start", "rule"),
+        [
+            (lambda: datetime.now(UTC) - timedelta(minutes=5), "is in the past"),
+            (lambda: datetime.now(UTC) + timedelta(days=366), "is more than 365 days ahead"),
+        ],
+        ids=["past", "too far ahead"],
+    )
+    async def test_a_start_out_of_bounds_is_a_422_naming_start_at_and_the_rule(
+        self, orders, start: Callable[[], datetime], rule: str
+    ) -> None:
+        offering = await orders.new_offering()
+        answer = await orders.book(offering["id"], start())
+        [error] = orders.problem(answer, 422)["errors"]
+        assert error["field"] == "start_at" and rule in error["message"], error
+        assert (await orders.stored(offering))["orders"] == 0
+
+    async def test_a_start_within_the_horizon_is_taken(self, orders) -> None:
+        offering = await orders.new_offering()
+        answer = await orders.book(offering["id"], orders.future(days=364))
+        assert answer.status_code == 202, answer.text
+
+    async def test_the_horizon_is_a_setting_in_days(self, serve_orders) -> None:
+        async with serve_orders(booking_horizon_days=7) as orders:
+            offering = await orders.new_offering()
+            within = await orders.book(offering["id"], orders.future(days=6))
+            beyond = await orders.book(offering["id"], orders.future(days=8))
+            assert within.status_code == 202, within.text
+            [error] = orders.problem(beyond, 422)["errors"]
+            assert error["field"] == "start_at" and "more than 7 days ahead" in error["message"]
 
     @pytest.mark.parametrize(
         ("who", "status"),

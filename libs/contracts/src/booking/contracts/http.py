@@ -20,6 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, Stri
 from pydantic import StringConstraints as Text
 
 from booking.contracts.events import Currency
+from booking.contracts.money import PRICE_CEILING_MINOR_UNITS, KonnectCurrency
 
 # No NUL characters: Postgres cannot store them, so they are the caller's error (422), not a 500.
 Name = Annotated[
@@ -65,6 +66,24 @@ class Money(RequestBody):
     currency: Currency = Field(description="ISO 4217 code in upper case", examples=["TND"])
 
 
+class Price(RequestBody):
+    """What an offering costs: money Konnect can take (booking.contracts.money)."""
+
+    amount: StrictInt = Field(
+        gt=0,
+        le=PRICE_CEILING_MINOR_UNITS,
+        description="in the currency's minor unit: millimes for TND (1 TND = 1000), cents for "
+        "EUR and USD (100); positive and at most this ceiling. The platform's own maximum is "
+        "lower (by default 10,000 TND, EUR or USD): a price above it is answered 422",
+        examples=[120000],
+    )
+    currency: KonnectCurrency = Field(description="a currency Konnect takes", examples=["TND"])
+
+
+SESSION_MINUTES_MIN = 15
+SESSION_MINUTES_MAX = 8 * 60
+
+
 # --- requests ---------------------------------------------------------------------------------
 
 
@@ -82,8 +101,12 @@ class MentorCreate(RequestBody):
 
 class OfferingCreate(RequestBody):
     title: Name
-    duration_minutes: StrictInt = Field(gt=0, le=24 * 60)
-    price: Money
+    duration_minutes: StrictInt = Field(
+        ge=SESSION_MINUTES_MIN,
+        le=SESSION_MINUTES_MAX,
+        description="how long a session lasts: 15 minutes to 8 hours",
+    )
+    price: Price
 
 
 class MenteeContact(RequestBody):

@@ -17,12 +17,20 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import http
-from booking.orders.domain import EscrowStatus, IllegalTransition, InvalidBooking
+from booking.orders.domain import (
+    EscrowStatus,
+    IllegalTransition,
+    InvalidBooking,
+    InvalidOffering,
+    Money,
+    check_price,
+)
 from booking.orders.service import (
     FirstAnswer,
     IdempotencyKeyReused,
@@ -46,6 +54,18 @@ router = APIRouter()
 
 async def orders_service(request: Request) -> OrderService:
     return request.app.state.orders
+
+
+async def max_price_major_units(request: Request) -> int:
+    return request.app.state.runtime.settings.offering_max_price_major_units
+
+
+def invalid(field: str, message: str) -> RequestValidationError:
+    """A rule of the service broken by one field of the body: answered 422 like the contract's
+    own checks (problem+json naming the field), so a caller reads one shape of refusal."""
+    return RequestValidationError(
+        [{"loc": ("body", *field.split(".")), "msg": message, "type": "value_error"}]
+    )
 
 
 async def mentors_service(request: Request) -> MentorService:
@@ -86,7 +106,12 @@ async def add_offering(
     body: http.OfferingCreate,
     identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR)),
     db: Database = Depends(database),
+    max_price: int = Depends(max_price_major_units),
 ) -> http.Offering:
+    try:
+        check_price(Money(body.price.amount, body.price.currency), max_price)
+    except InvalidOffering as exc:
+        raise invalid(exc.field, str(exc)) from None
     async with db.transaction() as session:
         mentor = await session.get(MentorRow, mentor_id)
         # 403 before 404: whether another mentor exists is not a mentor's to learn.
@@ -95,7 +120,6 @@ async def add_offering(
         if mentor is None:
             raise HTTPException(404, f"there is no mentor {mentor_id}")
         offering = OfferingRow(
-
             id=uuid4(),
             mentor_id=mentor_id,
             title=body.title,
@@ -180,7 +204,7 @@ async def book_session(
     except NoSuchOffering:
         raise HTTPException(404, f"there is no offering {body.offering_id}") from None
     except InvalidBooking as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise invalid(exc.field, str(exc)) from None
     except SlotTaken as taken:
         raise HTTPException(
             409,

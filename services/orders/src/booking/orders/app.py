@@ -6,6 +6,7 @@ Nothing is created at import time; `create_app` builds it all and the lifespan s
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 
@@ -22,7 +23,12 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     settings = settings or OrdersSettings()
     runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging, handlers=HANDLERS)
     assert runtime.db is not None and runtime.outbox is not None
-    orders = OrderService(runtime.db, runtime.outbox, messaging)
+    orders = OrderService(
+        runtime.db,
+        runtime.outbox,
+        messaging,
+        horizon=timedelta(days=settings.booking_horizon_days),
+    )
     mentors = MentorService(runtime.db, runtime.outbox, messaging)
     sweeper = Sweeper(runtime.db, runtime.outbox, settings)
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -125,10 +125,13 @@ async def lock_order(
 
 
 class OrderService:
-    def __init__(self, db: Database, outbox: Outbox, tables: MessagingTables) -> None:
+    def __init__(
+        self, db: Database, outbox: Outbox, tables: MessagingTables, *, horizon: timedelta
+    ) -> None:
         self.db = db
         self.outbox = outbox
         self.tables = tables
+        self.horizon = horizon  # how far ahead a session may start (BOOKING_HORIZON_DAYS)
 
     # --- booking ------------------------------------------------------------------------------
 
@@ -182,7 +185,9 @@ class OrderService:
         offering = await session.get(OfferingRow, request.offering_id)
         if offering is None:
             raise NoSuchOffering(request.offering_id)
-        end_at = plan_session(offering.duration_minutes, request.start_at, now)
+        end_at = plan_session(
+            offering.duration_minutes, request.start_at, now, horizon=self.horizon
+        )
         order = Order(
             id=uuid.uuid4(),
             mentee_id=mentee_id,
