@@ -28,9 +28,14 @@ print(json.dumps({"modules": loaded, "sub": identity.sub}))
 """
 
 
-def probe() -> dict:
+def probe(**env: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, **env},
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -42,6 +47,10 @@ class TestWhatTheGatewayLoads:
 
     def test_admin_tokens_still_verify_without_cryptography(self) -> None:
         assert probe()["sub"] == "admin-1"
+
+    def test_with_an_identity_provider_it_loads_cryptography_for_rs256_and_es256(self) -> None:
+        loaded = probe(AUTH_JWKS_URL="https://idp.example/jwks")["modules"]
+        assert "cryptography" in {name.partition(".")[0] for name in loaded}
 
 
 class TestServe:
