@@ -83,9 +83,10 @@ def client_address(
 
 
 def request_client(request: Request) -> IPAddress | None:
-    """The client of `request`, by the gateway's TRUSTED_PROXIES (kept on the app's state)."""
+    """The client of `request`, by the gateway's TRUSTED_PROXIES (kept on the app's state; an
+    app without them trusts no proxy)."""
     return client_address(
         request.client.host if request.client else None,
         request.headers.getlist("x-forwarded-for"),
-        request.app.state.trusted_proxies,
+        getattr(request.app.state, "trusted_proxies", ()),
     )
