@@ -5,6 +5,7 @@ import base64
 from datetime import timedelta
 
 import pytest
+from cryptography.fernet import Fernet
 from pydantic import ValidationError
 
 from booking.calendar.settings import CalendarSettings
@@ -71,6 +72,33 @@ class TestEnvironment:
         shown = repr(CalendarSettings()) + str(CalendarSettings())
         assert "real-client-secret" not in shown
         assert key not in shown
+
+    def test_several_keys_newest_first_are_taken(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+        monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", f"{new},{old}")
+        assert CalendarSettings().token_encryption_key.get_secret_value() == f"{new},{old}"
+
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            ("", "key 1 of 1 is empty"),
+            ("{new},", "key 2 of 2 is empty"),
+            ("{new},{new}", "key 2 of 2 repeats key 1"),
+            ("{new},not-a-key-{old}", "key 2 of 2 is not a Fernet key"),
+        ],
+        ids=["empty", "a stray comma", "a key twice", "a malformed older key"],
+    )
+    def test_a_malformed_key_list_is_refused_without_showing_it(
+        self, monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+    ) -> None:
+        new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+        monkeypatch.setenv("TOKEN_ENCRYPTION_KEY", value.format(new=new, old=old))
+        with pytest.raises(ValidationError) as refused:
+            CalendarSettings()
+        message = str(refused.value)
+        assert "TOKEN_ENCRYPTION_KEY must be one or more Fernet keys" in message
+        assert reason in message
+        assert new not in message and old not in message
 
     def test_default_secrets_never_show_in_repr(self) -> None:
         settings = CalendarSettings()

@@ -1,10 +1,13 @@
-"""`python -m booking.<service> serve|migrate`: the same two commands for every service."""
+"""`python -m booking.<service> serve|migrate`: the same two commands for every service, and
+any a service adds of its own (calendar's `rotate-token-key`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -29,6 +32,15 @@ def declare_topology(app: FastAPI) -> None:
     asyncio.run(declare())
 
 
+@dataclass(frozen=True)
+class Command:
+    """A service's own command: `run` gets the settings (logging configured) and returns the
+    process's exit status."""
+
+    help: str
+    run: Callable[[Any], int]
+
+
 def main(
     *,
     name: str,
@@ -36,16 +48,20 @@ def main(
     create_app: Callable[[Any], FastAPI],
     schema: str | None = None,
     argv: list[str] | None = None,
+    commands: Mapping[str, Command] | None = None,
 ) -> None:
+    own = dict(commands or {})
     parser = argparse.ArgumentParser(prog=f"python -m booking.{name}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="serve HTTP, consume events and relay the outbox")
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    subcommands.add_parser("serve", help="serve HTTP, consume events and relay the outbox")
     if schema is not None:
-        commands.add_parser(
+        subcommands.add_parser(
             "migrate",
             help=f"migrate the {schema} schema to the latest version, and declare this service's "
             "queues and bindings in RabbitMQ (the step before any service publishes)",
         )
+    for command_name, command in own.items():
+        subcommands.add_parser(command_name, help=command.help)
     args = parser.parse_args(argv)
 
     settings = settings_type()
@@ -56,6 +72,8 @@ def main(
         app = create_app(settings)
     except RefusedSettings as refused:
         parser.exit(2, f"booking.{name} will not start: {refused}\n")
+    if args.command in own:
+        sys.exit(own[args.command].run(settings))
     if args.command == "migrate":
         assert schema is not None
         from booking.runtime.migrations import upgrade  # Alembic only where there is a schema

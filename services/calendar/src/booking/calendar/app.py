@@ -4,6 +4,7 @@ Nothing is created at import time; `create_app` builds it all and the lifespan o
 client and starts the sweeper (one per replica), after the runtime has started.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -20,12 +21,13 @@ from booking.calendar.handlers import (
     schedule_session,
 )
 from booking.calendar.reconciliation import Sweeper
-from booking.calendar.service import CalendarService
+from booking.calendar.service import CalendarService, rotate_token_key
 from booking.calendar.settings import CalendarSettings
-from booking.calendar.tables import messaging
+from booking.calendar.tables import SCHEMA, messaging
 from booking.calendar.tokens import TokenCipher
 from booking.contracts import MentorIdentityLinked, MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.auth import GENERATE_SECRET, secret_weakness
+from booking.runtime.db import Database, create_engine
 from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
 from booking.runtime.settings import RefusedSettings
@@ -118,3 +120,43 @@ def refuse_a_known_state_key(settings: CalendarSettings) -> None:
             f"{name} {weakness}. Set OAUTH_STATE_SECRET to at least 32 random bytes "
             f"(e.g. {GENERATE_SECRET})"
         )
+
+
+ROTATION_BATCH_SIZE = 200
+
+
+def rotate_token_key_command(settings: CalendarSettings) -> int:
+    """`python -m booking.calendar rotate-token-key`: every stored refresh token re-encrypted
+    with the first key of TOKEN_ENCRYPTION_KEY. Prints what it did; exit status 0 when the
+    older keys may be removed, 1 when some stored token still needs them (or no key opens it)."""
+    cipher = TokenCipher(settings.token_encryption_key)
+
+    async def rotate() -> int:
+        engine = create_engine(settings, pool_size=1)
+        try:
+            done = await rotate_token_key(
+                Database(engine, SCHEMA), cipher, batch_size=ROTATION_BATCH_SIZE
+            )
+        finally:
+            await engine.dispose()
+        print(f"re-encrypted {done.rotated} refresh token(s) with the newest key")
+        if done.remaining == 0:
+            if cipher.key_count > 1:
+                print(
+                    "every stored refresh token opens with the newest key: the older keys can "
+                    "be removed from TOKEN_ENCRYPTION_KEY"
+                )
+            return 0
+        print(
+            f"{done.remaining} stored refresh token(s) still do not open with the newest key: "
+            "keep the older keys. Those written meanwhile by a replica still on the old keys "
+            "are re-encrypted by running this again once every replica has the new key first"
+        )
+        if done.unreadable:
+            print(
+                f"{done.unreadable} of them open with none of the keys (see the log for the "
+                "mentors): those mentors must connect their Google calendar again"
+            )
+        return 1
+
+    return asyncio.run(rotate())

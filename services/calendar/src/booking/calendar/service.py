@@ -29,12 +29,12 @@ import logging
 import secrets
 import traceback
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, Text, Uuid, column, delete, select, update, values
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -71,7 +71,7 @@ from booking.calendar.tables import (
     oauth_states,
     scheduling_attempts,
 )
-from booking.calendar.tokens import TokenCipher
+from booking.calendar.tokens import InvalidToken, TokenCipher
 from booking.contracts import (
     AdminAction,
     CalendarBookingConfirmed,
@@ -1152,3 +1152,98 @@ def _what_next(booking: CalendarBooking) -> str:
     if booking.next_attempt_at is not None:
         return f"tried again from {booking.next_attempt_at.isoformat()}"
     return "scheduled as soon as the mentor connects Google again"
+
+
+# -- the encryption key's rotation ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRotation:
+    """What `rotate_token_key` did, and what is left for the newest key."""
+
+    rotated: int
+    """Refresh tokens re-encrypted with the newest key by this run."""
+    remaining: int
+    """Stored tokens the newest key still cannot open after it (0: the older keys may go)."""
+    unreadable: int
+    """Of those, the ones no configured key opens: their mentors must connect again."""
+
+
+async def rotate_token_key(db: Database, cipher: TokenCipher, *, batch_size: int) -> KeyRotation:
+    """Re-encrypt every stored refresh token with the cipher's newest key, a batch at a time.
+
+    Idempotent: a token the newest key already opens is left as it is, so a second run
+    rotates nothing. Safe while the service serves: no lock is held while encrypting, and each
+    batch is one UPDATE that writes a row only if it still holds what was read (a mentor who
+    reconnected meanwhile keeps the token just stored). A last pass counts what the newest key
+    still cannot open: rows written meanwhile by a replica still on the old keys, and tokens
+    no key opens.
+    """
+    rotated = 0
+    async for batch in _stored_tokens(db, batch_size):
+        changes: list[tuple[uuid.UUID, str, str]] = []
+        for mentor_id, stored in batch:
+            if cipher.is_current(stored):
+                continue
+            try:
+                changes.append((mentor_id, stored, cipher.rotate(stored)))
+            except InvalidToken:
+                continue  # counted by the last pass
+        if changes:
+            rotated += await _store_rotated(db, changes)
+    remaining = unreadable = 0
+    async for batch in _stored_tokens(db, batch_size):
+        for mentor_id, stored in batch:
+            if cipher.is_current(stored):
+                continue
+            remaining += 1
+            try:
+                cipher.decrypt(stored)
+            except InvalidToken:
+                unreadable += 1
+                log.warning(
+                    "the refresh token of mentor %s opens with none of the configured keys: "
+                    "the mentor must connect their Google calendar again",
+                    mentor_id,
+                )
+    return KeyRotation(rotated=rotated, remaining=remaining, unreadable=unreadable)
+
+
+async def _stored_tokens(
+    db: Database, batch_size: int
+) -> AsyncIterator[list[tuple[uuid.UUID, str]]]:
+    """Every connection's (mentor id, stored token), `batch_size` at a time, by mentor id."""
+    after: uuid.UUID | None = None
+    while True:
+        query = (
+            select(connections.c.mentor_id, connections.c.refresh_token_encrypted)
+            .order_by(connections.c.mentor_id)
+            .limit(batch_size)
+        )
+        if after is not None:
+            query = query.where(connections.c.mentor_id > after)
+        async with db.single_statement() as session:
+            found = await session.execute(query)
+            rows = [(row.mentor_id, row.refresh_token_encrypted) for row in found]
+        if not rows:
+            return
+        yield rows
+        after = rows[-1][0]
+
+
+async def _store_rotated(db: Database, changes: list[tuple[uuid.UUID, str, str]]) -> int:
+    """Write the re-encrypted tokens where the row still holds what was read; how many were."""
+    rotated = values(
+        column("mentor_id", Uuid), column("old", Text), column("new", Text), name="rotated"
+    ).data(changes)
+    async with db.single_statement() as session:
+        written = await session.execute(
+            update(connections)
+            .where(
+                connections.c.mentor_id == rotated.c.mentor_id,
+                connections.c.refresh_token_encrypted == rotated.c.old,
+            )
+            .values(refresh_token_encrypted=rotated.c.new)
+            .returning(connections.c.mentor_id)
+        )
+        return len(written.all())

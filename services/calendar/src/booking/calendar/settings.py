@@ -4,12 +4,17 @@ import hashlib
 import hmac
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from booking.calendar.domain import RetrySchedule
+from booking.calendar.tokens import fernet_keys
 from booking.runtime.settings import RuntimeSettings
 
 
 class CalendarSettings(RuntimeSettings):
+    # A refused setting is reported without its value: it may be a key or a secret.
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
+
     port: int = Field(default=8003, validation_alias="CALENDAR_PORT")
 
     # Google OAuth 2.0 and Calendar API v3. The defaults reach the local sandbox
@@ -20,8 +25,10 @@ class CalendarSettings(RuntimeSettings):
     google_token_url: str = "http://127.0.0.1:8011/token"
     google_calendar_api_url: str = "http://127.0.0.1:8011/calendar/v3"  # base up to /calendar/v3
 
-    # Fernet key that encrypts the mentors' refresh tokens at rest. This default is a valid
-    # Fernet key for local runs only: set TOKEN_ENCRYPTION_KEY anywhere else.
+    # Fernet keys that encrypt the mentors' refresh tokens at rest, separated by commas, newest
+    # first: tokens are encrypted with the first and open with any (rotation: put a new key in
+    # front, run `python -m booking.calendar rotate-token-key`, then drop the old one). This
+    # default is a valid Fernet key for local runs only: set TOKEN_ENCRYPTION_KEY anywhere else.
     token_encryption_key: SecretStr = SecretStr("MTwwuHU140rXYBgtWzWq96-Yyntd3Gz59VDGQdaoikw=")
 
     # One Google call (connect, write, read) may take this long before it counts as a timeout.
@@ -64,6 +71,12 @@ class CalendarSettings(RuntimeSettings):
     # The sweeper of interrupted bookings, in every replica.
     sweeper_interval_seconds: float = Field(default=30.0, gt=0)
     sweeper_batch_size: int = Field(default=50, ge=1)
+
+    @field_validator("token_encryption_key")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr) -> SecretStr:
+        fernet_keys(value.get_secret_value())
+        return value
 
     @field_validator("scheduling_retry_delays_minutes")
     @classmethod
