@@ -16,9 +16,9 @@ import pytest
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from booking.sandbox.google.browser import AUTH_PATH, DECISION_PATH
 from booking.runtime.auth import check_auth_settings
 from booking.runtime.settings import RefusedSettings, RuntimeSettings
+from booking.sandbox.google.browser import AUTH_PATH, DECISION_PATH
 from booking.sandbox.settings import SandboxSettings
 
 KUBERNETES = "1.37.0"
