@@ -103,7 +103,7 @@ def child_environment(base: dict[str, str]) -> dict[str, str]:
     """The environment every child gets: ours, plus the addresses that follow from the ports."""
     env = dict(base)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # A local run: the built-in secret and loopback's exemptions are allowed (never in a deployment).
+    # A local run: the built-in secret and loopback's exemptions are allowed (never deployed).
     env.setdefault("DEVELOPMENT_MODE", "true")
     host = probe_host(env.get("BIND_HOST", "127.0.0.1"))
     ports = {c.name: c.port(env) for c in CHILDREN}
