@@ -174,7 +174,7 @@ async def wait_consumed(base: str, gateway: asyncio.subprocess.Process) -> None:
             if gateway.returncode is not None:
                 raise SystemExit(f"the gateway exited with {gateway.returncode}")
             with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
-                checks = (await client.get("/health")).json()["checks"]
+                checks = (await client.get("/internal/health")).json()["checks"]
                 if checks["admin-alerts:consumers"][0]["status"] == "pass":
                     return
             await asyncio.sleep(0.2)
@@ -183,7 +183,7 @@ async def wait_consumed(base: str, gateway: asyncio.subprocess.Process) -> None:
 
 async def connected_admins(base: str) -> int:
     async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as client:
-        checks = (await client.get("/health")).json()["checks"]
+        checks = (await client.get("/internal/health")).json()["checks"]
     return checks["admin-alerts:connections"][0]["observedValue"]
 
 

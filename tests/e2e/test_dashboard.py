@@ -485,6 +485,10 @@ class TestHealth:
                 await sign_in(page, gateway, bare(market.admin))
                 tile = page.locator('#health-grid li[data-key="calendar:health"]')
                 await expect(tile).to_have_attribute("data-status", "pass", timeout=FLOW_MS)
+                # The grid reads the admins' report: the public /health has no checks to show.
+                async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                    public = await http.get(f"{gateway}/health")
+                assert set(public.json()) == {"status"}, public.text
 
                 calendar.process.send_signal(signal.SIGTERM)
                 async with asyncio.timeout(30):

@@ -2,9 +2,10 @@
 
 The real services and the gateway run as processes against a fresh database and vhost. With the
 orders service stopped, the gateway answers its routes with 503 problem+json at once and keeps
-serving the others, its `/health` names the failing service, and its monitor publishes exactly one
-HealthCheckFailed; once orders is back, exactly one HealthCheckRecovered follows, and later polls
-publish nothing more.
+serving the others, its health report (an admin's, and the cluster's at /internal/health) names
+the failing service while the public /health says only "fail", and its monitor publishes exactly
+one HealthCheckFailed; once orders is back, exactly one HealthCheckRecovered follows, and later
+polls publish nothing more.
 """
 
 from __future__ import annotations
@@ -242,11 +243,23 @@ async def test_an_outage_of_orders_degrades_only_its_routes_and_alerts_once(
                     response = await http.get(f"{gateway.url}{path}", headers=admin)
                     assert response.status_code not in (502, 503, 504), (path, response.text)
 
-                # 3. The system's health names orders as failing, and only orders.
-                response = await system_health()
+                # 3. The system's health names orders as failing, and only orders: to an admin
+                # and inside the cluster; the public sees the overall status alone.
+                response = await http.get(f"{gateway.url}/internal/health")
                 assert response.status_code == 503, response.text
                 assert response.headers["content-type"].startswith(HEALTH_JSON)
                 report = response.json()
+                by_admin = await http.get(f"{gateway.url}/api/admin/health", headers=admin)
+                assert by_admin.status_code == 503, by_admin.text
+                assert check_statuses(by_admin.json())["orders:health"] == "fail"
+
+                async def public_fails_and_says_no_more() -> bool:
+                    public = await system_health()  # reused for up to a second
+                    return public.status_code == 503 and public.json() == {"status": "fail"}
+
+                await eventually(
+                    public_fails_and_says_no_more, timeout=10, what="the public /health failing"
+                )
                 assert report["status"] == "fail", report
                 statuses = check_statuses(report)
                 assert statuses["orders:health"] == "fail", statuses
