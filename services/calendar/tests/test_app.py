@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.fernet import Fernet
 
 from booking.calendar.app import create_app
-from booking.calendar.settings import CalendarSettings
+from booking.calendar.settings import DEVELOPMENT_TOKEN_KEY, CalendarSettings
 from booking.calendar.tables import SCHEMA
 from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings
 from booking.runtime.testing import free_port, health_checks, schema_differences
@@ -25,6 +26,7 @@ class TestConsentStateKey:
         "auth_jwks_url": "https://idp.example/jwks",
         "auth_issuer": "https://idp.example/",
         "auth_audience": "booking-api",
+        "token_encryption_key": Fernet.generate_key().decode(),
     }
 
     def test_no_calendar_starts_with_a_state_key_anyone_can_derive(self) -> None:
@@ -37,6 +39,25 @@ class TestConsentStateKey:
         create_app(CalendarSettings(**self.PROVIDER, oauth_state_secret="k" * 32 + "-random"))
         create_app(CalendarSettings(**{**self.PROVIDER, "development_mode": True}))
         create_app(CalendarSettings(development_mode=True, auth_jwt_secret=DEVELOPMENT_JWT_SECRET))
+
+
+class TestTokenKey:
+    """The built-in TOKEN_ENCRYPTION_KEY ships with the code: it protects nothing."""
+
+    DEPLOYED = {"development_mode": False, "auth_jwt_secret": "s" * 32 + "-random"}
+
+    def test_no_calendar_starts_with_the_development_key_outside_development_mode(self) -> None:
+        with pytest.raises(RefusedSettings, match="TOKEN_ENCRYPTION_KEY holds the built-in"):
+            create_app(CalendarSettings(**self.DEPLOYED))
+        # Nor with it kept as an older key behind a new one.
+        behind = f"{Fernet.generate_key().decode()},{DEVELOPMENT_TOKEN_KEY}"
+        with pytest.raises(RefusedSettings, match="TOKEN_ENCRYPTION_KEY"):
+            create_app(CalendarSettings(**self.DEPLOYED, token_encryption_key=behind))
+
+    def test_a_key_of_its_own_or_development_mode_will_do(self) -> None:
+        own = Fernet.generate_key().decode()
+        create_app(CalendarSettings(**self.DEPLOYED, token_encryption_key=own))
+        create_app(CalendarSettings(**{**self.DEPLOYED, "development_mode": True}))
 
 
 def google_checks(report: dict) -> dict:

@@ -22,7 +22,7 @@ from booking.calendar.handlers import (
 )
 from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService, rotate_token_key
-from booking.calendar.settings import CalendarSettings
+from booking.calendar.settings import DEVELOPMENT_TOKEN_KEY, CalendarSettings
 from booking.calendar.tables import SCHEMA, messaging
 from booking.calendar.tokens import TokenCipher
 from booking.contracts import MentorIdentityLinked, MentorRegistered, OrderCancelled, OrderPaid
@@ -36,6 +36,7 @@ from booking.runtime.settings import RefusedSettings
 def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     settings = settings or CalendarSettings()
     refuse_a_known_state_key(settings)
+    refuse_the_development_token_key(settings)
     google = GoogleClient.from_settings(settings)
 
     # The handlers schedule and delete through the service, which needs the runtime's
@@ -119,6 +120,20 @@ def refuse_a_known_state_key(settings: CalendarSettings) -> None:
         raise RefusedSettings(
             f"{name} {weakness}. Set OAUTH_STATE_SECRET to at least 32 random bytes "
             f"(e.g. {GENERATE_SECRET})"
+        )
+
+
+def refuse_the_development_token_key(settings: CalendarSettings) -> None:
+    """The built-in TOKEN_ENCRYPTION_KEY is in the repository: refresh tokens under it are
+    readable by anyone with the code, so only development mode may keep it."""
+    if settings.development_mode:
+        return
+    keys = settings.token_encryption_key.get_secret_value().split(",")
+    if DEVELOPMENT_TOKEN_KEY in (key.strip() for key in keys):
+        raise RefusedSettings(
+            "TOKEN_ENCRYPTION_KEY holds the built-in development key, which is published with "
+            "the code. Set a key of your own (python -c 'from cryptography.fernet import "
+            "Fernet; print(Fernet.generate_key().decode())')"
         )
 
 

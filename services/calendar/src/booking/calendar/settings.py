@@ -10,6 +10,9 @@ from booking.calendar.domain import RetrySchedule
 from booking.calendar.tokens import fernet_keys
 from booking.runtime.settings import RuntimeSettings
 
+# Published with the code, so it protects nothing: development mode only.
+DEVELOPMENT_TOKEN_KEY = "MTwwuHU140rXYBgtWzWq96-Yyntd3Gz59VDGQdaoikw="
+
 
 class CalendarSettings(RuntimeSettings):
     # A refused setting is reported without its value: it may be a key or a secret.
@@ -28,8 +31,9 @@ class CalendarSettings(RuntimeSettings):
     # Fernet keys that encrypt the mentors' refresh tokens at rest, separated by commas, newest
     # first: tokens are encrypted with the first and open with any (rotation: put a new key in
     # front, run `python -m booking.calendar rotate-token-key`, then drop the old one). This
-    # default is a valid Fernet key for local runs only: set TOKEN_ENCRYPTION_KEY anywhere else.
-    token_encryption_key: SecretStr = SecretStr("MTwwuHU140rXYBgtWzWq96-Yyntd3Gz59VDGQdaoikw=")
+    # default is a valid Fernet key for local runs only: outside development mode calendar refuses
+    # to start with it in the list.
+    token_encryption_key: SecretStr = SecretStr(DEVELOPMENT_TOKEN_KEY)
 
     # One Google call (connect, write, read) may take this long before it counts as a timeout.
     google_timeout_seconds: float = Field(default=10.0, gt=0)
