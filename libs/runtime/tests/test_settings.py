@@ -25,3 +25,11 @@ def test_settings_come_from_the_design_names(monkeypatch):
     assert settings.rabbitmq_url.get_secret_value() == "amqp://u:p@mq:5672/"
     assert "s3cret-value" not in repr(settings)
     assert "u:p@" not in repr(settings)
+
+
+def test_a_refused_value_is_not_printed() -> None:
+    """A refused DATABASE_URL carries its password: the error names the setting, not the value."""
+    with pytest.raises(ValueError) as refused:
+        RuntimeSettings(database_url="mysql://booking:hunter2@db/booking")
+    assert "DATABASE_URL must be a postgresql:// URL" in str(refused.value)
+    assert "hunter2" not in str(refused.value)

@@ -29,7 +29,10 @@ def async_database_url(url: str) -> str:
 class RuntimeSettings(BaseSettings):
     """What every service reads. A service subclasses this and adds its own settings."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a refused value (a URL with its password, a secret) is not printed.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     database_url: str = DEFAULT_DATABASE_URL
     rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
