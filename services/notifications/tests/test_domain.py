@@ -160,6 +160,95 @@ class TestFingerprints:
         assert alert_for(other, NOW).fingerprint not in closes
 
 
+def unknown_refs(refs: list[str], count: int | None = None) -> PaymentAnomalyDetected:
+    """A report of webhooks for unknown refs as payments sends it: `count` of them, `refs` the
+    sample it kept (the first and the last ones)."""
+    return PaymentAnomalyDetected(
+        payment_ref=refs[0],
+        order_id=None,
+        kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
+        detail=f"{count or len(refs)} webhooks named refs no payment of ours has",
+        occurrences=count or len(refs),
+        payment_refs=refs,
+    )
+
+
+def hexes(start: int, count: int) -> list[str]:
+    return [f"{n:024x}" for n in range(start, start + count)]
+
+
+class TestUnknownRefTallies:
+    def test_every_report_of_unknown_refs_is_one_alert_whatever_its_refs(self) -> None:
+        one, other = unknown_refs(hexes(0, 1)), unknown_refs(hexes(1, 40), count=5000)
+        assert alert_for(one, NOW).fingerprint == alert_for(other, NOW).fingerprint
+        # Other anomalies stay per subject.
+        mismatch = [
+            PaymentAnomalyDetected(
+                payment_ref=ref, order_id=uuid.uuid4(), kind="amount_mismatch", detail=""
+            )
+            for ref in hexes(0, 2)
+        ]
+        assert alert_for(mismatch[0], NOW).fingerprint != alert_for(mismatch[1], NOW).fingerprint
+
+    def test_a_report_counts_its_webhooks_and_lists_its_refs(self) -> None:
+        alert = alert_for(unknown_refs(hexes(0, 40), count=5000), NOW)
+
+        assert (alert.occurrences, alert.tallied, alert.severity) == (5000, True, Severity.Warning)
+        assert alert.metadata["webhooks"] == 5000
+        assert alert.metadata["first_payment_refs"] == hexes(0, 20)
+        assert alert.metadata["last_payment_refs"] == hexes(20, 20)
+        assert alert.metadata["payment_ref"] == hexes(0, 1)[0]
+        assert alert.message.startswith("5000 webhooks named payment refs")
+
+    def test_counted_onto_the_open_one_it_keeps_the_first_refs_and_the_latest(self) -> None:
+        first = alert_for(unknown_refs(hexes(0, 1)), NOW)
+        stored, occurrences = first.metadata, first.occurrences
+        for n, start in enumerate((1, 1001, 2001), 1):  # three more reports of 1,000 webhooks
+            report = unknown_refs(hexes(start, 20) + hexes(start + 980, 20), 1000)
+            more = alert_for(report, NOW + timedelta(seconds=5 * n))
+            counted = more.counted_onto(stored, occurrences, NOW, NOW + timedelta(seconds=5 * n))
+            stored, occurrences = counted.metadata, occurrences + more.occurrences
+
+        assert occurrences == stored["webhooks"] == 3001
+        assert stored["first_payment_refs"] == hexes(0, 20)
+        assert stored["last_payment_refs"] == hexes(2981, 20)
+        assert stored["payment_ref"] == hexes(2001, 1)[0]
+        assert counted.message.startswith("3001 webhooks named payment refs")
+        assert hexes(2001, 1)[0] in counted.message
+
+    def test_a_report_that_arrives_late_lists_its_refs_where_they_occurred(self) -> None:
+        stored = alert_for(unknown_refs(hexes(100, 40), 1000), NOW).metadata
+        earlier = alert_for(unknown_refs(hexes(0, 2)), NOW - timedelta(seconds=5))
+        between = alert_for(unknown_refs(hexes(50, 2)), NOW + timedelta(seconds=5))
+
+        before = earlier.counted_onto(stored, 1000, NOW, NOW + timedelta(seconds=10))
+        amid = between.counted_onto(stored, 1000, NOW, NOW + timedelta(seconds=10))
+
+        assert before.metadata["first_payment_refs"] == hexes(0, 2) + hexes(100, 18)
+        assert before.metadata["last_payment_refs"] == hexes(120, 20)
+        assert amid.metadata["first_payment_refs"] == hexes(100, 20)
+        assert amid.metadata["last_payment_refs"] == hexes(120, 20)  # the latest stay last
+        # The notification's latest ref and detail stay the latest report's.
+        assert before.metadata["payment_ref"] == amid.metadata["payment_ref"] == hexes(100, 1)[0]
+        assert before.metadata["webhooks"] == 1002
+
+    def test_a_stored_notification_of_another_shape_is_merged_as_far_as_it_is_readable(
+        self,
+    ) -> None:
+        more = alert_for(unknown_refs(hexes(5, 1)), NOW)
+
+        before_tallies = more.counted_onto({"payment_ref": "a" * 24, "detail": "old"}, 1, NOW, NOW)
+        garbled = more.counted_onto({"first_payment_refs": [1, None, "b" * 24]}, 7, NOW, NOW)
+
+        assert before_tallies.metadata["first_payment_refs"] == ["a" * 24, hexes(5, 1)[0]]
+        assert garbled.metadata["first_payment_refs"] == ["b" * 24, hexes(5, 1)[0]]
+        assert garbled.metadata["webhooks"] == 8
+
+    def test_other_alerts_count_up_as_they_are(self) -> None:
+        alert = alert_for(calendar(), NOW)
+        assert alert.counted_onto({"x": 1}, 5, NOW, NOW) is alert and alert.occurrences == 1
+
+
 class TestText:
     def test_a_nul_character_from_outside_is_stored_as_a_replacement(self) -> None:
         alert = alert_for(calendar(detail="bad\x00byte"), NOW)

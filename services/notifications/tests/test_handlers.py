@@ -112,8 +112,8 @@ def calendar_case(
     )
 
 
-def anomaly_case(kind: str, severity: str, title: str, *, with_order: bool = True) -> Case:
-    ref, order = uuid.uuid4().hex[:24], (uuid.uuid4() if with_order else None)
+def anomaly_case(kind: str, severity: str, title: str) -> Case:
+    ref, order = uuid.uuid4().hex[:24], uuid.uuid4()
     detail = f"{kind} on {ref}"
     event = PaymentAnomalyDetected(payment_ref=ref, order_id=order, kind=kind, detail=detail)
     return Case(
@@ -121,12 +121,43 @@ def anomaly_case(kind: str, severity: str, title: str, *, with_order: bool = Tru
         "PaymentAnomaly",
         severity,
         title,
-        f"Payment {ref} ({f'order {order}' if order else 'no known order'}): {detail}",
+        f"Payment {ref} (order {order}): {detail}",
         {
             "payment_ref": ref,
-            "order_id": str(order) if order else None,
+            "order_id": str(order),
             "reason": kind,
             "detail": detail,
+        },
+    )
+
+
+def unknown_ref_case() -> Case:
+    """One webhook for a ref none of the payments has, reported by itself (the first of a
+    quiet spell): payments reports the ref among the refs it lists."""
+    ref = uuid.uuid4().hex[:24]
+    detail = f"a webhook named {ref}, which no payment of ours has"
+    event = PaymentAnomalyDetected(
+        payment_ref=ref,
+        order_id=None,
+        kind="unknown_payment_ref",
+        detail=detail,
+        payment_refs=[ref],
+    )
+    return Case(
+        event,
+        "PaymentAnomaly",
+        "Warning",
+        "Payment notifications for unknown references",
+        f"A webhook named payment {ref}, which none of our payments has: forged or mistaken. "
+        "Konnect only sends the refs we create, so it was not asked.",
+        {
+            "payment_ref": ref,
+            "order_id": None,
+            "reason": "unknown_payment_ref",
+            "detail": detail,
+            "webhooks": 1,
+            "first_payment_refs": [ref],
+            "last_payment_refs": [],
         },
     )
 
@@ -355,12 +386,7 @@ CASES: dict[str, Callable[[], Case]] = {
         line="KeyError: 'calendar_id'",
         final=True,
     ),
-    "anomaly unknown_payment_ref": lambda: anomaly_case(
-        "unknown_payment_ref",
-        "Warning",
-        "Payment notification for an unknown reference",
-        with_order=False,
-    ),
+    "anomaly unknown_payment_ref": lambda: unknown_ref_case(),
     "anomaly amount_mismatch": lambda: anomaly_case(
         "amount_mismatch", "Error", "Payment amount does not match its order"
     ),
@@ -489,6 +515,78 @@ class TestMapping:
             "last_occurred_at": occurred.isoformat().replace("+00:00", "Z"),
         }
         assert notifications.reported() == []
+
+
+def unknown_ref_report(refs: list[str], count: int) -> PaymentAnomalyDetected:
+    """What payments reports of `count` webhooks for unknown refs: the first and the last 20."""
+    sample = refs if len(refs) <= 40 else refs[:20] + refs[-20:]
+    return PaymentAnomalyDetected(
+        payment_ref=refs[0],
+        order_id=None,
+        kind="unknown_payment_ref",
+        detail=f"{count} webhooks named refs no payment of ours has",
+        occurrences=count,
+        payment_refs=sample,
+    )
+
+
+class TestUnknownRefTallies:
+    async def test_a_flood_reported_in_tallies_is_one_notification_that_counts_every_webhook(
+        self, notifications
+    ) -> None:
+        refs = [f"{n:024x}" for n in range(10_000)]
+        # As payments reports a flood: the first at once, then what came each few seconds.
+        chunks = [refs[:1], refs[1:2500], refs[2500:5000], refs[5000:9000], refs[9000:]]
+        start = datetime.now(UTC) - timedelta(minutes=10)
+        for n, chunk in enumerate(chunks):  # seconds apart, as payments sends them
+            report = unknown_ref_report(chunk, len(chunk))
+            await notifications.raise_(report, occurred_at=start + timedelta(seconds=5 * n))
+
+        [row] = await notifications.rows()
+        assert row["occurrences"] == row["metadata"]["webhooks"] == 10_000
+        assert row["metadata"]["first_payment_refs"] == refs[:20]
+        assert row["metadata"]["last_payment_refs"] == refs[-20:]
+        assert row["metadata"]["payment_ref"] == refs[9000]
+        assert row["message"].startswith("10000 webhooks named payment refs")
+        assert (SEVERITIES[row["severity"]], row["created_at"]) == ("Warning", start)
+        await notifications.quiet()
+        raised = notifications.alerts.payloads(row["id"])
+        # Each report told the admins once, with the total so far.
+        assert [r["occurrences"] for r in raised] == [1, 2500, 5000, 9000, 10_000]
+
+    async def test_a_report_after_the_window_opens_a_notification_of_its_own_refs(
+        self, notifications
+    ) -> None:
+        start = datetime.now(UTC) - timedelta(hours=3)
+        old = await notifications.raise_(
+            unknown_ref_report(["a" * 24, "b" * 24], 2), occurred_at=start
+        )
+        new = await notifications.raise_(
+            unknown_ref_report(["c" * 24], 1), occurred_at=start + timedelta(hours=2)
+        )
+
+        assert new["id"] != old["id"] and new["occurrences"] == 1
+        assert new["metadata"]["first_payment_refs"] == ["c" * 24]
+
+    async def test_other_payment_anomalies_stay_one_notification_per_payment(
+        self, notifications
+    ) -> None:
+        events = [
+            PaymentAnomalyDetected(
+                payment_ref=uuid.uuid4().hex[:24],
+                order_id=uuid.uuid4(),
+                kind="amount_mismatch",
+                detail="more than the amount due",
+            )
+            for _ in range(3)
+        ]
+        await notifications.handled(*[await notifications.publish(e) for e in events])
+
+        rows = await notifications.rows()
+        assert sorted(r["metadata"]["payment_ref"] for r in rows) == sorted(
+            e.payment_ref for e in events
+        )
+        assert all(r["occurrences"] == 1 for r in rows)
 
 
 class TestDedup:

@@ -1,4 +1,5 @@
-"""The vocabulary every service's pure domain shares: its errors and the rules of money.
+"""The vocabulary every service's pure domain shares: its errors, the rules of money, and the
+sample kept of a long run of refs.
 
 No I/O and no framework here, so a service's `domain.py` may import it and stay pure.
 """
@@ -48,3 +49,18 @@ def currency_code(value: object) -> str:
     if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
         raise InvalidMoney(f"currency must be three upper-case letters (ISO 4217), got {value!r}")
     return value
+
+
+def keep_ends(first: list[str], last: list[str], item: str, size: int) -> None:
+    """Keep `item` in a bounded sample of a long run (webhooks' refs, say): the first `size`
+    distinct items stay in `first`; after them the latest `size` are in `last`, an item seen
+    again moving to its end. Changes the lists in place; memory stays bounded by `size`."""
+    if item in first:
+        return
+    if len(first) < size:
+        first.append(item)
+        return
+    if item in last:
+        last.remove(item)
+    last.append(item)
+    del last[:-size]

@@ -63,7 +63,11 @@ event's fallback (Error for payment anomalies and session issues): nothing is ev
 **Fingerprint.** The type, the event, the reason and the subject's ids (order, session, mentor,
 payment ref, component, dead-lettered message), hashed. A repeat of the same fingerprint within
 the dedup window of the notification's first occurrence counts up on that notification instead
-of adding one; alerts about different bookings stay apart. The window runs from the first
+of adding one; alerts about different bookings stay apart. Webhooks for payment refs none of our
+payments has are the exception (`Kind.tallied`): payments reports them many at once, and their
+notification has no subject, so a flood of any size is one notification per window, its
+`occurrences` the webhooks counted and its metadata the first and the last refs (a bounded
+sample). The window runs from the first
 occurrence, not the latest, so a notification that keeps recurring is renewed every window and
 stays near the top of a feed ordered newest first. A HealthCheckRecovered closes its component's
 open failure, so the next failure is a new notification (a new incident).
@@ -75,12 +79,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from enum import IntEnum
 from typing import Any, TypeVar
 
 from booking.contracts import (
+    UNKNOWN_REF_SAMPLE,
     AdminAction,
     AdminActionRecorded,
     CalendarBookingFailed,
@@ -98,7 +103,7 @@ from booking.contracts import (
     SystemErrorReported,
 )
 from booking.contracts.http import cursor_text, cursor_token
-from booking.runtime.domain import DomainError
+from booking.runtime.domain import DomainError, keep_ends
 
 
 class NotificationType(IntEnum):
@@ -137,6 +142,9 @@ class Kind:
     type: NotificationType
     severity: Severity
     title: str
+    tallied: bool = False
+    """Reports of many occurrences at once, whatever their subject (`Tally`): they count up on
+    one notification per window, which lists a sample of their refs."""
 
 
 @dataclass(frozen=True)
@@ -377,7 +385,10 @@ MAPPINGS: dict[type[Event], Mapping] = {
     PaymentAnomalyDetected: Mapping(
         kinds={
             "unknown_payment_ref": Kind(
-                T.PaymentAnomaly, S.Warning, "Payment notification for an unknown reference"
+                T.PaymentAnomaly,
+                S.Warning,
+                "Payment notifications for unknown references",
+                tallied=True,
             ),
             "amount_mismatch": Kind(
                 T.PaymentAnomaly, S.Error, "Payment amount does not match its order"
@@ -571,6 +582,49 @@ class Alert:
     fingerprint: str
     occurred_at: datetime
     reason: str = field(compare=False)
+    occurrences: int = 1
+    """How many occurrences it counts (a tally reports many at once)."""
+    tallied: bool = False
+    """A tally's report (`Kind.tallied`): see `counted_onto`."""
+
+    def counted_onto(
+        self, stored: dict[str, Any], occurrences: int, first_at: datetime, last_at: datetime
+    ) -> Alert:
+        """This tally's report as it counts up on the open notification of its fingerprint
+        (its `stored` metadata, `occurrences`, first and last occurrence): the refs both list
+        merged, the first ones kept and the latest updated (a report that occurred before the
+        notification's first puts its refs first; one between them, among the middle: the
+        sample is a guide, not a log), the total in message and metadata. Other alerts are
+        returned as they are."""
+        if not self.tallied:
+            return self
+        theirs_first = _refs(stored.get("first_payment_refs")) or _refs([stored.get("payment_ref")])
+        theirs = (*theirs_first, *_refs(stored.get("last_payment_refs")))
+        mine = (*self.metadata["first_payment_refs"], *self.metadata["last_payment_refs"])
+        newest = self.occurred_at >= last_at
+        if self.occurred_at < first_at:  # it arrived late: its refs came before
+            run = (*mine, *theirs)
+        elif not newest:
+            run = (*theirs_first, *mine, *theirs[len(theirs_first) :])
+        else:
+            run = (*theirs, *mine)
+        first: list[str] = []
+        last: list[str] = []
+        for ref in run:
+            keep_ends(first, last, ref, UNKNOWN_REF_SAMPLE)
+        latest = dict(self.metadata)
+        if not newest:  # the stored notification's own latest stay, as far as they are readable
+            for key in ("payment_ref", "detail"):
+                if isinstance(stored.get(key), str) and stored[key]:
+                    latest[key] = stored[key]
+        total = occurrences + self.occurrences
+        merged = {
+            **latest,
+            "webhooks": total,
+            "first_payment_refs": first,
+            "last_payment_refs": last,
+        }
+        return replace(self, metadata=merged, message=_tally_message(total, merged))
 
 
 def clean(text: str) -> str:
@@ -583,6 +637,61 @@ def _clean_value(value: Any) -> Any:
         value = clean(value)
         return value if len(value) <= MAX_TEXT else value[: MAX_TEXT - 1] + "…"
     return value
+
+
+def _refs(value: Any) -> list[str]:
+    """The refs a stored list holds (stored metadata is only trusted as far as it is checked)."""
+    if not isinstance(value, list):
+        return []
+    return [ref for ref in value if isinstance(ref, str) and ref][:UNKNOWN_REF_SAMPLE]
+
+
+def _tally_message(total: int, metadata: dict[str, Any]) -> str:
+    refs = [*metadata["first_payment_refs"], *metadata["last_payment_refs"]]
+    latest = metadata["payment_ref"]
+    if total == 1:
+        return (
+            f"A webhook named payment {latest}, which none of our payments has: forged or "
+            "mistaken. Konnect only sends the refs we create, so it was not asked."
+        )
+    return (
+        f"{total} webhooks named payment refs none of our payments has: forged or mistaken. "
+        f"Konnect only sends the refs we create, so it was not asked. Latest: {latest}; the "
+        f"first {len(metadata['first_payment_refs'])} and the last "
+        f"{len(metadata['last_payment_refs'])} of {len(set(refs))} listed refs are in the "
+        "metadata."
+    )
+
+
+def _tally(event: PaymentAnomalyDetected, kind: Kind, reason: str, occurred_at: datetime) -> Alert:
+    """A report of many webhooks for unknown refs, as one notification (counted on by more)."""
+    sample = [clean(ref) for ref in (event.payment_refs or [event.payment_ref])]
+    first: list[str] = []
+    last: list[str] = []
+    for ref in sample:
+        keep_ends(first, last, ref, UNKNOWN_REF_SAMPLE)
+    metadata = {
+        "payment_ref": clean(event.payment_ref),
+        "order_id": None,
+        "detail": _clean_value(event.detail),
+        "reason": reason,
+        "webhooks": event.occurrences,
+        "first_payment_refs": first,
+        "last_payment_refs": last,
+    }
+    return Alert(
+        type=kind.type,
+        severity=kind.severity,
+        title=kind.title,
+        message=_tally_message(event.occurrences, metadata),
+        metadata=metadata,
+        # No subject: every report counts up on one notification per window.
+        fingerprint=fingerprint(kind.type.name, event.event_type(), reason),
+        occurred_at=occurred_at,
+        reason=reason,
+        occurrences=event.occurrences,
+        tallied=True,
+    )
 
 
 def fingerprint(*parts: str) -> str:
@@ -610,6 +719,8 @@ def alert_for(event: Event, occurred_at: datetime) -> Alert:
     kind = mapping.kinds.get(reason) or mapping.fallback
     if kind is None:
         raise KeyError(f"{event.event_type()} reason {reason!r} is not in the mapping table")
+    if kind.tallied and isinstance(event, PaymentAnomalyDetected):
+        return _tally(event, kind, reason, occurred_at)
     payload = event.model_dump(mode="json")
     metadata_reason = mapping.metadata_reason(event) if mapping.metadata_reason else reason
     metadata = {name: _clean_value(payload.get(name)) for name in mapping.metadata}

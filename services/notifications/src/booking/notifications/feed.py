@@ -53,9 +53,31 @@ async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) ->
     A repeat that comes `window` or more after the open notification's first occurrence closes
     it and opens a new one. A repeat that happened before the latest occurrence (it arrived
     late) counts, but leaves the latest message and metadata as they are; one that happened
-    before the first becomes the first.
+    before the first becomes the first. A tally's report counts all its occurrences, and its
+    sample of refs merges into the open notification's (read under the writers' lock, so no
+    other report merges in between).
     """
     await session.execute(_lock)
+    if alert.tallied:
+        open_ = (
+            await session.execute(
+                select(
+                    table.c.metadata,
+                    table.c.occurrences,
+                    table.c.created_at,
+                    table.c.last_occurred_at,
+                ).where(
+                    table.c.fingerprint == alert.fingerprint,
+                    table.c.is_open,
+                    # The upsert's own test below: within the window of its first occurrence.
+                    table.c.created_at > alert.occurred_at - window,
+                )
+            )
+        ).one_or_none()
+        if open_ is not None:
+            alert = alert.counted_onto(
+                open_.metadata, open_.occurrences, open_.created_at, open_.last_occurred_at
+            )
     values = {
         "type": int(alert.type),
         "severity": int(alert.severity),
@@ -65,15 +87,17 @@ async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) ->
         "created_at": alert.occurred_at,
         "last_occurred_at": alert.occurred_at,
         "fingerprint": alert.fingerprint,
+        "occurrences": alert.occurrences,
     }
     statement = insert(table).values(values)
     new = statement.excluded
-    is_latest = new.last_occurred_at >= table.c.last_occurred_at
+    # A tally's message and metadata were merged with the open one's: they are the latest.
+    is_latest = literal(alert.tallied) | (new.last_occurred_at >= table.c.last_occurred_at)
     upsert = statement.on_conflict_do_update(
         index_elements=[table.c.fingerprint],
         index_where=table.c.is_open,
         set_={
-            "occurrences": table.c.occurrences + 1,
+            "occurrences": table.c.occurrences + new.occurrences,
             # Repeats can be handled out of order: the first occurrence is the earliest.
             "created_at": func.least(table.c.created_at, new.created_at),
             "last_occurred_at": func.greatest(table.c.last_occurred_at, new.last_occurred_at),
@@ -88,7 +112,7 @@ async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) ->
     for _ in range(3):
         row = (await session.execute(upsert)).one_or_none()
         if row is not None:
-            return Stored(row, created=row.occurrences == 1)
+            return Stored(row, created=row.occurrences == alert.occurrences)
         # The open one is past its window (and locked by the conflict): close it, open anew.
         await session.execute(
             update(table)
