@@ -75,7 +75,7 @@ def _problems(*statuses: int, conflict: str | None = None) -> dict[int | str, di
 
 
 _PROBLEM_WHEN = {
-    400: "a required parameter is missing or wrong",
+    400: "a required parameter is missing or wrong, or the body is not UTF-8 text",
     401: "no token, or a malformed, expired or wrongly signed one",
     403: "the token's role (or mentor) may not do this",
     404: "no such resource",
@@ -88,7 +88,8 @@ _PROBLEM_WHEN = {
     504: "the service behind the gateway did not answer in time",
 }
 SIGNED_IN = (401, 403, 422)
-WITH_BODY = (*SIGNED_IN, 413)
+# A body that is not UTF-8 text cannot be parsed at all: 400 (one that is not JSON is 422).
+WITH_BODY = (*SIGNED_IN, 400, 413)
 PUBLIC = (400, 422, 429)
 
 
@@ -126,6 +127,7 @@ def _mentor_links(mentor_id: str) -> dict[str, dict[str, Any]]:
         "ConnectCalendar": _to("GET /api/mentors/{mentor_id}/calendar/connect", **at),
         "GetCalendarConnection": _to("GET /api/mentors/{mentor_id}/calendar", **at),
         "DisconnectCalendar": _to("DELETE /api/mentors/{mentor_id}/calendar", **at),
+        "LinkIdentity": _to("PUT /api/admin/mentors/{mentor_id}/identity", **at),
     }
 
 
@@ -160,6 +162,7 @@ BOOK = "POST /api/bookings"
 
 
 MentorId = Path(description="the mentor's id, as the system gave it")
+SUBJECT_TAKEN = "the identity subject acts as another mentor already"
 
 # --- orders: mentors, offerings, bookings, orders ----------------------------------------------
 
@@ -170,7 +173,10 @@ orders = APIRouter(tags=["mentors and bookings"])
     "/api/mentors",
     status_code=201,
     response_model=Mentor,
-    responses={**_problems(*WITH_BODY), **_links(201, **_mentor_links("$response.body#/id"))},
+    responses={
+        **_problems(*WITH_BODY, 409, conflict=SUBJECT_TAKEN),
+        **_links(201, **_mentor_links("$response.body#/id")),
+    },
     dependencies=[Depends(require_roles(Role.ADMIN))],
     summary="Register a mentor",
 )
@@ -649,9 +655,7 @@ async def settle_escrow(
 @admin.put(
     "/mentors/{mentor_id}/identity",
     response_model=Mentor,
-    responses=_problems(
-        *WITH_BODY, 404, 409, conflict="the identity subject acts as another mentor already"
-    ),
+    responses=_problems(*WITH_BODY, 404, 409, conflict=SUBJECT_TAKEN),
     summary="Link a mentor to its identity-provider subject (or change it): tokens with it act "
     "as the mentor",
 )
