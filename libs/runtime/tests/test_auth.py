@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import jwt
@@ -26,6 +27,7 @@ from booking.runtime.auth import (
     NoKnownRole,
     Role,
     TokenVerifier,
+    acts_as_mentor,
     authenticated,
     check_auth_settings,
     claim_at,
@@ -119,7 +121,7 @@ class TestProviderTokens:
         verifier = verifier_of(provider, clock)
         for key in (rsa_key, ec_key):
             identity = await verifier.verify(key.sign(claims("u-1", role="mentee")))
-            assert identity == Identity(sub="u-1", role=Role.MENTEE)
+            assert identity == Identity(sub="u-1", role=Role.MENTEE, from_provider=True)
         assert provider.requests == 1  # both keys came with one fetch
 
     async def test_a_forged_signature_is_refused(self, provider, clock, rsa_key):
@@ -633,6 +635,37 @@ class TestDevelopmentTokens:
     def test_not_a_jwt_is_refused(self):
         with pytest.raises(InvalidToken, match="well-formed"):
             verify_token(SECRET, "not-a-jwt")
+
+
+class TestActingAsAMentor:
+    """Who may act as a mentor: an admin; a mentor token whose `sub` is the subject stored on the
+    mentor's record; and our own (HS256) token whose `sub` is the id we gave."""
+
+    MENTOR_ID = uuid4()
+
+    def acts(self, sub: str, role: Role, *, subject: str | None, from_provider: bool) -> bool:
+        identity = Identity(sub=sub, role=role, from_provider=from_provider)
+        return acts_as_mentor(identity, self.MENTOR_ID, subject)
+
+    def test_an_admin_acts_for_any_mentor(self):
+        assert self.acts("a-1", Role.ADMIN, subject=None, from_provider=True)
+
+    def test_the_linked_subject_acts_whichever_signed_it(self):
+        for signed_by_provider in (True, False):
+            assert self.acts("kc|7", Role.MENTOR, subject="kc|7", from_provider=signed_by_provider)
+            assert not self.acts("kc|8", Role.MENTOR, subject="kc|7", from_provider=True)
+
+    def test_our_id_as_sub_counts_only_in_a_token_we_signed(self):
+        mentor_id = str(self.MENTOR_ID)
+        assert self.acts(mentor_id, Role.MENTOR, subject=None, from_provider=False)
+        # A provider's `sub` is the provider's to choose: equal to our id by chance or design,
+        # it is still not ours.
+        assert not self.acts(mentor_id, Role.MENTOR, subject=None, from_provider=True)
+        assert not self.acts(mentor_id, Role.MENTOR, subject="kc|7", from_provider=True)
+
+    def test_a_mentee_never_acts_as_a_mentor(self):
+        assert not self.acts("kc|7", Role.MENTEE, subject="kc|7", from_provider=True)
+        assert not self.acts(str(self.MENTOR_ID), Role.MENTEE, subject=None, from_provider=False)
 
 
 # --- over HTTP -----------------------------------------------------------------------------------

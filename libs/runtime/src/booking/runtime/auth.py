@@ -63,6 +63,8 @@ _PRIVILEGE = {Role.ADMIN: 3, Role.MENTOR: 2, Role.MENTEE: 1}
 class Identity:
     sub: str
     role: Role
+    # Signed by the identity provider (its `sub` is the provider's), not by our own secret.
+    from_provider: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -71,15 +73,16 @@ class Identity:
 
 def acts_as_mentor(identity: Identity, mentor_id: UUID, identity_subject: str | None) -> bool:
     """Whether `identity` may act as the mentor `mentor_id`: an admin always; a mentor whose
-    token's `sub` is the id the system gave (development tokens) or the identity-provider subject
-    stored on the mentor's record (a provider's `sub` is its own, not ours)."""
+    token's `sub` is the identity-provider subject stored on the mentor's record, or, in a token
+    we signed ourselves (HS256), the id the system gave. A provider's `sub` never counts as our
+    id: the provider, not we, decides what it holds."""
     if identity.is_admin:
         return True
     if identity.role is not Role.MENTOR:
         return False
-    return identity.sub == str(mentor_id) or (
-        identity_subject is not None and identity.sub == identity_subject
-    )
+    if identity_subject is not None and identity.sub == identity_subject:
+        return True
+    return not identity.from_provider and identity.sub == str(mentor_id)
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def _check_lifetime(claims: dict[str, Any], rules: ClaimRules) -> None:
         )
 
 
-def _identity(claims: dict[str, Any], rules: ClaimRules) -> Identity:
+def _identity(claims: dict[str, Any], rules: ClaimRules, *, from_provider: bool) -> Identity:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise InvalidToken("the token has no subject (sub)")
@@ -294,7 +297,8 @@ def _identity(claims: dict[str, Any], rules: ClaimRules) -> Identity:
             f"the token carries no role this system knows: its {rules.role_claim!r} claim must "
             f"hold one of {known}"
         )
-    return Identity(sub=sub, role=max(roles, key=_PRIVILEGE.__getitem__))
+    role = max(roles, key=_PRIVILEGE.__getitem__)
+    return Identity(sub=sub, role=role, from_provider=from_provider)
 
 
 _MISSING = object()
@@ -519,7 +523,8 @@ class TokenVerifier:
             raise InvalidToken(
                 f"tokens signed with {algorithm!r} are not accepted (only {', '.join(accepted)})"
             )
-        return _identity(_decode(token, key, algorithm, self.rules), self.rules)
+        claims = _decode(token, key, algorithm, self.rules)
+        return _identity(claims, self.rules, from_provider=algorithm != "HS256")
 
     async def aclose(self) -> None:
         if self.provider is not None:
@@ -570,7 +575,7 @@ def verify_token(secret: str, token: str) -> Identity:
     algorithm, _ = _header(token)
     if algorithm != "HS256":
         raise InvalidToken(f"tokens signed with {algorithm!r} are not accepted (only HS256)")
-    return _identity(_decode(token, secret, "HS256", rules), rules)
+    return _identity(_decode(token, secret, "HS256", rules), rules, from_provider=False)
 
 
 # --- the dependencies ----------------------------------------------------------------------------
