@@ -1,4 +1,4 @@
--- One Postgres role per service, each owning only its own schema (DESIGN section 3).
+-- One Postgres role per service, each owning only its own schema (the README's Postgres roles).
 --
 -- Run once per database, as a superuser (on a managed Postgres, its admin user: see
 -- the README's Operations section), with psql: it uses psql variables and \gexec. Running it again changes
