@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -176,6 +176,22 @@ class Running:
     spy: Spy
     http: httpx.AsyncClient
     db: asyncpg.Connection
+    konnect_requests: list[httpx.Request] = field(default_factory=list)
+
+    def count_konnect_requests(self) -> None:
+        """From now on, every request the service sends Konnect lands in `konnect_requests`
+        (counted at its client, so a retry counts again)."""
+
+        async def count(request: httpx.Request) -> None:
+            self.konnect_requests.append(request)
+
+        self.app.state.konnect.http.event_hooks["request"].append(count)
+
+    def konnect_reads(self, ref: str | None = None) -> int:
+        """How many payment reads (`GET /payments/{ref}`) the service sent Konnect."""
+        reads = [r.url.path for r in self.konnect_requests if r.method == "GET"]
+        reads = [path for path in reads if "/payments/" in path]
+        return len([p for p in reads if p.endswith(f"/payments/{ref}")] if ref else reads)
 
     @property
     def service(self) -> PaymentService:
@@ -366,7 +382,9 @@ async def start_payments(
     async def start(**overrides: Any) -> Running:
         port, settings = service_settings(make_settings, sandbox, **overrides)
         served = await serve_service(create_app, settings, port)
-        return Running(served.app, served.url, settings, served.spy, served.http, db)
+        running = Running(served.app, served.url, settings, served.spy, served.http, db)
+        running.count_konnect_requests()
+        return running
 
     return start
 

@@ -4,12 +4,17 @@ raised, money never dropped) and an admin's view and settlement of an order's es
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
+from booking.contracts import PaymentAnomalyDetected
 from booking.contracts.http import Escrow, WebhookResult
+from booking.notifications.domain import alert_for
 from booking.runtime.auth import Role
 from booking.runtime.testing import eventually
 
@@ -22,6 +27,20 @@ async def payment_row(db, order_id):
 
 async def escrow_rows(db, order_id):
     return await db.fetch("SELECT * FROM payments.escrow_holds WHERE order_id = $1", order_id)
+
+
+async def unknown_ref_reports(db) -> list[dict]:
+    """The unknown-ref anomalies recorded in the outbox (published or not), oldest first."""
+    rows = await db.fetch(
+        "SELECT body FROM payments.outbox WHERE event_type = 'PaymentAnomalyDetected' ORDER BY id"
+    )
+    payloads = [json.loads(row["body"])["payload"] for row in rows]
+    return [p for p in payloads if p["kind"] == "unknown_payment_ref"]
+
+
+def later() -> datetime:
+    """A moment past any report interval the tests run with: every tally is due."""
+    return datetime.now(UTC) + timedelta(days=1)
 
 
 class TestPaid:
@@ -88,6 +107,8 @@ class TestPaid:
         assert changes == [("payments", event.order_id, "completed")]
         await payments_service.one("PaymentCompleted", event.order_id)
         assert len(await escrow_rows(db, event.order_id)) == 1
+        # Duplicates share lookups: the one under way when they came, then one after it.
+        assert 1 <= payments_service.konnect_reads(ref) <= 2
 
     async def test_konnects_own_duplicate_webhooks_complete_once(
         self, payments_service, sandbox, book, db
@@ -221,34 +242,57 @@ class TestUnderpayment:
 
 
 class TestForged:
-    async def test_a_ref_konnect_never_issued_changes_nothing_and_raises_one_anomaly(
+    async def test_a_ref_we_never_created_costs_no_konnect_call_and_the_admins_hear_at_once(
         self, payments_service, sandbox, book, db
     ):
         event, _ = await book(payments_service)
         before = await payment_row(db, event.order_id)
         forged = "0123456789abcdef01234567"
 
-        delivered = [
-            await sandbox.forge_webhook(payments_service.webhook_url, forged) for _ in range(3)
-        ]
         direct = await payments_service.webhook(forged)
 
-        assert [d["status_code"] for d in delivered] == [404] * 3
         assert direct.status_code == 404
         assert direct.headers["content-type"] == PROBLEM
         assert forged in direct.json()["detail"]
-        await payments_service.spy.settle()
-        [anomaly] = payments_service.published("PaymentAnomalyDetected")
+        # Reported in the webhook's own request: the admins hear of the first at once.
+        [anomaly] = await unknown_ref_reports(db)
         assert anomaly["kind"] == "unknown_payment_ref" and anomaly["payment_ref"] == forged
-        assert anomaly["order_id"] is None and "never issued" in anomaly["detail"]
+        assert anomaly["occurrences"] == 1 and anomaly["payment_refs"] == [forged]
+        assert anomaly["order_id"] is None and "not asked" in anomaly["detail"]
+        assert payments_service.konnect_reads() == 0
         assert await payment_row(db, event.order_id) == before
         assert await db.fetchval("SELECT count(*) FROM payments.escrow_holds") == 0
 
-    async def test_a_ref_konnect_knows_but_we_do_not_is_an_anomaly_too(
-        self, payments_service, sandbox, book
+    async def test_repeats_within_the_interval_come_in_one_report_and_cost_no_write(
+        self, start_payments, sandbox
+    ):
+        # An interval no test outlasts: the sweeper's loop cannot report in between.
+        payments_service = await start_payments(unknown_ref_report_interval_seconds=3600)
+        forged = "0123456789abcdef01234567"
+        first = await payments_service.webhook(forged)
+        outbox = await payments_service.db.fetchval("SELECT count(*) FROM payments.outbox")
+
+        delivered = [
+            await sandbox.forge_webhook(payments_service.webhook_url, forged) for _ in range(3)
+        ]
+        another = await payments_service.webhook("f" * 24)
+
+        assert first.status_code == another.status_code == 404
+        assert [d["status_code"] for d in delivered] == [404] * 3
+        assert await payments_service.db.fetchval("SELECT count(*) FROM payments.outbox") == outbox
+        reported = await payments_service.service.report_unknown_refs(later())
+        assert reported == 4
+        [_, summary] = await unknown_ref_reports(payments_service.db)
+        assert summary["occurrences"] == 4 and summary["payment_refs"] == [forged, "f" * 24]
+        assert summary["payment_ref"] == forged and "4 webhooks" in summary["detail"]
+        assert payments_service.konnect_reads() == 0
+
+    async def test_a_ref_konnect_issued_that_no_payment_of_ours_has_is_not_asked_either(
+        self, payments_service, sandbox, book, db
     ):
         event, _ = await book(payments_service)
-        # A second payment for the order, as a replica that crashed before recording it left.
+        # A second payment for the order, as a replica that crashed before recording it left:
+        # nobody was ever shown its link, so no webhook for it is Konnect's.
         orphan = await sandbox.http.post(
             "/api/v2/payments/init-payment",
             headers={"x-api-key": payments_service.settings.konnect_api_key.get_secret_value()},
@@ -263,9 +307,9 @@ class TestForged:
         response = await payments_service.webhook(orphan_ref)
 
         assert response.status_code == 404
-        anomaly = await payments_service.one("PaymentAnomalyDetected", event.order_id)
-        assert anomaly["kind"] == "unknown_payment_ref" and anomaly["payment_ref"] == orphan_ref
-        assert "Konnect knows" in anomaly["detail"]
+        [anomaly] = await unknown_ref_reports(db)
+        assert anomaly["payment_ref"] == orphan_ref and anomaly["order_id"] is None
+        assert payments_service.konnect_reads() == 0
 
     @pytest.mark.parametrize("query", [None, "", "12345", "0123456789abcdef0123456z", "x" * 500])
     async def test_a_missing_or_malformed_ref_is_400_and_konnect_is_not_asked(
@@ -281,6 +325,135 @@ class TestForged:
         assert await sandbox.faults() == [{"kind": "http_500", "count": 1, "endpoint": "get"}]
         await payments_service.spy.settle()
         assert payments_service.published("PaymentAnomalyDetected") == []
+
+
+FLOOD = 10_000
+FLOOD_CONCURRENCY = 50
+
+
+class TestAFloodOfForgedRefs:
+    async def test_ten_thousand_forged_refs_ask_konnect_nothing_and_a_genuine_webhook_goes_through(
+        self, payments_service, sandbox, book, db
+    ):
+        event, ref = await book(payments_service)
+        await sandbox.complete(ref, webhook="none")
+        forged = [uuid.uuid4().hex[:24] for _ in range(FLOOD)]
+        assert ref not in forged
+        limit = asyncio.Semaphore(FLOOD_CONCURRENCY)
+        answered: list[int] = []
+        transport = httpx.ASGITransport(app=payments_service.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://payments") as client:
+
+            async def webhook(payment_ref: str) -> httpx.Response:
+                response = await client.get(
+                    "/api/payments/webhook", params={"payment_ref": payment_ref}
+                )
+                answered.append(response.status_code)
+                return response
+
+            async def forge(payment_ref: str) -> int:
+                async with limit:
+                    return (await webhook(payment_ref)).status_code
+
+            async def genuine_amid_the_flood() -> tuple[httpx.Response, int]:
+                await eventually(
+                    lambda: len(answered) >= FLOOD // 2, timeout=60, what="half the flood"
+                )
+                response = await webhook(ref)  # alongside the flood, not queued behind it
+                return response, len(answered)
+
+            started = time.monotonic()
+            first = await forge(forged[0])
+            reported_at_once = await unknown_ref_reports(db)
+            *statuses, (genuine, at) = await asyncio.gather(
+                *(forge(r) for r in forged[1:]), genuine_amid_the_flood()
+            )
+            elapsed = time.monotonic() - started
+
+        assert [first, *statuses] == [404] * FLOOD
+        assert genuine.status_code == 200 and genuine.json()["status"] == "completed"
+        assert at < FLOOD  # answered while forged webhooks were still coming
+        assert payments_service.konnect_reads() == payments_service.konnect_reads(ref) == 1
+        assert await payments_service.payment_status(event.order_id) == "completed"
+        await payments_service.one("PaymentCompleted", event.order_id)
+        assert elapsed < 60, f"the flood took {elapsed:.0f}s"
+        # The first forged ref was reported in its own request: the admins heard at once.
+        assert [r["payment_refs"] for r in reported_at_once] == [[forged[0]]]
+
+        # What the sweeper's loop reports at its next round, the flood's tail.
+        await payments_service.service.report_unknown_refs(later())
+        reports = await unknown_ref_reports(db)
+        interval = payments_service.settings.unknown_ref_report_interval_seconds
+        assert sum(r["occurrences"] for r in reports) == FLOOD
+        assert len(reports) <= 2 + elapsed / interval  # one per interval, not one per ref
+        assert all(len(r["payment_refs"]) <= 40 for r in reports)
+        assert {p for r in reports for p in r["payment_refs"]} <= set(forged)
+
+        # The notifications service makes them one notification counting every webhook.
+        alerts = [
+            alert_for(PaymentAnomalyDetected.model_validate(r), datetime.now(UTC)) for r in reports
+        ]
+        assert len({a.fingerprint for a in alerts}) == 1
+        notification, occurrences = alerts[0], alerts[0].occurrences
+        for alert in alerts[1:]:
+            notification = alert.counted_onto(
+                notification.metadata, occurrences, alerts[0].occurred_at, alert.occurred_at
+            )
+            occurrences += alert.occurrences
+        assert occurrences == notification.metadata["webhooks"] == FLOOD
+        assert notification.metadata["first_payment_refs"][0] == forged[0]
+        assert len(notification.metadata["first_payment_refs"]) == 20
+        assert len(notification.metadata["last_payment_refs"]) == 20
+
+
+class TestLookupBudget:
+    async def test_a_webhook_over_budget_is_503_and_reconciliation_still_gets_its_lookups(
+        self, start_payments, sandbox, book, db
+    ):
+        # Four lookups, two of them for webhooks; the clock stands still: nothing refills.
+        running = await start_payments(
+            konnect_lookups_per_minute=4, konnect_webhook_lookup_share=0.5
+        )
+        frozen = time.monotonic()
+        running.service.clock = lambda: frozen
+        booked = [await book(running) for _ in range(4)]
+        for _, ref in booked:
+            await sandbox.complete(ref, webhook="none")
+        (_, ref_a), (_, ref_b), (c, ref_c), (d, _) = booked
+
+        assert (await running.webhook(ref_a)).json()["status"] == "completed"
+        assert (await running.webhook(ref_b)).json()["status"] == "completed"
+        refused = await running.webhook(ref_c)
+
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == PROBLEM
+        assert refused.headers["retry-after"] == "30"  # two a minute for webhooks
+        assert "reconciled" in refused.json()["detail"]
+        assert running.konnect_reads(ref_c) == 0
+        assert await running.payment_status(c.order_id) == "pending"
+
+        # Webhooks took their share; the sweeper's is intact.
+        sweep = await running.sweeper.run_once()
+
+        assert sweep.checked == 2
+        assert await running.payment_status(c.order_id) == "completed"
+        assert await running.payment_status(d.order_id) == "completed"
+        assert running.konnect_reads() == 4
+        assert (await running.webhook(ref_c)).json()["status"] == "completed"  # no lookup
+        assert running.konnect_reads() == 4
+
+    async def test_duplicate_webhooks_of_a_completed_payment_cost_no_lookup(
+        self, payments_service, sandbox, book
+    ):
+        event, ref = await book(payments_service)
+        await sandbox.complete(ref)
+        await payments_service.one("PaymentCompleted", event.order_id)
+        reads = payments_service.konnect_reads(ref)
+
+        answers = [await payments_service.webhook(ref) for _ in range(20)]
+
+        assert {a.json()["status"] for a in answers} == {"completed"}
+        assert payments_service.konnect_reads(ref) == reads
 
 
 class TestKonnectUnreachable:

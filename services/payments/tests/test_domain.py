@@ -1,4 +1,5 @@
-"""The payments domain: the fee split, Konnect's verdict, payments and escrow holds. No I/O."""
+"""The payments domain: the fee split, Konnect's verdict, payments and escrow holds, the budget of
+Konnect lookups and the tally of unknown refs. No I/O."""
 
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +21,8 @@ from booking.payments.domain import (
     IllegalTransition,
     InvalidFeeRate,
     KonnectVerdict,
+    Lookup,
+    LookupBudget,
     MalformedKonnectPayment,
     MoneyFate,
     MoneyReceived,
@@ -31,6 +34,7 @@ from booking.payments.domain import (
     ReleaseTooEarly,
     Settlement,
     Split,
+    UnknownRefTally,
     konnect_amount_paid,
     konnect_currency,
     konnect_outcome,
@@ -959,3 +963,150 @@ class TestSequence:
             with pytest.raises(AlreadyApplied):
                 hold.release_by_admin("again", ADMIN, LATER)
         assert hold.sequence == 2
+
+
+# -- what webhooks may cost ----------------------------------------------------------------------
+
+
+def taken(budget: LookupBudget, lookup: Lookup, now: float, asks: int) -> int:
+    """How many of `asks` lookups at `now` the budget grants."""
+    return sum(1 for _ in range(asks) if budget.take(lookup, now) == 0)
+
+
+class TestLookupBudget:
+    def test_webhooks_take_at_most_their_share_and_leave_the_rest_to_reconciliation(self):
+        budget = LookupBudget(per_minute=30, webhook_share=0.7, now=0.0)
+
+        assert taken(budget, Lookup.WEBHOOK, 0.0, 1000) == 21
+        assert taken(budget, Lookup.RECONCILIATION, 0.0, 1000) == 9
+
+    def test_reconciliation_may_use_what_webhooks_leave(self):
+        budget = LookupBudget(per_minute=30, webhook_share=0.7, now=0.0)
+
+        assert taken(budget, Lookup.RECONCILIATION, 0.0, 1000) == 30
+        assert budget.take(Lookup.WEBHOOK, 0.0) > 0
+
+    def test_a_refused_lookup_is_told_how_long_until_one_is_free_and_gets_it_then(self):
+        budget = LookupBudget(per_minute=30, webhook_share=0.5, now=100.0)
+        assert taken(budget, Lookup.WEBHOOK, 100.0, 15) == 15
+
+        wait = budget.take(Lookup.WEBHOOK, 100.0)
+
+        assert wait == pytest.approx(4.0)  # 15 a minute for webhooks: one each 4 s
+        assert budget.take(Lookup.WEBHOOK, 100.0 + wait * 0.99) > 0
+        assert budget.take(Lookup.WEBHOOK, 100.0 + wait) == 0
+
+    def test_a_sustained_flood_of_webhooks_never_starves_reconciliation(self):
+        per_minute, share = 30, 0.7
+        budget = LookupBudget(per_minute, share, now=0.0)
+        webhooks = reconciliations = 0
+        for tenth in range(10 * 60 * 10):  # ten minutes: 100 webhooks a second, then a sweep ask
+            now = tenth / 10
+            webhooks += taken(budget, Lookup.WEBHOOK, now, 10)
+            reconciliations += taken(budget, Lookup.RECONCILIATION, now, 1)
+
+        minutes = 10
+        assert webhooks <= share * per_minute * (minutes + 1)  # its rate, plus one burst
+        assert reconciliations >= (1 - share) * per_minute * minutes
+        assert webhooks + reconciliations <= per_minute * (minutes + 1)
+
+    def test_tokens_never_pile_up_beyond_a_minutes_worth(self):
+        budget = LookupBudget(per_minute=12, webhook_share=1.0, now=0.0)
+
+        assert taken(budget, Lookup.WEBHOOK, 3600.0, 1000) == 12
+
+    def test_webhooks_without_a_share_are_never_granted_one(self):
+        budget = LookupBudget(per_minute=30, webhook_share=0, now=0.0)
+
+        assert budget.take(Lookup.WEBHOOK, 0.0) == float("inf")
+        assert budget.take(Lookup.WEBHOOK, 1e9) == float("inf")
+        assert budget.take(Lookup.RECONCILIATION, 0.0) == 0
+
+    @pytest.mark.parametrize(("per_minute", "share"), [(0, 0.5), (0.5, 0.5), (30, -0.1), (30, 1.1)])
+    def test_a_budget_out_of_bounds_is_refused(self, per_minute: float, share: float):
+        with pytest.raises(ValueError):
+            LookupBudget(per_minute, share, now=0.0)
+
+
+INTERVAL = timedelta(seconds=5)
+
+
+def refs(count: int, start: int = 0) -> list[str]:
+    return [f"{n:024x}" for n in range(start, start + count)]
+
+
+class TestUnknownRefTally:
+    def test_the_first_ref_of_a_quiet_spell_is_reported_at_once(self):
+        tally = UnknownRefTally(INTERVAL, sample=20)
+
+        report = tally.seen("a" * 24, T0)
+
+        assert report is not None
+        assert (report.count, report.refs) == (1, ("a" * 24,))
+        assert report.first_seen_at == report.last_seen_at == T0
+        assert tally.count == 0
+
+    def test_those_that_follow_wait_for_the_interval_and_come_in_one_report(self):
+        tally = UnknownRefTally(INTERVAL, sample=20)
+        tally.seen("a" * 24, T0)
+
+        later = [tally.seen(ref, T0 + timedelta(seconds=1)) for ref in refs(3)]
+
+        assert later == [None, None, None] and tally.count == 3
+        assert tally.due(T0 + INTERVAL - timedelta(microseconds=1)) is None
+        report = tally.due(T0 + INTERVAL)
+        assert report is not None and (report.count, report.refs) == (3, tuple(refs(3)))
+        assert report.first_seen_at == report.last_seen_at == T0 + timedelta(seconds=1)
+        assert tally.due(T0 + 10 * INTERVAL) is None  # nothing since
+
+    def test_a_ref_after_the_interval_is_reported_by_its_own_webhook(self):
+        tally = UnknownRefTally(INTERVAL, sample=20)
+        tally.seen("a" * 24, T0)
+        tally.seen("b" * 24, T0 + timedelta(seconds=2))
+
+        report = tally.seen("c" * 24, T0 + INTERVAL)
+
+        assert report is not None and report.refs == ("b" * 24, "c" * 24)
+
+    def test_a_flood_keeps_the_first_and_the_last_refs_and_counts_them_all(self):
+        tally = UnknownRefTally(INTERVAL, sample=20)
+        flood = refs(10_000)
+        reports = [tally.seen(ref, T0 + timedelta(milliseconds=n)) for n, ref in enumerate(flood)]
+        reports.append(tally.due(T0 + timedelta(minutes=1)))
+
+        made = [r for r in reports if r is not None]
+        assert sum(r.count for r in made) == 10_000
+        assert len(made) == 3  # at once, after 5 s, and the tail
+        assert made[0].refs == (flood[0],)
+        assert made[1].refs == (*flood[1:21], *flood[4981:5001])
+        assert made[2].refs == (*flood[5001:5021], *flood[-20:])
+        assert all(len(r.refs) <= 40 for r in made)
+
+    def test_repeats_of_one_ref_are_counted_and_listed_once(self):
+        tally = UnknownRefTally(INTERVAL, sample=2)
+        tally.seen("0" * 24, T0)
+        for ref in ["a" * 24, "b" * 24, "a" * 24, "c" * 24, "d" * 24, "c" * 24] * 100:
+            tally.seen(ref, T0)
+
+        report = tally.due(T0 + INTERVAL)
+
+        assert report is not None and report.count == 600
+        assert report.refs == ("a" * 24, "b" * 24, "d" * 24, "c" * 24)
+
+    def test_a_report_that_could_not_be_recorded_joins_the_next(self):
+        tally = UnknownRefTally(INTERVAL, sample=20)
+        lost = tally.seen("a" * 24, T0)
+        assert lost is not None
+        tally.put_back(lost)
+        assert tally.seen("b" * 24, T0 + timedelta(seconds=1)) is None  # no retry per webhook
+
+        report = tally.due(T0 + INTERVAL)
+
+        assert report is not None and (report.count, report.refs) == (2, ("a" * 24, "b" * 24))
+        assert (report.first_seen_at, report.last_seen_at) == (T0, T0 + timedelta(seconds=1))
+
+    def test_a_tally_needs_an_interval_and_a_sample(self):
+        with pytest.raises(ValueError):
+            UnknownRefTally(timedelta(0), sample=20)
+        with pytest.raises(ValueError):
+            UnknownRefTally(INTERVAL, sample=0)

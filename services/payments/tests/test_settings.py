@@ -26,6 +26,9 @@ NAMES = (
     "INITIATION_LEASE_SECONDS",
     "ESCROW_RELEASE_DELAY_MINUTES",
     "ESCROW_RELEASE_INTERVAL_SECONDS",
+    "KONNECT_LOOKUPS_PER_MINUTE",
+    "KONNECT_WEBHOOK_LOOKUP_SHARE",
+    "UNKNOWN_REF_REPORT_INTERVAL_SECONDS",
 )
 
 
@@ -53,6 +56,14 @@ class TestDefaults:
         assert settings.reconciliation_interval_seconds == 30
         assert settings.reconciliation_grace_seconds == 120
         assert settings.escrow_release_delay_minutes == 1440
+
+    def test_what_webhooks_may_cost(self) -> None:
+        settings = PaymentsSettings()
+        # Two replicas (the manifests' least) ask at most 60 a minute: under the 100 Konnect is
+        # said to allow, with room for the init-payment calls.
+        assert settings.konnect_lookups_per_minute == 30
+        assert settings.konnect_webhook_lookup_share == 0.7
+        assert settings.unknown_ref_report_interval_seconds == 5
 
     def test_konnect_urls_default_under_the_public_base_url(
         self, monkeypatch: pytest.MonkeyPatch
@@ -97,6 +108,9 @@ class TestEnvironment:
             "INITIATION_LEASE_SECONDS": "90",
             "ESCROW_RELEASE_DELAY_MINUTES": "60",
             "ESCROW_RELEASE_INTERVAL_SECONDS": "5",
+            "KONNECT_LOOKUPS_PER_MINUTE": "12",
+            "KONNECT_WEBHOOK_LOOKUP_SHARE": "0.5",
+            "UNKNOWN_REF_REPORT_INTERVAL_SECONDS": "2.5",
         }
         for name, value in values.items():
             monkeypatch.setenv(name, value)
@@ -134,4 +148,20 @@ class TestValidation:
     def test_a_lifespan_under_one_minute_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("KONNECT_PAYMENT_LIFESPAN_MINUTES", "0")
         with pytest.raises(ValidationError, match="konnect_payment_lifespan_minutes"):
+            PaymentsSettings()
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("KONNECT_LOOKUPS_PER_MINUTE", "0"),
+            ("KONNECT_WEBHOOK_LOOKUP_SHARE", "-0.1"),
+            ("KONNECT_WEBHOOK_LOOKUP_SHARE", "1.5"),
+            ("UNKNOWN_REF_REPORT_INTERVAL_SECONDS", "0"),
+        ],
+    )
+    def test_a_budget_out_of_bounds_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+    ) -> None:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError, match=name.lower()):
             PaymentsSettings()

@@ -3,6 +3,7 @@ an order's escrow."""
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 
@@ -14,6 +15,7 @@ from booking.contracts.http import WebhookResult
 from booking.payments.domain import EscrowHold, IllegalTransition
 from booking.payments.service import (
     KonnectCannotBeAsked,
+    LookupsSpent,
     NoEscrow,
     PaymentService,
     UnknownPaymentRef,
@@ -22,6 +24,9 @@ from booking.runtime.auth import Identity, Role, require_roles
 
 # Konnect's payment refs are 24 hexadecimal characters (Mongo object ids).
 PAYMENT_REF = re.compile(r"[0-9a-fA-F]{24}")
+
+# Retry-After of a webhook refused a lookup: the budget's own wait, within these bounds.
+_RETRY_AFTER_SECONDS = (1, 60)
 
 _PROBLEM = {"content": {"application/problem+json": {}}}
 
@@ -34,8 +39,12 @@ def webhook_router(payments: PaymentService) -> APIRouter:
         response_model=WebhookResult,
         responses={
             400: {"description": "payment_ref missing or malformed", **_PROBLEM},
-            404: {"description": "no payment has this ref (an anomaly is raised)", **_PROBLEM},
-            503: {"description": "Konnect could not be asked; reconciled later", **_PROBLEM},
+            404: {"description": "no payment has this ref (the admins are told)", **_PROBLEM},
+            503: {
+                "description": "Konnect could not be asked (out of reach, or webhooks used their "
+                "share of the lookups Konnect allows); reconciled later",
+                **_PROBLEM,
+            },
         },
         summary="Konnect's payment notification (unsigned: we ask Konnect ourselves)",
     )
@@ -58,6 +67,16 @@ def webhook_router(payments: PaymentService) -> APIRouter:
                 "Konnect could not be asked about this payment now; it will be reconciled, "
                 "and a later notification is welcome",
                 headers={"Retry-After": "30"},
+            ) from None
+        except LookupsSpent as spent:
+            low, high = _RETRY_AFTER_SECONDS
+            wait = high if math.isinf(spent.retry_after) else math.ceil(spent.retry_after)
+            raise HTTPException(
+                503,
+                "Konnect cannot be asked about this payment now: webhooks have used their share "
+                "of the lookups Konnect allows. It will be reconciled, and a later notification "
+                "is welcome",
+                headers={"Retry-After": str(min(max(wait, low), high))},
             ) from None
         return WebhookResult(payment_ref=answer.payment_ref, status=answer.status)
 

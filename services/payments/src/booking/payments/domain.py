@@ -1,4 +1,5 @@
-"""The payments service's rules: the fee split, Konnect's verdict, payments and escrow holds.
+"""The payments service's rules: the fee split, Konnect's verdict, payments and escrow holds,
+and what webhooks may cost (the budget of Konnect lookups, the tally of unknown refs).
 
 Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now`. A move the
 status machine does not allow raises `IllegalTransition` and changes nothing; repeating a move
@@ -61,6 +62,7 @@ from booking.runtime.domain import (
     DomainError,
     IllegalTransition,
     currency_code,
+    keep_ends,
     minor_units,
 )
 
@@ -749,3 +751,149 @@ class EscrowHold:
         self.reason = reason
         self.decided_by = by
         self.updated_at = now
+
+
+# -- what webhooks may cost ----------------------------------------------------------------------
+
+
+class Lookup(StrEnum):
+    """Who asks Konnect about a payment (a payment read, `GET /payments/{ref}`)."""
+
+    WEBHOOK = "webhook"
+    RECONCILIATION = "reconciliation"
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """Tokens refilled at `per_second` up to `capacity`; `at` is when they were counted."""
+
+    capacity: float
+    per_second: float
+    tokens: float
+    at: float
+
+    def refill(self, now: float) -> None:
+        if now > self.at:
+            self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.per_second)
+            self.at = now
+
+    def wait(self) -> float:
+        """Seconds until it holds a whole token (0: it does now; inf: it never will)."""
+        if self.tokens >= 1:
+            return 0.0
+        if self.capacity < 1 or self.per_second <= 0:
+            return math.inf
+        return (1 - self.tokens) / self.per_second
+
+
+class LookupBudget:
+    """The payment reads one process may make at Konnect, whose rate limit they all share.
+
+    A token bucket of `per_minute` reads a minute, a minute's worth at once at most. Webhooks
+    also draw on a bucket of their own, `webhook_share` of the whole: however many come, they
+    leave the rest to reconciliation, which draws on the whole bucket only (and so may use what
+    webhooks leave). Time is `now` in seconds on a monotonic clock, the caller's.
+    """
+
+    def __init__(self, per_minute: float, webhook_share: float, now: float) -> None:
+        if not per_minute >= 1:
+            raise ValueError(f"per_minute must be at least 1, got {per_minute}")
+        if not 0 <= webhook_share <= 1:
+            raise ValueError(f"webhook_share must be within [0, 1], got {webhook_share}")
+        webhooks = per_minute * webhook_share
+        self._all = _Bucket(per_minute, per_minute / 60, per_minute, now)
+        self._webhooks = _Bucket(webhooks, webhooks / 60, webhooks, now)
+
+    def take(self, lookup: Lookup, now: float) -> float:
+        """Take one read for `lookup`: 0.0 when granted, else the seconds until one could be
+        (nothing is taken then; `math.inf` when webhooks have no share at all)."""
+        buckets = [self._all] if lookup is Lookup.RECONCILIATION else [self._all, self._webhooks]
+        for bucket in buckets:
+            bucket.refill(now)
+        wait = max(bucket.wait() for bucket in buckets)
+        if wait == 0:
+            for bucket in buckets:
+                bucket.tokens -= 1
+        return wait
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownRefReport:
+    """Webhooks that named refs none of our payments has, counted since the last report."""
+
+    count: int
+    refs: tuple[str, ...]
+    """A sample, oldest first: the first refs seen, then the last (each ref once)."""
+    first_seen_at: datetime
+    last_seen_at: datetime
+
+
+class UnknownRefTally:
+    """Webhooks naming refs none of our payments has, counted in memory and reported together.
+
+    Konnect only sends refs we created, so such a webhook is forged or mistaken: it costs no
+    Konnect call and no write. The first after a quiet `interval` is reported at once; those
+    that follow wait for the next report, at most one per `interval`, which says how many came
+    and keeps `sample` refs at each end. A flood of any size is one report per interval.
+    """
+
+    def __init__(self, interval: timedelta, sample: int) -> None:
+        if interval <= timedelta(0) or sample < 1:
+            raise ValueError("a tally needs a positive interval and sample")
+        self.interval = interval
+        self.sample = sample
+        self._reported_at: datetime | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._count = 0
+        self._first: list[str] = []
+        self._last: list[str] = []
+        self._first_seen_at: datetime | None = None
+        self._last_seen_at: datetime | None = None
+
+    @property
+    def count(self) -> int:
+        """Webhooks counted and not reported yet."""
+        return self._count
+
+    def seen(self, ref: str, now: datetime) -> UnknownRefReport | None:
+        """Count one webhook for `ref`; the report to record now, if one is due."""
+        self._count += 1
+        self._keep(ref)
+        self._first_seen_at = self._first_seen_at or now
+        self._last_seen_at = now
+        return self.due(now)
+
+    def due(self, now: datetime) -> UnknownRefReport | None:
+        """What was counted, once `interval` has passed since the last report (None: not yet,
+        or nothing was). Taking it starts the next interval."""
+        if not self._count:
+            return None
+        if self._reported_at is not None and now - self._reported_at < self.interval:
+            return None
+        assert self._first_seen_at is not None and self._last_seen_at is not None
+        report = UnknownRefReport(
+            count=self._count,
+            refs=(*self._first, *self._last),
+            first_seen_at=self._first_seen_at,
+            last_seen_at=self._last_seen_at,
+        )
+        self._reported_at = now
+        self._clear()
+        return report
+
+    def put_back(self, report: UnknownRefReport) -> None:
+        """A report that could not be recorded: its webhooks join the next one (which still
+        waits for the interval: an outage is not retried on every webhook)."""
+        later_refs = (*self._first, *self._last)
+        later_first, later_last = self._first_seen_at, self._last_seen_at
+        self._count += report.count
+        self._first, self._last = [], []
+        for ref in (*report.refs, *later_refs):
+            self._keep(ref)
+        self._first_seen_at = min(filter(None, (report.first_seen_at, later_first)))
+        self._last_seen_at = max(filter(None, (report.last_seen_at, later_last)))
+
+    def _keep(self, ref: str) -> None:
+        keep_ends(self._first, self._last, ref, self.sample)

@@ -1,12 +1,14 @@
 """The sweeper: what the webhook and the fast path may have left undone.
 
-(a) Open payments (pending, or underpaid: the payer may pay the rest) older than a grace
-period, not asked about within the interval, are asked of Konnect and its verdict applied (lost
-webhooks); one past its expiry that Konnect does not report completed is expired, and what an
-underpaid one received is owed back. (b) Payments left `initiating` (the replica crashed before
-or during its Konnect call) are initiated again once their lease lapsed. (c) Held escrow whose
-session was scheduled (OrderConfirmed set when its release is due) is released for the mentor
-once due; a hold never scheduled, frozen or owed back never is.
+(a) Open payments (pending, or underpaid: the payer may pay the rest) older than a grace period, not
+asked about within the interval, are asked of Konnect and its verdict applied (lost webhooks, and
+webhooks refused for the lookup budget, whose reserve is reconciliation's: a sweep waits for its
+turn, never refused); one past its expiry that Konnect does not report completed is expired, and
+what an underpaid one received is owed back. (b) Payments left `initiating` (the replica crashed
+before or during its Konnect call) are initiated again once their lease lapsed. (c) Held escrow
+whose session was scheduled (OrderConfirmed set when its release is due) is released for the mentor
+once due; a hold never scheduled, frozen or owed back never is. (d) Webhooks for refs none of our
+payments has, counted since the last report, are reported once it is due (a flood's tail).
 
 Every replica runs one. Each claims its rows with `FOR UPDATE SKIP LOCKED` and stamps them in the
 same statement, so replicas never take the same row; every change is then applied under the row
@@ -38,7 +40,8 @@ from booking.runtime.sweeping import Every, run_quietly
 
 log = logging.getLogger(__name__)
 
-# Konnect calls in flight at once per sweep (Konnect's rate limit is not documented).
+# Konnect calls in flight at once per sweep (Konnect's rate limit is not documented; the
+# lookup budget paces them).
 _KONNECT_CONCURRENCY = 4
 
 
@@ -73,6 +76,11 @@ class Sweeper:
                 self.settings.escrow_release_interval_seconds,
                 lambda: self.guarded(self.release_escrow, utcnow()),
                 name="sweeper-escrow",
+            ),
+            Every(
+                self.settings.unknown_ref_report_interval_seconds,
+                lambda: self.guarded(self.service.report_unknown_refs, utcnow()),
+                name="sweeper-unknown-refs",
             ),
         ]
         for loop in self._loops:
@@ -150,7 +158,7 @@ class Sweeper:
     async def _check(self, row: Row[Any], now: datetime, limit: asyncio.Semaphore) -> None:
         try:
             async with limit:
-                konnect_payment = await self.service.konnect.get_payment(row.payment_ref)
+                konnect_payment = await self.service.look_up_for_reconciliation(row.payment_ref)
             verdict = KonnectVerdict.read(konnect_payment, now)
         except PaymentNotFound:
             # No money can come through a payment Konnect does not know; only our expiry ends it.

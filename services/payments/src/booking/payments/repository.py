@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, select, text, update
+from sqlalchemy import Row, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -78,6 +78,18 @@ def stored(payment: Payment) -> dict[str, Any]:
         "paid_at": payment.paid_at,
         "updated_at": payment.updated_at,
     }
+
+
+# Built once: every webhook runs it, a flood of forged ones too.
+_BY_REF = select(payments.c.id, payments.c.order_id, payments.c.status).where(
+    payments.c.payment_ref == bindparam("payment_ref")
+)
+
+
+async def payment_by_ref(session: AsyncSession, payment_ref: str) -> Row[Any] | None:
+    """The id, order and status of the payment with this Konnect ref (unique: one index read),
+    or None when none of ours has it."""
+    return (await session.execute(_BY_REF, {"payment_ref": payment_ref})).one_or_none()
 
 
 async def locked_payment(session: AsyncSession, payment_id: uuid.UUID) -> Row[Any]:

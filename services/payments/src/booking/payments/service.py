@@ -14,17 +14,21 @@ The rules of the escrow are docs/recovery.md's (sections 4 and 5); the domain ke
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import (
+    UNKNOWN_REF_SAMPLE,
     AdminAction,
     BookingRequested,
     EscrowFrozen,
@@ -52,6 +56,8 @@ from booking.payments.domain import (
     FreezeKind,
     IllegalTransition,
     KonnectVerdict,
+    Lookup,
+    LookupBudget,
     MalformedKonnectPayment,
     MoneyFate,
     MoneyReceived,
@@ -60,21 +66,23 @@ from booking.payments.domain import (
     RefundCause,
     ReleaseScheduling,
     Settlement,
+    UnknownRefReport,
+    UnknownRefTally,
 )
 from booking.payments.konnect import (
     KonnectClient,
     KonnectError,
     KonnectUnauthorized,
     KonnectUnavailable,
-    PaymentNotFound,
     PaymentRequest,
 )
 from booking.payments.repository import OrderEnding, StoredHold
 from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import messaging, payments
+from booking.payments.tables import payments
 from booking.runtime.audit import record_admin_action
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
+from booking.runtime.outages import describe, is_unreachable
 from booking.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,9 @@ _EVENTS = uuid.UUID("0b8a1f6e-3c1d-4e55-9a0e-5d7c2f4b9e21")
 _REASON_CHARS = 1000
 
 SettlementAction = Literal["release", "refund", "refunded"]
+
+# Webhooks refused a lookup are logged at most once per this many seconds (with how many).
+_SAY_EVERY = 10.0
 
 
 def event_id(*parts: object) -> uuid.UUID:
@@ -111,6 +122,15 @@ class UnknownPaymentRef(Exception):
 
 class KonnectCannotBeAsked(Exception):
     """Konnect could not be asked about a payment, or its answer could not be read."""
+
+
+class LookupsSpent(Exception):
+    """Webhooks have used their share of Konnect lookups for now: `retry_after` seconds until
+    one is free again (`math.inf` when webhooks have no share)."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"webhook lookups spent for {retry_after:.1f}s")
 
 
 class NoEscrow(Exception):
@@ -143,6 +163,7 @@ class PaymentService:
         outbox: Outbox,
         konnect: KonnectClient,
         settings: PaymentsSettings,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.outbox = outbox
@@ -150,6 +171,17 @@ class PaymentService:
         self.settings = settings
         self.lease = timedelta(seconds=settings.initiation_lease_seconds)
         self.release_delay = timedelta(minutes=settings.escrow_release_delay_minutes)
+        # What webhooks may cost: per process, like the rate of requests each replica serves.
+        self.clock = clock
+        self.lookups = LookupBudget(
+            settings.konnect_lookups_per_minute, settings.konnect_webhook_lookup_share, clock()
+        )
+        self.unknown_refs = UnknownRefTally(
+            timedelta(seconds=settings.unknown_ref_report_interval_seconds), UNKNOWN_REF_SAMPLE
+        )
+        self._asking: dict[str, _Asking] = {}
+        self._refused = 0
+        self._refused_said_at: float | None = None
 
     async def _record(self, session: AsyncSession, event: Event, message_id: uuid.UUID) -> None:
         await self.outbox.record(session, event, message_id=message_id)
@@ -555,21 +587,66 @@ class PaymentService:
     async def notify(self, payment_ref: str, now: datetime | None = None) -> WebhookAnswer:
         """Konnect says something happened to `payment_ref`: find out what, and apply it once.
 
-        Raises `UnknownPaymentRef` (after raising the anomaly) for a ref that is not ours and
-        `KonnectCannotBeAsked` when Konnect cannot be asked (reconciliation makes it good).
+        One index read decides. A ref none of our payments has raises `UnknownPaymentRef`: it
+        is counted for the admins' report, and Konnect, which only sends refs we created, is
+        not asked. A completed payment is answered as it is: nothing Konnect says changes it.
+        Any other payment is asked about within the webhooks' share of the lookup budget:
+        `LookupsSpent` when it is used up, `KonnectCannotBeAsked` when Konnect cannot be asked;
+        reconciliation makes both good.
         """
         async with self.db.single_statement() as session:
-            query = select(payments.c.id, payments.c.order_id, payments.c.status).where(
-                payments.c.payment_ref == payment_ref
-            )
-            found = (await session.execute(query)).one_or_none()
+            found = await repo.payment_by_ref(session, payment_ref)
         if found is None:
-            await self._unknown_ref(payment_ref)
+            await self._count_unknown(payment_ref, now or utcnow())
             raise UnknownPaymentRef(payment_ref)
         if found.status == PaymentState.COMPLETED.value:
             # Applied before: nothing Konnect could say now changes it.
             return WebhookAnswer(payment_ref, found.status)
         # Ended payments are asked too: money that arrives after the end is never dropped.
+        status = await self._ask_once_for_all(found, payment_ref, now)
+        return WebhookAnswer(payment_ref, status.value)
+
+    async def _ask_once_for_all(
+        self, found: Row[Any], payment_ref: str, now: datetime | None
+    ) -> PaymentState:
+        """Ask Konnect about a payment of ours and apply its verdict, one lookup at a time per ref.
+
+        A webhook that comes while its ref is being asked about waits for that lookup to end,
+        then shares the next one with every webhook that came meanwhile: that one starts after
+        they came, so it sees what they announce. A burst of duplicates costs two lookups, not
+        one each. (Per process: each replica asks for the webhooks it receives.)
+        """
+        asking = self._asking.setdefault(payment_ref, _Asking())
+        started_before = asking.started
+        asking.waiting += 1
+        try:
+            async with asking.lock:
+                if asking.started > started_before and asking.outcome is not None:
+                    # A lookup that started after this webhook came has just ended: its answer.
+                    if isinstance(asking.outcome, Exception):
+                        raise asking.outcome.with_traceback(None)
+                    return asking.outcome
+                asking.started += 1
+                asking.outcome = None
+                try:
+                    state = await self._look_up_and_apply(found, payment_ref, now)
+                except (LookupsSpent, KonnectCannotBeAsked) as refused:
+                    asking.outcome = refused
+                    raise
+                asking.outcome = state
+                return state
+        finally:
+            asking.waiting -= 1
+            if not asking.waiting:
+                del self._asking[payment_ref]
+
+    async def _look_up_and_apply(
+        self, found: Row[Any], payment_ref: str, now: datetime | None
+    ) -> PaymentState:
+        wait = self.lookups.take(Lookup.WEBHOOK, self.clock())
+        if wait:
+            self._lookup_refused(payment_ref)
+            raise LookupsSpent(wait)
         try:
             konnect_payment = await self.konnect.get_payment(payment_ref)
             now = now or utcnow()
@@ -577,50 +654,67 @@ class PaymentService:
         except (KonnectError, KonnectUnavailable, MalformedKonnectPayment) as error:
             log.warning("webhook for %s: Konnect could not be asked: %s", payment_ref, error)
             raise KonnectCannotBeAsked(str(error)) from error
-        status = await self.apply_verdict(found.id, found.order_id, verdict, now)
-        return WebhookAnswer(payment_ref, status.value)
+        return await self.apply_verdict(found.id, found.order_id, verdict, now)
 
-    async def _unknown_ref(self, payment_ref: str) -> None:
-        """A ref none of our payments has: one anomaly per ref, however often it comes."""
-        message_id = event_id("anomaly", PaymentAnomalyKind.UNKNOWN_PAYMENT_REF.value, payment_ref)
-        outbox = messaging.outbox
-        async with self.db.engine.connect() as conn:
-            reported = await conn.scalar(
-                select(outbox.c.id).where(outbox.c.message_id == message_id)
-            )
-        if reported is not None:
-            return  # a flood of one forged ref asks Konnect once
-        order_id = None
+    def _lookup_refused(self, payment_ref: str) -> None:
+        """Say that webhooks are being refused lookups, once per few seconds with how many."""
+        self._refused += 1
+        now = self.clock()
+        if self._refused_said_at is not None and now - self._refused_said_at < _SAY_EVERY:
+            return
+        log.warning(
+            "webhooks have used their share of Konnect lookups (KONNECT_LOOKUPS_PER_MINUTE, "
+            "KONNECT_WEBHOOK_LOOKUP_SHARE): %d answered 503 since the last such line, the latest "
+            "for %s; reconciliation settles their payments",
+            self._refused,
+            payment_ref,
+        )
+        self._refused, self._refused_said_at = 0, now
+
+    async def look_up_for_reconciliation(self, payment_ref: str) -> dict[str, Any]:
+        """Konnect's payment object for the sweeper, within the lookup budget: it waits for its
+        turn (webhooks cannot take reconciliation's share, so the wait is bounded)."""
+        while True:
+            wait = self.lookups.take(Lookup.RECONCILIATION, self.clock())
+            if not wait:
+                return await self.konnect.get_payment(payment_ref)
+            await asyncio.sleep(wait)  # the bucket refills at a known rate: nothing to wake on
+
+    # -- refs none of our payments has ---------------------------------------------------------
+
+    async def _count_unknown(self, payment_ref: str, now: datetime) -> None:
+        """Count a webhook for a ref that is not ours; record the report if one is due (the
+        first after a quiet spell is: the admins hear of it at once)."""
+        report = self.unknown_refs.seen(payment_ref, now)
+        if report is None:
+            return
         try:
-            known = await self.konnect.get_payment(payment_ref)
-        except PaymentNotFound:
-            detail = (
-                f"a webhook named {payment_ref}, which Konnect never issued: forged or mistaken"
-            )
-        except (KonnectError, KonnectUnavailable) as error:
-            detail = (
-                f"a webhook named {payment_ref}, which no payment of ours has; "
-                f"Konnect could not be asked about it ({error})"
-            )
-        else:
-            order_id = _uuid_or_none(known.get("orderId"))
-            detail = (
-                f"a webhook named {payment_ref}, which Konnect knows (order "
-                f"{known.get('orderId')}, status {known.get('status')}) but no payment of ours "
-                "has: an orphan of an interrupted initiation, or not ours"
-            )
-        log.warning("payment anomaly unknown_payment_ref: %s", detail)
-        async with self.db.transaction() as session:
-            await self._record(
-                session,
-                PaymentAnomalyDetected(
-                    payment_ref=payment_ref,
-                    order_id=order_id,
-                    kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
-                    detail=detail,
-                ),
-                message_id,
-            )
+            await self._report_unknown(report)
+        except Exception as exc:
+            # Put back: the next report counts it. The webhook is answered all the same.
+            if is_unreachable(exc):
+                log.warning("unknown payment refs not reported now: %s", describe(exc))
+            else:
+                log.exception("reporting unknown payment refs failed")
+
+    async def report_unknown_refs(self, now: datetime) -> int:
+        """Record the report of unknown refs counted since the last one, if it is due (the
+        sweeper asks once per interval); how many webhooks it reported."""
+        report = self.unknown_refs.due(now)
+        if report is None:
+            return 0
+        await self._report_unknown(report)
+        return report.count
+
+    async def _report_unknown(self, report: UnknownRefReport) -> None:
+        event = unknown_refs_event(report)
+        try:
+            async with self.db.transaction() as session:
+                await self._record(session, event, uuid.uuid4())
+        except BaseException:
+            self.unknown_refs.put_back(report)
+            raise
+        log.warning("payment anomaly unknown_payment_ref: %s", event.detail)
 
     # -- the session's fate (events from orders) -------------------------------------------
 
@@ -879,8 +973,33 @@ def escrow_event(hold: EscrowHold) -> Event:
     )
 
 
-def _uuid_or_none(value: object) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
+def unknown_refs_event(report: UnknownRefReport) -> PaymentAnomalyDetected:
+    """The anomaly that reports webhooks for refs none of our payments has (one or many)."""
+    why = "forged or mistaken (Konnect only sends the refs we create, so it was not asked)"
+    if report.count == 1:
+        detail = f"a webhook named {report.refs[0]}, which no payment of ours has: {why}"
+    else:
+        detail = (
+            f"{report.count} webhooks from {report.first_seen_at.isoformat()} to "
+            f"{report.last_seen_at.isoformat()} named refs no payment of ours has: {why}. "
+            f"{len(report.refs)} of their refs are listed, the first and the last ones."
+        )
+    return PaymentAnomalyDetected(
+        payment_ref=report.refs[0],
+        order_id=None,
+        kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
+        detail=detail,
+        occurrences=report.count,
+        payment_refs=list(report.refs),
+    )
+
+
+@dataclass(slots=True)
+class _Asking:
+    """The lookups of one ref under way in this process (`notify` keeps one at a time)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    started: int = 0
+    waiting: int = 0
+    outcome: PaymentState | Exception | None = None
+    """What the latest lookup came to; None while it runs or when it failed unexpectedly."""

@@ -40,6 +40,21 @@ class PaymentsSettings(RuntimeSettings):
     # address than browsers do (Compose: the sandbox calls the gateway's container).
     konnect_webhook_url: str | None = None
 
+    # Payment reads at Konnect (`GET /payments/{ref}`: a webhook's and reconciliation's) one
+    # replica may make per minute, a minute's worth at once at most; a read's retries count as
+    # one. Konnect's rate limit is undocumented (one source says 100 requests a minute per
+    # account) and every replica has its own budget: keep replicas x this, plus the init-payment
+    # calls (one per booking, not counted here), under it.
+    konnect_lookups_per_minute: int = Field(default=30, ge=1)
+    # The most of those webhooks may use: the rest is reconciliation's, so a flood of webhooks
+    # never starves the sweeper. A webhook that finds its share spent is answered 503 with
+    # Retry-After; the payment stays pending and reconciliation settles it.
+    konnect_webhook_lookup_share: float = Field(default=0.7, ge=0, le=1)
+    # Webhooks naming a ref none of our payments has cost no Konnect call: they are counted, and
+    # reported (PaymentAnomalyDetected, unknown_payment_ref) at most once per this long with how
+    # many came and a sample of their refs; the first after a quiet spell at once.
+    unknown_ref_report_interval_seconds: float = Field(default=5.0, gt=0)
+
     # Reconciliation: pending payments older than the grace period are asked of Konnect at most
     # once per interval (lost webhooks), and expired past their lifespan.
     reconciliation_interval_seconds: float = Field(default=30.0, gt=0)
