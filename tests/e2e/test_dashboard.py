@@ -147,10 +147,26 @@ async def unschedulable_booking(market) -> str:
 
 
 async def forged_webhook(market) -> str:
-    """A webhook for a ref Konnect never issued: a Warning alert (PaymentAnomaly)."""
+    """A webhook for a ref no payment has: a Warning alert (PaymentAnomaly). Every such webhook
+    counts up on one notification per window, whose message names the latest ref."""
     ref = uuid.uuid4().hex[:24]
     await market.api.get("/api/payments/webhook", params={"payment_ref": ref})
     return ref
+
+
+async def payment_anomaly(
+    running_system, again: PaymentAnomalyDetected | None = None
+) -> PaymentAnomalyDetected:
+    """An Error alert (PaymentAnomaly) about a payment of its own, published as payments would:
+    one notification per payment. `again`: the same anomaly once more (it counts up)."""
+    event = again or PaymentAnomalyDetected(
+        payment_ref=uuid.uuid4().hex[:24],
+        order_id=uuid.uuid4(),
+        kind=PaymentAnomalyKind.AMOUNT_MISMATCH,
+        detail="more than the amount due arrived",
+    )
+    await publish_event(running_system, event)
+    return event
 
 
 async def stored_or_none(market, text: str) -> dict[str, Any] | None:
@@ -184,14 +200,8 @@ async def unread(market, severity: str, **filters: str) -> int:
     return len(listed.json()["items"])
 
 
-async def repeat_anomaly(running_system, ref: str) -> None:
-    """The same anomaly again, as payments would report it (a new message, the same subject)."""
-    event = PaymentAnomalyDetected(
-        payment_ref=ref,
-        order_id=None,
-        kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
-        detail=f"a webhook named {ref} again",
-    )
+async def publish_event(running_system, event: PaymentAnomalyDetected) -> None:
+    """Publish `event` on the system's events exchange, as payments would (a new message)."""
     envelope = wrap(event, message_id=uuid.uuid4(), correlation_id=str(uuid.uuid4()))
     connection = await aio_pika.connect(running_system.rabbitmq_url)
     async with connection:
@@ -329,7 +339,7 @@ class TestReadingAndFiltering:
 
     async def test_mark_all_read_and_delete(self, page, running_system, market):
         await sign_in(page, running_system.gateway, bare(market.admin))
-        kept, removed = await forged_webhook(market), await forged_webhook(market)
+        kept, removed = [(await payment_anomaly(running_system)).payment_ref for _ in range(2)]
         await expect(row_about(page, removed)).to_have_count(1, timeout=FLOW_MS)
         await expect(row_about(page, kept)).to_have_count(1, timeout=FLOW_MS)
 
@@ -346,14 +356,15 @@ class TestReadingAndFiltering:
 
         await expect(row_about(page, kept)).to_have_attribute("data-read", "true")
         await expect(page.locator(f'{ROWS}[data-read="false"]')).to_have_count(0)
-        assert await unread(market, "Warning", type="PaymentAnomaly") == 0
-        warnings = await unread(market, "Warning")
-        await expect(unread_count(page, "Warning")).to_have_text(str(warnings), timeout=FLOW_MS)
+        assert await unread(market, "Error", type="PaymentAnomaly") == 0
+        errors = await unread(market, "Error")
+        await expect(unread_count(page, "Error")).to_have_text(str(errors), timeout=FLOW_MS)
 
     async def test_load_more_pages_on_with_the_cursor(self, page, running_system, market):
-        refs = [await forged_webhook(market) for _ in range(3)]
-        for ref in refs:
-            await stored(market, ref)
+        refs = []
+        for _ in range(3):  # one at a time: newest first is the order they were raised in
+            refs.append((await payment_anomaly(running_system)).payment_ref)
+            await stored(market, refs[-1])
         await sign_in(page, running_system.gateway, bare(market.admin), "?limit=2")
         rows = page.locator(ROWS)
         await expect(rows).to_have_count(2)
@@ -376,15 +387,16 @@ class TestReconnecting:
         await proxy.start()
         try:
             await sign_in(page, f"http://127.0.0.1:{proxy.port}", bare(market.admin))
-            repeated = await forged_webhook(market)
+            anomaly = await payment_anomaly(running_system)
+            repeated = anomaly.payment_ref
             await expect(row_about(page, repeated)).to_have_count(1, timeout=FLOW_MS)
 
             await proxy.cut()
             await expect(page.locator("#live")).not_to_have_attribute("data-state", "live")
 
             missed = [await unschedulable_booking(market), await unschedulable_booking(market)]
-            missed.append(await forged_webhook(market))
-            await repeat_anomaly(running_system, repeated)
+            missed.append((await payment_anomaly(running_system)).payment_ref)
+            await payment_anomaly(running_system, again=anomaly)
             for text in missed:
                 await stored(market, text)
 
