@@ -330,13 +330,15 @@ def type_strategy(tp: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
     if tp is bool:
         return st.booleans()
     if tp is int:
-        low = 0
+        low, high = 0, 10**15
         for item in metadata:
             if isinstance(item, annotated_types.Ge):
                 low = max(low, item.ge)
             if isinstance(item, annotated_types.Gt):
                 low = max(low, item.gt + 1)
-        return st.integers(min_value=low, max_value=10**15)
+            if isinstance(item, annotated_types.Le):
+                high = min(high, item.le)
+        return st.integers(min_value=low, max_value=high)
     if tp is str:
         for item in metadata:
             if isinstance(item, StringConstraints) and item.pattern:
@@ -417,11 +419,18 @@ class TestUnknownRefReports:
         "fields",
         [
             {"occurrences": 0},
+            {"occurrences": 10**9 + 1},
             {"payment_refs": [f"{n:024x}" for n in range(2 * UNKNOWN_REF_SAMPLE + 1)]},
             {"payment_refs": [""]},
             {"payment_refs": ["f" * 101]},
         ],
-        ids=["no occurrence", "too many refs", "an empty ref", "a ref too long"],
+        ids=[
+            "no occurrence",
+            "more than a counter holds",
+            "too many refs",
+            "an empty ref",
+            "a ref too long",
+        ],
     )
     def test_a_report_out_of_bounds_is_refused(self, fields: dict[str, Any]):
         with pytest.raises(ValueError):

@@ -330,7 +330,7 @@ class PaymentAnomalyDetected(Event):
     order_id: UUID | None
     kind: PaymentAnomalyKind
     detail: str
-    occurrences: int = Field(default=1, ge=1)
+    occurrences: int = Field(default=1, ge=1, le=10**9)
     payment_refs: list[SampledRef] = Field(default_factory=list, max_length=2 * UNKNOWN_REF_SAMPLE)
 
 
