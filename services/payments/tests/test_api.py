@@ -456,6 +456,28 @@ class TestLookupBudget:
         assert payments_service.konnect_reads(ref) == reads
 
 
+class TestWebhooksOfOneRef:
+    async def test_webhooks_during_a_lookup_share_one_that_starts_after_they_came(
+        self, start_payments, sandbox, book
+    ):
+        # One attempt per lookup, and the first read hangs past the client's timeout.
+        running = await start_payments(konnect_max_attempts=1)
+        event, ref = await book(running)
+        await sandbox.fault("timeout", count=1, endpoint="get")
+        first = asyncio.create_task(running.webhook(ref))
+        await eventually(lambda: running.konnect_reads(ref) == 1, what="the first lookup")
+        # Paid while that lookup is under way: the webhooks that announce it come now.
+        await sandbox.complete(ref, webhook="none")
+
+        announcing = await asyncio.gather(*(running.webhook(ref) for _ in range(5)))
+
+        assert (await first).status_code == 503  # its lookup failed
+        assert [a.status_code for a in announcing] == [200] * 5
+        assert {a.json()["status"] for a in announcing} == {"completed"}
+        assert running.konnect_reads(ref) == 2  # the failed one, and one for the five
+        await running.one("PaymentCompleted", event.order_id)
+
+
 class TestKonnectUnreachable:
     async def test_konnect_out_of_reach_is_503_and_nothing_changes(
         self, payments_service, sandbox, book, db
