@@ -131,6 +131,12 @@ class TestListingAndReading:
         answer = await admin_api.get("/api/admin/dead-letters", params={"cursor": "garbage"})
         assert answer.status_code == 422
 
+    async def test_a_type_with_a_nul_is_422_not_a_500(self, failing_service, admin_api):
+        # Postgres cannot compare text with a NUL in it: the database would refuse the query.
+        listed = await admin_api.get("/api/admin/dead-letters", params={"type": "Order\x00Paid"})
+        assert listed.status_code == 422, listed.text
+        assert listed.headers["content-type"] == "application/problem+json"
+
     async def test_only_an_admin_may_see_them(self, failing_service, admin_api):
         service, _ = failing_service
         secret = service.settings.auth_jwt_secret.get_secret_value()

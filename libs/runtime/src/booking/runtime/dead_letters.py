@@ -471,7 +471,8 @@ def dead_letters_router(dead_letters: DeadLetters) -> APIRouter:
 
     @router.get("", response_model=http.DeadLetterPage)
     async def list_dead_letters(
-        type: str | None = Query(None, max_length=100),
+        # No NUL: Postgres cannot compare text holding one (a 500, not the caller's 422).
+        type: str | None = Query(None, max_length=100, pattern=r"^[^\x00]*$"),
         status: http.DeadLetterStatus | None = Query(None),
         limit: int = Query(50, ge=1, le=200),
         cursor: str | None = Query(None, max_length=200),

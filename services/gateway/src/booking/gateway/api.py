@@ -513,7 +513,9 @@ async def list_dead_letters(
     service: ServiceName | None = Query(
         None, description="only this service's (its own cursor then); all four without it"
     ),
-    type_: str | None = Query(None, alias="type", max_length=100, description="event type"),
+    type_: str | None = Query(
+        None, alias="type", max_length=100, pattern=r"^[^\x00]*$", description="event type"
+    ),
     status: DeadLetterStatus | None = Query(None),
     limit: int = Query(50, ge=1, le=200),
     cursor: str | None = Query(None, max_length=200, description="the last page's next_cursor"),

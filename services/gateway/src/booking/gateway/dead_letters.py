@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import httpx
@@ -116,7 +116,10 @@ class Position:
         try:
             at, service, number = cursor_text(token).split("|")
             position = cls(datetime.fromisoformat(at), Service(service), int(number))
-        except ValueError:
+            # An instant outside the years 1 to 9999 in UTC (0001-01-01T00:00+01:00) is no
+            # position: the services' database could not take it.
+            position.at.astimezone(UTC)
+        except (ValueError, OverflowError):
             raise ValueError(_BAD_CURSOR) from None
         if position.at.tzinfo is None or not 0 < position.number <= MAX_MINOR_UNITS:
             raise ValueError(_BAD_CURSOR)
