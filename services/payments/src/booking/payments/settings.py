@@ -42,10 +42,12 @@ class PaymentsSettings(RuntimeSettings):
 
     # Payment reads at Konnect (`GET /payments/{ref}`: a webhook's and reconciliation's) one
     # replica may make per minute, a minute's worth at once at most; a read's retries count as
-    # one. Konnect's rate limit is undocumented (one source says 100 requests a minute per
-    # account) and every replica has its own budget: keep replicas x this, plus the init-payment
-    # calls (one per booking, not counted here), under it.
-    konnect_lookups_per_minute: int = Field(default=30, ge=1)
+    # one. Every paid booking needs one read, so this also caps confirmations per replica: the
+    # default (10 a second) carries the drills' load and a busy day's peak. Konnect's rate limit
+    # is undocumented (one source says 100 requests a minute per account) and every replica has
+    # its own budget: in a deployment, keep replicas x this, plus the init-payment calls (one per
+    # booking, not counted here), under your account's limit.
+    konnect_lookups_per_minute: int = Field(default=600, ge=1)
     # The most of those webhooks may use: the rest is reconciliation's, so a flood of webhooks
     # never starves the sweeper. A webhook that finds its share spent is answered 503 with
     # Retry-After; the payment stays pending and reconciliation settles it.
