@@ -89,6 +89,19 @@ class TestRegisteringWithASubject:
         [announced] = orders.events("MentorRegistered", mentor_id=mentor["id"])
         assert announced["identity_subject"] == sub
 
+    async def test_only_an_admin_and_the_mentor_read_the_subject(self, orders) -> None:
+        sub = subject()
+        mentor = await registered(orders, identity_subject=sub)
+        path = f"/api/mentors/{mentor['id']}"
+
+        as_mentee = await orders.client.get(path, headers=orders.token(Role.MENTEE, subject()))
+        as_other = await orders.client.get(path, headers=orders.token(Role.MENTOR, subject()))
+        as_himself = await orders.client.get(path, headers=orders.token(Role.MENTOR, sub))
+
+        assert as_mentee.json() == {**mentor, "identity_subject": None}
+        assert as_other.json() == {**mentor, "identity_subject": None}
+        assert as_himself.json() == mentor
+
     async def test_a_subject_another_mentor_has_is_409_and_stores_nothing(self, orders) -> None:
         sub = subject()
         first = await registered(orders, identity_subject=sub)

@@ -92,12 +92,16 @@ async def register_mentor(
 @router.get("/api/mentors/{mentor_id}", response_model=http.Mentor)
 async def get_mentor(
     mentor_id: UUID,
-    _: Identity = Depends(authenticated),
+    identity: Identity = Depends(authenticated),
     db: Database = Depends(database),
 ) -> http.Mentor:
     async with db.transaction() as session:
         mentor = await _mentor_or_404(session, mentor_id)
-    return _mentor_view(mentor)
+    view = _mentor_view(mentor)
+    # Who a mentor is at the identity provider is the admins' and the mentor's own business.
+    if not acts_as_mentor(identity, mentor.id, mentor.identity_subject):
+        view.identity_subject = None
+    return view
 
 
 @router.post("/api/mentors/{mentor_id}/offerings", status_code=201, response_model=http.Offering)
