@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import re
 import threading
 import uuid
@@ -388,6 +389,10 @@ def system_in_thread(gateway_settings: Callable[..., GatewaySettings]) -> Iterat
     settings = gateway_settings(
         rate_limit_per_minute=100_000, webhook_rate_limit_per_minute=100_000
     )
+    # What schemathesis imports on the first document it loads, loaded before the system's
+    # thread runs: CPython 3.11's compiler is not safe against two threads compiling at once
+    # ("AST constructor recursion depth mismatch", seen under load).
+    importlib.import_module("schemathesis.specs.openapi.schemas")
     started: Future[str] = Future()
     stop = threading.Event()
 
