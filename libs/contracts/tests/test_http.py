@@ -1,10 +1,12 @@
 """The public contract's request bodies: what they refuse before any service sees a request."""
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from booking.contracts import http
 from booking.contracts.http import OfferingCreate, Price
 from booking.contracts.money import PRICE_CEILING_MINOR_UNITS
 
@@ -87,3 +89,37 @@ class TestDuration:
     )
     def test_shorter_or_longer_is_refused(self, minutes: int, rule: str) -> None:
         assert refusal({**OFFERING, "duration_minutes": minutes}) == ("duration_minutes", rule)
+
+
+class TestInstants:
+    """Times a service compares in Postgres must exist in UTC; an offset that pushes one past
+    year 1 or 9999 is the caller's error (422), never a 500 deep in a service."""
+
+    BOOKING = {
+        "offering_id": "6f1c2f52-6ad8-4a1e-9a51-2f1a8f6c2b10",
+        "mentee": {"first_name": "Sami", "last_name": "Trabelsi", "email": "sami@example.com"},
+    }
+
+    @pytest.mark.parametrize("instant", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+    def test_a_time_outside_utcs_years_is_refused(self, instant: str) -> None:
+        with pytest.raises(ValidationError, match="outside the years 1 to 9999 in UTC"):
+            http.BookingCreate.model_validate({**self.BOOKING, "start_at": instant})
+        with pytest.raises(ValidationError, match="outside the years 1 to 9999 in UTC"):
+            http.FeedFilter.model_validate({"since": instant})
+
+    def test_a_time_keeps_its_offset(self) -> None:
+        booking = http.BookingCreate.model_validate(
+            {**self.BOOKING, "start_at": "2030-05-01T10:00:00+01:00"}
+        )
+        assert booking.start_at == datetime(2030, 5, 1, 9, 0, tzinfo=UTC)
+        assert booking.start_at.utcoffset() == timedelta(hours=1)
+
+    def test_a_dead_letter_cursor_outside_utcs_years_is_refused(self) -> None:
+        token = http.cursor_token("0001-01-01T00:00:00+01:00|1")
+        with pytest.raises(ValueError, match="not one this listing gave"):
+            http.DeadLetterCursor.decode(token)
+
+
+def test_a_bulk_replays_type_holds_no_nul() -> None:
+    with pytest.raises(ValidationError):
+        http.DeadLetterFilter.model_validate({"type": "Payment\x00Completed"})

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, StrictInt
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StrictInt,
+)
 from pydantic import StringConstraints as Text
 
 from booking.contracts.events import Currency
@@ -33,6 +41,20 @@ Phone = Annotated[str, Text(pattern=r"^\+?[0-9][0-9 ().\-]{4,24}$")]
 IdentitySubject = Annotated[
     str, Text(strip_whitespace=True, min_length=1, max_length=255, pattern=r"^[!-~]+$")
 ]
+
+
+def _in_utc(value: datetime) -> datetime:
+    """An instant whose UTC reading exists: 0001-01-01T00:00:00+01:00 is before year 1 in UTC,
+    which Python cannot represent and Postgres cannot store (a 500 otherwise)."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the instant is outside the years 1 to 9999 in UTC") from None
+    return value  # as given: forwarded and echoed with the caller's offset
+
+
+# An RFC 3339 time with its offset, that exists in UTC.
+Instant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 OrderStatus = Literal[
     "pending", "awaiting_payment", "paid", "confirmed", "payment_failed", "cancelled"
@@ -118,7 +140,7 @@ class MenteeContact(RequestBody):
 
 class BookingCreate(RequestBody):
     offering_id: UUID
-    start_at: AwareDatetime
+    start_at: Instant
     mentee: MenteeContact
 
 
@@ -150,7 +172,7 @@ class DeadLetterFilter(RequestBody):
     """Which kept dead letters a bulk replay takes (all of them when nothing is given)."""
 
     service: ServiceName | None = None
-    type: Annotated[str, Text(min_length=1, max_length=100)] | None = None
+    type: Annotated[str, Text(min_length=1, max_length=100, pattern=r"^[^\x00]*$")] | None = None
 
 
 class EscrowSettlement(RequestBody):
@@ -274,7 +296,7 @@ class FeedFilter(BaseModel):
     type: str | None = Field(
         None, max_length=40, description="a name (PaymentAnomaly) or its number (0..4)"
     )
-    since: AwareDatetime | None = Field(
+    since: Instant | None = Field(
         None, description="only those that occurred (first or again) at or after this instant"
     )
 
@@ -386,6 +408,10 @@ class DeadLetterCursor:
             raise ValueError(invalid) from None
         if cursor.at.tzinfo is None or not 0 <= cursor.id <= MAX_MINOR_UNITS:
             raise ValueError(invalid)
+        try:
+            cursor.at.astimezone(UTC)  # a time Postgres can compare with
+        except OverflowError:
+            raise ValueError(invalid) from None
         return cursor
 
 
