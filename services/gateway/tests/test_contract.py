@@ -11,21 +11,9 @@ from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
+from booking.gateway.testing import CHECKS
 from booking.runtime.auth import Role, issue_token
-
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-]
 
 
 def test_the_gateway_keeps_its_contract(system_in_thread: str, gateway_settings: Any) -> None:
