@@ -325,12 +325,13 @@ class TestDeadLettersThroughTheGateway:
 
     async def test_a_replay_applies_a_message_the_broker_gave_up_on(self, market, running_system):
         # A valid alert the broker dead-lettered (its consumer kept dying on it): the replay
-        # goes through the inbox and raises the notification it carried, once.
+        # goes through the inbox and raises the notification it carried, once. An anomaly about
+        # one payment: unknown refs would count up on the one open unknown-ref notification.
         order_id = uuid.uuid4()
         event = PaymentAnomalyDetected(
             payment_ref="f" * 24,
             order_id=order_id,
-            kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
+            kind=PaymentAnomalyKind.AMOUNT_MISMATCH,
             detail="replayed by an admin",
         )
         envelope = wrap(event, message_id=uuid.uuid4(), correlation_id=str(uuid.uuid4()))
