@@ -19,7 +19,6 @@ booking.runtime.auth ROLE [SUB]` prints a signed development token (`make token`
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import sys
@@ -37,6 +36,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from booking.runtime.outages import OutageLog
+from booking.runtime.outside import is_loopback_host
 from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def check_auth_settings(settings: RuntimeSettings) -> None:
             )
         return
     url = urlsplit(settings.auth_jwks_url)
-    if url.scheme != "https" and not _is_loopback(url.hostname or ""):
+    if url.scheme != "https" and not is_loopback_host(url.hostname or ""):
         raise RefusedSettings(
             f"AUTH_JWKS_URL must be an https:// URL: keys fetched over {url.scheme}:// could be "
             "replaced on the way, and whoever replaces them signs any token"
@@ -191,15 +191,6 @@ def check_auth_settings(settings: RuntimeSettings) -> None:
             "would accept the provider's tokens for any other application or tenant. Set them to "
             "the provider's issuer and this system's audience (client id or API identifier)"
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- claims --------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """What every client of an outside system (Konnect, Google) shares: the lifecycle of its HTTP
 client, reading Retry-After, the retry policy, naming a failed call, and the two health checks
-of the README's Health section (configured; reachable)."""
+of the README's Health section (configured; reachable); and whether a host is this machine."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import time
@@ -240,3 +241,13 @@ async def reachable_check(
         "ms",
         output=f"HTTP {status} from {target}",
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a URL's host: a name or an IP address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -7,7 +7,6 @@ body and no signature. It may call twice, late, or never; the modes below stage 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from booking.runtime.outside import is_loopback_host
 from booking.runtime.transport import CancelSafeTransport
 from booking.sandbox.konnect.payments import iso
 
@@ -49,16 +49,7 @@ def may_forge_to(
     Anything else would make the sandbox a relay to every address it can reach."""
     if url in webhooks or host in hosts:
         return True
-    return loopback and is_loopback(host)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback and is_loopback_host(host)
 
 
 @dataclass
