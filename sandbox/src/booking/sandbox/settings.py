@@ -5,11 +5,11 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from booking.runtime.auth import GENERATE_SECRET, secret_weakness
+
 # The control API's token when SANDBOX_CONTROL_TOKEN is unset, in development mode only: public
 # (it is written here), so that `make run` and the tests need no setup.
 DEVELOPMENT_CONTROL_TOKEN = "sandbox-dev-control-token"
-# Outside development mode a token must be at least this long (a random one: token_urlsafe(32)).
-CONTROL_TOKEN_MIN_LENGTH = 32
 
 
 class SandboxSettings(BaseSettings):
@@ -99,16 +99,11 @@ class SandboxSettings(BaseSettings):
         token = self.control_token.get_secret_value() if self.control_token else None
         if token is None or self.development_mode:
             return self
-        if token == DEVELOPMENT_CONTROL_TOKEN or token.startswith("REPLACE-"):
+        weakness = secret_weakness(token, built_in=DEVELOPMENT_CONTROL_TOKEN)
+        if weakness is not None:
             raise ValueError(
-                "SANDBOX_CONTROL_TOKEN is the development token or a placeholder; outside "
-                "development mode set a random one (python -c 'import secrets; "
-                "print(secrets.token_urlsafe(32))')"
-            )
-        if len(token) < CONTROL_TOKEN_MIN_LENGTH:
-            raise ValueError(
-                f"SANDBOX_CONTROL_TOKEN must be at least {CONTROL_TOKEN_MIN_LENGTH} characters "
-                "outside development mode"
+                f"SANDBOX_CONTROL_TOKEN {weakness}; outside development mode set a random one "
+                f"({GENERATE_SECRET})"
             )
         return self
 

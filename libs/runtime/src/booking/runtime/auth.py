@@ -133,9 +133,10 @@ class KeysUnavailable(TokenRefused):
 # --- the settings a process may start with -------------------------------------------------------
 
 
-def secret_weakness(secret: str) -> str | None:
-    """Why `secret` must not sign anything outside development mode, or None if it may."""
-    if secret == DEVELOPMENT_JWT_SECRET:
+def secret_weakness(secret: str, *, built_in: str = DEVELOPMENT_JWT_SECRET) -> str | None:
+    """Why `secret` must not be relied on outside development mode, or None if it may:
+    `built_in` (the development default, readable in the source), a placeholder, or short."""
+    if secret == built_in:
         return "is the built-in development secret, which anyone can read in the source"
     if secret.strip().upper().startswith("REPLACE"):
         return "is still the deployment's placeholder"
