@@ -1,5 +1,6 @@
 """The runtime's own tables, created in every service's schema: the outbox, the inbox, the
-dead letters an admin may replay or discard, and the audit trail of admin actions."""
+dead letters an admin may replay or discard, and the audit trail of admin actions; and the
+column helpers the services' own tables share."""
 
 from __future__ import annotations
 
@@ -22,6 +23,20 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+
+def one_of(column: str, values: tuple[str, ...]) -> str:
+    """A CHECK constraint's text: `column` holds one of `values`."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def time_column(*, nullable: bool, default_now: bool = False) -> Column:
+    """A timezone-aware timestamp column (`now()` by default when `default_now`)."""
+    return Column(
+        DateTime(timezone=True),
+        nullable=nullable,
+        server_default=text("now()") if default_now else None,
+    )
 
 
 def outbox_table(metadata: MetaData, schema: str) -> Table:

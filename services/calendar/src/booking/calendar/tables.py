@@ -9,7 +9,6 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -22,7 +21,7 @@ from sqlmodel import Field, SQLModel
 
 from booking.calendar.domain import PRIMARY_CALENDAR, BookingStatus
 from booking.contracts import CalendarFailureReason
-from booking.runtime.tables import MessagingTables
+from booking.runtime.tables import MessagingTables, one_of, time_column
 
 SCHEMA = "calendar"
 
@@ -31,18 +30,6 @@ FAILURE_REASONS = tuple(reason.value for reason in CalendarFailureReason)
 ATTEMPT_OUTCOMES = ("confirmed", "failed", "meet_pending")
 
 messaging = MessagingTables(SQLModel.metadata, SCHEMA)
-
-
-def _one_of(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
-def _time(*, nullable: bool, default_now: bool = False) -> Column:
-    return Column(
-        DateTime(timezone=True),
-        nullable=nullable,
-        server_default=text("now()") if default_now else None,
-    )
 
 
 class MentorRow(SQLModel, table=True):
@@ -56,7 +43,7 @@ class MentorRow(SQLModel, table=True):
     name: str = Field(sa_column=Column(Text, nullable=False))
     email: str = Field(sa_column=Column(Text, nullable=False))
     timezone: str = Field(sa_column=Column(Text, nullable=False))  # IANA name
-    registered_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    registered_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
     # The identity-provider subject that acts as the mentor. Not unique here: orders keeps one
     # mentor per subject, and its events may arrive out of order for a moment.
     identity_subject: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -81,9 +68,9 @@ class ConnectionRow(SQLModel, table=True):
     )
     refresh_token_encrypted: str = Field(sa_column=Column(Text, nullable=False))
     scope: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    connected_at: datetime = Field(sa_column=_time(nullable=False))
+    connected_at: datetime = Field(sa_column=time_column(nullable=False))
     # Google answered invalid_grant: the mentor must connect again.
-    revoked_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    revoked_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
 
 
 class OAuthStateRow(SQLModel, table=True):
@@ -97,9 +84,9 @@ class OAuthStateRow(SQLModel, table=True):
 
     nonce: str = Field(sa_column=Column(Text, primary_key=True))
     mentor_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
-    expires_at: datetime = Field(sa_column=_time(nullable=False))
-    used_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    expires_at: datetime = Field(sa_column=time_column(nullable=False))
+    used_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    created_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
 
 
 class CalendarBookingRow(SQLModel, table=True):
@@ -139,9 +126,9 @@ class CalendarBookingRow(SQLModel, table=True):
             "updated_at",
             postgresql_where=text("event_delete_pending"),
         ),
-        CheckConstraint(_one_of("status", BOOKING_STATUSES), name="ck_calendar_bookings_status"),
+        CheckConstraint(one_of("status", BOOKING_STATUSES), name="ck_calendar_bookings_status"),
         CheckConstraint(
-            f"reason IS NULL OR {_one_of('reason', FAILURE_REASONS)}",
+            f"reason IS NULL OR {one_of('reason', FAILURE_REASONS)}",
             name="ck_calendar_bookings_reason",
         ),
         {"schema": SCHEMA},
@@ -155,8 +142,8 @@ class CalendarBookingRow(SQLModel, table=True):
     # The session as OrderPaid told it; NULL in a tombstone (OrderCancelled came first).
     mentee_email: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     title: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    start_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    end_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    start_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    end_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     # Derived from the session id before Google is asked: the same on every attempt.
     event_id: str = Field(sa_column=Column(Text, nullable=False))
     status: str = Field(sa_column=Column(Text, nullable=False))
@@ -172,7 +159,7 @@ class CalendarBookingRow(SQLModel, table=True):
     # Scheduling gave up (status failed): an admin decides.
     final: bool = Field(sa_column=Column(Boolean, nullable=False, server_default=text("false")))
     # A failed booking on the schedule is run again from then.
-    next_attempt_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    next_attempt_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     # Cancelled, and Google may have its event: deleted once no run holds the lease.
     event_delete_pending: bool = Field(
         sa_column=Column(Boolean, nullable=False, server_default=text("false"))
@@ -181,11 +168,11 @@ class CalendarBookingRow(SQLModel, table=True):
     html_link: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # The lease of the replica scheduling it (status pending), or deleting its event
     # (cancelled); its value is the holder's token.
-    claimed_until: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    claimed_until: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     # The booking's correlation id: every event about it carries it.
     correlation_id: str = Field(sa_column=Column(Text, nullable=False))
-    created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
-    updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    created_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
+    updated_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
 
 
 class SchedulingAttemptRow(SQLModel, table=True):
@@ -195,11 +182,9 @@ class SchedulingAttemptRow(SQLModel, table=True):
     __table_args__ = (
         # The attempt's number is the booking's count, taken under its row lock: once each.
         PrimaryKeyConstraint("session_id", "attempt", name="pk_scheduling_attempts"),
+        CheckConstraint(one_of("outcome", ATTEMPT_OUTCOMES), name="ck_scheduling_attempts_outcome"),
         CheckConstraint(
-            _one_of("outcome", ATTEMPT_OUTCOMES), name="ck_scheduling_attempts_outcome"
-        ),
-        CheckConstraint(
-            f"reason IS NULL OR {_one_of('reason', FAILURE_REASONS)}",
+            f"reason IS NULL OR {one_of('reason', FAILURE_REASONS)}",
             name="ck_scheduling_attempts_reason",
         ),
         {"schema": SCHEMA},
@@ -209,13 +194,13 @@ class SchedulingAttemptRow(SQLModel, table=True):
         sa_column=Column(Uuid, ForeignKey(f"{SCHEMA}.calendar_bookings.session_id"), nullable=False)
     )
     attempt: int = Field(sa_column=Column(Integer, nullable=False))
-    at: datetime = Field(sa_column=_time(nullable=False))
+    at: datetime = Field(sa_column=time_column(nullable=False))
     outcome: str = Field(sa_column=Column(Text, nullable=False))
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # Whether the scheduling gave up with this failure, and when it tries next.
     final: bool = Field(sa_column=Column(Boolean, nullable=False, server_default=text("false")))
-    next_attempt_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    next_attempt_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
 
 
 mentors = MentorRow.__table__

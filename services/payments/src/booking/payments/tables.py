@@ -10,7 +10,6 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -21,7 +20,7 @@ from sqlalchemy import (
 from sqlmodel import Field, SQLModel
 
 from booking.payments.domain import EscrowStatus, FreezeKind, PaymentState
-from booking.runtime.tables import MessagingTables
+from booking.runtime.tables import MessagingTables, one_of, time_column
 
 SCHEMA = "payments"
 
@@ -30,18 +29,6 @@ ESCROW_STATUSES = tuple(status.value for status in EscrowStatus)
 FREEZE_KINDS = tuple(kind.value for kind in FreezeKind)
 
 messaging = MessagingTables(SQLModel.metadata, SCHEMA)
-
-
-def _one_of(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
-def _time(*, nullable: bool, default_now: bool = False) -> Column:
-    return Column(
-        DateTime(timezone=True),
-        nullable=nullable,
-        server_default=text("now()") if default_now else None,
-    )
 
 
 class PaymentRow(SQLModel, table=True):
@@ -60,7 +47,7 @@ class PaymentRow(SQLModel, table=True):
             "created_at",
             postgresql_where=text("status = 'initiating'"),
         ),
-        CheckConstraint(_one_of("status", PAYMENT_STATUSES), name="ck_payments_status"),
+        CheckConstraint(one_of("status", PAYMENT_STATUSES), name="ck_payments_status"),
         CheckConstraint(
             "amount >= 0 AND amount_paid >= 0 AND platform_fee >= 0 AND escrow_amount >= 0",
             name="ck_payments_money",
@@ -73,7 +60,7 @@ class PaymentRow(SQLModel, table=True):
     order_id: UUID = Field(sa_column=Column(Uuid, nullable=False, unique=True))
     session_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
     mentor_id: UUID = Field(sa_column=Column(Uuid, nullable=False))
-    session_end_at: datetime = Field(sa_column=_time(nullable=False))
+    session_end_at: datetime = Field(sa_column=time_column(nullable=False))
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
     currency: str = Field(sa_column=Column(Text, nullable=False))
     title: str = Field(sa_column=Column(Text, nullable=False))
@@ -88,17 +75,17 @@ class PaymentRow(SQLModel, table=True):
         default=None, sa_column=Column(Text, nullable=True, unique=True)
     )
     pay_url: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    expires_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    expires_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     amount_paid: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     platform_fee: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     escrow_amount: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-    paid_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    paid_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     # The lease of the replica initiating it (status initiating).
-    claimed_until: datetime | None = Field(default=None, sa_column=_time(nullable=True))
+    claimed_until: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
     # When Konnect was last asked about it (status pending or underpaid).
-    last_checked_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
-    updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    last_checked_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    created_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
+    updated_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
 
 
 class EscrowHoldRow(SQLModel, table=True):
@@ -113,7 +100,7 @@ class EscrowHoldRow(SQLModel, table=True):
             "release_due_at",
             postgresql_where=text("status = 'held'"),
         ),
-        CheckConstraint(_one_of("status", ESCROW_STATUSES), name="ck_escrow_holds_status"),
+        CheckConstraint(one_of("status", ESCROW_STATUSES), name="ck_escrow_holds_status"),
         CheckConstraint(
             "amount >= 0 AND amount_paid >= amount AND refund_amount >= 0",
             name="ck_escrow_holds_amount",
@@ -121,7 +108,7 @@ class EscrowHoldRow(SQLModel, table=True):
         # A frozen hold says why; a hold settled from frozen keeps why it had been frozen.
         CheckConstraint(
             f"(status <> 'frozen' OR frozen_reason IS NOT NULL) AND "
-            f"(frozen_reason IS NULL OR {_one_of('frozen_reason', FREEZE_KINDS)})",
+            f"(frozen_reason IS NULL OR {one_of('frozen_reason', FREEZE_KINDS)})",
             name="ck_escrow_holds_frozen_reason",
         ),
         CheckConstraint(
@@ -152,11 +139,11 @@ class EscrowHoldRow(SQLModel, table=True):
     refund_amount: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     refund_reference: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # Set by OrderConfirmed (the session's end plus the delay); NULL: never released on its own.
-    release_due_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    released_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    refunded_at: datetime | None = Field(default=None, sa_column=_time(nullable=True))
-    created_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
-    updated_at: datetime = Field(sa_column=_time(nullable=False, default_now=True))
+    release_due_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    released_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    refunded_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
+    created_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
+    updated_at: datetime = Field(sa_column=time_column(nullable=False, default_now=True))
 
 
 class OrderEndingRow(SQLModel, table=True):
@@ -171,7 +158,7 @@ class OrderEndingRow(SQLModel, table=True):
     reason: str = Field(sa_column=Column(Text, nullable=False))
     # The admin who cancelled it; NULL when orders ended it itself.
     by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    ended_at: datetime = Field(sa_column=_time(nullable=False))
+    ended_at: datetime = Field(sa_column=time_column(nullable=False))
 
 
 payments = PaymentRow.__table__
