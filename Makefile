@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/contracts libs/runtime services/orders services/payments services/calendar \
+PACKAGES := libs/contracts libs/runtime libs/devtools services/orders services/payments services/calendar \
             services/notifications services/gateway sandbox
 ROLE ?= admin
 SUB ?= dev-$(ROLE)
@@ -31,7 +31,7 @@ lock:
 
 ## run: every service plus the sandbox providers as local processes; migrations first; Ctrl-C stops all
 run: install
-	$(PY) -m booking.runtime.devrun
+	$(PY) -m booking.devtools.devrun
 
 ## migrate: each service migrates its own schema
 migrate: install

@@ -40,9 +40,9 @@ from websockets.asyncio.client import connect
 
 from bench import results_file
 from booking.contracts import AdminNotificationRaised, wrap
+from booking.devtools.fixtures import free_port, serving
 from booking.runtime.auth import issue_token
 from booking.runtime.settings import DEFAULT_RABBITMQ_URL, RuntimeSettings
-from booking.runtime.testing import free_port, serving
 
 TARGET_P99_MS = 100.0
 TARGET_RSS_MB = 100.0

@@ -1,7 +1,7 @@
 """Bookings benchmark: the whole system, booking -> paid -> confirmed, through the gateway.
 
 It starts the system as `make run` does (its own database, its own RabbitMQ vhost, free ports,
-the supervisor `booking.runtime.devrun`), or drives a running one (`--url`). Mentors are
+the supervisor `booking.devtools.devrun`), or drives a running one (`--url`). Mentors are
 registered and connected to the sandbox Google; then each booking goes as a mentee and a payer
 make it go: `POST /api/bookings` at the gateway; when payments has opened the Konnect payment
 (PaymentInitiated, seen on the events exchange) the payer pays through the sandbox Konnect's
@@ -59,10 +59,10 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from bench import results_file
+from booking.devtools.devrun import CHILDREN, probe_host
+from booking.devtools.fixtures import pick_free_ports, private_database, private_vhost
 from booking.runtime.auth import issue_token
-from booking.runtime.devrun import CHILDREN, probe_host
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL, RuntimeSettings
-from booking.runtime.testing import pick_free_ports, private_database, private_vhost
 from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
 from booking.sandbox.control import ControlAuth
 
@@ -178,7 +178,7 @@ def spawn_devrun(env: dict[str, str], log: Path) -> subprocess.Popen:
     """`make run`'s supervisor in its own process group, its output to `log`."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "booking.runtime.devrun"],
+            [sys.executable, "-m", "booking.devtools.devrun"],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

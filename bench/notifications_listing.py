@@ -30,6 +30,7 @@ import httpx
 import uvloop
 
 from bench import results_file
+from booking.devtools.fixtures import with_database
 from booking.notifications import feed
 from booking.notifications.app import create_app
 from booking.notifications.domain import Cursor, Filters, NotificationType, Severity
@@ -40,7 +41,6 @@ from booking.runtime.db import Database, create_engine
 from booking.runtime.logs import configure_logging
 from booking.runtime.migrations import upgrade
 from booking.runtime.settings import DEFAULT_DATABASE_URL
-from booking.runtime.testing import with_database
 
 TABLE = f"{SCHEMA}.admin_notifications"
 TARGET_P99_MS = 20.0

@@ -27,8 +27,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from booking.contracts.money import format_money
+from booking.devtools.devrun import CHILDREN, DevRunError, probe_host
 from booking.runtime.auth import issue_token
-from booking.runtime.devrun import CHILDREN, DevRunError, probe_host
 from booking.runtime.settings import RuntimeSettings
 from booking.sandbox.control import ControlAuth
 

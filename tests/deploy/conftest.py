@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 import yaml
 
-from booking.runtime.testing import with_database
+from booking.devtools.fixtures import with_database
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")

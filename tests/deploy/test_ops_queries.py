@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from booking.devtools.fixtures import with_database
 from booking.notifications.domain import NotificationType as T
 from booking.notifications.domain import Severity as S
-from booking.runtime.testing import with_database
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,8 +13,8 @@ import asyncpg
 import httpx
 import pytest
 
+from booking.devtools.fixtures import serving, with_database
 from booking.runtime.auth import issue_token
-from booking.runtime.testing import serving, with_database
 
 pytestmark = pytest.mark.timeout(300)
 

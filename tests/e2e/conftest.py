@@ -25,15 +25,15 @@ import aio_pika
 import httpx
 import pytest
 
-from booking.runtime.auth import issue_token
-from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import (
+from booking.devtools.fixtures import (
     Spy,
     eventually,
     pick_free_ports,
     private_database,
     private_vhost,
 )
+from booking.runtime.auth import issue_token
+from booking.runtime.settings import RuntimeSettings
 from booking.sandbox.control import ControlAuth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +147,7 @@ class RunningSystem:
     def start(self) -> None:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "booking.runtime.devrun"],
+                [sys.executable, "-m", "booking.devtools.devrun"],
                 cwd=ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

@@ -2,7 +2,7 @@
 registered, given an offering, booked by a mentee; the order read, cancelled, its escrow read and
 settled, its session's scheduling retried; no answer is a 5xx or breaks the document.
 
-booking.gateway.testing runs the chains (the gateway's own tests run the same against
+booking.devtools.contract_run runs the chains (the gateway's own tests run the same against
 stand-ins); here every answer is the real services' own.
 """
 
@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from booking.gateway.testing import bounded, link_names, run_stateful_contract
+from booking.devtools.contract_run import bounded, link_names, run_stateful_contract
 from booking.runtime.settings import RuntimeSettings
 
 pytestmark = pytest.mark.e2e

@@ -40,12 +40,12 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from booking.contracts import PaymentAnomalyDetected, PaymentAnomalyKind, wrap
+from booking.devtools.devrun import child_environment
+from booking.devtools.fixtures import TcpProxy, eventually, free_port, serving
 from booking.gateway.app import create_app
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.auth import issue_token
-from booking.runtime.devrun import child_environment
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import TcpProxy, eventually, free_port, serving
 
 pytestmark = pytest.mark.e2e
 

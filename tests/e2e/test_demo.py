@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from booking.runtime.testing import free_port
+from booking.devtools.fixtures import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -74,11 +74,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from booking.calendar.settings import CalendarSettings
 from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
+from booking.devtools.devrun import child_environment
+from booking.devtools.fixtures import eventually, pick_free_ports
 from booking.payments.settings import PaymentsSettings
 from booking.runtime.auth import issue_token
-from booking.runtime.devrun import child_environment
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import eventually, pick_free_ports
 from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
 from booking.sandbox.control import ControlAuth
 

@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 
 from booking.contracts import PaymentAnomalyDetected, PaymentAnomalyKind, wrap
-from booking.runtime.testing import eventually
+from booking.devtools.fixtures import eventually
 
 from .conftest import Marketplace
 

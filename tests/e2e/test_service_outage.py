@@ -27,9 +27,9 @@ import httpx
 import pytest
 
 from booking.contracts import HealthCheckFailed, HealthCheckRecovered, decode, parse_envelope
+from booking.devtools.fixtures import eventually
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import eventually
 
 SERVICES = ("orders", "payments", "calendar", "notifications")
 HEALTH_JSON = "application/health+json"

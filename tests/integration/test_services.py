@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from booking.calendar.settings import CalendarSettings
+from booking.devtools.fixtures import serving
 from booking.gateway.settings import GatewaySettings
 from booking.notifications.settings import NotificationsSettings
 from booking.orders.settings import OrdersSettings
 from booking.payments.settings import PaymentsSettings
-from booking.runtime.testing import serving
 
 WITH_DATABASE = ["orders", "payments", "calendar", "notifications"]
 SETTINGS = {

@@ -14,11 +14,11 @@ from sqlalchemy import Column, Integer, MetaData, Table, Text, func, select, tex
 from sqlalchemy.dialects.postgresql import insert
 
 from booking.contracts import MentorRegistered
+from booking.devtools.fixtures import TcpProxy, delete_broker_objects
 from booking.runtime.consumer import MessageContext
 from booking.runtime.service import ServiceRuntime
 from booking.runtime.settings import RuntimeSettings
 from booking.runtime.tables import MessagingTables
-from booking.runtime.testing import TcpProxy, delete_broker_objects
 
 
 def mentor_registered(name: str = "Ada") -> MentorRegistered:

@@ -20,6 +20,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Depends, FastAPI
 from pydantic import ValidationError
 
+from booking.devtools.fixtures import free_port, serving
+from booking.devtools.identity_provider import (
+    AUDIENCE,
+    ISSUER,
+    IdentityProvider,
+    SigningKey,
+    claims,
+    hs256_with_key,
+)
 from booking.runtime.auth import (
     Identity,
     InvalidToken,
@@ -41,15 +50,6 @@ from booking.runtime.cli import main
 from booking.runtime.problems import install_problem_handlers
 from booking.runtime.service import ServiceRuntime, create_service_app
 from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings, RuntimeSettings
-from booking.runtime.testing import free_port, serving
-from booking.runtime.testing_provider import (
-    AUDIENCE,
-    ISSUER,
-    IdentityProvider,
-    SigningKey,
-    claims,
-    hs256_with_key,
-)
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 DEFAULTS = RuntimeSettings.model_construct()  # the defaults, not this environment's

@@ -12,8 +12,8 @@ import aio_pika
 import pytest
 
 from booking.contracts import SystemErrorReported, parse_envelope, wrap
+from booking.devtools.fixtures import eventually, url_via
 from booking.runtime import metrics
-from booking.runtime.testing import eventually, url_via
 
 
 async def publish_raw(url: str, exchange: str, routing_key: str, body: bytes, **props) -> None:

@@ -12,10 +12,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import MetaData
 
+from booking.devtools.fixtures import free_port, serving
 from booking.runtime.health import Health, Observation
 from booking.runtime.service import ServiceRuntime, create_service_app
 from booking.runtime.tables import MessagingTables
-from booking.runtime.testing import free_port, serving
 
 
 class CheckEntry(BaseModel):

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from booking.contracts import PaymentFailed, parse_envelope
+from booking.devtools.fixtures import TcpProxy, eventually, url_via
 from booking.runtime.outbox import OutboxRelay
-from booking.runtime.testing import TcpProxy, eventually, url_via
 
 
 class Rollback(Exception):

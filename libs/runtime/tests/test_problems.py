@@ -7,10 +7,10 @@ from fastapi import APIRouter, Depends, FastAPI
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
 
+from booking.devtools.fixtures import url_via
 from booking.runtime.db import Database, database
 from booking.runtime.problems import install_problem_handlers
 from booking.runtime.service import create_service_app
-from booking.runtime.testing import url_via
 
 
 class Body(BaseModel):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from booking.devtools.fixtures import eventually
 from booking.runtime.outages import OutageLog
 from booking.runtime.sweeping import Every, run_quietly
-from booking.runtime.testing import eventually
 
 
 async def test_an_unreachable_database_skips_the_round_quietly_and_a_bug_is_logged_in_full(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aio_pika
 from aiormq.abc import DeliveredMessage
 
-from booking.runtime.testing import eventually
+from booking.devtools.fixtures import eventually
 
 from .test_consumer import envelope_bytes
 

@@ -28,9 +28,7 @@ from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import SCHEMA
 from booking.contracts import Event, MentorRegistered, OrderCancelled, OrderPaid
-from booking.runtime.auth import issue_token
-from booking.runtime.migrations import upgrade
-from booking.runtime.testing import (
+from booking.devtools.fixtures import (
     SandboxClient,
     Served,
     Spy,
@@ -40,6 +38,8 @@ from booking.runtime.testing import (
     publish_event,
     serving_with_client,
 )
+from booking.runtime.auth import issue_token
+from booking.runtime.migrations import upgrade
 from booking.sandbox.control import ControlAuth
 from booking.sandbox.google import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings

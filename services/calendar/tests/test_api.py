@@ -15,7 +15,7 @@ from booking.calendar.domain import _b64, _unb64
 from booking.calendar.tables import SCHEMA
 from booking.calendar.tokens import TokenCipher
 from booking.contracts import MentorIdentityLinked
-from booking.runtime.testing import eventually
+from booking.devtools.fixtures import eventually
 
 PROBLEM = "application/problem+json"
 

@@ -8,8 +8,8 @@ from cryptography.fernet import Fernet
 from booking.calendar.app import create_app
 from booking.calendar.settings import DEVELOPMENT_TOKEN_KEY, CalendarSettings
 from booking.calendar.tables import SCHEMA
+from booking.devtools.fixtures import free_port, health_checks, schema_differences
 from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings
-from booking.runtime.testing import free_port, health_checks, schema_differences
 
 
 class TestMigrations:

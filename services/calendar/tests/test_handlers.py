@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from booking.calendar.tables import SCHEMA
 from booking.contracts import MentorIdentityLinked, MentorRegistered
-from booking.runtime.testing import eventually
+from booking.devtools.fixtures import eventually
 
 
 async def handled(calendar, count: int) -> bool:

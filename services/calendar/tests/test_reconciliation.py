@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from booking.calendar.reconciliation import Sweep, Sweeper
 from booking.calendar.tables import SCHEMA
-from booking.runtime.testing import eventually, url_via
+from booking.devtools.fixtures import eventually, url_via
 
 
 def after_the_lease(calendar) -> datetime:

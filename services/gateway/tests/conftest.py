@@ -18,12 +18,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from booking.devtools.fixtures import free_port, serving
 from booking.gateway.app import create_app
 from booking.gateway.settings import GatewaySettings
 from booking.gateway.upstreams import Service
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.health import HealthResponse
-from booking.runtime.testing import free_port, serving
 
 MENTOR_ID = "5d0c5b8e-7d0a-4a7e-9f57-1b1e1c7f2a01"
 ORDER_ID = "0b7e3f0e-3f5a-4a33-8d0e-2c6e4b9f1a03"

@@ -33,13 +33,13 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 from booking.contracts import AdminNotificationRaised, wrap
+from booking.devtools.fixtures import TcpProxy, eventually, free_port, serving, url_via
+from booking.devtools.identity_provider import IdentityProvider, SigningKey, claims
 from booking.gateway.alerts import AdminAlerts
 from booking.gateway.alerts.frames import Alert, Sent
 from booking.gateway.app import create_app
 from booking.gateway.settings import GatewaySettings
 from booking.runtime.auth import Role, issue_token
-from booking.runtime.testing import TcpProxy, eventually, free_port, serving, url_via
-from booking.runtime.testing_provider import IdentityProvider, SigningKey, claims
 
 FRAME_TIMEOUT = 15.0  # seconds to wait for a frame that must come (a bound, not a measure)
 

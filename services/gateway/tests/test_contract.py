@@ -12,7 +12,7 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from booking.gateway.testing import CHECKS
+from booking.devtools.contract_run import CHECKS
 from booking.runtime.auth import Role, issue_token
 
 

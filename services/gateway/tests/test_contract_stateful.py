@@ -1,5 +1,5 @@
 """Stateful: chains of calls along the links of the gateway's own /openapi.json keep the
-contract (booking.gateway.testing runs them; the whole-system tests run them against the real
+contract (booking.devtools.contract_run runs them; the whole-system tests run them against the real
 services too).
 
 The links are part of the public document, so they are checked as a client reads them as well:
@@ -12,8 +12,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from booking.devtools.contract_run import bounded, link_names, run_stateful_contract
 from booking.gateway.app import create_app
-from booking.gateway.testing import bounded, link_names, run_stateful_contract
 from booking.gateway.upstreams import Service
 
 # Under a minute on a shared two-core machine (the stand-ins answer at once).

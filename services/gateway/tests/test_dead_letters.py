@@ -20,10 +20,10 @@ from booking.contracts.http import (
     DeadLetterPage,
     cursor_token,
 )
+from booking.devtools.fixtures import eventually
 from booking.gateway.dead_letters import SERVICES, Position, merge, service_of
 from booking.gateway.upstreams import Service
 from booking.runtime.auth import Role
-from booking.runtime.testing import eventually
 
 PROBLEM = "application/problem+json"
 T0 = datetime(2030, 5, 1, 9, 0, tzinfo=UTC)

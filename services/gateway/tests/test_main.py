@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import httpx
 
+from booking.devtools.fixtures import eventually, free_port
 from booking.gateway.settings import GatewaySettings
-from booking.runtime.testing import eventually, free_port
 
 # Runs the module's preamble and imports as `python -m booking.gateway --help` does (argparse
 # exits before serving), then reports what is loaded and whether an admin token still verifies.

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 
 from booking.contracts import HealthCheckFailed, HealthCheckRecovered, decode, parse_envelope
+from booking.devtools.fixtures import Spy, TcpProxy, eventually, free_port, serving, url_via
 from booking.gateway.app import create_app
 from booking.gateway.monitor import (
     SERVICES,
@@ -32,7 +33,6 @@ from booking.runtime.auth import Role, issue_token
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, HealthResponse
 from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import Spy, TcpProxy, eventually, free_port, serving, url_via
 
 TIMEOUT = 2.0  # per service check, seconds: generous, for a loaded machine
 

@@ -23,6 +23,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from booking.contracts import Event, wrap
+from booking.devtools.fixtures import Spy, eventually, serving
 from booking.notifications.app import create_app
 from booking.notifications.domain import alert_for
 from booking.notifications.settings import NotificationsSettings
@@ -30,7 +31,6 @@ from booking.notifications.tables import SCHEMA
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.migrations import upgrade
 from booking.runtime.service import ServiceRuntime
-from booking.runtime.testing import Spy, eventually, serving
 
 TABLE = f"{SCHEMA}.admin_notifications"
 

@@ -32,10 +32,10 @@ from booking.contracts import (
     SessionIssueDetected,
     SystemErrorReported,
 )
+from booking.devtools.fixtures import eventually, serving
 from booking.notifications import feed
 from booking.notifications.app import create_app
 from booking.notifications.domain import alert_for
-from booking.runtime.testing import eventually, serving
 
 TYPES = [
     "IntegrationFailure",

@@ -38,6 +38,7 @@ from booking.contracts import (
     PaymentInitiated,
     wrap,
 )
+from booking.devtools.fixtures import Spy, eventually, serving
 from booking.orders.app import create_app
 from booking.orders.reconciliation import Sweeper
 from booking.orders.settings import OrdersSettings
@@ -45,7 +46,6 @@ from booking.orders.tables import SCHEMA
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.migrations import upgrade
 from booking.runtime.service import ServiceRuntime
-from booking.runtime.testing import Spy, eventually, serving
 
 PRICE = 120_000  # 120 TND in millimes
 FEE = 18_000  # 15 %

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from booking.contracts import PaymentInitiationFailed
+from booking.devtools.fixtures import eventually
 from booking.orders.service import lock_order
 from booking.runtime.auth import Role, issue_token
-from booking.runtime.testing import eventually
 
 
 class TestMentors:

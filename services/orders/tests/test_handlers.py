@@ -17,8 +17,8 @@ from booking.contracts import (
     CalendarFailureReason,
     PaymentInitiationFailed,
 )
+from booking.devtools.fixtures import eventually
 from booking.orders.service import lock_order
-from booking.runtime.testing import eventually
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
 

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from booking.devtools.fixtures import free_port
 from booking.orders.reconciliation import Sweep, Sweeper
 from booking.orders.settings import OrdersSettings
 from booking.runtime.db import Database
-from booking.runtime.testing import free_port
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
 TIMEOUT = 30  # minutes: PAYMENT_OPENING_TIMEOUT_MINUTES' default, the tested setting

@@ -8,11 +8,11 @@ import re
 import asyncpg
 from alembic import command
 
+from booking.devtools.fixtures import private_database, schema_differences
 from booking.orders.domain import LIVE_SESSION_STATUSES, EscrowStatus, SessionStatus
 from booking.orders.settings import OrdersSettings
 from booking.orders.tables import NO_OVERLAP, SCHEMA
 from booking.runtime.migrations import alembic_config, upgrade
-from booking.runtime.testing import private_database, schema_differences
 
 
 async def test_the_slot_constraint_holds_exactly_the_live_sessions(migrated: str) -> None:

@@ -31,14 +31,7 @@ from booking.contracts import (
     OrderConfirmed,
     SchedulingAbandoned,
 )
-from booking.payments.app import create_app
-from booking.payments.reconciliation import Sweeper
-from booking.payments.service import PaymentService
-from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import SCHEMA
-from booking.runtime.auth import Role, issue_token
-from booking.runtime.migrations import upgrade
-from booking.runtime.testing import (
+from booking.devtools.fixtures import (
     SandboxClient,
     Served,
     Spy,
@@ -47,6 +40,13 @@ from booking.runtime.testing import (
     publish_event,
     serving_with_client,
 )
+from booking.payments.app import create_app
+from booking.payments.reconciliation import Sweeper
+from booking.payments.service import PaymentService
+from booking.payments.settings import PaymentsSettings
+from booking.payments.tables import SCHEMA
+from booking.runtime.auth import Role, issue_token
+from booking.runtime.migrations import upgrade
 from booking.sandbox.control import ControlAuth
 from booking.sandbox.konnect import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings

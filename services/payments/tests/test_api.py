@@ -14,9 +14,9 @@ import pytest
 
 from booking.contracts import PaymentAnomalyDetected
 from booking.contracts.http import Escrow, WebhookResult
+from booking.devtools.fixtures import eventually
 from booking.notifications.domain import alert_for
 from booking.runtime.auth import Role
-from booking.runtime.testing import eventually
 
 PROBLEM = "application/problem+json"
 

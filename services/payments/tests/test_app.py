@@ -8,15 +8,15 @@ import uuid
 import asyncpg
 from alembic import command
 
-from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import SCHEMA
-from booking.runtime.migrations import alembic_config, upgrade
-from booking.runtime.testing import (
+from booking.devtools.fixtures import (
     free_port,
     health_checks,
     private_database,
     schema_differences,
 )
+from booking.payments.settings import PaymentsSettings
+from booking.payments.tables import SCHEMA
+from booking.runtime.migrations import alembic_config, upgrade
 
 
 async def stage_0002_rows(conn: asyncpg.Connection) -> dict[str, uuid.UUID]:

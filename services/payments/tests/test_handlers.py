@@ -9,8 +9,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from booking.contracts import OrderCancelled
+from booking.devtools.fixtures import eventually
 from booking.payments.domain import KonnectVerdict, PaymentState
-from booking.runtime.testing import eventually
 
 
 async def handled(db, count: int) -> bool:

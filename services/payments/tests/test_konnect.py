@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from booking.devtools.fixtures import free_port
 from booking.payments.konnect import (
     KonnectClient,
     KonnectRefused,
@@ -19,7 +20,6 @@ from booking.payments.konnect import (
     PaymentNotFound,
     PaymentRequest,
 )
-from booking.runtime.testing import free_port
 from booking.runtime.transport import CancelSafeTransport
 
 KEY = "sandbox-api-key-id:sandbox-api-key-secret"

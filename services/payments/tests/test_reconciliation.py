@@ -8,13 +8,13 @@ import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+from booking.devtools.fixtures import free_port
 from booking.payments.konnect import KonnectClient
 from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.tables import SCHEMA, messaging
 from booking.runtime.db import Database, create_engine
 from booking.runtime.outbox import Outbox
-from booking.runtime.testing import free_port
 
 
 def now() -> datetime:

@@ -1,6 +1,6 @@
 """`make run`'s environment: the addresses that follow from the ports, unless set."""
 
-from booking.runtime.devrun import child_environment
+from booking.devtools.devrun import child_environment
 
 
 class TestChildEnvironment:

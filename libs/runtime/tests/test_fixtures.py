@@ -13,15 +13,15 @@ import pytest
 from aio_pika.exceptions import ChannelNotFoundEntity
 from sqlalchemy import Column, Integer, MetaData, Table, Text
 
-from booking.runtime.broker import Broker, ConsumerQueues
-from booking.runtime.settings import RuntimeSettings
-from booking.runtime.testing import (
+from booking.devtools.fixtures import (
     consumer_queue_names,
     delete_broker_objects,
     eventually,
     rabbitmqctl,
     schema_differences,
 )
+from booking.runtime.broker import Broker, ConsumerQueues
+from booking.runtime.settings import RuntimeSettings
 
 
 async def existing(url: str, queues: list[str], exchanges: list[str]) -> list[str]:

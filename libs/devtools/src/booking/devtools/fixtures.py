@@ -40,8 +40,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 from booking.contracts import Event, wrap
+from booking.devtools.devrun import MIGRATED
 from booking.runtime.broker import ConsumerQueues, OutgoingMessage
-from booking.runtime.devrun import MIGRATED
 from booking.runtime.settings import (
     DEFAULT_DATABASE_URL,
     DEFAULT_RABBITMQ_URL,

@@ -1,5 +1,5 @@
 """An identity provider for tests: real RSA and EC key pairs, their JWKS served over real HTTP
-(`booking.runtime.testing.serving`), tokens signed with them, and what a test needs to rotate
+(`booking.devtools.fixtures.serving`), tokens signed with them, and what a test needs to rotate
 the keys, break the provider and count its requests. Nothing outside the tests imports it."""
 
 from __future__ import annotations

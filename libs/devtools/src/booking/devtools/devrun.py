@@ -1,6 +1,6 @@
 """`make run`: the whole system on this machine, as child processes of one supervisor.
 
-`python -m booking.runtime.devrun` checks that Postgres and RabbitMQ answer (and says how to start
+`python -m booking.devtools.devrun` checks that Postgres and RabbitMQ answer (and says how to start
 them when they do not), migrates every schema, starts the sandbox providers and the five services
 with this same Python and the environment passed through, prefixes each child's output with its
 name, waits until every one is ready, and prints where each listens. Ctrl-C or SIGTERM stops them
