@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 
-from booking.runtime.testing import eventually, free_port
+from booking.devtools.fixtures import eventually, free_port
 from booking.sandbox.control import ControlAuth
 from booking.sandbox.google import create_app
 from booking.sandbox.settings import SandboxSettings

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 
-from booking.runtime.testing import eventually, free_port, serving
+from booking.devtools.fixtures import eventually, free_port, serving
 from booking.sandbox.control import ControlAuth
 from booking.sandbox.konnect import create_app
 from booking.sandbox.settings import SandboxSettings

@@ -1,6 +1,8 @@
 """The shared domain vocabulary: the bounded sample of a long run of refs."""
 
-from booking.runtime.domain import keep_ends
+import uuid
+
+from booking.runtime.domain import EventIds, keep_ends
 
 
 def sampled(items: list[str], size: int) -> tuple[list[str], list[str]]:
@@ -26,3 +28,17 @@ class TestKeepEnds:
         first, last = sampled(["a", "b", "c", "d", "c", "a", "e", "c"], 2)
 
         assert (first, last) == (["a", "b"], ["e", "c"])
+
+
+class TestEventIds:
+    def test_one_fact_gives_one_id_and_different_facts_differ(self):
+        ids = EventIds(uuid.UUID("9c4f3a56-2be1-4d0b-8f43-6a1e0c7d5b21"))
+        order = uuid.uuid4()
+        assert ids("OrderCancelled", order) == ids("OrderCancelled", order)
+        assert ids("OrderCancelled", order) != ids("OrderConfirmed", order)
+        # The parts are joined with ':', so ids recorded before the parts were split stay equal.
+        assert ids("OrderCancelled", order) == ids(f"OrderCancelled:{order}")
+
+    def test_services_do_not_share_ids(self):
+        fact = ("failed", uuid.uuid4(), 1)
+        assert EventIds(uuid.uuid4())(*fact) != EventIds(uuid.uuid4())(*fact)

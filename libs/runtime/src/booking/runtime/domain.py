@@ -1,5 +1,5 @@
-"""The vocabulary every service's pure domain shares: its errors, the rules of money, and the
-sample kept of a long run of refs.
+"""The vocabulary every service's pure domain shares: its errors, the rules of money, the ids of
+the events it reports, and the sample kept of a long run of refs.
 
 No I/O and no framework here, so a service's `domain.py` may import it and stay pure.
 """
@@ -7,10 +7,22 @@ No I/O and no framework here, so a service's `domain.py` may import it and stay 
 from __future__ import annotations
 
 import re
+import uuid
 from enum import StrEnum
 from typing import Any
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class EventIds:
+    """Message ids derived from the fact an event reports (uuid5 under a service's namespace), so
+    that recording one fact twice stores it once: `event_ids("OrderCancelled", order_id)`."""
+
+    def __init__(self, namespace: uuid.UUID) -> None:
+        self.namespace = namespace
+
+    def __call__(self, *parts: object) -> uuid.UUID:
+        return uuid.uuid5(self.namespace, ":".join(str(part) for part in parts))
 
 
 class DomainError(Exception):

@@ -29,9 +29,10 @@ from typing import Any
 from sqlalchemy import Row, delete, select, update
 
 from booking.calendar.domain import BookingStatus
-from booking.calendar.service import CalendarService, utcnow
+from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
 from booking.calendar.tables import calendar_bookings, oauth_states
+from booking.runtime.clock import utcnow
 from booking.runtime.outages import OutageLog, is_unreachable
 from booking.runtime.sweeping import Every, run_quietly
 

@@ -31,7 +31,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, Text, Uuid, column, delete, select, update, values
@@ -82,9 +82,10 @@ from booking.contracts import (
 )
 from booking.contracts.http import CalendarConnection, SessionScheduling
 from booking.runtime.audit import record_admin_action
+from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
-from booking.runtime.domain import IllegalTransition
+from booking.runtime.domain import EventIds, IllegalTransition
 from booking.runtime.outages import OutageLog
 from booking.runtime.outbox import Outbox
 from booking.runtime.sweeping import run_quietly
@@ -98,8 +99,7 @@ _EVENTS = uuid.UUID("5d0f6c1a-8e2b-4f47-b1c3-2a9e7d4f6b18")
 _WRITE_SCOPES = frozenset({CALENDAR_SCOPE, "https://www.googleapis.com/auth/calendar"})
 
 
-def event_id(*parts: object) -> uuid.UUID:
-    return uuid.uuid5(_EVENTS, ":".join(str(part) for part in parts))
+event_id = EventIds(_EVENTS)
 
 
 def failure_event_id(session_id: uuid.UUID, attempt: int) -> uuid.UUID:
@@ -112,10 +112,6 @@ def given_up_event_id(session_id: uuid.UUID, attempt: int) -> uuid.UUID:
     """The final CalendarBookingFailed of a booking whose session began while it waited for a
     reconnect (after its `attempt`-th attempt): apart from that attempt's own."""
     return event_id("given-up", session_id, attempt)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # An admin reads the trace in the alert; its head says what it is, its tail where it broke.

@@ -53,6 +53,7 @@ from booking.orders.tables import (
 from booking.runtime.audit import record_admin_action
 from booking.runtime.context import correlated, current_correlation_id
 from booking.runtime.db import Database
+from booking.runtime.domain import EventIds
 from booking.runtime.outbox import Outbox
 from booking.runtime.tables import MessagingTables
 
@@ -63,9 +64,8 @@ log = logging.getLogger(__name__)
 _EVENTS = uuid.UUID("9c4f3a56-2be1-4d0b-8f43-6a1e0c7d5b21")
 
 
-def event_id(fact: str) -> uuid.UUID:
-    """The message id of the event reporting `fact` (e.g. "OrderCancelled:<order id>")."""
-    return uuid.uuid5(_EVENTS, fact)
+# The message id of the event reporting a fact (e.g. "OrderCancelled:<order id>").
+event_id = EventIds(_EVENTS)
 
 
 class NoSuchOrder(Exception):

@@ -32,9 +32,10 @@ from sqlalchemy import Row, select, update
 
 from booking.payments.domain import KonnectVerdict, MalformedKonnectPayment, PaymentState
 from booking.payments.konnect import KonnectError, KonnectUnavailable, PaymentNotFound
-from booking.payments.service import PaymentService, utcnow
+from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import payments
+from booking.runtime.clock import utcnow
 from booking.runtime.outages import OutageLog, is_unreachable
 from booking.runtime.sweeping import Every, run_quietly
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Row, update
@@ -80,8 +80,10 @@ from booking.payments.repository import OrderEnding, StoredHold
 from booking.payments.settings import PaymentsSettings
 from booking.payments.tables import payments
 from booking.runtime.audit import record_admin_action
+from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
+from booking.runtime.domain import EventIds
 from booking.runtime.outages import describe, is_unreachable
 from booking.runtime.outbox import Outbox
 
@@ -100,12 +102,7 @@ SettlementAction = Literal["release", "refund", "refunded"]
 _SAY_EVERY = 10.0
 
 
-def event_id(*parts: object) -> uuid.UUID:
-    return uuid.uuid5(_EVENTS, ":".join(str(part) for part in parts))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+event_id = EventIds(_EVENTS)
 
 
 def _money(amount: int, currency: str) -> str:
