@@ -73,9 +73,8 @@ class ServiceRuntime:
         self.housekeeping: Housekeeping | None = None
         if tables is not None:
             # Loaded only by a service with a database: the gateway never pays for SQLAlchemy.
-            from booking.runtime.consumer import Consumer
             from booking.runtime.db import Database, create_engine
-            from booking.runtime.dead_letters import DeadLetterKeeper, DeadLetters
+            from booking.runtime.dead_letters import DeadLetters
             from booking.runtime.housekeeping import Housekeeping
             from booking.runtime.outbox import Outbox, OutboxRelay
 
@@ -102,30 +101,51 @@ class ServiceRuntime:
                 inbox_retention=timedelta(hours=settings.inbox_retention_hours),
                 interval=settings.housekeeping_interval_seconds,
             )
-            if handlers:
-                self.consumer = Consumer(
-                    name=f"{settings.queue_prefix}{name}",
-                    db=self.db,
-                    tables=tables,
-                    outbox=self.outbox,
-                    broker=self.broker,
-                    handlers=handlers,
-                    max_attempts=settings.consumer_max_attempts,
-                    retry_base_delay_ms=settings.consumer_retry_base_delay_ms,
-                    prefetch=settings.consumer_prefetch,
-                    concurrency=settings.consumer_concurrency,
-                    max_batch=settings.consumer_max_batch,
-                )
-                self.dead_letter_keeper = DeadLetterKeeper(
-                    consumer=self.consumer,
-                    db=self.db,
-                    tables=tables,
-                    outbox=self.outbox,
-                    broker=self.broker,
-                )
-                self.broker.on_connected(self.consumer.attach)
-                self.broker.on_connected(self.dead_letter_keeper.attach)
         self._add_standard_checks()
+        if handlers:
+            self.subscribe(handlers)
+
+    def subscribe(self, handlers: Mapping[type[Event], Handler]) -> None:
+        """Consume the events in `handlers` from this service's queue.
+
+        Called by the composition root once the use cases the handlers call exist, so that no
+        handler refers to something built after it."""
+        from booking.runtime.consumer import Consumer
+        from booking.runtime.dead_letters import DeadLetterKeeper
+
+        if self.consumer is not None:
+            raise RuntimeError(f"{self.name} already consumes its queue")
+        if self.tables is None or self.db is None or self.outbox is None:
+            raise RuntimeError(f"{self.name} has no database: it has no inbox to consume with")
+        settings, tables = self.settings, self.tables
+        self.consumer = Consumer(
+            name=f"{settings.queue_prefix}{self.name}",
+            db=self.db,
+            tables=tables,
+            outbox=self.outbox,
+            broker=self.broker,
+            handlers=handlers,
+            max_attempts=settings.consumer_max_attempts,
+            retry_base_delay_ms=settings.consumer_retry_base_delay_ms,
+            prefetch=settings.consumer_prefetch,
+            concurrency=settings.consumer_concurrency,
+            max_batch=settings.consumer_max_batch,
+        )
+        self.dead_letter_keeper = DeadLetterKeeper(
+            consumer=self.consumer,
+            db=self.db,
+            tables=tables,
+            outbox=self.outbox,
+            broker=self.broker,
+        )
+        self.broker.on_connected(self.consumer.attach)
+        self.broker.on_connected(self.dead_letter_keeper.attach)
+        self.health.add(
+            "rabbitmq", "consumers", self._check_consumers, ready=True, component_type="system"
+        )
+        self.health.add(
+            "rabbitmq", "queues", self._check_queue_depths, ready=False, component_type="system"
+        )
 
     async def start(self) -> None:
         self.broker.start()
@@ -178,13 +198,6 @@ class ServiceRuntime:
         self.health.add(
             "rabbitmq", "connection", self._check_broker, ready=True, component_type="system"
         )
-        if self.consumer is not None:
-            self.health.add(
-                "rabbitmq", "consumers", self._check_consumers, ready=True, component_type="system"
-            )
-            self.health.add(
-                "rabbitmq", "queues", self._check_queue_depths, ready=False, component_type="system"
-            )
         if self.relay is not None:
             self.health.add(
                 "outbox", "lag", self._check_outbox_lag, ready=False, component_type="component"
