@@ -31,7 +31,7 @@ import uvloop
 
 from bench import results_file
 from booking.devtools.fixtures import with_database
-from booking.notifications import feed
+from booking.notifications import repository as feed
 from booking.notifications.app import create_app
 from booking.notifications.domain import Cursor, Filters, NotificationType, Severity
 from booking.notifications.settings import NotificationsSettings

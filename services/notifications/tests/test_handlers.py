@@ -33,7 +33,7 @@ from booking.contracts import (
     SystemErrorReported,
 )
 from booking.devtools.fixtures import eventually, serving
-from booking.notifications import feed
+from booking.notifications import repository
 from booking.notifications.app import create_app
 from booking.notifications.domain import alert_for
 
@@ -698,7 +698,7 @@ class TestDedup:
 
         async def store() -> None:
             async with db.transaction() as session:
-                await feed.store_alert(session, alert, timedelta(hours=1))
+                await repository.store_alert(session, alert, timedelta(hours=1))
 
         await asyncio.gather(*(store() for _ in range(10)))
         [row] = await notifications.rows()
@@ -743,7 +743,7 @@ class TestLoopGuard:
         async def broken_store(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("the notifications table is broken")
 
-        monkeypatch.setattr(feed, "store_alert", broken_store)
+        monkeypatch.setattr(repository, "store_alert", broken_store)
         await notifications.publish(calendar_failed_event())
 
         # The event is dead-lettered and reported; storing that report fails as well, so it is

@@ -218,7 +218,8 @@ def _money(amount: int, currency: str) -> str:
 
 
 def _escrow_message(e: EscrowFrozen | EscrowRefundDue | EscrowRefunded | EscrowUnfrozen) -> str:
-    by = f" by {e.by}" if getattr(e, "by", None) else ""
+    by_whom = getattr(e, "by", None)  # EscrowUnfrozen names no one
+    by = f" by {by_whom}" if by_whom else ""
     escrow = f"The escrow of order {e.order_id} ({_money(e.escrow_amount, e.currency)})"
     if isinstance(e, EscrowFrozen):
         return (
@@ -836,3 +837,68 @@ class Filters:
             type=None if type is None else parse_level(NotificationType, type, "type"),
             since=since,
         )
+
+
+# --- stored notifications -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A notification as stored: an alert with its id, its read state and its occurrences."""
+
+    id: int
+    type: NotificationType
+    severity: Severity
+    title: str
+    message: str
+    metadata: dict[str, Any]
+    is_read: bool
+    read_at: datetime | None
+    created_at: datetime
+    """Its first occurrence."""
+    fingerprint: str
+    occurrences: int
+    last_occurred_at: datetime
+
+    def public_fields(self) -> dict[str, Any]:
+        """Its fields as the admins see them (the feed's items, AdminNotificationRaised): type
+        and severity by name."""
+        return {
+            "id": self.id,
+            "type": self.type.name,
+            "severity": self.severity.name,
+            "title": self.title,
+            "message": self.message,
+            "metadata": self.metadata,
+            "is_read": self.is_read,
+            "read_at": self.read_at,
+            "created_at": self.created_at,
+            "fingerprint": self.fingerprint,
+            "occurrences": self.occurrences,
+            "last_occurred_at": self.last_occurred_at,
+        }
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A notification as an alert left it, and whether the alert created it (or counted up)."""
+
+    notification: Notification
+    created: bool
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    """One page of the feed, and where the next one starts (None: this was the last)."""
+
+    items: list[Notification]
+    next_cursor: Cursor | None
+
+
+@dataclass(frozen=True)
+class DayCount:
+    """How many notifications of one severity were raised on one UTC day."""
+
+    day: date
+    severity: Severity
+    count: int

@@ -1,22 +1,10 @@
 """The notifications service's event subscribers: each failure or health event raises an alert.
 
-Every handler runs in the consumer's transaction, with the inbox record of its message, so a
-redelivered event is never counted twice. A stored or counted-up notification is recorded in
-the outbox as AdminNotificationRaised to the admin alerts fanout, in the same transaction; its
-message id is derived from (notification id, occurrences), so each count is its own message.
-
-There is no loop when storing fails: a message this service cannot handle is dead-lettered and
-reported as a SystemErrorReported, which comes back here; should that fail too, the runtime's
-consumer dead-letters it without reporting it again (the dead-letter queue shows in health).
+Every subscriber runs in the consumer's transaction, with the inbox record of its message, and
+makes one call to the service (service.py says what raising an alert records and publishes).
 """
 
 from __future__ import annotations
-
-import logging
-import uuid
-from collections.abc import Mapping
-from datetime import timedelta
-from functools import partial
 
 from booking.contracts import (
     AdminActionRecorded,
@@ -33,67 +21,31 @@ from booking.contracts import (
     SessionIssueDetected,
     SystemErrorReported,
 )
-from booking.notifications import feed
-from booking.notifications.domain import alert_for, failures_closed_by, raises_alert
+from booking.notifications.service import NotificationsService
 from booking.runtime.consumer import Handler, MessageContext
 
-log = logging.getLogger(__name__)
 
-SERVICE = "notifications"
+def subscribers(service: NotificationsService) -> dict[type[Event], Handler]:
+    """Every event this service consumes, and the use case it becomes."""
 
-# Namespace of AdminNotificationRaised message ids: uuid5 of "<id>:<occurrences>".
-_RAISED = uuid.UUID("0d3b8f5e-58a4-4c1e-9a7d-2f6c1b9e4a70")
+    async def raise_alert(event: Event, ctx: MessageContext) -> None:
+        # When the failure happened, not when it is handled.
+        await service.raise_alert(ctx.session, event, ctx.envelope.occurred_at)
 
+    async def end_incident(event: HealthCheckRecovered, ctx: MessageContext) -> None:
+        await service.end_incident(ctx.session, event, ctx.envelope.occurred_at)
 
-async def raise_alert(
-    event: Event, ctx: MessageContext, *, window: timedelta, alerts_exchange: str
-) -> None:
-    """Store the notification `event` raises (or count it up) and tell every admin."""
-    if not raises_alert(event):
-        log.info("%s recorded without a notification (it is retried)", event.event_type())
-        return
-    alert = alert_for(event, ctx.envelope.occurred_at)
-    stored = await feed.store_alert(ctx.session, alert, window)
-    row = stored.row
-    await ctx.record(
-        feed.raised(row),
-        message_id=uuid.uuid5(_RAISED, f"{row.id}:{row.occurrences}"),
-        exchange=alerts_exchange,
-    )
-    log.info(
-        "%s notification %d (%s, %s): %s",
-        "raised" if stored.created else f"counted up ({row.occurrences})",
-        row.id,
-        alert.type.name,
-        alert.severity.name,
-        alert.title,
-    )
-
-
-async def raise_recovery(
-    event: HealthCheckRecovered, ctx: MessageContext, *, window: timedelta, alerts_exchange: str
-) -> None:
-    """The component passes again: its open failure is closed (the next is a new incident)."""
-    await feed.close(ctx.session, failures_closed_by(event))
-    await raise_alert(event, ctx, window=window, alerts_exchange=alerts_exchange)
-
-
-def handlers(window: timedelta, alerts_exchange: str) -> Mapping[type[Event], Handler]:
-    """Every event this service consumes, and what it does with it."""
-    alert = partial(raise_alert, window=window, alerts_exchange=alerts_exchange)
     return {
-        CalendarBookingFailed: alert,
-        PaymentAnomalyDetected: alert,
-        PaymentInitiationFailed: alert,
-        SessionIssueDetected: alert,
-        HealthCheckFailed: alert,
-        HealthCheckRecovered: partial(
-            raise_recovery, window=window, alerts_exchange=alerts_exchange
-        ),
-        SystemErrorReported: alert,
-        EscrowFrozen: alert,
-        EscrowUnfrozen: alert,
-        EscrowRefundDue: alert,
-        EscrowRefunded: alert,
-        AdminActionRecorded: alert,
+        CalendarBookingFailed: raise_alert,
+        PaymentAnomalyDetected: raise_alert,
+        PaymentInitiationFailed: raise_alert,
+        SessionIssueDetected: raise_alert,
+        HealthCheckFailed: raise_alert,
+        HealthCheckRecovered: end_incident,
+        SystemErrorReported: raise_alert,
+        EscrowFrozen: raise_alert,
+        EscrowUnfrozen: raise_alert,
+        EscrowRefundDue: raise_alert,
+        EscrowRefunded: raise_alert,
+        AdminActionRecorded: raise_alert,
     }

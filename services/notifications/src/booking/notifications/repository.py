@@ -1,7 +1,8 @@
-"""The notifications table's statements: store an alert (deduplicated), list, read, delete, count.
+"""All of the notifications service's SQL: store an alert (deduplicated), list, read, delete,
+count; and the mapping of the table's rows to domain.Notification.
 
-Used by the handlers (store), the API (the rest) and the listing benchmark, all inside a
-transaction their caller opened: nothing here commits.
+Used by the service's use cases and the listing benchmark, always inside a transaction their
+caller opened (a request's, or the consumer's for a message): nothing here commits.
 
 Two locks keep the feed straight:
 - the partial unique index on `fingerprint WHERE is_open` makes a repeat conflict with its open
@@ -14,22 +15,34 @@ Two locks keep the feed straight:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, case, delete, func, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Row,
+    Select,
+    case,
+    delete,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from booking.contracts import AdminNotificationRaised, http
 from booking.notifications.domain import (
     Alert,
     Cursor,
+    FeedPage,
     Filters,
+    Notification,
     NotificationType,
     Severity,
-    summary_days,
+    Stored,
 )
 from booking.notifications.tables import admin_notifications as table
 
@@ -37,14 +50,6 @@ from booking.notifications.tables import admin_notifications as table
 WRITE_LOCK = 0x6E6F74696600
 
 _lock = text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=WRITE_LOCK)
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A notification as stored, and whether this alert created it (or counted up on it)."""
-
-    row: Any
-    created: bool
 
 
 async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) -> Stored:
@@ -112,7 +117,7 @@ async def store_alert(session: AsyncSession, alert: Alert, window: timedelta) ->
     for _ in range(3):
         row = (await session.execute(upsert)).one_or_none()
         if row is not None:
-            return Stored(row, created=row.occurrences == alert.occurrences)
+            return Stored(_notification(row), created=row.occurrences == alert.occurrences)
         # The open one is past its window (and locked by the conflict): close it, open anew.
         await session.execute(
             update(table)
@@ -129,40 +134,37 @@ async def close(session: AsyncSession, fingerprints: list[str]) -> int:
         .where(table.c.fingerprint.in_(fingerprints), table.c.is_open)
         .values(is_open=False)
     )
-    return result.rowcount
+    return _rowcount(result)
 
 
-def raised(row: Any) -> AdminNotificationRaised:
-    """The event that tells the gateways (and so every admin) of a stored notification."""
-    return AdminNotificationRaised(**_fields(row))
+def _notification(row: Row[Any]) -> Notification:
+    """A row of the table as the domain's notification (type and severity as their enums)."""
+    return Notification(
+        id=row.id,
+        type=NotificationType(row.type),
+        severity=Severity(row.severity),
+        title=row.title,
+        message=row.message,
+        metadata=row.metadata,
+        is_read=row.is_read,
+        read_at=row.read_at,
+        created_at=row.created_at,
+        fingerprint=row.fingerprint,
+        occurrences=row.occurrences,
+        last_occurred_at=row.last_occurred_at,
+    )
 
 
-def notification(row: Any) -> http.Notification:
-    return http.Notification(**_fields(row))
-
-
-def _fields(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "type": NotificationType(row.type).name,
-        "severity": Severity(row.severity).name,
-        "title": row.title,
-        "message": row.message,
-        "metadata": row.metadata,
-        "is_read": row.is_read,
-        "read_at": row.read_at,
-        "created_at": row.created_at,
-        "fingerprint": row.fingerprint,
-        "occurrences": row.occurrences,
-        "last_occurred_at": row.last_occurred_at,
-    }
+def _rowcount(result: object) -> int:
+    """How many rows an UPDATE or DELETE (without RETURNING) changed."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 # --- reading ----------------------------------------------------------------------------------
 
 
-def _where(filters: Filters) -> list[Any]:
-    clauses: list[Any] = []
+def _where(filters: Filters) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
     if filters.unread_only:
         clauses.append(~table.c.is_read)  # NOT is_read: the partial index's own predicate
     if filters.severity is not None:
@@ -182,7 +184,7 @@ def page_query(
     limit: int,
     cursor: Cursor | None = None,
     after_id: int | None = None,
-) -> Select:
+) -> Select[Any]:
     """The feed's query: newest first by id; ascending from `after_id` (or an ascending cursor).
 
     One more row than `limit` is asked for: its presence says there is a next page.
@@ -204,23 +206,26 @@ async def page(
     limit: int,
     cursor: Cursor | None = None,
     after_id: int | None = None,
-) -> http.NotificationPage:
+) -> FeedPage:
+    """A page of the feed (see `page_query`), and the cursor of the next one if there is one."""
     query = page_query(filters, limit=limit, cursor=cursor, after_id=after_id)
     rows = (await session.execute(query)).all()
     ascending = cursor.ascending if cursor is not None else after_id is not None
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = Cursor(rows[-1].id, ascending=ascending).encode()
-    return http.NotificationPage(items=[notification(r) for r in rows], next_cursor=next_cursor)
+        next_cursor = Cursor(rows[-1].id, ascending=ascending)
+    return FeedPage(items=[_notification(r) for r in rows], next_cursor=next_cursor)
 
 
-async def summary(session: AsyncSession, days: int, now: datetime) -> http.NotificationSummary:
-    """Notifications raised per UTC day and severity over the last `days` days, zeros included.
+async def raised_per_day(
+    session: AsyncSession, span: list[date]
+) -> dict[tuple[date, Severity], int]:
+    """How many notifications were raised per UTC day and severity over `span` (oldest first);
+    a day and severity without any is absent.
 
     A notification counts once, on the day of its first occurrence (`created_at`).
     """
-    span = summary_days(now.astimezone(UTC).date(), days)
     start = datetime.combine(span[0], time.min, UTC)
     end = datetime.combine(span[-1] + timedelta(days=1), time.min, UTC)
     day = func.date(func.timezone("UTC", table.c.created_at)).label("day")
@@ -229,21 +234,15 @@ async def summary(session: AsyncSession, days: int, now: datetime) -> http.Notif
         .where(table.c.created_at >= start, table.c.created_at < end)
         .group_by(day, table.c.severity)
     )
-    counts: dict[tuple[date, int], int] = {(d, s): n for d, s, n in rows}
-    return http.NotificationSummary(
-        days=days,
-        counts=[
-            http.DayCount(day=d, severity=s.name, count=counts.get((d, int(s)), 0))
-            for d in span
-            for s in Severity
-        ],
-    )
+    return {(d, Severity(s)): n for d, s, n in rows}
 
 
 # --- changing -----------------------------------------------------------------------------------
 
 
-async def mark_read(session: AsyncSession, notification_id: int, now: datetime) -> Any | None:
+async def mark_read(
+    session: AsyncSession, notification_id: int, now: datetime
+) -> Notification | None:
     """Mark one read (its first read_at stays); None when there is no such notification."""
     result = await session.execute(
         update(table)
@@ -251,7 +250,8 @@ async def mark_read(session: AsyncSession, notification_id: int, now: datetime) 
         .values(is_read=True, read_at=func.coalesce(table.c.read_at, now))
         .returning(*table.c)
     )
-    return result.one_or_none()
+    row = result.one_or_none()
+    return None if row is None else _notification(row)
 
 
 async def mark_all_read(session: AsyncSession, filters: Filters, now: datetime) -> int:
@@ -262,10 +262,11 @@ async def mark_all_read(session: AsyncSession, filters: Filters, now: datetime) 
     result = await session.execute(
         update(table).where(~table.c.is_read, *_where(filters)).values(is_read=True, read_at=now)
     )
-    return result.rowcount
+    return _rowcount(result)
 
 
 async def remove(session: AsyncSession, notification_id: int) -> bool:
+    """Delete one; False when there is no such notification."""
     result = await session.execute(
         delete(table).where(table.c.id == notification_id).returning(table.c.id)
     )
