@@ -45,6 +45,8 @@ _RAISED = uuid.UUID("0d3b8f5e-58a4-4c1e-9a7d-2f6c1b9e4a70")
 
 
 class NotificationsService:
+    """The use cases, on the runtime's database and outbox."""
+
     def __init__(
         self, *, db: Database, outbox: Outbox, window: timedelta, alerts_exchange: str
     ) -> None:

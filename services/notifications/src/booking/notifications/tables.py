@@ -33,7 +33,7 @@ OPEN_FINGERPRINT = "ux_admin_notifications_open_fingerprint"
 admin_notifications = Table(
     "admin_notifications",
     SQLModel.metadata,
-    # Increasing, and committed in that order (handlers.store_alert), so "after id K" misses
+    # Increasing, and committed in that order (repository.store_alert), so "after id K" misses
     # nothing that commits later.
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("type", SmallInteger, nullable=False),
