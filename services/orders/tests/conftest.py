@@ -40,8 +40,8 @@ from booking.contracts import (
 )
 from booking.devtools.fixtures import Spy, eventually, serving
 from booking.orders.app import create_app
-from booking.orders.reconciliation import Sweeper
 from booking.orders.settings import OrdersSettings
+from booking.orders.sweeper import Sweeper
 from booking.orders.tables import SCHEMA
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.migrations import upgrade

@@ -14,7 +14,8 @@ import pytest
 
 from booking.contracts import PaymentInitiationFailed
 from booking.devtools.fixtures import eventually
-from booking.orders.service import lock_order
+from booking.orders.domain import OrderStatus, PaymentStatus, SessionStatus
+from booking.orders.repository import lock_order, save_order
 from booking.runtime.auth import Role, issue_token
 
 
@@ -770,7 +771,8 @@ class TestAdminCancel:
         booked = await orders.booked()
         async with orders.runtime.db.transaction() as session:
             # As PaymentFailed's handler would: the order locked, its payment failing.
-            row, booked_row = await lock_order(session, uuid.UUID(booked.order_id))
+            stored = await lock_order(session, uuid.UUID(booked.order_id))
+            assert stored is not None
             cancel = asyncio.create_task(self.cancel(orders, booked.order_id))
 
             async def cancel_waits_for_the_lock() -> bool:
@@ -782,8 +784,10 @@ class TestAdminCancel:
 
             await eventually(cancel_waits_for_the_lock, what="the cancel waiting for the lock")
             assert not cancel.done()
-            row.status, row.payment_status = "payment_failed", "expired"
-            booked_row.status = "cancelled"
+            stored.order.status = OrderStatus.PAYMENT_FAILED
+            stored.payment_status = PaymentStatus.EXPIRED
+            stored.booked.status = SessionStatus.CANCELLED
+            await save_order(session, stored)
 
         orders.problem(await cancel, 409)
         assert await orders.audit_rows(booked.order_id) == []

@@ -18,7 +18,7 @@ from booking.contracts import (
     PaymentInitiationFailed,
 )
 from booking.devtools.fixtures import eventually
-from booking.orders.service import lock_order
+from booking.orders.repository import lock_order
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
 
@@ -516,8 +516,12 @@ class TestLocking:
         booked = await orders.booked()
         order_id = uuid.UUID(booked.order_id)
         async with orders.runtime.db.transaction() as session:
-            order, session_row = await lock_order(session, order_id)
-            assert (str(order.id), str(session_row.id)) == (booked.order_id, booked.session_id)
+            stored = await lock_order(session, order_id)
+            assert stored is not None
+            assert (str(stored.order.id), str(stored.booked.id)) == (
+                booked.order_id,
+                booked.session_id,
+            )
             async with orders.runtime.db.engine.connect() as other:
                 for table, column in (("orders", "id"), ("booked_sessions", "order_id")):
                     free = await other.scalar(

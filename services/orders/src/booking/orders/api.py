@@ -12,25 +12,23 @@ admin, or a mentor token whose `sub` is the mentor's id or its linked identity-p
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
-from typing import Any
-from uuid import UUID, uuid4
+from typing import Any, cast
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import http
 from booking.orders.domain import (
-    EscrowStatus,
-    IllegalTransition,
     InvalidBooking,
     InvalidOffering,
-    Money,
-    check_price,
+    Mentor,
+    Offering,
+    SlotTaken,
+    SubjectTaken,
 )
+from booking.orders.repository import StoredOrder
 from booking.orders.service import (
     FirstAnswer,
     IdempotencyKeyReused,
@@ -39,13 +37,12 @@ from booking.orders.service import (
     NoSuchMentor,
     NoSuchOffering,
     NoSuchOrder,
+    NotTheMentor,
     OrderService,
-    SlotTaken,
-    SubjectTaken,
 )
-from booking.orders.tables import BookedSessionRow, MentorRow, OfferingRow, OrderRow
 from booking.runtime.auth import Identity, Role, acts_as_mentor, authenticated, require_roles
-from booking.runtime.db import Database, database
+from booking.runtime.clock import utcnow
+from booking.runtime.domain import IllegalTransition
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +51,6 @@ router = APIRouter()
 
 async def orders_service(request: Request) -> OrderService:
     return request.app.state.orders
-
-
-async def max_price_major_units(request: Request) -> int:
-    return request.app.state.runtime.settings.offering_max_price_major_units
 
 
 def invalid(field: str, message: str) -> RequestValidationError:
@@ -83,7 +76,7 @@ async def register_mentor(
 ) -> http.Mentor:
     """A mentor, and MentorRegistered; 409 when its identity subject acts as another already."""
     try:
-        mentor = await mentors.register(body, now=datetime.now(UTC))
+        mentor = await mentors.register(body, now=utcnow())
     except SubjectTaken:
         raise _subject_taken() from None
     return _mentor_view(mentor)
@@ -93,10 +86,12 @@ async def register_mentor(
 async def get_mentor(
     mentor_id: UUID,
     identity: Identity = Depends(authenticated),
-    db: Database = Depends(database),
+    mentors: MentorService = Depends(mentors_service),
 ) -> http.Mentor:
-    async with db.transaction() as session:
-        mentor = await _mentor_or_404(session, mentor_id)
+    try:
+        mentor = await mentors.get(mentor_id)
+    except NoSuchMentor:
+        raise _no_such_mentor(mentor_id) from None
     view = _mentor_view(mentor)
     # Who a mentor is at the identity provider is the admins' and the mentor's own business.
     if not acts_as_mentor(identity, mentor.id, mentor.identity_subject):
@@ -109,30 +104,16 @@ async def add_offering(
     mentor_id: UUID,
     body: http.OfferingCreate,
     identity: Identity = Depends(require_roles(Role.ADMIN, Role.MENTOR)),
-    db: Database = Depends(database),
-    max_price: int = Depends(max_price_major_units),
+    mentors: MentorService = Depends(mentors_service),
 ) -> http.Offering:
     try:
-        check_price(Money(body.price.amount, body.price.currency), max_price)
+        offering = await mentors.add_offering(mentor_id, body, by=identity, now=utcnow())
     except InvalidOffering as exc:
         raise invalid(exc.field, str(exc)) from None
-    async with db.transaction() as session:
-        mentor = await session.get(MentorRow, mentor_id)
-        # 403 before 404: whether another mentor exists is not a mentor's to learn.
-        if not acts_as_mentor(identity, mentor_id, mentor.identity_subject if mentor else None):
-            raise HTTPException(403, "a mentor may add offerings only to their own profile")
-        if mentor is None:
-            raise HTTPException(404, f"there is no mentor {mentor_id}")
-        offering = OfferingRow(
-            id=uuid4(),
-            mentor_id=mentor_id,
-            title=body.title,
-            duration_minutes=body.duration_minutes,
-            price_amount=body.price.amount,
-            price_currency=body.price.currency,
-            created_at=datetime.now(UTC),
-        )
-        session.add(offering)
+    except NotTheMentor:
+        raise HTTPException(403, "a mentor may add offerings only to their own profile") from None
+    except NoSuchMentor:
+        raise _no_such_mentor(mentor_id) from None
     return _offering_view(offering)
 
 
@@ -140,26 +121,20 @@ async def add_offering(
 async def list_offerings(
     mentor_id: UUID,
     _: Identity = Depends(authenticated),
-    db: Database = Depends(database),
+    mentors: MentorService = Depends(mentors_service),
 ) -> list[http.Offering]:
-    async with db.transaction() as session:
-        await _mentor_or_404(session, mentor_id)
-        rows = await session.scalars(
-            select(OfferingRow)
-            .where(OfferingRow.mentor_id == mentor_id)
-            .order_by(OfferingRow.created_at, OfferingRow.id)
-        )
-        return [_offering_view(row) for row in rows]
+    try:
+        offerings = await mentors.offerings(mentor_id)
+    except NoSuchMentor:
+        raise _no_such_mentor(mentor_id) from None
+    return [_offering_view(offering) for offering in offerings]
 
 
-async def _mentor_or_404(session: AsyncSession, mentor_id: UUID) -> MentorRow:
-    mentor = await session.get(MentorRow, mentor_id)
-    if mentor is None:
-        raise HTTPException(404, f"there is no mentor {mentor_id}")
-    return mentor
+def _no_such_mentor(mentor_id: UUID) -> HTTPException:
+    return HTTPException(404, f"there is no mentor {mentor_id}")
 
 
-def _mentor_view(mentor: MentorRow) -> http.Mentor:
+def _mentor_view(mentor: Mentor) -> http.Mentor:
     return http.Mentor(
         id=mentor.id,
         name=mentor.name,
@@ -177,13 +152,13 @@ def _subject_taken() -> HTTPException:
     )
 
 
-def _offering_view(offering: OfferingRow) -> http.Offering:
+def _offering_view(offering: Offering) -> http.Offering:
     return http.Offering(
         id=offering.id,
         mentor_id=offering.mentor_id,
         title=offering.title,
         duration_minutes=offering.duration_minutes,
-        price=http.Money(amount=offering.price_amount, currency=offering.price_currency),
+        price=http.Money(amount=offering.price.amount, currency=offering.price.currency),
     )
 
 
@@ -203,7 +178,7 @@ async def book_session(
     repeated with its Idempotency-Key is answered what the first one was."""
     try:
         accepted = await orders.book(
-            body, mentee_id=identity.sub, idempotency_key=idempotency_key, now=datetime.now(UTC)
+            body, mentee_id=identity.sub, idempotency_key=idempotency_key, now=utcnow()
         )
     except NoSuchOffering:
         raise HTTPException(404, f"there is no offering {body.offering_id}") from None
@@ -243,9 +218,9 @@ async def get_order(
 ) -> http.Order:
     found = await orders.find(order_id)
     # Another mentee's order is answered like a missing one: its existence is not theirs.
-    if found is None or (not identity.is_admin and found[0].mentee_id != identity.sub):
+    if found is None or (not identity.is_admin and found.order.mentee_id != identity.sub):
         raise HTTPException(404, f"there is no order {order_id}")
-    return _order_view(*found)
+    return _order_view(found)
 
 
 @router.post("/api/admin/orders/{order_id}/cancel", response_model=http.Order)
@@ -258,16 +233,14 @@ async def cancel_order(
     """Cancel an order and free its slot (a paid order's escrow is then frozen by payments,
     the session's calendar event deleted by calendar). A repeat answers the cancelled order."""
     try:
-        cancelled = await orders.cancel(
-            order_id, by=identity.sub, reason=body.reason, now=datetime.now(UTC)
-        )
+        cancelled = await orders.cancel(order_id, by=identity.sub, reason=body.reason, now=utcnow())
     except NoSuchOrder:
         raise HTTPException(404, f"there is no order {order_id}") from None
     except IllegalTransition as exc:
         raise HTTPException(
             409, f"{exc}: an order whose payment failed has already ended and freed its slot"
         ) from None
-    return _order_view(*cancelled)
+    return _order_view(cancelled)
 
 
 @router.put("/api/admin/mentors/{mentor_id}/identity", response_model=http.Mentor)
@@ -285,41 +258,43 @@ async def link_mentor_identity(
             body.identity_subject,
             by=identity.sub,
             reason=body.reason,
-            now=datetime.now(UTC),
+            now=utcnow(),
         )
     except NoSuchMentor:
-        raise HTTPException(404, f"there is no mentor {mentor_id}") from None
+        raise _no_such_mentor(mentor_id) from None
     except SubjectTaken:
         raise _subject_taken() from None
     return _mentor_view(mentor)
 
 
-def _order_view(order: OrderRow, booked: BookedSessionRow) -> http.Order:
+def _order_view(stored: StoredOrder) -> http.Order:
+    order, booked = stored.order, stored.booked
+
     def money(amount: int) -> http.Money:
-        return http.Money(amount=amount, currency=order.currency)
+        return http.Money(amount=amount, currency=order.amount.currency)
 
     payment = None
-    if order.payment_status is not None:
+    if stored.payment_status is not None:
         payment = http.PaymentView(
-            ref=order.payment_ref, pay_url=order.pay_url, status=order.payment_status
+            ref=order.payment_ref, pay_url=order.pay_url, status=stored.payment_status.value
         )
     escrow = None
-    if order.platform_fee is not None and order.escrow_amount is not None:
-        status = None if order.escrow_status is None else EscrowStatus(order.escrow_status)
+    if stored.platform_fee is not None and stored.escrow_amount is not None:
         escrow = http.EscrowView(
-            platform_fee=money(order.platform_fee),
-            escrow_amount=money(order.escrow_amount),
-            status=status,
+            platform_fee=money(stored.platform_fee),
+            escrow_amount=money(stored.escrow_amount),
+            # The domain's escrow statuses are named as the contract's.
+            status=cast("http.EscrowStatus | None", stored.escrow.status),
         )
     return http.Order(
         id=order.id,
-        status=order.status,
-        amount=money(order.amount),
+        status=order.status.value,
+        amount=money(order.amount.amount),
         amount_paid=money(order.amount_paid),
         payment=payment,
         session=http.SessionView(
             id=booked.id,
-            status=booked.status,
+            status=booked.status.value,
             start_at=booked.start_at,
             end_at=booked.end_at,
             meet_link=booked.meet_link,

@@ -1,7 +1,9 @@
-"""Composition root of the orders service: settings, runtime, handlers, use cases, routes, sweeper.
+"""Composition root of the orders service: settings, runtime, use cases, subscribers, routes,
+sweeper.
 
-Nothing is created at import time; `create_app` builds it all and the lifespan starts the sweeper
-(one per replica) after the runtime has started, and stops it before.
+Nothing is created at import time; `create_app` builds it all, each part after what it uses,
+and the lifespan starts the sweeper (one per replica) after the runtime has started, and stops it
+before.
 """
 
 from collections.abc import AsyncIterator
@@ -11,17 +13,17 @@ from datetime import timedelta
 from fastapi import FastAPI
 
 from booking.orders.api import router
-from booking.orders.handlers import HANDLERS
-from booking.orders.reconciliation import Sweeper
+from booking.orders.handlers import subscribers
 from booking.orders.service import MentorService, OrderService
 from booking.orders.settings import OrdersSettings
+from booking.orders.sweeper import Sweeper
 from booking.orders.tables import messaging
 from booking.runtime.service import ServiceRuntime, create_service_app
 
 
 def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     settings = settings or OrdersSettings()
-    runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging, handlers=HANDLERS)
+    runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging)
     assert runtime.db is not None and runtime.outbox is not None
     orders = OrderService(
         runtime.db,
@@ -29,7 +31,13 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         messaging,
         horizon=timedelta(days=settings.booking_horizon_days),
     )
-    mentors = MentorService(runtime.db, runtime.outbox, messaging)
+    mentors = MentorService(
+        runtime.db,
+        runtime.outbox,
+        messaging,
+        max_price_major_units=settings.offering_max_price_major_units,
+    )
+    runtime.subscribe(subscribers(orders))
     sweeper = Sweeper(runtime.db, runtime.outbox, settings)
 
     @asynccontextmanager

@@ -71,6 +71,15 @@ class InvalidOffering(DomainError, ValueError):
         super().__init__(message)
 
 
+class SlotTaken(DomainError):
+    """The mentor already has a live session overlapping the requested one (the slot is the
+    database's exclusion constraint to guard, so this is found on storing the session)."""
+
+
+class SubjectTaken(DomainError):
+    """The identity-provider subject acts as another mentor already (or is another's id)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Money:
     """An amount in the currency's minor unit (millimes for TND) and its ISO 4217 code.
@@ -84,6 +93,40 @@ class Money:
     def __post_init__(self) -> None:
         minor_units(self.amount, "amount")
         currency_code(self.currency)
+
+
+@dataclass(kw_only=True, slots=True)
+class Mentor:
+    """Someone mentees book; linked to at most one identity-provider subject, whose tokens act
+    as this mentor."""
+
+    id: UUID
+    name: str
+    email: str
+    timezone: str
+    created_at: datetime
+    identity_subject: str | None = None
+    identity_sequence: int = 0
+    """How many times an admin linked a subject (MentorIdentityLinked's sequence)."""
+
+    def link_identity(self, subject: str) -> str | None:
+        """Act as `subject` from now on, replacing any other; the subject it replaced."""
+        previous = self.identity_subject
+        self.identity_subject = subject
+        self.identity_sequence += 1
+        return previous
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Offering:
+    """What a mentor sells: a session of a fixed length at a fixed price."""
+
+    id: UUID
+    mentor_id: UUID
+    title: str
+    duration_minutes: int
+    price: Money
+    created_at: datetime
 
 
 class OrderStatus(StrEnum):

@@ -1,10 +1,18 @@
-"""The orders service's units of work: booking a session, reading an order, an admin's cancel,
-registering a mentor and an admin's link of a mentor to its identity-provider subject.
+"""The orders service's use cases, one unit of work each.
 
-Each use case is one transaction: its state changes, its events (through the outbox) and, for
-an admin's action, its audit row commit together or not at all. An order and its session are
-locked together (`lock_order`, the order first, as everywhere), so a use case and a handler
-working on one order take turns. No outside system is called here.
+- `OrderService`: booking a session (its Idempotency-Key included), reading an order, an admin's
+  cancel, and what orders does when payments and calendar report back (each run in the
+  consumer's transaction, whose inbox record commits with it).
+- `MentorService`: registering mentors, their offerings, and an admin's link of a mentor to its
+  identity-provider subject.
+
+A use case's state changes, its events (through the outbox) and, for an admin's action, its
+audit row commit together or not at all. An order and its session are locked together
+(`repository.lock_order`, the order first, as everywhere), so a use case and a handler working on
+one order take turns. Events arrive at least once and in any order, so a stale or repeated one is
+logged and left alone; raising would only retry it into a dead letter. Events this service sends
+about a fact carry an id derived from that fact (`event_id`), so recording one twice stores it
+once. No outside system is called here.
 """
 
 from __future__ import annotations
@@ -13,47 +21,61 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import (
     AdminAction,
     BookingRequested,
+    CalendarBookingConfirmed,
+    CalendarBookingFailed,
+    EscrowFrozen,
+    EscrowRefundDue,
+    EscrowRefunded,
+    EscrowReleased,
+    EscrowUnfrozen,
     MenteeContact,
     MentorIdentityLinked,
     MentorRegistered,
     OrderCancelled,
+    OrderConfirmed,
+    OrderPaid,
+    PaymentCompleted,
+    PaymentFailed,
+    PaymentInitiated,
+    PaymentInitiationFailed,
+    SchedulingAbandoned,
+    SessionIssueDetected,
+    SessionIssueKind,
     http,
 )
 from booking.contracts import Offering as OfferingSnapshot
+from booking.orders import repository
 from booking.orders.domain import (
     BookedSession,
+    CurrencyMismatch,
+    EscrowStatus,
+    Mentor,
     Money,
+    Offering,
     Order,
+    OrderStatus,
+    PaymentStatus,
+    SubjectTaken,
     cancel_booking,
+    check_price,
     plan_session,
 )
-from booking.orders.tables import (
-    NO_OVERLAP,
-    SUBJECT_TAKEN,
-    BookedSessionRow,
-    IdempotencyKeyRow,
-    MentorRow,
-    OfferingRow,
-    OrderRow,
-)
+from booking.orders.repository import StoredOrder
 from booking.runtime.audit import record_admin_action
+from booking.runtime.auth import Identity, acts_as_mentor
+from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated, current_correlation_id
 from booking.runtime.db import Database
-from booking.runtime.domain import EventIds
+from booking.runtime.domain import EventIds, IllegalTransition, InvalidMoney
 from booking.runtime.outbox import Outbox
 from booking.runtime.tables import MessagingTables
 
@@ -76,10 +98,6 @@ class NoSuchOffering(Exception):
     """There is no offering with this id."""
 
 
-class SlotTaken(Exception):
-    """The mentor already has a live session overlapping the requested one."""
-
-
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key already used with another request body."""
 
@@ -92,8 +110,8 @@ class NoSuchMentor(Exception):
     """There is no mentor with this id."""
 
 
-class SubjectTaken(Exception):
-    """The identity-provider subject acts as another mentor already (or is another's id)."""
+class NotTheMentor(Exception):
+    """The caller may not act as this mentor (neither an admin nor the mentor)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,24 +122,17 @@ class FirstAnswer:
     body: dict[str, Any]
 
 
-async def lock_order(
-    session: AsyncSession, order_id: uuid.UUID
-) -> tuple[OrderRow, BookedSessionRow] | None:
-    """The order and its session (created together, never deleted), locked in one round trip;
-    None when there is no such order. Postgres takes the locks in the order of `OF`: the order
-    first, as everywhere else."""
-    found = (
-        await session.execute(
-            select(OrderRow, BookedSessionRow)
-            .join(BookedSessionRow, BookedSessionRow.order_id == OrderRow.id)
-            .where(OrderRow.id == order_id)
-            .with_for_update(of=[OrderRow, BookedSessionRow])
-        )
-    ).one_or_none()
-    if found is None:
-        return None
-    order, booked = found
-    return order, booked
+_ENDED = frozenset({OrderStatus.CANCELLED, OrderStatus.PAYMENT_FAILED})
+
+EscrowEvent = EscrowFrozen | EscrowUnfrozen | EscrowRefundDue | EscrowRefunded | EscrowReleased
+
+_ESCROW_STATUS: dict[type, EscrowStatus] = {
+    EscrowFrozen: EscrowStatus.FROZEN,
+    EscrowUnfrozen: EscrowStatus.HELD,
+    EscrowRefundDue: EscrowStatus.REFUND_DUE,
+    EscrowRefunded: EscrowStatus.REFUNDED,
+    EscrowReleased: EscrowStatus.RELEASED,
+}
 
 
 class OrderService:
@@ -153,26 +164,18 @@ class OrderService:
         `IdempotencyKeyReused` or `IdempotencyKeyUnanswered`.
         """
         fingerprint = _fingerprint(request)
-        try:
-            async with self.db.transaction() as session:
-                if idempotency_key is not None:
-                    first = await _claim_key(session, mentee_id, idempotency_key, fingerprint, now)
-                    if first is not None:
-                        return first
-                accepted = await self._book(session, request, mentee_id, now)
-                if idempotency_key is not None:
-                    await session.execute(
-                        update(IdempotencyKeyRow)
-                        .where(
-                            IdempotencyKeyRow.mentee_id == mentee_id,
-                            IdempotencyKeyRow.key == idempotency_key,
-                        )
-                        .values(response_status=202, response_body=accepted.model_dump(mode="json"))
-                    )
-        except IntegrityError as exc:
-            if _violated_constraint(exc) == NO_OVERLAP:
-                raise SlotTaken(request.start_at.astimezone(UTC).isoformat()) from None
-            raise
+        async with self.db.transaction() as session:
+            if idempotency_key is not None:
+                first = await repository.claim_key(
+                    session, mentee_id, idempotency_key, fingerprint, now
+                )
+                if first is not None:
+                    return _first_answer(first, idempotency_key, fingerprint)
+            accepted = await self._book(session, request, mentee_id, now)
+            if idempotency_key is not None:
+                await repository.store_answer(
+                    session, mentee_id, idempotency_key, 202, accepted.model_dump(mode="json")
+                )
         return accepted
 
     async def _book(
@@ -182,7 +185,7 @@ class OrderService:
         mentee_id: str,
         now: datetime,
     ) -> http.BookingAccepted:
-        offering = await session.get(OfferingRow, request.offering_id)
+        offering = await repository.offering(session, request.offering_id)
         if offering is None:
             raise NoSuchOffering(request.offering_id)
         end_at = plan_session(
@@ -193,7 +196,7 @@ class OrderService:
             mentee_id=mentee_id,
             mentor_id=offering.mentor_id,
             offering_id=offering.id,
-            amount=Money(offering.price_amount, offering.price_currency),
+            amount=offering.price,
             created_at=now,
             updated_at=now,
         )
@@ -204,40 +207,21 @@ class OrderService:
             start_at=request.start_at.astimezone(UTC),
             end_at=end_at.astimezone(UTC),
         )
-        mentee = request.mentee
-        session.add(
-            OrderRow(
-                id=order.id,
-                mentee_id=mentee_id,
-                mentor_id=order.mentor_id,
-                offering_id=order.offering_id,
-                title=offering.title,
-                amount=order.amount.amount,
-                currency=order.amount.currency,
-                status=order.status.value,
-                amount_paid=order.amount_paid,
-                mentee_first_name=mentee.first_name,
-                mentee_last_name=mentee.last_name,
-                mentee_email=mentee.email,
-                mentee_phone=mentee.phone,
-                # BookingRequested carries it; so will every later event about this order.
-                correlation_id=current_correlation_id(),
-                created_at=now,
-                updated_at=now,
-            )
+        mentee = MenteeContact(
+            first_name=request.mentee.first_name,
+            last_name=request.mentee.last_name,
+            email=request.mentee.email,
+            phone=request.mentee.phone,
         )
-        await session.flush()  # the order before its session (the session's foreign key)
-        session.add(
-            BookedSessionRow(
-                id=booked.id,
-                order_id=booked.order_id,
-                mentor_id=booked.mentor_id,
-                start_at=booked.start_at,
-                end_at=booked.end_at,
-                status=booked.status.value,
-            )
+        await repository.add_booking(
+            session,
+            order,
+            booked,
+            title=offering.title,
+            mentee=mentee,
+            # BookingRequested carries it; so will every later event about this order.
+            correlation_id=current_correlation_id(),
         )
-        await session.flush()  # here the exclusion constraint says whether the slot is free
         await self.outbox.record(
             session,
             BookingRequested(
@@ -251,12 +235,7 @@ class OrderService:
                 ),
                 amount=order.amount.amount,
                 currency=order.amount.currency,
-                mentee=MenteeContact(
-                    first_name=mentee.first_name,
-                    last_name=mentee.last_name,
-                    email=mentee.email,
-                    phone=mentee.phone,
-                ),
+                mentee=mentee,
                 start_at=booked.start_at,
                 end_at=booked.end_at,
             ),
@@ -267,26 +246,16 @@ class OrderService:
 
     # --- orders -------------------------------------------------------------------------------
 
-    async def find(self, order_id: uuid.UUID) -> tuple[OrderRow, BookedSessionRow] | None:
+    async def find(self, order_id: uuid.UUID) -> StoredOrder | None:
         """The order and its session, or None."""
-        # One statement, no transaction: the order and its session (created together, never
-        # deleted) from the same snapshot, in one round trip. Clients poll this.
+        # One statement, no transaction: the order and its session from the same snapshot, in
+        # one round trip. Clients poll this.
         async with self.db.single_statement() as session:
-            found = (
-                await session.execute(
-                    select(OrderRow, BookedSessionRow)
-                    .join(BookedSessionRow, BookedSessionRow.order_id == OrderRow.id)
-                    .where(OrderRow.id == order_id)
-                )
-            ).one_or_none()
-        if found is None:
-            return None
-        order, booked = found
-        return order, booked
+            return await repository.find_order(session, order_id)
 
     async def cancel(
         self, order_id: uuid.UUID, *, by: str, reason: str, now: datetime
-    ) -> tuple[OrderRow, BookedSessionRow]:
+    ) -> StoredOrder:
         """An admin cancels an order: cancelled, its slot freed, OrderCancelled, audited.
 
         All in one transaction, under the order's lock, so a handler applying a payment or a
@@ -296,18 +265,16 @@ class OrderService:
         row. Raises `NoSuchOrder`, or `IllegalTransition` for an order whose payment failed.
         """
         async with self.db.transaction() as session:
-            locked = await lock_order(session, order_id)
-            if locked is None:
+            stored = await repository.lock_order(session, order_id)
+            if stored is None:
                 raise NoSuchOrder(order_id)
-            row, booked_row = locked
-            order, booked = row.to_domain(), booked_row.to_domain()
+            order, booked = stored.order, stored.booked
             was = f"order {order.status.value}, session {booked.status.value}"
             if not cancel_booking(order, booked, now):
-                return row, booked_row
-            row.record(order)
-            booked_row.record(booked)
+                return stored
+            await repository.save_order(session, stored)
             # The booking's trail: BookingRequested and every event since carry its id.
-            with correlated(row.correlation_id):
+            with correlated(stored.correlation_id):
                 await self.outbox.record(
                     session,
                     OrderCancelled(
@@ -332,25 +299,359 @@ class OrderService:
                     detail=f"was {was}",
                 )
         log.warning("order %s cancelled by %s (was %s): %s", order_id, by, was, reason)
-        return row, booked_row
+        return stored
+
+    # --- what payments reports ----------------------------------------------------------------
+
+    async def record_payment_link(self, session: AsyncSession, event: PaymentInitiated) -> None:
+        """The order awaits payment at the pay URL payments opened."""
+        stored = await repository.lock_order(session, event.order_id)
+        if stored is None:
+            log.warning(
+                "PaymentInitiated %s for unknown order %s", event.payment_ref, event.order_id
+            )
+            return
+        order = stored.order
+        try:
+            order.awaiting_payment(event.payment_ref, event.pay_url, utcnow())
+        except IllegalTransition as exc:
+            # The order moved on before this arrived (paid first, cancelled): keep the ref and
+            # link.
+            log.info("PaymentInitiated %s after the order moved on: %s", event.payment_ref, exc)
+            if order.payment_ref is None:
+                order.payment_ref = event.payment_ref
+            if order.pay_url is None and order.payment_ref == event.payment_ref:
+                order.pay_url = event.pay_url
+        else:
+            if stored.payment_status is None:
+                stored.payment_status = PaymentStatus.PENDING
+        await repository.save_order(session, stored)
+
+    async def cancel_unpayable_order(
+        self, session: AsyncSession, event: PaymentInitiationFailed
+    ) -> None:
+        """No payment could be opened: the order is cancelled and the slot freed."""
+        stored = await repository.lock_order(session, event.order_id)
+        if stored is None:
+            log.warning("PaymentInitiationFailed for unknown order %s", event.order_id)
+            return
+        order, booked = stored.order, stored.booked
+        if order.status is not OrderStatus.PENDING:
+            # Awaiting payment means a payment is open and payable: its own end (paid or
+            # expired) decides. Anything later has already been decided.
+            log.warning(
+                "PaymentInitiationFailed for order %s, which is %s: left as it is",
+                order.id,
+                order.status.value,
+            )
+            return
+        order.cancel(utcnow())
+        booked.cancel()
+        stored.payment_status = PaymentStatus.INITIATION_FAILED
+        await repository.save_order(session, stored)
+        log.info("order %s cancelled: no payment could be opened (%s)", order.id, event.reason)
+
+    async def apply_payment(self, session: AsyncSession, event: PaymentCompleted) -> None:
+        """Money arrived: paid in full -> paid, OrderPaid; short -> stays unpaid, an issue raised.
+
+        Money for an order this service does not know, or one that has ended, is never dropped:
+        it raises SessionIssueDetected for the admins.
+        """
+        stored = await repository.lock_order(session, event.order_id)
+        if stored is None:
+            await self._raise_issue(
+                session,
+                event,
+                None,
+                SessionIssueKind.PAYMENT_FOR_UNKNOWN_ORDER,
+                f"payment {event.payment_ref} brought {event.amount_paid} {event.currency} "
+                f"(minor units) for order {event.order_id}, which the orders service does not "
+                f"know",
+            )
+            return
+        order, booked = stored.order, stored.booked
+        if order.status in _ENDED:
+            await self._raise_issue(
+                session,
+                event,
+                booked.id,
+                SessionIssueKind.PAYMENT_FOR_CANCELLED_ORDER,
+                f"payment {event.payment_ref} brought {event.amount_paid} {event.currency} "
+                f"(minor units) for order {order.id}, which is {order.status.value}; the money "
+                f"is held and must be refunded or the booking restored",
+            )
+            return
+        if (
+            stored.payment_status is PaymentStatus.COMPLETED
+            and order.payment_ref == event.payment_ref
+            and order.amount_paid >= event.amount_paid
+        ):
+            log.info(
+                "PaymentCompleted %s for order %s already applied", event.payment_ref, order.id
+            )
+            return
+        try:
+            underpayment = order.set_amount_paid(event.amount_paid, event.currency, utcnow())
+        except (IllegalTransition, CurrencyMismatch) as exc:
+            # Money that cannot be applied is never dropped silently: the admins hear of it.
+            kind = (
+                SessionIssueKind.CURRENCY_MISMATCH
+                if isinstance(exc, CurrencyMismatch)
+                else SessionIssueKind.PAYMENT_FOR_PAID_ORDER
+            )
+            await self._raise_issue(
+                session, event, booked.id, kind, f"payment {event.payment_ref} not applied: {exc}"
+            )
+            return
+        except InvalidMoney as exc:
+            # A total below the one recorded: an older report of the same payment arriving late.
+            log.warning(
+                "stale PaymentCompleted %s for order %s: %s", event.payment_ref, order.id, exc
+            )
+            return
+        order.payment_ref = event.payment_ref
+        stored.payment_status = PaymentStatus.COMPLETED
+        stored.platform_fee = event.platform_fee
+        stored.escrow_amount = event.escrow_amount
+        if underpayment is not None:
+            await repository.save_order(session, stored)
+            await self._raise_issue(
+                session, event, booked.id, SessionIssueKind.UNDERPAYMENT, underpayment.detail
+            )
+            return
+        stored.escrow.hold_for_payment()
+        try:
+            booked.await_calendar()
+        except IllegalTransition as exc:
+            await repository.save_order(session, stored)
+            log.error(
+                "order %s paid, but its session cannot wait for the calendar: %s", order.id, exc
+            )
+            return
+        await repository.save_order(session, stored)
+        await self.outbox.record(
+            session,
+            OrderPaid(
+                order_id=order.id,
+                session_id=booked.id,
+                mentor_id=order.mentor_id,
+                mentee_email=stored.mentee_email,
+                title=stored.title,
+                start_at=booked.start_at,
+                end_at=booked.end_at,
+            ),
+            message_id=event_id(f"OrderPaid:{order.id}"),
+        )
+
+    async def _raise_issue(
+        self,
+        session: AsyncSession,
+        event: PaymentCompleted,
+        session_id: uuid.UUID | None,
+        kind: SessionIssueKind,
+        detail: str,
+    ) -> None:
+        log.warning("order %s: %s: %s", event.order_id, kind.value, detail)
+        fact = f"SessionIssueDetected:{kind.value}:{event.order_id}:{event.payment_ref}"
+        await self.outbox.record(
+            session,
+            SessionIssueDetected(
+                order_id=event.order_id, session_id=session_id, kind=kind, detail=detail
+            ),
+            message_id=event_id(f"{fact}:{event.amount_paid}"),
+        )
+
+    async def fail_order_payment(self, session: AsyncSession, event: PaymentFailed) -> None:
+        """The payment failed or expired: the order is payment_failed and the slot freed."""
+        stored = await repository.lock_order(session, event.order_id)
+        if stored is None:
+            log.warning("PaymentFailed %s for unknown order %s", event.payment_ref, event.order_id)
+            return
+        order, booked = stored.order, stored.booked
+        if order.payment_ref is not None and order.payment_ref != event.payment_ref:
+            log.warning(
+                "PaymentFailed %s for order %s, whose payment is %s: left as it is",
+                event.payment_ref,
+                order.id,
+                order.payment_ref,
+            )
+            return
+        try:
+            order.fail_payment(utcnow())
+            booked.cancel()
+        except IllegalTransition as exc:
+            log.warning("PaymentFailed %s is stale: %s", event.payment_ref, exc)
+            return
+        order.payment_ref = event.payment_ref
+        stored.payment_status = PaymentStatus(event.reason.value)
+        await repository.save_order(session, stored)
+
+    async def record_escrow_status(self, session: AsyncSession, event: EscrowEvent) -> None:
+        """Payments moved the order's escrow: keep the status of the highest sequence heard of.
+
+        An escrow event may be the first word of money for an order whose PaymentCompleted was
+        never applied (it came after the order ended): its amounts then fill the empty ones, so
+        the order view shows the escrow.
+        """
+        stored = await repository.lock_escrow(session, event.order_id)
+        if stored is None:
+            log.warning("%s for unknown order %s", type(event).__name__, event.order_id)
+            return
+        if not stored.escrow.observe(_ESCROW_STATUS[type(event)], event.sequence):
+            log.info(
+                "%s (sequence %d) for order %s is older than what is known (sequence %d)",
+                type(event).__name__,
+                event.sequence,
+                stored.order_id,
+                stored.escrow.sequence,
+            )
+            return
+        if event.currency != stored.currency:
+            await repository.save_escrow(session, stored)
+            log.error(
+                "%s for order %s is in %s, the order in %s: its amounts are not shown",
+                type(event).__name__,
+                stored.order_id,
+                event.currency,
+                stored.currency,
+            )
+            return
+        escrow_amount = stored.escrow_amount
+        if escrow_amount is None:
+            escrow_amount = stored.escrow_amount = event.escrow_amount
+        refund_amount = getattr(event, "refund_amount", None)
+        if stored.platform_fee is None and refund_amount is not None:
+            # A refund is everything paid; the escrow is that less the platform's fee.
+            stored.platform_fee = max(refund_amount - escrow_amount, 0)
+        await repository.save_escrow(session, stored)
+
+    # --- what calendar reports ----------------------------------------------------------------
+
+    async def confirm_session(self, session: AsyncSession, event: CalendarBookingConfirmed) -> None:
+        """The session is in the mentor's calendar: scheduled with its Meet link, order confirmed.
+
+        The order's confirmation is announced (OrderConfirmed) so that payments holds its escrow
+        for release after the session, or unfreezes it when an admin's retry of a scheduling
+        that had been abandoned succeeded. A cancelled session is never scheduled again.
+        """
+        stored = await repository.lock_order(session, event.order_id)
+        if stored is None or stored.booked.id != event.session_id:
+            log.warning(
+                "CalendarBookingConfirmed for unknown session %s of order %s",
+                event.session_id,
+                event.order_id,
+            )
+            return
+        order, booked = stored.order, stored.booked
+        try:
+            booked.schedule(event.event_id, event.meet_link)
+        except IllegalTransition as exc:
+            log.warning("CalendarBookingConfirmed %s not applied: %s", event.event_id, exc)
+            return
+        if order.status is not OrderStatus.PAID:
+            await repository.save_order(session, stored)
+            if order.status is not OrderStatus.CONFIRMED:
+                log.warning(
+                    "session %s scheduled for order %s (%s)", booked.id, order.id, order.status
+                )
+            return
+        order.confirm(utcnow())
+        await repository.save_order(session, stored)
+        await self.outbox.record(
+            session,
+            OrderConfirmed(
+                order_id=order.id,
+                session_id=booked.id,
+                mentor_id=order.mentor_id,
+                end_at=booked.end_at,
+            ),
+            message_id=event_id(f"OrderConfirmed:{order.id}"),
+        )
+
+    async def record_scheduling_failure(
+        self, session: AsyncSession, event: CalendarBookingFailed
+    ) -> None:
+        """The calendar could not book the session.
+
+        Not final: the calendar tries again on its schedule (or when the mentor reconnects), so
+        the session keeps waiting as it is. Final: the session is scheduling_failed (it keeps its
+        slot: it is paid for, and an admin may retry it) and SchedulingAbandoned tells payments
+        to freeze the escrow. A final failure for a session scheduled or cancelled since is
+        stale.
+        """
+        stored = await repository.lock_order(session, event.order_id)
+        if stored is None or stored.booked.id != event.session_id:
+            log.warning(
+                "CalendarBookingFailed for unknown session %s of order %s",
+                event.session_id,
+                event.order_id,
+            )
+            return
+        if not event.final:
+            log.info(
+                "calendar booking of session %s failed (%s, attempt %d); next attempt %s",
+                event.session_id,
+                event.reason.value,
+                event.attempts,
+                event.next_attempt_at.isoformat() if event.next_attempt_at else "when reconnected",
+            )
+            return
+        booked = stored.booked
+        try:
+            booked.fail_scheduling()
+        except IllegalTransition as exc:
+            log.warning("final CalendarBookingFailed (%s) is stale: %s", event.reason.value, exc)
+            return
+        await repository.save_order(session, stored)
+        log.warning(
+            "calendar gave up on session %s of order %s (%s): %s",
+            booked.id,
+            event.order_id,
+            event.reason.value,
+            event.detail,
+        )
+        await self.outbox.record(
+            session,
+            SchedulingAbandoned(
+                order_id=event.order_id,
+                session_id=booked.id,
+                mentor_id=booked.mentor_id,
+                reason=event.reason,
+                detail=event.detail,
+            ),
+            # One abandonment per session: once scheduled, a session never fails again, and
+            # until then its escrow stays frozen, so a second final failure has nothing new to
+            # say.
+            message_id=event_id(f"SchedulingAbandoned:{booked.id}"),
+        )
 
 
 class MentorService:
-    """Registering mentors and linking them to their identity-provider subject.
+    """Registering mentors, their offerings, and linking mentors to their identity-provider
+    subject.
 
     A subject acts as one mentor: the unique constraint decides (`SubjectTaken`), not a check
     before it, and a subject that is another mentor's id is refused too (that mentor's own
     tokens carry their id as `sub`).
     """
 
-    def __init__(self, db: Database, outbox: Outbox, tables: MessagingTables) -> None:
+    def __init__(
+        self,
+        db: Database,
+        outbox: Outbox,
+        tables: MessagingTables,
+        *,
+        max_price_major_units: int,
+    ) -> None:
         self.db = db
         self.outbox = outbox
         self.tables = tables
+        # The most an offering may cost (OFFERING_MAX_PRICE_MAJOR_UNITS).
+        self.max_price_major_units = max_price_major_units
 
-    async def register(self, request: http.MentorCreate, *, now: datetime) -> MentorRow:
+    async def register(self, request: http.MentorCreate, *, now: datetime) -> Mentor:
         """The mentor and its MentorRegistered, in one transaction. Raises `SubjectTaken`."""
-        mentor = MentorRow(
+        mentor = Mentor(
             id=uuid.uuid4(),
             name=request.name,
             email=request.email,
@@ -359,11 +660,10 @@ class MentorService:
             created_at=now,
         )
         subject = mentor.identity_subject
-        async with self._subject_guarded(subject), self.db.transaction() as session:
+        async with self.db.transaction() as session:
             if subject is not None:
                 await _refuse_another_mentors_id(session, subject, mentor.id)
-            session.add(mentor)
-            await session.flush()  # here the unique constraint says whether the subject is free
+            await repository.add_mentor(session, mentor)
             await self.outbox.record(
                 session,
                 MentorRegistered(
@@ -376,25 +676,66 @@ class MentorService:
             )
         return mentor
 
+    async def get(self, mentor_id: uuid.UUID) -> Mentor:
+        """The mentor. Raises `NoSuchMentor`."""
+        async with self.db.transaction() as session:
+            mentor = await repository.mentor(session, mentor_id)
+        if mentor is None:
+            raise NoSuchMentor(mentor_id)
+        return mentor
+
+    async def add_offering(
+        self, mentor_id: uuid.UUID, request: http.OfferingCreate, *, by: Identity, now: datetime
+    ) -> Offering:
+        """A new offering of the mentor's, added by the mentor or an admin.
+
+        Raises `InvalidOffering` (its price is above the platform's maximum), then
+        `NotTheMentor` before `NoSuchMentor`: whether another mentor exists is not a mentor's
+        to learn.
+        """
+        price = Money(request.price.amount, request.price.currency)
+        check_price(price, self.max_price_major_units)
+        async with self.db.transaction() as session:
+            mentor = await repository.mentor(session, mentor_id)
+            if not acts_as_mentor(by, mentor_id, mentor.identity_subject if mentor else None):
+                raise NotTheMentor(mentor_id)
+            if mentor is None:
+                raise NoSuchMentor(mentor_id)
+            offering = Offering(
+                id=uuid.uuid4(),
+                mentor_id=mentor_id,
+                title=request.title,
+                duration_minutes=request.duration_minutes,
+                price=price,
+                created_at=now,
+            )
+            repository.add_offering(session, offering)
+        return offering
+
+    async def offerings(self, mentor_id: uuid.UUID) -> list[Offering]:
+        """The mentor's offerings, oldest first. Raises `NoSuchMentor`."""
+        async with self.db.transaction() as session:
+            if await repository.mentor(session, mentor_id) is None:
+                raise NoSuchMentor(mentor_id)
+            return await repository.offerings_of(session, mentor_id)
+
     async def link_identity(
         self, mentor_id: uuid.UUID, subject: str, *, by: str, reason: str, now: datetime
-    ) -> MentorRow:
+    ) -> Mentor:
         """An admin links the mentor to `subject` (replacing any other): MentorIdentityLinked
         and the audit row, in one transaction under the mentor's lock. A repeat (the subject is
         the mentor's already) changes nothing: no event, no audit row. Raises `NoSuchMentor` or
         `SubjectTaken`."""
-        async with self._subject_guarded(subject), self.db.transaction() as session:
-            mentor = await session.get(MentorRow, mentor_id, with_for_update=True)
+        async with self.db.transaction() as session:
+            mentor = await repository.mentor(session, mentor_id, lock=True)
             if mentor is None:
                 raise NoSuchMentor(mentor_id)
             if mentor.identity_subject == subject:
                 return mentor
             await _refuse_another_mentors_id(session, subject, mentor_id)
-            previous = mentor.identity_subject
-            mentor.identity_subject = subject
-            mentor.identity_sequence += 1
+            previous = mentor.link_identity(subject)
             sequence = mentor.identity_sequence
-            await session.flush()  # here the unique constraint says whether the subject is free
+            await repository.save_mentor(session, mentor)
             await self.outbox.record(
                 session,
                 MentorIdentityLinked(
@@ -428,18 +769,6 @@ class MentorService:
         )
         return mentor
 
-    @staticmethod
-    @asynccontextmanager
-    async def _subject_guarded(subject: str | None) -> AsyncIterator[None]:
-        """`SubjectTaken` for the unique constraint's refusal, raised once the transaction has
-        rolled back."""
-        try:
-            yield
-        except IntegrityError as exc:
-            if subject is not None and _violated_constraint(exc) == SUBJECT_TAKEN:
-                raise SubjectTaken(subject) from None
-            raise
-
 
 async def _refuse_another_mentors_id(
     session: AsyncSession, subject: str, mentor_id: uuid.UUID
@@ -450,29 +779,13 @@ async def _refuse_another_mentors_id(
         named = uuid.UUID(subject)
     except ValueError:
         return
-    if named != mentor_id and await session.get(MentorRow, named) is not None:
+    if named != mentor_id and await repository.mentor(session, named) is not None:
         raise SubjectTaken(subject)
 
 
-async def _claim_key(
-    session: AsyncSession, mentee_id: str, key: str, fingerprint: str, now: datetime
-) -> FirstAnswer | None:
-    """Claim `key` for this request (None), or the first answer given under it.
-
-    The insert waits while another transaction holds the key; once that one commits the key is
-    taken and its answer readable, once it rolls back the key is ours.
-    """
-    claimed = await session.execute(
-        insert(IdempotencyKeyRow)
-        .values(mentee_id=mentee_id, key=key, request_fingerprint=fingerprint, created_at=now)
-        .on_conflict_do_nothing()
-        .returning(IdempotencyKeyRow.key)
-    )
-    if claimed.first() is not None:
-        return None
-    first = await session.get(IdempotencyKeyRow, (mentee_id, key))
-    assert first is not None  # committed by the request that claimed it
-    if first.request_fingerprint != fingerprint:
+def _first_answer(first: repository.FirstRequest, key: str, fingerprint: str) -> FirstAnswer:
+    """What to answer a repeat of the request that claimed `key`."""
+    if first.fingerprint != fingerprint:
         raise IdempotencyKeyReused(key)
     if first.response_status is None or first.response_body is None:
         # Not written by this code (a claim always stores its answer in the same transaction).
@@ -486,12 +799,3 @@ def _fingerprint(request: http.BookingCreate) -> str:
     canonical["start_at"] = request.start_at.astimezone(UTC).isoformat()
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()
-
-
-def _violated_constraint(exc: IntegrityError) -> str | None:
-    """The name of the constraint asyncpg reported, through SQLAlchemy's wrapper."""
-    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
-        name = getattr(error, "constraint_name", None)
-        if name:
-            return name
-    return None

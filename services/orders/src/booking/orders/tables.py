@@ -7,7 +7,7 @@ and the correlation id of its booking, which the events orders sends about it la
 
 Money is BIGINT in minor units (millimes for TND). Statuses are the domain's values as text. The
 migrations (`migrations/versions`) are what creates these; the models here say the same thing
-for the code that reads and writes them.
+for the code that reads and writes them, which is `repository.py` alone.
 """
 
 from __future__ import annotations
@@ -31,16 +31,7 @@ from sqlalchemy import func as sql
 from sqlalchemy.dialects.postgresql import JSONB, ExcludeConstraint
 from sqlmodel import Field, SQLModel
 
-from booking.orders.domain import (
-    LIVE_SESSION_STATUSES,
-    BookedSession,
-    Escrow,
-    EscrowStatus,
-    Money,
-    Order,
-    OrderStatus,
-    SessionStatus,
-)
+from booking.orders.domain import LIVE_SESSION_STATUSES
 from booking.runtime.tables import MessagingTables
 
 SCHEMA = "orders"
@@ -132,37 +123,6 @@ class OrderRow(SQLModel, table=True):
     created_at: datetime = _timestamp()
     updated_at: datetime = _timestamp()
 
-    def to_domain(self) -> Order:
-        return Order(
-            id=self.id,
-            mentee_id=self.mentee_id,
-            mentor_id=self.mentor_id,
-            offering_id=self.offering_id,
-            amount=Money(self.amount, self.currency),
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-            status=OrderStatus(self.status),
-            amount_paid=self.amount_paid,
-            payment_ref=self.payment_ref,
-            pay_url=self.pay_url,
-        )
-
-    def record(self, order: Order) -> None:
-        """Write back what the domain may have changed."""
-        self.status = order.status.value
-        self.amount_paid = order.amount_paid
-        self.payment_ref = order.payment_ref
-        self.pay_url = order.pay_url
-        self.updated_at = order.updated_at
-
-    def escrow(self) -> Escrow:
-        status = None if self.escrow_status is None else EscrowStatus(self.escrow_status)
-        return Escrow(status=status, sequence=self.escrow_sequence)
-
-    def record_escrow(self, escrow: Escrow) -> None:
-        self.escrow_status = None if escrow.status is None else escrow.status.value
-        self.escrow_sequence = escrow.sequence
-
 
 _col = literal_column
 _LIVE = ", ".join(f"'{status.value}'" for status in sorted(LIVE_SESSION_STATUSES))
@@ -192,24 +152,6 @@ class BookedSessionRow(SQLModel, table=True):
     status: str = Field(sa_type=Text)
     meet_link: str | None = Field(default=None, sa_type=Text)
     calendar_event_id: str | None = Field(default=None, sa_type=Text)
-
-    def to_domain(self) -> BookedSession:
-        return BookedSession(
-            id=self.id,
-            order_id=self.order_id,
-            mentor_id=self.mentor_id,
-            start_at=self.start_at,
-            end_at=self.end_at,
-            status=SessionStatus(self.status),
-            meet_link=self.meet_link,
-            calendar_event_id=self.calendar_event_id,
-        )
-
-    def record(self, booked: BookedSession) -> None:
-        """Write back what the domain may have changed."""
-        self.status = booked.status.value
-        self.meet_link = booked.meet_link
-        self.calendar_event_id = booked.calendar_event_id
 
 
 class IdempotencyKeyRow(SQLModel, table=True):

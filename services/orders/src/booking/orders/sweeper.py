@@ -10,23 +10,25 @@ Every replica runs one. A batch of orders is claimed with `FOR UPDATE SKIP LOCKE
 in one transaction, so replicas never take the same order, and a handler that reaches an order
 first (the PaymentInitiated that was late) wins: the order is then no longer pending. When the
 database is away the sweep says so in one quiet line and tries again at its next interval.
-`run_once(now)` is one sweep, at any `now` (tests drive time with it).
+`run_once(now)` is one sweep, at any `now` (tests drive time with it). The statements are
+`repository.claim_unopened`'s and `repository.save_order`'s.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import OrderCancelled, SessionIssueDetected, SessionIssueKind
-from booking.orders.domain import OrderStatus, PaymentStatus, fail_unopened_payment
+from booking.orders import repository
+from booking.orders.domain import PaymentStatus, fail_unopened_payment
+from booking.orders.repository import StoredOrder
 from booking.orders.service import event_id
 from booking.orders.settings import OrdersSettings
-from booking.orders.tables import BookedSessionRow, OrderRow
+from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
 from booking.runtime.outages import OutageLog
@@ -71,7 +73,7 @@ class Sweeper:
 
     async def run_once(self, now: datetime | None = None) -> Sweep:
         """One full sweep at `now` (default: the clock)."""
-        now = now or datetime.now(UTC)
+        now = now or utcnow()
         return Sweep(unopened_failed=await self.fail_unopened_payments(now))
 
     async def fail_unopened_payments(self, now: datetime) -> int:
@@ -86,67 +88,55 @@ class Sweeper:
                 return failed
 
     async def _fail_unopened_batch(self, now: datetime) -> tuple[int, int]:
-        due = (
-            select(OrderRow, BookedSessionRow)
-            .join(BookedSessionRow, BookedSessionRow.order_id == OrderRow.id)
-            .where(
-                OrderRow.status == OrderStatus.PENDING.value,
-                OrderRow.payment_ref.is_(None),
-                OrderRow.amount_paid == 0,
-                OrderRow.created_at <= now - self.opening_timeout,
-            )
-            .order_by(OrderRow.created_at)
-            .limit(self.batch)
-            .with_for_update(of=[OrderRow, BookedSessionRow], skip_locked=True)
-        )
-        failed: list[OrderRow] = []
+        failed: list[StoredOrder] = []
         async with self.db.transaction() as session:
-            rows = (await session.execute(due)).all()
-            for row, booked_row in rows:
-                order, booked = row.to_domain(), booked_row.to_domain()
-                if not fail_unopened_payment(order, booked, now, self.opening_timeout):
+            claimed = await repository.claim_unopened(
+                session, now - self.opening_timeout, self.batch
+            )
+            for stored in claimed:
+                if not fail_unopened_payment(
+                    stored.order, stored.booked, now, self.opening_timeout
+                ):
                     continue
-                row.record(order)
-                booked_row.record(booked)
-                row.payment_status = PaymentStatus.NOT_OPENED.value
-                with correlated(row.correlation_id):
-                    await self._record_failure(session, row, booked_row)
-                failed.append(row)
-        for row in failed:
+                stored.payment_status = PaymentStatus.NOT_OPENED
+                await repository.save_order(session, stored)
+                with correlated(stored.correlation_id):
+                    await self._record_failure(session, stored)
+                failed.append(stored)
+        for stored in failed:
             log.warning(
                 "order %s failed: no payment opened within %s of its booking (%s)",
-                row.id,
+                stored.order.id,
                 self.opening_timeout,
-                row.created_at.isoformat(),
+                stored.order.created_at.isoformat(),
             )
-        return len(rows), len(failed)
+        return len(claimed), len(failed)
 
-    async def _record_failure(
-        self, session: AsyncSession, row: OrderRow, booked_row: BookedSessionRow
-    ) -> None:
+    async def _record_failure(self, session: AsyncSession, stored: StoredOrder) -> None:
+        order, booked = stored.order, stored.booked
         await self.outbox.record(
             session,
             OrderCancelled(
-                order_id=row.id,
-                session_id=booked_row.id,
-                mentor_id=row.mentor_id,
+                order_id=order.id,
+                session_id=booked.id,
+                mentor_id=order.mentor_id,
                 reason=PAYMENT_NEVER_OPENED,
                 by=None,
             ),
-            message_id=event_id(f"OrderCancelled:{row.id}"),
+            message_id=event_id(f"OrderCancelled:{order.id}"),
         )
         minutes = self.opening_timeout.total_seconds() / 60
         await self.outbox.record(
             session,
             SessionIssueDetected(
-                order_id=row.id,
-                session_id=booked_row.id,
+                order_id=order.id,
+                session_id=booked.id,
                 kind=SessionIssueKind.PAYMENT_NEVER_OPENED,
                 detail=(
-                    f"order {row.id}, booked at {row.created_at.isoformat()}, had no payment "
+                    f"order {order.id}, booked at {order.created_at.isoformat()}, had no payment "
                     f"opened within {minutes:g} minutes: it failed and its slot "
-                    f"({booked_row.start_at.isoformat()}) was freed"
+                    f"({booked.start_at.isoformat()}) was freed"
                 ),
             ),
-            message_id=event_id(f"SessionIssueDetected:{PAYMENT_NEVER_OPENED}:{row.id}"),
+            message_id=event_id(f"SessionIssueDetected:{PAYMENT_NEVER_OPENED}:{order.id}"),
         )

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from booking.devtools.fixtures import free_port
-from booking.orders.reconciliation import Sweep, Sweeper
 from booking.orders.settings import OrdersSettings
+from booking.orders.sweeper import Sweep, Sweeper
 from booking.runtime.db import Database
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
@@ -162,13 +162,13 @@ class TestDatabaseAway:
         )
         sweeper = Sweeper(Database(nowhere, "orders"), orders.runtime.outbox, orders.settings)
         try:
-            with caplog.at_level(logging.WARNING, logger="booking.orders.reconciliation"):
+            with caplog.at_level(logging.WARNING, logger="booking.orders.sweeper"):
                 outcomes = [await sweeper.sweep(datetime.now(UTC)) for _ in range(3)]
         finally:
             await nowhere.dispose()
 
         assert outcomes == [None, None, None]
-        lines = [r for r in caplog.records if r.name == "booking.orders.reconciliation"]
+        lines = [r for r in caplog.records if r.name == "booking.orders.sweeper"]
         assert len(lines) == 1, [r.getMessage() for r in lines]
         assert "unreachable" in lines[0].getMessage()
         assert lines[0].exc_info is None
@@ -181,15 +181,13 @@ class TestDatabaseAway:
             connect_args={"timeout": 2},
         )
         sweeper = Sweeper(Database(nowhere, "orders"), orders.runtime.outbox, orders.settings)
-        with caplog.at_level(logging.WARNING, logger="booking.orders.reconciliation"):
+        with caplog.at_level(logging.WARNING, logger="booking.orders.sweeper"):
             assert await sweeper.sweep() is None
             await nowhere.dispose()
             sweeper.db = orders.runtime.db  # the database is back
             assert isinstance(await sweeper.sweep(), Sweep)
             assert isinstance(await sweeper.sweep(), Sweep)
 
-        messages = [
-            r.getMessage() for r in caplog.records if r.name == "booking.orders.reconciliation"
-        ]
+        messages = [r.getMessage() for r in caplog.records if r.name == "booking.orders.sweeper"]
         assert len(messages) == 2, messages
         assert "unreachable" in messages[0] and "answers again" in messages[1]
