@@ -23,9 +23,9 @@ import pytest
 from fastapi import FastAPI
 
 from booking.calendar.app import create_app
-from booking.calendar.reconciliation import Sweeper
 from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
+from booking.calendar.sweeper import Sweeper
 from booking.calendar.tables import SCHEMA
 from booking.contracts import Event, MentorRegistered, OrderCancelled, OrderPaid
 from booking.devtools.fixtures import (

@@ -10,6 +10,7 @@ gateway only checks the role). Errors are problem+json.
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
@@ -25,7 +26,7 @@ from booking.calendar.service import (
 from booking.contracts.http import CalendarConnection, OptionalReason, SessionScheduling
 from booking.runtime.auth import Identity, Role, acts_as_mentor, require_roles
 
-_PROBLEM = {"content": {"application/problem+json": {}}}
+_PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 
 
 def _unknown(mentor_id: UUID) -> HTTPException:

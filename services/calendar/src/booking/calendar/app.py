@@ -7,25 +7,17 @@ client and starts the sweeper (one per replica), after the runtime has started.
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
-from uuid import UUID
 
 from fastapi import FastAPI
 
 from booking.calendar.api import calendar_router
 from booking.calendar.google import GoogleClient
-from booking.calendar.handlers import (
-    cancel_session,
-    link_mentor_identity,
-    register_mentor,
-    schedule_session,
-)
-from booking.calendar.reconciliation import Sweeper
+from booking.calendar.handlers import subscribers
 from booking.calendar.service import CalendarService, rotate_token_key
 from booking.calendar.settings import DEVELOPMENT_TOKEN_KEY, CalendarSettings
+from booking.calendar.sweeper import Sweeper
 from booking.calendar.tables import SCHEMA, messaging
 from booking.calendar.tokens import TokenCipher
-from booking.contracts import MentorIdentityLinked, MentorRegistered, OrderCancelled, OrderPaid
 from booking.runtime.auth import GENERATE_SECRET, secret_weakness
 from booking.runtime.db import Database, create_engine
 from booking.runtime.outside import configured_check, reachable_check
@@ -38,28 +30,7 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
     refuse_a_known_state_key(settings)
     refuse_the_development_token_key(settings)
     google = GoogleClient.from_settings(settings)
-
-    # The handlers schedule and delete through the service, which needs the runtime's
-    # database: it is looked up when a message arrives, by which time it exists.
-    async def schedule(session_id: UUID) -> None:
-        await service.schedule(session_id)
-
-    async def delete(session_id: UUID) -> None:
-        await service.delete_owed(session_id)
-
-    runtime = ServiceRuntime(
-        name="calendar",
-        settings=settings,
-        tables=messaging,
-        handlers={
-            MentorRegistered: register_mentor,
-            MentorIdentityLinked: link_mentor_identity,
-            OrderPaid: partial(
-                schedule_session, schedule=schedule, retries=settings.retry_schedule
-            ),
-            OrderCancelled: partial(cancel_session, delete=delete),
-        },
-    )
+    runtime = ServiceRuntime(name="calendar", settings=settings, tables=messaging)
     assert runtime.db is not None and runtime.outbox is not None
     service = CalendarService(
         db=runtime.db,
@@ -68,6 +39,7 @@ def create_app(settings: CalendarSettings | None = None) -> FastAPI:
         cipher=TokenCipher(settings.token_encryption_key),
         settings=settings,
     )
+    runtime.subscribe(subscribers(service))
     sweeper = Sweeper(service, settings)
 
     runtime.health.add(

@@ -274,6 +274,9 @@ class CalendarBooking:
                 f"booking of session {self.session_id} still has until its start "
                 f"({self.start_at}) for the mentor to connect again"
             )
+        # Both hold here: a booking waiting for a reconnect failed for a reason, and one whose
+        # session began has a start.
+        assert self.reason is not None and self.start_at is not None
         self.final = True
         self.detail = (
             f"{self.detail or self.reason.value} The session began at "

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, Text, Uuid, column, delete, select, update, values
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from booking.calendar import repository
 from booking.calendar.domain import (
     CALENDAR_SCOPE,
     RECOVERABLE,
@@ -49,7 +48,6 @@ from booking.calendar.domain import (
     InvalidState,
     NothingToRetry,
     SessionEvent,
-    google_event_id,
 )
 from booking.calendar.google import (
     CalendarEvent,
@@ -61,16 +59,11 @@ from booking.calendar.google import (
     IntegrationRevoked,
     MeetLinkPending,
     MentorCredentials,
+    TokenGrant,
 )
+from booking.calendar.repository import ClaimedBooking, Connection
 from booking.calendar.settings import CalendarSettings
-from booking.calendar.tables import (
-    calendar_bookings,
-    connections,
-    mentors,
-    messaging,
-    oauth_states,
-    scheduling_attempts,
-)
+from booking.calendar.tables import messaging
 from booking.calendar.tokens import InvalidToken, TokenCipher
 from booking.contracts import (
     AdminAction,
@@ -78,7 +71,10 @@ from booking.contracts import (
     CalendarBookingFailed,
     CalendarFailureReason,
     Event,
+    MentorIdentityLinked,
+    MentorRegistered,
     OrderCancelled,
+    OrderPaid,
 )
 from booking.contracts.http import CalendarConnection, SessionScheduling
 from booking.runtime.audit import record_admin_action
@@ -131,6 +127,10 @@ class UnknownMentor(Exception):
     """No MentorRegistered reached us for this id."""
 
 
+class UnknownMentorLinked(Exception):
+    """A link for a mentor whose MentorRegistered has not reached us (yet)."""
+
+
 class UnknownSession(Exception):
     """No booking (nor tombstone) of this session: no OrderPaid or OrderCancelled reached us."""
 
@@ -146,61 +146,6 @@ class ConnectRefused(Exception):
         self.status = status
         self.detail = detail
         super().__init__(detail)
-
-
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """A mentor's stored connection, with what scheduling needs of the mentor."""
-
-    mentor_id: uuid.UUID
-    timezone: str
-    calendar_id: str
-    refresh_token_encrypted: str
-    connected_at: datetime
-    revoked_at: datetime | None
-
-    @property
-    def working(self) -> bool:
-        return self.revoked_at is None
-
-
-def booking_of(row: Row[Any]) -> CalendarBooking:
-    """The domain's view of a `calendar_bookings` row."""
-    return CalendarBooking(
-        session_id=row.session_id,
-        order_id=row.order_id,
-        mentor_id=row.mentor_id,
-        status=BookingStatus(row.status),
-        attempts=row.attempts,
-        updated_at=row.updated_at,
-        reason=CalendarFailureReason(row.reason) if row.reason else None,
-        detail=row.detail,
-        event_id=row.event_id,
-        meet_link=row.meet_link,
-        html_link=row.html_link,
-        start_at=row.start_at,
-        schedule_failures=row.schedule_failures,
-        final=row.final,
-        next_attempt_at=row.next_attempt_at,
-        event_delete_pending=row.event_delete_pending,
-    )
-
-
-def _stored(booking: CalendarBooking) -> dict[str, Any]:
-    return {
-        "status": booking.status.value,
-        "reason": booking.reason.value if booking.reason else None,
-        "detail": booking.detail,
-        "event_id": booking.event_id,
-        "meet_link": booking.meet_link,
-        "html_link": booking.html_link,
-        "attempts": booking.attempts,
-        "schedule_failures": booking.schedule_failures,
-        "final": booking.final,
-        "next_attempt_at": booking.next_attempt_at,
-        "event_delete_pending": booking.event_delete_pending,
-        "updated_at": booking.updated_at,
-    }
 
 
 def scheduling_of(booking: CalendarBooking) -> SessionScheduling:
@@ -228,148 +173,6 @@ def failure_of(booking: CalendarBooking) -> CalendarBookingFailed:
         final=booking.final,
         next_attempt_at=booking.next_attempt_at,
     )
-
-
-async def record_attempt(
-    session: AsyncSession,
-    booking: CalendarBooking,
-    outcome: str,
-    now: datetime,
-    *,
-    detail: str | None = None,
-) -> None:
-    """The booking's latest attempt (numbered by its count), as it ended."""
-    failed = outcome == "failed"
-    await session.execute(
-        scheduling_attempts.insert().values(
-            session_id=booking.session_id,
-            attempt=booking.attempts,
-            at=now,
-            outcome=outcome,
-            reason=booking.reason.value if failed and booking.reason else None,
-            detail=booking.detail if failed else detail,
-            final=booking.final,
-            next_attempt_at=booking.next_attempt_at,
-        )
-    )
-
-
-async def record_failure(
-    session: AsyncSession, outbox: Outbox, booking: CalendarBooking, now: datetime
-) -> None:
-    """A failed attempt, in the caller's transaction: the booking as `fail` left it (its lease
-    released), the attempt's row, and its CalendarBookingFailed."""
-    await session.execute(
-        update(calendar_bookings)
-        .where(calendar_bookings.c.session_id == booking.session_id)
-        .values(**_stored(booking), claimed_until=None)
-    )
-    await record_attempt(session, booking, "failed", now)
-    await outbox.record(
-        session,
-        failure_of(booking),
-        message_id=failure_event_id(booking.session_id, booking.attempts),
-    )
-
-
-async def cancel_booking(
-    session: AsyncSession, event: OrderCancelled, correlation_id: str, now: datetime
-) -> bool:
-    """The session's booking cancelled, in the caller's transaction; True if Google may have
-    its event, which is then owed a delete.
-
-    With no booking yet (the order ended before it was paid, or OrderCancelled overtook
-    OrderPaid), a tombstone takes the session's key, so a later OrderPaid never schedules it.
-    A run holding the lease keeps it: it deletes its event itself when it comes back.
-    """
-    locked = (
-        select(calendar_bookings)
-        .where(calendar_bookings.c.session_id == event.session_id)
-        .with_for_update()
-    )
-    row = (await session.execute(locked)).one_or_none()
-    if row is None:
-        tombstone = await session.execute(
-            insert(calendar_bookings)
-            .values(
-                session_id=event.session_id,
-                order_id=event.order_id,
-                mentor_id=event.mentor_id,
-                event_id=google_event_id(event.session_id),
-                status=BookingStatus.CANCELLED.value,
-                detail=f"the order was cancelled before it was paid: {event.reason}",
-                attempts=0,
-                correlation_id=correlation_id,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=[calendar_bookings.c.session_id])
-            .returning(calendar_bookings.c.session_id)
-        )
-        if tombstone.scalar_one_or_none() is not None:
-            return False
-        # OrderPaid's booking committed meanwhile: cancel that one.
-        row = (await session.execute(locked)).one()
-    booking = booking_of(row)
-    try:
-        booking.cancel(event.reason, now)
-    except AlreadyCancelled:
-        return False
-    await session.execute(
-        update(calendar_bookings)
-        .where(calendar_bookings.c.session_id == event.session_id)
-        .values(**_stored(booking))
-    )
-    return booking.event_delete_pending
-
-
-async def lock_mentor(session: AsyncSession, mentor_id: uuid.UUID, *, share: bool) -> bool:
-    """Take the mentor's row lock (see the module's docstring); False if the mentor is unknown."""
-    query = select(mentors.c.id).where(mentors.c.id == mentor_id)
-    query = query.with_for_update(read=share)
-    return (await session.execute(query)).scalar_one_or_none() is not None
-
-
-def _connection_columns() -> tuple[Any, ...]:
-    return (
-        connections.c.mentor_id,
-        mentors.c.timezone,
-        connections.c.calendar_id,
-        connections.c.refresh_token_encrypted,
-        connections.c.connected_at,
-        connections.c.revoked_at,
-    )
-
-
-async def connection_of(
-    session: AsyncSession | AsyncConnection, mentor_id: uuid.UUID
-) -> Connection | None:
-    query = (
-        select(*_connection_columns())
-        .join(mentors, mentors.c.id == connections.c.mentor_id)
-        .where(connections.c.mentor_id == mentor_id)
-    )
-    row = (await session.execute(query)).one_or_none()
-    return Connection(**row._mapping) if row is not None else None
-
-
-async def mentor_standing(
-    session: AsyncSession | AsyncConnection, mentor_id: uuid.UUID
-) -> tuple[bool, Connection | None]:
-    """Whether we know the mentor, and their connection if they have one (one query)."""
-    query = (
-        select(mentors.c.id.label("known"), *_connection_columns())
-        .outerjoin(connections, connections.c.mentor_id == mentors.c.id)
-        .where(mentors.c.id == mentor_id)
-    )
-    row = (await session.execute(query)).one_or_none()
-    if row is None:
-        return False, None
-    if row.mentor_id is None:
-        return True, None
-    values = dict(row._mapping)
-    del values["known"]
-    return True, Connection(**values)
 
 
 def unknown_mentor(mentor_id: uuid.UUID) -> tuple[CalendarFailureReason, str]:
@@ -416,7 +219,7 @@ class CalendarService:
         self.lease = timedelta(seconds=settings.scheduling_lease_seconds)
         self.retries = settings.retry_schedule
         self.outage = OutageLog(log, "the calendar database (background scheduling)")
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- background work -------------------------------------------------------------------
 
@@ -441,6 +244,38 @@ class CalendarService:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
+    # -- mentors, as orders tells of them (in the message's transaction) --------------------
+
+    async def register_mentor(self, session: AsyncSession, event: MentorRegistered) -> None:
+        """Keep our own record of the mentor (the first registration stands; repeats change
+        nothing)."""
+        await repository.add_mentor(
+            session,
+            mentor_id=event.mentor_id,
+            name=event.name,
+            email=event.email,
+            timezone=event.timezone,
+            identity_subject=event.identity_subject,
+        )
+
+    async def link_identity(self, session: AsyncSession, event: MentorIdentityLinked) -> None:
+        """Keep the mentor's identity-provider subject: the link of the highest sequence stands,
+        so a late or replayed older link changes nothing.
+
+        A link for a mentor we do not know raises UnknownMentorLinked: the consumer tries again
+        (MentorRegistered is usually just behind), then keeps it as a dead letter to replay
+        once the mentor is known.
+        """
+        if await repository.link_identity(
+            session, event.mentor_id, event.identity_subject, event.sequence
+        ):
+            log.info("mentor %s is linked to a new identity subject", event.mentor_id)
+            return
+        if not await repository.mentor_known(session, event.mentor_id):
+            raise UnknownMentorLinked(
+                f"no mentor {event.mentor_id} to link (no MentorRegistered yet); tried again"
+            )
+
     # -- connecting ------------------------------------------------------------------------
 
     async def consent_url(self, mentor_id: uuid.UUID, now: datetime | None = None) -> str:
@@ -449,16 +284,15 @@ class CalendarService:
         lifetime = timedelta(seconds=self.settings.oauth_state_lifetime_seconds)
         state = ConsentState.issue(mentor_id, secrets.token_urlsafe(24), now, lifetime)
         async with self.db.transaction() as session:
-            email = await session.scalar(select(mentors.c.email).where(mentors.c.id == mentor_id))
+            email = await repository.mentor_email(session, mentor_id)
             if email is None:
                 raise UnknownMentor(mentor_id)
-            await session.execute(
-                oauth_states.insert().values(
-                    nonce=state.nonce,
-                    mentor_id=mentor_id,
-                    expires_at=state.expires_at,
-                    created_at=now,
-                )
+            await repository.add_state(
+                session,
+                nonce=state.nonce,
+                mentor_id=mentor_id,
+                expires_at=state.expires_at,
+                created_at=now,
             )
         return self.google.consent_url(
             redirect_uri=self.settings.oauth_redirect_uri,
@@ -514,30 +348,18 @@ class CalendarService:
         encrypted = self.cipher.encrypt(grant.refresh_token)
         connected_at = utcnow()
         async with self.db.transaction() as session:
-            if not await lock_mentor(session, consent.mentor_id, share=False):
+            if not await repository.lock_mentor(session, consent.mentor_id, share=False):
                 raise ConnectRefused(404, f"no mentor has the id {consent.mentor_id}")
-            stored = await session.execute(
-                insert(connections)
-                .values(
-                    mentor_id=consent.mentor_id,
-                    refresh_token_encrypted=encrypted,
-                    scope=grant.scope,
-                    connected_at=connected_at,
-                    revoked_at=None,
-                )
-                .on_conflict_do_update(
-                    index_elements=[connections.c.mentor_id],
-                    set_={
-                        "refresh_token_encrypted": encrypted,
-                        "scope": grant.scope,
-                        "connected_at": connected_at,
-                        "revoked_at": None,
-                    },
-                )
-                .returning(connections.c.calendar_id)
+            calendar_id = await repository.store_connection(
+                session,
+                consent.mentor_id,
+                refresh_token_encrypted=encrypted,
+                scope=grant.scope,
+                connected_at=connected_at,
             )
-            calendar_id = stored.scalar_one()
-            reopened = await self._reopen_bookings(session, consent.mentor_id, connected_at)
+            # The bookings that wait for a working connection: pending again. Not the final
+            # ones: their session has begun, or an admin has them.
+            reopened = await repository.reopen_bookings(session, consent.mentor_id, connected_at)
         self.google.forget(consent.mentor_id)
         log.info(
             "mentor %s connected Google calendar %s; %d booking(s) to schedule again",
@@ -554,22 +376,9 @@ class CalendarService:
     async def _spend(self, consent: ConsentState, now: datetime) -> None:
         """Mark the state used, once: a conditional UPDATE, never a check and then a set."""
         async with self.db.transaction() as session:
-            spent = await session.execute(
-                update(oauth_states)
-                .where(
-                    oauth_states.c.nonce == consent.nonce,
-                    oauth_states.c.mentor_id == consent.mentor_id,
-                    oauth_states.c.used_at.is_(None),
-                    oauth_states.c.expires_at > now,
-                )
-                .values(used_at=now)
-                .returning(oauth_states.c.nonce)
-            )
-            if spent.scalar_one_or_none() is not None:
+            if await repository.spend_state(session, consent.nonce, consent.mentor_id, now):
                 return
-            used_at = await session.scalar(
-                select(oauth_states.c.used_at).where(oauth_states.c.nonce == consent.nonce)
-            )
+            used_at = await repository.state_used_at(session, consent.nonce)
         if used_at is not None:
             raise ConnectRefused(
                 400,
@@ -580,7 +389,7 @@ class CalendarService:
             400, "the state is not one this service issued or it expired; nothing was stored"
         )
 
-    async def _exchange(self, code: str):
+    async def _exchange(self, code: str) -> TokenGrant:
         try:
             return await self.google.exchange_code(code, self.settings.oauth_redirect_uri)
         except GoogleRefused as refused:
@@ -602,124 +411,97 @@ class CalendarService:
                 "connecting again in a moment",
             ) from None
 
-    @staticmethod
-    async def _reopen_bookings(
-        session: AsyncSession, mentor_id: uuid.UUID, now: datetime
-    ) -> list[uuid.UUID]:
-        """The mentor's bookings that wait for a working connection: pending again. Not the
-        final ones: their session has begun, or an admin has them."""
-        reopened = await session.execute(
-            update(calendar_bookings)
-            .where(
-                calendar_bookings.c.mentor_id == mentor_id,
-                calendar_bookings.c.status == BookingStatus.FAILED.value,
-                calendar_bookings.c.final.is_(False),
-                calendar_bookings.c.reason.in_([reason.value for reason in RECOVERABLE]),
-            )
-            .values(
-                status=BookingStatus.PENDING.value,
-                reason=None,
-                detail=None,
-                next_attempt_at=None,
-                claimed_until=None,
-                updated_at=now,
-            )
-            .returning(calendar_bookings.c.session_id)
-        )
-        return list(reopened.scalars())
-
     async def identity_subject(self, mentor_id: uuid.UUID) -> str | None:
         """The identity-provider subject that acts as the mentor; None if it has none or the
         mentor is unknown (then only an admin or the mentor's own id acts as it)."""
         async with self.db.single_statement() as session:
-            return await session.scalar(
-                select(mentors.c.identity_subject).where(mentors.c.id == mentor_id)
-            )
+            return await repository.identity_subject(session, mentor_id)
 
     async def connection_status(self, mentor_id: uuid.UUID) -> CalendarConnection:
-        async with self.db.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        mentors.c.id,
-                        connections.c.calendar_id,
-                        connections.c.connected_at,
-                        connections.c.revoked_at,
-                    )
-                    .outerjoin(connections, connections.c.mentor_id == mentors.c.id)
-                    .where(mentors.c.id == mentor_id)
-                )
-            ).one_or_none()
-        if row is None:
+        async with self.db.single_statement() as session:
+            known, connection = await repository.mentor_standing(session, mentor_id)
+        if not known:
             raise UnknownMentor(mentor_id)
+        if connection is None:
+            return CalendarConnection(
+                connected=False, calendar_id=None, connected_at=None, revoked=False
+            )
         return CalendarConnection(
-            connected=row.connected_at is not None and row.revoked_at is None,
-            calendar_id=row.calendar_id,
-            connected_at=row.connected_at,
-            revoked=row.revoked_at is not None,
+            connected=connection.working,
+            calendar_id=connection.calendar_id,
+            connected_at=connection.connected_at,
+            revoked=not connection.working,
         )
 
     async def disconnect(self, mentor_id: uuid.UUID) -> None:
         """Forget the mentor's tokens; later bookings fail mentor_not_integrated."""
         async with self.db.transaction() as session:
-            if not await lock_mentor(session, mentor_id, share=False):
+            if not await repository.lock_mentor(session, mentor_id, share=False):
                 raise UnknownMentor(mentor_id)
-            await session.execute(delete(connections).where(connections.c.mentor_id == mentor_id))
+            await repository.delete_connection(session, mentor_id)
         self.google.forget(mentor_id)
         log.info("mentor %s disconnected their Google calendar", mentor_id)
 
     # -- scheduling ------------------------------------------------------------------------
 
+    async def open_booking(
+        self, session: AsyncSession, event: OrderPaid, correlation_id: str
+    ) -> bool:
+        """Open the paid session's calendar booking, in the message's transaction; True if it
+        is then to be scheduled in Google (`schedule`, once committed, never inside it).
+
+        One booking per session, however often OrderPaid arrives: the session id's primary key
+        decides, not a check (a session cancelled first has its tombstone there, and is never
+        scheduled). What needs no Google is decided here (an unknown mentor, no connection, a
+        revoked one): the first attempt, failed. If the step after the commit is lost, the
+        sweeper schedules the booking.
+        """
+        now = utcnow()
+        booking = await repository.open_booking(session, event, correlation_id, now)
+        if booking is None:
+            return False  # a repeat (the first OrderPaid opened it), or the session was cancelled
+        # FOR SHARE: a reconnect in flight (FOR UPDATE) commits first, and then we see it.
+        if await repository.lock_mentor(session, event.mentor_id, share=True):
+            missing = missing_connection(await repository.connection_of(session, event.mentor_id))
+        else:
+            missing = unknown_mentor(event.mentor_id)
+        if missing is None:
+            return True
+        booking.fail(*missing, now, self.retries)
+        await self._record_failure(session, booking, now)
+        return False
+
     async def schedule(self, session_id: uuid.UUID, now: datetime | None = None) -> None:
         """Schedule a pending booking, unless another run holds it (the fast path)."""
         now = now or utcnow()
-        claim = (
-            update(calendar_bookings)
-            .where(
-                calendar_bookings.c.session_id == session_id,
-                calendar_bookings.c.status == BookingStatus.PENDING.value,
-                calendar_bookings.c.claimed_until.is_(None)
-                | (calendar_bookings.c.claimed_until < now),
-            )
-            .values(claimed_until=now + self.lease)
-            .returning(*calendar_bookings.c)
-        )
         async with self.db.single_statement() as session:
-            row = (await session.execute(claim)).one_or_none()
-        if row is not None:
-            await self.schedule_claimed(row)
+            claim = await repository.claim_pending(session, session_id, now, now + self.lease)
+        if claim is not None:
+            await self.schedule_claimed(claim)
 
-    async def schedule_claimed(self, row: Row[Any]) -> BookingStatus:
+    async def schedule_claimed(self, claim: ClaimedBooking) -> BookingStatus:
         """Put a booking this run holds the lease of into Google; record the outcome.
 
         Runs outside any transaction. A crash before the outcome is recorded leaves the lease
         to lapse, and the sweeper runs it again: Google answers 409 for the event id and the
         event is read, so there is still exactly one. Nothing is counted for the lost run.
         """
-        with correlated(row.correlation_id):
+        with correlated(claim.correlation_id):
             async with self.db.single_statement() as session:
-                known, connection = await mentor_standing(session, row.mentor_id)
-            missing = missing_connection(connection) if known else unknown_mentor(row.mentor_id)
+                known, connection = await repository.mentor_standing(session, claim.mentor_id)
+            missing = missing_connection(connection) if known else unknown_mentor(claim.mentor_id)
             if missing is not None:
-                return await self._failed(row, *missing, seen=connection)
+                return await self._failed(claim, *missing, seen=connection)
             assert connection is not None
             try:
                 credentials = MentorCredentials(
-                    row.mentor_id, self.cipher.decrypt(connection.refresh_token_encrypted)
+                    claim.mentor_id, self.cipher.decrypt(connection.refresh_token_encrypted)
                 )
-                session_event = SessionEvent(
-                    session_id=row.session_id,
-                    order_id=row.order_id,
-                    title=row.title,
-                    mentee_email=row.mentee_email,
-                    start_at=row.start_at,
-                    end_at=row.end_at,
-                    timezone=connection.timezone,
-                )
+                session_event = _session_event(claim, connection.timezone)
                 event = await self.google.insert_event(
                     credentials, connection.calendar_id, session_event
                 )
-                confirmed = self._confirmation(row, event)
+                confirmed = self._confirmation(claim, event)
             except IntegrationRevoked as revoked:
                 detail = (
                     f"Google refused the mentor's refresh token ({revoked.message}); the "
@@ -727,72 +509,77 @@ class CalendarService:
                     "connect again"
                 )
                 return await self._failed(
-                    row,
+                    claim,
                     CalendarFailureReason.INTEGRATION_REVOKED,
                     detail,
                     seen=connection,
                     revoke=True,
                 )
             except MeetLinkPending as pending:
-                return await self._meet_pending(row, pending)
+                return await self._meet_pending(claim, pending)
             except GoogleError as error:
                 return await self._failed(
-                    row, CalendarFailureReason.CALENDAR_API_ERROR, error.describe()
+                    claim, CalendarFailureReason.CALENDAR_API_ERROR, error.describe()
                 )
             except GoogleClientClosed:
                 raise  # shutting down: the lease lapses and the sweeper runs it again
             except Exception:
-                log.exception("scheduling session %s failed unexpectedly", row.session_id)
+                log.exception("scheduling session %s failed unexpectedly", claim.session_id)
                 return await self._failed(
-                    row, CalendarFailureReason.UNEXPECTED_ERROR, stack_trace()
+                    claim, CalendarFailureReason.UNEXPECTED_ERROR, stack_trace()
                 )
-            return await self._confirmed(row, confirmed)
+            return await self._confirmed(claim, confirmed)
 
     @staticmethod
-    def _confirmation(row: Row[Any], event: CalendarEvent) -> CalendarBookingConfirmed:
+    def _confirmation(claim: ClaimedBooking, event: CalendarEvent) -> CalendarBookingConfirmed:
         # Built before anything is recorded: an answer we cannot confirm with fails the run.
         return CalendarBookingConfirmed(
-            session_id=row.session_id,
-            order_id=row.order_id,
-            event_id=event.id or row.event_id,
-            meet_link=event.meet_link,
-            html_link=event.html_link,
+            session_id=claim.session_id,
+            order_id=claim.order_id,
+            event_id=event.id or claim.event_id,
+            meet_link=event.meet_link,  # type: ignore[arg-type]  # pydantic refuses a None
+            html_link=event.html_link,  # type: ignore[arg-type]
         )
 
-    async def _locked(self, session: AsyncSession, session_id: uuid.UUID) -> Row[Any]:
-        query = (
-            select(calendar_bookings)
-            .where(calendar_bookings.c.session_id == session_id)
-            .with_for_update()
-        )
-        return (await session.execute(query)).one()
+    @staticmethod
+    async def _locked(session: AsyncSession, session_id: uuid.UUID) -> CalendarBooking:
+        tracked = await repository.lock_booking(session, session_id)
+        assert tracked is not None, f"no booking of session {session_id}"
+        return tracked.booking
 
     async def _record(self, session: AsyncSession, event: Event, message_id: uuid.UUID) -> None:
         await self.outbox.record(session, event, message_id=message_id)
 
+    async def _record_failure(
+        self, session: AsyncSession, booking: CalendarBooking, now: datetime
+    ) -> None:
+        """A failed attempt, in the caller's transaction: the booking as `fail` left it (its
+        lease released), the attempt's row, and its CalendarBookingFailed."""
+        await repository.save_booking(session, booking, release=True)
+        await repository.record_attempt(session, booking, "failed", now)
+        await self._record(
+            session, failure_of(booking), failure_event_id(booking.session_id, booking.attempts)
+        )
+
     async def _cancelled_meanwhile(
         self, session: AsyncSession, session_id: uuid.UUID, now: datetime
-    ) -> Row[Any]:
+    ) -> ClaimedBooking:
         """The booking was cancelled while this run asked Google: whatever event it made is
         owed a delete, which this run takes on (its call is over) under a lease of its own."""
         log.warning(
             "session %s was cancelled while it was being scheduled: its event is deleted",
             session_id,
         )
-        owed = (
-            update(calendar_bookings)
-            .where(calendar_bookings.c.session_id == session_id)
-            .values(event_delete_pending=True, claimed_until=now + self.lease, updated_at=now)
-            .returning(*calendar_bookings.c)
-        )
-        return (await session.execute(owed)).one()
+        return await repository.take_over_deletion(session, session_id, now, now + self.lease)
 
-    async def _confirmed(self, row: Row[Any], confirmed: CalendarBookingConfirmed) -> BookingStatus:
+    async def _confirmed(
+        self, claim: ClaimedBooking, confirmed: CalendarBookingConfirmed
+    ) -> BookingStatus:
         now = utcnow()
         async with self.db.transaction() as session:
-            booking = booking_of(await self._locked(session, row.session_id))
+            booking = await self._locked(session, claim.session_id)
             if booking.status is BookingStatus.CANCELLED:
-                owed = await self._cancelled_meanwhile(session, row.session_id, now)
+                owed = await self._cancelled_meanwhile(session, claim.session_id, now)
             else:
                 owed = None
                 try:
@@ -801,20 +588,16 @@ class CalendarService:
                     )
                 except AlreadyConfirmed:
                     return booking.status
-                await session.execute(
-                    update(calendar_bookings)
-                    .where(calendar_bookings.c.session_id == row.session_id)
-                    .values(**_stored(booking), claimed_until=None)
-                )
-                await record_attempt(session, booking, "confirmed", now)
-                await self._record(session, confirmed, event_id("confirmed", row.session_id))
+                await repository.save_booking(session, booking, release=True)
+                await repository.record_attempt(session, booking, "confirmed", now)
+                await self._record(session, confirmed, event_id("confirmed", claim.session_id))
         if owed is not None:
             await self.delete_claimed(owed)
             return BookingStatus.CANCELLED
         log.info(
             "session %s of order %s is in the mentor's calendar (event %s, attempt %d)",
-            row.session_id,
-            row.order_id,
+            claim.session_id,
+            claim.order_id,
             confirmed.event_id,
             booking.attempts,
         )
@@ -822,7 +605,7 @@ class CalendarService:
 
     async def _failed(
         self,
-        row: Row[Any],
+        claim: ClaimedBooking,
         reason: CalendarFailureReason,
         detail: str,
         *,
@@ -837,65 +620,53 @@ class CalendarService:
         owed = None
         async with self.db.transaction() as session:
             if reason in RECOVERABLE:
-                await lock_mentor(session, row.mentor_id, share=True)
+                await repository.lock_mentor(session, claim.mentor_id, share=True)
                 if revoke and seen is not None:
-                    await session.execute(
-                        update(connections)
-                        .where(
-                            connections.c.mentor_id == row.mentor_id,
-                            connections.c.connected_at == seen.connected_at,
-                            connections.c.revoked_at.is_(None),
-                        )
-                        .values(revoked_at=now)
-                    )
-                current = await connection_of(session, row.mentor_id)
+                    await repository.mark_revoked(session, claim.mentor_id, seen.connected_at, now)
+                current = await repository.connection_of(session, claim.mentor_id)
                 again = (
                     current is not None
                     and current.working
                     and (seen is None or current.connected_at != seen.connected_at)
                 )
-            booking = booking_of(await self._locked(session, row.session_id))
+            booking = await self._locked(session, claim.session_id)
             if booking.status is BookingStatus.CANCELLED:
                 # An insert that failed on our side may still have made the event at Google.
-                owed = await self._cancelled_meanwhile(session, row.session_id, now)
+                owed = await self._cancelled_meanwhile(session, claim.session_id, now)
             elif booking.status is not BookingStatus.PENDING:
                 return booking.status  # settled by another run
             elif again:
-                await session.execute(
-                    update(calendar_bookings)
-                    .where(calendar_bookings.c.session_id == row.session_id)
-                    .values(claimed_until=None, updated_at=now)
-                )
+                await repository.release(session, claim.session_id, now)
             else:
                 booking.fail(reason, detail, now, self.retries)
-                await record_failure(session, self.outbox, booking, now)
+                await self._record_failure(session, booking, now)
         if owed is not None:
             await self.delete_claimed(owed)
             return BookingStatus.CANCELLED
         if again:
             log.info(
                 "mentor %s connected again meanwhile: scheduling %s anew",
-                row.mentor_id,
-                row.session_id,
+                claim.mentor_id,
+                claim.session_id,
             )
-            await self.schedule(row.session_id)
+            await self.schedule(claim.session_id)
             return BookingStatus.PENDING
         log.warning(
             "session %s of order %s not scheduled (attempt %d): %s; %s",
-            row.session_id,
-            row.order_id,
+            claim.session_id,
+            claim.order_id,
             booking.attempts,
             reason.value,
             _what_next(booking),
         )
         return booking.status
 
-    async def _meet_pending(self, row: Row[Any], pending: MeetLinkPending) -> BookingStatus:
+    async def _meet_pending(self, claim: ClaimedBooking, pending: MeetLinkPending) -> BookingStatus:
         """The event exists but has no Meet link yet: look again later, a bounded number of runs."""
-        attempt = row.attempts + 1
+        attempt = claim.attempts + 1
         if attempt >= self.settings.scheduling_max_attempts:
             return await self._failed(
-                row,
+                claim,
                 CalendarFailureReason.CALENDAR_API_ERROR,
                 f"Google made event {pending.event_id} but still had no Meet link for it after "
                 f"{attempt} scheduling run(s)",
@@ -904,19 +675,17 @@ class CalendarService:
         retry_at = now + timedelta(seconds=self.settings.meet_pending_retry_seconds)
         owed = None
         async with self.db.transaction() as session:
-            booking = booking_of(await self._locked(session, row.session_id))
+            booking = await self._locked(session, claim.session_id)
             if booking.status is BookingStatus.CANCELLED:
-                owed = await self._cancelled_meanwhile(session, row.session_id, now)
+                owed = await self._cancelled_meanwhile(session, claim.session_id, now)
             elif booking.status is not BookingStatus.PENDING:
                 return booking.status
             else:
                 booking.put_off(now)
-                await session.execute(
-                    update(calendar_bookings)
-                    .where(calendar_bookings.c.session_id == row.session_id)
-                    .values(attempts=booking.attempts, updated_at=now, claimed_until=retry_at)
+                await repository.put_off(session, booking, until=retry_at)
+                await repository.record_attempt(
+                    session, booking, "meet_pending", now, detail=str(pending)
                 )
-                await record_attempt(session, booking, "meet_pending", now, detail=str(pending))
         if owed is not None:
             await self.delete_claimed(owed)
             return BookingStatus.CANCELLED
@@ -926,108 +695,120 @@ class CalendarService:
     async def give_up_unscheduled(self, now: datetime, limit: int) -> int:
         """Bookings still waiting for a reconnect when their session began: final now, each
         with its final CalendarBookingFailed, once. How many (at most `limit`)."""
-        bookings = calendar_bookings.c
-        waiting = (
-            select(calendar_bookings)
-            .where(
-                bookings.status == BookingStatus.FAILED.value,
-                bookings.final.is_(False),
-                bookings.next_attempt_at.is_(None),
-                bookings.reason.in_([reason.value for reason in RECOVERABLE]),
-                bookings.start_at <= now,
-            )
-            .order_by(bookings.start_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
         async with self.db.transaction() as session:
-            rows = (await session.execute(waiting)).all()
-            for row in rows:
-                booking = booking_of(row)
+            waiting = await repository.lock_waiting(session, now, limit)
+            for tracked in waiting:
+                booking = tracked.booking
                 booking.give_up(now)
-                await session.execute(
-                    update(calendar_bookings)
-                    .where(bookings.session_id == row.session_id)
-                    .values(**_stored(booking))
-                )
-                with correlated(row.correlation_id):
+                await repository.save_booking(session, booking)
+                with correlated(tracked.correlation_id):
                     await self._record(
                         session,
                         failure_of(booking),
-                        given_up_event_id(row.session_id, booking.attempts),
+                        given_up_event_id(booking.session_id, booking.attempts),
                     )
-        for row in rows:
+        for tracked in waiting:
             log.warning(
                 "session %s of order %s began unscheduled (%s): scheduling has given up",
-                row.session_id,
-                row.order_id,
-                row.reason,
+                tracked.booking.session_id,
+                tracked.booking.order_id,
+                tracked.booking.reason,
             )
-        return len(rows)
+        return len(waiting)
 
     # -- cancelled sessions ----------------------------------------------------------------
+
+    async def cancel_booking(
+        self, session: AsyncSession, event: OrderCancelled, correlation_id: str
+    ) -> bool:
+        """The order ended: its session's booking cancelled, in the message's transaction. True
+        if Google may have its event, which is then owed a delete (`delete_owed`, once
+        committed: by the run in flight, if one holds the booking; by the sweeper, if that step
+        is lost).
+
+        With no booking yet (the order ended before it was paid, or OrderCancelled overtook
+        OrderPaid), a tombstone takes the session's key, so a later OrderPaid never schedules it.
+        A run holding the lease keeps it: it deletes its event itself when it comes back.
+        """
+        now = utcnow()
+        tracked = await repository.lock_booking(session, event.session_id)
+        if tracked is None:
+            if await repository.add_tombstone(
+                session,
+                session_id=event.session_id,
+                order_id=event.order_id,
+                mentor_id=event.mentor_id,
+                detail=f"the order was cancelled before it was paid: {event.reason}",
+                correlation_id=correlation_id,
+                now=now,
+            ):
+                return False
+            # OrderPaid's booking committed meanwhile: cancel that one.
+            booking = await self._locked(session, event.session_id)
+        else:
+            booking = tracked.booking
+        try:
+            booking.cancel(event.reason, now)
+        except AlreadyCancelled:
+            return False
+        await repository.save_booking(session, booking)
+        if booking.event_delete_pending:
+            log.info(
+                "session %s was cancelled (%s): its event is deleted",
+                event.session_id,
+                event.reason,
+            )
+        return booking.event_delete_pending
 
     async def delete_owed(self, session_id: uuid.UUID, now: datetime | None = None) -> None:
         """Delete the Google event a cancelled booking owes, unless a run holds its lease (that
         run deletes it when it comes back; the sweeper, once the lease lapses)."""
         now = now or utcnow()
-        bookings = calendar_bookings.c
-        claim = (
-            update(calendar_bookings)
-            .where(
-                bookings.session_id == session_id,
-                bookings.status == BookingStatus.CANCELLED.value,
-                bookings.event_delete_pending.is_(True),
-                bookings.claimed_until.is_(None) | (bookings.claimed_until < now),
-            )
-            .values(claimed_until=now + self.lease)
-            .returning(*calendar_bookings.c)
-        )
         async with self.db.single_statement() as session:
-            row = (await session.execute(claim)).one_or_none()
-        if row is not None:
-            await self.delete_claimed(row)
+            claim = await repository.claim_deletion(session, session_id, now, now + self.lease)
+        if claim is not None:
+            await self.delete_claimed(claim)
 
-    async def delete_claimed(self, row: Row[Any]) -> bool:
+    async def delete_claimed(self, claim: ClaimedBooking) -> bool:
         """Delete the event of a cancelled booking this run holds the lease of; True once it is
         settled: Google said it is gone (204, 410, 404), or no working connection can ask.
 
         Otherwise the delete stays owed, and the sweeper tries again once the lease lapses.
         """
-        with correlated(row.correlation_id):
+        with correlated(claim.correlation_id):
             async with self.db.single_statement() as session:
-                _known, connection = await mentor_standing(session, row.mentor_id)
+                _known, connection = await repository.mentor_standing(session, claim.mentor_id)
             if connection is None or not connection.working:
                 log.warning(
                     "session %s was cancelled, but mentor %s has no working Google connection: "
                     "an event of it in their calendar (%s) cannot be deleted by the platform",
-                    row.session_id,
-                    row.mentor_id,
-                    row.event_id,
+                    claim.session_id,
+                    claim.mentor_id,
+                    claim.event_id,
                 )
-                return await self._deletion_settled(row)
+                return await self._deletion_settled(claim)
             try:
                 credentials = MentorCredentials(
-                    row.mentor_id, self.cipher.decrypt(connection.refresh_token_encrypted)
+                    claim.mentor_id, self.cipher.decrypt(connection.refresh_token_encrypted)
                 )
                 deleted = await self.google.delete_event(
-                    credentials, connection.calendar_id, row.event_id
+                    credentials, connection.calendar_id, claim.event_id
                 )
             except IntegrationRevoked as revoked:
                 log.warning(
                     "session %s was cancelled, but Google refused mentor %s's refresh token "
                     "(%s): its event cannot be deleted by the platform",
-                    row.session_id,
-                    row.mentor_id,
+                    claim.session_id,
+                    claim.mentor_id,
                     revoked.message,
                 )
-                return await self._deletion_settled(row, revoked=connection)
+                return await self._deletion_settled(claim, revoked=connection)
             except GoogleError as error:
                 log.warning(
                     "the event of cancelled session %s is not deleted yet: %s; tried again from %s",
-                    row.session_id,
+                    claim.session_id,
                     error.describe(),
-                    row.claimed_until.isoformat(),
+                    claim.claimed_until.isoformat(),
                 )
                 return False
             except GoogleClientClosed:
@@ -1036,44 +817,29 @@ class CalendarService:
                 log.exception(
                     "deleting the event of cancelled session %s failed unexpectedly; tried "
                     "again from %s",
-                    row.session_id,
-                    row.claimed_until.isoformat(),
+                    claim.session_id,
+                    claim.claimed_until.isoformat(),
                 )
                 return False
-            settled = await self._deletion_settled(row)
+            settled = await self._deletion_settled(claim)
             log.info(
                 "session %s was cancelled: its event %s %s",
-                row.session_id,
-                row.event_id,
+                claim.session_id,
+                claim.event_id,
                 "is deleted" if deleted else "was gone already",
             )
             return settled
 
-    async def _deletion_settled(self, row: Row[Any], revoked: Connection | None = None) -> bool:
+    async def _deletion_settled(
+        self, claim: ClaimedBooking, revoked: Connection | None = None
+    ) -> bool:
         """Nothing more to delete, if this run's lease still holds: a run that has taken the
         delete over since (it brought an event back) keeps it owed and deletes it itself."""
         now = utcnow()
         async with self.db.transaction() as session:
             if revoked is not None:
-                await session.execute(
-                    update(connections)
-                    .where(
-                        connections.c.mentor_id == row.mentor_id,
-                        connections.c.connected_at == revoked.connected_at,
-                        connections.c.revoked_at.is_(None),
-                    )
-                    .values(revoked_at=now)
-                )
-            settled = await session.execute(
-                update(calendar_bookings)
-                .where(
-                    calendar_bookings.c.session_id == row.session_id,
-                    calendar_bookings.c.claimed_until == row.claimed_until,
-                )
-                .values(event_delete_pending=False, claimed_until=None, updated_at=now)
-                .returning(calendar_bookings.c.session_id)
-            )
-            return settled.scalar_one_or_none() is not None
+                await repository.mark_revoked(session, claim.mentor_id, revoked.connected_at, now)
+            return await repository.settle_deletion(session, claim, now)
 
     # -- an admin's retry ------------------------------------------------------------------
 
@@ -1087,16 +853,12 @@ class CalendarService:
         """
         now = now or utcnow()
         async with self.db.transaction() as session:
-            row = (
-                await session.execute(
-                    select(calendar_bookings)
-                    .where(calendar_bookings.c.session_id == session_id)
-                    .with_for_update()
-                )
-            ).one_or_none()
-            if row is None:
+            tracked = await repository.lock_booking(session, session_id)
+            if tracked is None:
                 raise UnknownSession(session_id)
-            booking = booking_of(row)
+            booking = tracked.booking
+            # As it failed: `retry` forgets it.
+            failed = (booking.final, booking.reason, booking.attempts)
             try:
                 booking.retry(now)
             except NothingToRetry:
@@ -1106,15 +868,9 @@ class CalendarService:
                     f"session {session_id} was cancelled (its order ended): there is no "
                     "scheduling to retry"
                 ) from None
-            claimed = (
-                await session.execute(
-                    update(calendar_bookings)
-                    .where(calendar_bookings.c.session_id == session_id)
-                    .values(**_stored(booking), claimed_until=now + self.lease)
-                    .returning(*calendar_bookings.c)
-                )
-            ).one()
-            with correlated(row.correlation_id):
+            claim = await repository.claim_retried(session, booking, now + self.lease)
+            was_final, was_reason, attempts = failed
+            with correlated(tracked.correlation_id):
                 await record_admin_action(
                     session,
                     messaging,
@@ -1123,11 +879,11 @@ class CalendarService:
                     by=by,
                     reason=reason,
                     at=now,
-                    order_id=row.order_id,
+                    order_id=booking.order_id,
                     session_id=session_id,
                     detail=(
-                        f"scheduling had {'finally ' if row.final else ''}failed "
-                        f"({row.reason}) after {row.attempts} attempt(s); tried again now, on a "
+                        f"scheduling had {'finally ' if was_final else ''}failed "
+                        f"({was_reason}) after {attempts} attempt(s); tried again now, on a "
                         "new retry schedule"
                     ),
                 )
@@ -1135,11 +891,27 @@ class CalendarService:
             "admin %s retries the scheduling of session %s (%s): %s",
             by,
             session_id,
-            row.reason,
+            was_reason,
             reason,
         )
-        self.spawn(self.schedule_claimed(claimed), name=f"retry-scheduling-{session_id}")
-        return scheduling_of(booking_of(claimed))
+        self.spawn(self.schedule_claimed(claim), name=f"retry-scheduling-{session_id}")
+        return scheduling_of(booking)
+
+
+def _session_event(claim: ClaimedBooking, timezone: str) -> SessionEvent:
+    """What goes into the calendar for a claimed booking (one OrderPaid opened: never a
+    tombstone, which is never scheduled)."""
+    assert claim.title is not None and claim.mentee_email is not None
+    assert claim.start_at is not None and claim.end_at is not None
+    return SessionEvent(
+        session_id=claim.session_id,
+        order_id=claim.order_id,
+        title=claim.title,
+        mentee_email=claim.mentee_email,
+        start_at=claim.start_at,
+        end_at=claim.end_at,
+        timezone=timezone,
+    )
 
 
 def _what_next(booking: CalendarBooking) -> str:
@@ -1211,16 +983,8 @@ async def _stored_tokens(
     """Every connection's (mentor id, stored token), `batch_size` at a time, by mentor id."""
     after: uuid.UUID | None = None
     while True:
-        query = (
-            select(connections.c.mentor_id, connections.c.refresh_token_encrypted)
-            .order_by(connections.c.mentor_id)
-            .limit(batch_size)
-        )
-        if after is not None:
-            query = query.where(connections.c.mentor_id > after)
         async with db.single_statement() as session:
-            found = await session.execute(query)
-            rows = [(row.mentor_id, row.refresh_token_encrypted) for row in found]
+            rows = await repository.stored_tokens(session, after, batch_size)
         if not rows:
             return
         yield rows
@@ -1229,17 +993,5 @@ async def _stored_tokens(
 
 async def _store_rotated(db: Database, changes: list[tuple[uuid.UUID, str, str]]) -> int:
     """Write the re-encrypted tokens where the row still holds what was read; how many were."""
-    rotated = values(
-        column("mentor_id", Uuid), column("old", Text), column("new", Text), name="rotated"
-    ).data(changes)
     async with db.single_statement() as session:
-        written = await session.execute(
-            update(connections)
-            .where(
-                connections.c.mentor_id == rotated.c.mentor_id,
-                connections.c.refresh_token_encrypted == rotated.c.old,
-            )
-            .values(refresh_token_encrypted=rotated.c.new)
-            .returning(connections.c.mentor_id)
-        )
-        return len(written.all())
+        return await repository.store_rotated(session, changes)

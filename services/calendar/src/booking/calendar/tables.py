@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     PrimaryKeyConstraint,
+    Table,
     Text,
     Uuid,
     text,
@@ -203,8 +204,9 @@ class SchedulingAttemptRow(SQLModel, table=True):
     next_attempt_at: datetime | None = Field(default=None, sa_column=time_column(nullable=True))
 
 
-mentors = MentorRow.__table__
-connections = ConnectionRow.__table__
-oauth_states = OAuthStateRow.__table__
-calendar_bookings = CalendarBookingRow.__table__
-scheduling_attempts = SchedulingAttemptRow.__table__
+# SQLModel sets `__table__` on table classes; its type stubs do not say so.
+mentors: Table = MentorRow.__table__  # type: ignore[attr-defined]
+connections: Table = ConnectionRow.__table__  # type: ignore[attr-defined]
+oauth_states: Table = OAuthStateRow.__table__  # type: ignore[attr-defined]
+calendar_bookings: Table = CalendarBookingRow.__table__  # type: ignore[attr-defined]
+scheduling_attempts: Table = SchedulingAttemptRow.__table__  # type: ignore[attr-defined]

@@ -7,6 +7,8 @@ Revision ID: 0003
 Revises: 0002
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -27,7 +29,7 @@ _REASONS = (
 _SESSION_COLUMNS = ("mentee_email", "title", "start_at", "end_at")
 
 
-def _time(name: str, *, nullable: bool = True) -> sa.Column:
+def _time(name: str, *, nullable: bool = True) -> sa.Column[Any]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 

@@ -10,7 +10,7 @@ import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from booking.calendar.reconciliation import Sweep, Sweeper
+from booking.calendar.sweeper import Sweep, Sweeper
 from booking.calendar.tables import SCHEMA
 from booking.devtools.fixtures import eventually, url_via
 
@@ -374,7 +374,7 @@ class TestQuietOutages:
             resumed = await calendar.sweeper.tick()
 
         assert skipped == [None] * 5 and resumed == Sweep()
-        mine = [r for r in caplog.records if r.name == "booking.calendar.reconciliation"]
+        mine = [r for r in caplog.records if r.name == "booking.calendar.sweeper"]
         assert [r.levelno for r in mine] == [logging.WARNING, logging.WARNING]
         assert "unreachable while sweeping" in mine[0].getMessage()
         assert "answers again" in mine[1].getMessage()

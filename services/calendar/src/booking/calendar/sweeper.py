@@ -26,12 +26,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
-
-from booking.calendar.domain import BookingStatus
+from booking.calendar import repository
+from booking.calendar.repository import ClaimedBooking
 from booking.calendar.service import CalendarService
 from booking.calendar.settings import CalendarSettings
-from booking.calendar.tables import calendar_bookings, oauth_states
 from booking.runtime.clock import utcnow
 from booking.runtime.outages import OutageLog, is_unreachable
 from booking.runtime.sweeping import Every, run_quietly
@@ -89,28 +87,28 @@ class Sweeper:
 
     async def _in_batches(
         self,
-        claim: Callable[[datetime], Awaitable[list[Row[Any]]]],
-        work: Callable[[Row[Any]], Awaitable[Any]],
+        claim: Callable[[datetime], Awaitable[list[ClaimedBooking]]],
+        work: Callable[[ClaimedBooking], Awaitable[Any]],
         what: str,
         now: datetime,
     ) -> int:
-        """Claim rows batch by batch and work each (a few Google calls at once); how many."""
+        """Claim bookings batch by batch and work each (a few Google calls at once); how many."""
         done = 0
         limit = asyncio.Semaphore(_GOOGLE_CONCURRENCY)
 
-        async def one(row: Row[Any]) -> None:
+        async def one(booking: ClaimedBooking) -> None:
             try:
                 async with limit:
-                    await work(row)
+                    await work(booking)
             except Exception as exc:
                 if is_unreachable(exc):
-                    self.outage.failed(exc, f"{what} {row.session_id}")
+                    self.outage.failed(exc, f"{what} {booking.session_id}")
                 else:
-                    log.exception("%s %s failed; the next sweep retries", what, row.session_id)
+                    log.exception("%s %s failed; the next sweep retries", what, booking.session_id)
 
         while True:
             claimed = await claim(now)
-            await asyncio.gather(*(one(row) for row in claimed))
+            await asyncio.gather(*(one(booking) for booking in claimed))
             done += len(claimed)
             if len(claimed) < self.batch:
                 return done
@@ -121,38 +119,20 @@ class Sweeper:
         """Schedule every pending booking whose lease lapsed or nobody claimed; how many."""
         return await self._in_batches(self._claim_lapsed, self._schedule, "scheduling", now)
 
-    async def _claim_lapsed(self, now: datetime) -> list[Row[Any]]:
+    async def _claim_lapsed(self, now: datetime) -> list[ClaimedBooking]:
         grace = timedelta(seconds=self.settings.scheduling_grace_seconds)
-        bookings = calendar_bookings.c
-        lapsed = (
-            select(bookings.session_id)
-            .where(
-                bookings.status == BookingStatus.PENDING.value,
-                (bookings.claimed_until.is_(None) & (bookings.updated_at <= now - grace))
-                | (bookings.claimed_until < now),
-            )
-            .order_by(bookings.updated_at)
-            .limit(self.batch)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            update(calendar_bookings)
-            .where(bookings.session_id.in_(lapsed.scalar_subquery()))
-            .values(claimed_until=now + self.lease)
-            .returning(*calendar_bookings.c)
-        )
         async with self.db.transaction() as session:
-            return list((await session.execute(claim)).all())
+            return await repository.claim_lapsed(session, now, grace, now + self.lease, self.batch)
 
-    async def _schedule(self, row: Row[Any]) -> None:
+    async def _schedule(self, booking: ClaimedBooking) -> None:
         log.warning(
             "scheduling session %s of order %s again (after %d attempt(s): interrupted or not "
             "yet claimed)",
-            row.session_id,
-            row.order_id,
-            row.attempts,
+            booking.session_id,
+            booking.order_id,
+            booking.attempts,
         )
-        await self.service.schedule_claimed(row)
+        await self.service.schedule_claimed(booking)
 
     # -- (b) the retry schedule --------------------------------------------------------------
 
@@ -160,44 +140,19 @@ class Sweeper:
         """Run again every failed booking whose next attempt on the schedule is due; how many."""
         return await self._in_batches(self._claim_due, self._retry, "retrying", now)
 
-    async def _claim_due(self, now: datetime) -> list[Row[Any]]:
-        bookings = calendar_bookings.c
-        due = (
-            select(bookings.session_id)
-            .where(
-                bookings.status == BookingStatus.FAILED.value,
-                bookings.final.is_(False),
-                bookings.next_attempt_at <= now,
-            )
-            .order_by(bookings.next_attempt_at)
-            .limit(self.batch)
-            .with_for_update(skip_locked=True)
-        )
+    async def _claim_due(self, now: datetime) -> list[ClaimedBooking]:
         # Pending again under this sweeper's lease: the run's outcome is recorded as any other.
-        claim = (
-            update(calendar_bookings)
-            .where(bookings.session_id.in_(due.scalar_subquery()))
-            .values(
-                status=BookingStatus.PENDING.value,
-                reason=None,
-                detail=None,
-                next_attempt_at=None,
-                claimed_until=now + self.lease,
-                updated_at=now,
-            )
-            .returning(*calendar_bookings.c)
-        )
         async with self.db.transaction() as session:
-            return list((await session.execute(claim)).all())
+            return await repository.claim_due(session, now, now + self.lease, self.batch)
 
-    async def _retry(self, row: Row[Any]) -> None:
+    async def _retry(self, booking: ClaimedBooking) -> None:
         log.info(
             "scheduling session %s of order %s again on its retry schedule (attempt %d)",
-            row.session_id,
-            row.order_id,
-            row.attempts + 1,
+            booking.session_id,
+            booking.order_id,
+            booking.attempts + 1,
         )
-        await self.service.schedule_claimed(row)
+        await self.service.schedule_claimed(booking)
 
     # -- (c) sessions that began unscheduled -------------------------------------------------
 
@@ -218,36 +173,12 @@ class Sweeper:
             self._claim_deletions, self.service.delete_claimed, "deleting the event of", now
         )
 
-    async def _claim_deletions(self, now: datetime) -> list[Row[Any]]:
-        bookings = calendar_bookings.c
-        owed = (
-            select(bookings.session_id)
-            .where(
-                bookings.event_delete_pending.is_(True),
-                bookings.status == BookingStatus.CANCELLED.value,
-                # A run still inserting holds the lease: its delete would come before the event.
-                bookings.claimed_until.is_(None) | (bookings.claimed_until < now),
-            )
-            .order_by(bookings.updated_at)
-            .limit(self.batch)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            update(calendar_bookings)
-            .where(bookings.session_id.in_(owed.scalar_subquery()))
-            .values(claimed_until=now + self.lease)
-            .returning(*calendar_bookings.c)
-        )
+    async def _claim_deletions(self, now: datetime) -> list[ClaimedBooking]:
         async with self.db.transaction() as session:
-            return list((await session.execute(claim)).all())
+            return await repository.claim_deletions(session, now, now + self.lease, self.batch)
 
     # -- (e) consent states ------------------------------------------------------------------
 
     async def prune_states(self, now: datetime) -> int:
         async with self.db.transaction() as session:
-            pruned = await session.execute(
-                delete(oauth_states)
-                .where(oauth_states.c.expires_at < now - _STATE_RETENTION)
-                .returning(oauth_states.c.nonce)
-            )
-            return len(pruned.all())
+            return await repository.prune_states(session, now - _STATE_RETENTION)
