@@ -1,6 +1,8 @@
-"""The calendar service's units of work: connecting a mentor's Google calendar, scheduling a
-paid session in it (again, on a schedule, when it fails), taking it out when its order is
-cancelled, and an admin's retry.
+"""The calendar service's units of work: keeping the mentors orders tells of, connecting a
+mentor's Google calendar, scheduling a paid session in it (again, on a schedule, when it fails),
+taking it out when its order is cancelled, an admin's retry, and the token key's rotation. What
+an event asks runs in its message's transaction (the session the handler passes); the rest
+opens its own. The SQL is repository.py's.
 
 Google is never called inside an open transaction. Connecting: the state is spent (a
 conditional UPDATE) and committed, the code exchanged, then the connection stored in a second
