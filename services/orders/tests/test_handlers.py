@@ -10,7 +10,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
 
 from booking.contracts import (
     CalendarBookingFailed,
@@ -18,7 +17,6 @@ from booking.contracts import (
     PaymentInitiationFailed,
 )
 from booking.devtools.fixtures import eventually
-from booking.orders.repository import lock_order
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
 
@@ -507,34 +505,3 @@ class TestUnderpaidOrderExpires:
         kinds = {i["kind"] for i in orders.events("SessionIssueDetected", order_id=booked.order_id)}
         assert kinds == {"underpayment", "payment_for_cancelled_order"}
         assert orders.events("OrderPaid", order_id=booked.order_id) == []
-
-
-class TestLocking:
-    async def test_a_handler_holds_the_order_and_its_session_locked_until_it_commits(
-        self, orders
-    ) -> None:
-        booked = await orders.booked()
-        order_id = uuid.UUID(booked.order_id)
-        async with orders.runtime.db.transaction() as session:
-            stored = await lock_order(session, order_id)
-            assert stored is not None
-            assert (str(stored.order.id), str(stored.booked.id)) == (
-                booked.order_id,
-                booked.session_id,
-            )
-            async with orders.runtime.db.engine.connect() as other:
-                for table, column in (("orders", "id"), ("booked_sessions", "order_id")):
-                    free = await other.scalar(
-                        text(
-                            f"SELECT count(*) FROM (SELECT 1 FROM orders.{table}"
-                            f" WHERE {column} = :id FOR UPDATE SKIP LOCKED) AS s"
-                        ),
-                        {"id": order_id},
-                    )
-                    assert free == 0, f"the {table} row is not locked"
-        assert await _lock_nothing(orders, uuid.uuid4()) is None
-
-
-async def _lock_nothing(orders, order_id: uuid.UUID):
-    async with orders.runtime.db.transaction() as session:
-        return await lock_order(session, order_id)

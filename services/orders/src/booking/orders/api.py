@@ -53,16 +53,16 @@ async def orders_service(request: Request) -> OrderService:
     return request.app.state.orders
 
 
+async def mentors_service(request: Request) -> MentorService:
+    return request.app.state.mentors
+
+
 def invalid(field: str, message: str) -> RequestValidationError:
     """A rule of the service broken by one field of the body: answered 422 like the contract's
     own checks (problem+json naming the field), so a caller reads one shape of refusal."""
     return RequestValidationError(
         [{"loc": ("body", *field.split(".")), "msg": message, "type": "value_error"}]
     )
-
-
-async def mentors_service(request: Request) -> MentorService:
-    return request.app.state.mentors
 
 
 # --- mentors and offerings ----------------------------------------------------------------------
