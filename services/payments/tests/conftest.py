@@ -41,9 +41,9 @@ from booking.devtools.fixtures import (
     serving_with_client,
 )
 from booking.payments.app import create_app
-from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
+from booking.payments.sweeper import Sweeper
 from booking.payments.tables import SCHEMA
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.migrations import upgrade

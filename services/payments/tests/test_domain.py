@@ -231,6 +231,19 @@ class TestKonnectCurrency:
 
 
 class TestInitiation:
+    def test_an_opened_payment_is_initiating_and_has_nothing_from_konnect_yet(self) -> None:
+        payment = Payment.opened(id=uuid4(), order_id=uuid4(), amount=PRICE, currency="TND", now=T0)
+        assert payment.status is PaymentState.INITIATING
+        assert (payment.created_at, payment.updated_at) == (T0, T0)
+        assert (payment.payment_ref, payment.pay_url, payment.amount_paid) == (None, None, None)
+
+    @pytest.mark.parametrize(("amount", "currency"), [(-1, "TND"), (1.5, "TND"), (100, "tnd")])
+    def test_a_payment_is_never_opened_for_money_the_domain_refuses(
+        self, amount: Any, currency: str
+    ) -> None:
+        with pytest.raises(InvalidMoney):
+            Payment.opened(id=uuid4(), order_id=uuid4(), amount=amount, currency=currency, now=T0)
+
     def test_an_initiated_payment_is_pending_with_its_ref_link_and_expiry(self) -> None:
         payment = make_payment(PaymentState.INITIATING)
         payment.initiated("a" * 24, "https://pay.example/a", T0 + timedelta(minutes=30), LATER)

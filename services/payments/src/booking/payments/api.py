@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 
 from booking.contracts import http
 from booking.contracts.http import WebhookResult
-from booking.payments.domain import EscrowHold, IllegalTransition
+from booking.payments.domain import EscrowHold
 from booking.payments.service import (
     KonnectCannotBeAsked,
     LookupsSpent,
@@ -21,6 +22,7 @@ from booking.payments.service import (
     UnknownPaymentRef,
 )
 from booking.runtime.auth import Identity, Role, require_roles
+from booking.runtime.domain import IllegalTransition
 
 # Konnect's payment refs are 24 hexadecimal characters (Mongo object ids).
 PAYMENT_REF = re.compile(r"[0-9a-fA-F]{24}")
@@ -28,7 +30,7 @@ PAYMENT_REF = re.compile(r"[0-9a-fA-F]{24}")
 # Retry-After of a webhook refused a lookup: the budget's own wait, within these bounds.
 _RETRY_AFTER_SECONDS = (1, 60)
 
-_PROBLEM = {"content": {"application/problem+json": {}}}
+_PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 
 
 def webhook_router(payments: PaymentService) -> APIRouter:
@@ -102,7 +104,7 @@ def escrow_router(payments: PaymentService) -> APIRouter:
     """An order's escrow for the admins (docs/recovery.md sections 4 and 7)."""
     router = APIRouter(prefix="/api/admin/orders/{order_id}/escrow", tags=["escrow"])
     admin = require_roles(Role.ADMIN)
-    errors = {
+    errors: dict[int | str, dict[str, Any]] = {
         404: {"description": "the order has no escrow: nothing is held or owed for it", **_PROBLEM},
     }
 

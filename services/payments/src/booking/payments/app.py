@@ -4,26 +4,18 @@ Nothing is created at import time; `create_app` builds it all and the lifespan o
 client and starts the sweeper (one per replica), after the runtime has started.
 """
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
-from booking.contracts import BookingRequested, OrderCancelled, OrderConfirmed, SchedulingAbandoned
 from booking.payments.api import escrow_router, webhook_router
-from booking.payments.handlers import (
-    end_order,
-    freeze_escrow,
-    open_payment,
-    schedule_escrow_release,
-)
+from booking.payments.handlers import subscribers
 from booking.payments.konnect import KonnectClient
-from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
+from booking.payments.sweeper import Sweeper
 from booking.payments.tables import messaging
-from booking.runtime.consumer import Handler, MessageContext
 from booking.runtime.outside import configured_check, reachable_check
 from booking.runtime.service import ServiceRuntime, create_service_app
 
@@ -31,30 +23,12 @@ from booking.runtime.service import ServiceRuntime, create_service_app
 def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
     settings = settings or PaymentsSettings()
     konnect = KonnectClient.from_settings(settings)
-
-    # The handlers act through the service, which needs the runtime's database and outbox: it
-    # is looked up when a message arrives, by which time it exists.
-    def through_service(handler: Callable[..., Awaitable[None]]) -> Handler:
-        async def handle(event: Any, ctx: MessageContext) -> None:
-            await handler(event, ctx, payments=service)
-
-        return handle
-
-    runtime = ServiceRuntime(
-        name="payments",
-        settings=settings,
-        tables=messaging,
-        handlers={
-            BookingRequested: through_service(open_payment),
-            OrderConfirmed: through_service(schedule_escrow_release),
-            SchedulingAbandoned: through_service(freeze_escrow),
-            OrderCancelled: through_service(end_order),
-        },
-    )
+    runtime = ServiceRuntime(name="payments", settings=settings, tables=messaging)
     assert runtime.db is not None and runtime.outbox is not None
     service = PaymentService(
         db=runtime.db, outbox=runtime.outbox, konnect=konnect, settings=settings
     )
+    runtime.subscribe(subscribers(service))
     sweeper = Sweeper(service, settings)
 
     runtime.health.add(

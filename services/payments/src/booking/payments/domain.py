@@ -8,6 +8,7 @@ recovery rules are docs/recovery.md's (sections 4 and 5).
 
 Payment::
 
+    (none) --opened (BookingRequested)--> initiating
     initiating --initiated--> pending
     initiating --initiation_failed (Konnect refused, or the order ended first)--> initiation_failed
     pending | underpaid --money short of the amount, still open--> underpaid
@@ -342,6 +343,24 @@ class Payment:
     def __post_init__(self) -> None:
         minor_units(self.amount, "amount")
         currency_code(self.currency)
+
+    @classmethod
+    def opened(
+        cls, *, id: UUID, order_id: UUID, amount: int, currency: str, now: datetime
+    ) -> Payment:
+        """(none) -> initiating: an order's payment, opened on our side before Konnect is asked.
+
+        The amount and the currency are checked here (`InvalidMoney`), before anything is
+        stored."""
+        return cls(
+            id=id,
+            order_id=order_id,
+            amount=amount,
+            currency=currency,
+            created_at=now,
+            updated_at=now,
+            status=PaymentState.INITIATING,
+        )
 
     @property
     def is_open(self) -> bool:

@@ -1,7 +1,7 @@
 """The payments service's units of work: opening and initiating a payment at Konnect, applying
-Konnect's verdict, answering Konnect's webhook, and the escrow that follows the session
+Konnect's verdict, answering Konnect's webhook, the escrow that follows the session
 (OrderConfirmed, SchedulingAbandoned, OrderCancelled, the release when due, an admin's
-settlement).
+settlement), and the claims the sweeper works through. Their SQL is the repository's.
 
 Konnect is never called inside an open transaction: a step claims or reads what it needs and
 commits, calls Konnect, then records the result and its events in a transaction of its own,
@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Row, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import (
@@ -54,7 +52,6 @@ from booking.payments.domain import (
     EscrowHold,
     EscrowStatus,
     FreezeKind,
-    IllegalTransition,
     KonnectVerdict,
     Lookup,
     LookupBudget,
@@ -76,14 +73,20 @@ from booking.payments.konnect import (
     KonnectUnavailable,
     PaymentRequest,
 )
-from booking.payments.repository import OrderEnding, StoredHold
+from booking.payments.repository import (
+    Booking,
+    OrderEnding,
+    PaymentOfRef,
+    PaymentToCheck,
+    StoredHold,
+    StoredPayment,
+)
 from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import payments
 from booking.runtime.audit import record_admin_action
 from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
-from booking.runtime.domain import EventIds
+from booking.runtime.domain import EventIds, IllegalTransition
 from booking.runtime.outages import describe, is_unreachable
 from booking.runtime.outbox import Outbox
 
@@ -111,6 +114,12 @@ def _money(amount: int, currency: str) -> str:
 
 def _clip(reason: str) -> str:
     return reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 3] + "..."
+
+
+def _ref(payment: Payment) -> str:
+    """The Konnect ref of a payment Konnect has spoken of: it opened it, so it has one."""
+    assert payment.payment_ref is not None, f"payment {payment.id} was never opened at Konnect"
+    return payment.payment_ref
 
 
 class UnknownPaymentRef(Exception):
@@ -194,7 +203,8 @@ class PaymentService:
         Exactly one payment per order, however often BookingRequested arrives and under
         whatever message ids: the unique order_id decides, not a check. None is opened for an
         order that ended first (OrderCancelled came before): the order's lock makes whichever
-        of the two comes second see the other.
+        of the two comes second see the other. The domain checks the amount and the currency
+        before anything is stored.
         """
         await repo.lock_order(session, event.order_id)
         ending = await repo.ending_of(session, event.order_id)
@@ -205,80 +215,81 @@ class PaymentService:
                 ending.reason,
             )
             return None
-        opened = await session.execute(
-            insert(payments)
-            .values(
-                id=uuid.uuid4(),
-                order_id=event.order_id,
-                session_id=event.session_id,
-                mentor_id=event.mentor_id,
-                session_end_at=event.end_at,
-                amount=event.amount,
-                currency=event.currency,
-                title=event.offering.title,
-                mentee_first_name=event.mentee.first_name,
-                mentee_last_name=event.mentee.last_name,
-                mentee_email=event.mentee.email,
-                mentee_phone=event.mentee.phone,
-                correlation_id=correlation_id,
-                status=PaymentState.INITIATING.value,
-            )
-            .on_conflict_do_nothing(index_elements=[payments.c.order_id])
-            .returning(payments.c.id)
+        payment = Payment.opened(
+            id=uuid.uuid4(),
+            order_id=event.order_id,
+            amount=event.amount,
+            currency=event.currency,
+            now=utcnow(),
         )
-        return opened.scalar_one_or_none()
+        booking = Booking(
+            session_id=event.session_id,
+            mentor_id=event.mentor_id,
+            session_end_at=event.end_at,
+            title=event.offering.title,
+            mentee_first_name=event.mentee.first_name,
+            mentee_last_name=event.mentee.last_name,
+            mentee_email=event.mentee.email,
+            mentee_phone=event.mentee.phone,
+            correlation_id=correlation_id,
+        )
+        if not await repo.add_payment(session, payment, booking):
+            return None  # the order's payment was opened before
+        return payment.id
 
     async def initiate(self, payment_id: uuid.UUID, now: datetime | None = None) -> None:
         """Initiate a payment just opened, unless another replica holds it (the fast path)."""
         now = now or utcnow()
-        claim = (
-            update(payments)
-            .where(
-                payments.c.id == payment_id,
-                payments.c.status == PaymentState.INITIATING.value,
-                payments.c.claimed_until.is_(None) | (payments.c.claimed_until < now),
-            )
-            .values(claimed_until=now + self.lease)
-            .returning(*payments.c)
-        )
         async with self.db.single_statement() as session:
-            row = (await session.execute(claim)).one_or_none()
-        if row is not None:
-            await self.initiate_claimed(row)
+            claimed = await repo.claim_initiation(session, payment_id, now, now + self.lease)
+        if claimed is not None:
+            await self.initiate_claimed(claimed)
 
-    async def initiate_claimed(self, row: Row[Any]) -> PaymentState:
+    async def claim_lapsed_initiations(
+        self, now: datetime, *, created_before: datetime, limit: int
+    ) -> list[StoredPayment]:
+        """Take the lease of up to `limit` payments left `initiating` (a replica crashed before
+        or during its Konnect call): their lease lapsed, or nobody took one and they were
+        opened before `created_before`. Another replica's are skipped."""
+        async with self.db.transaction() as session:
+            return await repo.claim_lapsed_initiations(
+                session, now, created_before=created_before, until=now + self.lease, limit=limit
+            )
+
+    async def initiate_claimed(self, claimed: StoredPayment) -> PaymentState:
         """Call Konnect init for a payment this replica holds the lease of; record the result.
 
         Runs outside any transaction. A crash before the result is recorded leaves the lease to
         lapse, and the sweeper initiates the payment again: the first Konnect payment was never
         shown to anyone, so it is a harmless orphan.
         """
+        payment, booking = claimed.payment, claimed.booking
         request = PaymentRequest(
-            order_id=row.order_id,
-            amount=row.amount,
-            currency=row.currency,
-            description=row.title,
-            first_name=row.mentee_first_name,
-            last_name=row.mentee_last_name,
-            email=row.mentee_email,
-            phone=row.mentee_phone,
+            order_id=payment.order_id,
+            amount=payment.amount,
+            currency=payment.currency,
+            description=booking.title,
+            first_name=booking.mentee_first_name,
+            last_name=booking.mentee_last_name,
+            email=booking.mentee_email,
+            phone=booking.mentee_phone,
             lifespan_minutes=self.settings.konnect_payment_lifespan_minutes,
-            webhook_url=self.settings.konnect_webhook_url,
+            webhook_url=self.settings.konnect_webhook_url or "",
             success_url=self.settings.konnect_success_url or "",
             fail_url=self.settings.konnect_fail_url or "",
         )
-        with correlated(row.correlation_id):
+        with correlated(booking.correlation_id):
             try:
                 initiated = await self.konnect.init_payment(request)
             except KonnectUnavailable as error:
-                return await self._initiation_failed(row.id, "konnect_unavailable", str(error))
+                return await self._initiation_failed(payment.id, "konnect_unavailable", str(error))
             except KonnectUnauthorized as error:
                 detail = f"Konnect refused our API key (check KONNECT_API_KEY): {error.message}"
-                return await self._initiation_failed(row.id, "konnect_unauthorized", detail)
+                return await self._initiation_failed(payment.id, "konnect_unauthorized", detail)
             except KonnectError as error:
-                return await self._initiation_failed(row.id, "konnect_refused", error.message)
+                return await self._initiation_failed(payment.id, "konnect_refused", error.message)
             return await self._initiated(
-                row.id, initiated.payment_ref, initiated.pay_url, now=utcnow()
+                payment.id, initiated.payment_ref, initiated.pay_url, now=utcnow()
             )
 
     async def _initiated(
@@ -288,32 +299,31 @@ class PaymentService:
         # counts from the same moment or later, so we never end a payment Konnect still takes.
         expires_at = now + timedelta(minutes=self.settings.konnect_payment_lifespan_minutes)
         async with self.db.transaction() as session:
-            row = await repo.locked_payment(session, payment_id)
-            payment = repo.payment_of(row)
+            payment = (await repo.locked_payment(session, payment_id)).payment
             if payment.status is not PaymentState.INITIATING:
                 # Settled elsewhere: another replica, or the order ended while Konnect answered.
                 log.warning(
                     "payment %s of order %s was settled elsewhere (%s): Konnect payment %s is an "
                     "orphan nobody will see",
                     payment_id,
-                    row.order_id,
+                    payment.order_id,
                     payment.status,
                     payment_ref,
                 )
                 return payment.status
             payment.initiated(payment_ref, pay_url, expires_at, now)
-            await repo.save_payment(session, payment, claimed_until=None)
+            await repo.save_payment(session, payment, lease_ended=True)
             await self._record(
                 session,
                 PaymentInitiated(
-                    order_id=row.order_id,
+                    order_id=payment.order_id,
                     payment_ref=payment_ref,
                     pay_url=pay_url,
                     expires_at=expires_at,
                 ),
                 event_id("initiated", payment_id),
             )
-        log.info("payment %s of order %s opened at Konnect", payment_ref, row.order_id)
+        log.info("payment %s of order %s opened at Konnect", payment_ref, payment.order_id)
         return payment.status
 
     async def _initiation_failed(
@@ -321,18 +331,17 @@ class PaymentService:
     ) -> PaymentState:
         now = utcnow()
         async with self.db.transaction() as session:
-            row = await repo.locked_payment(session, payment_id)
-            payment = repo.payment_of(row)
+            payment = (await repo.locked_payment(session, payment_id)).payment
             if payment.status is not PaymentState.INITIATING:
                 return payment.status
             payment.initiation_failed(now)
-            await repo.save_payment(session, payment, claimed_until=None)
+            await repo.save_payment(session, payment, lease_ended=True)
             await self._record(
                 session,
-                PaymentInitiationFailed(order_id=row.order_id, reason=reason, detail=detail),
+                PaymentInitiationFailed(order_id=payment.order_id, reason=reason, detail=detail),
                 event_id("initiation_failed", payment_id),
             )
-        log.error("Konnect would not open a payment for order %s: %s", row.order_id, detail)
+        log.error("Konnect would not open a payment for order %s: %s", payment.order_id, detail)
         return payment.status
 
     # -- Konnect's verdict -----------------------------------------------------------------
@@ -348,10 +357,10 @@ class PaymentService:
         """
         async with self.db.transaction() as session:
             await repo.lock_order(session, order_id)
-            row = await repo.locked_payment(session, payment_id)
-            payment = repo.payment_of(row)
+            stored = await repo.locked_payment(session, payment_id)
+            payment = stored.payment
             ending = await repo.ending_of(session, order_id)
-            with correlated(row.correlation_id):
+            with correlated(stored.booking.correlation_id):
                 settlement = payment.apply_verdict(
                     verdict,
                     self.settings.platform_fee_rate,
@@ -359,30 +368,26 @@ class PaymentService:
                     order_ended=ending is not None,
                 )
                 if settlement.changed:
-                    await repo.save_payment(session, payment, last_checked_at=now)
+                    await repo.save_payment(session, payment, checked_at=now)
                 else:
-                    await session.execute(
-                        update(payments)
-                        .where(payments.c.id == payment_id)
-                        .values(last_checked_at=now)
-                    )
-                await self._record_settlement(session, row, payment, settlement, ending, now)
+                    await repo.mark_checked(session, payment_id, now)
+                await self._record_settlement(session, stored, settlement, ending, now)
         return payment.status
 
     async def _record_settlement(
         self,
         session: AsyncSession,
-        row: Row[Any],
-        payment: Payment,
+        stored: StoredPayment,
         settlement: Settlement,
         ending: OrderEnding | None,
         now: datetime,
     ) -> None:
-        ref = row.payment_ref
+        payment = stored.payment
+        ref = payment.payment_ref
         if settlement.currency_mismatch is not None:
             await self._anomaly(
                 session,
-                row,
+                payment,
                 PaymentAnomalyKind.CURRENCY_MISMATCH,
                 str(settlement.currency_mismatch),
             )
@@ -391,30 +396,32 @@ class PaymentService:
             await self._record(
                 session,
                 PaymentFailed(
-                    order_id=row.order_id, payment_ref=ref, reason=PaymentFailureReason.EXPIRED
+                    order_id=payment.order_id,
+                    payment_ref=_ref(payment),
+                    reason=PaymentFailureReason.EXPIRED,
                 ),
-                event_id("failed", row.id),
+                event_id("failed", payment.id),
             )
             log.info(
                 "payment %s of order %s expired with %s paid",
                 ref,
-                row.order_id,
+                payment.order_id,
                 payment.amount_paid or 0,
             )
         money, fate = settlement.money, settlement.fate
         if fate in (MoneyFate.HELD, MoneyFate.OVERPAID, MoneyFate.UNDERPAID):
             assert money is not None
-            await self._completed(session, row, money)
+            await self._completed(session, payment, money)
         if fate is MoneyFate.HELD or fate is MoneyFate.OVERPAID:
             assert money is not None
-            await self._hold(session, row, money, now)
+            await self._hold(session, stored, money, now)
         elif fate is MoneyFate.UNDERPAID:
             assert money is not None
             await self._anomaly(
                 session,
-                row,
+                payment,
                 PaymentAnomalyKind.UNDERPAYMENT,
-                f"payment {ref} of order {row.order_id} reached "
+                f"payment {ref} of order {payment.order_id} reached "
                 f"{_money(money.amount_paid, money.currency)} of the {money.amount} due: the "
                 "order stays unpaid; the payer may pay the rest until the payment expires "
                 f"({payment.expires_at.isoformat() if payment.expires_at else 'no expiry'}), "
@@ -425,25 +432,27 @@ class PaymentService:
             assert money is not None and ending is not None
             await self._anomaly(
                 session,
-                row,
+                payment,
                 PaymentAnomalyKind.PAYMENT_FOR_CANCELLED_ORDER,
                 f"Critical: {_money(money.amount_paid, money.currency)} arrived for payment {ref} "
-                f"of order {row.order_id}, which had ended ({ending.reason}). The payment is "
+                f"of order {payment.order_id}, which had ended ({ending.reason}). The payment is "
                 "still open; what it holds is owed back to the mentee once it ends.",
                 money.amount_paid,
             )
         elif fate is MoneyFate.REFUND_DUE:
             assert settlement.refund_cause is not None
-            await self._owe_back(session, row, payment, settlement.refund_cause, money, ending, now)
+            await self._owe_back(session, stored, settlement.refund_cause, money, ending, now)
 
-    async def _completed(self, session: AsyncSession, row: Row[Any], money: MoneyReceived) -> None:
+    async def _completed(
+        self, session: AsyncSession, payment: Payment, money: MoneyReceived
+    ) -> None:
         """PaymentCompleted with the payment's total so far: orders pays the order once the
         total reaches the amount (one event per total: a top-up is a second one)."""
         await self._record(
             session,
             PaymentCompleted(
-                order_id=row.order_id,
-                payment_ref=row.payment_ref,
+                order_id=payment.order_id,
+                payment_ref=_ref(payment),
                 amount=money.amount,
                 amount_paid=money.amount_paid,
                 platform_fee=money.platform_fee,
@@ -451,12 +460,12 @@ class PaymentService:
                 currency=money.currency,
                 paid_at=money.paid_at,
             ),
-            event_id("completed", row.id, money.amount_paid),
+            event_id("completed", payment.id, money.amount_paid),
         )
         log.info(
             "payment %s of order %s: %d paid of %d, fee %d, escrow %d",
-            row.payment_ref,
-            row.order_id,
+            payment.payment_ref,
+            payment.order_id,
             money.amount_paid,
             money.amount,
             money.platform_fee,
@@ -464,11 +473,16 @@ class PaymentService:
         )
 
     async def _hold(
-        self, session: AsyncSession, row: Row[Any], money: MoneyReceived, now: datetime
+        self, session: AsyncSession, stored: StoredPayment, money: MoneyReceived, now: datetime
     ) -> None:
         """Hold the mentor's share of a payment in full; freeze it at once if overpaid."""
+        payment = stored.payment
         hold = EscrowHold.held_for(
-            money, id=uuid.uuid4(), order_id=row.order_id, mentor_id=row.mentor_id, now=now
+            money,
+            id=uuid.uuid4(),
+            order_id=payment.order_id,
+            mentor_id=stored.booking.mentor_id,
+            now=now,
         )
         if money.over:
             hold.freeze(
@@ -478,14 +492,14 @@ class PaymentService:
                 None,
                 now,
             )
-        await repo.add_hold(session, hold, row.id)
+        await repo.add_hold(session, hold, payment.id)
         if hold.status is EscrowStatus.FROZEN:
             await self._record_escrow(session, hold)
             await self._anomaly(
                 session,
-                row,
+                payment,
                 PaymentAnomalyKind.AMOUNT_MISMATCH,
-                f"payment {row.payment_ref} of order {row.order_id} reached "
+                f"payment {payment.payment_ref} of order {payment.order_id} reached "
                 f"{_money(money.amount_paid, money.currency)}, more than the {money.amount} "
                 "due: its escrow is frozen until an admin settles it.",
                 money.amount_paid,
@@ -494,8 +508,7 @@ class PaymentService:
     async def _owe_back(
         self,
         session: AsyncSession,
-        row: Row[Any],
-        payment: Payment,
+        stored: StoredPayment,
         cause: RefundCause,
         money: MoneyReceived | None,
         ending: OrderEnding | None,
@@ -503,31 +516,32 @@ class PaymentService:
     ) -> None:
         """What the payment holds is owed back to the mentee: refund_due (or more of it), with
         the Critical anomaly, in this transaction. Nothing was ever held for the mentor."""
+        payment = stored.payment
         assert payment.amount_paid is not None and payment.escrow_amount is not None
         paid = _money(payment.amount_paid, payment.currency)
-        ref = row.payment_ref
+        ref = payment.payment_ref
         if cause is RefundCause.ORDER_ENDED:
             assert ending is not None
-            why = f"{paid} arrived for order {row.order_id}, which had ended ({ending.reason})"
+            why = f"{paid} arrived for order {payment.order_id}, which had ended ({ending.reason})"
         elif cause is RefundCause.PAYMENT_ENDED:
             assert money is not None
             why = f"{paid} arrived after payment {ref} had {money.previous_state.value}"
         else:
             why = f"payment {ref} expired with {paid} paid of the {payment.amount} due"
         reason = _clip(f"{why}: owed back to the mentee")
-        existing = await repo.hold_of_order(session, row.order_id)
+        existing = await repo.hold_of_order(session, payment.order_id)
         if existing is None:
             hold = EscrowHold.owed_back(
                 id=uuid.uuid4(),
-                order_id=row.order_id,
-                mentor_id=row.mentor_id,
+                order_id=payment.order_id,
+                mentor_id=stored.booking.mentor_id,
                 escrow_amount=payment.escrow_amount,
                 amount_paid=payment.amount_paid,
                 currency=payment.currency,
                 reason=reason,
                 now=now,
             )
-            await repo.add_hold(session, hold, row.id)
+            await repo.add_hold(session, hold, payment.id)
         else:
             hold = existing.hold
             try:
@@ -539,7 +553,7 @@ class PaymentService:
                 extra = payment.amount_paid - hold.amount_paid
                 await self._anomaly(
                     session,
-                    row,
+                    payment,
                     PaymentAnomalyKind(cause.value),
                     f"Critical: {why}, after its escrow was {hold.status.value} "
                     f"(reference {hold.refund_reference}): a further "
@@ -551,7 +565,7 @@ class PaymentService:
         await self._record_escrow(session, hold)
         await self._anomaly(
             session,
-            row,
+            payment,
             PaymentAnomalyKind(cause.value),
             f"Critical: {why}. It is recorded and owed back, never dropped: an admin must pay "
             f"{_money(hold.refund_amount or 0, hold.currency)} back to the mentee by other "
@@ -559,12 +573,12 @@ class PaymentService:
             "refund_due",
             hold.sequence,
         )
-        log.error("order %s: %s (refund due)", row.order_id, why)
+        log.error("order %s: %s (refund due)", payment.order_id, why)
 
     async def _anomaly(
         self,
         session: AsyncSession,
-        row: Row[Any],
+        payment: Payment,
         kind: PaymentAnomalyKind,
         detail: str,
         *fact: object,
@@ -574,9 +588,9 @@ class PaymentService:
         await self._record(
             session,
             PaymentAnomalyDetected(
-                payment_ref=row.payment_ref, order_id=row.order_id, kind=kind, detail=detail
+                payment_ref=_ref(payment), order_id=payment.order_id, kind=kind, detail=detail
             ),
-            event_id("anomaly", kind.value, row.id, *fact),
+            event_id("anomaly", kind.value, payment.id, *fact),
         )
 
     # -- the webhook -----------------------------------------------------------------------
@@ -592,19 +606,19 @@ class PaymentService:
         reconciliation makes both good.
         """
         async with self.db.single_statement() as session:
-            found = await repo.payment_by_ref(session, payment_ref)
+            found = await repo.payment_of_ref(session, payment_ref)
         if found is None:
             await self._count_unknown(payment_ref, now or utcnow())
             raise UnknownPaymentRef(payment_ref)
-        if found.status == PaymentState.COMPLETED.value:
+        if found.status is PaymentState.COMPLETED:
             # Applied before: nothing Konnect could say now changes it.
-            return WebhookAnswer(payment_ref, found.status)
+            return WebhookAnswer(payment_ref, found.status.value)
         # Ended payments are asked too: money that arrives after the end is never dropped.
         status = await self._ask_once_for_all(found, payment_ref, now)
         return WebhookAnswer(payment_ref, status.value)
 
     async def _ask_once_for_all(
-        self, found: Row[Any], payment_ref: str, now: datetime | None
+        self, found: PaymentOfRef, payment_ref: str, now: datetime | None
     ) -> PaymentState:
         """Ask Konnect about a payment of ours and apply its verdict, one lookup at a time per ref.
 
@@ -638,7 +652,7 @@ class PaymentService:
                 del self._asking[payment_ref]
 
     async def _look_up_and_apply(
-        self, found: Row[Any], payment_ref: str, now: datetime | None
+        self, found: PaymentOfRef, payment_ref: str, now: datetime | None
     ) -> PaymentState:
         wait = self.lookups.take(Lookup.WEBHOOK, self.clock())
         if wait:
@@ -667,6 +681,21 @@ class PaymentService:
             payment_ref,
         )
         self._refused, self._refused_said_at = 0, now
+
+    async def claim_payments_to_check(
+        self, now: datetime, *, created_before: datetime, checked_before: datetime, limit: int
+    ) -> list[PaymentToCheck]:
+        """Claim up to `limit` open payments for the sweeper to ask Konnect about (stamped as
+        checked at `now`): opened before `created_before`, not asked about since
+        `checked_before`. Another replica's are skipped."""
+        async with self.db.transaction() as session:
+            return await repo.claim_payments_to_check(
+                session,
+                now,
+                created_before=created_before,
+                checked_before=checked_before,
+                limit=limit,
+            )
 
     async def look_up_for_reconciliation(self, payment_ref: str) -> dict[str, Any]:
         """Konnect's payment object for the sweeper, within the lookup budget: it waits for its
@@ -779,14 +808,14 @@ class PaymentService:
             session,
             OrderEnding(order_id=event.order_id, reason=event.reason, by=event.by, ended_at=now),
         )
-        row = await repo.locked_payment_of_order(session, event.order_id)
-        if row is None:
+        stored = await repo.locked_payment_of_order(session, event.order_id)
+        if stored is None:
             log.info("order %s ended before its payment was opened: none will be", event.order_id)
             return
-        payment = repo.payment_of(row)
+        payment = stored.payment
         if payment.status is PaymentState.INITIATING:
             payment.initiation_failed(now)
-            await repo.save_payment(session, payment, claimed_until=None)
+            await repo.save_payment(session, payment, lease_ended=True)
             log.info("order %s ended while its payment was being opened: ended", event.order_id)
             return
         if payment.is_open:
@@ -799,12 +828,14 @@ class PaymentService:
             return
         if payment.status is not PaymentState.COMPLETED:
             return
-        stored = await repo.hold_of_order(session, event.order_id)
-        if stored is None:
-            log.error("order %s ended; its payment is completed but holds no escrow", row.order_id)
+        held = await repo.hold_of_order(session, event.order_id)
+        if held is None:
+            log.error(
+                "order %s ended; its payment is completed but holds no escrow", event.order_id
+            )
             return
         reason = _clip(f"the order was cancelled: {event.reason}")
-        await self._freeze(session, stored, FreezeKind.ORDER_CANCELLED, reason, event.by, now)
+        await self._freeze(session, held, FreezeKind.ORDER_CANCELLED, reason, event.by, now)
 
     async def _freeze(
         self,

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Table,
     Text,
     Uuid,
     text,
@@ -161,6 +162,7 @@ class OrderEndingRow(SQLModel, table=True):
     ended_at: datetime = Field(sa_column=time_column(nullable=False))
 
 
-payments = PaymentRow.__table__
-escrow_holds = EscrowHoldRow.__table__
-order_endings = OrderEndingRow.__table__
+# SQLModel sets `__table__` on table classes; its type stubs do not say so.
+payments: Table = PaymentRow.__table__  # type: ignore[attr-defined]
+escrow_holds: Table = EscrowHoldRow.__table__  # type: ignore[attr-defined]
+order_endings: Table = OrderEndingRow.__table__  # type: ignore[attr-defined]

@@ -4,6 +4,8 @@ Revision ID: 0002
 Revises: 0001
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -15,7 +17,7 @@ depends_on = None
 SCHEMA = "payments"
 
 
-def _time(name: str, *, nullable: bool = True, default_now: bool = False) -> sa.Column:
+def _time(name: str, *, nullable: bool = True, default_now: bool = False) -> sa.Column[Any]:
     return sa.Column(
         name,
         sa.DateTime(timezone=True),

@@ -7,6 +7,8 @@ Revision ID: 0003
 Revises: 0002
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -30,7 +32,7 @@ ESCROW_STATUSES = "status IN ('held', 'released', 'frozen', 'refund_due', 'refun
 ESCROW_STATUSES_0002 = "status IN ('held', 'released', 'cancelled', 'frozen')"
 
 
-def _time(name: str, *, nullable: bool = True, default_now: bool = False) -> sa.Column:
+def _time(name: str, *, nullable: bool = True, default_now: bool = False) -> sa.Column[Any]:
     return sa.Column(
         name,
         sa.DateTime(timezone=True),

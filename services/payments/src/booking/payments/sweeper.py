@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, select, update
-
-from booking.payments.domain import KonnectVerdict, MalformedKonnectPayment, PaymentState
+from booking.payments.domain import KonnectVerdict, MalformedKonnectPayment
 from booking.payments.konnect import KonnectError, KonnectUnavailable, PaymentNotFound
+from booking.payments.repository import PaymentToCheck
 from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
-from booking.payments.tables import payments
 from booking.runtime.clock import utcnow
 from booking.runtime.outages import OutageLog, is_unreachable
 from booking.runtime.sweeping import Every, run_quietly
@@ -58,7 +56,6 @@ class Sweep:
 class Sweeper:
     def __init__(self, service: PaymentService, settings: PaymentsSettings) -> None:
         self.service = service
-        self.db = service.db
         self.settings = settings
         self.batch = settings.reconciliation_batch_size
         self.outage = OutageLog(log, "the database (payments sweeper)")
@@ -123,95 +120,62 @@ class Sweeper:
         while True:
             claimed = await self._claim_open(now)
             outcomes = await asyncio.gather(
-                *(self._check(row, now, limit) for row in claimed), return_exceptions=True
+                *(self._check(payment, now, limit) for payment in claimed), return_exceptions=True
             )
             _raise_first_outage(outcomes)
             checked += len(claimed)
             if len(claimed) < self.batch:
                 return checked
 
-    async def _claim_open(self, now: datetime) -> list[Row[Any]]:
+    async def _claim_open(self, now: datetime) -> list[PaymentToCheck]:
         grace = timedelta(seconds=self.settings.reconciliation_grace_seconds)
         interval = timedelta(seconds=self.settings.reconciliation_interval_seconds)
-        due = (
-            select(payments.c.id)
-            .where(
-                payments.c.status.in_(_OPEN),
-                payments.c.created_at <= now - grace,
-                payments.c.last_checked_at.is_(None)
-                | (payments.c.last_checked_at <= now - interval),
-            )
-            .order_by(payments.c.last_checked_at.asc().nulls_first())
-            .limit(self.batch)
-            .with_for_update(skip_locked=True)
+        return await self.service.claim_payments_to_check(
+            now, created_before=now - grace, checked_before=now - interval, limit=self.batch
         )
-        claim = (
-            update(payments)
-            .where(payments.c.id.in_(due.scalar_subquery()))
-            .values(last_checked_at=now)
-            .returning(
-                payments.c.id, payments.c.order_id, payments.c.payment_ref, payments.c.currency
-            )
-        )
-        async with self.db.transaction() as session:
-            return list((await session.execute(claim)).all())
 
-    async def _check(self, row: Row[Any], now: datetime, limit: asyncio.Semaphore) -> None:
+    async def _check(
+        self, claimed: PaymentToCheck, now: datetime, limit: asyncio.Semaphore
+    ) -> None:
         try:
             async with limit:
-                konnect_payment = await self.service.look_up_for_reconciliation(row.payment_ref)
+                konnect_payment = await self.service.look_up_for_reconciliation(claimed.payment_ref)
             verdict = KonnectVerdict.read(konnect_payment, now)
         except PaymentNotFound:
             # No money can come through a payment Konnect does not know; only our expiry ends it.
-            log.error("Konnect does not know pending payment %s", row.payment_ref)
-            verdict = KonnectVerdict.unknown(row.currency)
+            log.error("Konnect does not know pending payment %s", claimed.payment_ref)
+            verdict = KonnectVerdict.unknown(claimed.currency)
         except (KonnectError, KonnectUnavailable, MalformedKonnectPayment) as error:
             # Never expire what Konnect could not be asked about: money may have arrived.
-            log.warning("reconciliation: %s not checked: %s", row.payment_ref, error)
+            log.warning("reconciliation: %s not checked: %s", claimed.payment_ref, error)
             return
         try:
-            await self.service.apply_verdict(row.id, row.order_id, verdict, now)
+            await self.service.apply_verdict(claimed.id, claimed.order_id, verdict, now)
         except Exception as exc:
             if is_unreachable(exc):
                 raise  # the whole sweep stops: the database is away, not this payment wrong
             log.exception(
-                "reconciliation: applying Konnect's verdict on %s failed", row.payment_ref
+                "reconciliation: applying Konnect's verdict on %s failed", claimed.payment_ref
             )
 
     # -- (b) interrupted initiations ---------------------------------------------------------
 
     async def repair_initiations(self, now: datetime) -> int:
         """Initiate payments whose lease lapsed (or that nobody claimed); returns how many."""
-        lease = timedelta(seconds=self.settings.initiation_lease_seconds)
         grace = timedelta(seconds=self.settings.initiation_grace_seconds)
-        lapsed = (
-            select(payments.c.id)
-            .where(
-                payments.c.status == PaymentState.INITIATING.value,
-                (payments.c.claimed_until.is_(None) & (payments.c.created_at <= now - grace))
-                | (payments.c.claimed_until < now),
-            )
-            .order_by(payments.c.created_at)
-            .limit(self.batch)
-            .with_for_update(skip_locked=True)
+        claimed = await self.service.claim_lapsed_initiations(
+            now, created_before=now - grace, limit=self.batch
         )
-        claim = (
-            update(payments)
-            .where(payments.c.id.in_(lapsed.scalar_subquery()))
-            .values(claimed_until=now + lease)
-            .returning(*payments.c)
-        )
-        async with self.db.transaction() as session:
-            rows = list((await session.execute(claim)).all())
-        for row in rows:
-            log.warning("initiating payment of order %s again (interrupted)", row.order_id)
+        for stored in claimed:
+            order_id = stored.payment.order_id
+            log.warning("initiating payment of order %s again (interrupted)", order_id)
             try:
-                await self.service.initiate_claimed(row)
+                await self.service.initiate_claimed(stored)
             except Exception as exc:
                 if is_unreachable(exc):
                     raise  # its lease lapses and a later sweep initiates it again
-                log.exception("initiating the payment of order %s failed", row.order_id)
-        return len(rows)
+                log.exception("initiating the payment of order %s failed", order_id)
+        return len(claimed)
 
     # -- (c) escrow ----------------------------------------------------------------------------
 
@@ -223,9 +187,6 @@ class Sweeper:
             released += count
             if count < self.batch:
                 return released
-
-
-_OPEN = (PaymentState.PENDING.value, PaymentState.UNDERPAID.value)
 
 
 def _raise_first_outage(outcomes: list[Any]) -> None:

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from booking.devtools.fixtures import free_port
 from booking.payments.konnect import KonnectClient
-from booking.payments.reconciliation import Sweeper
 from booking.payments.service import PaymentService
+from booking.payments.sweeper import Sweeper
 from booking.payments.tables import SCHEMA, messaging
 from booking.runtime.db import Database, create_engine
 from booking.runtime.outbox import Outbox

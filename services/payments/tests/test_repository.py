@@ -1,0 +1,113 @@
+"""The repository: what it stores of a payment and a hold comes back as it was, one payment per
+order. Each test runs in a transaction rolled back at its end, so the rows it stores are never
+seen by another test (nor by a sweeper)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from booking.payments import repository as repo
+from booking.payments.domain import EscrowHold, FreezeKind, MoneyReceived, Payment, PaymentState
+from booking.payments.settings import PaymentsSettings
+from booking.payments.tables import SCHEMA
+from booking.runtime.db import Database, create_engine
+
+NOW = datetime(2030, 1, 6, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def session(migrated: str) -> AsyncIterator[AsyncSession]:
+    engine = create_engine(PaymentsSettings(database_url=migrated), pool_size=1)
+    try:
+        async with Database(engine, SCHEMA).sessions() as session:
+            await session.begin()
+            try:
+                yield session
+            finally:
+                await session.rollback()
+    finally:
+        await engine.dispose()
+
+
+def opened(order_id: uuid.UUID | None = None) -> Payment:
+    return Payment.opened(
+        id=uuid.uuid4(), order_id=order_id or uuid.uuid4(), amount=120_000, currency="TND", now=NOW
+    )
+
+
+BOOKING = repo.Booking(
+    session_id=uuid.uuid4(),
+    mentor_id=uuid.uuid4(),
+    session_end_at=NOW + timedelta(days=2),
+    title="Career chat",
+    mentee_first_name="Amira",
+    mentee_last_name="Ben Salah",
+    mentee_email="amira@example.com",
+    mentee_phone=None,
+    correlation_id="c-1",
+)
+
+
+class TestPayments:
+    async def test_a_stored_payment_comes_back_as_it_was_with_its_booking(self, session):
+        payment = opened()
+        assert await repo.add_payment(session, payment, BOOKING)
+
+        stored = await repo.locked_payment(session, payment.id)
+
+        assert stored == repo.StoredPayment(payment=payment, booking=BOOKING)
+
+    async def test_an_order_has_one_payment_however_often_it_is_opened(self, session):
+        first = opened()
+        assert await repo.add_payment(session, first, BOOKING)
+
+        assert not await repo.add_payment(session, opened(first.order_id), BOOKING)
+
+        stored = await repo.locked_payment_of_order(session, first.order_id)
+        assert stored is not None and stored.payment.id == first.id
+
+    async def test_what_the_domain_changes_is_saved_and_found_by_its_ref(self, session):
+        payment = opened()
+        await repo.add_payment(session, payment, BOOKING)
+        payment.initiated("a" * 24, "https://pay.example/a", NOW + timedelta(minutes=30), NOW)
+
+        await repo.save_payment(session, payment, lease_ended=True)
+
+        assert (await repo.locked_payment(session, payment.id)).payment == payment
+        assert await repo.payment_of_ref(session, "a" * 24) == repo.PaymentOfRef(
+            id=payment.id, order_id=payment.order_id, status=PaymentState.PENDING
+        )
+        assert await repo.payment_of_ref(session, "b" * 24) is None
+
+
+class TestEscrowHolds:
+    async def test_a_stored_hold_comes_back_as_it_was_with_its_payment(self, session):
+        payment = opened()
+        await repo.add_payment(session, payment, BOOKING)
+        money = MoneyReceived(
+            amount=120_000,
+            amount_paid=130_000,
+            platform_fee=19_500,
+            escrow_amount=110_500,
+            currency="TND",
+            paid_at=NOW,
+            previous_state=PaymentState.PENDING,
+        )
+        hold = EscrowHold.held_for(
+            money, id=uuid.uuid4(), order_id=payment.order_id, mentor_id=BOOKING.mentor_id, now=NOW
+        )
+        hold.freeze(FreezeKind.OVERPAID, "overpaid", None, NOW)
+
+        await repo.add_hold(session, hold, payment.id)
+
+        assert await repo.hold_of_order(session, payment.order_id) == repo.StoredHold(
+            hold=hold,
+            payment_id=payment.id,
+            session_id=BOOKING.session_id,
+            correlation_id=BOOKING.correlation_id,
+        )
