@@ -36,7 +36,7 @@ async def record_admin_action(
     detail: str = "",
 ) -> int:
     """Write the audit row and its AdminActionRecorded in the caller's transaction; its id."""
-    audit_id = (
+    audit_id: int = (
         await session.execute(
             tables.admin_actions.insert()
             .values(

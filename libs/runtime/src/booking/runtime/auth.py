@@ -23,7 +23,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -574,7 +574,7 @@ def verify_token(secret: str, token: str) -> Identity:
 
 
 def token_verifier(app: FastAPI) -> TokenVerifier:
-    verifier = getattr(app.state, "token_verifier", None)
+    verifier: TokenVerifier | None = getattr(app.state, "token_verifier", None)
     if verifier is None:
         raise RuntimeError(
             "the app has no token verifier: build it with create_service_app, or set "
@@ -601,7 +601,7 @@ async def authenticated(
         raise HTTPException(refused.status, refused.detail, headers=refused.headers) from None
 
 
-def require_roles(*roles: Role):
+def require_roles(*roles: Role) -> Callable[..., Awaitable[Identity]]:
     """Dependency factory: the caller's identity if it has one of `roles`, else 403."""
 
     async def dependency(identity: Identity = Depends(authenticated)) -> Identity:

@@ -79,6 +79,6 @@ class Database:
 
 async def database(request: Request) -> Database:
     """FastAPI dependency: the Database of the app's runtime (a service with tables)."""
-    db = request.app.state.runtime.db
+    db: Database | None = request.app.state.runtime.db
     assert db is not None
     return db

@@ -146,19 +146,30 @@ class Health:
         """The health routes, but for the paths in `served_elsewhere` (the gateway answers its
         `/health` and `/internal/health` itself): a shadowed route would still be documented."""
         router = APIRouter(tags=["health"])
-        documented = {"status_code": 200, "responses": HEALTH_RESPONSES}
 
-        @router.get("/health/live", response_class=HealthResponse, **documented)
+        @router.get(
+            "/health/live",
+            response_class=HealthResponse,
+            status_code=200,
+            responses=HEALTH_RESPONSES,
+        )
         async def live() -> HealthResponse:
             return HealthResponse(
                 {"status": "pass", "version": self.version, "serviceId": self.service}
             )
 
-        @router.get("/health/ready", response_class=HealthResponse, **documented)
+        @router.get(
+            "/health/ready",
+            response_class=HealthResponse,
+            status_code=200,
+            responses=HEALTH_RESPONSES,
+        )
         async def ready() -> HealthResponse:
             return HealthResponse(await self.report(ready_only=True))
 
-        @router.get("/health", response_class=HealthResponse, **documented)
+        @router.get(
+            "/health", response_class=HealthResponse, status_code=200, responses=HEALTH_RESPONSES
+        )
         async def full() -> HealthResponse:
             return HealthResponse(await self.report())
 

@@ -12,7 +12,8 @@ import asyncio
 import sqlalchemy as sa
 from alembic import command, context, op
 from alembic.config import Config
-from sqlalchemy import MetaData, text
+from alembic.runtime.environment import NameFilterParentNames, NameFilterType
+from sqlalchemy import Connection, MetaData, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -38,14 +39,16 @@ def run_env(target_metadata: MetaData, schema: str) -> None:
     config = context.config
     url = config.attributes.get("database_url") or RuntimeSettings().async_database_url
 
-    def only_own_schema(name, type_, parent_names) -> bool:
+    def only_own_schema(
+        name: str | None, type_: NameFilterType, parent_names: NameFilterParentNames
+    ) -> bool:
         if type_ == "schema":
             return name == schema
         if type_ == "table":
-            return parent_names.get("schema_name") == schema
+            return bool(parent_names.get("schema_name") == schema)
         return True
 
-    def migrate(connection) -> None:
+    def migrate(connection: Connection) -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

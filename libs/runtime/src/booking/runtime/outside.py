@@ -20,7 +20,6 @@ from tenacity import (
     RetryCallState,
     RetryError,
     retry_if_exception,
-    stop_after_attempt,
 )
 
 from booking.runtime.health import Observation, timed_ms
@@ -163,7 +162,7 @@ class RetryPolicy:
         another attempt, or the retries end in `RetriesExhausted`."""
         attempts = AsyncRetrying(
             retry=retry_if_exception(self.retryable),
-            stop=stop_after_attempt(self.max_attempts) | self._stop_when_waits_too_long,
+            stop=self._stop,
             wait=self._wait,
             before_sleep=lambda state: self._log_retry(what, state),
         )
@@ -177,8 +176,9 @@ class RetryPolicy:
             raise RetriesExhausted(what, exhausted.last_attempt.attempt_number, last) from last
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stop_when_waits_too_long(self, state: RetryCallState) -> bool:
-        return self.waits_too_long(_failure(state))
+    def _stop(self, state: RetryCallState) -> bool:
+        """After the last attempt, or at an answer that asks for too long a wait."""
+        return state.attempt_number >= self.max_attempts or self.waits_too_long(_failure(state))
 
     def _wait(self, state: RetryCallState) -> float:
         return self.wait(state.attempt_number, _failure(state))

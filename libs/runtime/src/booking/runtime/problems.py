@@ -78,7 +78,8 @@ def install_problem_handlers(
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response
 
-    for error_class in (OSError, *dependency_errors):
+    error_classes: tuple[type[Exception], ...] = (OSError, *dependency_errors)
+    for error_class in error_classes:
         app.add_exception_handler(error_class, unavailable_or_unexpected)
 
     @app.exception_handler(Exception)

@@ -49,7 +49,7 @@ class Every:
         self.interval = interval
         self.round = round
         self.name = name
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._forever(), name=self.name)

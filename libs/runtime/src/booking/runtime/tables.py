@@ -4,6 +4,8 @@ column helpers the services' own tables share."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import (
     DDL,
     BigInteger,
@@ -30,7 +32,7 @@ def one_of(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-def time_column(*, nullable: bool, default_now: bool = False) -> Column:
+def time_column(*, nullable: bool, default_now: bool = False) -> Column[datetime]:
     """A timezone-aware timestamp column (`now()` by default when `default_now`)."""
     return Column(
         DateTime(timezone=True),
@@ -67,7 +69,8 @@ def outbox_table(metadata: MetaData, schema: str) -> Table:
     Index("ix_outbox_unsent", table.c.id, postgresql_where=table.c.sent_at.is_(None))
     Index("ix_outbox_sent_at", table.c.sent_at, postgresql_where=table.c.sent_at.is_not(None))
     for statement in outbox_notify_ddl(schema):
-        event.listen(table, "after_create", DDL(statement))
+        # SQLAlchemy leaves DDL's constructor unannotated.
+        event.listen(table, "after_create", DDL(statement))  # type: ignore[no-untyped-call]
     return table
 
 

@@ -297,7 +297,8 @@ class OAuth:
         access = [
             t for t in self.access_tokens.values() if t.account == account and t.revoked_at is None
         ]
-        for token in [*refresh, *access]:
+        tokens: list[RefreshToken | AccessToken] = [*refresh, *access]
+        for token in tokens:
             token.revoked_at = now
         return {"refresh_tokens": len(refresh), "access_tokens": len(access)}
 

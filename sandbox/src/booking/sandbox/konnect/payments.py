@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,7 +26,8 @@ from pydantic import (
 )
 
 REF_PATTERN = re.compile(r"[0-9a-f]{24}")
-PAYMENT_METHODS = ("wallet", "bank_card", "e-DINAR", "flouci")
+PaymentMethod = Literal["wallet", "bank_card", "e-DINAR", "flouci"]
+PAYMENT_METHODS: tuple[PaymentMethod, ...] = get_args(PaymentMethod)
 # Konnect's own fee on a card payment; what it is exactly is not public, any plausible rate
 # will do to show that transaction amounts are not the payment's amount.
 FEE_RATE = Decimal("0.015")
@@ -69,7 +70,7 @@ class InitPayment(BaseModel):
     token: Literal["TND", "EUR", "USD"] = "TND"
     type: Literal["immediate", "partial"] = "immediate"
     description: StrictStr | None = None
-    acceptedPaymentMethods: list[Literal[PAYMENT_METHODS]] = Field(
+    acceptedPaymentMethods: list[PaymentMethod] = Field(
         default_factory=lambda: list(PAYMENT_METHODS), min_length=1
     )
     lifespan: Annotated[StrictInt, Field(gt=0)] = 10

@@ -119,7 +119,7 @@ def _links(status: int, **links: dict[str, Any]) -> dict[int | str, dict[str, An
 
 def _mentor_links(mentor_id: str) -> dict[str, dict[str, Any]]:
     """What may be done with a mentor whose id is at `mentor_id` in the answer."""
-    at = {"mentor_id": mentor_id}
+    at: dict[str, Any] = {"mentor_id": mentor_id}
     return {
         "GetMentor": _to("GET /api/mentors/{mentor_id}", **at),
         "AddOffering": _to("POST /api/mentors/{mentor_id}/offerings", **at),

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
@@ -270,7 +270,7 @@ def _not_every_service(
     first = next(iter(failed.values()))
     names = ", ".join(failed)
     reasons = "; ".join(f"{service}: {_detail(answer)}" for service, answer in failed.items())
-    extra: dict[str, int] = {}
+    extra: dict[str, Any] = {}
     if replayed is None:
         detail = f"the dead letters cannot be listed without {names} ({reasons})"
     else:

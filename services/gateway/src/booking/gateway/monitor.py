@@ -104,7 +104,7 @@ class SystemHealth:
     def __init__(
         self,
         health: Health,
-        upstreams: Mapping[str, str],
+        upstreams: Mapping[Service, str] | Mapping[str, str],
         *,
         timeout: float = 2.0,
         public_max_age: float = 1.0,
@@ -361,8 +361,8 @@ class HealthMonitor:
                 state.incident = str(uuid.uuid4())
                 output = observation.output or "failing its health check"
                 output = f"{output} ({state.failures} checks in a row)"
-                event = HealthCheckFailed(component=component, status="fail", output=output)
-                state.failed_message_id = self._enqueue(event, state.incident, None)
+                failed = HealthCheckFailed(component=component, status="fail", output=output)
+                state.failed_message_id = self._enqueue(failed, state.incident, None)
             return
         # pass or warn: the component answers healthy enough (200) again.
         state.failures = 0

@@ -172,12 +172,12 @@ def bearer_token(websocket: WebSocket) -> str:
         if scheme.lower() != "bearer" or not token.strip():
             raise Refused(401, "the Authorization header must be: Bearer <token>")
         return token.strip()
-    token = websocket.query_params.get("access_token")
-    if not token:
+    query_token = websocket.query_params.get("access_token")
+    if not query_token:
         raise Refused(
             401, "a bearer token is required: Authorization header or access_token parameter"
         )
-    return token
+    return query_token
 
 
 def resume_from_query(websocket: WebSocket) -> int | None:

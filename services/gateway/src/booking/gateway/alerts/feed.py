@@ -33,7 +33,7 @@ from booking.contracts import (
 )
 from booking.gateway.alerts.frames import Alert, Sent
 from booking.runtime.broker import Broker
-from booking.runtime.health import Observation
+from booking.runtime.health import Observation, Status
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,11 @@ class AlertFeed:
             log.warning("admin alert feed: could not declare its queue: %s", exc)
             self._on_reconnected(connection)
 
-    def _on_reconnected(self, connection: AbstractRobustConnection) -> None:
+    def _on_reconnected(self, connection: AbstractRobustConnection | None) -> None:
         # Not awaited by aio-pika's reconnect path: it must not stall on our declarations.
         self.queue_name = None
+        if connection is None:  # aio-pika types a callback's sender as optional; never None here
+            return
         if self._reattach is None or self._reattach.done():
             self._reattach = asyncio.create_task(
                 self._redeclare(connection), name="admin-alerts-reattach"
@@ -212,7 +214,7 @@ class AlertFeed:
                 COMPONENT, measurement, "fail", "component", 0,
                 output=f"queue {name} is gone: {type(exc).__name__}",
             )  # fmt: skip
-        status = "pass" if consumers > 0 else "fail"
+        status: Status = "pass" if consumers > 0 else "fail"
         return Observation(
             COMPONENT, measurement, status, "component", consumers,
             output=f"{name} bound to {self.exchange}",
