@@ -18,6 +18,7 @@ from booking.orders.domain import (
     InvalidBooking,
     InvalidMoney,
     InvalidOffering,
+    Mentor,
     Money,
     Order,
     OrderStatus,
@@ -591,3 +592,17 @@ class TestCheckPrice:
         with pytest.raises(InvalidOffering) as over:
             check_price(Money(10_000_001, "TND"), max_major_units=10_000)
         assert "10000.001 TND" in str(over.value) and "10000.000 TND" in str(over.value)
+
+
+class TestMentorIdentity:
+    def test_linking_a_subject_replaces_the_previous_one_and_counts_the_link(self) -> None:
+        mentor = Mentor(
+            id=uuid4(),
+            name="Amel Ben Salah",
+            email="amel@example.com",
+            timezone="Africa/Tunis",
+            created_at=T0,
+        )
+        assert mentor.link_identity("idp|1") is None
+        assert mentor.link_identity("idp|2") == "idp|1"
+        assert (mentor.identity_subject, mentor.identity_sequence) == ("idp|2", 2)

@@ -1,4 +1,5 @@
-"""The orders service's rules: orders, their booked sessions and the moves between their states.
+"""The orders service's rules: mentors and their offerings, orders, their booked sessions and
+the moves between their states.
 
 Pure: no I/O, no framework, no clock. Every method that stamps a time takes `now`. A move that the
 status machine does not allow raises `IllegalTransition` and changes nothing (the recovery
