@@ -95,8 +95,8 @@ async def run_clients(url: str, token: str, count: int, alerts: int, compression
     waiting = asyncio.ensure_future(all_ready.wait())
     await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+        if task.done() and (error := task.exception()) is not None:
+            raise error
     # What is measured is the gateway's delivery: a full collection here (100-250 ms over this
     # process's sockets, seen with a gc callback) would count as late deliveries.
     gc.collect()

@@ -375,10 +375,12 @@ class CpuMeter:
         # Who "everything else" is: every other process's CPU meanwhile, by command (processes
         # that ended meanwhile, short-lived database connections among them, are not seen).
         counted = {*self.named.values(), *after.postgres, os.getpid()}
+        # CPU seconds by command: Counter for most_common, though its values are floats here.
         others: Counter[str] = Counter()
         for pid, (command, cpu) in after.everyone.items():
             if pid not in counted:
-                others[command] += cpu - before.everyone.get(pid, (command, 0.0))[1]
+                used = cpu - before.everyone.get(pid, (command, 0.0))[1]
+                others[command] += used  # type: ignore[assignment]
         n = max(bookings, 1)
         system = [*SERVICES, "postgres (our database's backends)", "rabbitmq (whole broker)"]
         system_ms = sum(per.get(k, 0.0) for k in system) * 1000 / n
@@ -962,7 +964,9 @@ async def webhook_to_alert(driver: Driver, samples: int) -> dict[str, Any]:
                     arrived.set()
 
     reader = asyncio.create_task(read())
-    latencies, answers, severities = [], Counter(), Counter()
+    latencies: list[float] = []
+    answers: Counter[int] = Counter()
+    severities: Counter[str] = Counter()
     missed = 0
     progress = Progress("ws alerts", samples)
     try:

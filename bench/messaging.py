@@ -147,7 +147,7 @@ def progress(label: str, done: int, total: int) -> None:
 async def run_throughput(producer: Producer, conn: asyncpg.Connection, total: int) -> dict:
     writers, per_tx = 8, 10
     started = time.time()
-    queue = asyncio.Queue()
+    queue: asyncio.Queue[int] = asyncio.Queue()
     for _ in range(total // per_tx):
         queue.put_nowait(per_tx)
 
@@ -238,6 +238,7 @@ async def main(args: argparse.Namespace) -> None:
         runtime = ServiceRuntime(
             name="producer", settings=settings_for(database_url, tag), tables=tables
         )
+        assert runtime.db is not None  # a runtime given tables has a database
         async with runtime.db.engine.begin() as c:
             await c.execute(text(f'CREATE SCHEMA "{SCHEMA}"'))
             await c.run_sync(metadata.create_all)
@@ -251,6 +252,7 @@ async def main(args: argparse.Namespace) -> None:
             stdout=subprocess.PIPE,
         )
         children.append(consumer)
+        assert consumer.stdout is not None
         async with asyncio.timeout(60):
             line = await consumer.stdout.readline()
         assert line.strip() == b"ready", line

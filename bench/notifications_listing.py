@@ -125,7 +125,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"notifications listing benchmark: {args.rows:,} notifications")
         fill_seconds = await fill(conn, args.rows)
         counts = dict(
-            await conn.fetchrow(
+            await conn.fetchrow(  # type: ignore[arg-type]  # an aggregate returns one row
                 f"SELECT count(*) AS rows, count(*) FILTER (WHERE NOT is_read) AS unread, "
                 f"count(*) FILTER (WHERE severity = 3) AS critical, "
                 f"count(*) FILTER (WHERE severity = 3 AND NOT is_read) AS unread_critical, "

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import FlakyStrategyDefinition
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.stateful.state_machine import StepInput, StepOutput
+from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -100,7 +101,7 @@ def run_stateful_contract(
     """Run the state machine against the gateway at `url` (only the operations whose path
     matches the regular expression `paths`, if given); how often each link was followed to a
     2xx or 3xx answer, by transition (`POST /api/mentors -> [201] AddOffering -> POST ...`)."""
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    schema: BaseSchema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     if paths is not None:
         schema = schema.include(path_regex=paths)
     # Only the document's own links: schemathesis would otherwise infer its own, and a link the
@@ -140,10 +141,10 @@ def run_stateful_contract(
             return {"headers": authorization(case, secret)}
 
         def step(self, input: StepInput) -> StepOutput:
-            output = super().step(input)
-            applied = input.transition is not None and input.is_applied
-            if applied and output.response.status_code < 400:
-                followed[input.transition.id] += 1
+            output: StepOutput = super().step(input)
+            transition = input.transition
+            if transition is not None and input.is_applied and output.response.status_code < 400:
+                followed[transition.id] += 1
             return output
 
         def validate_response(

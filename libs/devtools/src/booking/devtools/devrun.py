@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import aio_pika
@@ -338,7 +339,7 @@ def _die_with_parent() -> Callable[[], None] | None:
 class Running:
     child: Child
     process: asyncio.subprocess.Process
-    output_done: asyncio.Task
+    output_done: asyncio.Task[None]
     url: str
     status: str = "starting"
 
@@ -359,7 +360,7 @@ class Supervisor:
 
     async def spawn(
         self, name: str, argv: list[str]
-    ) -> tuple[asyncio.subprocess.Process, asyncio.Task]:
+    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
         process = await asyncio.create_subprocess_exec(
             *argv,
             env=self.env,
@@ -372,7 +373,7 @@ class Supervisor:
         assert process.stdout is not None
         return process, asyncio.create_task(pump(process.stdout, name, self.output))
 
-    async def until_stop_or(self, awaitable: asyncio.Future | asyncio.Task) -> bool:
+    async def until_stop_or(self, awaitable: asyncio.Future[Any]) -> bool:
         """Wait for `awaitable`; False if a stop was requested first."""
         stop = asyncio.ensure_future(self.stop_requested.wait())
         try:

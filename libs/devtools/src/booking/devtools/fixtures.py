@@ -84,7 +84,8 @@ def with_database(url: str, database: str) -> str:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def pick_free_ports(count: int) -> list[int]:
@@ -247,7 +248,7 @@ async def schema_differences(
             return parents.get("schema_name") == schema and name != "alembic_version"
         return True
 
-    def in_schema(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any):
+    def in_schema(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
         table = obj if type_ == "table" else getattr(obj, "table", None)
         return table is None or table.schema == schema
 
@@ -256,7 +257,10 @@ async def schema_differences(
             connection,
             opts={"include_schemas": True, "include_name": ours, "include_object": in_schema},
         )
-        return compare_metadata(context, metadata if metadata is not None else SQLModel.metadata)
+        found: list[Any] = compare_metadata(
+            context, metadata if metadata is not None else SQLModel.metadata
+        )
+        return found
 
     engine = create_async_engine(async_database_url(database_url))
     try:
@@ -364,7 +368,9 @@ async def make_settings(
     """
     made: list[RuntimeSettings] = []
 
-    def build(settings_type: type[RuntimeSettings] = RuntimeSettings, **overrides: Any):
+    def build(
+        settings_type: type[RuntimeSettings] = RuntimeSettings, **overrides: Any
+    ) -> RuntimeSettings:
         tag = uuid.uuid4().hex[:8]
         values: dict[str, Any] = {
             "database_url": database_url,
@@ -398,7 +404,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = free_port()
         self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task] = set()
+        self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
@@ -541,7 +547,7 @@ class Spy:
     def of_type(self, type_: str) -> list[AbstractIncomingMessage]:
         return [m for m in self.messages if m.type == type_]
 
-    def ids(self) -> list[str]:
+    def ids(self) -> list[str | None]:
         return [m.message_id for m in self.messages]
 
     def payloads(self, type_: str, **about: Any) -> list[dict[str, Any]]:

@@ -47,9 +47,10 @@ class SigningKey:
         return {**public, "kid": self.kid, "use": "sig", "alg": self.algorithm}
 
     def public_pem(self) -> bytes:
-        return self.private.public_key().public_bytes(
+        pem: bytes = self.private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        return pem
 
     def sign(self, claims: dict[str, Any], **header: Any) -> str:
         return jwt.encode(
