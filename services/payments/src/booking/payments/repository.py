@@ -191,6 +191,7 @@ async def payment_of_ref(session: AsyncSession, payment_ref: str) -> PaymentOfRe
 
 
 async def locked_payment(session: AsyncSession, payment_id: uuid.UUID) -> StoredPayment:
+    """The payment, locked for update until the transaction ends."""
     query = select(payments).where(payments.c.id == payment_id).with_for_update()
     return _stored_payment((await session.execute(query)).one())
 
@@ -198,6 +199,7 @@ async def locked_payment(session: AsyncSession, payment_id: uuid.UUID) -> Stored
 async def locked_payment_of_order(
     session: AsyncSession, order_id: uuid.UUID
 ) -> StoredPayment | None:
+    """The order's payment, locked for update, or None when none was opened for it."""
     query = select(payments).where(payments.c.order_id == order_id).with_for_update()
     row = (await session.execute(query)).one_or_none()
     return None if row is None else _stored_payment(row)
@@ -350,6 +352,7 @@ async def record_ending(session: AsyncSession, ending: OrderEnding) -> bool:
 
 
 async def ending_of(session: AsyncSession, order_id: uuid.UUID) -> OrderEnding | None:
+    """How the order ended without its payment, or None while it has not."""
     row = (
         await session.execute(select(order_endings).where(order_endings.c.order_id == order_id))
     ).one_or_none()
@@ -461,6 +464,7 @@ async def holds_due(session: AsyncSession, now: datetime, limit: int) -> list[St
 
 
 async def add_hold(session: AsyncSession, hold: EscrowHold, payment_id: uuid.UUID) -> None:
+    """Store a hold just made for the payment's money."""
     await session.execute(
         escrow_holds.insert().values(
             id=hold.id,
@@ -475,6 +479,7 @@ async def add_hold(session: AsyncSession, hold: EscrowHold, payment_id: uuid.UUI
 
 
 async def save_hold(session: AsyncSession, hold: EscrowHold) -> None:
+    """Store what the domain changed of a hold."""
     await session.execute(
         update(escrow_holds).where(escrow_holds.c.id == hold.id).values(**_hold_columns(hold))
     )
