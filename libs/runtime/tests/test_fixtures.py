@@ -20,7 +20,7 @@ from booking.devtools.fixtures import (
     rabbitmqctl,
     schema_differences,
 )
-from booking.runtime.broker import Broker, ConsumerQueues
+from booking.runtime.broker import Broker, ConsumerQueues, ConsumerTopology
 from booking.runtime.settings import RuntimeSettings
 
 
@@ -50,19 +50,12 @@ async def declare_consumer(url: str, settings: RuntimeSettings, consumer: str) -
         events_exchange=settings.events_exchange,
         alerts_exchange=settings.admin_alerts_exchange,
     )
-    broker.start()
-    try:
-        await broker.wait_ready(15)
-        assert broker.connection is not None
-        channel = await broker.connection.channel()
-        queues = ConsumerQueues.named(
-            f"{settings.queue_prefix}{consumer}",
-            settings.consumer_max_attempts,
-            settings.consumer_retry_base_delay_ms,
-        )
-        await broker.declare_consumer(channel, queues, ["#"])
-    finally:
-        await broker.stop()
+    queues = ConsumerQueues.named(
+        f"{settings.queue_prefix}{consumer}",
+        settings.consumer_max_attempts,
+        settings.consumer_retry_base_delay_ms,
+    )
+    await broker.declare_topology([ConsumerTopology(queues, ("#",))])
 
 
 class TestDeleteBrokerObjects:

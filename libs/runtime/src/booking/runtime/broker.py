@@ -1,35 +1,75 @@
-"""RabbitMQ: the connection, the topology (docs/recovery.md), and confirmed publishing.
+"""RabbitMQ on FastStream: the connection, the one topology definition, confirmed publishing,
+and the subscribers the consumers take their deliveries from (docs/recovery.md).
 
-aio-pika is used directly (FastStream documents the contracts, see booking.contracts.asyncapi):
-the consumer needs full control over acks, retry routing and one queue bound to many keys.
+FastStream's `RabbitBroker` owns the robust connection, declares the topology and publishes with
+publisher confirms. The topology is defined once, here, as FastStream `RabbitExchange` and
+`RabbitQueue` objects (`events_exchange_named`, `alerts_exchange_named`, `ConsumerQueues`): the
+step that declares it before traffic (`declare_topology`, run with the migrations) and the
+subscribers declare the very same objects, so their arguments can never disagree (RabbitMQ
+answers 406 PRECONDITION_FAILED when they do).
 
 Publishing on the events exchange (and straight to a queue) is mandatory: an event no queue is
 bound to comes back from the broker as `Unroutable` instead of vanishing, and stays in the
 outbox. The admin alerts fanout is not: with no gateway listening nothing is lost, since the
-alerts are stored by the notifications service.
+alerts are stored by the notifications service. Every message is built here in full (persistent,
+its message_id set explicitly): FastStream 0.7 sets neither for you.
+
+What FastStream lacks is kept thin: `start()` returns at once and connects in the background (a
+service keeps serving, and keeps writing its outbox, while RabbitMQ is away), a main queue is
+bound to many routing keys (a FastStream subscriber binds one), and a subscriber can stop taking
+deliveries for a while without dropping those already on their way (`pause_subscriber`): its
+own `stop()` ignores what arrives after it, which would leave them unacked on the channel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
-    AbstractQueue,
-    AbstractRobustChannel,
+    AbstractChannel,
+    AbstractIncomingMessage,
     AbstractRobustConnection,
     DeliveryMode,
-    ExchangeType,
 )
 from aiormq.abc import DeliveredMessage
+from faststream import AckPolicy
+from faststream.message import StreamMessage
+from faststream.rabbit import (
+    Channel,
+    ExchangeType,
+    QueueType,
+    RabbitBroker,
+    RabbitExchange,
+    RabbitQueue,
+)
+from faststream.rabbit.subscriber import RabbitSubscriber
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_SECONDS = 10.0
+
+# Each message FastStream takes in is logged at this level: a debug line, not an info line each.
+_MESSAGE_LOG_LEVEL = logging.DEBUG
+
+
+# --- the topology: one definition for the declaring step and the subscribers -----------------
+
+
+def events_exchange_named(name: str) -> RabbitExchange:
+    """The topic exchange every event is published on, routed by the event's name."""
+    return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
+
+
+def alerts_exchange_named(name: str) -> RabbitExchange:
+    """The fanout the admin alerts go out on, to every gateway replica."""
+    return RabbitExchange(name, type=ExchangeType.FANOUT, durable=True)
 
 
 @dataclass(frozen=True)
@@ -54,6 +94,60 @@ class ConsumerQueues:
     def max_attempts(self) -> int:
         return len(self.retry_delays_ms) + 1
 
+    def main_queue(self) -> RabbitQueue:
+        return RabbitQueue(
+            self.main,
+            QueueType.QUORUM,
+            durable=True,
+            arguments={
+                # A message that kills the consumer before it can ack (so never reaches our own
+                # retry path) is still dead-lettered after this many deliveries.
+                "x-delivery-limit": max(self.max_attempts * 2, 10),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.dead_letter,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+
+    def retry_queue(self, attempt: int) -> RabbitQueue:
+        # A delay queue has no consumer: messages wait out the TTL, then dead-letter back into
+        # the main queue through the default exchange.
+        return RabbitQueue(
+            self.retry(attempt),
+            QueueType.QUORUM,
+            durable=True,
+            arguments={
+                "x-message-ttl": self.retry_delays_ms[attempt - 1],
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.main,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+
+    def dead_letter_queue(self) -> RabbitQueue:
+        return RabbitQueue(self.dead_letter, QueueType.QUORUM, durable=True)
+
+    def every_queue(self) -> list[RabbitQueue]:
+        """Dead letters first, then the delay queues, then main (which names the others)."""
+        return [
+            self.dead_letter_queue(),
+            *(self.retry_queue(attempt) for attempt in range(1, len(self.retry_delays_ms) + 1)),
+            self.main_queue(),
+        ]
+
+
+@dataclass(frozen=True)
+class ConsumerTopology:
+    """One consumer's queues and the routing keys its main queue is bound to."""
+
+    queues: ConsumerQueues
+    routing_keys: tuple[str, ...]
+
+
+# --- publishing ----------------------------------------------------------------------------
+
 
 class Unroutable(Exception):
     """The broker returned a mandatory message: no queue is bound to its routing key."""
@@ -73,11 +167,22 @@ class OutgoingMessage:
     message_id: str
     correlation_id: str | None = None
     type: str | None = None
-    headers: dict | None = None
+    headers: dict[str, Any] | None = None
+
+
+Take = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+async def _raw_delivery(message: StreamMessage[Any]) -> Any:
+    """FastStream's decoder for our subscribers: the delivery itself. The worker parses the
+    envelope once, and acks the delivery itself (manual acks). Async: FastStream runs a plain
+    function in a thread."""
+    return message.raw_message
 
 
 class Broker:
-    """One robust connection per process, a confirming channel for publishing.
+    """One FastStream broker per process: its connection, its confirming publishing channel,
+    and the subscribers of the service's consumers.
 
     `start()` returns at once; the connection is made (and remade) in the background so a service
     keeps serving, and keeps writing its outbox, while RabbitMQ is away.
@@ -97,15 +202,47 @@ class Broker:
         self._client_name = client_name
         self.events_exchange = events_exchange
         self.alerts_exchange = alerts_exchange
+        self.exchanges = (
+            events_exchange_named(events_exchange),
+            alerts_exchange_named(alerts_exchange),
+        )
+        self.faststream = _faststream_broker(url, client_name, reconnect_interval)
         self.connection: AbstractRobustConnection | None = None
-        self._publish_channel: AbstractRobustChannel | None = None
+        self._consumers: list[ConsumerTopology] = []
+        self._subscribed: set[str] = set()
         self._on_connected: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
         self._ready = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def on_connected(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
         """Run `callback` once the first connection is up (aio-pika restores it on reconnects)."""
         self._on_connected.append(callback)
+
+    def subscriber(
+        self,
+        queue: RabbitQueue,
+        *,
+        prefetch: int,
+        take: Take,
+        topology: ConsumerTopology | None = None,
+    ) -> RabbitSubscriber:
+        """A FastStream subscriber of `queue` with manual acks, handing each delivery to `take`.
+
+        `topology` is declared (queues and bindings) before the subscriber starts consuming.
+        """
+        if topology is not None:
+            self._consumers.append(topology)
+        self._subscribed.add(queue.name)
+        subscriber = self.faststream.subscriber(
+            queue,
+            # Its own channel: the prefetch bounds this queue's unacked deliveries alone.
+            channel=Channel(prefetch_count=prefetch),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_raw_delivery,
+            no_reply=True,
+        )
+        subscriber(take)
+        return subscriber
 
     @property
     def is_connected(self) -> bool:
@@ -128,44 +265,63 @@ class Broker:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self.connection is not None:
-            await self.connection.close()
+            await self.faststream.stop()
 
     async def _connect_until_up(self) -> None:
         delay = 0.2
         while True:
             try:
-                self.connection = await aio_pika.connect_robust(
-                    self._url,
-                    timeout=5,
-                    reconnect_interval=self._reconnect_interval,
-                    client_properties={"connection_name": self._client_name},
-                )
+                self.connection = await self.faststream.connect()
                 break
             except Exception as exc:
                 log.warning("broker unreachable, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._reconnect_interval * 2)
-        self._publish_channel = await self.connection.channel(publisher_confirms=True)
-        await self.declare_exchanges(self._publish_channel)
+        # A queue with a subscriber is declared by that subscriber, on its own channel (FastStream
+        # keeps one declared queue per definition, and consumes on the channel it declared on).
+        await self._declare(self.faststream, self._consumers, skip=self._subscribed)
         for callback in self._on_connected:
             await callback(self.connection)
+        await self.faststream.start()
+        await self._bind(self.faststream, self._consumers)
         self._ready.set()
         log.info("broker connected")
 
-    async def declare_exchanges(self, channel: AbstractRobustChannel) -> None:
-        await channel.declare_exchange(self.events_exchange, ExchangeType.TOPIC, durable=True)
-        await channel.declare_exchange(self.alerts_exchange, ExchangeType.FANOUT, durable=True)
+    async def _declare(
+        self,
+        broker: RabbitBroker,
+        consumers: Iterable[ConsumerTopology],
+        *,
+        skip: Iterable[str] = (),
+    ) -> None:
+        for exchange in self.exchanges:
+            await broker.declare_exchange(exchange)
+        for consumer in consumers:
+            for definition in consumer.queues.every_queue():
+                if definition.name not in skip:
+                    await broker.declare_queue(definition)
+
+    async def _bind(self, broker: RabbitBroker, consumers: Iterable[ConsumerTopology]) -> None:
+        events, _ = self.exchanges
+        for consumer in consumers:
+            # FastStream's declarer hands back the queue declared with this definition; bound
+            # robustly, so the bindings come back with the connection.
+            main = await broker.declare_queue(consumer.queues.main_queue())
+            for key in consumer.routing_keys:
+                await main.bind(events.name, key)
+            log.info("declared %s (%s)", consumer.queues.main, ", ".join(consumer.routing_keys))
+
+    async def declare_exchanges(self, channel: AbstractChannel) -> None:
+        """Declare both exchanges on a channel of one's own (the gateway's alert feed)."""
+        for exchange in self.exchanges:
+            await channel.declare_exchange(
+                exchange.name, exchange.type.value, durable=exchange.durable
+            )
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish persistently and wait for the broker's confirm; raises when not confirmed."""
-        if not self.is_connected or self._publish_channel is None:
+        if not self.is_connected:
             raise ConnectionError("broker not connected")
-        channel = self._publish_channel
-        exchange = (
-            channel.default_exchange
-            if message.exchange == ""
-            else await channel.get_exchange(message.exchange, ensure=False)
-        )
         amqp = aio_pika.Message(
             body=message.body,
             content_type="application/json",
@@ -178,81 +334,62 @@ class Broker:
             app_id=self._client_name,
         )
         mandatory = message.exchange != self.alerts_exchange
-        result = await exchange.publish(
-            amqp, message.routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT_SECONDS
+        await self._publish(amqp, message.exchange, message.routing_key, mandatory=mandatory)
+
+    async def forward(
+        self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+    ) -> None:
+        """Copy a delivery to `queue` through the default exchange and wait for the confirm."""
+        amqp = aio_pika.Message(
+            body=message.body,
+            headers={**(message.headers or {}), **headers},
+            content_type=message.content_type,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            type=message.type,
+            timestamp=message.timestamp,
+            app_id=message.app_id,
+        )
+        await self._publish(amqp, "", queue, mandatory=False)
+
+    async def _publish(
+        self, amqp: aio_pika.Message, exchange: str, routing_key: str, *, mandatory: bool
+    ) -> None:
+        known = {e.name: e for e in self.exchanges}
+        result = await self.faststream.publish(
+            amqp,  # built in full above: FastStream sends it as it is
+            exchange=known.get(exchange, exchange),
+            routing_key=routing_key,
+            mandatory=mandatory,
+            timeout=PUBLISH_TIMEOUT_SECONDS,
         )
         if isinstance(result, DeliveredMessage):  # a basic.return: nobody took it
-            raise Unroutable(message.exchange, message.routing_key)
+            raise Unroutable(exchange, routing_key)
 
-    async def declare_consumer(
-        self,
-        channel: AbstractRobustChannel,
-        queues: ConsumerQueues,
-        routing_keys: Iterable[str],
-    ) -> AbstractQueue:
-        """Main quorum queue bound to `routing_keys`, its delay queues and its dead-letter queue."""
-        await self.declare_exchanges(channel)
-        await channel.declare_queue(
-            queues.dead_letter, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        for attempt, delay_ms in enumerate(queues.retry_delays_ms, start=1):
-            # A delay queue has no consumer: messages wait out the TTL, then dead-letter back
-            # into the main queue through the default exchange.
-            await channel.declare_queue(
-                queues.retry(attempt),
-                durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-message-ttl": delay_ms,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queues.main,
-                    "x-dead-letter-strategy": "at-least-once",
-                    "x-overflow": "reject-publish",
-                },
-            )
-        main = await channel.declare_queue(
-            queues.main,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                # A message that kills the consumer before it can ack (so never reaches our own
-                # retry path) is still dead-lettered after this many deliveries.
-                "x-delivery-limit": max(queues.max_attempts * 2, 10),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queues.dead_letter,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
-        )
-        for key in routing_keys:
-            await main.bind(self.events_exchange, key)
-        return main
-
-    async def declare_topology(self, consumers: Iterable[tuple[ConsumerQueues, Iterable[str]]]):
+    async def declare_topology(self, consumers: Iterable[ConsumerTopology]) -> None:
         """Declare the exchanges and every given consumer's queues and bindings, then close.
 
         The step that runs before any service publishes (with the migrations): an event
         published before its consumer first started then waits in that consumer's queue.
         Tries for up to a minute while RabbitMQ is not up yet.
         """
-        connection = None
+        broker = _faststream_broker(self._url, self._client_name, self._reconnect_interval)
         for attempt in range(30):
             try:
-                connection = await aio_pika.connect(
-                    self._url, timeout=5, client_properties={"connection_name": self._client_name}
-                )
+                await broker.connect()
                 break
             except Exception as exc:
                 if attempt == 29:
                     raise
                 log.warning("RabbitMQ unreachable, trying again: %s", exc)
                 await asyncio.sleep(2)
-        assert connection is not None
-        async with connection:
-            channel = await connection.channel()
-            await self.declare_exchanges(channel)  # type: ignore[arg-type]
-            for queues, routing_keys in consumers:
-                await self.declare_consumer(channel, queues, routing_keys)  # type: ignore[arg-type]
+        consumers = list(consumers)
+        try:
+            await self._declare(broker, consumers)
+            await self._bind(broker, consumers)
+        finally:
+            await broker.stop()
 
     async def queue_stats(self, name: str) -> tuple[int, int]:
         """(messages ready, consumers) of a queue, read with a passive declare."""
@@ -262,3 +399,51 @@ class Broker:
             queue = await channel.declare_queue(name, passive=True, robust=False)
             result = queue.declaration_result
             return result.message_count or 0, result.consumer_count or 0
+
+
+def _faststream_broker(url: str, client_name: str, reconnect_interval: float) -> RabbitBroker:
+    return RabbitBroker(
+        url,
+        client_properties={"connection_name": client_name},
+        timeout=5,
+        reconnect_interval=reconnect_interval,
+        app_id=client_name,
+        # Our subscribers take the delivery itself (see `_raw_delivery`): nothing to inject.
+        apply_types=False,
+        logger=logging.getLogger("booking.runtime.faststream"),
+        log_level=_MESSAGE_LOG_LEVEL,
+        graceful_timeout=5.0,
+    )
+
+
+# --- pausing a subscriber (FastStream 0.7 has no pause) ----------------------------------------
+
+
+async def pause_subscriber(subscriber: RabbitSubscriber) -> None:
+    """Cancel the subscriber's consumer on its queue, leaving the subscriber running.
+
+    FastStream's own `stop()` first marks the subscriber stopped, and then ignores (never acks
+    nor hands back) the deliveries already on their way until the cancel lands: they would stay
+    unacked on the channel. Here the subscriber still passes each of them to its handler, which
+    hands them back while paused. The robust queue forgets a cancelled consumer, so a reconnect
+    does not restore it during the pause.
+    """
+    queue, tag = subscriber._queue_obj, subscriber._consumer_tag
+    subscriber._consumer_tag = None
+    if queue is not None and tag is not None:
+        with contextlib.suppress(Exception):
+            await queue.cancel(tag)
+
+
+async def resume_subscriber(subscriber: RabbitSubscriber) -> bool:
+    """Consume again with the subscriber's own callback; False while its queue is not there
+    (the broker was never reached). Raises while the broker is away."""
+    queue = subscriber._queue_obj
+    if queue is None:
+        return False
+    if subscriber._consumer_tag is None:
+        subscriber._consumer_tag = await queue.consume(
+            subscriber.consume,  # type: ignore[arg-type]
+            arguments=subscriber.consume_args,
+        )
+    return True

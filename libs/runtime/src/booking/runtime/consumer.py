@@ -14,6 +14,13 @@ A broken dependency is not a poison message: when a handler fails and the databa
 answer, the consumer pauses. It stops taking deliveries, hands back the unacked ones once
 (uncounted by its own retry budget; the queue's `x-delivery-limit` counts each hand-back, so it
 happens once per pause, not on every attempt) and resumes when the database answers again.
+
+The deliveries come from FastStream subscribers (booking.runtime.broker) with manual acks:
+FastStream's default policy rejects on error, which dead-letters at once and skips the delay
+queues. What FastStream lacks is this module, one thin wrapper around the subscriber: a
+RabbitMQ subscriber of FastStream takes one delivery per call, so the transactions that span
+several waiting deliveries, the inbox in them, the delay-queue retries, the dead letters and
+the pause are here.
 """
 
 from __future__ import annotations
@@ -28,13 +35,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractIncomingMessage
+from faststream.rabbit import RabbitQueue
+from faststream.rabbit.subscriber import RabbitSubscriber
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,7 +50,13 @@ from booking.contracts import (
     parse_envelope,
 )
 from booking.runtime import metrics
-from booking.runtime.broker import Broker, ConsumerQueues
+from booking.runtime.broker import (
+    Broker,
+    ConsumerQueues,
+    ConsumerTopology,
+    pause_subscriber,
+    resume_subscriber,
+)
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
 from booking.runtime.outages import OutageLog, describe, is_unreachable
@@ -98,8 +107,10 @@ Handler = Callable[[Any, MessageContext], Awaitable[None]]
 class QueueWorker:
     """Takes deliveries from one queue into a few workers, and pauses while the database is away.
 
-    Subclasses say which queue (`declare`) and what handling a batch of deliveries means
-    (`handle`).
+    The deliveries come from a FastStream subscriber with manual acks (`Broker.subscriber`); its
+    handler only hands each one over. Subclasses say which queue (`queue_definition`,
+    `topology`) and what handling a batch of deliveries means (`handle`), and call `_subscribe`
+    once they are built.
     """
 
     # One for every consumer of the process: a broker outage is reported once, not per queue.
@@ -121,39 +132,43 @@ class QueueWorker:
         self.prefetch = prefetch
         self.concurrency = concurrency
         self.max_batch = max_batch
-        self.queue: AbstractQueue | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self.subscriber: RabbitSubscriber | None = None
         self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._workers: list[asyncio.Task] = []
-        self._consumer_tag: str | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._paused = False
-        self._resume_task: asyncio.Task | None = None
+        self._resume_task: asyncio.Task[None] | None = None
         self._last_resumed: float | None = None
         self._resume_wait = _RESUME_FIRST_WAIT
         self.outage = OutageLog(log, f"the database (consumer {name})")
 
-    async def declare(self, channel: AbstractRobustChannel) -> AbstractQueue:
+    def queue_definition(self) -> RabbitQueue:
         raise NotImplementedError
+
+    def topology(self) -> ConsumerTopology | None:
+        """What the broker declares before this worker's subscriber consumes (None: the queue)."""
+        return None
 
     async def handle(self, messages: list[AbstractIncomingMessage]) -> None:
         raise NotImplementedError
+
+    def _subscribe(self) -> None:
+        self.subscriber = self.broker.subscriber(
+            self.queue_definition(),
+            prefetch=self.prefetch,
+            take=self.on_message,
+            topology=self.topology(),
+        )
 
     @property
     def paused(self) -> bool:
         return self._paused
 
-    async def attach(self, connection: AbstractRobustConnection) -> None:
-        """Declare the queue and start consuming (aio-pika re-attaches after reconnects)."""
+    def start(self) -> None:
         if not self._workers:
             self._workers = [
                 asyncio.create_task(self._work(), name=f"consumer-{self.name}-{i}")
                 for i in range(self.concurrency)
             ]
-        self._channel = await connection.channel(publisher_confirms=True)
-        await self._channel.set_qos(prefetch_count=self.prefetch)
-        self.queue = await self.declare(self._channel)
-        if not self._paused:
-            self._consumer_tag = await self.queue.consume(self.on_message)
 
     async def stop(self) -> None:
         tasks = [*self._workers, *([self._resume_task] if self._resume_task else [])]
@@ -164,10 +179,13 @@ class QueueWorker:
         self._resume_task = None
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """The subscriber's handler: hand the delivery to the workers (acked by them)."""
         if self._paused:
             # Sent before the broker heard of the pause: straight back.
             await self._hand_back([message])
             return
+        if not self._workers:
+            self.start()
         # Bounded by the prefetch count: the broker sends no more than that unacked.
         self._deliveries.put_nowait(message)
 
@@ -209,11 +227,8 @@ class QueueWorker:
             return
         self._paused = True
         metrics.CONSUMER_PAUSES.labels(self.name).inc()
-        tag, queue = self._consumer_tag, self.queue
-        self._consumer_tag = None
-        if tag is not None and queue is not None:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+        if self.subscriber is not None:
+            await pause_subscriber(self.subscriber)
         waiting = []
         while not self._deliveries.empty():
             waiting.append(self._deliveries.get_nowait())
@@ -239,10 +254,11 @@ class QueueWorker:
         while True:
             await asyncio.sleep(wait)
             wait = min(wait * 2, max(_RESUME_MAX_WAIT, self._resume_wait))
-            if self.queue is None or not await self.db.answers():
+            if self.subscriber is None or not await self.db.answers():
                 continue
             try:
-                self._consumer_tag = await self.queue.consume(self.on_message)
+                if not await resume_subscriber(self.subscriber):
+                    continue  # the broker was never reached: its subscriber consumes once it is
             except Exception as exc:
                 # The broker is away too: its robust channel comes back, then this succeeds.
                 self.broker_outage.failed(exc, "resuming")
@@ -265,22 +281,7 @@ class QueueWorker:
         self, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
     ) -> None:
         """Copy `message` to `queue` through the default exchange and wait for the confirm."""
-        assert self._channel is not None
-        await self._channel.default_exchange.publish(
-            aio_pika.Message(
-                body=message.body,
-                headers={**(message.headers or {}), **headers},
-                content_type=message.content_type,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                type=message.type,
-                timestamp=message.timestamp,
-                app_id=message.app_id,
-            ),
-            routing_key=queue,
-            timeout=10,
-        )
+        await self.broker.forward(message, queue, headers)
 
 
 class Consumer(QueueWorker):
@@ -318,15 +319,17 @@ class Consumer(QueueWorker):
         self._record_in_inbox = (
             insert(tables.inbox).on_conflict_do_nothing().returning(tables.inbox.c.message_id)
         )
+        self._subscribe()
 
     @property
     def routing_keys(self) -> list[str]:
         return sorted({t.binding_key() for t in self.handlers})
 
-    async def declare(self, channel: AbstractRobustChannel) -> AbstractQueue:
-        queue = await self.broker.declare_consumer(channel, self.queues, self.routing_keys)
-        log.info("consuming %s (%s)", self.queues.main, ", ".join(self.routing_keys))
-        return queue
+    def queue_definition(self) -> RabbitQueue:
+        return self.queues.main_queue()
+
+    def topology(self) -> ConsumerTopology:
+        return ConsumerTopology(self.queues, tuple(self.routing_keys))
 
     async def stop(self) -> None:
         for task in self._after_commit:

@@ -24,8 +24,9 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from aio_pika.abc import AbstractIncomingMessage
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query
+from faststream.rabbit import RabbitQueue
 from sqlalchemy import Row, and_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 
@@ -77,13 +78,13 @@ class DeadLetterKeeper(QueueWorker):
             max_batch=32,
         )
         self.consumer = consumer.name
+        self.queues = consumer.queues
         self.tables = tables
         self.outbox = outbox
+        self._subscribe()
 
-    async def declare(self, channel: AbstractRobustChannel) -> AbstractQueue:
-        return await channel.declare_queue(
-            self.name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+    def queue_definition(self) -> RabbitQueue:
+        return self.queues.dead_letter_queue()
 
     async def handle(self, messages: list[AbstractIncomingMessage]) -> None:
         for position, message in enumerate(messages):

@@ -138,8 +138,6 @@ class ServiceRuntime:
             outbox=self.outbox,
             broker=self.broker,
         )
-        self.broker.on_connected(self.consumer.attach)
-        self.broker.on_connected(self.dead_letter_keeper.attach)
         self.health.add(
             "rabbitmq", "consumers", self._check_consumers, ready=True, component_type="system"
         )
@@ -148,6 +146,9 @@ class ServiceRuntime:
         )
 
     async def start(self) -> None:
+        if self.consumer is not None and self.dead_letter_keeper is not None:
+            self.consumer.start()
+            self.dead_letter_keeper.start()
         self.broker.start()
         if self.relay is not None:
             self.relay.start()
@@ -173,7 +174,7 @@ class ServiceRuntime:
         traffic, run with the migrations), without starting anything."""
         consumers = []
         if self.consumer is not None:
-            consumers.append((self.consumer.queues, self.consumer.routing_keys))
+            consumers.append(self.consumer.topology())
         await self.broker.declare_topology(consumers)
 
     @asynccontextmanager
