@@ -71,7 +71,7 @@ def skip_known_gap(service: str) -> None:
         pytest.skip(f"{service} is in KNOWN_GAPS: it does not have the template's shape yet")
 
 
-def imports(tree: ast.AST) -> Iterator[tuple[str, str | None, ast.stmt]]:
+def imports(tree: ast.AST) -> Iterator[tuple[str, str | None, ast.Import | ast.ImportFrom]]:
     """(module, name or None for `import module`, the statement) for every import, nested ones
     included."""
     for node in ast.walk(tree):
