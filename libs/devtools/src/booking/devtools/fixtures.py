@@ -35,6 +35,7 @@ import pytest
 import uvicorn
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
+from faststream.rabbit import RabbitBroker
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
@@ -42,6 +43,7 @@ from sqlmodel import SQLModel
 from booking.contracts import Event, wrap
 from booking.devtools.devrun import MIGRATED
 from booking.runtime.broker import ConsumerQueues, OutgoingMessage
+from booking.runtime.service import ServiceRuntime
 from booking.runtime.settings import (
     DEFAULT_DATABASE_URL,
     DEFAULT_RABBITMQ_URL,
@@ -514,6 +516,60 @@ async def publish_event(
             type=envelope.type,
         )
     )
+
+
+@contextlib.asynccontextmanager
+async def on_test_broker(runtime: ServiceRuntime) -> AsyncIterator[RabbitBroker]:
+    """The runtime's subscribers on FastStream's `TestRabbitBroker`: in process, no RabbitMQ.
+
+    For handler tests where a real broker is not the point: `deliver` hands an event to the
+    service's consumer, whose handler runs with the inbox in one transaction on the test's
+    database, as it would from the queue. The delivery guarantees (acks after commit, delay
+    queues, dead letters, the pause) are tested against the real RabbitMQ. The runtime is not
+    started: no relay, no connection.
+    """
+    from faststream.rabbit import TestRabbitBroker
+
+    consumer, keeper = runtime.consumer, runtime.dead_letter_keeper
+    if consumer is None or keeper is None:
+        raise RuntimeError(f"{runtime.name} consumes nothing: there is no handler to test")
+    consumer.start()
+    keeper.start()
+    try:
+        async with TestRabbitBroker(runtime.broker.faststream) as broker:
+            yield broker
+    finally:
+        await consumer.stop()
+        await keeper.stop()
+
+
+async def deliver(
+    runtime: ServiceRuntime,
+    event: Event,
+    *,
+    message_id: uuid.UUID | None = None,
+    correlation_id: str | None = None,
+) -> uuid.UUID:
+    """Deliver `event` to the runtime's consumer (under `on_test_broker`) as its queue would:
+    in its envelope, with its message id; returns that id. The handler runs in the consumer's
+    workers: wait for its effect with `eventually`."""
+    assert runtime.consumer is not None
+    envelope = wrap(
+        event,
+        message_id=message_id or uuid.uuid4(),
+        correlation_id=correlation_id or str(uuid.uuid4()),
+    )
+    await runtime.broker.faststream.publish(
+        aio_pika.Message(
+            envelope.model_dump_json().encode(),
+            message_id=str(envelope.message_id),
+            correlation_id=envelope.correlation_id,
+            type=envelope.type,
+            content_type="application/json",
+        ),
+        routing_key=runtime.consumer.queues.main,
+    )
+    return envelope.message_id
 
 
 @dataclass
