@@ -1,4 +1,5 @@
-"""The generated AsyncAPI document covers every event, and the committed copy is current."""
+"""The generated AsyncAPI document covers every event, what each service receives and the admin
+websocket, and the committed copy is current."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from booking.contracts import (
     Event,
     registered_events,
 )
-from booking.contracts.asyncapi import build_asyncapi, render
+from booking.contracts.asyncapi import (
+    WEBSOCKET_CHANNEL,
+    WEBSOCKET_RECEIVED,
+    WEBSOCKET_SENT,
+    build_asyncapi,
+    render,
+    running_subscriptions,
+)
 
 COMMITTED = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.json"
 ENVELOPE_FIELDS = {
@@ -57,13 +65,78 @@ def test_header(document: dict[str, Any]):
     assert document["info"]["version"] == "1.0.0"
 
 
+def published(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: operation
+        for name, operation in document["operations"].items()
+        if operation["action"] == "send" and "amqp" in operation.get("bindings", {})
+    }
+
+
+def received(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: operation
+        for name, operation in document["operations"].items()
+        if operation["action"] == "receive" and "amqp" in operation.get("bindings", {})
+    }
+
+
 def test_one_channel_per_event_plus_the_admin_alerts(document: dict[str, Any]):
     names = {event.event_type() for event in registered_events()}
-    assert set(document["channels"]) == names | {"AdminAlerts.AdminNotificationRaised"}
-    assert set(document["operations"]) == set(document["channels"])
-    for operation in document["operations"].values():
-        assert operation["action"] == "send"
+    assert set(published(document)) == names | {"AdminAlerts.AdminNotificationRaised"}
+    for operation in published(document).values():
         assert operation["bindings"]["amqp"]["deliveryMode"] == 2  # persistent
+
+
+def test_one_receiving_channel_per_event_each_service_subscribes_to(document: dict[str, Any]):
+    subscriptions = running_subscriptions()
+    assert set(received(document)) == {
+        f"{service}.{event.event_type()}"
+        for service, events in subscriptions.items()
+        for event in events
+    }
+    for service, events in subscriptions.items():
+        for event in events:
+            channel = document["channels"][f"{service}.{event.event_type()}"]
+            # The service's queue, bound with the event's key on the topic exchange.
+            assert channel["address"] == event.binding_key()
+            assert channel["bindings"]["amqp"]["queue"]["name"] == service
+            assert channel["bindings"]["amqp"]["queue"]["durable"] is True
+            envelope = message_payload(document, channel)
+            assert envelope["properties"]["type"]["const"] == event.event_type()
+
+
+def test_every_event_published_on_the_topic_exchange_has_a_receiver(document: dict[str, Any]):
+    # Publishing is mandatory: an event no queue takes would wait in its outbox for ever. The
+    # notifications go out on the admin alerts fanout instead, to every gateway replica.
+    taken = {event for events in running_subscriptions().values() for event in events}
+    untaken = [e for e in registered_events() if e not in taken]
+    assert untaken == [AdminNotificationRaised]
+
+
+def test_the_admin_websocket_is_described_both_ways(document: dict[str, Any]):
+    channel = document["channels"][WEBSOCKET_CHANNEL]
+    assert channel["address"] == "/ws/admin"
+    (server,) = channel["servers"]
+    assert resolve(document, server)["protocol"] == "ws"
+    sends = document["operations"][f"{WEBSOCKET_CHANNEL}.send"]
+    receives = document["operations"][f"{WEBSOCKET_CHANNEL}.receive"]
+    assert (sends["action"], receives["action"]) == ("send", "receive")
+
+    def frame_types(operation: dict[str, Any]) -> set[str]:
+        payloads = (
+            resolve(document, resolve(document, resolve(document, m))["payload"])
+            for m in operation["messages"]
+        )
+        return {payload["properties"]["type"]["const"] for payload in payloads}
+
+    assert frame_types(sends) == {"hello", "notification", "resumed", "ping", "pong", "error"}
+    assert frame_types(receives) == {"resume", "ping", "pong"}
+    assert len(WEBSOCKET_SENT) == 6 and len(WEBSOCKET_RECEIVED) == 3
+    notification = resolve(
+        document, document["components"]["schemas"]["ws.NotificationFrame"]["properties"]["data"]
+    )
+    assert {"id", "type", "severity", "occurrences"} <= set(notification["properties"])
 
 
 @pytest.mark.parametrize("event", registered_events(), ids=lambda e: e.event_type())

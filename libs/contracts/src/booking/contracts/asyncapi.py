@@ -1,16 +1,28 @@
-"""The AsyncAPI 3.0 document of every event, generated from the registered event models.
+"""The AsyncAPI 3.0 document of the system's messaging, generated, never written by hand.
+
+- Every event, published on the topic exchange (AdminNotificationRaised on the admin alerts
+  fanout too): generated from the registered event models.
+- What each service receives: one `receive` operation per binding of its queue, generated from
+  the runtime's topology (booking.runtime.broker: the exchanges and the consumer's queue, as its
+  FastStream subscriber declares them) and from the mapping each service's composition root
+  subscribes with (`booking.<service>.handlers.subscribers`).
+- The gateway's `/ws/admin` websocket (docs/websocket.md): its frames, both ways.
 
 `python -m booking.contracts.asyncapi > docs/asyncapi.json` regenerates the committed document.
+The runtime and the services are imported only here, to generate it: the contracts themselves
+import neither.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
+from faststream.rabbit import RabbitBroker
 from faststream.specification import AsyncAPI
-from pydantic import create_model
+from pydantic import BaseModel, Field, create_model
 
 import booking.contracts.events  # noqa: F401  (registers every event)
 from booking.contracts.envelope import (
@@ -21,9 +33,13 @@ from booking.contracts.envelope import (
     Event,
     registered_events,
 )
+from booking.contracts.http import Notification
 
 TITLE = "Mentor booking events"
 VERSION = "1.0.0"
+
+# The services with a queue of their own (the gateway consumes only the admin alerts fanout).
+CONSUMING_SERVICES = ("orders", "payments", "calendar", "notifications")
 
 
 def envelope_model(event: type[Event]) -> type[Envelope]:
@@ -40,11 +56,29 @@ def envelope_model(event: type[Event]) -> type[Envelope]:
     )
 
 
-def build_broker() -> RabbitBroker:
-    """A never-connected broker whose publishers document every event."""
+def running_subscriptions() -> dict[str, list[type[Event]]]:
+    """The events each service's queue takes: the keys of the mapping its composition root
+    subscribes with (the handlers in it refer to the service only when called)."""
+    subscriptions = {}
+    for service in CONSUMING_SERVICES:
+        handlers = importlib.import_module(f"booking.{service}.handlers")
+        mapping = handlers.subscribers(None)
+        subscriptions[service] = sorted(mapping, key=lambda event: event.event_type())
+    return subscriptions
+
+
+def build_broker(subscriptions: Mapping[str, Sequence[type[Event]]] | None = None) -> RabbitBroker:
+    """A never-connected broker whose publishers document every event, and whose subscribers
+    document what each service receives, on the runtime's own topology."""
+    from booking.runtime.broker import (
+        ConsumerQueues,
+        alerts_exchange_named,
+        events_exchange_named,
+    )
+
     broker = RabbitBroker()
-    events_exchange = RabbitExchange(EXCHANGE, type=ExchangeType.TOPIC, durable=True)
-    alerts_exchange = RabbitExchange(ADMIN_ALERTS_EXCHANGE, type=ExchangeType.FANOUT, durable=True)
+    events_exchange = events_exchange_named(EXCHANGE)
+    alerts_exchange = alerts_exchange_named(ADMIN_ALERTS_EXCHANGE)
 
     for event in registered_events():
         schema = envelope_model(event)
@@ -65,13 +99,174 @@ def build_broker() -> RabbitBroker:
                 description=f"{description} Fanned out live to every gateway.",
                 schema=schema,
             )
+
+    if subscriptions is None:
+        subscriptions = running_subscriptions()
+    for service, events in subscriptions.items():
+        # Named as the runtime names it with its default settings (no queue prefix); the
+        # retry budget does not show in the document.
+        queues = ConsumerQueues.named(service, max_attempts=1, base_delay_ms=1)
+        for event in events:
+            subscriber = broker.subscriber(
+                queues.main_queue(routing_key=event.binding_key()),
+                events_exchange,
+                title=f"{service}.{_channel_name(event)}",
+                description=(
+                    f"{service} receives {event.event_type()} v{event.version} on its queue, "
+                    "acked once handled (manual acks, at least once, deduplicated by message_id)."
+                ),
+            )
+            subscriber(_receiver(envelope_model(event)))
     return broker
 
 
-def build_asyncapi() -> dict[str, Any]:
+def _receiver(schema: type[Envelope]) -> Any:
+    """A handler that only documents: FastStream reads the message's schema off its signature."""
+
+    async def receive(envelope: Any) -> None:
+        raise NotImplementedError("documents the subscription; never runs")
+
+    receive.__annotations__ = {"envelope": schema, "return": None}
+    return receive
+
+
+# --- the gateway's /ws/admin websocket (docs/websocket.md) ------------------------------------
+
+
+class Hello(BaseModel):
+    """First, always: the id of the newest notification (0 when there is none); null, with a
+    detail, when the notifications service could not be asked."""
+
+    type: Literal["hello"]
+    last_id: int | None
+    detail: str | None = None
+
+
+class NotificationFrame(BaseModel):
+    """A notification was stored, or counted up (the same id with more occurrences)."""
+
+    type: Literal["notification"]
+    data: Notification
+
+
+class Resumed(BaseModel):
+    """A replay is over: `replayed` notifications after `after_id` were sent; live again."""
+
+    type: Literal["resumed"]
+    after_id: int
+    replayed: int
+
+
+class Ping(BaseModel):
+    """A heartbeat: answer it (any message will do)."""
+
+    type: Literal["ping"]
+
+
+class Pong(BaseModel):
+    """The answer to a ping."""
+
+    type: Literal["pong"]
+
+
+class ErrorFrame(BaseModel):
+    """Something the client should know; the connection stays open."""
+
+    type: Literal["error"]
+    code: Literal["bad_message", "resume_busy", "resume_failed", "feed_interrupted"]
+    detail: str
+
+
+class Resume(BaseModel):
+    """Replay every notification with an id above `after_id`, oldest first, then go on live."""
+
+    type: Literal["resume"]
+    after_id: int = Field(ge=0)
+
+
+WEBSOCKET_CHANNEL = "AdminWebSocket"
+WEBSOCKET_SERVER = "gateway"
+WEBSOCKET_SENT: tuple[type[BaseModel], ...] = (
+    Hello,
+    NotificationFrame,
+    Resumed,
+    Ping,
+    Pong,
+    ErrorFrame,
+)
+WEBSOCKET_RECEIVED: tuple[type[BaseModel], ...] = (Resume, Ping, Pong)
+
+
+def add_admin_websocket(document: dict[str, Any]) -> None:
+    """Describe `/ws/admin` in `document`: a server of its own (the gateway), one channel, the
+    frames the gateway sends and those it receives (JSON text frames)."""
+    components = document.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    messages = components.setdefault("messages", {})
+    frames = {*WEBSOCKET_SENT, *WEBSOCKET_RECEIVED}
+    for frame in sorted(frames, key=lambda model: model.__name__):
+        schema = frame.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in schema.pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        schemas[f"ws.{frame.__name__}"] = schema
+        messages[f"ws.{frame.__name__}"] = {
+            "name": frame.__name__,
+            "title": frame.__name__,
+            "summary": " ".join((frame.__doc__ or "").split()),
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/ws.{frame.__name__}"},
+        }
+    document.setdefault("servers", {})[WEBSOCKET_SERVER] = {
+        "host": "127.0.0.1:8000",
+        "protocol": "ws",
+        "description": (
+            "The gateway's admin websocket (wss in a deployment); an admin's bearer token in "
+            "the Authorization header or the access_token query parameter."
+        ),
+    }
+    document["channels"][WEBSOCKET_CHANNEL] = {
+        "address": "/ws/admin",
+        "description": (
+            "Every admin notification, pushed the moment it is stored or counted up; a resume "
+            "replays what a client missed (docs/websocket.md)."
+        ),
+        "servers": [{"$ref": f"#/servers/{WEBSOCKET_SERVER}"}],
+        "messages": {
+            frame.__name__: {"$ref": f"#/components/messages/ws.{frame.__name__}"}
+            for frame in sorted(frames, key=lambda model: model.__name__)
+        },
+    }
+    channel = {"$ref": f"#/channels/{WEBSOCKET_CHANNEL}"}
+    document["operations"][f"{WEBSOCKET_CHANNEL}.send"] = {
+        "action": "send",
+        "channel": channel,
+        "summary": "The gateway pushes these frames to the admin.",
+        "messages": [
+            {"$ref": f"#/channels/{WEBSOCKET_CHANNEL}/messages/{frame.__name__}"}
+            for frame in WEBSOCKET_SENT
+        ],
+    }
+    document["operations"][f"{WEBSOCKET_CHANNEL}.receive"] = {
+        "action": "receive",
+        "channel": channel,
+        "summary": "The gateway answers these frames from the admin.",
+        "messages": [
+            {"$ref": f"#/channels/{WEBSOCKET_CHANNEL}/messages/{frame.__name__}"}
+            for frame in WEBSOCKET_RECEIVED
+        ],
+    }
+
+
+def build_asyncapi(
+    subscriptions: Mapping[str, Sequence[type[Event]]] | None = None,
+) -> dict[str, Any]:
     """The AsyncAPI 3.0 document as plain JSON-able data."""
-    spec = AsyncAPI(build_broker(), title=TITLE, version=VERSION, schema_version="3.0.0")
-    return spec.to_specification().to_jsonable()
+    spec = AsyncAPI(
+        build_broker(subscriptions), title=TITLE, version=VERSION, schema_version="3.0.0"
+    )
+    document: dict[str, Any] = spec.to_specification().to_jsonable()
+    add_admin_websocket(document)
+    return document
 
 
 def render(document: dict[str, Any]) -> str:

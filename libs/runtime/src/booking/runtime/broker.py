@@ -94,11 +94,13 @@ class ConsumerQueues:
     def max_attempts(self) -> int:
         return len(self.retry_delays_ms) + 1
 
-    def main_queue(self) -> RabbitQueue:
+    def main_queue(self, routing_key: str = "") -> RabbitQueue:
+        """The main queue (`routing_key`: one of its bindings, for the AsyncAPI document)."""
         return RabbitQueue(
             self.main,
             QueueType.QUORUM,
             durable=True,
+            routing_key=routing_key,
             arguments={
                 # A message that kills the consumer before it can ack (so never reaches our own
                 # retry path) is still dead-lettered after this many deliveries.
