@@ -45,13 +45,17 @@ CONSUMING_SERVICES = ("orders", "payments", "calendar", "notifications")
 def envelope_model(event: type[Event]) -> type[Envelope]:
     """The envelope of one event: its type, version and producer fixed, its payload typed."""
     name = _channel_name(event)
+    # Types built at run time, which a type checker cannot follow.
+    type_: Any = Literal[event.event_type()]
+    version: Any = Literal[event.version]
+    producer: Any = str if event.producer == ANY_PRODUCER else Literal[event.producer]
     return create_model(
         f"{name}Envelope",
         __base__=Envelope,
         __doc__=f"The envelope of a {event.event_type()} v{event.version} event.",
-        type=(Literal[event.event_type()], ...),
-        version=(Literal[event.version], ...),
-        producer=(str if event.producer == ANY_PRODUCER else Literal[event.producer], ...),
+        type=(type_, ...),
+        version=(version, ...),
+        producer=(producer, ...),
         payload=(event, ...),
     )
 

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aio_pika
 from aio_pika.abc import (
@@ -50,6 +50,9 @@ from faststream.rabbit import (
     RabbitQueue,
 )
 from faststream.rabbit.subscriber import RabbitSubscriber
+
+if TYPE_CHECKING:
+    from faststream.rabbit.utils import RabbitClientProperties
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +409,8 @@ class Broker:
 def _faststream_broker(url: str, client_name: str, reconnect_interval: float) -> RabbitBroker:
     return RabbitBroker(
         url,
-        client_properties={"connection_name": client_name},
+        # aio-pika's own client property, which FastStream's typing does not list.
+        client_properties=cast("RabbitClientProperties", {"connection_name": client_name}),
         timeout=5,
         reconnect_interval=reconnect_interval,
         app_id=client_name,

@@ -314,7 +314,7 @@ class Consumer(QueueWorker):
         self.outbox = outbox
         self.handlers = dict(handlers)
         self.queues = ConsumerQueues.named(name, max_attempts, retry_base_delay_ms)
-        self._after_commit: set[asyncio.Task] = set()
+        self._after_commit: set[asyncio.Task[None]] = set()
         # Executed with a list of rows: one multi-row INSERT, compiled once and cached.
         self._record_in_inbox = (
             insert(tables.inbox).on_conflict_do_nothing().returning(tables.inbox.c.message_id)
@@ -404,8 +404,8 @@ class Consumer(QueueWorker):
     async def _handle_once(
         self, work: list[tuple[AbstractIncomingMessage, Envelope, Event, Handler]]
     ) -> tuple[list[str], list[tuple[Callable[[], Awaitable[None]], Envelope]]]:
-        outcomes = []
-        after_commit = []
+        outcomes: list[str] = []
+        after_commit: list[tuple[Callable[[], Awaitable[None]], Envelope]] = []
         async with self.db.transaction() as session:
             # One statement records the whole batch in the inbox; what it returns is new.
             first_seen = set(
@@ -438,7 +438,7 @@ class Consumer(QueueWorker):
     async def _retry_or_dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception
     ) -> None:
-        attempt = int((message.headers or {}).get("x-attempt", 0)) + 1
+        attempt = _attempts_before(message) + 1
         error = f"{type(exc).__name__}: {exc}"
         if attempt >= self.queues.max_attempts:
             log.error(
@@ -477,7 +477,7 @@ class Consumer(QueueWorker):
         error: str,
     ) -> None:
         """To the dead-letter queue, where the service's keeper stores and reports it."""
-        attempts = int((message.headers or {}).get("x-attempt", 0)) + 1
+        attempts = _attempts_before(message) + 1
         await self.forward(
             message,
             self.queues.dead_letter,
@@ -493,3 +493,9 @@ class Consumer(QueueWorker):
         metrics.MESSAGES_HANDLED.labels(
             self.name, envelope.type if envelope else "unreadable", "dead_lettered"
         ).inc()
+
+
+def _attempts_before(message: AbstractIncomingMessage) -> int:
+    """How many times the message failed before this delivery (our own x-attempt header)."""
+    attempts: Any = (message.headers or {}).get("x-attempt", 0)
+    return int(attempts)

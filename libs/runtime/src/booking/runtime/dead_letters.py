@@ -116,7 +116,8 @@ class DeadLetterKeeper(QueueWorker):
                 "queue's delivery limit): the consumer stopped or crashed while handling it"
             )
         )
-        attempts = int(headers.get("x-attempt") or deliveries or 1)
+        recorded: Any = headers.get("x-attempt")
+        attempts = int(recorded or deliveries or 1)
         message_id = str(envelope.message_id) if envelope else message.message_id
         event_type = envelope.type if envelope else message.type
         routing_key = (
@@ -138,12 +139,12 @@ class DeadLetterKeeper(QueueWorker):
             "status": KEPT,
             "dead_lettered_at": now,
         }
-        statement = insert(dead).values(**values)
+        inserting = insert(dead).values(**values)
         # Dead-lettered again after a replay: back to its row, kept again.
-        statement = statement.on_conflict_do_update(
+        statement = inserting.on_conflict_do_update(
             constraint="uq_dead_letters_message",
             set_={
-                **{name: statement.excluded[name] for name in values if name != "consumer"},
+                **{name: inserting.excluded[name] for name in values if name != "consumer"},
                 "times": dead.c.times + 1,
                 "replayed_at": None,
                 "discarded_at": None,
@@ -378,7 +379,7 @@ class DeadLetters:
 
     async def _locked(self, session: Any, number: int) -> Row[Any]:
         dead = self.tables.dead_letters
-        row = (
+        row: Row[Any] | None = (
             await session.execute(select(dead).where(dead.c.id == number).with_for_update())
         ).one_or_none()
         if row is None:
@@ -432,7 +433,7 @@ class DeadLetters:
         """An admin's decision on a dead letter: its new status (`stamps`), who and why, and
         the audit of it, in the caller's transaction; the row as it now is."""
         dead = self.tables.dead_letters
-        decided = (
+        decided: Row[Any] = (
             await session.execute(
                 update(dead)
                 .where(dead.c.id == row.id)

@@ -135,7 +135,7 @@ class OutboxRelay:
         self._listen_dsn = listen_dsn
         # Wake-ups are tokens, one worker each: a commit wakes one worker, not all of them.
         self._wakeups: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         table = f'"{tables.schema}".outbox'
         # asyncpg's own placeholders: these run on the driver itself (see relay_batch).
         self._claim = f"""
@@ -196,7 +196,7 @@ class OutboxRelay:
         async with self.engine.connect() as conn:
             # On the pooled connection's asyncpg itself: this runs every few events, and through
             # SQLAlchemy an empty claim cost 250 us of CPU, here 150 us (measured).
-            driver = (await conn.get_raw_connection()).driver_connection
+            driver: Any = (await conn.get_raw_connection()).driver_connection
             try:
                 async with driver.transaction():
                     rows = await driver.fetch(self._claim, self.batch_size)
@@ -359,4 +359,5 @@ class OutboxRelay:
             )
         if oldest is None:
             return 0.0
-        return max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        age: float = (datetime.now(UTC) - oldest).total_seconds()
+        return max(0.0, age)

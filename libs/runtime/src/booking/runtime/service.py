@@ -11,7 +11,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,7 +33,7 @@ from booking.contracts import Event
 from booking.runtime import context, metrics
 from booking.runtime.auth import TokenVerifier
 from booking.runtime.broker import Broker
-from booking.runtime.health import Health, Observation, timed_ms
+from booking.runtime.health import Health, Observation, Status, timed_ms
 from booking.runtime.problems import install_problem_handlers
 from booking.runtime.settings import RuntimeSettings
 
@@ -235,7 +242,7 @@ class ServiceRuntime:
                 "rabbitmq", "consumers", "fail", "system", 0, output="not connected to RabbitMQ"
             )
         _, consumers = await self.broker.queue_stats(self.consumer.queues.main)
-        status = "pass" if consumers > 0 else "fail"
+        status: Status = "pass" if consumers > 0 else "fail"
         output = None if consumers else f"no consumer attached to {self.consumer.queues.main}"
         return Observation("rabbitmq", "consumers", status, "system", consumers, output=output)
 
@@ -286,7 +293,7 @@ class ServiceRuntime:
     async def _check_outbox_lag(self) -> Observation:
         assert self.relay is not None
         age = await self.relay.oldest_unsent_age()
-        status = "warn" if age > self.settings.outbox_lag_warn_seconds else "pass"
+        status: Status = "warn" if age > self.settings.outbox_lag_warn_seconds else "pass"
         return Observation(
             "outbox",
             "lag",
@@ -313,7 +320,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status_holder = {"status": 500}
 
-        async def send_with_header(message: dict[str, Any]) -> None:
+        async def send_with_header(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
