@@ -211,6 +211,7 @@ class Broker:
             events_exchange_named(events_exchange),
             alerts_exchange_named(alerts_exchange),
         )
+        self._declared = {exchange.name: exchange for exchange in self.exchanges}
         self.faststream = _faststream_broker(url, client_name, reconnect_interval)
         self.connection: AbstractRobustConnection | None = None
         self._consumers: list[ConsumerTopology] = []
@@ -361,10 +362,10 @@ class Broker:
     async def _publish(
         self, amqp: aio_pika.Message, exchange: str, routing_key: str, *, mandatory: bool
     ) -> None:
-        known = {e.name: e for e in self.exchanges}
         result = await self.faststream.publish(
             amqp,  # built in full above: FastStream sends it as it is
-            exchange=known.get(exchange, exchange),
+            # The declared definition: FastStream finds the exchange it declared by it.
+            exchange=self._declared.get(exchange, exchange),
             routing_key=routing_key,
             mandatory=mandatory,
             timeout=PUBLISH_TIMEOUT_SECONDS,

@@ -164,6 +164,7 @@ class QueueWorker:
         return self._paused
 
     def start(self) -> None:
+        """Start the workers (before the broker, so that no delivery waits for them)."""
         if not self._workers:
             self._workers = [
                 asyncio.create_task(self._work(), name=f"consumer-{self.name}-{i}")
@@ -184,8 +185,6 @@ class QueueWorker:
             # Sent before the broker heard of the pause: straight back.
             await self._hand_back([message])
             return
-        if not self._workers:
-            self.start()
         # Bounded by the prefetch count: the broker sends no more than that unacked.
         self._deliveries.put_nowait(message)
 
