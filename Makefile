@@ -74,9 +74,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-## asyncapi: write the AsyncAPI document generated from libs/contracts
+## asyncapi: write the AsyncAPI document generated from the contracts and the running subscribers
 asyncapi: install
-	$(PY) -m booking.contracts.asyncapi > docs/asyncapi.json
+	DEVELOPMENT_MODE=true $(PY) -m booking.devtools.asyncapi > docs/asyncapi.json
 	@echo "wrote docs/asyncapi.json"
 
 ## token: print a signed dev token, e.g. make token ROLE=mentor SUB=<mentor id>

@@ -4,13 +4,12 @@
   fanout too): generated from the registered event models.
 - What each service receives: one `receive` operation per binding of its queue, generated from
   the runtime's topology (booking.runtime.broker: the exchanges and the consumer's queue, as its
-  FastStream subscriber declares them) and from the mapping each service's composition root
-  subscribes with (`booking.<service>.handlers.subscribers`).
+  FastStream subscriber declares them) and from the consumer each service's composition root
+  builds.
 - The gateway's `/ws/admin` websocket (docs/websocket.md): its frames, both ways.
 
-`python -m booking.contracts.asyncapi > docs/asyncapi.json` regenerates the committed document.
-The runtime and the services are imported only here, to generate it: the contracts themselves
-import neither.
+`make asyncapi` regenerates the committed document. A development tool: it builds every
+service's app (in development mode, connecting to nothing), which no shipped package may do.
 """
 
 from __future__ import annotations
@@ -61,13 +60,13 @@ def envelope_model(event: type[Event]) -> type[Envelope]:
 
 
 def running_subscriptions() -> dict[str, list[type[Event]]]:
-    """The events each service's queue takes: the keys of the mapping its composition root
-    subscribes with (the handlers in it refer to the service only when called)."""
+    """The events each service's queue takes, read from the consumer its composition root
+    builds (`create_app`): what runs, not a list kept beside it. Nothing connects."""
     subscriptions = {}
     for service in CONSUMING_SERVICES:
-        handlers = importlib.import_module(f"booking.{service}.handlers")
-        mapping = handlers.subscribers(None)
-        subscriptions[service] = sorted(mapping, key=lambda event: event.event_type())
+        app = importlib.import_module(f"booking.{service}.app").create_app()
+        consumer = app.state.runtime.consumer
+        subscriptions[service] = sorted(consumer.handlers, key=lambda event: event.event_type())
     return subscriptions
 
 

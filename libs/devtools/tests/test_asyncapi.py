@@ -17,7 +17,7 @@ from booking.contracts import (
     Event,
     registered_events,
 )
-from booking.contracts.asyncapi import (
+from booking.devtools.asyncapi import (
     WEBSOCKET_CHANNEL,
     WEBSOCKET_RECEIVED,
     WEBSOCKET_SENT,
@@ -189,7 +189,7 @@ def test_admin_notifications_are_also_on_the_fanout_exchange(document: dict[str,
 
 
 def test_committed_document_is_current(document: dict[str, Any]):
-    hint = "regenerate it: python -m booking.contracts.asyncapi > docs/asyncapi.json"
+    hint = "regenerate it: make asyncapi"
     assert COMMITTED.is_file(), f"{COMMITTED} is missing; {hint}"
     committed = COMMITTED.read_text(encoding="utf-8")
     assert json.loads(committed) == document, f"{COMMITTED} is stale; {hint}"
