@@ -1,8 +1,13 @@
-"""What the notifications service makes of each failure event, published on its real exchange.
+"""What the notifications service makes of each failure event.
 
 Each event becomes a stored notification with the type, severity, title, message and metadata of
 the mapping table, published to the admin alerts fanout; repeats count up instead of flooding;
 a redelivery never counts twice; and a failure to handle a failure report does not loop.
+
+The events reach the service's subscribers on FastStream's TestRabbitBroker (the `handling`
+harness), and what it publishes is read from its outbox, where the handler's transaction records
+it. The tests whose point is the broker (replicas sharing a queue; retries, dead letters and the
+reports the relay brings back) run on the real RabbitMQ (the `notifications` harness).
 """
 
 from __future__ import annotations
@@ -485,11 +490,11 @@ CASES: dict[str, Callable[[], Case]] = {
 class TestMapping:
     @pytest.mark.parametrize("name", list(CASES))
     async def test_each_failure_event_raises_the_notification_of_the_mapping(
-        self, notifications, name: str
+        self, handling, name: str
     ) -> None:
         case = CASES[name]()
         occurred = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
-        row = await notifications.raise_(case.event, occurred_at=occurred, producer=case.producer)
+        row = await handling.raise_(case.event, occurred_at=occurred, producer=case.producer)
 
         assert (TYPES[row["type"]], SEVERITIES[row["severity"]]) == (case.type, case.severity)
         assert row["title"] == case.title
@@ -498,8 +503,7 @@ class TestMapping:
         assert (row["occurrences"], row["is_read"], row["read_at"]) == (1, False, None)
         assert row["created_at"] == row["last_occurred_at"] == occurred
 
-        await notifications.quiet()
-        [raised] = notifications.alerts.payloads(row["id"])
+        [raised] = await handling.alerts(row["id"])
         assert raised == {
             "id": row["id"],
             "type": case.type,
@@ -514,7 +518,7 @@ class TestMapping:
             "occurrences": 1,
             "last_occurred_at": occurred.isoformat().replace("+00:00", "Z"),
         }
-        assert notifications.reported() == []
+        assert await handling.reported() == [] and await handling.dead_letters() == []
 
 
 def unknown_ref_report(refs: list[str], count: int) -> PaymentAnomalyDetected:
@@ -532,7 +536,7 @@ def unknown_ref_report(refs: list[str], count: int) -> PaymentAnomalyDetected:
 
 class TestUnknownRefTallies:
     async def test_a_flood_reported_in_tallies_is_one_notification_that_counts_every_webhook(
-        self, notifications
+        self, handling
     ) -> None:
         refs = [f"{n:024x}" for n in range(10_000)]
         # As payments reports a flood: the first at once, then what came each few seconds.
@@ -540,28 +544,25 @@ class TestUnknownRefTallies:
         start = datetime.now(UTC) - timedelta(minutes=10)
         for n, chunk in enumerate(chunks):  # seconds apart, as payments sends them
             report = unknown_ref_report(chunk, len(chunk))
-            await notifications.raise_(report, occurred_at=start + timedelta(seconds=5 * n))
+            await handling.raise_(report, occurred_at=start + timedelta(seconds=5 * n))
 
-        [row] = await notifications.rows()
+        [row] = await handling.rows()
         assert row["occurrences"] == row["metadata"]["webhooks"] == 10_000
         assert row["metadata"]["first_payment_refs"] == refs[:20]
         assert row["metadata"]["last_payment_refs"] == refs[-20:]
         assert row["metadata"]["payment_ref"] == refs[9000]
         assert row["message"].startswith("10000 webhooks named payment refs")
         assert (SEVERITIES[row["severity"]], row["created_at"]) == ("Warning", start)
-        await notifications.quiet()
-        raised = notifications.alerts.payloads(row["id"])
+        raised = await handling.alerts(row["id"])
         # Each report told the admins once, with the total so far.
         assert [r["occurrences"] for r in raised] == [1, 2500, 5000, 9000, 10_000]
 
     async def test_a_report_after_the_window_opens_a_notification_of_its_own_refs(
-        self, notifications
+        self, handling
     ) -> None:
         start = datetime.now(UTC) - timedelta(hours=3)
-        old = await notifications.raise_(
-            unknown_ref_report(["a" * 24, "b" * 24], 2), occurred_at=start
-        )
-        new = await notifications.raise_(
+        old = await handling.raise_(unknown_ref_report(["a" * 24, "b" * 24], 2), occurred_at=start)
+        new = await handling.raise_(
             unknown_ref_report(["c" * 24], 1), occurred_at=start + timedelta(hours=2)
         )
 
@@ -569,7 +570,7 @@ class TestUnknownRefTallies:
         assert new["metadata"]["first_payment_refs"] == ["c" * 24]
 
     async def test_other_payment_anomalies_stay_one_notification_per_payment(
-        self, notifications
+        self, handling
     ) -> None:
         events = [
             PaymentAnomalyDetected(
@@ -580,9 +581,9 @@ class TestUnknownRefTallies:
             )
             for _ in range(3)
         ]
-        await notifications.handled(*[await notifications.publish(e) for e in events])
+        await handling.handled(*[await handling.deliver(e) for e in events])
 
-        rows = await notifications.rows()
+        rows = await handling.rows()
         assert sorted(r["metadata"]["payment_ref"] for r in rows) == sorted(
             e.payment_ref for e in events
         )
@@ -591,109 +592,107 @@ class TestUnknownRefTallies:
 
 class TestDedup:
     async def test_the_same_alert_five_times_in_the_window_is_one_notification_raised_five_times(
-        self, notifications
+        self, handling
     ) -> None:
         event = calendar_failed_event()
         start = datetime.now(UTC) - timedelta(minutes=30)
         sent = [
-            await notifications.publish(event, occurred_at=start + timedelta(minutes=n))
+            await handling.deliver(event, occurred_at=start + timedelta(minutes=n))
             for n in range(5)
         ]
-        await notifications.handled(*sent)
+        await handling.handled(*sent)
 
-        [row] = await notifications.rows()
+        [row] = await handling.rows()
         assert row["occurrences"] == 5
         assert row["created_at"] == start
         assert row["last_occurred_at"] == start + timedelta(minutes=4)
-        await notifications.quiet()
-        raised = notifications.alerts.payloads(row["id"])
+        raised = await handling.alerts(row["id"])
         assert sorted(r["occurrences"] for r in raised) == [1, 2, 3, 4, 5]  # 1 new + 4 updates
-        assert len({m.message_id for m in notifications.alerts.messages}) == 5
+        assert len({m["message_id"] for m in await handling.alert_messages()}) == 5
 
-    async def test_an_event_delivered_twice_counts_once(self, notifications) -> None:
+    async def test_an_event_delivered_twice_counts_once(self, handling) -> None:
         event = calendar_failed_event()
-        first = await notifications.publish(event)
-        await notifications.publish(event, message_id=first)  # the same message, redelivered
-        await notifications.handled(first)
-        await notifications.quiet()
+        first = await handling.deliver(event)
+        await handling.deliver(event, message_id=first)  # the same message, redelivered
+        await handling.handled(first)
+        await eventually(
+            lambda: handling.duplicates("CalendarBookingFailed") == 1,
+            what="the redelivery recognised as a duplicate",
+        )
 
-        [row] = await notifications.rows()
+        [row] = await handling.rows()
         assert row["occurrences"] == 1
-        assert len(notifications.alerts.payloads(row["id"])) == 1
+        assert len(await handling.alerts(row["id"])) == 1
 
-    async def test_alerts_about_different_bookings_stay_apart(self, notifications) -> None:
+    async def test_alerts_about_different_bookings_stay_apart(self, handling) -> None:
         mentor = uuid.uuid4()
         one = calendar_failed_event(mentor_id=mentor)
         other = calendar_failed_event(mentor_id=mentor)
-        await notifications.handled(
-            await notifications.publish(one), await notifications.publish(other)
-        )
+        await handling.handled(await handling.deliver(one), await handling.deliver(other))
 
-        rows = await notifications.rows()
+        rows = await handling.rows()
         assert len(rows) == 2
         assert {r["metadata"]["order_id"] for r in rows} == {str(one.order_id), str(other.order_id)}
         assert all(r["occurrences"] == 1 for r in rows)
 
-    async def test_a_repeat_after_the_window_is_a_new_notification(self, notifications) -> None:
+    async def test_a_repeat_after_the_window_is_a_new_notification(self, handling) -> None:
         event = calendar_failed_event()
-        window = timedelta(seconds=notifications.settings.notification_dedup_window_seconds)
+        window = timedelta(seconds=handling.settings.notification_dedup_window_seconds)
         assert window == timedelta(hours=1)  # the default
         start = datetime.now(UTC) - timedelta(hours=3)
-        first = await notifications.raise_(event, occurred_at=start)
+        first = await handling.raise_(event, occurred_at=start)
         later = start + window + timedelta(minutes=1)
-        second = await notifications.raise_(event, occurred_at=later)
+        second = await handling.raise_(event, occurred_at=later)
 
         assert second["id"] > first["id"]
         assert second["fingerprint"] == first["fingerprint"]
-        old, new = await notifications.rows()
+        old, new = await handling.rows()
         assert (old["occurrences"], old["is_open"]) == (1, False)
         assert (new["occurrences"], new["is_open"]) == (1, True)
         # Within the window of the new one, repeats count up on it.
-        third = await notifications.raise_(event, occurred_at=later + timedelta(minutes=59))
+        third = await handling.raise_(event, occurred_at=later + timedelta(minutes=59))
         assert (third["id"], third["occurrences"]) == (second["id"], 2)
 
-    async def test_a_late_repeat_counts_but_keeps_the_latest_message(self, notifications) -> None:
+    async def test_a_late_repeat_counts_but_keeps_the_latest_message(self, handling) -> None:
         now = datetime.now(UTC)
         ids = {"order_id": uuid.uuid4(), "session_id": uuid.uuid4(), "mentor_id": uuid.uuid4()}
-        await notifications.raise_(calendar_failed_event(**ids, detail="latest"), occurred_at=now)
-        row = await notifications.raise_(
+        await handling.raise_(calendar_failed_event(**ids, detail="latest"), occurred_at=now)
+        row = await handling.raise_(
             calendar_failed_event(**ids, detail="older"), occurred_at=now - timedelta(minutes=5)
         )
         assert row["occurrences"] == 2
         assert row["last_occurred_at"] == now
         assert row["metadata"]["detail"] == "latest"
 
-    async def test_a_repeat_makes_a_read_notification_unread_again(self, notifications) -> None:
+    async def test_a_repeat_makes_a_read_notification_unread_again(self, handling) -> None:
         event = calendar_failed_event()
-        row = await notifications.raise_(event)
-        answer = await notifications.client.post(
-            f"/api/admin/notifications/{row['id']}/read", headers=notifications.admin
+        row = await handling.raise_(event)
+        answer = await handling.client.post(
+            f"/api/admin/notifications/{row['id']}/read", headers=handling.admin
         )
         assert answer.json()["is_read"] is True
 
-        row = await notifications.raise_(event)
+        row = await handling.raise_(event)
         assert (row["occurrences"], row["is_read"], row["read_at"]) == (2, False, None)
 
-    async def test_a_recovery_ends_the_incident_so_the_next_failure_is_new(
-        self, notifications
-    ) -> None:
+    async def test_a_recovery_ends_the_incident_so_the_next_failure_is_new(self, handling) -> None:
         component = f"payments-{uuid.uuid4().hex[:6]}:health"
         failed = HealthCheckFailed(component=component, status="fail", output="503")
-        first = await notifications.raise_(failed)
+        first = await handling.raise_(failed)
         recovered = HealthCheckRecovered(component=component, status="pass", output="")
-        await notifications.raise_(recovered)
-        second = await notifications.raise_(failed)
+        await handling.raise_(recovered)
+        second = await handling.raise_(failed)
 
         assert second["id"] > first["id"]
-        rows = await notifications.rows()
+        rows = await handling.rows()
         assert [(TYPES[r["type"]], SEVERITIES[r["severity"]], r["is_open"]) for r in rows] == [
             ("HealthCheckFailure", "Critical", False),
             ("HealthCheckFailure", "Info", True),
             ("HealthCheckFailure", "Critical", True),
         ]
 
-    async def test_concurrent_stores_of_one_alert_make_one_row(self, notifications) -> None:
-        db = notifications.runtime.db
+    async def test_concurrent_stores_of_one_alert_make_one_row(self, handling) -> None:
+        db = handling.runtime.db
         alert = alert_for(calendar_failed_event(), datetime.now(UTC))
 
         async def store() -> None:
@@ -701,11 +700,12 @@ class TestDedup:
                 await repository.store_alert(session, alert, timedelta(hours=1))
 
         await asyncio.gather(*(store() for _ in range(10)))
-        [row] = await notifications.rows()
+        [row] = await handling.rows()
         assert row["occurrences"] == 10
 
     async def test_two_consumers_at_once_count_one_alert_on_one_row(self, notifications) -> None:
-        # A second replica on the same queue: the broker shares the deliveries between them.
+        """On the real RabbitMQ: two replicas take turns on one queue, as the broker shares
+        its deliveries between them."""
         second = create_app(notifications.settings)
         async with serving(second):
             await second.state.runtime.broker.wait_ready(timeout=15)
@@ -722,7 +722,7 @@ class TestDedup:
 
 class TestLoopGuard:
     async def test_a_report_of_a_failed_report_is_stored_and_not_reported_again(
-        self, notifications
+        self, handling
     ) -> None:
         report = SystemErrorReported(
             service="notifications",
@@ -732,14 +732,16 @@ class TestLoopGuard:
             dead_lettered_message_id=str(uuid.uuid4()),
             attempts=5,
         )
-        row = await notifications.raise_(report, producer="notifications")
+        row = await handling.raise_(report, producer="notifications")
         assert (TYPES[row["type"]], SEVERITIES[row["severity"]]) == ("SystemError", "Critical")
-        await notifications.spy.settle()
-        assert notifications.reported() == []
+        assert await handling.reported() == []
 
     async def test_when_storing_fails_the_chain_of_reports_ends_at_the_first(
         self, notifications, monkeypatch
     ) -> None:
+        """On the real RabbitMQ: the retries through the delay queues, the dead-letter queue,
+        and the relay that brings the report back to the service are the point."""
+
         async def broken_store(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("the notifications table is broken")
 
@@ -783,11 +785,11 @@ def _payload(message: Any) -> dict[str, Any]:
 
 class TestRetriedAttempts:
     async def test_an_attempt_the_calendar_retries_is_consumed_without_a_notification(
-        self, notifications
+        self, handling
     ) -> None:
         attempt = calendar_failed_event().model_copy(update={"final": False})
         final = calendar_failed_event().model_copy(update={"final": True})
-        await notifications.handled(await notifications.publish(attempt))
-        assert await notifications.rows() == []
-        row = await notifications.raise_(final)
+        await handling.handled(await handling.deliver(attempt))
+        assert await handling.rows() == []
+        row = await handling.raise_(final)
         assert SEVERITIES[row["severity"]] == "Critical"
