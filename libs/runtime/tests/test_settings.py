@@ -1,4 +1,4 @@
-"""Settings: the design's names, a plain postgresql:// URL, secrets kept out of reprs."""
+"""Settings: the documented names, a plain postgresql:// URL, secrets kept out of reprs."""
 
 import pytest
 from pydantic import ValidationError
@@ -16,7 +16,7 @@ def test_a_non_postgres_url_is_refused():
         RuntimeSettings(database_url="mysql://u@h/db")
 
 
-def test_settings_come_from_the_design_names(monkeypatch):
+def test_settings_come_from_the_documented_names(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://x@db:5432/booking")
     monkeypatch.setenv("RABBITMQ_URL", "amqp://u:p@mq:5672/")
     monkeypatch.setenv("AUTH_JWT_SECRET", "s3cret-value")

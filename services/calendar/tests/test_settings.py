@@ -45,7 +45,7 @@ class TestDefaults:
 
 
 class TestEnvironment:
-    def test_every_design_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_every_documented_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         key = base64.urlsafe_b64encode(b"k" * 32).decode()
         monkeypatch.setenv("CALENDAR_PORT", "9003")
         monkeypatch.setenv("GOOGLE_CLIENT_ID", "id.apps.googleusercontent.com")

@@ -25,7 +25,7 @@ class TestDefaults:
 
 
 class TestEnvironment:
-    def test_every_design_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_every_documented_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("GATEWAY_PORT", "9000")
         for n, name in enumerate(SERVICES, start=1):
             monkeypatch.setenv(f"{name.upper()}_URL", f"http://{name}.internal:900{n}")

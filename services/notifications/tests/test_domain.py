@@ -54,7 +54,7 @@ def calendar(reason: str = "calendar_api_error", **changes) -> CalendarBookingFa
 
 
 class TestTheMappingTable:
-    def test_the_stored_numbers_are_the_design_s(self) -> None:
+    def test_the_stored_numbers_are_the_documented_ones(self) -> None:
         assert [(t.name, t.value) for t in NotificationType] == [
             ("IntegrationFailure", 0),
             ("PaymentAnomaly", 1),

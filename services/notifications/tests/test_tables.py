@@ -1,4 +1,4 @@
-"""The migrated table reads as the design says, and is what the code's table says."""
+"""The migrated table is what the code's table says: its columns, its numbers, its checks."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ async def test_the_migrated_table_is_the_code_s(db: asyncpg.Connection) -> None:
 @pytest.mark.parametrize(
     ("column", "value"), [("type", 5), ("severity", 4), ("severity", -1), ("occurrences", 0)]
 )
-async def test_the_table_refuses_numbers_outside_the_design(
+async def test_the_table_refuses_numbers_outside_the_documented_range(
     db: asyncpg.Connection, column: str, value: int
 ) -> None:
     row = {"type": 0, "severity": 0, "occurrences": 1, column: value}

@@ -76,7 +76,7 @@ class TestDefaults:
 
 
 class TestEnvironment:
-    def test_every_design_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_every_documented_name_is_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("PAYMENTS_PORT", "9002")
         monkeypatch.setenv("PLATFORM_FEE_RATE", "0.2")
         monkeypatch.setenv("KONNECT_API_URL", "https://api.konnect.network/api/v2")

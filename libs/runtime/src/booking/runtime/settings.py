@@ -68,7 +68,8 @@ class RuntimeSettings(BaseSettings):
     bind_host: str = "127.0.0.1"
     port: int = 8000  # each service reads its own <SERVICE>_PORT instead
 
-    # Broker topology. The names are the design's; tests give each run its own.
+    # Broker topology. The names are the documented ones (docs/architecture.md); tests give each run
+    # its own.
     events_exchange: str = "booking.events"
     admin_alerts_exchange: str = "admin.alerts"
     queue_prefix: str = ""
