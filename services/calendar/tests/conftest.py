@@ -1,15 +1,19 @@
-"""The calendar service on the real servers, against the Google sandbox over real HTTP.
+"""The calendar service on Postgres, against the Google sandbox over real HTTP.
 
-The schema is migrated once per session; each test that runs the service starts from empty
-calendar tables (the sweeper works on every row, so one test's leftovers would be another's
-work) and gets its own exchange and queues. One sandbox serves the session (each test's mentors
-have their own Google accounts, so they never meet); each test clears its fault switches first.
+`calendar` serves the app on the real RabbitMQ; `start_on_test_broker` runs its handlers on
+FastStream's TestRabbitBroker (no RabbitMQ) with its routes in process, for the handler tests
+where a real broker is not the point. The schema is migrated once per session; each test that
+runs the service starts from empty calendar tables (the sweeper works on every row, so one
+test's leftovers would be another's work) and gets its own exchange and queue names. One
+sandbox serves the session (each test's mentors have their own Google accounts, so they never
+meet); each test clears its fault switches first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,13 +37,16 @@ from booking.devtools.fixtures import (
     Served,
     Spy,
     TcpProxy,
+    deliver,
     eventually,
     free_port,
+    on_test_broker,
     publish_event,
     serving_with_client,
 )
 from booking.runtime.auth import issue_token
 from booking.runtime.migrations import upgrade
+from booking.runtime.service import ServiceRuntime
 from booking.sandbox.control import ControlAuth
 from booking.sandbox.google import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings
@@ -204,13 +211,13 @@ class Mentor:
 
 
 @dataclass
-class Running:
-    """One running calendar service, its spy on the events exchange, and ways to drive it."""
+class Calendar:
+    """One calendar service under test and ways to drive it; how events reach it and how what it
+    emits is seen is the subclasses' business."""
 
     app: FastAPI
     url: str
     settings: CalendarSettings
-    spy: Spy
     http: httpx.AsyncClient
     sandbox: Sandbox
     db: asyncpg.Connection
@@ -229,8 +236,18 @@ class Running:
         return {"authorization": f"Bearer {token}"}
 
     async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> None:
-        """Publish `event` on the service's exchange, as its producer would."""
-        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
+        """Hand `event` to the service, as its producer's would reach it."""
+        raise NotImplementedError
+
+    async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
+        """Wait for the service to emit the event, then make sure it did once."""
+        raise NotImplementedError
+
+    async def confirmed(self, session_id: uuid.UUID) -> dict:
+        return await self.one("CalendarBookingConfirmed", session_id)
+
+    async def failed(self, session_id: uuid.UUID) -> dict:
+        return await self.one("CalendarBookingFailed", session_id)
 
     async def register_mentor(
         self,
@@ -314,6 +331,37 @@ class Running:
             headers=self.token(role, "admin-7" if role == "admin" else None),
         )
 
+    async def attempts(self, session_id: uuid.UUID) -> list[asyncpg.Record]:
+        return await self.db.fetch(
+            f"SELECT * FROM {SCHEMA}.scheduling_attempts WHERE session_id = $1 ORDER BY attempt",
+            session_id,
+        )
+
+    async def audit(self) -> list[asyncpg.Record]:
+        return await self.db.fetch(f"SELECT * FROM {SCHEMA}.admin_actions ORDER BY id")
+
+    async def booking(self, session_id: uuid.UUID) -> asyncpg.Record:
+        return await self.db.fetchrow(
+            f"SELECT * FROM {SCHEMA}.calendar_bookings WHERE session_id = $1", session_id
+        )
+
+    async def connection(self, mentor: Mentor) -> asyncpg.Record | None:
+        return await self.db.fetchrow(
+            f"SELECT * FROM {SCHEMA}.connections WHERE mentor_id = $1", mentor.id
+        )
+
+
+@dataclass
+class Running(Calendar):
+    """The calendar service served over HTTP on the real RabbitMQ: events are published on its
+    exchange, and a spy on that exchange sees what it publishes."""
+
+    spy: Spy
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> None:
+        """Publish `event` on the service's exchange, as its producer would."""
+        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
+
     def failures(self, session_id: uuid.UUID) -> list[dict]:
         """The session's CalendarBookingFailed payloads so far, in the order they came."""
         return self.published("CalendarBookingFailed", session_id)
@@ -326,38 +374,49 @@ class Running:
         )
         return self.failures(session_id)
 
-    async def attempts(self, session_id: uuid.UUID) -> list[asyncpg.Record]:
-        return await self.db.fetch(
-            f"SELECT * FROM {SCHEMA}.scheduling_attempts WHERE session_id = $1 ORDER BY attempt",
-            session_id,
-        )
-
-    async def audit(self) -> list[asyncpg.Record]:
-        return await self.db.fetch(f"SELECT * FROM {SCHEMA}.admin_actions ORDER BY id")
-
     def published(self, event_type: str, session_id: uuid.UUID | None = None) -> list[dict]:
         """Payloads of `event_type` seen on the exchange (about `session_id`, if given)."""
         return self.spy.payloads(event_type, session_id=session_id)
 
     async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
-        """Wait for the event, then make sure it came once."""
         return await self.spy.one(event_type, session_id=session_id)
 
-    async def confirmed(self, session_id: uuid.UUID) -> dict:
-        return await self.one("CalendarBookingConfirmed", session_id)
 
-    async def failed(self, session_id: uuid.UUID) -> dict:
-        return await self.one("CalendarBookingFailed", session_id)
+@dataclass
+class OnTestBroker(Calendar):
+    """The calendar service's handlers on FastStream's TestRabbitBroker, no RabbitMQ: events go
+    to its consumer through `deliver`, and what it emits is what it recorded in its outbox (the
+    relay that publishes it is the runtime's, tested against the real broker). Its routes are
+    called in process."""
 
-    async def booking(self, session_id: uuid.UUID) -> asyncpg.Record:
-        return await self.db.fetchrow(
-            f"SELECT * FROM {SCHEMA}.calendar_bookings WHERE session_id = $1", session_id
+    @property
+    def runtime(self) -> ServiceRuntime:
+        return self.app.state.runtime
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> None:
+        """Deliver `event` to the service's consumer, as its queue would."""
+        await deliver(self.runtime, event, message_id=message_id)
+
+    async def recorded(self, event_type: str, session_id: uuid.UUID | None = None) -> list[dict]:
+        """Payloads of the `event_type` events the service recorded for its events exchange
+        (about `session_id`, if given), in the order it recorded them."""
+        bodies = await self.db.fetch(
+            f"SELECT body FROM {SCHEMA}.outbox WHERE event_type = $1 AND exchange = $2 ORDER BY id",
+            event_type,
+            self.settings.events_exchange,
         )
+        payloads = [json.loads(row["body"])["payload"] for row in bodies]
+        return [p for p in payloads if session_id is None or p.get("session_id") == str(session_id)]
 
-    async def connection(self, mentor: Mentor) -> asyncpg.Record | None:
-        return await self.db.fetchrow(
-            f"SELECT * FROM {SCHEMA}.connections WHERE mentor_id = $1", mentor.id
+    async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
+        await eventually(
+            lambda: self.recorded(event_type, session_id), what=f"{event_type} for {session_id}"
         )
+        # The service's background runs end first: a second one they recorded would show.
+        await self.service.settle()
+        found = await self.recorded(event_type, session_id)
+        assert len(found) == 1, found
+        return found[0]
 
 
 def service_settings(make_settings: Callable[..., Any], sandbox: Sandbox, **overrides: Any):
@@ -398,7 +457,15 @@ async def start_calendar(
         google = google or sandbox
         port, settings = service_settings(make_settings, google, **overrides)
         served = await serve_service(create_app, settings, port)
-        return Running(served.app, served.url, settings, served.spy, served.http, google, db)
+        return Running(
+            app=served.app,
+            url=served.url,
+            settings=settings,
+            http=served.http,
+            sandbox=google,
+            db=db,
+            spy=served.spy,
+        )
 
     return start
 
@@ -406,3 +473,62 @@ async def start_calendar(
 @pytest.fixture
 async def calendar(start_calendar: Callable[..., Awaitable[Running]]) -> Running:
     return await start_calendar()
+
+
+@contextlib.asynccontextmanager
+async def handlers_on_test_broker(app: FastAPI) -> AsyncIterator[None]:
+    """What the app's lifespan opens for its handlers, with them on FastStream's TestRabbitBroker
+    in place of the runtime's start: no broker connection, no relay. The sweeper is not started
+    (in a served app it sleeps through a test too: tests sweep with run_once)."""
+    runtime, service, google = app.state.runtime, app.state.calendar, app.state.google
+    await google.open()
+    try:
+        async with on_test_broker(runtime):
+            yield
+    finally:
+        await service.stop()
+        await google.aclose()
+        await runtime.verifier.aclose()
+        await runtime.db.engine.dispose()
+
+
+@pytest.fixture
+async def start_on_test_broker(
+    migrated: str, sandbox: Sandbox, db: asyncpg.Connection
+) -> AsyncIterator[Callable[..., Awaitable[OnTestBroker]]]:
+    """`await start_on_test_broker(sandbox=None, **settings)`: the service's handlers on
+    FastStream's TestRabbitBroker and its routes in process, on empty tables; no RabbitMQ."""
+    await empty_tables(db)
+
+    def settings_of(settings_type: type[CalendarSettings], **values: Any) -> CalendarSettings:
+        # Names of its own: the consumer's metrics are labelled with its queue's.
+        tag = uuid.uuid4().hex[:8]
+        names = {
+            "events_exchange": f"in-process.{tag}.events",
+            "admin_alerts_exchange": f"in-process.{tag}.alerts",
+            "queue_prefix": f"in-process.{tag}.",
+        }
+        return settings_type.model_validate({"database_url": migrated, **names, **values})
+
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(google: Sandbox | None = None, **overrides: Any) -> OnTestBroker:
+            google = google or sandbox
+            _, settings = service_settings(settings_of, google, **overrides)
+            app = create_app(settings)
+            await stack.enter_async_context(handlers_on_test_broker(app))
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url=settings.public_base_url
+                )
+            )
+            return OnTestBroker(
+                app=app,
+                url=settings.public_base_url,
+                settings=settings,
+                http=http,
+                sandbox=google,
+                db=db,
+            )
+
+        yield start
