@@ -2,13 +2,18 @@
 
 The schema is migrated once per session; each test that runs the service starts from empty
 payments tables (the sweeper works on every row, so one test's leftovers would be another's
-work) and gets its own exchange and queues. One sandbox serves the session; each test clears
-its fault switches first.
+work). On the real RabbitMQ (`payments_service`: the routes, the sweeper, the app) each test
+gets its own exchange and queues; the handler tests (`payments`) run the subscribers on
+FastStream's test broker instead and read what the service emits from its outbox. One sandbox
+serves the session; each test clears its fault switches first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
 from booking.contracts import (
@@ -35,8 +41,10 @@ from booking.devtools.fixtures import (
     SandboxClient,
     Served,
     Spy,
+    deliver,
     eventually,
     free_port,
+    on_test_broker,
     publish_event,
     serving_with_client,
 )
@@ -166,14 +174,15 @@ async def sandbox(sandbox_server: Sandbox) -> Sandbox:
 # -- the payments service ----------------------------------------------------------------------
 
 
-@dataclass
-class Running:
-    """One running payments service, its spy on the events exchange, and ways to drive it."""
+@dataclass(kw_only=True)
+class Payments:
+    """A payments service under test, served over HTTP, and ways to drive it. How events reach
+    it and how what it emits is read is its subclasses' business: `Running` on the real broker,
+    `InProcess` on FastStream's test broker."""
 
     app: FastAPI
     url: str
     settings: PaymentsSettings
-    spy: Spy
     http: httpx.AsyncClient
     db: asyncpg.Connection
     konnect_requests: list[httpx.Request] = field(default_factory=list)
@@ -201,6 +210,14 @@ class Running:
     def sweeper(self) -> Sweeper:
         return self.app.state.sweeper
 
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Hand payments an event of orders', as its queue would; its message id."""
+        raise NotImplementedError
+
+    async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
+        """Wait for the event, then make sure it came once."""
+        raise NotImplementedError
+
     async def request_booking(
         self,
         event: BookingRequested | None = None,
@@ -208,18 +225,10 @@ class Running:
         message_id: uuid.UUID | None = None,
         **fields: Any,
     ) -> BookingRequested:
-        """Publish BookingRequested on the service's exchange, as orders would."""
+        """Send BookingRequested, as orders would."""
         event = event or booking_requested(**fields)
-        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
+        await self.publish(event, message_id=message_id)
         return event
-
-    def published(self, event_type: str, order_id: uuid.UUID | None = None) -> list[dict]:
-        """Payloads of `event_type` seen on the exchange (about `order_id`, if given)."""
-        return self.spy.payloads(event_type, order_id=order_id)
-
-    async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
-        """Wait for the event, then make sure it came once."""
-        return await self.spy.one(event_type, order_id=order_id)
 
     async def initiated(self, order_id: uuid.UUID) -> dict:
         return await self.one("PaymentInitiated", order_id)
@@ -228,12 +237,6 @@ class Running:
     def new_booking(**fields: Any) -> BookingRequested:
         """A BookingRequested as orders would send it (not sent)."""
         return booking_requested(**fields)
-
-    async def publish(self, event: Event) -> uuid.UUID:
-        """Publish an event of orders' on the service's exchange; its message id."""
-        message_id = uuid.uuid4()
-        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
-        return message_id
 
     async def handled(self, message_id: uuid.UUID) -> None:
         """Wait until the consumer has handled (committed) the message."""
@@ -245,7 +248,7 @@ class Running:
         await eventually(seen, what=f"message {message_id} handled")
 
     async def deliver(self, event: Event) -> None:
-        """Publish an event of orders' and wait until payments has handled it."""
+        """Send an event of orders' and wait until payments has handled it."""
         await self.handled(await self.publish(event))
 
     async def confirm(self, booking: BookingRequested, end_at: datetime | None = None) -> None:
@@ -324,6 +327,57 @@ class Running:
         return f"{self.url}/api/payments/webhook"
 
 
+@dataclass(kw_only=True)
+class Running(Payments):
+    """The payments service on the real RabbitMQ: events come on its exchange, and a spy on
+    that exchange sees what it publishes (the relay included)."""
+
+    spy: Spy
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Publish an event of orders' on the service's exchange; its message id."""
+        message_id = message_id or uuid.uuid4()
+        await publish_event(self.app, self.settings.events_exchange, event, message_id=message_id)
+        return message_id
+
+    def published(self, event_type: str, order_id: uuid.UUID | None = None) -> list[dict]:
+        """Payloads of `event_type` seen on the exchange (about `order_id`, if given)."""
+        return self.spy.payloads(event_type, order_id=order_id)
+
+    async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
+        return await self.spy.one(event_type, order_id=order_id)
+
+
+@dataclass(kw_only=True)
+class InProcess(Payments):
+    """The payments service's subscribers on FastStream's test broker (`on_test_broker`): no
+    RabbitMQ, no relay. Events go in through `deliver`; what the service emits is read from its
+    outbox, where each of its transactions records its events (publishing them is the relay's
+    business, tested in libs/runtime on the real broker). The HTTP routes are served as usual,
+    so Konnect's webhooks reach it."""
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        return await deliver(self.app.state.runtime, event, message_id=message_id)
+
+    async def recorded(self, event_type: str, order_id: uuid.UUID | None = None) -> list[dict]:
+        """Payloads of the `event_type` events the service recorded (about `order_id`, if
+        given), in the order it recorded them. Once a transaction has committed its events are
+        all here: nothing is on its way, so no settling is needed before asserting none came."""
+        rows = await self.db.fetch(
+            f"SELECT body FROM {SCHEMA}.outbox WHERE event_type = $1 ORDER BY id", event_type
+        )
+        payloads = [json.loads(row["body"])["payload"] for row in rows]
+        return [p for p in payloads if order_id is None or p.get("order_id") == str(order_id)]
+
+    async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
+        await eventually(
+            lambda: self.recorded(event_type, order_id), what=f"{event_type} for {order_id}"
+        )
+        found = await self.recorded(event_type, order_id)
+        assert len(found) == 1, found
+        return found[0]
+
+
 def booking_requested(
     *,
     amount: int = 120_000,
@@ -382,11 +436,111 @@ async def start_payments(
     async def start(**overrides: Any) -> Running:
         port, settings = service_settings(make_settings, sandbox, **overrides)
         served = await serve_service(create_app, settings, port)
-        running = Running(served.app, served.url, settings, served.spy, served.http, db)
+        running = Running(
+            app=served.app,
+            url=served.url,
+            settings=settings,
+            http=served.http,
+            db=db,
+            spy=served.spy,
+        )
         running.count_konnect_requests()
         return running
 
     return start
+
+
+@contextlib.asynccontextmanager
+async def served_in_process(settings: PaymentsSettings, port: int) -> AsyncIterator[FastAPI]:
+    """The app `create_app(settings)` builds, its routes served on `port` and its subscribers on
+    the test broker, its runtime never started: no RabbitMQ connection, no relay. What the
+    lifespans would start that the tests need (the Konnect client) is opened here; the sweeper's
+    loop stays off (tests sweep with run_once)."""
+    app = create_app(settings)
+    runtime = app.state.runtime
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    await app.state.konnect.open()
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        async with on_test_broker(runtime):
+            yield app
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await task
+        await app.state.konnect.aclose()
+        await runtime.verifier.aclose()
+        await runtime.db.engine.dispose()
+
+
+class ConsumerTrouble(logging.Handler):
+    """Keeps what the consumer logs at WARNING or above: a handler that failed (it retries or
+    dead-letters the message, which on the test broker has nowhere to go)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+async def start_in_process(
+    migrated: str, sandbox: Sandbox, db: asyncpg.Connection
+) -> AsyncIterator[Callable[..., Awaitable[InProcess]]]:
+    """`await start_in_process(**settings)`: the service on empty tables, its subscribers on the
+    test broker (`InProcess`); at the test's end, no delivery failed or was dead-lettered."""
+    await empty_tables(db)
+
+    def settings_of(settings_type: type[PaymentsSettings], **values: Any) -> PaymentsSettings:
+        # Names of its own, though nothing reaches a broker: the settings of make_settings,
+        # without the broker its teardown cleans.
+        tag = uuid.uuid4().hex[:8]
+        names = {
+            "events_exchange": f"test.{tag}.events",
+            "admin_alerts_exchange": f"test.{tag}.alerts",
+            "queue_prefix": f"test.{tag}.",
+        }
+        return settings_type.model_validate({"database_url": migrated, **names, **values})
+
+    trouble = ConsumerTrouble()
+    consumer_log = logging.getLogger("booking.runtime.consumer")
+    consumer_log.addHandler(trouble)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(consumer_log.removeHandler, trouble)
+
+        async def start(**overrides: Any) -> InProcess:
+            port, settings = service_settings(settings_of, sandbox, **overrides)
+            app = await stack.enter_async_context(served_in_process(settings, port))
+            url = f"http://127.0.0.1:{port}"
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
+            )
+            running = InProcess(app=app, url=url, settings=settings, http=http, db=db)
+            running.count_konnect_requests()
+            return running
+
+        yield start
+        # No delivery failed: on the test broker a retry's delay queue has no consumer (the
+        # message is not retried, only logged), and a dead letter is stored by the keeper in
+        # dead_letters and reported (SystemErrorReported) in the outbox.
+        assert trouble.messages == []
+        assert await db.fetch(f"SELECT * FROM {SCHEMA}.dead_letters") == []
+        reported = f"SELECT body FROM {SCHEMA}.outbox WHERE event_type = 'SystemErrorReported'"
+        assert await db.fetch(reported) == []
+
+
+@pytest.fixture
+async def payments(start_in_process: Callable[..., Awaitable[InProcess]]) -> InProcess:
+    """The service with its subscribers on the test broker, for the handler tests."""
+    return await start_in_process()
 
 
 @pytest.fixture
@@ -394,7 +548,7 @@ async def payments_service(start_payments: Callable[..., Awaitable[Running]]) ->
     return await start_payments()
 
 
-async def booked(running: Running, **fields: Any) -> tuple[BookingRequested, str]:
+async def booked(running: Payments, **fields: Any) -> tuple[BookingRequested, str]:
     """A booking whose payment is open at Konnect: the event and the payment ref."""
     event = await running.request_booking(**fields)
     initiated = await running.initiated(event.order_id)
@@ -406,7 +560,7 @@ def book() -> Callable[..., Awaitable[tuple[BookingRequested, str]]]:
     return booked
 
 
-async def paid(running: Running, sandbox: Sandbox, **fields: Any) -> BookingRequested:
+async def paid(running: Payments, sandbox: Sandbox, **fields: Any) -> BookingRequested:
     """A booking paid in full: its escrow is held."""
     event, ref = await booked(running, **fields)
     await sandbox.complete(ref)

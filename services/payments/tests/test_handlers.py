@@ -1,5 +1,10 @@
 """The subscribers: BookingRequested opens exactly one Konnect payment per order; orders' events
-(OrderCancelled, OrderConfirmed, SchedulingAbandoned) move the escrow with the session."""
+(OrderCancelled, OrderConfirmed, SchedulingAbandoned) move the escrow with the session.
+
+On FastStream's test broker (the `payments` fixture): events go in through the consumer as their
+queue would hand them over, and what the service emits is read from its outbox. None of these
+is about the broker; the delivery guarantees (retries, dead letters, the relay) are tested in
+libs/runtime on the real RabbitMQ."""
 
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ async def handled(db, count: int) -> bool:
 
 
 class TestOpenPayment:
-    async def test_a_booking_opens_a_payment_at_konnect(self, payments_service, sandbox, db):
-        event = await payments_service.request_booking(amount=33_333)
+    async def test_a_booking_opens_a_payment_at_konnect(self, payments, sandbox, db):
+        event = await payments.request_booking(amount=33_333)
 
-        initiated = await payments_service.initiated(event.order_id)
+        initiated = await payments.initiated(event.order_id)
 
         [at_konnect] = await sandbox.payments(event.order_id)
         assert initiated["payment_ref"] == at_konnect["id"]
@@ -29,7 +34,7 @@ class TestOpenPayment:
         assert initiated["pay_url"] == at_konnect["link"]
         assert at_konnect["amount"] == 33_333 and at_konnect["token"] == "TND"
         assert at_konnect["description"] == "Career chat"
-        assert at_konnect["webhook"] == payments_service.webhook_url
+        assert at_konnect["webhook"] == payments.webhook_url
         row = await db.fetchrow(
             "SELECT * FROM payments.payments WHERE order_id = $1", event.order_id
         )
@@ -40,28 +45,26 @@ class TestOpenPayment:
         assert row["expires_at"] >= konnect_expiry
         assert row["expires_at"] - konnect_expiry < timedelta(minutes=1)
 
-    async def test_booking_requested_twice_opens_one_konnect_payment(
-        self, payments_service, sandbox, db
-    ):
-        event = await payments_service.request_booking()
-        await payments_service.request_booking(event, message_id=uuid.uuid4())
+    async def test_booking_requested_twice_opens_one_konnect_payment(self, payments, sandbox, db):
+        event = await payments.request_booking()
+        await payments.request_booking(event, message_id=uuid.uuid4())
         await eventually(lambda: handled(db, 2), what="both deliveries handled")
 
-        await payments_service.initiated(event.order_id)  # once, the spy settled
+        await payments.initiated(event.order_id)  # recorded once
 
         assert len(await sandbox.payments(event.order_id)) == 1
         assert await db.fetchval("SELECT count(*) FROM payments.payments") == 1
 
     async def test_konnect_down_beyond_the_retries_fails_the_initiation(
-        self, payments_service, sandbox, db
+        self, payments, sandbox, db
     ):
-        await sandbox.fault("http_503", count=payments_service.settings.konnect_max_attempts)
-        event = await payments_service.request_booking()
+        await sandbox.fault("http_503", count=payments.settings.konnect_max_attempts)
+        event = await payments.request_booking()
 
-        failed = await payments_service.one("PaymentInitiationFailed", event.order_id)
+        failed = await payments.one("PaymentInitiationFailed", event.order_id)
 
         assert failed["reason"] == "konnect_unavailable" and "503" in failed["detail"]
-        assert payments_service.published("PaymentInitiated", event.order_id) == []
+        assert await payments.recorded("PaymentInitiated", event.order_id) == []
         assert await sandbox.payments(event.order_id) == []
         status = await db.fetchval(
             "SELECT status FROM payments.payments WHERE order_id = $1", event.order_id
@@ -69,19 +72,19 @@ class TestOpenPayment:
         assert status == "initiation_failed"
 
     async def test_konnect_down_for_less_than_the_retries_still_opens_one_payment(
-        self, payments_service, sandbox
+        self, payments, sandbox
     ):
         await sandbox.fault("http_503", count=2, endpoint="init")
-        event = await payments_service.request_booking()
+        event = await payments.request_booking()
 
-        await payments_service.initiated(event.order_id)
+        await payments.initiated(event.order_id)
 
         assert len(await sandbox.payments(event.order_id)) == 1
 
     async def test_konnect_refusing_fails_the_initiation_with_its_reason(
-        self, start_payments, sandbox, db
+        self, start_in_process, sandbox, db
     ):
-        running = await start_payments(konnect_wallet_id="")  # Konnect refuses a blank wallet
+        running = await start_in_process(konnect_wallet_id="")  # Konnect refuses a blank wallet
         event = await running.request_booking()
 
         failed = await running.one("PaymentInitiationFailed", event.order_id)
@@ -93,10 +96,10 @@ class TestOpenPayment:
 
 class TestRepair:
     async def test_an_initiation_interrupted_by_a_crash_is_initiated_again(
-        self, payments_service, sandbox, db
+        self, payments, sandbox, db
     ):
-        event = await payments_service.request_booking()
-        await payments_service.initiated(event.order_id)
+        event = await payments.request_booking()
+        await payments.initiated(event.order_id)
         # Stage a replica that claimed a second order, then died before Konnect answered.
         order_id = uuid.uuid4()
         await db.execute(
@@ -113,59 +116,55 @@ class TestRepair:
             order_id,
             event.order_id,
         )
-        sweeper = payments_service.sweeper
+        sweeper = payments.sweeper
 
         still_leased = await sweeper.run_once()
         lapsed = await sweeper.run_once(datetime.now().astimezone() + timedelta(minutes=2))
 
         assert still_leased.initiated == 0 and lapsed.initiated == 1
-        await payments_service.initiated(order_id)
+        await payments.initiated(order_id)
         assert len(await sandbox.payments(order_id)) == 1
         assert len(await sandbox.payments(event.order_id)) == 1  # the first, untouched
 
 
 class TestOrderEndings:
     async def test_an_order_cancelled_before_its_booking_request_opens_no_payment(
-        self, payments_service, sandbox, db
+        self, payments, sandbox, db
     ):
-        booking = payments_service.new_booking()
-        await payments_service.cancel(booking, by=None, reason="payment_never_opened")
+        booking = payments.new_booking()
+        await payments.cancel(booking, by=None, reason="payment_never_opened")
 
-        await payments_service.handled(await payments_service.publish(booking))
+        await payments.handled(await payments.publish(booking))
 
-        assert await payments_service.payment_status(booking.order_id) is None
+        assert await payments.payment_status(booking.order_id) is None
         assert await sandbox.payments(booking.order_id) == []
         ending = await db.fetchrow(
             "SELECT * FROM payments.order_endings WHERE order_id = $1", booking.order_id
         )
         assert (ending["reason"], ending["by"]) == ("payment_never_opened", None)
-        await payments_service.spy.settle()
-        assert payments_service.published("PaymentInitiated", booking.order_id) == []
-        assert payments_service.published("PaymentInitiationFailed", booking.order_id) == []
+        assert await payments.recorded("PaymentInitiated", booking.order_id) == []
+        assert await payments.recorded("PaymentInitiationFailed", booking.order_id) == []
 
     async def test_an_order_cancelled_while_its_payment_opens_ends_it_quietly(
-        self, payments_service, sandbox, db, caplog
+        self, payments, sandbox, db, caplog
     ):
         # Konnect's first two answers hang past the client's timeout (seconds): the init is in
         # flight while the cancel comes; the payment Konnect opens in the end (the third try)
         # is an orphan nobody sees.
-        attempts = payments_service.settings.konnect_max_attempts
+        attempts = payments.settings.konnect_max_attempts
         await sandbox.fault("timeout", count=attempts - 1, endpoint="init")
-        booking = await payments_service.request_booking()
-        await eventually(
-            lambda: payments_service.payment_status(booking.order_id), what="payment opened"
-        )
+        booking = await payments.request_booking()
+        await eventually(lambda: payments.payment_status(booking.order_id), what="payment opened")
 
-        await payments_service.cancel(booking)
+        await payments.cancel(booking)
 
-        assert await payments_service.payment_status(booking.order_id) == "initiation_failed"
+        assert await payments.payment_status(booking.order_id) == "initiation_failed"
         await eventually(lambda: sandbox.payments(booking.order_id), what="Konnect's answer")
         # The in-flight initiation came back, found the payment ended, and left it.
         await eventually(lambda: "an orphan nobody will see" in caplog.text, what="the orphan")
-        await payments_service.sweeper.run_once()  # nothing left to repair
-        await payments_service.spy.settle()
-        assert payments_service.published("PaymentInitiated", booking.order_id) == []
-        assert payments_service.published("PaymentInitiationFailed", booking.order_id) == []
+        await payments.sweeper.run_once()  # nothing left to repair
+        assert await payments.recorded("PaymentInitiated", booking.order_id) == []
+        assert await payments.recorded("PaymentInitiationFailed", booking.order_id) == []
         row = await db.fetchrow(
             "SELECT * FROM payments.payments WHERE order_id = $1", booking.order_id
         )
@@ -175,10 +174,8 @@ class TestOrderEndings:
             None,
         )
 
-    async def test_a_staged_initiating_payment_ends_without_initiation_failed(
-        self, payments_service, db
-    ):
-        booking = payments_service.new_booking()
+    async def test_a_staged_initiating_payment_ends_without_initiation_failed(self, payments, db):
+        booking = payments.new_booking()
         await db.execute(
             """
             INSERT INTO payments.payments (id, order_id, session_id, mentor_id, session_end_at,
@@ -194,74 +191,70 @@ class TestOrderEndings:
             booking.end_at,
         )
 
-        await payments_service.cancel(booking)
+        await payments.cancel(booking)
 
-        assert await payments_service.payment_status(booking.order_id) == "initiation_failed"
-        sweep = await payments_service.sweeper.run_once(datetime.now(UTC) + timedelta(hours=1))
+        assert await payments.payment_status(booking.order_id) == "initiation_failed"
+        sweep = await payments.sweeper.run_once(datetime.now(UTC) + timedelta(hours=1))
         assert sweep.initiated == 0
-        await payments_service.spy.settle()
-        assert payments_service.published("PaymentInitiationFailed") == []
+        assert await payments.recorded("PaymentInitiationFailed") == []
 
     async def test_an_open_payment_stays_open_and_money_that_comes_is_owed_back(
-        self, payments_service, sandbox, book
+        self, payments, sandbox, book
     ):
-        booking, ref = await book(payments_service, amount=120_000)
-        await payments_service.cancel(booking)
-        assert await payments_service.payment_status(booking.order_id) == "pending"
+        booking, ref = await book(payments, amount=120_000)
+        await payments.cancel(booking)
+        assert await payments.payment_status(booking.order_id) == "pending"
 
         await sandbox.complete(ref)
 
-        owed = await payments_service.one("EscrowRefundDue", booking.order_id)
+        owed = await payments.one("EscrowRefundDue", booking.order_id)
         assert (owed["refund_amount"], owed["sequence"]) == (120_000, 1)
         assert "had ended (ill)" in owed["reason"]
-        anomaly = await payments_service.one("PaymentAnomalyDetected", booking.order_id)
+        anomaly = await payments.one("PaymentAnomalyDetected", booking.order_id)
         assert anomaly["kind"] == "payment_for_cancelled_order"
         assert anomaly["detail"].startswith("Critical")
-        assert payments_service.published("PaymentCompleted", booking.order_id) == []
-        assert (await payments_service.escrow(booking.order_id))["status"] == "refund_due"
+        assert await payments.recorded("PaymentCompleted", booking.order_id) == []
+        assert (await payments.escrow(booking.order_id))["status"] == "refund_due"
 
     async def test_short_money_for_a_cancelled_order_is_owed_back_when_the_payment_expires(
-        self, payments_service, sandbox, book
+        self, payments, sandbox, book
     ):
-        booking, ref = await book(payments_service, amount=120_000)
-        await payments_service.cancel(booking)
+        booking, ref = await book(payments, amount=120_000)
+        await payments.cancel(booking)
         await sandbox.complete(ref, amount=20_000)
         await eventually(
-            lambda: payments_service.published("PaymentAnomalyDetected", booking.order_id),
+            lambda: payments.recorded("PaymentAnomalyDetected", booking.order_id),
             what="the anomaly",
         )
-        assert await payments_service.payment_status(booking.order_id) == "underpaid"
-        assert await payments_service.escrow(booking.order_id) is None
+        assert await payments.payment_status(booking.order_id) == "underpaid"
+        assert await payments.escrow(booking.order_id) is None
 
         await sandbox.expire(ref)
-        await payments_service.webhook(ref)
+        await payments.webhook(ref)
 
-        owed = await payments_service.one("EscrowRefundDue", booking.order_id)
+        owed = await payments.one("EscrowRefundDue", booking.order_id)
         assert owed["refund_amount"] == 20_000
-        await payments_service.one("PaymentFailed", booking.order_id)
+        await payments.one("PaymentFailed", booking.order_id)
         kinds = [
-            a["kind"]
-            for a in payments_service.published("PaymentAnomalyDetected", booking.order_id)
+            a["kind"] for a in await payments.recorded("PaymentAnomalyDetected", booking.order_id)
         ]
         assert kinds == ["payment_for_cancelled_order", "payment_for_cancelled_order"]
-        assert payments_service.published("PaymentCompleted", booking.order_id) == []
+        assert await payments.recorded("PaymentCompleted", booking.order_id) == []
 
-    async def test_cancelling_a_paid_order_freezes_its_escrow_once(
-        self, payments_service, sandbox, pay
-    ):
-        booking = await pay(payments_service, sandbox)
+    async def test_cancelling_a_paid_order_freezes_its_escrow_once(self, payments, sandbox, pay):
+        booking = await pay(payments, sandbox)
 
-        await payments_service.cancel(booking, by="admin-3", reason="mentor left")
-        await payments_service.cancel(booking, by="admin-3", reason="mentor left")  # redelivered
+        await payments.cancel(booking, by="admin-3", reason="mentor left")
+        await payments.cancel(booking, by="admin-3", reason="mentor left")  # redelivered
 
-        frozen = await payments_service.one("EscrowFrozen", booking.order_id)
+        frozen = await payments.one("EscrowFrozen", booking.order_id)
         assert (frozen["sequence"], frozen["by"], frozen["escrow_amount"]) == (
             2,
             "admin-3",
             102_000,
         )
         assert frozen["reason"] == "the order was cancelled: mentor left"
-        hold = await payments_service.escrow(booking.order_id)
+        hold = await payments.escrow(booking.order_id)
         assert (hold["status"], hold["frozen_reason"], hold["decided_by"]) == (
             "frozen",
             "order_cancelled",
@@ -269,93 +262,89 @@ class TestOrderEndings:
         )
 
     async def test_cancelling_an_order_whose_escrow_was_released_leaves_it(
-        self, payments_service, sandbox, pay
+        self, payments, sandbox, pay
     ):
-        booking = await pay(payments_service, sandbox)
-        await payments_service.confirm(booking)
-        await payments_service.sweeper.run_once(booking.end_at + timedelta(days=2))
-        await payments_service.one("EscrowReleased", booking.order_id)
+        booking = await pay(payments, sandbox)
+        await payments.confirm(booking)
+        await payments.sweeper.run_once(booking.end_at + timedelta(days=2))
+        await payments.one("EscrowReleased", booking.order_id)
 
-        await payments_service.cancel(booking)
+        await payments.cancel(booking)
 
-        hold = await payments_service.escrow(booking.order_id)
+        hold = await payments.escrow(booking.order_id)
         assert (hold["status"], hold["sequence"]) == ("released", 2)
-        await payments_service.spy.settle()
-        assert payments_service.published("EscrowFrozen", booking.order_id) == []
+        assert await payments.recorded("EscrowFrozen", booking.order_id) == []
 
 
 class TestTheSessionsFate:
     async def test_order_confirmed_makes_the_release_due_after_the_session(
-        self, payments_service, sandbox, pay
+        self, payments, sandbox, pay
     ):
-        booking = await pay(payments_service, sandbox)
+        booking = await pay(payments, sandbox)
 
-        await payments_service.confirm(booking)
+        await payments.confirm(booking)
 
-        hold = await payments_service.escrow(booking.order_id)
-        delay = timedelta(minutes=payments_service.settings.escrow_release_delay_minutes)
+        hold = await payments.escrow(booking.order_id)
+        delay = timedelta(minutes=payments.settings.escrow_release_delay_minutes)
         assert (hold["status"], hold["sequence"]) == ("held", 1)
         assert hold["release_due_at"] == booking.end_at + delay
 
-    async def test_abandoned_scheduling_freezes_the_escrow(self, payments_service, sandbox, pay):
-        booking = await pay(payments_service, sandbox)
-        await payments_service.confirm(booking)
+    async def test_abandoned_scheduling_freezes_the_escrow(self, payments, sandbox, pay):
+        booking = await pay(payments, sandbox)
+        await payments.confirm(booking)
 
-        await payments_service.abandon_scheduling(booking)
+        await payments.abandon_scheduling(booking)
 
-        frozen = await payments_service.one("EscrowFrozen", booking.order_id)
+        frozen = await payments.one("EscrowFrozen", booking.order_id)
         assert (frozen["sequence"], frozen["by"]) == (2, None)
         assert "calendar_api_error" in frozen["reason"]
-        hold = await payments_service.escrow(booking.order_id)
+        hold = await payments.escrow(booking.order_id)
         assert (hold["status"], hold["frozen_reason"], hold["release_due_at"]) == (
             "frozen",
             "scheduling_abandoned",
             None,
         )
 
-    async def test_a_session_scheduled_after_all_unfreezes_its_escrow(
-        self, payments_service, sandbox, pay
-    ):
-        booking = await pay(payments_service, sandbox)
-        await payments_service.abandon_scheduling(booking)
+    async def test_a_session_scheduled_after_all_unfreezes_its_escrow(self, payments, sandbox, pay):
+        booking = await pay(payments, sandbox)
+        await payments.abandon_scheduling(booking)
 
-        await payments_service.confirm(booking)  # an admin's retry of the scheduling worked
+        await payments.confirm(booking)  # an admin's retry of the scheduling worked
 
-        unfrozen = await payments_service.one("EscrowUnfrozen", booking.order_id)
-        delay = timedelta(minutes=payments_service.settings.escrow_release_delay_minutes)
+        unfrozen = await payments.one("EscrowUnfrozen", booking.order_id)
+        delay = timedelta(minutes=payments.settings.escrow_release_delay_minutes)
         assert unfrozen["sequence"] == 3
         assert datetime.fromisoformat(unfrozen["release_due_at"]) == booking.end_at + delay
-        hold = await payments_service.escrow(booking.order_id)
+        hold = await payments.escrow(booking.order_id)
         assert (hold["status"], hold["frozen_reason"]) == ("held", None)
 
     async def test_a_cancelled_orders_escrow_is_not_unfrozen_by_a_late_confirmation(
-        self, payments_service, sandbox, pay
+        self, payments, sandbox, pay
     ):
-        booking = await pay(payments_service, sandbox)
-        await payments_service.abandon_scheduling(booking)
-        await payments_service.cancel(booking)
+        booking = await pay(payments, sandbox)
+        await payments.abandon_scheduling(booking)
+        await payments.cancel(booking)
 
-        await payments_service.confirm(booking)
+        await payments.confirm(booking)
 
-        hold = await payments_service.escrow(booking.order_id)
+        hold = await payments.escrow(booking.order_id)
         assert (hold["status"], hold["frozen_reason"], hold["sequence"]) == (
             "frozen",
             "order_cancelled",
             3,
         )
-        await payments_service.spy.settle()
-        assert payments_service.published("EscrowUnfrozen", booking.order_id) == []
+        assert await payments.recorded("EscrowUnfrozen", booking.order_id) == []
 
     async def test_events_for_an_order_without_escrow_are_handled_without_error(
-        self, payments_service, book
+        self, payments, book
     ):
-        booking, _ = await book(payments_service)  # opened, never paid
+        booking, _ = await book(payments)  # opened, never paid
 
-        await payments_service.confirm(booking)
-        await payments_service.abandon_scheduling(booking)
+        await payments.confirm(booking)
+        await payments.abandon_scheduling(booking)
 
-        assert await payments_service.escrow(booking.order_id) is None
-        assert await payments_service.payment_status(booking.order_id) == "pending"
+        assert await payments.escrow(booking.order_id) is None
+        assert await payments.payment_status(booking.order_id) == "pending"
 
 
 async def waiting_on_the_order(db, order_id: uuid.UUID) -> bool:
@@ -372,9 +361,9 @@ async def waiting_on_the_order(db, order_id: uuid.UUID) -> bool:
 class TestTheOrdersLock:
     """Whichever of two changes to one order commits second sees the first."""
 
-    async def test_an_ending_waits_for_an_opening_and_ends_the_payment(self, payments_service, db):
-        service = payments_service.service
-        booking = payments_service.new_booking()
+    async def test_an_ending_waits_for_an_opening_and_ends_the_payment(self, payments, db):
+        service = payments.service
+        booking = payments.new_booking()
         cancel = OrderCancelled(
             order_id=booking.order_id,
             session_id=booking.session_id,
@@ -396,11 +385,11 @@ class TestTheOrdersLock:
         await ending
 
         assert payment_id is not None
-        assert await payments_service.payment_status(booking.order_id) == "initiation_failed"
+        assert await payments.payment_status(booking.order_id) == "initiation_failed"
 
-    async def test_an_opening_waits_for_an_ending_and_opens_nothing(self, payments_service, db):
-        service = payments_service.service
-        booking = payments_service.new_booking()
+    async def test_an_opening_waits_for_an_ending_and_opens_nothing(self, payments, db):
+        service = payments.service
+        booking = payments.new_booking()
         cancel = OrderCancelled(
             order_id=booking.order_id,
             session_id=booking.session_id,
@@ -420,13 +409,13 @@ class TestTheOrdersLock:
             )
 
         assert await opening is None
-        assert await payments_service.payment_status(booking.order_id) is None
+        assert await payments.payment_status(booking.order_id) is None
 
     async def test_money_that_waits_for_an_ending_is_owed_back_never_held(
-        self, payments_service, sandbox, book, db
+        self, payments, sandbox, book, db
     ):
-        service = payments_service.service
-        booking, ref = await book(payments_service)
+        service = payments.service
+        booking, ref = await book(payments)
         await sandbox.complete(ref, webhook="none")
         payment_id = await db.fetchval(
             "SELECT id FROM payments.payments WHERE order_id = $1", booking.order_id
@@ -452,7 +441,7 @@ class TestTheOrdersLock:
             )
         await money
 
-        hold = await payments_service.escrow(booking.order_id)
+        hold = await payments.escrow(booking.order_id)
         assert (hold["status"], hold["refund_amount"]) == ("refund_due", booking.amount)
-        await payments_service.one("EscrowRefundDue", booking.order_id)
-        assert payments_service.published("PaymentCompleted", booking.order_id) == []
+        await payments.one("EscrowRefundDue", booking.order_id)
+        assert await payments.recorded("PaymentCompleted", booking.order_id) == []
