@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -217,12 +218,21 @@ class Broker:
         self._consumers: list[ConsumerTopology] = []
         self._subscribed: set[str] = set()
         self._on_connected: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
+        self._on_started: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One channel for every own-queue subscriber (`subscribe_own_queue`): a channel is
+        # restored on each reconnect for the process's life, so it is not opened per queue.
+        self._own_queues_channel = Channel(publisher_confirms=False)
 
     def on_connected(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
         """Run `callback` once the first connection is up (aio-pika restores it on reconnects)."""
         self._on_connected.append(callback)
+
+    def on_started(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
+        """Run `callback` once the first connection is up and the subscribers consume, before
+        the broker reports ready (for a subscriber of one's own: `subscribe_own_queue`)."""
+        self._on_started.append(callback)
 
     def subscriber(
         self,
@@ -248,6 +258,47 @@ class Broker:
             no_reply=True,
         )
         subscriber(take)
+        return subscriber
+
+    async def subscribe_own_queue(self, exchange: str, *, take: Take) -> RabbitSubscriber:
+        """Start a FastStream subscriber of a new queue of this connection's own, bound to the
+        declared `exchange` (its one definition), handing each delivery to `take`, unacked.
+
+        For a fanout that every process reads whole (the gateway's admin alerts): the queue is
+        exclusive and auto-delete, so it goes away with the connection or its consumer, and
+        deliveries are taken with no_ack. Each call declares a new name, chosen here rather
+        than by the server (through FastStream's declarer, aio-pika names an unnamed queue
+        itself and keeps one queue per definition). A reconnect does not restore the queue:
+        aio-pika would declare the old name again, which the server may still hold for the
+        dead connection until it notices (405 RESOURCE_LOCKED). After a reconnect the caller
+        subscribes again and stops the old subscriber. Call it once the broker has started
+        (`on_started`, `wait_ready`): FastStream's own start would start a subscriber
+        registered before it a second time. Not persistent: FastStream forgets a subscriber
+        that is let go.
+        """
+        queue = RabbitQueue(
+            f"{exchange}.{self._client_name}.{uuid.uuid4().hex}",
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+            robust=False,
+        )
+        subscriber = self.faststream.subscriber(
+            queue,
+            self._declared[exchange],
+            channel=self._own_queues_channel,
+            ack_policy=AckPolicy.ACK_FIRST,  # consumed with no_ack
+            decoder=_raw_delivery,
+            no_reply=True,
+            persistent=False,
+        )
+        subscriber(take)
+        try:
+            await subscriber.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await subscriber.stop()
+            raise
         return subscriber
 
     @property
@@ -290,6 +341,8 @@ class Broker:
             await callback(self.connection)
         await self.faststream.start()
         await self._bind(self.faststream, self._consumers)
+        for callback in self._on_started:
+            await callback(self.connection)
         self._ready.set()
         log.info("broker connected")
 

@@ -52,7 +52,7 @@ class AdminAlerts:
     """The admins connected to this replica, the feed that reaches them, and their route.
 
     Built by the composition root before the broker starts (it registers the feed's queue with
-    `Broker.on_connected`); `running()` belongs in the app's lifespan.
+    `Broker.on_started`); `running()` belongs in the app's lifespan.
     """
 
     def __init__(self, settings: GatewaySettings, broker: Broker, verifier: TokenVerifier) -> None:
@@ -71,7 +71,7 @@ class AdminAlerts:
         )
         self.connections: set[AdminConnection] = set()
         self.dropped = 0  # closed by this replica for being too slow
-        broker.on_connected(self.feed.attach)
+        broker.on_started(self.feed.attach)
         redact_access_tokens_in_server_logs()
 
     @asynccontextmanager

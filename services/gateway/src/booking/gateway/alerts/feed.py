@@ -1,14 +1,19 @@
 """This replica's alert feed: its own queue on the `admin.alerts` fanout, and the fan-out to the
 admins connected here.
 
-Each gateway replica declares a server-named, exclusive, auto-delete queue bound to the fanout
+Each gateway replica consumes a queue of its own, exclusive and auto-delete, bound to the fanout
 exchange, so every replica gets every alert and an admin on any replica sees them all. The queue
-lives as long as the broker connection: after a reconnect it is declared, bound and consumed
-again (a new name). What was published while the connection was down is in no queue of this
-replica: each admin connected here then resumes from the last id it was sent (the replay comes
-from the notifications service, which stores everything, not from the broker).
+is a FastStream subscriber on the runtime's broker (`Broker.subscribe_own_queue`, on the one
+definition of the alerts exchange), taken with no_ack: an alert is worth something only live,
+the store is elsewhere.
 
-Messages are taken without acks: an alert is worth something only live, the store is elsewhere.
+The queue lives as long as the broker connection. What FastStream does not do is kept thin here:
+after a reconnect (aio-pika's reconnect callback; FastStream does not restart its subscribers)
+a new subscriber, on a queue with a new name, replaces the one whose queue went with the old
+connection. What was published while the connection was down is in no queue of this replica:
+each admin connected here then resumes from the last id it was sent (the replay comes from the
+notifications service, which stores everything, not from the broker).
+
 The fan-out never awaits a socket: it hands each admin's connection the frame (serialised once),
 and a connection that cannot take it is dropped by itself (see connection.py).
 """
@@ -21,8 +26,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from faststream.rabbit.subscriber import RabbitSubscriber
 
 from booking.contracts import (
     AdminNotificationRaised,
@@ -68,84 +73,90 @@ class AlertFeed:
         self.dropped_repeats = 0
         self.queue_name: str | None = None
         self.attachments = 0  # queues declared and consumed so far
+        self.consumer: RabbitSubscriber | None = None  # FastStream's, on this replica's queue
         self._seen = Sent(REMEMBERED_IDS)
-        self._channel: AbstractRobustChannel | None = None
-        self._reattach: asyncio.Task | None = None
+        self._needs_queue = False
+        self._lost_queue = False  # a queue went with a connection: alerts may have been missed
+        self._attaching: asyncio.Task[None] | None = None
         self._hooked: set[int] = set()
 
     # --- the queue --------------------------------------------------------------------------
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
-        """`Broker.on_connected`: declare, bind and consume; again after every reconnect.
+        """`Broker.on_started`: consume a queue of this replica's own; again after every
+        reconnect.
 
-        Broker.on_connected runs on the first connection only (aio-pika restores robust queues
-        itself, but a server-named one cannot be restored under its old name): the connection's
-        reconnect callbacks declare a fresh queue each time.
+        Broker.on_started runs on the first connection only, once the broker's own subscribers
+        consume and before it reports ready: the connection's reconnect callbacks subscribe a
+        new queue each time.
         """
         if id(connection) not in self._hooked:
             self._hooked.add(id(connection))
             connection.reconnect_callbacks.add(self._on_reconnected)
         try:
-            await self._declare(connection)
+            await self._subscribe(catch_up=False)
         except Exception as exc:
             # Never fail the broker's start: the rest of the gateway does not need the feed.
             log.warning("admin alert feed: could not declare its queue: %s", exc)
-            self._on_reconnected(connection)
+            self._needs_queue = True
+            self._keep_attached(connection)
 
     def _on_reconnected(self, connection: AbstractRobustConnection | None) -> None:
         # Not awaited by aio-pika's reconnect path: it must not stall on our declarations.
         self.queue_name = None
+        self._needs_queue = self._lost_queue = True
         if connection is None:  # aio-pika types a callback's sender as optional; never None here
             return
-        if self._reattach is None or self._reattach.done():
-            self._reattach = asyncio.create_task(
-                self._redeclare(connection), name="admin-alerts-reattach"
+        self._keep_attached(connection)
+
+    def _keep_attached(self, connection: AbstractRobustConnection) -> None:
+        if self._attaching is None or self._attaching.done():
+            self._attaching = asyncio.create_task(
+                self._attach_until_done(connection), name="admin-alerts-attach"
             )
 
-    async def _redeclare(self, connection: AbstractRobustConnection) -> None:
-        while not connection.is_closed:
+    async def _attach_until_done(self, connection: AbstractRobustConnection) -> None:
+        await self.broker.wait_ready()  # subscribed before the broker started, it would start twice
+        # A reconnect while subscribing asks for one more queue: the one just subscribed may
+        # have been declared on the connection that went.
+        while self._needs_queue and not connection.is_closed:
+            self._needs_queue = False
+            lost, self._lost_queue = self._lost_queue, False
             try:
-                await self._declare(connection)
-                return
+                await self._subscribe(catch_up=lost)
             except Exception as exc:
+                self._needs_queue = True
+                self._lost_queue = self._lost_queue or lost
                 log.warning(
-                    "admin alert feed: could not declare its queue again, retrying in %gs: %s",
+                    "admin alert feed: could not declare its queue, retrying in %gs: %s",
                     self.reattach_interval,
                     str(exc) or type(exc).__name__,
                 )
                 await asyncio.sleep(self.reattach_interval)
 
-    async def _declare(self, connection: AbstractRobustConnection) -> None:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await connection.channel(publisher_confirms=False)
-        channel = self._channel
-        await self.broker.declare_exchanges(channel)
-        # A plain (not robust) queue: declared with an empty name, the broker names it.
-        queue = aio_pika.Queue(
-            channel, None, durable=False, exclusive=True, auto_delete=True, arguments=None
-        )
-        await queue.declare()
-        await queue.bind(self.exchange, routing_key="")
-        await queue.consume(self._on_message, no_ack=True)
-        self.queue_name = queue.name
-        log.info("admin alert feed consuming %s (bound to %s)", queue.name, self.exchange)
-        if self.attachments:
+    async def _subscribe(self, *, catch_up: bool) -> None:
+        consumer = await self.broker.subscribe_own_queue(self.exchange, take=self._on_message)
+        # The new queue consumes before the old one goes: on a live connection, no gap.
+        previous, self.consumer = self.consumer, consumer
+        self.queue_name = consumer.queue.name
+        log.info("admin alert feed consuming %s (bound to %s)", self.queue_name, self.exchange)
+        self.attachments += 1
+        if catch_up:
             # What was published while this replica had no queue is in no queue of its own:
             # each admin here catches up from the notifications service.
             for subscriber in list(self.subscribers):
                 subscriber.interrupted()
-        self.attachments += 1
+        if previous is not None:
+            await _stop_quietly(previous)
 
     async def stop(self) -> None:
-        if self._reattach is not None:
-            self._reattach.cancel()
-            await asyncio.gather(self._reattach, return_exceptions=True)
-        if self._channel is not None and not self._channel.is_closed:
-            try:
-                async with asyncio.timeout(5):
-                    await self._channel.close()
-            except Exception as exc:  # the connection may be gone already
-                log.debug("admin alert feed: closing its channel: %s", exc)
+        if self._attaching is not None:
+            self._attaching.cancel()
+            await asyncio.gather(self._attaching, return_exceptions=True)
+        if self.consumer is not None:
+            # The queue is auto-delete: it goes with its consumer.
+            await _stop_quietly(self.consumer)
+            self.consumer = None
         self.queue_name = None
 
     # --- fan-out ----------------------------------------------------------------------------
@@ -219,3 +230,12 @@ class AlertFeed:
             COMPONENT, measurement, status, "component", consumers,
             output=f"{name} bound to {self.exchange}",
         )  # fmt: skip
+
+
+async def _stop_quietly(consumer: RabbitSubscriber) -> None:
+    """Stop a subscriber whose queue may be gone with its connection, or the connection too."""
+    try:
+        async with asyncio.timeout(5):
+            await consumer.stop()
+    except Exception as exc:
+        log.debug("admin alert feed: stopping the consumer of %s: %s", consumer.queue.name, exc)
