@@ -26,6 +26,8 @@ import jwt
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from faststream import AckPolicy
+from faststream.rabbit.subscriber import RabbitSubscriber
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -857,6 +859,23 @@ class TestFeedQueue:
         alert = await world.notifications.raise_alert()
         assert await admin.notification() == alert
         await nothing_more(world, admin)
+
+    async def test_the_queue_is_a_faststream_subscriber_of_the_replica_alone_gone_with_it(
+        self, world: AlertsWorld, rabbitmq_url: str
+    ) -> None:
+        gateway = await world.gateway()
+        feed = gateway.alerts.feed
+        assert isinstance(feed.consumer, RabbitSubscriber)
+        queue = feed.consumer.queue
+        assert queue.name == feed.queue_name
+        assert (queue.exclusive, queue.auto_delete, queue.durable) == (True, True, False)
+        assert feed.consumer.ack_policy is AckPolicy.ACK_FIRST  # taken with no_ack
+
+        await feed.stop()  # the replica going away: its queue goes with its consumer
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            channel = await connection.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(queue.name, passive=True)
 
     async def test_health_shows_the_queue_consumed_and_the_admins_connected(
         self, world: AlertsWorld
