@@ -19,6 +19,8 @@ service keeps serving, and keeps writing its outbox, while RabbitMQ is away), a 
 bound to many routing keys (a FastStream subscriber binds one), and a subscriber can stop taking
 deliveries for a while without dropping those already on their way (`pause_subscriber`): its
 own `stop()` ignores what arrives after it, which would leave them unacked on the channel.
+A queue of the connection's own (`subscribe_own_queue`: the gateway's alert feed) is not
+restored by a reconnect; its owner subscribes a new one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aio_pika
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
     DeliveryMode,
@@ -369,13 +370,6 @@ class Broker:
             for key in consumer.routing_keys:
                 await main.bind(events.name, key)
             log.info("declared %s (%s)", consumer.queues.main, ", ".join(consumer.routing_keys))
-
-    async def declare_exchanges(self, channel: AbstractChannel) -> None:
-        """Declare both exchanges on a channel of one's own (the gateway's alert feed)."""
-        for exchange in self.exchanges:
-            await channel.declare_exchange(
-                exchange.name, exchange.type.value, durable=exchange.durable
-            )
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish persistently and wait for the broker's confirm; raises when not confirmed."""
