@@ -218,17 +218,12 @@ class Broker:
         self.connection: AbstractRobustConnection | None = None
         self._consumers: list[ConsumerTopology] = []
         self._subscribed: set[str] = set()
-        self._on_connected: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
         self._on_started: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One channel for every own-queue subscriber (`subscribe_own_queue`): a channel is
         # restored on each reconnect for the process's life, so it is not opened per queue.
         self._own_queues_channel = Channel(publisher_confirms=False)
-
-    def on_connected(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
-        """Run `callback` once the first connection is up (aio-pika restores it on reconnects)."""
-        self._on_connected.append(callback)
 
     def on_started(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
         """Run `callback` once the first connection is up and the subscribers consume, before
@@ -338,8 +333,6 @@ class Broker:
         # A queue with a subscriber is declared by that subscriber, on its own channel (FastStream
         # keeps one declared queue per definition, and consumes on the channel it declared on).
         await self._declare(self.faststream, self._consumers, skip=self._subscribed)
-        for callback in self._on_connected:
-            await callback(self.connection)
         await self.faststream.start()
         await self._bind(self.faststream, self._consumers)
         for callback in self._on_started:
