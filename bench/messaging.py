@@ -31,8 +31,8 @@ from bench import results_file
 from booking.contracts import MentorRegistered
 from booking.devtools.fixtures import delete_broker_objects, with_database
 from booking.runtime.consumer import MessageContext
+from booking.runtime.host import ServiceRuntime
 from booking.runtime.logs import configure_logging
-from booking.runtime.service import ServiceRuntime
 from booking.runtime.settings import DEFAULT_DATABASE_URL, RuntimeSettings
 from booking.runtime.tables import MessagingTables
 

@@ -262,7 +262,7 @@ def test_the_build_context_holds_what_the_dockerfile_copies(ignore, deploy, dock
         assert kept, source
     for needed in (
         "libs/runtime/pyproject.toml",
-        "libs/runtime/src/booking/runtime/service.py",
+        "libs/runtime/src/booking/runtime/host.py",
         "services/orders/src/booking/orders/migrations/versions/0002_orders.py",
         "sandbox/src/booking/sandbox/konnect/pay_page.py",
     ):

@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from booking.contracts import MentorRegistered
 from booking.devtools.fixtures import TcpProxy, delete_broker_objects
 from booking.runtime.consumer import MessageContext
-from booking.runtime.service import ServiceRuntime
+from booking.runtime.host import ServiceRuntime
 from booking.runtime.settings import RuntimeSettings
 from booking.runtime.tables import MessagingTables
 

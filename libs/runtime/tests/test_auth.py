@@ -47,8 +47,8 @@ from booking.runtime.auth import (
     verify_token,
 )
 from booking.runtime.cli import main
+from booking.runtime.host import ServiceRuntime, create_service_app
 from booking.runtime.problems import install_problem_handlers
-from booking.runtime.service import ServiceRuntime, create_service_app
 from booking.runtime.settings import DEVELOPMENT_JWT_SECRET, RefusedSettings, RuntimeSettings
 
 SECRET = "test-secret-0123456789abcdef0123456789"

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Request
 from booking.contracts import parse_envelope
 from booking.devtools.fixtures import eventually
 from booking.runtime import context
+from booking.runtime.host import create_service_app
 from booking.runtime.logs import configure_logging
-from booking.runtime.service import create_service_app
 
 
 async def test_an_event_recorded_by_a_request_carries_the_requests_correlation_id(

@@ -12,8 +12,8 @@ from sqlalchemy import func, select, update
 
 from booking.devtools.fixtures import eventually
 from booking.runtime.auth import issue_token
+from booking.runtime.host import create_service_app
 from booking.runtime.housekeeping import Housekeeping
-from booking.runtime.service import create_service_app
 
 from .test_consumer import dead_letters, envelope_bytes, handled, publish_raw
 

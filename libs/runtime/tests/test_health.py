@@ -14,7 +14,7 @@ from sqlalchemy import MetaData
 
 from booking.devtools.fixtures import free_port, serving
 from booking.runtime.health import Health, Observation
-from booking.runtime.service import ServiceRuntime, create_service_app
+from booking.runtime.host import ServiceRuntime, create_service_app
 from booking.runtime.tables import MessagingTables
 
 

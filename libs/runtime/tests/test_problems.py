@@ -9,8 +9,8 @@ from sqlalchemy import text
 
 from booking.devtools.fixtures import url_via
 from booking.runtime.db import Database, database
+from booking.runtime.host import create_service_app
 from booking.runtime.problems import install_problem_handlers
-from booking.runtime.service import create_service_app
 
 
 class Body(BaseModel):

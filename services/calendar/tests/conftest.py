@@ -45,8 +45,8 @@ from booking.devtools.fixtures import (
     serving_with_client,
 )
 from booking.runtime.auth import issue_token
+from booking.runtime.host import ServiceRuntime
 from booking.runtime.migrations import upgrade
-from booking.runtime.service import ServiceRuntime
 from booking.sandbox.control import ControlAuth
 from booking.sandbox.google import create_app as create_sandbox
 from booking.sandbox.settings import SandboxSettings

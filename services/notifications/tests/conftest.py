@@ -35,8 +35,8 @@ from booking.notifications.settings import NotificationsSettings
 from booking.notifications.tables import SCHEMA
 from booking.runtime import metrics
 from booking.runtime.auth import Role, issue_token
+from booking.runtime.host import ServiceRuntime
 from booking.runtime.migrations import upgrade
-from booking.runtime.service import ServiceRuntime
 
 TABLE = f"{SCHEMA}.admin_notifications"
 

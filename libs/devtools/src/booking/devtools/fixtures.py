@@ -43,7 +43,7 @@ from sqlmodel import SQLModel
 from booking.contracts import Event, wrap
 from booking.devtools.devrun import MIGRATED
 from booking.runtime.broker import ConsumerQueues, OutgoingMessage
-from booking.runtime.service import ServiceRuntime
+from booking.runtime.host import ServiceRuntime
 from booking.runtime.settings import (
     DEFAULT_DATABASE_URL,
     DEFAULT_RABBITMQ_URL,

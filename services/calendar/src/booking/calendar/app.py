@@ -20,8 +20,8 @@ from booking.calendar.tables import SCHEMA, messaging
 from booking.calendar.tokens import TokenCipher
 from booking.runtime.auth import GENERATE_SECRET, secret_weakness
 from booking.runtime.db import Database, create_engine
+from booking.runtime.host import ServiceRuntime, create_service_app
 from booking.runtime.outside import configured_check, reachable_check
-from booking.runtime.service import ServiceRuntime, create_service_app
 from booking.runtime.settings import RefusedSettings
 
 

@@ -14,7 +14,7 @@ from booking.gateway.limits import BodyLimitMiddleware, rate_limiters
 from booking.gateway.monitor import HealthMonitor, SystemHealth
 from booking.gateway.settings import GatewaySettings
 from booking.gateway.upstreams import Upstreams, service_urls
-from booking.runtime.service import ServiceRuntime, create_service_app
+from booking.runtime.host import ServiceRuntime, create_service_app
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

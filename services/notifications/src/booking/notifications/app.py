@@ -10,7 +10,7 @@ from booking.notifications.handlers import subscribers
 from booking.notifications.service import NotificationsService
 from booking.notifications.settings import NotificationsSettings
 from booking.notifications.tables import messaging
-from booking.runtime.service import ServiceRuntime, create_service_app
+from booking.runtime.host import ServiceRuntime, create_service_app
 
 
 def create_app(settings: NotificationsSettings | None = None) -> FastAPI:

@@ -18,7 +18,7 @@ from booking.orders.service import MentorService, OrderService
 from booking.orders.settings import OrdersSettings
 from booking.orders.sweeper import Sweeper
 from booking.orders.tables import messaging
-from booking.runtime.service import ServiceRuntime, create_service_app
+from booking.runtime.host import ServiceRuntime, create_service_app
 
 
 def create_app(settings: OrdersSettings | None = None) -> FastAPI:

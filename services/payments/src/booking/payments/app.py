@@ -16,8 +16,8 @@ from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.sweeper import Sweeper
 from booking.payments.tables import messaging
+from booking.runtime.host import ServiceRuntime, create_service_app
 from booking.runtime.outside import configured_check, reachable_check
-from booking.runtime.service import ServiceRuntime, create_service_app
 
 
 def create_app(settings: PaymentsSettings | None = None) -> FastAPI:

@@ -1,9 +1,11 @@
-"""Everything a service runs besides its own routes and handlers, wired once.
+"""The host every service runs in: everything besides its own routes and handlers, wired once.
 
-A service's `app.py` builds a `ServiceRuntime` with its settings, schema and handlers, and hands
-it to `create_service_app` with its routes. The runtime owns the engine, the broker connection,
-the outbox and its relay, the consumer and the health checks, and starts and stops them with the
-app's lifespan. Nothing here connects at import time.
+(A service's own `service.py` is its application layer; this is the process around it.) A
+service's `app.py` builds a `ServiceRuntime` with its settings and schema, subscribes its
+handlers once its use cases exist, and hands it to `create_service_app` with its routes. The
+runtime owns the engine, the broker connection, the outbox and its relay, the consumer and the
+health checks, and starts and stops them with the app's lifespan. Nothing here connects at
+import time.
 """
 
 from __future__ import annotations
