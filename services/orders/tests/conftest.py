@@ -1,7 +1,12 @@
-"""The orders service served over real HTTP, on the real Postgres and RabbitMQ.
+"""The orders service under test, two ways, on the real Postgres.
+
+`orders`: served over real HTTP on the real RabbitMQ, with a spy on its exchange.
+`orders_in_process`: its app called in process and its subscribers on FastStream's
+TestRabbitBroker, for the handler tests where the broker is not the point; what it emits is read
+from its outbox.
 
 The schema is migrated once per test session; each test gets its own service (its own exchange
-and queues), a spy on that exchange, and ids of its own, so tests never see each other's data.
+and queues) and ids of its own, so tests never see each other's data.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,14 +43,21 @@ from booking.contracts import (
     PaymentInitiated,
     wrap,
 )
-from booking.devtools.fixtures import Spy, eventually, serving
+from booking.devtools.fixtures import (
+    TEST_PREFIX,
+    Spy,
+    deliver,
+    eventually,
+    on_test_broker,
+    serving,
+)
 from booking.orders.app import create_app
 from booking.orders.settings import OrdersSettings
 from booking.orders.sweeper import Sweeper
 from booking.orders.tables import SCHEMA
 from booking.runtime.auth import Role, issue_token
+from booking.runtime.host import ServiceRuntime
 from booking.runtime.migrations import upgrade
-from booking.runtime.service import ServiceRuntime
 
 PRICE = 120_000  # 120 TND in millimes
 FEE = 18_000  # 15 %
@@ -68,12 +80,15 @@ def future(days: int = 30, hour: int = 9, minute: int = 0) -> datetime:
 
 @dataclass
 class Orders:
-    """One running orders service and the means to drive and watch it."""
+    """One orders service and the means to drive and watch it.
+
+    How events reach it and how what it emits is seen is the subclasses' business: on RabbitMQ
+    (`OrdersOnRabbitMQ`) or in process (`OrdersInProcess`).
+    """
 
     client: httpx.AsyncClient
     settings: OrdersSettings
     runtime: ServiceRuntime
-    spy: Spy
     engine: AsyncEngine
     sweeper: Sweeper
 
@@ -204,20 +219,16 @@ class Orders:
     # --- events -------------------------------------------------------------------------------
 
     async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
-        """Publish `event` on the service's exchange as its producer would."""
-        envelope = wrap(event, message_id=message_id or uuid.uuid4(), correlation_id="test")
-        exchange = await self.spy.channel.get_exchange(self.settings.events_exchange)
-        await exchange.publish(
-            aio_pika.Message(
-                envelope.model_dump_json().encode(),
-                message_id=str(envelope.message_id),
-                type=envelope.type,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            envelope.routing_key,
-        )
-        return envelope.message_id
+        """Hand `event` to the service as its producer's message would reach it; its id."""
+        raise NotImplementedError
+
+    async def quiet(self, *message_ids: uuid.UUID) -> None:
+        """These messages handled, and every event they caused visible to `events`."""
+        raise NotImplementedError
+
+    def emitted(self, type_: str) -> list[dict[str, Any]]:
+        """Payloads of the `type_` events the service has emitted, as far as `quiet` saw."""
+        raise NotImplementedError
 
     async def handled(self, *message_ids: uuid.UUID) -> None:
         """Wait until the service has handled (committed) these messages."""
@@ -234,23 +245,19 @@ class Orders:
 
     async def consumed(self, type_: str, outcome: str) -> float:
         """How many `type_` messages the service's consumer counted with `outcome` (/metrics)."""
+        return (await self.consumer_counts()).get((type_, outcome), 0.0)
+
+    async def consumer_counts(self) -> dict[tuple[str, str], float]:
+        """Every (type, outcome) count of the service's consumer (/metrics)."""
         answer = await self.client.get("/metrics")
         consumer = f"{self.settings.queue_prefix}orders"
+        counts: dict[tuple[str, str], float] = {}
         for family in text_string_to_metric_families(answer.text):
             for sample in family.samples:
-                if sample.name == "messages_handled_total" and sample.labels == {
-                    "consumer": consumer,
-                    "type": type_,
-                    "outcome": outcome,
-                }:
-                    return sample.value
-        return 0.0
-
-    async def quiet(self, *message_ids: uuid.UUID) -> None:
-        """These messages handled, every event they caused published and seen by the spy."""
-        await self.handled(*message_ids)
-        await eventually(self.outbox_drained, what="the outbox relay")
-        await self.spy.settle()
+                labels = sample.labels
+                if sample.name == "messages_handled_total" and labels.get("consumer") == consumer:
+                    counts[labels["type"], labels["outcome"]] = sample.value
+        return counts
 
     async def outbox_drained(self) -> bool:
         async with self.engine.connect() as conn:
@@ -260,13 +267,12 @@ class Orders:
         return unsent == 0
 
     def events(self, type_: str, **payload: Any) -> list[dict[str, Any]]:
-        """Payloads of the spied events of `type_` whose fields match `payload`."""
-        found = []
-        for message in self.spy.of_type(type_):
-            body = _payload(message.body)
-            if all(str(body.get(k)) == str(v) for k, v in payload.items()):
-                found.append(body)
-        return found
+        """Payloads of the emitted events of `type_` whose fields match `payload`."""
+        return [
+            body
+            for body in self.emitted(type_)
+            if all(str(body.get(k)) == str(v) for k, v in payload.items())
+        ]
 
     async def wait_for_event(self, type_: str, **payload: Any) -> dict[str, Any]:
         found = await eventually(lambda: self.events(type_, **payload), what=f"a {type_}")
@@ -445,7 +451,78 @@ class Booked:
         raise ValueError(status)
 
 
-def _payload(body: bytes) -> dict[str, Any]:
+@dataclass
+class OrdersOnRabbitMQ(Orders):
+    """The service on the real RabbitMQ: events published on its exchange, a spy on it."""
+
+    spy: Spy
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Publish `event` on the service's exchange as its producer would."""
+        envelope = wrap(event, message_id=message_id or uuid.uuid4(), correlation_id="test")
+        exchange = await self.spy.channel.get_exchange(self.settings.events_exchange)
+        await exchange.publish(
+            aio_pika.Message(
+                envelope.model_dump_json().encode(),
+                message_id=str(envelope.message_id),
+                type=envelope.type,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            envelope.routing_key,
+        )
+        return envelope.message_id
+
+    async def quiet(self, *message_ids: uuid.UUID) -> None:
+        """These messages handled, every event they caused published and seen by the spy."""
+        await self.handled(*message_ids)
+        await eventually(self.outbox_drained, what="the outbox relay")
+        await self.spy.settle()
+
+    def emitted(self, type_: str) -> list[dict[str, Any]]:
+        return [_payload(message.body) for message in self.spy.of_type(type_)]
+
+
+@dataclass
+class OrdersInProcess(Orders):
+    """The service in process: no RabbitMQ, no relay.
+
+    Events reach its consumer through `deliver` (FastStream's TestRabbitBroker); what it emits is
+    what it recorded in its outbox, in the handler's (or the request's) transaction. Publishing
+    those rows is the relay's business, tested in libs/runtime on the real broker.
+    """
+
+    recorded: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    async def publish(self, event: Event, *, message_id: uuid.UUID | None = None) -> uuid.UUID:
+        """Deliver `event` to the service's consumer as its queue would."""
+        return await deliver(self.runtime, event, message_id=message_id, correlation_id="test")
+
+    async def quiet(self, *message_ids: uuid.UUID) -> None:
+        """These messages handled; every event the service recorded so far read from its outbox."""
+        await self.handled(*message_ids)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT event_type, body FROM {SCHEMA}.outbox "
+                    "WHERE exchange = :exchange ORDER BY id"
+                ),
+                {"exchange": self.settings.events_exchange},
+            )
+            self.recorded = [(row.event_type, _payload(row.body)) for row in rows]
+
+    def emitted(self, type_: str) -> list[dict[str, Any]]:
+        return [payload for event_type, payload in self.recorded if event_type == type_]
+
+    async def dead_letters(self) -> int:
+        """How many dead letters the service's keeper stored for its consumer."""
+        return await self.scalar(
+            f"SELECT count(*) FROM {SCHEMA}.dead_letters WHERE consumer = :consumer",
+            consumer=f"{self.settings.queue_prefix}orders",
+        )
+
+
+def _payload(body: bytes | str) -> dict[str, Any]:
     return json.loads(body)["payload"]
 
 
@@ -454,11 +531,11 @@ async def serve_orders(
     migrated: str,
     make_settings: Callable[..., OrdersSettings],
     spy_on: Callable[..., Any],
-) -> Callable[..., contextlib.AbstractAsyncContextManager[Orders]]:
+) -> Callable[..., contextlib.AbstractAsyncContextManager[OrdersOnRabbitMQ]]:
     """`async with serve_orders(**settings) as orders`: a service with settings of its own."""
 
     @contextlib.asynccontextmanager
-    async def serve(**overrides: Any) -> AsyncIterator[Orders]:
+    async def serve(**overrides: Any) -> AsyncIterator[OrdersOnRabbitMQ]:
         settings = make_settings(OrdersSettings, **overrides)
         spy = await spy_on(settings)  # before the service starts: it misses nothing
         app = create_app(settings)
@@ -466,7 +543,9 @@ async def serve_orders(
         assert runtime.db is not None
         async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
             await runtime.broker.wait_ready(timeout=15)
-            harness = Orders(client, settings, runtime, spy, runtime.db.engine, app.state.sweeper)
+            harness = OrdersOnRabbitMQ(
+                client, settings, runtime, runtime.db.engine, app.state.sweeper, spy=spy
+            )
             yield harness
             # Leave no unsent row behind: the next test's relay would publish it to an exchange
             # that no longer exists.
@@ -477,7 +556,52 @@ async def serve_orders(
 
 @pytest.fixture
 async def orders(
-    serve_orders: Callable[..., contextlib.AbstractAsyncContextManager[Orders]],
-) -> AsyncIterator[Orders]:
+    serve_orders: Callable[..., contextlib.AbstractAsyncContextManager[OrdersOnRabbitMQ]],
+) -> AsyncIterator[OrdersOnRabbitMQ]:
     async with serve_orders() as harness:
         yield harness
+
+
+@pytest.fixture
+async def orders_in_process(migrated: str) -> AsyncIterator[OrdersInProcess]:
+    """The service in process, its subscribers on FastStream's TestRabbitBroker: no RabbitMQ.
+
+    Its app is called through ASGI without its lifespan, so the runtime never starts: no broker
+    connection, no relay, no sweeper. Its names are unique to the test all the same: the outbox
+    rows it records carry its own exchange's name.
+    """
+    tag = uuid.uuid4().hex[:8]
+    settings = OrdersSettings.model_validate(
+        {
+            "database_url": migrated,
+            "events_exchange": f"{TEST_PREFIX}{tag}.events",
+            "admin_alerts_exchange": f"{TEST_PREFIX}{tag}.alerts",
+            "queue_prefix": f"{TEST_PREFIX}{tag}.",
+            # The test broker has no delay queues to retry through: a handler that fails is
+            # dead-lettered at once, so the keeper stores it and the test sees it.
+            "consumer_max_attempts": 1,
+        }
+    )
+    app = create_app(settings)
+    runtime: ServiceRuntime = app.state.runtime
+    assert runtime.db is not None
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://orders.test") as client,
+            on_test_broker(runtime),
+        ):
+            yield OrdersInProcess(client, settings, runtime, runtime.db.engine, app.state.sweeper)
+    finally:
+        # No relay sends what it recorded: marked sent, else a later test's relay (on the real
+        # broker, same database) would try them, to an exchange that never existed.
+        async with runtime.db.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    f"UPDATE {SCHEMA}.outbox SET sent_at = now() "
+                    "WHERE exchange = :exchange AND sent_at IS NULL"
+                ),
+                {"exchange": settings.events_exchange},
+            )
+        await runtime.verifier.aclose()
+        await runtime.db.engine.dispose()
