@@ -28,7 +28,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from booking.contracts import Event, wrap
-from booking.devtools.fixtures import Spy, eventually, on_test_broker, serving
+from booking.devtools.fixtures import Spy, deliver, eventually, on_test_broker, serving
 from booking.notifications.app import create_app
 from booking.notifications.domain import alert_for
 from booking.notifications.settings import NotificationsSettings
@@ -311,29 +311,16 @@ class Handling(Stored):
         occurred_at: datetime | None = None,
         producer: str | None = None,
     ) -> uuid.UUID:
-        """Hand `event` to the service's consumer as its queue would, in the envelope its
-        producer would send: booking.devtools.fixtures.deliver, with the envelope's occurred_at
-        and producer (a notification is dated by the one and may name the other)."""
-        consumer = self.runtime.consumer
-        assert consumer is not None
-        envelope = wrap(
+        """Hand `event` to the service's consumer as its queue would (a notification is dated
+        by the envelope's occurred_at and may name its producer)."""
+        return await deliver(
+            self.runtime,
             event,
-            message_id=message_id or uuid.uuid4(),
+            message_id=message_id,
             correlation_id="test",
             occurred_at=occurred_at,
             producer=producer,
         )
-        await self.runtime.broker.faststream.publish(
-            aio_pika.Message(
-                envelope.model_dump_json().encode(),
-                message_id=str(envelope.message_id),
-                correlation_id=envelope.correlation_id,
-                type=envelope.type,
-                content_type="application/json",
-            ),
-            routing_key=consumer.queues.main,
-        )
-        return envelope.message_id
 
     async def raise_(self, event: Event, **kwargs: Any) -> dict[str, Any]:
         """Deliver `event`, wait for it to be handled: the notification it stored or counted."""

@@ -25,6 +25,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -549,15 +550,20 @@ async def deliver(
     *,
     message_id: uuid.UUID | None = None,
     correlation_id: str | None = None,
+    occurred_at: datetime | None = None,
+    producer: str | None = None,
 ) -> uuid.UUID:
     """Deliver `event` to the runtime's consumer (under `on_test_broker`) as its queue would:
-    in its envelope, with its message id; returns that id. The handler runs in the consumer's
-    workers: wait for its effect with `eventually`."""
+    in its envelope (dated `occurred_at`, from `producer` for an event any service may send),
+    with its message id; returns that id. The handler runs in the consumer's workers: wait for
+    its effect with `eventually`."""
     assert runtime.consumer is not None
     envelope = wrap(
         event,
         message_id=message_id or uuid.uuid4(),
         correlation_id=correlation_id or str(uuid.uuid4()),
+        occurred_at=occurred_at,
+        producer=producer,
     )
     await runtime.broker.faststream.publish(
         aio_pika.Message(
