@@ -9,16 +9,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from booking.devtools.fixtures import free_port
+from booking.orders.service import OrderService
 from booking.orders.settings import OrdersSettings
 from booking.orders.sweeper import Sweep, Sweeper
 from booking.runtime.db import Database
 
 REF = "5f0c1e2d3a4b5c6d7e8f9a0b"
 TIMEOUT = 30  # minutes: PAYMENT_OPENING_TIMEOUT_MINUTES' default, the tested setting
+
+
+def unreachable(orders: Any, engine: AsyncEngine) -> OrderService:
+    """The service's use cases on a database that does not answer."""
+    service = orders.sweeper.orders
+    return OrderService(
+        Database(engine, "orders"), service.outbox, service.tables, horizon=service.horizon
+    )
 
 
 def test_the_defaults_are_the_documented_ones() -> None:
@@ -134,7 +144,7 @@ class TestPaymentsThatNeverOpened:
             await orders.backdate(booked.order_id, TIMEOUT + 2)
         # Batches of one, so the replicas interleave and meet each other's locks.
         one_by_one = orders.settings.model_copy(update={"orders_sweeper_batch_size": 1})
-        replicas = [Sweeper(orders.runtime.db, orders.runtime.outbox, one_by_one) for _ in range(3)]
+        replicas = [Sweeper(orders.sweeper.orders, one_by_one) for _ in range(3)]
         sweeps = await asyncio.gather(*(replica.run_once() for replica in replicas))
 
         assert sum(s.unopened_failed for s in sweeps) >= len(bookings)
@@ -160,7 +170,7 @@ class TestDatabaseAway:
             f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/postgres",
             connect_args={"timeout": 2},
         )
-        sweeper = Sweeper(Database(nowhere, "orders"), orders.runtime.outbox, orders.settings)
+        sweeper = Sweeper(unreachable(orders, nowhere), orders.settings)
         try:
             with caplog.at_level(logging.WARNING, logger="booking.orders.sweeper"):
                 outcomes = [await sweeper.sweep(datetime.now(UTC)) for _ in range(3)]
@@ -180,11 +190,11 @@ class TestDatabaseAway:
             f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/postgres",
             connect_args={"timeout": 2},
         )
-        sweeper = Sweeper(Database(nowhere, "orders"), orders.runtime.outbox, orders.settings)
+        sweeper = Sweeper(unreachable(orders, nowhere), orders.settings)
         with caplog.at_level(logging.WARNING, logger="booking.orders.sweeper"):
             assert await sweeper.sweep() is None
             await nowhere.dispose()
-            sweeper.db = orders.runtime.db  # the database is back
+            sweeper.orders = orders.sweeper.orders  # the database is back
             assert isinstance(await sweeper.sweep(), Sweep)
             assert isinstance(await sweeper.sweep(), Sweep)
 

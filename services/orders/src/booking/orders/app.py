@@ -38,7 +38,7 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         max_price_major_units=settings.offering_max_price_major_units,
     )
     runtime.subscribe(subscribers(orders))
-    sweeper = Sweeper(runtime.db, runtime.outbox, settings)
+    sweeper = Sweeper(orders, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -67,6 +67,7 @@ from booking.orders.domain import (
     SubjectTaken,
     cancel_booking,
     check_price,
+    fail_unopened_payment,
     plan_session,
 )
 from booking.orders.repository import StoredOrder
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 # recording one fact twice stores it once.
 _EVENTS = uuid.UUID("9c4f3a56-2be1-4d0b-8f43-6a1e0c7d5b21")
 
+
+PAYMENT_NEVER_OPENED = "payment_never_opened"
+"""OrderCancelled's reason when orders failed the order itself: no payment opened in time."""
 
 # The message id of the event reporting a fact (e.g. "OrderCancelled:<order id>").
 event_id = EventIds(_EVENTS)
@@ -253,6 +257,64 @@ class OrderService:
         async with self.db.single_statement() as session:
             return await repository.find_order(session, order_id)
 
+    async def fail_unopened_batch(
+        self, now: datetime, opening_timeout: timedelta, limit: int
+    ) -> tuple[int, list[StoredOrder]]:
+        """The sweeper's unit of work: claim up to `limit` orders still pending since before
+        `now - opening_timeout` (`FOR UPDATE SKIP LOCKED`: replicas never take the same one) and
+        fail each whose payment never opened: payment_failed (`not_opened`), its slot freed,
+        OrderCancelled (no admin) so payments never opens one for it, and SessionIssueDetected.
+        Returns how many were claimed, and those failed."""
+        failed: list[StoredOrder] = []
+        async with self.db.transaction() as session:
+            claimed = await repository.claim_unopened(session, now - opening_timeout, limit)
+            for stored in claimed:
+                order, booked = stored.order, stored.booked
+                if not fail_unopened_payment(order, booked, now, opening_timeout):
+                    continue
+                stored.payment_status = PaymentStatus.NOT_OPENED
+                await repository.save_order(session, stored)
+                minutes = opening_timeout.total_seconds() / 60
+                with correlated(stored.correlation_id):
+                    await self._record_cancelled(
+                        session, stored, reason=PAYMENT_NEVER_OPENED, by=None
+                    )
+                    await self.outbox.record(
+                        session,
+                        SessionIssueDetected(
+                            order_id=order.id,
+                            session_id=booked.id,
+                            kind=SessionIssueKind.PAYMENT_NEVER_OPENED,
+                            detail=(
+                                f"order {order.id}, booked at {order.created_at.isoformat()}, "
+                                f"had no payment opened within {minutes:g} minutes: it failed "
+                                f"and its slot ({booked.start_at.isoformat()}) was freed"
+                            ),
+                        ),
+                        message_id=event_id(
+                            f"SessionIssueDetected:{PAYMENT_NEVER_OPENED}:{order.id}"
+                        ),
+                    )
+                failed.append(stored)
+        return len(claimed), failed
+
+    async def _record_cancelled(
+        self, session: AsyncSession, stored: StoredOrder, *, reason: str, by: str | None
+    ) -> None:
+        """OrderCancelled, once per order whoever ended it (its id is the fact's)."""
+        order = stored.order
+        await self.outbox.record(
+            session,
+            OrderCancelled(
+                order_id=order.id,
+                session_id=stored.booked.id,
+                mentor_id=order.mentor_id,
+                reason=reason,
+                by=by,
+            ),
+            message_id=event_id(f"OrderCancelled:{order.id}"),
+        )
+
     async def cancel(
         self, order_id: uuid.UUID, *, by: str, reason: str, now: datetime
     ) -> StoredOrder:
@@ -275,17 +337,7 @@ class OrderService:
             await repository.save_order(session, stored)
             # The booking's trail: BookingRequested and every event since carry its id.
             with correlated(stored.correlation_id):
-                await self.outbox.record(
-                    session,
-                    OrderCancelled(
-                        order_id=order.id,
-                        session_id=booked.id,
-                        mentor_id=order.mentor_id,
-                        reason=reason,
-                        by=by,
-                    ),
-                    message_id=event_id(f"OrderCancelled:{order.id}"),
-                )
+                await self._record_cancelled(session, stored, reason=reason, by=by)
                 await record_admin_action(
                     session,
                     self.tables,

@@ -10,8 +10,8 @@ Every replica runs one. A batch of orders is claimed with `FOR UPDATE SKIP LOCKE
 in one transaction, so replicas never take the same order, and a handler that reaches an order
 first (the PaymentInitiated that was late) wins: the order is then no longer pending. When the
 database is away the sweep says so in one quiet line and tries again at its next interval.
-`run_once(now)` is one sweep, at any `now` (tests drive time with it). The statements are
-`repository.claim_unopened`'s and `repository.save_order`'s.
+`run_once(now)` is one sweep, at any `now` (tests drive time with it). Each batch is one use
+case of the service, `OrderService.fail_unopened_batch`.
 """
 
 from __future__ import annotations
@@ -20,25 +20,13 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from booking.contracts import OrderCancelled, SessionIssueDetected, SessionIssueKind
-from booking.orders import repository
-from booking.orders.domain import PaymentStatus, fail_unopened_payment
-from booking.orders.repository import StoredOrder
-from booking.orders.service import event_id
+from booking.orders.service import OrderService
 from booking.orders.settings import OrdersSettings
 from booking.runtime.clock import utcnow
-from booking.runtime.context import correlated
-from booking.runtime.db import Database
 from booking.runtime.outages import OutageLog
-from booking.runtime.outbox import Outbox
 from booking.runtime.sweeping import Every, run_quietly
 
 log = logging.getLogger(__name__)
-
-PAYMENT_NEVER_OPENED = "payment_never_opened"
-"""OrderCancelled's reason when orders failed the order itself: no payment opened in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +37,8 @@ class Sweep:
 
 
 class Sweeper:
-    def __init__(self, db: Database, outbox: Outbox, settings: OrdersSettings) -> None:
-        self.db = db
-        self.outbox = outbox
+    def __init__(self, orders: OrderService, settings: OrdersSettings) -> None:
+        self.orders = orders
         self.interval = settings.orders_sweeper_interval_seconds
         self.batch = settings.orders_sweeper_batch_size
         self.opening_timeout = timedelta(minutes=settings.payment_opening_timeout_minutes)
@@ -80,63 +67,18 @@ class Sweeper:
         """Fail every order whose payment never opened in time; returns how many."""
         failed = 0
         while True:
-            claimed, count = await self._fail_unopened_batch(now)
-            failed += count
+            claimed, batch = await self.orders.fail_unopened_batch(
+                now, self.opening_timeout, self.batch
+            )
+            failed += len(batch)
+            for stored in batch:
+                log.warning(
+                    "order %s failed: no payment opened within %s of its booking (%s)",
+                    stored.order.id,
+                    self.opening_timeout,
+                    stored.order.created_at.isoformat(),
+                )
             # A full batch may have more behind it; one that changed nothing would come back
             # the same (it cannot, as the query and the rule agree, but never loop on it).
-            if claimed < self.batch or count == 0:
+            if claimed < self.batch or not batch:
                 return failed
-
-    async def _fail_unopened_batch(self, now: datetime) -> tuple[int, int]:
-        failed: list[StoredOrder] = []
-        async with self.db.transaction() as session:
-            claimed = await repository.claim_unopened(
-                session, now - self.opening_timeout, self.batch
-            )
-            for stored in claimed:
-                if not fail_unopened_payment(
-                    stored.order, stored.booked, now, self.opening_timeout
-                ):
-                    continue
-                stored.payment_status = PaymentStatus.NOT_OPENED
-                await repository.save_order(session, stored)
-                with correlated(stored.correlation_id):
-                    await self._record_failure(session, stored)
-                failed.append(stored)
-        for stored in failed:
-            log.warning(
-                "order %s failed: no payment opened within %s of its booking (%s)",
-                stored.order.id,
-                self.opening_timeout,
-                stored.order.created_at.isoformat(),
-            )
-        return len(claimed), len(failed)
-
-    async def _record_failure(self, session: AsyncSession, stored: StoredOrder) -> None:
-        order, booked = stored.order, stored.booked
-        await self.outbox.record(
-            session,
-            OrderCancelled(
-                order_id=order.id,
-                session_id=booked.id,
-                mentor_id=order.mentor_id,
-                reason=PAYMENT_NEVER_OPENED,
-                by=None,
-            ),
-            message_id=event_id(f"OrderCancelled:{order.id}"),
-        )
-        minutes = self.opening_timeout.total_seconds() / 60
-        await self.outbox.record(
-            session,
-            SessionIssueDetected(
-                order_id=order.id,
-                session_id=booked.id,
-                kind=SessionIssueKind.PAYMENT_NEVER_OPENED,
-                detail=(
-                    f"order {order.id}, booked at {order.created_at.isoformat()}, had no payment "
-                    f"opened within {minutes:g} minutes: it failed and its slot "
-                    f"({booked.start_at.isoformat()}) was freed"
-                ),
-            ),
-            message_id=event_id(f"SessionIssueDetected:{PAYMENT_NEVER_OPENED}:{order.id}"),
-        )
