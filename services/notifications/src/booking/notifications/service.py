@@ -36,12 +36,14 @@ from booking.notifications.domain import (
 )
 from booking.runtime.clock import utcnow
 from booking.runtime.db import Database
+from booking.runtime.domain import EventIds
 from booking.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-# Namespace of AdminNotificationRaised message ids: uuid5 of "<id>:<occurrences>".
-_RAISED = uuid.UUID("0d3b8f5e-58a4-4c1e-9a7d-2f6c1b9e4a70")
+# AdminNotificationRaised message ids: one per (notification id, occurrences), so each count is
+# its own message and recording one count twice stores it once.
+raised_id = EventIds(uuid.UUID("0d3b8f5e-58a4-4c1e-9a7d-2f6c1b9e4a70"))
 
 
 class NotificationsService:
@@ -69,7 +71,7 @@ class NotificationsService:
         await self.outbox.record(
             session,
             AdminNotificationRaised(**notification.public_fields()),
-            message_id=uuid.uuid5(_RAISED, f"{notification.id}:{notification.occurrences}"),
+            message_id=raised_id(notification.id, notification.occurrences),
             exchange=self.alerts_exchange,
         )
         log.info(
