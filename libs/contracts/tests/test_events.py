@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, cast, get_args, get_origin
 from uuid import UUID, uuid4
 
 import annotated_types
@@ -330,14 +330,15 @@ def type_strategy(tp: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
     if tp is bool:
         return st.booleans()
     if tp is int:
+        # The bounds of an int field are ints (annotated_types types them as comparables).
         low, high = 0, 10**15
         for item in metadata:
             if isinstance(item, annotated_types.Ge):
-                low = max(low, item.ge)
+                low = max(low, cast(int, item.ge))
             if isinstance(item, annotated_types.Gt):
-                low = max(low, item.gt + 1)
+                low = max(low, cast(int, item.gt) + 1)
             if isinstance(item, annotated_types.Le):
-                high = min(high, item.le)
+                high = min(high, cast(int, item.le))
         return st.integers(min_value=low, max_value=high)
     if tp is str:
         for item in metadata:

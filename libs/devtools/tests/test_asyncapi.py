@@ -145,6 +145,7 @@ def test_event_channel_is_its_routing_key_on_the_topic_exchange(
 ):
     channel = document["channels"][event.event_type()]
     assert channel["address"] == event.routing_key()
+    assert event.__doc__ is not None
     assert channel["description"] == " ".join(event.__doc__.split())
     exchange = channel["bindings"]["amqp"]["exchange"]
     assert exchange == exchange | {"name": EXCHANGE, "type": "topic", "durable": True}

@@ -16,6 +16,7 @@ async def log_queries(session: AsyncSession) -> list[str]:
     """The commands asyncpg sends on the session's connection from now on (BEGIN, COMMIT...)."""
     conn = await session.connection()
     raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None  # an open connection has its driver's
     sent: list[str] = []
     raw.add_query_logger(lambda record: sent.append(record.query))
     return sent

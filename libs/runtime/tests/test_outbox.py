@@ -294,6 +294,7 @@ class TestUnroutableEvents:
             received: list[str] = []
 
             async def keep(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                assert message.message_id is not None  # the relay names every message
                 received.append(message.message_id)
 
             await queue.consume(keep, no_ack=True)

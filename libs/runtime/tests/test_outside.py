@@ -5,6 +5,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -70,8 +71,13 @@ class Busy(TransientAnswer, ClientError):
     """A client's transient answer: the policy's marker mixed into the client's error."""
 
 
-def policy(**overrides) -> RetryPolicy:
-    values = {"system": "Example", "max_attempts": 3, "base": 0.0, "retry_after_max": 1.0}
+def policy(**overrides: Any) -> RetryPolicy:
+    values: dict[str, Any] = {
+        "system": "Example",
+        "max_attempts": 3,
+        "base": 0.0,
+        "retry_after_max": 1.0,
+    }
     return RetryPolicy(**(values | overrides))
 
 
