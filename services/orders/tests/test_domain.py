@@ -14,9 +14,7 @@ from booking.orders.domain import (
     CurrencyMismatch,
     Escrow,
     EscrowStatus,
-    IllegalTransition,
     InvalidBooking,
-    InvalidMoney,
     InvalidOffering,
     Mentor,
     Money,
@@ -29,6 +27,7 @@ from booking.orders.domain import (
     fail_unopened_payment,
     plan_session,
 )
+from booking.runtime.domain import IllegalTransition, InvalidMoney
 
 T0 = datetime(2030, 1, 6, 9, 0, tzinfo=UTC)
 LATER = T0 + timedelta(minutes=5)
