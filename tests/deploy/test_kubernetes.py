@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]  # the package ships no types
 import pytest
 from fastapi import FastAPI
 from pydantic import ValidationError

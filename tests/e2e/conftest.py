@@ -163,7 +163,10 @@ class RunningSystem:
                 pytest.fail(f"the system exited ({self.process.returncode}):\n{self.tail()}")
             return bool(re.search(r"all \d+ processes are ready", self.log.read_text()))
 
-        await eventually(ready, timeout=SYSTEM_READY_SECONDS, interval=0.2, what="make run ready")
+        # The annotation tells mypy what the probe yields (eventually's signature hides it).
+        _: bool = await eventually(
+            ready, timeout=SYSTEM_READY_SECONDS, interval=0.2, what="make run ready"
+        )
 
     async def stop(self) -> None:
         process = self.process
@@ -300,9 +303,11 @@ class Marketplace:
             assert start.status_code == 302, start.text
             return start.headers["location"]
 
-        return await eventually(
+        location: str | None = await eventually(
             redirect, timeout=FLOW_SECONDS, interval=0.05, what="the calendar knows the mentor"
         )
+        assert location is not None  # eventually returns only a truthy answer
+        return location
 
     async def connect_calendar(self, mentor_id: str) -> dict[str, Any]:
         """The mentor connects Google: the consent the gateway redirects to, approved."""
@@ -380,7 +385,11 @@ class Marketplace:
             order = await self.order(order_id)
             return order if predicate(order) else None
 
-        return await eventually(probe, timeout=FLOW_SECONDS, interval=0.1, what=what)
+        found: dict[str, Any] | None = await eventually(
+            probe, timeout=FLOW_SECONDS, interval=0.1, what=what
+        )
+        assert found is not None  # eventually returns only a truthy answer
+        return found
 
     async def payment_ref(self, order_id: str) -> str:
         order = await self.order_when(

@@ -181,12 +181,14 @@ async def stored_or_none(market, text: str) -> dict[str, Any] | None:
 async def stored(market, text: str) -> dict[str, Any]:
     """The stored notification whose message mentions `text` (waits until there is one)."""
 
-    return await eventually(
+    found: dict[str, Any] | None = await eventually(
         lambda: stored_or_none(market, text),
         timeout=FLOW_SECONDS,
         interval=0.2,
         what=f"an alert on {text}",
     )
+    assert found is not None  # eventually returns only a truthy answer
+    return found
 
 
 async def unread(market, severity: str, **filters: str) -> int:
@@ -462,7 +464,8 @@ async def calendar_replica(env: dict[str, str], logs: Path) -> AsyncIterator[Rep
                     return (await http.get(f"{replica.url}/health/ready")).status_code == 200
                 return False
 
-            await eventually(
+            # The annotation tells mypy what the probe yields (eventually's signature hides it).
+            _: bool = await eventually(
                 ready, timeout=SERVICE_READY_SECONDS, interval=0.2, what="the calendar replica"
             )
         yield replica
@@ -603,9 +606,11 @@ async def kept_dead_letter(market, message_id: str) -> dict[str, Any]:
         assert listed.status_code == 200, listed.text
         return next((d for d in listed.json()["items"] if d["message_id"] == message_id), None)
 
-    return await eventually(
+    found: dict[str, Any] | None = await eventually(
         find, timeout=FLOW_SECONDS, interval=0.2, what=f"a dead letter of {message_id}"
     )
+    assert found is not None  # eventually returns only a truthy answer
+    return found
 
 
 async def dead_letter_detail(market, dead_letter_id: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ async def run_demo(env: dict[str, str]) -> tuple[int, str]:
         process.kill()
         await process.wait()
         pytest.fail(f"the demo did not finish within {DEMO_SECONDS}s")
+    assert process.returncode is not None  # communicate() waited for the exit
     return process.returncode, output.decode(errors="replace")
 
 

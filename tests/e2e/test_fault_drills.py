@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import glob
 import itertools
 import os
@@ -385,7 +386,8 @@ class PrivateRabbitMQ:
             code, _ = await self.ctl("--timeout", "30", "await_startup")
             return code == 0
 
-        await eventually(
+        # The annotation tells mypy what the probe yields (eventually's signature hides it).
+        _: bool = await eventually(
             started, timeout=INFRA_SECONDS, interval=0.5, what="the private RabbitMQ started"
         )
 
@@ -560,7 +562,7 @@ class DrillSystem:
             answers = await asyncio.gather(*(p.ready(self.http) for p in processes))
             return all(answers)
 
-        await eventually(
+        _: bool = await eventually(
             all_ready, timeout=READY_SECONDS, interval=0.2, what=f"{names or 'all'} ready"
         )
 
@@ -762,7 +764,9 @@ async def connect_google(system: DrillSystem, mentor: Mentor) -> None:
         )
         return start.headers["location"] if start.status_code == 302 else None
 
-    auth_url = await eventually(consent_url, timeout=30, interval=0.1, what="the consent URL")
+    auth_url: str | None = await eventually(
+        consent_url, timeout=30, interval=0.1, what="the consent URL"
+    )
     approved = await system.http.post(
         f"{system.google}/_sandbox/oauth/approve", json={"auth_url": auth_url}
     )
@@ -1277,7 +1281,7 @@ async def assert_nothing_lost(
             assert not left, f"{len(left)} left: {reprlib.repr(left)}"
             return True
 
-        await eventually(none_left, timeout=SETTLE_SECONDS, interval=0.5, what=what)
+        _: bool = await eventually(none_left, timeout=SETTLE_SECONDS, interval=0.5, what=what)
 
     # Every order in the database reaches a terminal state within the bound.
     await until_none("every booking ended (orders in flight)", in_flight)
@@ -1292,7 +1296,9 @@ async def assert_nothing_lost(
         assert consumers == CONSUMERS, f"consumers attached: {consumers}"
         return depths
 
-    await eventually(queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained")
+    _: dict[str, tuple[int, int]] = await eventually(
+        queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained"
+    )
 
     await until_none("events handled (events never handled)", unhandled_events)
     await until_none("no dead letter kept", kept_dead_letters)
@@ -1311,11 +1317,13 @@ async def assert_nothing_lost(
     }
     system.checked |= unchecked
     assert not problems, f"bookings whose effects are wrong: {problems}"
-    outcomes = Counter()
+    outcomes: Counter[str] = Counter()
     for booking in load.bookings:
+        assert booking.order_id is not None  # none is stuck, so each was accepted
         order = ledger.orders[booking.order_id]
         outcome = outcome_of(order)
         assert outcome in allowed(booking), (booking, order)
+        assert outcome is not None  # allowed() holds names only: the assert above ruled None out
         outcomes[outcome] += 1
 
     # And every process is ready again.
@@ -1372,10 +1380,12 @@ async def under_load(
         await load.made(BOOKINGS_BEFORE_FAULT, f"before {what}")
 
         # Mid-flow: a payer is about to pay, other bookings are between two of their steps.
-        async def mid_flow() -> list[str]:
+        async def mid_flow() -> list[Booking] | list[str]:
             return load.payers_on_the_pay_page() and await in_flight(system)
 
-        caught = await eventually(mid_flow, timeout=30, interval=0.02, what="bookings mid-flow")
+        caught: list[Booking] | list[str] = await eventually(
+            mid_flow, timeout=30, interval=0.02, what="bookings mid-flow"
+        )
         logs_before = system.log_bytes()
         started = time.monotonic()
         await fault()
@@ -1541,7 +1551,9 @@ class TestProvidersFailing:
                 return not any([await faults_left(sandbox) for sandbox in sandboxes])
 
             try:
-                await eventually(used_up, timeout=60, interval=0.1, what="every fault met")
+                _: bool = await eventually(
+                    used_up, timeout=60, interval=0.1, what="every fault met"
+                )
             finally:
                 await clear_faults(drill_system)
 
@@ -1559,7 +1571,7 @@ class TestProvidersFailing:
             # Google refuses every insert until a scheduling attempt has failed for it ...
             await add_fault(drill_system.google, outage, "insert")
             try:
-                await eventually(
+                _: bool = await eventually(
                     lambda: failed_for(drill_system, "calendar_api_error"),
                     timeout=60,
                     interval=0.1,
@@ -1574,7 +1586,7 @@ class TestProvidersFailing:
 
         async def konnect_back() -> None:
             try:
-                await eventually(
+                _: bool = await eventually(
                     lambda: failed_for(drill_system, "initiation_failed"),
                     timeout=60,
                     interval=0.1,
@@ -1630,8 +1642,8 @@ class TestAConsumerThatStartsLate:
         async def calendar_starts() -> None:
             # The admins were told while the events waited.
             for event_type in ("MentorRegistered", "OrderPaid"):
-                await eventually(
-                    lambda event_type=event_type: unroutable_alerts(drill_system, event_type),
+                _: list[dict[str, Any]] = await eventually(
+                    functools.partial(unroutable_alerts, drill_system, event_type),
                     timeout=60,
                     what=f"the unroutable {event_type} alert",
                 )

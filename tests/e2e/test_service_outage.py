@@ -21,15 +21,24 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aio_pika
 import httpx
 import pytest
 
-from booking.contracts import HealthCheckFailed, HealthCheckRecovered, decode, parse_envelope
+from booking.contracts import (
+    Event,
+    HealthCheckFailed,
+    HealthCheckRecovered,
+    decode,
+    parse_envelope,
+)
 from booking.devtools.fixtures import eventually
 from booking.runtime.auth import Role, issue_token
 from booking.runtime.settings import RuntimeSettings
+
+HealthEvent = TypeVar("HealthEvent", HealthCheckFailed, HealthCheckRecovered)
 
 SERVICES = ("orders", "payments", "calendar", "notifications")
 HEALTH_JSON = "application/health+json"
@@ -104,7 +113,8 @@ class Service:
                 return (await http.get(f"{self.url}/health/ready")).status_code == 200
             return False
 
-        await eventually(
+        # The annotation tells mypy what the probe yields (eventually's signature hides it).
+        _: bool = await eventually(
             ready,
             timeout=READY_DEADLINE_SECONDS,
             interval=0.1,
@@ -138,7 +148,7 @@ class EventTap:
     """An exclusive queue on the events exchange that keeps every gateway event it is sent."""
 
     def __init__(self) -> None:
-        self.received: list = []
+        self.received: list[Event] = []
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -161,7 +171,7 @@ class EventTap:
         finally:
             await connection.close()
 
-    def of(self, kind: type, component: str) -> list:
+    def of(self, kind: type[HealthEvent], component: str) -> list[HealthEvent]:
         return [e for e in self.received if isinstance(e, kind) and e.component == component]
 
 
@@ -220,7 +230,9 @@ async def test_an_outage_of_orders_degrades_only_its_routes_and_alerts_once(
             async def system_passes() -> bool:
                 return (await system_health()).status_code == 200
 
-            await eventually(system_passes, timeout=10, what="the gateway's /health passing")
+            _: bool = await eventually(
+                system_passes, timeout=10, what="the gateway's /health passing"
+            )
 
             async with EventTap.open(
                 env["RABBITMQ_URL"], env.get("EVENTS_EXCHANGE") or "booking.events"
@@ -257,7 +269,7 @@ async def test_an_outage_of_orders_degrades_only_its_routes_and_alerts_once(
                     public = await system_health()  # reused for up to a second
                     return public.status_code == 503 and public.json() == {"status": "fail"}
 
-                await eventually(
+                _ = await eventually(
                     public_fails_and_says_no_more, timeout=10, what="the public /health failing"
                 )
                 assert report["status"] == "fail", report
@@ -284,7 +296,9 @@ async def test_an_outage_of_orders_degrades_only_its_routes_and_alerts_once(
                     timeout=EVENT_DEADLINE_SECONDS,
                     what="HealthCheckRecovered for orders:health",
                 )
-                await eventually(system_passes, timeout=10, what="the gateway's /health passing")
+                _ = await eventually(
+                    system_passes, timeout=10, what="the gateway's /health passing"
+                )
 
                 # Watch the monitor poll orders a few more times (the restarted orders counts
                 # each GET /health it answers; we send none now), then count the events.
@@ -298,7 +312,7 @@ async def test_an_outage_of_orders_degrades_only_its_routes_and_alerts_once(
                 async def monitor_polled() -> bool:
                     return await orders_health_requests() >= seen + QUIET_POLLS
 
-                await eventually(
+                _ = await eventually(
                     monitor_polled,
                     timeout=QUIET_POLLS * MONITOR_INTERVAL_SECONDS + 10,
                     interval=0.1,
