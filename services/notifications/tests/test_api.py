@@ -16,10 +16,13 @@ import pytest
 
 from booking.contracts import (
     CalendarBookingFailed,
+    CalendarFailureReason,
     Event,
     HealthCheckRecovered,
     PaymentAnomalyDetected,
+    PaymentAnomalyKind,
     SessionIssueDetected,
+    SessionIssueKind,
     SystemErrorReported,
     http,
 )
@@ -34,7 +37,7 @@ def calendar(reason: str) -> CalendarBookingFailed:
         session_id=uuid.uuid4(),
         order_id=uuid.uuid4(),
         mentor_id=uuid.uuid4(),
-        reason=reason,
+        reason=CalendarFailureReason(reason),
         detail="detail",
         attempts=1,
         # Failures the calendar retries on its schedule are news only once they are final.
@@ -44,13 +47,16 @@ def calendar(reason: str) -> CalendarBookingFailed:
 
 def anomaly(kind: str) -> PaymentAnomalyDetected:
     return PaymentAnomalyDetected(
-        payment_ref=uuid.uuid4().hex[:24], order_id=None, kind=kind, detail="detail"
+        payment_ref=uuid.uuid4().hex[:24],
+        order_id=None,
+        kind=PaymentAnomalyKind(kind),
+        detail="detail",
     )
 
 
 def session_issue(kind: str) -> SessionIssueDetected:
     return SessionIssueDetected(
-        order_id=uuid.uuid4(), session_id=uuid.uuid4(), kind=kind, detail="detail"
+        order_id=uuid.uuid4(), session_id=uuid.uuid4(), kind=SessionIssueKind(kind), detail="detail"
     )
 
 

@@ -146,10 +146,10 @@ class TestFingerprints:
     def test_the_same_kind_in_two_events_is_two_alerts(self) -> None:
         order = uuid.uuid4()
         issue = SessionIssueDetected(
-            order_id=order, session_id=None, kind="underpayment", detail=""
+            order_id=order, session_id=None, kind=SessionIssueKind.UNDERPAYMENT, detail=""
         )
         payment = PaymentAnomalyDetected(
-            payment_ref="ref", order_id=order, kind="underpayment", detail=""
+            payment_ref="ref", order_id=order, kind=PaymentAnomalyKind.UNDERPAYMENT, detail=""
         )
         assert alert_for(issue, NOW).fingerprint != alert_for(payment, NOW).fingerprint
 
@@ -188,7 +188,10 @@ class TestUnknownRefTallies:
         # Other anomalies stay per subject.
         mismatch = [
             PaymentAnomalyDetected(
-                payment_ref=ref, order_id=uuid.uuid4(), kind="amount_mismatch", detail=""
+                payment_ref=ref,
+                order_id=uuid.uuid4(),
+                kind=PaymentAnomalyKind.AMOUNT_MISMATCH,
+                detail="",
             )
             for ref in hexes(0, 2)
         ]

@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 
 from booking.contracts import (
+    AdminAction,
     AdminActionRecorded,
     CalendarBookingFailed,
+    CalendarFailureReason,
     EscrowFrozen,
     EscrowRefundDue,
     EscrowRefunded,
@@ -33,8 +35,11 @@ from booking.contracts import (
     HealthCheckFailed,
     HealthCheckRecovered,
     PaymentAnomalyDetected,
+    PaymentAnomalyKind,
     PaymentInitiationFailed,
     SessionIssueDetected,
+    SessionIssueKind,
+    SystemErrorKind,
     SystemErrorReported,
 )
 from booking.devtools.fixtures import eventually, serving
@@ -86,7 +91,7 @@ def calendar_case(
         session_id=s,
         order_id=o,
         mentor_id=m,
-        reason=reason,
+        reason=CalendarFailureReason(reason),
         detail=detail,
         attempts=3,
         final=final,
@@ -120,7 +125,9 @@ def calendar_case(
 def anomaly_case(kind: str, severity: str, title: str) -> Case:
     ref, order = uuid.uuid4().hex[:24], uuid.uuid4()
     detail = f"{kind} on {ref}"
-    event = PaymentAnomalyDetected(payment_ref=ref, order_id=order, kind=kind, detail=detail)
+    event = PaymentAnomalyDetected(
+        payment_ref=ref, order_id=order, kind=PaymentAnomalyKind(kind), detail=detail
+    )
     return Case(
         event,
         "PaymentAnomaly",
@@ -144,7 +151,7 @@ def unknown_ref_case() -> Case:
     event = PaymentAnomalyDetected(
         payment_ref=ref,
         order_id=None,
-        kind="unknown_payment_ref",
+        kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
         detail=detail,
         payment_refs=[ref],
     )
@@ -170,7 +177,9 @@ def unknown_ref_case() -> Case:
 def session_case(kind: str, severity: str, title: str) -> Case:
     o, s = uuid.uuid4(), uuid.uuid4()
     detail = f"{kind}: paid 100000 of 120000 TND"
-    event = SessionIssueDetected(order_id=o, session_id=s, kind=kind, detail=detail)
+    event = SessionIssueDetected(
+        order_id=o, session_id=s, kind=SessionIssueKind(kind), detail=detail
+    )
     return Case(
         event,
         "SessionIssue",
@@ -242,7 +251,7 @@ def unroutable_case() -> Case:
         error=error,
         dead_lettered_message_id=None,
         attempts=1,
-        kind="unroutable",
+        kind=SystemErrorKind.UNROUTABLE,
     )
     return Case(
         event,
@@ -289,7 +298,7 @@ def escrow_case(event_type: type, severity: str, title: str, message: str, **ext
 def admin_case(action: str, type_: str, **subject: Any) -> Case:
     at = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)
     event = AdminActionRecorded(
-        action=action,
+        action=AdminAction(action),
         service="payments",
         by="admin-7",
         reason="the mentee asked",
@@ -527,7 +536,7 @@ def unknown_ref_report(refs: list[str], count: int) -> PaymentAnomalyDetected:
     return PaymentAnomalyDetected(
         payment_ref=refs[0],
         order_id=None,
-        kind="unknown_payment_ref",
+        kind=PaymentAnomalyKind.UNKNOWN_PAYMENT_REF,
         detail=f"{count} webhooks named refs no payment of ours has",
         occurrences=count,
         payment_refs=sample,
@@ -576,7 +585,7 @@ class TestUnknownRefTallies:
             PaymentAnomalyDetected(
                 payment_ref=uuid.uuid4().hex[:24],
                 order_id=uuid.uuid4(),
-                kind="amount_mismatch",
+                kind=PaymentAnomalyKind.AMOUNT_MISMATCH,
                 detail="more than the amount due",
             )
             for _ in range(3)
@@ -760,7 +769,8 @@ class TestLoopGuard:
                 "SystemErrorReported",
             ]
 
-        await eventually(both_dead, what="the event and its report dead-lettered")
+        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
+        _: bool = await eventually(both_dead, what="the event and its report dead-lettered")
         await notifications.spy.settle()
         [report] = notifications.reported()
         assert _payload(report)["message_type"] == "CalendarBookingFailed"
@@ -772,7 +782,7 @@ def calendar_failed_event(**ids: Any) -> CalendarBookingFailed:
         session_id=ids.get("session_id", uuid.uuid4()),
         order_id=ids.get("order_id", uuid.uuid4()),
         mentor_id=ids.get("mentor_id", uuid.uuid4()),
-        reason="calendar_api_error",
+        reason=CalendarFailureReason.CALENDAR_API_ERROR,
         detail=ids.get("detail", "Google answered 503 three times"),
         attempts=3,
         final=True,

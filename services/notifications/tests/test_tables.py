@@ -7,7 +7,7 @@ import uuid
 import asyncpg
 import pytest
 
-from booking.contracts import CalendarBookingFailed
+from booking.contracts import CalendarBookingFailed, CalendarFailureReason
 from booking.notifications.tables import SCHEMA, admin_notifications
 
 
@@ -16,7 +16,7 @@ def calendar(reason: str) -> CalendarBookingFailed:
         session_id=uuid.uuid4(),
         order_id=uuid.uuid4(),
         mentor_id=uuid.uuid4(),
-        reason=reason,
+        reason=CalendarFailureReason(reason),
         detail="detail",
         attempts=1,
         # Failures the calendar retries on its schedule are news only once they are final.
