@@ -26,7 +26,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
@@ -55,13 +55,33 @@ from booking.runtime.settings import (
 T = TypeVar("T")
 
 
+@overload
 async def eventually(
-    probe: Callable[[], Awaitable[T] | T],
+    probe: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    probe: Callable[[], T | None],
+    *,
+    timeout: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> T: ...
+
+
+async def eventually(
+    probe: Callable[[], Any],
     *,
     timeout: float = 15.0,
     interval: float = 0.02,
     what: str = "the condition",
-) -> T:
+) -> Any:
     """Poll `probe` (sync or async) until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
