@@ -114,7 +114,10 @@ class Google:
     async def token(self, auth: httpx.Auth | None = None, **form: str) -> httpx.Response:
         if auth is None:
             form = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, **form}
-        return await self.http.post("/token", data=form, auth=auth)
+        # Without auth of its own, the request goes without the client's ControlAuth:
+        # httpx.Auth() is the one that adds nothing.
+        sent_auth = auth if auth is not None else httpx.Auth()
+        return await self.http.post("/token", data=form, auth=sent_auth)
 
     async def exchange(self, code: str, redirect_uri: str = REDIRECT_URI) -> httpx.Response:
         return await self.token(

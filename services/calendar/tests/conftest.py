@@ -271,7 +271,8 @@ class Calendar:
                 f"SELECT count(*) FROM {SCHEMA}.mentors WHERE id = $1", mentor.id
             )
 
-        await eventually(known, what=f"mentor {mentor.id} registered")
+        # Annotated: eventually's sync-or-async probe hides from mypy what it yields.
+        _: bool = await eventually(known, what=f"mentor {mentor.id} registered")
         return mentor
 
     async def consent_redirect(self, mentor: Mentor) -> str:
@@ -340,7 +341,7 @@ class Calendar:
     async def audit(self) -> list[asyncpg.Record]:
         return await self.db.fetch(f"SELECT * FROM {SCHEMA}.admin_actions ORDER BY id")
 
-    async def booking(self, session_id: uuid.UUID) -> asyncpg.Record:
+    async def booking(self, session_id: uuid.UUID) -> asyncpg.Record | None:
         return await self.db.fetchrow(
             f"SELECT * FROM {SCHEMA}.calendar_bookings WHERE session_id = $1", session_id
         )
@@ -409,7 +410,7 @@ class OnTestBroker(Calendar):
         return [p for p in payloads if session_id is None or p.get("session_id") == str(session_id)]
 
     async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
-        await eventually(
+        _: list[dict] = await eventually(
             lambda: self.recorded(event_type, session_id), what=f"{event_type} for {session_id}"
         )
         # The service's background runs end first: a second one they recorded would show.

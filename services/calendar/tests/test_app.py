@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from booking.calendar.app import create_app
 from booking.calendar.settings import DEVELOPMENT_TOKEN_KEY, CalendarSettings
@@ -21,7 +24,7 @@ class TestConsentStateKey:
     """With an identity provider, AUTH_JWT_SECRET may keep its built-in value (it signs no
     token); the consent state's key must then not be derived from it."""
 
-    PROVIDER = {
+    PROVIDER: dict[str, Any] = {
         "development_mode": False,
         "auth_jwks_url": "https://idp.example/jwks",
         "auth_issuer": "https://idp.example/",
@@ -33,18 +36,26 @@ class TestConsentStateKey:
         with pytest.raises(RefusedSettings, match="OAUTH_STATE_SECRET"):
             create_app(CalendarSettings(**self.PROVIDER))
         with pytest.raises(RefusedSettings, match="OAUTH_STATE_SECRET is still"):
-            create_app(CalendarSettings(**self.PROVIDER, oauth_state_secret="REPLACE-WITH-IT"))
+            create_app(
+                CalendarSettings(**self.PROVIDER, oauth_state_secret=SecretStr("REPLACE-WITH-IT"))
+            )
 
     def test_its_own_secret_or_development_mode_will_do(self) -> None:
-        create_app(CalendarSettings(**self.PROVIDER, oauth_state_secret="k" * 32 + "-random"))
+        create_app(
+            CalendarSettings(**self.PROVIDER, oauth_state_secret=SecretStr("k" * 32 + "-random"))
+        )
         create_app(CalendarSettings(**{**self.PROVIDER, "development_mode": True}))
-        create_app(CalendarSettings(development_mode=True, auth_jwt_secret=DEVELOPMENT_JWT_SECRET))
+        create_app(
+            CalendarSettings(
+                development_mode=True, auth_jwt_secret=SecretStr(DEVELOPMENT_JWT_SECRET)
+            )
+        )
 
 
 class TestTokenKey:
     """The built-in TOKEN_ENCRYPTION_KEY ships with the code: it protects nothing."""
 
-    DEPLOYED = {"development_mode": False, "auth_jwt_secret": "s" * 32 + "-random"}
+    DEPLOYED: dict[str, Any] = {"development_mode": False, "auth_jwt_secret": "s" * 32 + "-random"}
 
     def test_no_calendar_starts_with_the_development_key_outside_development_mode(self) -> None:
         with pytest.raises(RefusedSettings, match="TOKEN_ENCRYPTION_KEY holds the built-in"):
@@ -52,11 +63,11 @@ class TestTokenKey:
         # Nor with it kept as an older key behind a new one.
         behind = f"{Fernet.generate_key().decode()},{DEVELOPMENT_TOKEN_KEY}"
         with pytest.raises(RefusedSettings, match="TOKEN_ENCRYPTION_KEY"):
-            create_app(CalendarSettings(**self.DEPLOYED, token_encryption_key=behind))
+            create_app(CalendarSettings(**self.DEPLOYED, token_encryption_key=SecretStr(behind)))
 
     def test_a_key_of_its_own_or_development_mode_will_do(self) -> None:
         own = Fernet.generate_key().decode()
-        create_app(CalendarSettings(**self.DEPLOYED, token_encryption_key=own))
+        create_app(CalendarSettings(**self.DEPLOYED, token_encryption_key=SecretStr(own)))
         create_app(CalendarSettings(**{**self.DEPLOYED, "development_mode": True}))
 
 

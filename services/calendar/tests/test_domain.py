@@ -6,6 +6,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -35,8 +36,8 @@ NOW = datetime(2030, 5, 1, 9, 0, tzinfo=UTC)
 KEY = b"k" * 32
 
 
-def session_event(**fields) -> SessionEvent:
-    values = {
+def session_event(**fields: Any) -> SessionEvent:
+    values: dict[str, Any] = {
         "session_id": uuid.uuid4(),
         "order_id": uuid.uuid4(),
         "title": "Career chat",
@@ -222,6 +223,7 @@ class TestGivingUp:
 
         assert waiting.final is True and waiting.status is BookingStatus.FAILED
         assert waiting.reason is NOT_INTEGRATED
+        assert waiting.detail is not None
         assert waiting.detail.startswith("connect Google") and "given up" in waiting.detail
         assert not waiting.waits_for_reconnect
 
@@ -322,6 +324,7 @@ class TestCancelling:
 
         assert live.status is BookingStatus.CANCELLED and live.event_delete_pending
         assert live.next_attempt_at is None and live.final is False
+        assert live.detail is not None
         assert "admin_cancelled" in live.detail
         assert live.event_id == "abc123"  # what to delete
 

@@ -789,7 +789,7 @@ class TestSlowClients:
         assert slow.protocol.close_rcvd is not None
         assert slow.protocol.close_rcvd.code == 4408
         assert "too slow" in slow.protocol.close_rcvd.reason
-        received = [json.loads(f.data) for f in frames if f.opcode is Opcode.TEXT]
+        received = [json.loads(bytes(f.data)) for f in frames if f.opcode is Opcode.TEXT]
         assert received[0]["type"] == "hello"
         ids = [f["data"]["id"] for f in received[1:]]
         assert ids == raised[: len(ids)] and len(ids) < len(raised)

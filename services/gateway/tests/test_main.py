@@ -96,7 +96,9 @@ class TestServe:
                     except httpx.TransportError:
                         return False
 
-                await eventually(live, timeout=60, interval=0.1, what="the gateway serving")
+                _: bool = await eventually(
+                    live, timeout=60, interval=0.1, what="the gateway serving"
+                )
                 found = [
                     await http.get(
                         "/api/payments/webhook?payment_ref=p",
