@@ -163,10 +163,7 @@ class RunningSystem:
                 pytest.fail(f"the system exited ({self.process.returncode}):\n{self.tail()}")
             return bool(re.search(r"all \d+ processes are ready", self.log.read_text()))
 
-        # The annotation tells mypy what the probe yields (eventually's signature hides it).
-        _: bool = await eventually(
-            ready, timeout=SYSTEM_READY_SECONDS, interval=0.2, what="make run ready"
-        )
+        await eventually(ready, timeout=SYSTEM_READY_SECONDS, interval=0.2, what="make run ready")
 
     async def stop(self) -> None:
         process = self.process

@@ -464,8 +464,7 @@ async def calendar_replica(env: dict[str, str], logs: Path) -> AsyncIterator[Rep
                     return (await http.get(f"{replica.url}/health/ready")).status_code == 200
                 return False
 
-            # The annotation tells mypy what the probe yields (eventually's signature hides it).
-            _: bool = await eventually(
+            await eventually(
                 ready, timeout=SERVICE_READY_SECONDS, interval=0.2, what="the calendar replica"
             )
         yield replica

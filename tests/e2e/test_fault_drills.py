@@ -386,8 +386,7 @@ class PrivateRabbitMQ:
             code, _ = await self.ctl("--timeout", "30", "await_startup")
             return code == 0
 
-        # The annotation tells mypy what the probe yields (eventually's signature hides it).
-        _: bool = await eventually(
+        await eventually(
             started, timeout=INFRA_SECONDS, interval=0.5, what="the private RabbitMQ started"
         )
 
@@ -562,7 +561,7 @@ class DrillSystem:
             answers = await asyncio.gather(*(p.ready(self.http) for p in processes))
             return all(answers)
 
-        _: bool = await eventually(
+        await eventually(
             all_ready, timeout=READY_SECONDS, interval=0.2, what=f"{names or 'all'} ready"
         )
 
@@ -1281,7 +1280,7 @@ async def assert_nothing_lost(
             assert not left, f"{len(left)} left: {reprlib.repr(left)}"
             return True
 
-        _: bool = await eventually(none_left, timeout=SETTLE_SECONDS, interval=0.5, what=what)
+        await eventually(none_left, timeout=SETTLE_SECONDS, interval=0.5, what=what)
 
     # Every order in the database reaches a terminal state within the bound.
     await until_none("every booking ended (orders in flight)", in_flight)
@@ -1296,9 +1295,7 @@ async def assert_nothing_lost(
         assert consumers == CONSUMERS, f"consumers attached: {consumers}"
         return depths
 
-    _: dict[str, tuple[int, int]] = await eventually(
-        queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained"
-    )
+    await eventually(queues_drained, timeout=SETTLE_SECONDS, interval=0.5, what="queues drained")
 
     await until_none("events handled (events never handled)", unhandled_events)
     await until_none("no dead letter kept", kept_dead_letters)
@@ -1551,9 +1548,7 @@ class TestProvidersFailing:
                 return not any([await faults_left(sandbox) for sandbox in sandboxes])
 
             try:
-                _: bool = await eventually(
-                    used_up, timeout=60, interval=0.1, what="every fault met"
-                )
+                await eventually(used_up, timeout=60, interval=0.1, what="every fault met")
             finally:
                 await clear_faults(drill_system)
 
@@ -1571,7 +1566,7 @@ class TestProvidersFailing:
             # Google refuses every insert until a scheduling attempt has failed for it ...
             await add_fault(drill_system.google, outage, "insert")
             try:
-                _: bool = await eventually(
+                await eventually(
                     lambda: failed_for(drill_system, "calendar_api_error"),
                     timeout=60,
                     interval=0.1,
@@ -1586,7 +1581,7 @@ class TestProvidersFailing:
 
         async def konnect_back() -> None:
             try:
-                _: bool = await eventually(
+                await eventually(
                     lambda: failed_for(drill_system, "initiation_failed"),
                     timeout=60,
                     interval=0.1,
@@ -1642,7 +1637,7 @@ class TestAConsumerThatStartsLate:
         async def calendar_starts() -> None:
             # The admins were told while the events waited.
             for event_type in ("MentorRegistered", "OrderPaid"):
-                _: list[dict[str, Any]] = await eventually(
+                await eventually(
                     functools.partial(unroutable_alerts, drill_system, event_type),
                     timeout=60,
                     what=f"the unroutable {event_type} alert",

@@ -65,7 +65,6 @@ async def dead_letter_of(service, rabbitmq_url, event) -> tuple[uuid.UUID, bytes
     async def kept() -> list:
         return [d for d in await dead_letters(service) if d.message_id == str(message_id)]
 
-    # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
     found: list = await eventually(kept, what="the dead letter")
     [dead] = found
     return message_id, body, f"{service.runtime.name}:{dead.id}"

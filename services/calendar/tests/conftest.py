@@ -271,8 +271,7 @@ class Calendar:
                 f"SELECT count(*) FROM {SCHEMA}.mentors WHERE id = $1", mentor.id
             )
 
-        # Annotated: eventually's sync-or-async probe hides from mypy what it yields.
-        _: bool = await eventually(known, what=f"mentor {mentor.id} registered")
+        await eventually(known, what=f"mentor {mentor.id} registered")
         return mentor
 
     async def consent_redirect(self, mentor: Mentor) -> str:
@@ -410,7 +409,7 @@ class OnTestBroker(Calendar):
         return [p for p in payloads if session_id is None or p.get("session_id") == str(session_id)]
 
     async def one(self, event_type: str, session_id: uuid.UUID) -> dict:
-        _: list[dict] = await eventually(
+        await eventually(
             lambda: self.recorded(event_type, session_id), what=f"{event_type} for {session_id}"
         )
         # The service's background runs end first: a second one they recorded would show.

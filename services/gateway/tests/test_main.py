@@ -96,9 +96,7 @@ class TestServe:
                     except httpx.TransportError:
                         return False
 
-                _: bool = await eventually(
-                    live, timeout=60, interval=0.1, what="the gateway serving"
-                )
+                await eventually(live, timeout=60, interval=0.1, what="the gateway serving")
                 found = [
                     await http.get(
                         "/api/payments/webhook?payment_ref=p",

@@ -98,8 +98,7 @@ class Stored:
             )
             return count == len(set(message_ids))
 
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(all_in_inbox, what=f"handling of {message_ids}")
+        await eventually(all_in_inbox, what=f"handling of {message_ids}")
 
     async def latest_for(self, event: Event) -> dict[str, Any]:
         """The newest notification with the fingerprint of `event`."""
@@ -220,8 +219,7 @@ class Notifications(Stored):
 
     async def quiet(self) -> None:
         """Every alert recorded so far published and received."""
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(self.outbox_drained, what="the outbox relay")
+        await eventually(self.outbox_drained, what="the outbox relay")
         await self.alerts.settle()
 
     async def outbox_drained(self) -> bool:
@@ -259,8 +257,7 @@ async def notifications(
         yield harness
         # Leave no unsent row behind: the next test's relay would publish it to an exchange
         # that no longer exists.
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(harness.outbox_drained, what="the outbox relay at teardown")
+        await eventually(harness.outbox_drained, what="the outbox relay at teardown")
 
 
 async def watch_alerts(spy: Spy, settings: NotificationsSettings) -> Alerts:

@@ -769,8 +769,7 @@ class TestLoopGuard:
                 "SystemErrorReported",
             ]
 
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(both_dead, what="the event and its report dead-lettered")
+        await eventually(both_dead, what="the event and its report dead-lettered")
         await notifications.spy.settle()
         [report] = notifications.reported()
         assert _payload(report)["message_type"] == "CalendarBookingFailed"

@@ -241,8 +241,7 @@ class Orders:
                 )
             return count == len(set(message_ids))
 
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(all_in_inbox, what=f"handling of {message_ids}")
+        await eventually(all_in_inbox, what=f"handling of {message_ids}")
 
     async def consumed(self, type_: str, outcome: str) -> float:
         """How many `type_` messages the service's consumer counted with `outcome` (/metrics)."""
@@ -348,8 +347,7 @@ class Orders:
         async def reached() -> bool:
             return await self.order_status(order_id) == (order, session)
 
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(reached, what=f"order {order_id} {order}, session {session}")
+        await eventually(reached, what=f"order {order_id} {order}, session {session}")
 
 
 @dataclass
@@ -478,8 +476,7 @@ class OrdersOnRabbitMQ(Orders):
     async def quiet(self, *message_ids: uuid.UUID) -> None:
         """These messages handled, every event they caused published and seen by the spy."""
         await self.handled(*message_ids)
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(self.outbox_drained, what="the outbox relay")
+        await eventually(self.outbox_drained, what="the outbox relay")
         await self.spy.settle()
 
     def emitted(self, type_: str) -> list[dict[str, Any]]:
@@ -552,8 +549,7 @@ async def serve_orders(
             yield harness
             # Leave no unsent row behind: the next test's relay would publish it to an exchange
             # that no longer exists.
-            # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-            _: bool = await eventually(harness.outbox_drained, what="the outbox relay at teardown")
+            await eventually(harness.outbox_drained, what="the outbox relay at teardown")
 
     return serve
 

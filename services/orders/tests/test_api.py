@@ -782,10 +782,7 @@ class TestAdminCancel:
                 )
                 return waiting > 0
 
-            # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-            _: bool = await eventually(
-                cancel_waits_for_the_lock, what="the cancel waiting for the lock"
-            )
+            await eventually(cancel_waits_for_the_lock, what="the cancel waiting for the lock")
             assert not cancel.done()
             stored.order.status = OrderStatus.PAYMENT_FAILED
             stored.payment_status = PaymentStatus.EXPIRED

@@ -100,8 +100,7 @@ class TestPaymentCompleted:
         async def redelivery_seen() -> bool:
             return await orders.consumed("PaymentCompleted", "duplicate") == 1
 
-        # Annotated for mypy: eventually's sync-or-async probe hides what it yields.
-        _: bool = await eventually(redelivery_seen, what="the redelivery reaching the inbox")
+        await eventually(redelivery_seen, what="the redelivery reaching the inbox")
         await orders.quiet(first, sent_again)
 
         assert len(orders.events("OrderPaid", order_id=booked.order_id)) == 1

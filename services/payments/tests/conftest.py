@@ -245,8 +245,7 @@ class Payments:
             query = f"SELECT 1 FROM {SCHEMA}.inbox WHERE message_id = $1"
             return await self.db.fetchval(query, message_id) is not None
 
-        # Annotated: eventually's sync-or-async probe hides from mypy what it yields.
-        _: bool = await eventually(seen, what=f"message {message_id} handled")
+        await eventually(seen, what=f"message {message_id} handled")
 
     async def deliver(self, event: Event) -> None:
         """Send an event of orders' and wait until payments has handled it."""
@@ -371,7 +370,7 @@ class InProcess(Payments):
         return [p for p in payloads if order_id is None or p.get("order_id") == str(order_id)]
 
     async def one(self, event_type: str, order_id: uuid.UUID | None = None) -> dict:
-        _: list[dict] = await eventually(
+        await eventually(
             lambda: self.recorded(event_type, order_id), what=f"{event_type} for {order_id}"
         )
         found = await self.recorded(event_type, order_id)
