@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, Text, Uuid, column, delete, select, update, values
+from sqlalchemy import ColumnElement, Row, Text, Uuid, column, delete, select, update, values
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -634,24 +634,17 @@ async def claim_lapsed(
     session: AsyncSession, now: datetime, grace: timedelta, until: datetime, limit: int
 ) -> list[ClaimedBooking]:
     """Pending bookings whose lease lapsed, or that nobody claimed within `grace`."""
-    lapsed = (
-        select(bookings.session_id)
-        .where(
+    return await _claim(
+        session,
+        (
             bookings.status == BookingStatus.PENDING.value,
             (bookings.claimed_until.is_(None) & (bookings.updated_at <= now - grace))
             | (bookings.claimed_until < now),
-        )
-        .order_by(bookings.updated_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        ),
+        oldest_first=bookings.updated_at,
+        limit=limit,
+        stamp={"claimed_until": until},
     )
-    claim = (
-        update(calendar_bookings)
-        .where(bookings.session_id.in_(lapsed.scalar_subquery()))
-        .values(claimed_until=until)
-        .returning(*calendar_bookings.c)
-    )
-    return [_claimed(row) for row in (await session.execute(claim)).all()]
 
 
 async def claim_due(
@@ -659,31 +652,24 @@ async def claim_due(
 ) -> list[ClaimedBooking]:
     """Failed bookings whose next attempt on the schedule is due: pending again, under the
     claimer's lease (the run's outcome is then recorded as any other)."""
-    due = (
-        select(bookings.session_id)
-        .where(
+    return await _claim(
+        session,
+        (
             bookings.status == BookingStatus.FAILED.value,
             bookings.final.is_(False),
             bookings.next_attempt_at <= now,
-        )
-        .order_by(bookings.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        ),
+        oldest_first=bookings.next_attempt_at,
+        limit=limit,
+        stamp={
+            "status": BookingStatus.PENDING.value,
+            "reason": None,
+            "detail": None,
+            "next_attempt_at": None,
+            "claimed_until": until,
+            "updated_at": now,
+        },
     )
-    claim = (
-        update(calendar_bookings)
-        .where(bookings.session_id.in_(due.scalar_subquery()))
-        .values(
-            status=BookingStatus.PENDING.value,
-            reason=None,
-            detail=None,
-            next_attempt_at=None,
-            claimed_until=until,
-            updated_at=now,
-        )
-        .returning(*calendar_bookings.c)
-    )
-    return [_claimed(row) for row in (await session.execute(claim)).all()]
 
 
 async def claim_deletions(
@@ -691,21 +677,40 @@ async def claim_deletions(
 ) -> list[ClaimedBooking]:
     """Cancelled bookings whose Google event is owed a delete and that no run holds (a run
     still inserting holds the lease: its delete would come before the event)."""
-    owed = (
-        select(bookings.session_id)
-        .where(
+    return await _claim(
+        session,
+        (
             bookings.event_delete_pending.is_(True),
             bookings.status == BookingStatus.CANCELLED.value,
             _unclaimed(now),
-        )
-        .order_by(bookings.updated_at)
+        ),
+        oldest_first=bookings.updated_at,
+        limit=limit,
+        stamp={"claimed_until": until},
+    )
+
+
+async def _claim(
+    session: AsyncSession,
+    where: tuple[ColumnElement[bool], ...],
+    *,
+    oldest_first: ColumnElement[Any],
+    limit: int,
+    stamp: dict[str, Any],
+) -> list[ClaimedBooking]:
+    """Up to `limit` bookings matching `where`, oldest first, locked past those another replica
+    holds, and stamped with `stamp` in the same statement."""
+    chosen = (
+        select(bookings.session_id)
+        .where(*where)
+        .order_by(oldest_first)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     claim = (
         update(calendar_bookings)
-        .where(bookings.session_id.in_(owed.scalar_subquery()))
-        .values(claimed_until=until)
+        .where(bookings.session_id.in_(chosen.scalar_subquery()))
+        .values(**stamp)
         .returning(*calendar_bookings.c)
     )
     return [_claimed(row) for row in (await session.execute(claim)).all()]
