@@ -552,18 +552,9 @@ async def claim_pending(
     session: AsyncSession, session_id: uuid.UUID, now: datetime, until: datetime
 ) -> ClaimedBooking | None:
     """A pending booking's lease, unless another run holds it; None if not taken."""
-    claim = (
-        update(calendar_bookings)
-        .where(
-            bookings.session_id == session_id,
-            bookings.status == BookingStatus.PENDING.value,
-            _unclaimed(now),
-        )
-        .values(claimed_until=until)
-        .returning(*calendar_bookings.c)
+    return await _claim_one(
+        session, session_id, now, until, bookings.status == BookingStatus.PENDING.value
     )
-    row = (await session.execute(claim)).one_or_none()
-    return _claimed(row) if row is not None else None
 
 
 async def claim_retried(
@@ -583,14 +574,27 @@ async def claim_deletion(
     session: AsyncSession, session_id: uuid.UUID, now: datetime, until: datetime
 ) -> ClaimedBooking | None:
     """A cancelled booking's owed delete, unless a run holds its lease; None if not taken."""
+    return await _claim_one(
+        session,
+        session_id,
+        now,
+        until,
+        bookings.status == BookingStatus.CANCELLED.value,
+        bookings.event_delete_pending.is_(True),
+    )
+
+
+async def _claim_one(
+    session: AsyncSession,
+    session_id: uuid.UUID,
+    now: datetime,
+    until: datetime,
+    *where: ColumnElement[bool],
+) -> ClaimedBooking | None:
+    """One booking's lease until `until`, if it matches `where` and no run holds it."""
     claim = (
         update(calendar_bookings)
-        .where(
-            bookings.session_id == session_id,
-            bookings.status == BookingStatus.CANCELLED.value,
-            bookings.event_delete_pending.is_(True),
-            _unclaimed(now),
-        )
+        .where(bookings.session_id == session_id, *where, _unclaimed(now))
         .values(claimed_until=until)
         .returning(*calendar_bookings.c)
     )
