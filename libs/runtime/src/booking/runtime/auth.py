@@ -194,6 +194,32 @@ def check_auth_settings(settings: RuntimeSettings) -> None:
         )
 
 
+def check_order_link_settings(settings: RuntimeSettings) -> None:
+    """Raise `RefusedSettings` when the order links' key could be known or could sign a login
+    token: ORDER_LINK_SECRET equal to AUTH_JWT_SECRET, anywhere; outside development mode, an
+    ORDER_LINK_SECRET, or else the AUTH_JWT_SECRET it is derived from, that is weak (with an
+    identity provider, AUTH_JWT_SECRET may keep its built-in value, since it signs no token)."""
+    own = settings.order_link_secret
+    login = settings.auth_jwt_secret.get_secret_value()
+    if own is not None and own.get_secret_value() == login:
+        raise RefusedSettings(
+            "ORDER_LINK_SECRET is AUTH_JWT_SECRET: an order link's key must never sign a login "
+            "token. Set it to other random bytes, or unset it to derive one"
+        )
+    if settings.development_mode:
+        return
+    if own is not None and own.get_secret_value():
+        name, weakness = "ORDER_LINK_SECRET", secret_weakness(own.get_secret_value())
+    else:
+        name = "AUTH_JWT_SECRET, from which the order links' key is derived,"
+        weakness = secret_weakness(login)
+    if weakness is not None:
+        raise RefusedSettings(
+            f"{name} {weakness}. Set ORDER_LINK_SECRET to at least {MIN_SECRET_BYTES} random "
+            f"bytes (e.g. {GENERATE_SECRET})"
+        )
+
+
 # --- claims --------------------------------------------------------------------------------------
 
 
@@ -568,6 +594,51 @@ def verify_token(secret: str, token: str) -> Identity:
     if algorithm != "HS256":
         raise InvalidToken(f"tokens signed with {algorithm!r} are not accepted (only HS256)")
     return _identity(_decode(token, secret, "HS256", rules), rules, from_provider=False)
+
+
+# --- order tokens --------------------------------------------------------------------------------
+
+# An order token reads one order, nothing else: its own audience and its own key
+# (RuntimeSettings.order_link_key), so it never passes as a login token nor a login token as it.
+ORDER_TOKEN_AUDIENCE = "order-link"
+ORDER_TOKEN_SCOPE = "order:read"
+
+
+def issue_order_token(secret: bytes | str, order_id: UUID, ttl_seconds: int) -> str:
+    """A token that lets whoever holds it read the order `order_id` until it expires."""
+    now = int(time.time())
+    claims = {
+        "sub": str(order_id),
+        "scope": ORDER_TOKEN_SCOPE,
+        "aud": ORDER_TOKEN_AUDIENCE,
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def verify_order_token(secret: bytes | str, token: str, *, leeway: float = 5.0) -> UUID:
+    """The order an order token lets its holder read; `InvalidToken` for anything else (a login
+    token, another key, expired, another scope)."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            secret,
+            algorithms=["HS256"],  # ours, never the token's say
+            audience=ORDER_TOKEN_AUDIENCE,
+            leeway=leeway,
+            options={"require": ["exp", "sub", "aud", "scope"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("the order link has expired") from None
+    except jwt.InvalidTokenError:
+        raise InvalidToken("not an order link this system signed") from None
+    if claims["scope"] != ORDER_TOKEN_SCOPE:
+        raise InvalidToken(f"the order link's scope is not {ORDER_TOKEN_SCOPE}")
+    try:
+        return UUID(claims["sub"])
+    except (TypeError, ValueError, AttributeError):
+        raise InvalidToken("the order link names no order") from None
 
 
 # --- the dependencies ----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -60,6 +62,11 @@ class RuntimeSettings(BaseSettings):
     auth_jwks_timeout_seconds: float = Field(default=5.0, gt=0)
     auth_jwks_cache_seconds: float = Field(default=300.0, gt=0)
     auth_jwks_refetch_interval_seconds: float = Field(default=10.0, gt=0)
+    # Order links (an order's page for whoever holds the link, e.g. the payer coming back from
+    # Konnect): read-only tokens scoped to one order, signed with a key of their own: this
+    # secret, or else one derived from AUTH_JWT_SECRET (never the JWT secret itself).
+    order_link_secret: SecretStr | None = None
+    order_link_ttl_hours: int = Field(default=168, gt=0)
     # Local runs and tests only (`make run` and the test suite turn it on): it allows the built-in
     # JWT secret and HS256 next to an identity provider, and exempts loopback from the webhook's
     # per-address limit. A deployment leaves it off.
@@ -72,6 +79,8 @@ class RuntimeSettings(BaseSettings):
     # its own.
     events_exchange: str = "booking.events"
     admin_alerts_exchange: str = "admin.alerts"
+    # Every change of an order, for the gateway's streams (a fanout, like the alerts).
+    order_changes_exchange: str = "order.changes"
     queue_prefix: str = ""
     broker_reconnect_interval_seconds: float = Field(default=2.0, gt=0)
 
@@ -130,3 +139,17 @@ class RuntimeSettings(BaseSettings):
     @property
     def async_database_url(self) -> str:
         return async_database_url(self.database_url)
+
+    @property
+    def order_link_key(self) -> bytes:
+        """The HS256 key of order tokens (booking.runtime.auth.issue_order_token). Whether a
+        deployment may use it is `booking.runtime.auth.check_order_link_settings`."""
+        own = self.order_link_secret
+        if own is not None and own.get_secret_value():
+            return own.get_secret_value().encode()
+        # A key of its own, derived one way: an order link's key never signs a login token.
+        return hmac.new(
+            self.auth_jwt_secret.get_secret_value().encode(),
+            b"booking.runtime order link v1",
+            hashlib.sha256,
+        ).digest()
