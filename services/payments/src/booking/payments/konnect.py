@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
 import httpx
@@ -109,6 +110,17 @@ class PaymentRequest:
     webhook_url: str
     success_url: str
     fail_url: str
+
+
+def return_url(
+    base: str, order_id: UUID, outcome: Literal["success", "failed"], order_token: str
+) -> str:
+    """Where Konnect sends the payer back: `<base>/<order id>?outcome=<outcome>&token=<order
+    token>`, keeping any query `base` has (Konnect appends its own `payment_ref`)."""
+    parts = urlsplit(base)
+    query = [*parse_qsl(parts.query), ("outcome", outcome), ("token", order_token)]
+    path = f"{parts.path.rstrip('/')}/{order_id}"
+    return urlunsplit(parts._replace(path=path, query=urlencode(query)))
 
 
 # -- the client ------------------------------------------------------------------------------

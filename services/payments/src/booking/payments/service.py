@@ -72,6 +72,7 @@ from booking.payments.konnect import (
     KonnectUnauthorized,
     KonnectUnavailable,
     PaymentRequest,
+    return_url,
 )
 from booking.payments.repository import (
     Booking,
@@ -83,6 +84,7 @@ from booking.payments.repository import (
 )
 from booking.payments.settings import PaymentsSettings
 from booking.runtime.audit import record_admin_action
+from booking.runtime.auth import issue_order_token
 from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated
 from booking.runtime.db import Database
@@ -264,6 +266,12 @@ class PaymentService:
         shown to anyone, so it is a harmless orphan.
         """
         payment, booking = claimed.payment, claimed.booking
+        # The payer comes back to the order's page, which the token lets them follow unsigned.
+        token = issue_order_token(
+            self.settings.order_link_key,
+            payment.order_id,
+            self.settings.order_link_ttl_hours * 3600,
+        )
         request = PaymentRequest(
             order_id=payment.order_id,
             amount=payment.amount,
@@ -275,8 +283,12 @@ class PaymentService:
             phone=booking.mentee_phone,
             lifespan_minutes=self.settings.konnect_payment_lifespan_minutes,
             webhook_url=self.settings.konnect_webhook_url or "",
-            success_url=self.settings.konnect_success_url or "",
-            fail_url=self.settings.konnect_fail_url or "",
+            success_url=return_url(
+                self.settings.konnect_success_url or "", payment.order_id, "success", token
+            ),
+            fail_url=return_url(
+                self.settings.konnect_fail_url or "", payment.order_id, "failed", token
+            ),
         )
         with correlated(booking.correlation_id):
             try:

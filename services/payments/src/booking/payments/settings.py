@@ -31,8 +31,10 @@ class PaymentsSettings(RuntimeSettings):
     konnect_retry_base_seconds: float = Field(default=0.5, ge=0)
     # A 429's Retry-After is honoured up to this long; a longer one ends the retries.
     konnect_retry_after_max_seconds: float = Field(default=5.0, ge=0)
-    # Where Konnect sends the payer's browser after paying or failing; default: under
-    # PUBLIC_BASE_URL.
+    # Where Konnect sends the payer's browser after paying or failing: each payment's own
+    # address under these, `<this>/<order id>?outcome=success|failed&token=<order link>` (Konnect
+    # adds `payment_ref`). Default: the gateway's return page, `<PUBLIC_BASE_URL>/pay/return`.
+    # Set them for a front end of your own, which then reads the order with the token.
     konnect_success_url: str | None = None
     konnect_fail_url: str | None = None
     # Where Konnect calls (`GET <this>?payment_ref=...`, through the gateway);
@@ -79,7 +81,7 @@ class PaymentsSettings(RuntimeSettings):
         if self.konnect_webhook_url is None:
             self.konnect_webhook_url = f"{base}/api/payments/webhook"
         if self.konnect_success_url is None:
-            self.konnect_success_url = f"{base}/payments/success"
+            self.konnect_success_url = f"{base}/pay/return"
         if self.konnect_fail_url is None:
-            self.konnect_fail_url = f"{base}/payments/failed"
+            self.konnect_fail_url = f"{base}/pay/return"
         return self
