@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from booking.gateway import dashboard
+from booking.gateway import dashboard, return_page
 from booking.gateway.alerts import AdminAlerts
 from booking.gateway.api import routers
 from booking.gateway.limits import BodyLimitMiddleware, rate_limiters
@@ -52,7 +52,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         runtime,
         # The system's health first: its /health (the overall status only) and /internal/health
         # (the aggregated report) answer in place of the runtime's own.
-        routers=[system.router(), dashboard.router(), *routers],
+        routers=[system.router(), dashboard.router(), return_page.router(), *routers],
         title="Mentor booking API",
         lifespan=open_gateway,
         # Inside the correlation middleware, so a 413 still carries the correlation id.
