@@ -356,13 +356,17 @@ def gateway_app() -> FastAPI:
 
 def public_paths(app: FastAPI) -> list[str]:
     """A request path for each route of the gateway's public contract (its OpenAPI document,
-    but for the kubelet's probes), for the dashboard, and for the admins' websocket."""
+    but for the kubelet's probes), for the dashboard, the return page and the admins' websocket."""
     documented = [
         re.sub(r"\{[^}]+\}", "x", path)
         for path in app.openapi()["paths"]
         if path not in ("/health/live", "/health/ready")
     ]
-    return [*documented, "/admin", "/admin/", "/admin/app.js", "/ws/admin"]
+    return [
+        *documented,
+        *("/admin", "/admin/", "/admin/app.js", "/ws/admin"),
+        *("/pay/return/x", "/pay/return/assets/return.js"),
+    ]
 
 
 class TestTheIngress:
@@ -379,6 +383,7 @@ class TestTheIngress:
         assert public == {
             ("gateway", "/api", "Prefix", "gateway"),
             ("gateway", "/admin", "Prefix", "gateway"),
+            ("gateway", "/pay/return", "Prefix", "gateway"),
             ("gateway", "/health", "Exact", "gateway"),
             ("gateway-websocket", "/ws/admin", "Exact", "gateway"),
         }
