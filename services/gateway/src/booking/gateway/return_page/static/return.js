@@ -46,6 +46,20 @@ function webLink(url, protocols = ["https:", "http:"]) {
 
 function awaitingPayment(order, outcome) {
   const payUrl = order.payment ? webLink(order.payment.pay_url) : null;
+  if (order.amount_paid && order.amount_paid.amount > 0) {
+    // Konnect took less than the amount: the payment stays open for the rest until it expires.
+    return {
+      state: "partly-paid",
+      headline: "Part of the amount has arrived",
+      message:
+        "Konnect received part of the amount. Pay the rest before the payment link expires; " +
+        "otherwise the time slot is freed and what you paid is refunded.",
+      payment: ["working", "Partly paid"],
+      session: NOT_SCHEDULED,
+      retry: payUrl,
+      retryLabel: "Pay the rest",
+    };
+  }
   if (outcome === "failed") {
     return {
       state: "payment-not-through",
@@ -185,7 +199,11 @@ function show(view) {
   if (view.schedule) showSchedule(view.schedule);
   else byId("schedule").hidden = true;
   byId("retry").hidden = !view.retry;
-  if (view.retry) byId("pay-link").href = view.retry;
+  if (view.retry) {
+    const link = byId("pay-link");
+    link.href = view.retry;
+    link.textContent = view.retryLabel || "Try paying again";
+  }
   document.title = `${view.headline} · Mentor booking`;
 }
 
