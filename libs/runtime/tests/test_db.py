@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from booking.runtime.db import Database, create_engine
+from booking.runtime.db import Database, create_engine, driver_connection
 from booking.runtime.settings import RuntimeSettings
 
 
@@ -80,3 +80,27 @@ async def test_the_pool_keeps_every_connection_it_opens(
             await c.close()
     finally:
         await engine.dispose()
+
+
+async def test_the_driver_connection_is_inside_the_unit_of_work(db: Database) -> None:
+    """A statement on the driver, first in a unit of work, runs in its transaction: it rolls
+    back with it, and what it wrote is what the session reads (one connection, one snapshot)."""
+    table = f"rt_driver_{id(db)}"
+    async with db.transaction() as session:
+        await session.execute(text(f"CREATE TABLE {table} (n int)"))
+    try:
+        with pytest.raises(RuntimeError):
+            async with db.transaction() as session:
+                driver = await driver_connection(session)
+                await driver.execute(f"INSERT INTO {table} VALUES (1)")
+                assert await session.scalar(text(f"SELECT count(*) FROM {table}")) == 1
+                raise RuntimeError("undo")
+        async with db.transaction() as session:
+            driver = await driver_connection(session)
+            assert driver is await driver_connection(session)
+            await driver.execute(f"INSERT INTO {table} VALUES (2)")
+        async with db.single_statement() as session:
+            assert await session.scalar(text(f"SELECT array_agg(n) FROM {table}")) == [2]
+    finally:
+        async with db.transaction() as session:
+            await session.execute(text(f"DROP TABLE {table}"))

@@ -38,7 +38,6 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from faststream.rabbit import RabbitQueue
 from faststream.rabbit.subscriber import RabbitSubscriber
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.contracts import (
@@ -58,7 +57,7 @@ from booking.runtime.broker import (
     resume_subscriber,
 )
 from booking.runtime.context import correlated
-from booking.runtime.db import Database
+from booking.runtime.db import Database, driver_connection
 from booking.runtime.outages import OutageLog, describe, is_unreachable
 from booking.runtime.outbox import Outbox
 from booking.runtime.sweeping import run_quietly
@@ -314,10 +313,13 @@ class Consumer(QueueWorker):
         self.handlers = dict(handlers)
         self.queues = ConsumerQueues.named(name, max_attempts, retry_base_delay_ms)
         self._after_commit: set[asyncio.Task[None]] = set()
-        # Executed with a list of rows: one multi-row INSERT, compiled once and cached.
-        self._record_in_inbox = (
-            insert(tables.inbox).on_conflict_do_nothing().returning(tables.inbox.c.message_id)
-        )
+        # The whole batch in one statement, on the driver itself (`driver_connection`); what it
+        # returns is new to this consumer.
+        self._record_in_inbox = f"""
+            INSERT INTO "{tables.schema}".inbox (message_id, consumer, event_type)
+            SELECT m, $2, t FROM unnest($1::uuid[], $3::text[]) AS u(m, t)
+            ON CONFLICT DO NOTHING RETURNING message_id
+            """
         self._subscribe()
 
     @property
@@ -406,22 +408,13 @@ class Consumer(QueueWorker):
         outcomes: list[str] = []
         after_commit: list[tuple[Callable[[], Awaitable[None]], Envelope]] = []
         async with self.db.transaction() as session:
-            # One statement records the whole batch in the inbox; what it returns is new.
-            first_seen = set(
-                (
-                    await session.execute(
-                        self._record_in_inbox,
-                        [
-                            {
-                                "message_id": envelope.message_id,
-                                "consumer": self.name,
-                                "event_type": envelope.type,
-                            }
-                            for _, envelope, _, _ in work
-                        ],
-                    )
-                ).scalars()
+            recorded = await (await driver_connection(session)).fetch(
+                self._record_in_inbox,
+                [envelope.message_id for _, envelope, _, _ in work],
+                self.name,
+                [envelope.type for _, envelope, _, _ in work],
             )
+            first_seen = {row[0] for row in recorded}
             for _, envelope, event, handler in work:
                 if envelope.message_id not in first_seen:
                     outcomes.append("duplicate")

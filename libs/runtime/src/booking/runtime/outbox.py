@@ -23,12 +23,12 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from booking.contracts import ANY_PRODUCER, Event, SystemErrorKind, SystemErrorReported, wrap
 from booking.runtime import context, metrics
 from booking.runtime.broker import Broker, OutgoingMessage, Unroutable
+from booking.runtime.db import driver_connection
 from booking.runtime.outages import OutageLog, is_unreachable
 from booking.runtime.tables import MessagingTables
 
@@ -42,10 +42,7 @@ class Outbox:
         self.tables = tables
         self.producer = producer
         self.exchange = exchange
-        # Built once: statement construction is a measurable share of a hot path.
-        self._insert = insert(tables.outbox).on_conflict_do_nothing(
-            index_elements=[tables.outbox.c.message_id]
-        )
+        self._insert = insert_statement(tables.schema)
 
     async def record(
         self,
@@ -61,16 +58,14 @@ class Outbox:
         `exchange` sends it elsewhere than the events exchange (admin alerts go to a fanout).
         """
         message_id = message_id or uuid.uuid4()
-        await session.execute(
-            self._insert,
-            self.row(
-                event,
-                message_id=message_id,
-                correlation_id=context.current_correlation_id(),
-                causation_id=context.causation_id.get(),
-                exchange=exchange,
-            ),
+        row = self.row(
+            event,
+            message_id=message_id,
+            correlation_id=context.current_correlation_id(),
+            causation_id=context.causation_id.get(),
+            exchange=exchange,
         )
+        await (await driver_connection(session)).execute(self._insert, *insert_arguments(row))
         # The outbox's trigger NOTIFYs the relays when this transaction commits.
         return message_id
 
@@ -99,6 +94,27 @@ class Outbox:
             "correlation_id": envelope.correlation_id,
             "body": envelope.model_dump_json(),
         }
+
+
+def insert_statement(schema: str) -> str:
+    """Adding one outbox row (`insert_arguments` of `Outbox.row`), once whatever its repeats:
+    asyncpg's own placeholders, run on the driver itself."""
+    return f"""
+        INSERT INTO "{schema}".outbox (message_id, exchange, routing_key, event_type,
+                                       correlation_id, body)
+        VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING
+        """
+
+
+def insert_arguments(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        row["message_id"],
+        row["exchange"],
+        row["routing_key"],
+        row["event_type"],
+        row["correlation_id"],
+        row["body"],
+    )
 
 
 # Namespace of the ids of the unroutable alerts: one per schema, event type and window.
@@ -159,11 +175,7 @@ class OutboxRelay:
                     + make_interval(secs => LEAST($3::float8, power(2, LEAST(attempts - 1, 30))))
             WHERE id = ANY($1)
             """
-        self._insert_alert = f"""
-            INSERT INTO {table} (message_id, exchange, routing_key, event_type, correlation_id,
-                                 body)
-            VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (message_id) DO NOTHING
-            """
+        self._insert_alert = insert_statement(tables.schema)
         self._stopping = False
 
     def start(self) -> None:
@@ -282,15 +294,7 @@ class OutboxRelay:
                 correlation_id=row["correlation_id"],
                 causation_id=str(row["message_id"]),
             )
-            await driver.execute(
-                self._insert_alert,
-                alert["message_id"],
-                alert["exchange"],
-                alert["routing_key"],
-                alert["event_type"],
-                alert["correlation_id"],
-                alert["body"],
-            )
+            await driver.execute(self._insert_alert, *insert_arguments(alert))
 
     async def _relay_forever(self) -> None:
         backoff = 0.1
