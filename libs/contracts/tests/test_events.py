@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
-from typing import Annotated, Any, cast, get_args, get_origin
+from typing import Annotated, Any, Literal, cast, get_args, get_origin
 from uuid import UUID, uuid4
 
 import annotated_types
@@ -38,6 +38,7 @@ from booking.contracts import (
     MentorRegistered,
     Offering,
     OrderCancelled,
+    OrderChanged,
     OrderConfirmed,
     OrderPaid,
     PaymentAnomalyDetected,
@@ -53,6 +54,7 @@ from booking.contracts import (
     SystemErrorKind,
     SystemErrorReported,
     decode,
+    http,
     parse_envelope,
     registered_events,
     wrap,
@@ -173,6 +175,31 @@ SAMPLES: list[Event] = [
         end_at=END,
     ),
     OrderConfirmed(order_id=ORDER, session_id=SESSION, mentor_id=MENTOR, end_at=END),
+    OrderChanged(
+        order=http.Order(
+            id=ORDER,
+            status="paid",
+            amount=http.Money(amount=45_000, currency="TND"),
+            amount_paid=http.Money(amount=45_000, currency="TND"),
+            payment=http.PaymentView(
+                ref="pay_1", pay_url="https://pay.example/1", status="completed"
+            ),
+            session=http.SessionView(
+                id=SESSION,
+                status="awaiting_calendar",
+                start_at=START,
+                end_at=END,
+                meet_link=None,
+                calendar_event_id=None,
+            ),
+            escrow=http.EscrowView(
+                platform_fee=http.Money(amount=4_500, currency="TND"),
+                escrow_amount=http.Money(amount=40_500, currency="TND"),
+                status="held",
+            ),
+            version=3,
+        )
+    ),
     OrderCancelled(
         order_id=ORDER,
         session_id=SESSION,
@@ -323,9 +350,11 @@ def type_strategy(tp: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
         return model_strategy(tp)
     if isinstance(tp, type) and issubclass(tp, Enum):
         return st.sampled_from(tp)
+    if get_origin(tp) is Literal:
+        return st.sampled_from(args)
     if tp is UUID:
         return st.uuids()
-    if tp is AwareDatetime:
+    if tp in (AwareDatetime, datetime):
         return DATETIMES
     if tp is bool:
         return st.booleans()

@@ -13,8 +13,10 @@ from booking.contracts import (
     ADMIN_ALERTS_EXCHANGE,
     ANY_PRODUCER,
     EXCHANGE,
+    ORDER_CHANGES_EXCHANGE,
     AdminNotificationRaised,
     Event,
+    OrderChanged,
     registered_events,
 )
 from booking.devtools.asyncapi import (
@@ -82,8 +84,12 @@ def received(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_one_channel_per_event_plus_the_admin_alerts(document: dict[str, Any]):
-    names = {event.event_type() for event in registered_events()}
-    assert set(published(document)) == names | {"AdminAlerts.AdminNotificationRaised"}
+    # OrderChanged goes out on the order changes fanout alone, never on the topic exchange.
+    names = {event.event_type() for event in registered_events()} - {"OrderChanged"}
+    assert set(published(document)) == names | {
+        "AdminAlerts.AdminNotificationRaised",
+        "OrderChanges.OrderChanged",
+    }
     for operation in published(document).values():
         assert operation["bindings"]["amqp"]["deliveryMode"] == 2  # persistent
 
@@ -108,10 +114,10 @@ def test_one_receiving_channel_per_event_each_service_subscribes_to(document: di
 
 def test_every_event_published_on_the_topic_exchange_has_a_receiver(document: dict[str, Any]):
     # Publishing is mandatory: an event no queue takes would wait in its outbox for ever. The
-    # notifications go out on the admin alerts fanout instead, to every gateway replica.
+    # notifications and the order changes go out on fanouts instead, to every gateway replica.
     taken = {event for events in running_subscriptions().values() for event in events}
     untaken = [e for e in registered_events() if e not in taken]
-    assert untaken == [AdminNotificationRaised]
+    assert untaken == [AdminNotificationRaised, OrderChanged]
 
 
 def test_the_admin_websocket_is_described_both_ways(document: dict[str, Any]):
@@ -139,7 +145,15 @@ def test_the_admin_websocket_is_described_both_ways(document: dict[str, Any]):
     assert {"id", "type", "severity", "occurrences"} <= set(notification["properties"])
 
 
-@pytest.mark.parametrize("event", registered_events(), ids=lambda e: e.event_type())
+# OrderChanged is on its fanout alone (test_order_changes_are_on_their_fanout_exchange_only).
+ON_THE_TOPIC_EXCHANGE = [event for event in registered_events() if event is not OrderChanged]
+
+
+def channel_of(event: type[Event]) -> str:
+    return "OrderChanges.OrderChanged" if event is OrderChanged else event.event_type()
+
+
+@pytest.mark.parametrize("event", ON_THE_TOPIC_EXCHANGE, ids=lambda e: e.event_type())
 def test_event_channel_is_its_routing_key_on_the_topic_exchange(
     document: dict[str, Any], event: type[Event]
 ):
@@ -155,7 +169,7 @@ def test_event_channel_is_its_routing_key_on_the_topic_exchange(
 def test_event_message_is_the_envelope_around_the_payload(
     document: dict[str, Any], event: type[Event]
 ):
-    envelope = message_payload(document, document["channels"][event.event_type()])
+    envelope = message_payload(document, document["channels"][channel_of(event)])
     assert set(envelope["properties"]) == ENVELOPE_FIELDS
     assert envelope["properties"]["type"]["const"] == event.event_type()
     assert envelope["properties"]["version"]["const"] == event.version
@@ -187,6 +201,17 @@ def test_admin_notifications_are_also_on_the_fanout_exchange(document: dict[str,
     envelope = message_payload(document, channel)
     payload = resolve(document, envelope["properties"]["payload"])
     assert set(payload["properties"]) == set(AdminNotificationRaised.model_fields)
+
+
+def test_order_changes_are_on_their_fanout_exchange_only(document: dict[str, Any]):
+    assert "OrderChanged" not in document["channels"]  # never on the topic exchange
+    channel = document["channels"]["OrderChanges.OrderChanged"]
+    exchange = channel["bindings"]["amqp"]["exchange"]
+    assert (exchange["name"], exchange["type"]) == (ORDER_CHANGES_EXCHANGE, "fanout")
+    envelope = message_payload(document, channel)
+    payload = resolve(document, envelope["properties"]["payload"])
+    order = resolve(document, payload["properties"]["order"])
+    assert {"id", "status", "session", "version"} <= set(order["properties"])
 
 
 def test_committed_document_is_current(document: dict[str, Any]):

@@ -505,9 +505,12 @@ class OrdersInProcess(Orders):
             rows = await conn.execute(
                 text(
                     f"SELECT event_type, body FROM {SCHEMA}.outbox "
-                    "WHERE exchange = :exchange ORDER BY id"
+                    "WHERE exchange IN (:events, :changes) ORDER BY id"
                 ),
-                {"exchange": self.settings.events_exchange},
+                {
+                    "events": self.settings.events_exchange,
+                    "changes": self.settings.order_changes_exchange,
+                },
             )
             self.recorded = [(row.event_type, _payload(row.body)) for row in rows]
 
@@ -576,6 +579,7 @@ async def orders_in_process(migrated: str) -> AsyncIterator[OrdersInProcess]:
             "database_url": migrated,
             "events_exchange": f"{TEST_PREFIX}{tag}.events",
             "admin_alerts_exchange": f"{TEST_PREFIX}{tag}.alerts",
+            "order_changes_exchange": f"{TEST_PREFIX}{tag}.order-changes",
             "queue_prefix": f"{TEST_PREFIX}{tag}.",
             # The test broker has no delay queues to retry through: a handler that fails is
             # dead-lettered at once, so the keeper stores it and the test sees it.
@@ -599,9 +603,9 @@ async def orders_in_process(migrated: str) -> AsyncIterator[OrdersInProcess]:
             await conn.execute(
                 text(
                     f"UPDATE {SCHEMA}.outbox SET sent_at = now() "
-                    "WHERE exchange = :exchange AND sent_at IS NULL"
+                    "WHERE exchange IN (:events, :changes) AND sent_at IS NULL"
                 ),
-                {"exchange": settings.events_exchange},
+                {"events": settings.events_exchange, "changes": settings.order_changes_exchange},
             )
         await runtime.verifier.aclose()
         await runtime.db.engine.dispose()

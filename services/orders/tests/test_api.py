@@ -312,6 +312,7 @@ class TestBooking:
                 "calendar_event_id": None,
             },
             "escrow": None,
+            "version": 1,
         }
 
     async def test_overlapping_bookings_sent_at_once_one_wins_the_rest_409_until_it_fails(

@@ -15,6 +15,8 @@ from sqlalchemy import text
 from booking.contracts import MenteeContact
 from booking.orders.domain import (
     BookedSession,
+    Escrow,
+    EscrowStatus,
     Mentor,
     Order,
     PaymentStatus,
@@ -22,6 +24,7 @@ from booking.orders.domain import (
     SubjectTaken,
 )
 from booking.orders.repository import (
+    StoredOrder,
     add_booking,
     add_mentor,
     claim_key,
@@ -88,6 +91,28 @@ class TestSavingAnOrder:
             PaymentStatus.PENDING,
         )
 
+    async def test_a_change_the_view_shows_bumps_the_version_in_the_same_write(
+        self, orders
+    ) -> None:
+        booked = await orders.booked()
+        order_id = uuid.UUID(booked.order_id)
+        version = "SELECT version FROM orders.orders WHERE id = :id"
+        assert await orders.scalar(version, id=order_id) == 1  # as booked
+        changes = [
+            lambda s: s.order.awaiting_payment("ref-1", "https://pay.example/1", datetime.now(UTC)),
+            lambda s: setattr(s, "payment_status", PaymentStatus.PENDING),
+            lambda s: s.escrow.observe(EscrowStatus.FROZEN, 1),  # the escrow alone
+            lambda s: setattr(s.booked, "meet_link", "https://meet.example/x"),  # the session's
+        ]
+        for expected, change in enumerate(changes, start=2):
+            async with orders.runtime.db.transaction() as session:
+                stored = await lock_order(session, order_id)
+                assert stored is not None
+                change(stored)
+                assert await save_order(session, stored) is True
+                assert stored.version == expected
+            assert await orders.scalar(version, id=order_id) == expected
+
     async def test_an_order_that_did_not_change_is_not_written(self, orders) -> None:
         booked = await orders.booked()
         versions = "SELECT xmin::text FROM orders.{} WHERE {} = :id"
@@ -98,7 +123,8 @@ class TestSavingAnOrder:
         async with orders.runtime.db.transaction() as session:
             stored = await lock_order(session, uuid.UUID(booked.order_id))
             assert stored is not None
-            await save_order(session, stored)
+            assert await save_order(session, stored) is False  # nothing to show: no new version
+            assert stored.version == 1
         after = [
             await orders.scalar(versions.format("orders", "id"), id=booked.order_id),
             await orders.scalar(versions.format("booked_sessions", "order_id"), id=booked.order_id),
@@ -134,11 +160,21 @@ class TestConstraints:
         mentee = MenteeContact(
             first_name="Sami", last_name="Trabelsi", email="sami@example.com", phone=None
         )
+        stored = StoredOrder(
+            order=order,
+            booked=overlapping,
+            title="t",
+            mentee_email=mentee.email,
+            correlation_id=None,
+            payment_status=None,
+            platform_fee=None,
+            escrow_amount=None,
+            escrow=Escrow(),
+            version=1,
+        )
         with pytest.raises(SlotTaken):
             async with orders.runtime.db.transaction() as session:
-                await add_booking(
-                    session, order, overlapping, title="t", mentee=mentee, correlation_id=None
-                )
+                await add_booking(session, stored, mentee)
         # The transaction rolled back: not even the order is left.
         left = await orders.scalar("SELECT count(*) FROM orders.orders WHERE id = :id", id=order.id)
         assert left == 0

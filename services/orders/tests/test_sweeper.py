@@ -27,7 +27,11 @@ def unreachable(orders: Any, engine: AsyncEngine) -> OrderService:
     """The service's use cases on a database that does not answer."""
     service = orders.sweeper.orders
     return OrderService(
-        Database(engine, "orders"), service.outbox, service.tables, horizon=service.horizon
+        Database(engine, "orders"),
+        service.outbox,
+        service.tables,
+        horizon=service.horizon,
+        changes_exchange=service.changes_exchange,
     )
 
 

@@ -7,6 +7,7 @@ from booking.contracts.envelope import (
     ADMIN_ALERTS_EXCHANGE,
     ANY_PRODUCER,
     EXCHANGE,
+    ORDER_CHANGES_EXCHANGE,
     Envelope,
     Event,
     MalformedMessage,
@@ -57,11 +58,13 @@ from booking.contracts.events import (
     SystemErrorKind,
     SystemErrorReported,
 )
+from booking.contracts.order_changes import OrderChanged
 
 __all__ = [
     "ADMIN_ALERTS_EXCHANGE",
     "ANY_PRODUCER",
     "EXCHANGE",
+    "ORDER_CHANGES_EXCHANGE",
     "UNKNOWN_REF_SAMPLE",
     "AdminAction",
     "AdminActionRecorded",
@@ -87,6 +90,7 @@ __all__ = [
     "MinorUnits",
     "Offering",
     "OrderCancelled",
+    "OrderChanged",
     "OrderConfirmed",
     "OrderPaid",
     "PaymentAnomalyDetected",

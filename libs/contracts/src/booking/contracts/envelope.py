@@ -20,6 +20,9 @@ EXCHANGE = "booking.events"
 ADMIN_ALERTS_EXCHANGE = "admin.alerts"
 """Fanout exchange the gateways bind to for live admin notifications."""
 
+ORDER_CHANGES_EXCHANGE = "order.changes"
+"""Fanout exchange the gateways bind to for every change of an order (OrderChanged)."""
+
 ANY_PRODUCER = "*"
 """The producer of an event every service may send (SystemErrorReported): the envelope names
 the service that did; consumers bind `*.<event>`."""

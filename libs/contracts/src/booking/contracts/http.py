@@ -245,6 +245,11 @@ class Order(BaseModel):
     payment: PaymentView | None
     session: SessionView
     escrow: EscrowView | None
+    version: int = Field(
+        ge=1,
+        description="grows with every change of what this shows; the `id` of the order's "
+        "Server-Sent Events (GET /api/orders/{order_id}/events)",
+    )
 
 
 class WebhookResult(BaseModel):

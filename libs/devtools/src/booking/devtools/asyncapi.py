@@ -1,7 +1,8 @@
 """The AsyncAPI 3.0 document of the system's messaging, generated, never written by hand.
 
 - Every event, published on the topic exchange (AdminNotificationRaised on the admin alerts
-  fanout too): generated from the registered event models.
+  fanout too; OrderChanged on the order changes fanout only): generated from the registered
+  event models.
 - What each service receives: one `receive` operation per binding of its queue, generated from
   the runtime's topology (booking.runtime.broker: the exchanges and the consumer's queue, as its
   FastStream subscriber declares them) and from the consumer each service's composition root
@@ -23,11 +24,12 @@ from faststream.rabbit import RabbitBroker
 from faststream.specification import AsyncAPI
 from pydantic import BaseModel, Field, create_model
 
-import booking.contracts.events  # noqa: F401  (registers every event)
+import booking.contracts  # noqa: F401  (registers every event)
 from booking.contracts.envelope import (
     ADMIN_ALERTS_EXCHANGE,
     ANY_PRODUCER,
     EXCHANGE,
+    ORDER_CHANGES_EXCHANGE,
     Envelope,
     Event,
     registered_events,
@@ -37,8 +39,26 @@ from booking.contracts.http import Notification
 TITLE = "Mentor booking events"
 VERSION = "1.0.0"
 
-# The services with a queue of their own (the gateway consumes only the admin alerts fanout).
+# The services with a queue of their own (the gateway consumes only the fanouts).
 CONSUMING_SERVICES = ("orders", "payments", "calendar", "notifications")
+
+# The events fanned out live to every gateway replica: their exchange, the channel's prefix,
+# what the gateway does with them, and whether they go out on the topic exchange too.
+FANOUTS: dict[str, tuple[str, str, str, bool]] = {
+    "AdminNotificationRaised": (
+        ADMIN_ALERTS_EXCHANGE,
+        "AdminAlerts",
+        "Fanned out live to every gateway.",
+        True,
+    ),
+    "OrderChanged": (
+        ORDER_CHANGES_EXCHANGE,
+        "OrderChanges",
+        "Fanned out live to every gateway, which streams it to whoever watches the order "
+        "(GET /api/orders/{id}/events); on this fanout only.",
+        False,
+    ),
+}
 
 
 def envelope_model(event: type[Event]) -> type[Envelope]:
@@ -75,31 +95,33 @@ def build_broker(subscriptions: Mapping[str, Sequence[type[Event]]] | None = Non
     document what each service receives, on the runtime's own topology."""
     from booking.runtime.broker import (
         ConsumerQueues,
-        alerts_exchange_named,
         events_exchange_named,
+        fanout_exchange_named,
     )
 
     broker = RabbitBroker()
     events_exchange = events_exchange_named(EXCHANGE)
-    alerts_exchange = alerts_exchange_named(ADMIN_ALERTS_EXCHANGE)
 
     for event in registered_events():
         schema = envelope_model(event)
         description = _docstring(event)
-        broker.publisher(
-            exchange=events_exchange,
-            routing_key=event.binding_key(),
-            persist=True,
-            title=_channel_name(event),
-            description=description,
-            schema=schema,
-        )
-        if event.event_type() == "AdminNotificationRaised":
+        fanout = FANOUTS.get(event.event_type())
+        if fanout is None or fanout[3]:
             broker.publisher(
-                exchange=alerts_exchange,
+                exchange=events_exchange,
+                routing_key=event.binding_key(),
                 persist=True,
-                title=f"AdminAlerts.{_channel_name(event)}",
-                description=f"{description} Fanned out live to every gateway.",
+                title=_channel_name(event),
+                description=description,
+                schema=schema,
+            )
+        if fanout is not None:
+            exchange, prefix, live, _ = fanout
+            broker.publisher(
+                exchange=fanout_exchange_named(exchange),
+                persist=True,
+                title=f"{prefix}.{_channel_name(event)}",
+                description=f"{description} {live}",
                 schema=schema,
             )
 

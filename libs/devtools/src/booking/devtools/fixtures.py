@@ -195,6 +195,7 @@ async def private_vhost(name_prefix: str) -> AsyncIterator[dict[str, str]]:
         "QUEUE_PREFIX": f"{run_id}.",
         "EVENTS_EXCHANGE": f"{run_id}.booking.events",
         "ADMIN_ALERTS_EXCHANGE": f"{run_id}.admin.alerts",
+        "ORDER_CHANGES_EXCHANGE": f"{run_id}.order.changes",
     }
 
 
@@ -340,7 +341,11 @@ async def delete_broker_objects(
     if not prefix:
         raise ValueError("no queue_prefix: these would be the real system's queues")
     queues = [name for consumer in consumers for name in consumer_queue_names(settings, consumer)]
-    exchanges = [settings.events_exchange, settings.admin_alerts_exchange]
+    exchanges = [
+        settings.events_exchange,
+        settings.admin_alerts_exchange,
+        settings.order_changes_exchange,
+    ]
     async with asyncio.timeout(30):
         async with await aio_pika.connect(url, timeout=10) as connection:
             channel = await connection.channel()
@@ -400,6 +405,7 @@ async def make_settings(
             "rabbitmq_url": rabbitmq_url,
             "events_exchange": f"{TEST_PREFIX}{tag}.events",
             "admin_alerts_exchange": f"{TEST_PREFIX}{tag}.alerts",
+            "order_changes_exchange": f"{TEST_PREFIX}{tag}.order-changes",
             "queue_prefix": f"{TEST_PREFIX}{tag}.",
             "consumer_retry_base_delay_ms": 50,
             "consumer_max_attempts": 3,

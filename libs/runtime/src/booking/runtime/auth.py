@@ -201,6 +201,11 @@ def check_order_link_settings(settings: RuntimeSettings) -> None:
     identity provider, AUTH_JWT_SECRET may keep its built-in value, since it signs no token)."""
     own = settings.order_link_secret
     login = settings.auth_jwt_secret.get_secret_value()
+    if settings.auth_audience == ORDER_TOKEN_AUDIENCE:
+        raise RefusedSettings(
+            f"AUTH_AUDIENCE is {ORDER_TOKEN_AUDIENCE!r}, the order links' own audience: a login "
+            "token must never be taken for an order link. Choose another audience"
+        )
     if own is not None and own.get_secret_value() == login:
         raise RefusedSettings(
             "ORDER_LINK_SECRET is AUTH_JWT_SECRET: an order link's key must never sign a login "
@@ -507,6 +512,8 @@ class TokenVerifier:
         check_auth_settings(settings)
         self.rules = ClaimRules.from_settings(settings)
         self._secret = settings.auth_jwt_secret.get_secret_value()
+        # Used where an order link may read (check_order_link_settings is that app's to call).
+        self._order_link_key = settings.order_link_key
         self.provider: ProviderKeys | None = None
         if settings.auth_jwks_url is not None:
             self.provider = ProviderKeys(
@@ -543,6 +550,15 @@ class TokenVerifier:
             )
         claims = _decode(token, key, algorithm, self.rules)
         return _identity(claims, self.rules, from_provider=algorithm != "HS256")
+
+    async def verify_reader(self, token: str) -> Identity | OrderLink:
+        """Who may read an order: a login token's identity, or an order link (told apart by
+        its audience, then verified with the order links' own key). `TokenRefused` otherwise."""
+        if is_order_link(token):
+            return OrderLink(
+                verify_order_token(self._order_link_key, token, leeway=self.rules.leeway)
+            )
+        return await self.verify(token)
 
     async def aclose(self) -> None:
         if self.provider is not None:
@@ -617,6 +633,23 @@ def issue_order_token(secret: bytes | str, order_id: UUID, ttl_seconds: int) -> 
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+@dataclass(frozen=True)
+class OrderLink:
+    """The holder of an order link: may read the order `order_id`, and nothing else."""
+
+    order_id: UUID
+
+
+def is_order_link(token: str) -> bool:
+    """Whether `token` claims to be an order link (its audience, unverified: only to choose the
+    key it must then verify with)."""
+    try:
+        audience = jwt.decode(token, options={"verify_signature": False}).get("aud")
+    except jwt.InvalidTokenError:
+        return False
+    return audience == ORDER_TOKEN_AUDIENCE
+
+
 def verify_order_token(secret: bytes | str, token: str, *, leeway: float = 5.0) -> UUID:
     """The order an order token lets its holder read; `InvalidToken` for anything else (a login
     token, another key, expired, another scope)."""
@@ -668,6 +701,21 @@ async def authenticated(
         )
     try:
         return await token_verifier(request.app).verify(credentials.credentials)
+    except TokenRefused as refused:
+        raise HTTPException(refused.status, refused.detail, headers=refused.headers) from None
+
+
+async def order_reader(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> Identity | OrderLink:
+    """Dependency of a route that reads one order: a signed-in caller's identity, or an order
+    link (the route checks it is for its order); 401 without a valid token of either kind."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    try:
+        return await token_verifier(request.app).verify_reader(credentials.credentials)
     except TokenRefused as refused:
         raise HTTPException(refused.status, refused.detail, headers=refused.headers) from None
 

@@ -3,15 +3,16 @@ and the subscribers the consumers take their deliveries from (docs/recovery.md).
 
 FastStream's `RabbitBroker` owns the robust connection, declares the topology and publishes with
 publisher confirms. The topology is defined once, here, as FastStream `RabbitExchange` and
-`RabbitQueue` objects (`events_exchange_named`, `alerts_exchange_named`, `ConsumerQueues`): the
+`RabbitQueue` objects (`events_exchange_named`, `fanout_exchange_named`, `ConsumerQueues`): the
 step that declares it before traffic (`declare_topology`, run with the migrations) and the
 subscribers declare the very same objects, so their arguments can never disagree (RabbitMQ
 answers 406 PRECONDITION_FAILED when they do).
 
 Publishing on the events exchange (and straight to a queue) is mandatory: an event no queue is
 bound to comes back from the broker as `Unroutable` instead of vanishing, and stays in the
-outbox. The admin alerts fanout is not: with no gateway listening nothing is lost, since the
-alerts are stored by the notifications service. Every message is built here in full (persistent,
+outbox. The fanouts (admin alerts, order changes: `declare_fanout`) are not: with no gateway
+listening nothing is lost, since the alerts and the orders are stored by the services that own
+them. Every message is built here in full (persistent,
 its message_id set explicitly): FastStream 0.7 sets neither for you.
 
 What FastStream lacks is kept thin: `start()` returns at once and connects in the background (a
@@ -19,8 +20,8 @@ service keeps serving, and keeps writing its outbox, while RabbitMQ is away), a 
 bound to many routing keys (a FastStream subscriber binds one), and a subscriber can stop taking
 deliveries for a while without dropping those already on their way (`pause_subscriber`): its
 own `stop()` ignores what arrives after it, which would leave them unacked on the channel.
-A queue of the connection's own (`subscribe_own_queue`: the gateway's alert feed) is not
-restored by a reconnect; its owner subscribes a new one.
+A queue of the connection's own (`subscribe_own_queue`: the gateway's feeds) is not restored by
+a reconnect; its owner subscribes a new one (booking.runtime.fanout).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def events_exchange_named(name: str) -> RabbitExchange:
     return RabbitExchange(name, type=ExchangeType.TOPIC, durable=True)
 
 
-def alerts_exchange_named(name: str) -> RabbitExchange:
-    """The fanout the admin alerts go out on, to every gateway replica."""
+def fanout_exchange_named(name: str) -> RabbitExchange:
+    """A fanout every gateway replica reads whole: the admin alerts, the order changes."""
     return RabbitExchange(name, type=ExchangeType.FANOUT, durable=True)
 
 
@@ -209,10 +210,10 @@ class Broker:
         self._client_name = client_name
         self.events_exchange = events_exchange
         self.alerts_exchange = alerts_exchange
-        self.exchanges = (
+        self.exchanges = [
             events_exchange_named(events_exchange),
-            alerts_exchange_named(alerts_exchange),
-        )
+            fanout_exchange_named(alerts_exchange),
+        ]
         self._declared = {exchange.name: exchange for exchange in self.exchanges}
         self.faststream = _faststream_broker(url, client_name, reconnect_interval)
         self.connection: AbstractRobustConnection | None = None
@@ -224,6 +225,15 @@ class Broker:
         # One channel for every own-queue subscriber (`subscribe_own_queue`): a channel is
         # restored on each reconnect for the process's life, so it is not opened per queue.
         self._own_queues_channel = Channel(publisher_confirms=False)
+
+    def declare_fanout(self, name: str) -> None:
+        """Declare the fanout `name` with the exchanges, before traffic and on each start: by
+        the service that records events to it (its relay publishes on the definition) and by
+        the one that reads it (`subscribe_own_queue`). Call it before `start`."""
+        if name not in self._declared:
+            exchange = fanout_exchange_named(name)
+            self.exchanges.append(exchange)
+            self._declared[name] = exchange
 
     def on_started(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
         """Run `callback` once the first connection is up and the subscribers consume, before
@@ -260,17 +270,17 @@ class Broker:
         """Start a FastStream subscriber of a new queue of this connection's own, bound to the
         declared `exchange` (its one definition), handing each delivery to `take`, unacked.
 
-        For a fanout that every process reads whole (the gateway's admin alerts): the queue is
-        exclusive and auto-delete, so it goes away with the connection or its consumer, and
-        deliveries are taken with no_ack. Each call declares a new name, chosen here rather
-        than by the server (through FastStream's declarer, aio-pika names an unnamed queue
-        itself and keeps one queue per definition). A reconnect does not restore the queue:
-        aio-pika would declare the old name again, which the server may still hold for the
-        dead connection until it notices (405 RESOURCE_LOCKED). After a reconnect the caller
-        subscribes again and stops the old subscriber. Call it once the broker has started
-        (`on_started`, `wait_ready`): FastStream's own start would start a subscriber
-        registered before it a second time. Not persistent: FastStream forgets a subscriber
-        that is let go.
+        For a fanout that every process reads whole (the gateway's admin alerts and order
+        changes: booking.runtime.fanout): the queue is exclusive and auto-delete, so it goes
+        away with the connection or its consumer, and deliveries are taken with no_ack. Each
+        call declares a new name, chosen here rather than by the server (through FastStream's
+        declarer, aio-pika names an unnamed queue itself and keeps one queue per definition).
+        A reconnect does not restore the queue: aio-pika would declare the old name again,
+        which the server may still hold for the dead connection until it notices (405
+        RESOURCE_LOCKED). After a reconnect the caller subscribes again and stops the old
+        subscriber. Call it once the broker has started (`on_started`, `wait_ready`):
+        FastStream's own start would start a subscriber registered before it a second time.
+        Not persistent: FastStream forgets a subscriber that is let go.
         """
         queue = RabbitQueue(
             f"{exchange}.{self._client_name}.{uuid.uuid4().hex}",
@@ -355,7 +365,7 @@ class Broker:
                     await broker.declare_queue(definition)
 
     async def _bind(self, broker: RabbitBroker, consumers: Iterable[ConsumerTopology]) -> None:
-        events, _ = self.exchanges
+        events = self._declared[self.events_exchange]
         for consumer in consumers:
             # FastStream's declarer hands back the queue declared with this definition; bound
             # robustly, so the bindings come back with the connection.
@@ -379,7 +389,9 @@ class Broker:
             timestamp=datetime.now(UTC),
             app_id=self._client_name,
         )
-        mandatory = message.exchange != self.alerts_exchange
+        # Mandatory on the events exchange and straight to a queue (a replay): never on a
+        # fanout, whose readers may all be away without anything being lost.
+        mandatory = message.exchange in (self.events_exchange, "")
         await self._publish(amqp, message.exchange, message.routing_key, mandatory=mandatory)
 
     async def forward(

@@ -12,7 +12,7 @@ admin, or a mentor token whose `sub` is the mentor's id or its linked identity-p
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -28,7 +28,6 @@ from booking.orders.domain import (
     SlotTaken,
     SubjectTaken,
 )
-from booking.orders.repository import StoredOrder
 from booking.orders.service import (
     FirstAnswer,
     IdempotencyKeyReused,
@@ -39,8 +38,17 @@ from booking.orders.service import (
     NoSuchOrder,
     NotTheMentor,
     OrderService,
+    order_view,
 )
-from booking.runtime.auth import Identity, Role, acts_as_mentor, authenticated, require_roles
+from booking.runtime.auth import (
+    Identity,
+    OrderLink,
+    Role,
+    acts_as_mentor,
+    authenticated,
+    order_reader,
+    require_roles,
+)
 from booking.runtime.clock import utcnow
 from booking.runtime.domain import IllegalTransition
 
@@ -213,14 +221,25 @@ async def book_session(
 @router.get("/api/orders/{order_id}", response_model=http.Order)
 async def get_order(
     order_id: UUID,
-    identity: Identity = Depends(require_roles(Role.MENTEE, Role.ADMIN)),
+    reader: Identity | OrderLink = Depends(order_reader),
     orders: OrderService = Depends(orders_service),
 ) -> http.Order:
+    """The order, for its mentee, an admin, or whoever holds a link to this very order (the
+    gateway's order stream sends one on)."""
+    if isinstance(reader, OrderLink):
+        if reader.order_id != order_id:
+            raise HTTPException(403, "this order link is for another order")
+    elif reader.role not in (Role.MENTEE, Role.ADMIN):
+        raise HTTPException(
+            403, f"this needs the role mentee or admin; the token has {reader.role}"
+        )
     found = await orders.find(order_id)
     # Another mentee's order is answered like a missing one: its existence is not theirs.
-    if found is None or (not identity.is_admin and found.order.mentee_id != identity.sub):
+    if found is None or (
+        isinstance(reader, Identity) and not reader.is_admin and found.order.mentee_id != reader.sub
+    ):
         raise HTTPException(404, f"there is no order {order_id}")
-    return _order_view(found)
+    return order_view(found)
 
 
 @router.post("/api/admin/orders/{order_id}/cancel", response_model=http.Order)
@@ -240,7 +259,7 @@ async def cancel_order(
         raise HTTPException(
             409, f"{exc}: an order whose payment failed has already ended and freed its slot"
         ) from None
-    return _order_view(cancelled)
+    return order_view(cancelled)
 
 
 @router.put("/api/admin/mentors/{mentor_id}/identity", response_model=http.Mentor)
@@ -265,40 +284,3 @@ async def link_mentor_identity(
     except SubjectTaken:
         raise _subject_taken() from None
     return _mentor_view(mentor)
-
-
-def _order_view(stored: StoredOrder) -> http.Order:
-    order, booked = stored.order, stored.booked
-
-    def money(amount: int) -> http.Money:
-        return http.Money(amount=amount, currency=order.amount.currency)
-
-    payment = None
-    if stored.payment_status is not None:
-        payment = http.PaymentView(
-            ref=order.payment_ref, pay_url=order.pay_url, status=stored.payment_status.value
-        )
-    escrow = None
-    if stored.platform_fee is not None and stored.escrow_amount is not None:
-        escrow = http.EscrowView(
-            platform_fee=money(stored.platform_fee),
-            escrow_amount=money(stored.escrow_amount),
-            # The domain's escrow statuses are named as the contract's.
-            status=cast("http.EscrowStatus | None", stored.escrow.status),
-        )
-    return http.Order(
-        id=order.id,
-        status=order.status.value,
-        amount=money(order.amount.amount),
-        amount_paid=money(order.amount_paid),
-        payment=payment,
-        session=http.SessionView(
-            id=booked.id,
-            status=booked.status.value,
-            start_at=booked.start_at,
-            end_at=booked.end_at,
-            meet_link=booked.meet_link,
-            calendar_event_id=booked.calendar_event_id,
-        ),
-        escrow=escrow,
-    )

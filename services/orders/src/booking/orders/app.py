@@ -18,6 +18,7 @@ from booking.orders.service import MentorService, OrderService
 from booking.orders.settings import OrdersSettings
 from booking.orders.sweeper import Sweeper
 from booking.orders.tables import messaging
+from booking.runtime.auth import check_order_link_settings
 from booking.runtime.host import ServiceRuntime, create_service_app
 
 
@@ -25,11 +26,16 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
     settings = settings or OrdersSettings()
     runtime = ServiceRuntime(name="orders", settings=settings, tables=messaging)
     assert runtime.db is not None and runtime.outbox is not None
+    # GET /api/orders/{id} takes order links: no start with a key anyone could derive.
+    check_order_link_settings(settings)
+    # OrderChanged goes out on it: declared before traffic (migrate) and at every start.
+    runtime.broker.declare_fanout(settings.order_changes_exchange)
     orders = OrderService(
         runtime.db,
         runtime.outbox,
         messaging,
         horizon=timedelta(days=settings.booking_horizon_days),
+        changes_exchange=settings.order_changes_exchange,
     )
     mentors = MentorService(
         runtime.db,

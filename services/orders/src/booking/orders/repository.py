@@ -162,7 +162,8 @@ class StoredOrder:
 
     `title` and `mentee_email` are the booking's, as they were; `correlation_id` is the
     booking's, which every later event about the order carries; the payment's status, the fee,
-    the escrow's amount and its status are what payments reported.
+    the escrow's amount and its status are what payments reported. `version` grows by one with
+    each change `save_order` writes of what the order view shows.
     """
 
     order: Order
@@ -174,26 +175,21 @@ class StoredOrder:
     platform_fee: int | None
     escrow_amount: int | None
     escrow: Escrow
+    version: int
 
 
-async def add_booking(
-    session: AsyncSession,
-    order: Order,
-    booked: BookedSession,
-    *,
-    title: str,
-    mentee: MenteeContact,
-    correlation_id: str | None,
-) -> None:
-    """Store a new order and its session. Raises `SlotTaken` when the session overlaps a live
-    one of its mentor: the exclusion constraint holds the slot, with no check before to race."""
+async def add_booking(session: AsyncSession, stored: StoredOrder, mentee: MenteeContact) -> None:
+    """Store a new order and its session (at the order's first version). Raises `SlotTaken`
+    when the session overlaps a live one of its mentor: the exclusion constraint holds the
+    slot, with no check before to race."""
+    order, booked = stored.order, stored.booked
     session.add(
         OrderRow(
             id=order.id,
             mentee_id=order.mentee_id,
             mentor_id=order.mentor_id,
             offering_id=order.offering_id,
-            title=title,
+            title=stored.title,
             amount=order.amount.amount,
             currency=order.amount.currency,
             status=order.status.value,
@@ -202,9 +198,10 @@ async def add_booking(
             mentee_last_name=mentee.last_name,
             mentee_email=mentee.email,
             mentee_phone=mentee.phone,
-            correlation_id=correlation_id,
+            correlation_id=stored.correlation_id,
             created_at=order.created_at,
             updated_at=order.updated_at,
+            version=stored.version,
         )
     )
     await session.flush()  # the order before its session (the session's foreign key)
@@ -242,15 +239,17 @@ async def find_order(session: AsyncSession, order_id: UUID) -> StoredOrder | Non
     return None if found is None else _stored_order(*found)
 
 
-async def lock_order(session: AsyncSession, order_id: UUID) -> StoredOrder | None:
+async def lock_order(
+    session: AsyncSession, order_id: UUID, *, with_session: bool = True
+) -> StoredOrder | None:
     """The order and its session, locked until the transaction ends, in one round trip; None
     when there is no such order. Postgres takes the locks in the order of `OF`: the order first,
-    as everywhere else."""
+    as everywhere else. Without `with_session` the session is read but not locked (payments'
+    escrow events never change it)."""
+    locked = [OrderRow, BookedSessionRow] if with_session else [OrderRow]
     found = (
         await session.execute(
-            _order_and_session()
-            .where(OrderRow.id == order_id)
-            .with_for_update(of=[OrderRow, BookedSessionRow])
+            _order_and_session().where(OrderRow.id == order_id).with_for_update(of=locked)
         )
     ).one_or_none()
     return None if found is None else _stored_order(*found)
@@ -278,28 +277,47 @@ async def claim_unopened(
     return [_stored_order(row, booked_row) for row, booked_row in await session.execute(due)]
 
 
-async def save_order(session: AsyncSession, stored: StoredOrder) -> None:
-    """Write back what may have changed of an order and its session read in this transaction.
+async def save_order(session: AsyncSession, stored: StoredOrder) -> bool:
+    """Write back what may have changed of an order and its session read in this transaction;
+    whether any of it shows in the order view.
 
     The rows are the ones this session read (no round trip to find them again), and only the
-    columns that changed are written, when the transaction flushes.
+    columns that changed are written, when the transaction flushes. A change that shows bumps
+    the order's version (`stored.version` too) in the same UPDATE of the order's row.
     """
     row = await _loaded(session, OrderRow, stored.order.id)
-    order = stored.order
-    row.status = order.status.value
-    row.amount_paid = order.amount_paid
-    row.payment_ref = order.payment_ref
-    row.pay_url = order.pay_url
-    row.updated_at = order.updated_at
-    row.payment_status = None if stored.payment_status is None else stored.payment_status.value
-    row.platform_fee = stored.platform_fee
-    row.escrow_amount = stored.escrow_amount
-    _write_escrow(row, stored.escrow)
     booked_row = await _loaded(session, BookedSessionRow, stored.booked.id)
-    booked = stored.booked
-    booked_row.status = booked.status.value
-    booked_row.meet_link = booked.meet_link
-    booked_row.calendar_event_id = booked.calendar_event_id
+    order, booked = stored.order, stored.booked
+    shown = {
+        "status": order.status.value,
+        "amount_paid": order.amount_paid,
+        "payment_ref": order.payment_ref,
+        "pay_url": order.pay_url,
+        "payment_status": None if stored.payment_status is None else stored.payment_status.value,
+        "platform_fee": stored.platform_fee,
+        "escrow_amount": stored.escrow_amount,
+        "escrow_status": None if stored.escrow.status is None else stored.escrow.status.value,
+    }
+    session_shown = {
+        "status": booked.status.value,
+        "meet_link": booked.meet_link,
+        "calendar_event_id": booked.calendar_event_id,
+    }
+    changed = _differs(row, shown) or _differs(booked_row, session_shown)
+    for name, value in shown.items():
+        setattr(row, name, value)
+    row.updated_at = order.updated_at
+    row.escrow_sequence = stored.escrow.sequence
+    for name, value in session_shown.items():
+        setattr(booked_row, name, value)
+    if changed:
+        stored.version += 1
+        row.version = stored.version
+    return changed
+
+
+def _differs(row: Any, values: dict[str, Any]) -> bool:
+    return any(getattr(row, name) != value for name, value in values.items())
 
 
 def _stored_order(row: OrderRow, booked_row: BookedSessionRow) -> StoredOrder:
@@ -334,56 +352,13 @@ def _stored_order(row: OrderRow, booked_row: BookedSessionRow) -> StoredOrder:
         platform_fee=row.platform_fee,
         escrow_amount=row.escrow_amount,
         escrow=_escrow_of(row),
+        version=row.version,
     )
-
-
-# --- escrow -------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, slots=True)
-class StoredEscrow:
-    """What orders keeps of an order's escrow, and the order's currency to check events by."""
-
-    order_id: UUID
-    currency: str
-    escrow: Escrow
-    escrow_amount: int | None
-    platform_fee: int | None
-
-
-async def lock_escrow(session: AsyncSession, order_id: UUID) -> StoredEscrow | None:
-    """The order's escrow, the order locked until the transaction ends (its session is not:
-    payments' escrow events never change it); None when there is no such order."""
-    row = await session.scalar(
-        select(OrderRow).where(col(OrderRow.id) == order_id).with_for_update()
-    )
-    if row is None:
-        return None
-    return StoredEscrow(
-        order_id=row.id,
-        currency=row.currency,
-        escrow=_escrow_of(row),
-        escrow_amount=row.escrow_amount,
-        platform_fee=row.platform_fee,
-    )
-
-
-async def save_escrow(session: AsyncSession, stored: StoredEscrow) -> None:
-    """Write back the escrow of an order read in this transaction (see `save_order`)."""
-    row = await _loaded(session, OrderRow, stored.order_id)
-    _write_escrow(row, stored.escrow)
-    row.escrow_amount = stored.escrow_amount
-    row.platform_fee = stored.platform_fee
 
 
 def _escrow_of(row: OrderRow) -> Escrow:
     status = None if row.escrow_status is None else EscrowStatus(row.escrow_status)
     return Escrow(status=status, sequence=row.escrow_sequence)
-
-
-def _write_escrow(row: OrderRow, escrow: Escrow) -> None:
-    row.escrow_status = None if escrow.status is None else escrow.status.value
-    row.escrow_sequence = escrow.sequence
 
 
 # --- idempotency keys ---------------------------------------------------------------------------

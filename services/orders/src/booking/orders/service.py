@@ -23,7 +23,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -41,6 +41,7 @@ from booking.contracts import (
     MentorIdentityLinked,
     MentorRegistered,
     OrderCancelled,
+    OrderChanged,
     OrderConfirmed,
     OrderPaid,
     PaymentCompleted,
@@ -57,6 +58,7 @@ from booking.orders import repository
 from booking.orders.domain import (
     BookedSession,
     CurrencyMismatch,
+    Escrow,
     EscrowStatus,
     Mentor,
     Money,
@@ -141,12 +143,20 @@ _ESCROW_STATUS: dict[type, EscrowStatus] = {
 
 class OrderService:
     def __init__(
-        self, db: Database, outbox: Outbox, tables: MessagingTables, *, horizon: timedelta
+        self,
+        db: Database,
+        outbox: Outbox,
+        tables: MessagingTables,
+        *,
+        horizon: timedelta,
+        changes_exchange: str,
     ) -> None:
         self.db = db
         self.outbox = outbox
         self.tables = tables
         self.horizon = horizon  # how far ahead a session may start (BOOKING_HORIZON_DAYS)
+        # Where OrderChanged goes (ORDER_CHANGES_EXCHANGE): a fanout the gateways read.
+        self.changes_exchange = changes_exchange
 
     # --- booking ------------------------------------------------------------------------------
 
@@ -217,15 +227,21 @@ class OrderService:
             email=request.mentee.email,
             phone=request.mentee.phone,
         )
-        await repository.add_booking(
-            session,
-            order,
-            booked,
+        stored = StoredOrder(
+            order=order,
+            booked=booked,
             title=offering.title,
-            mentee=mentee,
+            mentee_email=mentee.email,
             # BookingRequested carries it; so will every later event about this order.
             correlation_id=current_correlation_id(),
+            payment_status=None,
+            platform_fee=None,
+            escrow_amount=None,
+            escrow=Escrow(),
+            version=1,
         )
+        await repository.add_booking(session, stored, mentee)
+        await self._record_changed(session, stored)
         await self.outbox.record(
             session,
             BookingRequested(
@@ -273,7 +289,7 @@ class OrderService:
                 if not fail_unopened_payment(order, booked, now, opening_timeout):
                     continue
                 stored.payment_status = PaymentStatus.NOT_OPENED
-                await repository.save_order(session, stored)
+                await self._save(session, stored)
                 minutes = opening_timeout.total_seconds() / 60
                 with correlated(stored.correlation_id):
                     await self._record_cancelled(
@@ -297,6 +313,22 @@ class OrderService:
                     )
                 failed.append(stored)
         return len(claimed), failed
+
+    async def _save(self, session: AsyncSession, stored: StoredOrder) -> None:
+        """Write the order back; if what its view shows changed (its version then grew), record
+        OrderChanged with the view, in the same transaction."""
+        if await repository.save_order(session, stored):
+            await self._record_changed(session, stored)
+
+    async def _record_changed(self, session: AsyncSession, stored: StoredOrder) -> None:
+        """OrderChanged with the order as GET shows it, built from what the use case holds (no
+        read again), to the order changes fanout; its id is the (order, version) fact's."""
+        await self.outbox.record(
+            session,
+            OrderChanged(order=order_view(stored)),
+            message_id=event_id(f"OrderChanged:{stored.order.id}:{stored.version}"),
+            exchange=self.changes_exchange,
+        )
 
     async def _record_cancelled(
         self, session: AsyncSession, stored: StoredOrder, *, reason: str, by: str | None
@@ -334,7 +366,7 @@ class OrderService:
             was = f"order {order.status.value}, session {booked.status.value}"
             if not cancel_booking(order, booked, now):
                 return stored
-            await repository.save_order(session, stored)
+            await self._save(session, stored)
             # The booking's trail: BookingRequested and every event since carry its id.
             with correlated(stored.correlation_id):
                 await self._record_cancelled(session, stored, reason=reason, by=by)
@@ -377,7 +409,7 @@ class OrderService:
         else:
             if stored.payment_status is None:
                 stored.payment_status = PaymentStatus.PENDING
-        await repository.save_order(session, stored)
+        await self._save(session, stored)
 
     async def cancel_unpayable_order(
         self, session: AsyncSession, event: PaymentInitiationFailed
@@ -400,7 +432,7 @@ class OrderService:
         order.cancel(utcnow())
         booked.cancel()
         stored.payment_status = PaymentStatus.INITIATION_FAILED
-        await repository.save_order(session, stored)
+        await self._save(session, stored)
         log.info("order %s cancelled: no payment could be opened (%s)", order.id, event.reason)
 
     async def apply_payment(self, session: AsyncSession, event: PaymentCompleted) -> None:
@@ -466,7 +498,7 @@ class OrderService:
         stored.platform_fee = event.platform_fee
         stored.escrow_amount = event.escrow_amount
         if underpayment is not None:
-            await repository.save_order(session, stored)
+            await self._save(session, stored)
             await self._raise_issue(
                 session, event, booked.id, SessionIssueKind.UNDERPAYMENT, underpayment.detail
             )
@@ -475,12 +507,12 @@ class OrderService:
         try:
             booked.await_calendar()
         except IllegalTransition as exc:
-            await repository.save_order(session, stored)
+            await self._save(session, stored)
             log.error(
                 "order %s paid, but its session cannot wait for the calendar: %s", order.id, exc
             )
             return
-        await repository.save_order(session, stored)
+        await self._save(session, stored)
         await self.outbox.record(
             session,
             OrderPaid(
@@ -536,7 +568,7 @@ class OrderService:
             return
         order.payment_ref = event.payment_ref
         stored.payment_status = PaymentStatus(event.reason.value)
-        await repository.save_order(session, stored)
+        await self._save(session, stored)
 
     async def record_escrow_status(self, session: AsyncSession, event: EscrowEvent) -> None:
         """Payments moved the order's escrow: keep the status of the highest sequence heard of.
@@ -545,7 +577,8 @@ class OrderService:
         never applied (it came after the order ended): its amounts then fill the empty ones, so
         the order view shows the escrow.
         """
-        stored = await repository.lock_escrow(session, event.order_id)
+        # The session is read (the view shows it) but not locked: escrow events never change it.
+        stored = await repository.lock_order(session, event.order_id, with_session=False)
         if stored is None:
             log.warning("%s for unknown order %s", type(event).__name__, event.order_id)
             return
@@ -554,18 +587,19 @@ class OrderService:
                 "%s (sequence %d) for order %s is older than what is known (sequence %d)",
                 type(event).__name__,
                 event.sequence,
-                stored.order_id,
+                event.order_id,
                 stored.escrow.sequence,
             )
             return
-        if event.currency != stored.currency:
-            await repository.save_escrow(session, stored)
+        currency = stored.order.amount.currency
+        if event.currency != currency:
+            await self._save(session, stored)
             log.error(
                 "%s for order %s is in %s, the order in %s: its amounts are not shown",
                 type(event).__name__,
-                stored.order_id,
+                event.order_id,
                 event.currency,
-                stored.currency,
+                currency,
             )
             return
         escrow_amount = stored.escrow_amount
@@ -575,7 +609,7 @@ class OrderService:
         if stored.platform_fee is None and refund_amount is not None:
             # A refund is everything paid; the escrow is that less the platform's fee.
             stored.platform_fee = max(refund_amount - escrow_amount, 0)
-        await repository.save_escrow(session, stored)
+        await self._save(session, stored)
 
     # --- what calendar reports ----------------------------------------------------------------
 
@@ -601,14 +635,14 @@ class OrderService:
             log.warning("CalendarBookingConfirmed %s not applied: %s", event.event_id, exc)
             return
         if order.status is not OrderStatus.PAID:
-            await repository.save_order(session, stored)
+            await self._save(session, stored)
             if order.status is not OrderStatus.CONFIRMED:
                 log.warning(
                     "session %s scheduled for order %s (%s)", booked.id, order.id, order.status
                 )
             return
         order.confirm(utcnow())
-        await repository.save_order(session, stored)
+        await self._save(session, stored)
         await self.outbox.record(
             session,
             OrderConfirmed(
@@ -654,7 +688,7 @@ class OrderService:
         except IllegalTransition as exc:
             log.warning("final CalendarBookingFailed (%s) is stale: %s", event.reason.value, exc)
             return
-        await repository.save_order(session, stored)
+        await self._save(session, stored)
         log.warning(
             "calendar gave up on session %s of order %s (%s): %s",
             booked.id,
@@ -851,3 +885,42 @@ def _fingerprint(request: http.BookingCreate) -> str:
     canonical["start_at"] = request.start_at.astimezone(UTC).isoformat()
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()
+
+
+def order_view(stored: StoredOrder) -> http.Order:
+    """The order as GET /api/orders/{id} shows it (and OrderChanged carries it)."""
+    order, booked = stored.order, stored.booked
+
+    def money(amount: int) -> http.Money:
+        return http.Money(amount=amount, currency=order.amount.currency)
+
+    payment = None
+    if stored.payment_status is not None:
+        payment = http.PaymentView(
+            ref=order.payment_ref, pay_url=order.pay_url, status=stored.payment_status.value
+        )
+    escrow = None
+    if stored.platform_fee is not None and stored.escrow_amount is not None:
+        escrow = http.EscrowView(
+            platform_fee=money(stored.platform_fee),
+            escrow_amount=money(stored.escrow_amount),
+            # The domain's escrow statuses are named as the contract's.
+            status=cast("http.EscrowStatus | None", stored.escrow.status),
+        )
+    return http.Order(
+        id=order.id,
+        status=order.status.value,
+        amount=money(order.amount.amount),
+        amount_paid=money(order.amount_paid),
+        payment=payment,
+        session=http.SessionView(
+            id=booked.id,
+            status=booked.status.value,
+            start_at=booked.start_at,
+            end_at=booked.end_at,
+            meet_link=booked.meet_link,
+            calendar_event_id=booked.calendar_event_id,
+        ),
+        escrow=escrow,
+        version=stored.version,
+    )

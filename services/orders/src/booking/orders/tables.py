@@ -116,6 +116,9 @@ class OrderRow(SQLModel, table=True):
     escrow_sequence: int = Field(default=0, sa_type=BigInteger)
     # The booking's correlation id: later events about the order (cancelled, failed) carry it.
     correlation_id: str | None = Field(default=None, sa_type=Text)
+    # Grows by one with every change of what the order view shows (its session and escrow
+    # included), in the UPDATE that makes it: OrderChanged's and the order stream's id.
+    version: int = Field(default=1, sa_type=BigInteger)
     mentee_first_name: str = Field(sa_type=Text)
     mentee_last_name: str = Field(sa_type=Text)
     mentee_email: str = Field(sa_type=Text)
