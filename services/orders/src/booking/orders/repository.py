@@ -2,11 +2,13 @@
 sessions, and the idempotency keys of bookings.
 
 Nothing here commits: every function works in the transaction its caller opened (a use case's
-unit of work, or the consumer's for a handler). Rows come out as the domain's objects, or as
-small records where a row keeps more than the domain (`StoredOrder`); they go back through the
-`save_*` functions. Storing an order's session and a mentor's subject is where the database's
-constraints speak, so those refusals come out as the domain's errors (`SlotTaken`,
-`SubjectTaken`).
+unit of work, or the consumer's for a handler). What runs for every booking (an offering, an
+order and its session, an Idempotency-Key) is plain SQL on the driver (`driver_connection`),
+one statement per step; the admins' rarer work on mentors and offerings goes through the ORM.
+Rows come out as the domain's objects, or as small records where a row keeps more than the
+domain (`StoredOrder`); they go back through the `save_*` functions. Storing an order's session
+and a mentor's subject is where the database's constraints speak, so those refusals come out as
+the domain's errors (`SlotTaken`, `SubjectTaken`).
 
 An order and its session are locked together, the order first, everywhere (`lock_order`, the
 sweeper's `claim_unopened`), so that no two transactions wait on each other in opposite orders.
@@ -14,13 +16,14 @@ sweeper's `claim_unopened`), so that no two transactions wait on each other in o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
+import asyncpg
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -42,13 +45,12 @@ from booking.orders.domain import (
 )
 from booking.orders.tables import (
     NO_OVERLAP,
+    SCHEMA,
     SUBJECT_TAKEN,
-    BookedSessionRow,
-    IdempotencyKeyRow,
     MentorRow,
     OfferingRow,
-    OrderRow,
 )
+from booking.runtime.db import driver_connection
 
 _Row = TypeVar("_Row")
 
@@ -113,8 +115,23 @@ def _mentor_of(row: MentorRow) -> Mentor:
 
 
 async def offering(session: AsyncSession, offering_id: UUID) -> Offering | None:
-    row = await session.get(OfferingRow, offering_id)
-    return None if row is None else _offering_of(row)
+    row = await (await driver_connection(session)).fetchrow(_OFFERING, offering_id)
+    if row is None:
+        return None
+    return Offering(
+        id=row["id"],
+        mentor_id=row["mentor_id"],
+        title=row["title"],
+        duration_minutes=row["duration_minutes"],
+        price=Money(row["price_amount"], row["price_currency"]),
+        created_at=row["created_at"],
+    )
+
+
+_OFFERING = f"""
+    SELECT id, mentor_id, title, duration_minutes, price_amount, price_currency, created_at
+    FROM "{SCHEMA}".offerings WHERE id = $1
+    """
 
 
 async def offerings_of(session: AsyncSession, mentor_id: UUID) -> list[Offering]:
@@ -176,83 +193,99 @@ class StoredOrder:
     escrow_amount: int | None
     escrow: Escrow
     version: int
+    # What `save_order` compares with: the columns as read (or as added) in this transaction.
+    stored_as: tuple[tuple[Any, ...], tuple[Any, ...]] | None = field(default=None, repr=False)
 
 
 async def add_booking(session: AsyncSession, stored: StoredOrder, mentee: MenteeContact) -> None:
-    """Store a new order and its session (at the order's first version). Raises `SlotTaken`
-    when the session overlaps a live one of its mentor: the exclusion constraint holds the
-    slot, with no check before to race."""
+    """Store a new order and its session (at the order's first version), in one statement.
+    Raises `SlotTaken` when the session overlaps a live one of its mentor: the exclusion
+    constraint holds the slot, with no check before to race."""
     order, booked = stored.order, stored.booked
-    session.add(
-        OrderRow(
-            id=order.id,
-            mentee_id=order.mentee_id,
-            mentor_id=order.mentor_id,
-            offering_id=order.offering_id,
-            title=stored.title,
-            amount=order.amount.amount,
-            currency=order.amount.currency,
-            status=order.status.value,
-            amount_paid=order.amount_paid,
-            mentee_first_name=mentee.first_name,
-            mentee_last_name=mentee.last_name,
-            mentee_email=mentee.email,
-            mentee_phone=mentee.phone,
-            correlation_id=stored.correlation_id,
-            created_at=order.created_at,
-            updated_at=order.updated_at,
-            version=stored.version,
-        )
-    )
-    await session.flush()  # the order before its session (the session's foreign key)
-    session.add(
-        BookedSessionRow(
-            id=booked.id,
-            order_id=booked.order_id,
-            mentor_id=booked.mentor_id,
-            start_at=booked.start_at,
-            end_at=booked.end_at,
-            status=booked.status.value,
-        )
-    )
     try:
-        await session.flush()  # here the exclusion constraint says whether the slot is free
-    except IntegrityError as exc:
-        if _violated_constraint(exc) == NO_OVERLAP:
+        await (await driver_connection(session)).execute(
+            _ADD_BOOKING,
+            order.id,
+            order.mentee_id,
+            order.mentor_id,
+            order.offering_id,
+            stored.title,
+            order.amount.amount,
+            order.amount.currency,
+            order.status.value,
+            order.amount_paid,
+            mentee.first_name,
+            mentee.last_name,
+            mentee.email,
+            mentee.phone,
+            stored.correlation_id,
+            order.created_at,
+            order.updated_at,
+            stored.version,
+            booked.id,
+            booked.start_at,
+            booked.end_at,
+            booked.status.value,
+        )
+    except asyncpg.ExclusionViolationError as exc:
+        if exc.constraint_name == NO_OVERLAP:
             raise SlotTaken(booked.start_at.isoformat()) from None
         raise
+    stored.stored_as = _columns(stored)
 
 
-def _order_and_session() -> Any:
-    return select(OrderRow, BookedSessionRow).join(
-        BookedSessionRow,
-        col(BookedSessionRow.order_id) == col(OrderRow.id),
+# The session's foreign key is checked at the statement's end, when the order is there.
+_ADD_BOOKING = f"""
+    WITH added AS (
+        INSERT INTO "{SCHEMA}".orders (
+            id, mentee_id, mentor_id, offering_id, title, amount, currency, status, amount_paid,
+            mentee_first_name, mentee_last_name, mentee_email, mentee_phone, correlation_id,
+            created_at, updated_at, version, escrow_sequence)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, 0)
+        RETURNING id, mentor_id
     )
+    INSERT INTO "{SCHEMA}".booked_sessions (id, order_id, mentor_id, start_at, end_at, status)
+    SELECT $18, added.id, added.mentor_id, $19, $20, $21 FROM added
+    """
+
+_ORDER_AND_SESSION = f"""
+    SELECT o.id, o.mentee_id, o.mentor_id, o.offering_id, o.title, o.amount, o.currency,
+           o.status, o.amount_paid, o.payment_ref, o.pay_url, o.payment_status, o.platform_fee,
+           o.escrow_amount, o.escrow_status, o.escrow_sequence, o.correlation_id, o.version,
+           o.mentee_email, o.created_at, o.updated_at,
+           s.id AS session_id, s.start_at, s.end_at, s.status AS session_status, s.meet_link,
+           s.calendar_event_id
+    FROM "{SCHEMA}".orders AS o JOIN "{SCHEMA}".booked_sessions AS s ON s.order_id = o.id
+    """
+_FIND_ORDER = f"{_ORDER_AND_SESSION} WHERE o.id = $1"
+# Postgres takes the locks in the order of `OF`: the order first, as everywhere else.
+_LOCK_ORDER = f"{_FIND_ORDER} FOR UPDATE OF o, s"
+_LOCK_ORDER_ALONE = f"{_FIND_ORDER} FOR UPDATE OF o"
+_CLAIM_UNOPENED = f"""
+    {_ORDER_AND_SESSION}
+    WHERE o.status = '{OrderStatus.PENDING.value}' AND o.payment_ref IS NULL
+      AND o.amount_paid = 0 AND o.created_at <= $1
+    ORDER BY o.created_at LIMIT $2
+    FOR UPDATE OF o, s SKIP LOCKED
+    """
 
 
 async def find_order(session: AsyncSession, order_id: UUID) -> StoredOrder | None:
     """The order and its session (created together, never deleted) in one statement, from one
     snapshot; None when there is no such order."""
-    found = (
-        await session.execute(_order_and_session().where(OrderRow.id == order_id))
-    ).one_or_none()
-    return None if found is None else _stored_order(*found)
+    row = await (await driver_connection(session)).fetchrow(_FIND_ORDER, order_id)
+    return None if row is None else _stored_order(row)
 
 
 async def lock_order(
     session: AsyncSession, order_id: UUID, *, with_session: bool = True
 ) -> StoredOrder | None:
     """The order and its session, locked until the transaction ends, in one round trip; None
-    when there is no such order. Postgres takes the locks in the order of `OF`: the order first,
-    as everywhere else. Without `with_session` the session is read but not locked (payments'
-    escrow events never change it)."""
-    locked = [OrderRow, BookedSessionRow] if with_session else [OrderRow]
-    found = (
-        await session.execute(
-            _order_and_session().where(OrderRow.id == order_id).with_for_update(of=locked)
-        )
-    ).one_or_none()
-    return None if found is None else _stored_order(*found)
+    when there is no such order. Without `with_session` the session is read but not locked
+    (payments' escrow events never change it)."""
+    statement = _LOCK_ORDER if with_session else _LOCK_ORDER_ALONE
+    row = await (await driver_connection(session)).fetchrow(statement, order_id)
+    return None if row is None else _stored_order(row)
 
 
 async def claim_unopened(
@@ -262,103 +295,116 @@ async def claim_unopened(
     no payment and nothing paid, each locked with its session. Rows another transaction holds
     are skipped (`SKIP LOCKED`): replicas never take the same order, and a handler that holds
     one goes first."""
-    due = (
-        _order_and_session()
-        .where(
-            OrderRow.status == OrderStatus.PENDING.value,
-            col(OrderRow.payment_ref).is_(None),
-            OrderRow.amount_paid == 0,
-            OrderRow.created_at <= booked_before,
-        )
-        .order_by(OrderRow.created_at)
-        .limit(limit)
-        .with_for_update(of=[OrderRow, BookedSessionRow], skip_locked=True)
-    )
-    return [_stored_order(row, booked_row) for row, booked_row in await session.execute(due)]
+    rows = await (await driver_connection(session)).fetch(_CLAIM_UNOPENED, booked_before, limit)
+    return [_stored_order(row) for row in rows]
 
 
 async def save_order(session: AsyncSession, stored: StoredOrder) -> bool:
-    """Write back what may have changed of an order and its session read in this transaction;
+    """Write back what changed of an order and its session read (or added) in this transaction;
     whether any of it shows in the order view.
 
-    The rows are the ones this session read (no round trip to find them again), and only the
-    columns that changed are written, when the transaction flushes. A change that shows bumps
-    the order's version (`stored.version` too) in the same UPDATE of the order's row.
+    One statement, and none when nothing changed; the session's row is written only when it
+    changed. A change that shows bumps the order's version (`stored.version` too) in the same
+    UPDATE of the order's row.
     """
-    row = await _loaded(session, OrderRow, stored.order.id)
-    booked_row = await _loaded(session, BookedSessionRow, stored.booked.id)
+    assert stored.stored_as is not None, "save_order writes back an order read with this module"
+    was_order, was_session = stored.stored_as
+    now_order, now_session = _columns(stored)
+    if now_order == was_order and now_session == was_session:
+        return False
     order, booked = stored.order, stored.booked
-    shown = {
-        "status": order.status.value,
-        "amount_paid": order.amount_paid,
-        "payment_ref": order.payment_ref,
-        "pay_url": order.pay_url,
-        "payment_status": None if stored.payment_status is None else stored.payment_status.value,
-        "platform_fee": stored.platform_fee,
-        "escrow_amount": stored.escrow_amount,
-        "escrow_status": None if stored.escrow.status is None else stored.escrow.status.value,
-    }
-    session_shown = {
-        "status": booked.status.value,
-        "meet_link": booked.meet_link,
-        "calendar_event_id": booked.calendar_event_id,
-    }
-    changed = _differs(row, shown) or _differs(booked_row, session_shown)
-    for name, value in shown.items():
-        setattr(row, name, value)
-    row.updated_at = order.updated_at
-    row.escrow_sequence = stored.escrow.sequence
-    for name, value in session_shown.items():
-        setattr(booked_row, name, value)
-    if changed:
+    shows = now_order[:_SHOWN] != was_order[:_SHOWN] or now_session != was_session
+    if shows:
         stored.version += 1
-        row.version = stored.version
-    return changed
+    arguments = (*now_order, stored.version, order.id)
+    driver = await driver_connection(session)
+    if now_session == was_session:
+        await driver.execute(_SAVE_ORDER, *arguments)
+    else:
+        await driver.execute(_SAVE_ORDER_AND_SESSION, *arguments, *now_session, booked.id)
+    stored.stored_as = (now_order, now_session)
+    return shows
 
 
-def _differs(row: Any, values: dict[str, Any]) -> bool:
-    return any(getattr(row, name) != value for name, value in values.items())
+# How many of `_columns`'s order columns (the first) show in the order view.
+_SHOWN = 8
+_SAVE_ORDER = f"""
+    UPDATE "{SCHEMA}".orders SET status = $1, amount_paid = $2, payment_ref = $3, pay_url = $4,
+        payment_status = $5, platform_fee = $6, escrow_amount = $7, escrow_status = $8,
+        updated_at = $9, escrow_sequence = $10, version = $11
+    WHERE id = $12
+    """
+_SAVE_ORDER_AND_SESSION = f"""
+    WITH session_saved AS (
+        UPDATE "{SCHEMA}".booked_sessions SET status = $13, meet_link = $14,
+            calendar_event_id = $15
+        WHERE id = $16
+    )
+    {_SAVE_ORDER}
+    """
 
 
-def _stored_order(row: OrderRow, booked_row: BookedSessionRow) -> StoredOrder:
-    return StoredOrder(
-        order=Order(
-            id=row.id,
-            mentee_id=row.mentee_id,
-            mentor_id=row.mentor_id,
-            offering_id=row.offering_id,
-            amount=Money(row.amount, row.currency),
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            status=OrderStatus(row.status),
-            amount_paid=row.amount_paid,
-            payment_ref=row.payment_ref,
-            pay_url=row.pay_url,
+def _columns(stored: StoredOrder) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The order's columns `save_order` writes (those the view shows first) and its session's."""
+    order, booked = stored.order, stored.booked
+    return (
+        (
+            order.status.value,
+            order.amount_paid,
+            order.payment_ref,
+            order.pay_url,
+            None if stored.payment_status is None else stored.payment_status.value,
+            stored.platform_fee,
+            stored.escrow_amount,
+            None if stored.escrow.status is None else stored.escrow.status.value,
+            order.updated_at,
+            stored.escrow.sequence,
         ),
-        booked=BookedSession(
-            id=booked_row.id,
-            order_id=booked_row.order_id,
-            mentor_id=booked_row.mentor_id,
-            start_at=booked_row.start_at,
-            end_at=booked_row.end_at,
-            status=SessionStatus(booked_row.status),
-            meet_link=booked_row.meet_link,
-            calendar_event_id=booked_row.calendar_event_id,
-        ),
-        title=row.title,
-        mentee_email=row.mentee_email,
-        correlation_id=row.correlation_id,
-        payment_status=None if row.payment_status is None else PaymentStatus(row.payment_status),
-        platform_fee=row.platform_fee,
-        escrow_amount=row.escrow_amount,
-        escrow=_escrow_of(row),
-        version=row.version,
+        (booked.status.value, booked.meet_link, booked.calendar_event_id),
     )
 
 
-def _escrow_of(row: OrderRow) -> Escrow:
-    status = None if row.escrow_status is None else EscrowStatus(row.escrow_status)
-    return Escrow(status=status, sequence=row.escrow_sequence)
+def _stored_order(row: asyncpg.Record) -> StoredOrder:
+    escrow_status = row["escrow_status"]
+    payment_status = row["payment_status"]
+    stored = StoredOrder(
+        order=Order(
+            id=row["id"],
+            mentee_id=row["mentee_id"],
+            mentor_id=row["mentor_id"],
+            offering_id=row["offering_id"],
+            amount=Money(row["amount"], row["currency"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            status=OrderStatus(row["status"]),
+            amount_paid=row["amount_paid"],
+            payment_ref=row["payment_ref"],
+            pay_url=row["pay_url"],
+        ),
+        booked=BookedSession(
+            id=row["session_id"],
+            order_id=row["id"],
+            mentor_id=row["mentor_id"],
+            start_at=row["start_at"],
+            end_at=row["end_at"],
+            status=SessionStatus(row["session_status"]),
+            meet_link=row["meet_link"],
+            calendar_event_id=row["calendar_event_id"],
+        ),
+        title=row["title"],
+        mentee_email=row["mentee_email"],
+        correlation_id=row["correlation_id"],
+        payment_status=None if payment_status is None else PaymentStatus(payment_status),
+        platform_fee=row["platform_fee"],
+        escrow_amount=row["escrow_amount"],
+        escrow=Escrow(
+            status=None if escrow_status is None else EscrowStatus(escrow_status),
+            sequence=row["escrow_sequence"],
+        ),
+        version=row["version"],
+    )
+    stored.stored_as = _columns(stored)
+    return stored
 
 
 # --- idempotency keys ---------------------------------------------------------------------------
@@ -381,30 +427,42 @@ async def claim_key(
     The insert waits while another transaction holds the key; once that one commits the key is
     taken and its answer readable, once it rolls back the key is ours.
     """
-    claimed = await session.execute(
-        insert(IdempotencyKeyRow)
-        .values(mentee_id=mentee_id, key=key, request_fingerprint=fingerprint, created_at=now)
-        .on_conflict_do_nothing()
-        .returning(col(IdempotencyKeyRow.key))
-    )
-    if claimed.first() is not None:
+    driver = await driver_connection(session)
+    if await driver.fetchval(_CLAIM_KEY, mentee_id, key, fingerprint, now) is not None:
         return None
-    first = await _loaded(session, IdempotencyKeyRow, (mentee_id, key))
-    return FirstRequest(first.request_fingerprint, first.response_status, first.response_body)
+    first = await driver.fetchrow(_FIRST_REQUEST, mentee_id, key)
+    assert first is not None  # the insert found it there
+    # JSONB comes decoded: the engine's connections carry SQLAlchemy's JSON codec.
+    return FirstRequest(
+        first["request_fingerprint"], first["response_status"], first["response_body"]
+    )
+
+
+_KEYS = f'"{SCHEMA}".idempotency_keys'
+_CLAIM_KEY = f"""
+    INSERT INTO {_KEYS} (mentee_id, key, request_fingerprint, created_at)
+    VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING key
+    """
+_FIRST_REQUEST = f"""
+    SELECT request_fingerprint, response_status, response_body FROM {_KEYS}
+    WHERE mentee_id = $1 AND key = $2
+    """
 
 
 async def store_answer(
     session: AsyncSession, mentee_id: str, key: str, status: int, body: dict[str, Any]
 ) -> None:
     """Keep the answer to the request that claimed the mentee's `key`, to answer its repeats."""
-    await session.execute(
-        update(IdempotencyKeyRow)
-        .where(
-            col(IdempotencyKeyRow.mentee_id) == mentee_id,
-            col(IdempotencyKeyRow.key) == key,
-        )
-        .values(response_status=status, response_body=body)
+    # SQLAlchemy's JSON codec on the engine's connections takes JSON text.
+    await (await driver_connection(session)).execute(
+        _STORE_ANSWER, mentee_id, key, status, json.dumps(body)
     )
+
+
+_STORE_ANSWER = f"""
+    UPDATE {_KEYS} SET response_status = $3, response_body = $4::jsonb
+    WHERE mentee_id = $1 AND key = $2
+    """
 
 
 # --- helpers ------------------------------------------------------------------------------------
