@@ -29,6 +29,7 @@ from booking.devtools.identity_provider import (
     claims,
     hs256_with_key,
 )
+from booking.runtime import auth
 from booking.runtime.auth import (
     Identity,
     InvalidToken,
@@ -749,3 +750,66 @@ class TestOverHttp:
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
         with pytest.raises(RuntimeError, match="token verifier"):
             await client.get("/x", headers=bearer(issue_token(SECRET, "a", "admin")))
+
+
+# --- verified tokens are kept --------------------------------------------------------------------
+
+
+class TestVerifiedTokensAreKept:
+    """A client sends one token with every request: its signature is checked once, then the
+    identity is kept until the token expires (or a few minutes), never past the cap."""
+
+    @pytest.fixture
+    def decoded(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        calls: list[str] = []
+        decode = auth._decode
+
+        def counting(token: str, *args: Any) -> dict[str, Any]:
+            calls.append(token)
+            return decode(token, *args)
+
+        monkeypatch.setattr(auth, "_decode", counting)
+        return calls
+
+    def verifier(self) -> TokenVerifier:
+        return TokenVerifier(settings(auth_jwt_secret=SECRET, development_mode=True))
+
+    async def test_a_token_is_verified_once_then_its_identity_is_kept(
+        self, decoded: list[str]
+    ) -> None:
+        verifier = self.verifier()
+        token = issue_token(SECRET, "mentee-1", Role.MENTEE)
+        first = await verifier.verify(token)
+        assert await verifier.verify(token) == first
+        assert decoded == [token]
+
+    async def test_once_the_token_expires_it_is_verified_again(
+        self, decoded: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        verifier = self.verifier()
+        token = issue_token(SECRET, "mentee-1", Role.MENTEE, ttl_seconds=60)
+        await verifier.verify(token)
+        # Past its expiry as the verifier reads the clock (PyJWT's own check is tested above).
+        later = time.time() + 60 + verifier.rules.leeway + 1
+        monkeypatch.setattr(auth.time, "time", lambda: later)
+        await verifier.verify(token)
+        assert decoded == [token, token]
+
+    async def test_a_refused_token_is_not_kept(self, decoded: list[str]) -> None:
+        verifier = self.verifier()
+        forged = issue_token("another-secret-0123456789abcdef0123", "x", Role.ADMIN)
+        await refused(verifier, forged)
+        await refused(verifier, forged)
+        assert decoded == [forged, forged]
+
+    async def test_at_most_the_cap_are_kept_the_oldest_going_first(
+        self, decoded: list[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(auth, "_VERIFIED_TOKENS_KEPT", 2)
+        verifier = self.verifier()
+        tokens = [issue_token(SECRET, f"mentee-{n}", Role.MENTEE) for n in range(3)]
+        for token in tokens:
+            await verifier.verify(token)
+        await verifier.verify(tokens[2])
+        await verifier.verify(tokens[0])  # gone: verified again
+        assert decoded == [*tokens, tokens[0]]

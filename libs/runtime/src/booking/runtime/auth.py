@@ -409,6 +409,12 @@ class ProviderKeys:
             raise InvalidToken(f"the provider's key {kid!r} is not for {algorithm}")
         raise InvalidToken(f"the token's key {kid!r} is not one of the identity provider's keys")
 
+    def holds(self, kid: str, algorithm: str, key: Any) -> bool:
+        """Whether `key` is still the provider's key `kid` for `algorithm`, and the keys are
+        fresh (else `key()` would fetch them again first)."""
+        fresh = self._fetched_at is not None and self.clock() - self._fetched_at < self.max_age
+        return fresh and self._keys.get((kid, algorithm)) is key
+
     def _may_fetch(self, now: float) -> bool:
         if self._fetching is not None:
             return True  # join the fetch under way
@@ -498,6 +504,21 @@ def signing_keys(document: Any) -> dict[tuple[str, str], Any]:
 # --- the verifier --------------------------------------------------------------------------------
 
 
+# How many verified tokens a verifier keeps, and for how long at most.
+_VERIFIED_TOKENS_KEPT = 10_000
+_VERIFIED_TOKEN_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token's identity, until when it may be used without checking the token again, and the
+    provider's key that signed it (kid, algorithm, key; None for HS256)."""
+
+    identity: Identity
+    until: float
+    signer: tuple[str, str, Any] | None
+
+
 class TokenVerifier:
     """Verifies bearer tokens as the settings say. One per app (`app.state.token_verifier`),
     built with the settings; creating it refuses settings a deployment must not run with."""
@@ -526,10 +547,32 @@ class TokenVerifier:
             )
         # Next to a provider, HS256 would let whoever holds the secret (or guesses it) be anyone.
         self.accepts_hs256 = self.provider is None or settings.development_mode
+        # Tokens verified already, oldest first: a client sends the same token with every
+        # request, and checking a signature is a measurable share of a cheap one. Each is kept
+        # until the token expires, or a few minutes at most, and a provider's token only while
+        # the provider's key that signed it is still the one we hold (a rotated-out key stops
+        # admitting its tokens as soon as we know of the rotation). Never more than the cap.
+        self._verified: dict[str, _Verified] = {}
 
     async def verify(self, token: str) -> Identity:
         """The token's identity, or `TokenRefused` (401, 403 or 503) saying why not."""
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known.until and (
+                known.signer is None
+                or (self.provider is not None and self.provider.holds(*known.signer))
+            ):
+                return known.identity
+            del self._verified[token]
+        verified = await self._verify(token)
+        if len(self._verified) >= _VERIFIED_TOKENS_KEPT:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = verified
+        return verified.identity
+
+    async def _verify(self, token: str) -> _Verified:
         algorithm, kid = _header(token)
+        signer: tuple[str, str, Any] | None = None
         if algorithm == "HS256":
             if not self.accepts_hs256:
                 raise InvalidToken(
@@ -541,6 +584,7 @@ class TokenVerifier:
             if kid is None:
                 raise InvalidToken("the token does not name its key (kid)")
             key = await self.provider.key(kid, algorithm)
+            signer = (kid, algorithm, key)
         else:
             accepted = ["HS256"] if self.accepts_hs256 else []
             if self.provider is not None:
@@ -549,7 +593,11 @@ class TokenVerifier:
                 f"tokens signed with {algorithm!r} are not accepted (only {', '.join(accepted)})"
             )
         claims = _decode(token, key, algorithm, self.rules)
-        return _identity(claims, self.rules, from_provider=algorithm != "HS256")
+        return _Verified(
+            identity=_identity(claims, self.rules, from_provider=algorithm != "HS256"),
+            until=min(claims["exp"] + self.rules.leeway, time.time() + _VERIFIED_TOKEN_SECONDS),
+            signer=signer,
+        )
 
     async def verify_reader(self, token: str) -> Identity | OrderLink:
         """Who may read an order: a login token's identity, or an order link (told apart by
