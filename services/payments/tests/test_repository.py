@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.payments import repository as repo
@@ -56,7 +58,7 @@ BOOKING = repo.Booking(
 class TestPayments:
     async def test_a_stored_payment_comes_back_as_it_was_with_its_booking(self, session):
         payment = opened()
-        assert await repo.add_payment(session, payment, BOOKING)
+        assert (await repo.add_payment_unless_ended(session, payment, BOOKING)).stored
 
         stored = await repo.locked_payment(session, payment.id)
 
@@ -64,16 +66,17 @@ class TestPayments:
 
     async def test_an_order_has_one_payment_however_often_it_is_opened(self, session):
         first = opened()
-        assert await repo.add_payment(session, first, BOOKING)
+        assert (await repo.add_payment_unless_ended(session, first, BOOKING)).stored
 
-        assert not await repo.add_payment(session, opened(first.order_id), BOOKING)
+        again = await repo.add_payment_unless_ended(session, opened(first.order_id), BOOKING)
+        assert again == repo.Opening(stored=False, ending=None)
 
         stored = await repo.locked_payment_of_order(session, first.order_id)
         assert stored is not None and stored.payment.id == first.id
 
     async def test_what_the_domain_changes_is_saved_and_found_by_its_ref(self, session):
         payment = opened()
-        await repo.add_payment(session, payment, BOOKING)
+        await repo.add_payment_unless_ended(session, payment, BOOKING)
         payment.initiated("a" * 24, "https://pay.example/a", NOW + timedelta(minutes=30), NOW)
 
         await repo.save_payment(session, payment, lease_ended=True)
@@ -84,11 +87,59 @@ class TestPayments:
         )
         assert await repo.payment_of_ref(session, "b" * 24) is None
 
+    async def test_a_lease_and_a_check_stay_until_a_save_says_otherwise(self, session):
+        payment = opened()
+        await repo.add_payment_unless_ended(session, payment, BOOKING)
+        assert await repo.claim_initiation(session, payment.id, NOW, NOW + timedelta(minutes=1))
+        await repo.mark_checked(session, payment.id, NOW)
+
+        await repo.save_payment(session, payment)
+        assert await lease_and_check(session, payment.id) == (NOW + timedelta(minutes=1), NOW)
+
+        later = NOW + timedelta(minutes=5)
+        await repo.save_payment(session, payment, lease_ended=True, checked_at=later)
+        assert await lease_and_check(session, payment.id) == (None, later)
+
+
+async def lease_and_check(session: AsyncSession, payment_id: uuid.UUID) -> tuple[object, ...]:
+    row = (
+        await session.execute(
+            text("SELECT claimed_until, last_checked_at FROM payments.payments WHERE id = :id"),
+            {"id": payment_id},
+        )
+    ).one()
+    return tuple(row)
+
+
+class TestOrderEndings:
+    async def test_an_order_that_ended_gets_no_payment_and_its_ending_comes_back(self, session):
+        ending = repo.OrderEnding(
+            order_id=uuid.uuid4(), reason="cancelled", by="admin-1", ended_at=NOW
+        )
+        assert await repo.record_ending(session, ending)
+        assert not await repo.record_ending(session, replace(ending, reason="again"))
+
+        opening = await repo.add_payment_unless_ended(session, opened(ending.order_id), BOOKING)
+
+        assert opening == repo.Opening(stored=False, ending=ending)
+        assert await repo.locked_payment_of_order(session, ending.order_id) is None
+
+    async def test_a_locked_payment_comes_with_its_orders_ending_if_it_ended(self, session):
+        payment = opened()
+        await repo.add_payment_unless_ended(session, payment, BOOKING)
+        stored = repo.StoredPayment(payment=payment, booking=BOOKING)
+        assert await repo.locked_payment_and_ending(session, payment.id) == (stored, None)
+
+        ending = repo.OrderEnding(order_id=payment.order_id, reason="gone", by=None, ended_at=NOW)
+        await repo.record_ending(session, ending)
+
+        assert await repo.locked_payment_and_ending(session, payment.id) == (stored, ending)
+
 
 class TestEscrowHolds:
     async def test_a_stored_hold_comes_back_as_it_was_with_its_payment(self, session):
         payment = opened()
-        await repo.add_payment(session, payment, BOOKING)
+        await repo.add_payment_unless_ended(session, payment, BOOKING)
         money = MoneyReceived(
             amount=120_000,
             amount_paid=130_000,

@@ -209,14 +209,6 @@ class PaymentService:
         before anything is stored.
         """
         await repo.lock_order(session, event.order_id)
-        ending = await repo.ending_of(session, event.order_id)
-        if ending is not None:
-            log.info(
-                "order %s ended (%s) before its payment was opened: none is",
-                event.order_id,
-                ending.reason,
-            )
-            return None
         payment = Payment.opened(
             id=uuid.uuid4(),
             order_id=event.order_id,
@@ -235,7 +227,15 @@ class PaymentService:
             mentee_phone=event.mentee.phone,
             correlation_id=correlation_id,
         )
-        if not await repo.add_payment(session, payment, booking):
+        opening = await repo.add_payment_unless_ended(session, payment, booking)
+        if opening.ending is not None:
+            log.info(
+                "order %s ended (%s) before its payment was opened: none is",
+                event.order_id,
+                opening.ending.reason,
+            )
+            return None
+        if not opening.stored:
             return None  # the order's payment was opened before
         return payment.id
 
@@ -369,9 +369,8 @@ class PaymentService:
         """
         async with self.db.transaction() as session:
             await repo.lock_order(session, order_id)
-            stored = await repo.locked_payment(session, payment_id)
+            stored, ending = await repo.locked_payment_and_ending(session, payment_id)
             payment = stored.payment
-            ending = await repo.ending_of(session, order_id)
             with correlated(stored.booking.correlation_id):
                 settlement = payment.apply_verdict(
                     verdict,
