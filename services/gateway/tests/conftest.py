@@ -128,6 +128,7 @@ def valid_answer(method: str, path: str, service: Service | None = None) -> Resp
             "platform_fee": {"amount": 18000, "currency": "TND"},
             "escrow_amount": {"amount": 102000, "currency": "TND"},
         },
+        "version": 4,
     }
     escrow = {
         "order_id": ORDER_ID,

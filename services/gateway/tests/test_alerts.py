@@ -44,6 +44,9 @@ from booking.gateway.settings import GatewaySettings
 from booking.runtime.auth import Role, issue_token
 
 FRAME_TIMEOUT = 15.0  # seconds to wait for a frame that must come (a bound, not a measure)
+# With a provider, AUTH_JWT_SECRET keeps its built-in value: the order links need a key of their
+# own outside development mode (booking.runtime.auth.check_order_link_settings).
+OWN_LINK_KEY = {"order_link_secret": "order-links-" + "k" * 32}
 
 NOTIFICATION = {
     "id": 7,
@@ -472,7 +475,9 @@ class TestHandshakeWithAnIdentityProvider:
     async def test_the_providers_admins_connect_and_nobody_else_does(
         self, world: AlertsWorld, provider: IdentityProvider
     ) -> None:
-        gateway = await world.gateway(**provider.settings(auth_role_claim="realm_access.roles"))
+        gateway = await world.gateway(
+            **provider.settings(auth_role_claim="realm_access.roles"), **OWN_LINK_KEY
+        )
         rsa_key, ec_key = provider.keys
         by_header = await world.admin(gateway, token=self.signed(rsa_key, "a-1", "admin"))
         by_query = await world.admin(
@@ -499,7 +504,7 @@ class TestHandshakeWithAnIdentityProvider:
     async def test_while_the_keys_cannot_be_fetched_a_new_kid_is_503_with_retry_after(
         self, world: AlertsWorld, provider: IdentityProvider
     ) -> None:
-        gateway = await world.gateway(**provider.settings())
+        gateway = await world.gateway(**provider.settings(), **OWN_LINK_KEY)
         provider.status = 503
         token = SigningKey.rsa().sign(claims("a-1", role="admin"))
         response = await world.refusal(gateway, Authorization=f"Bearer {token}")

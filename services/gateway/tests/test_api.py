@@ -57,6 +57,7 @@ class Route:
     who: str
     body: dict[str, Any] | None = None
     status: int = 200
+    asks: str | None = None  # the path the service is asked, when not the route's own
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -87,6 +88,14 @@ ROUTES = [
     Route("GET", f"/api/mentors/{MENTOR_ID}/offerings", Service.ORDERS, SIGNED_IN),
     Route("POST", "/api/bookings", Service.ORDERS, MENTEE, BOOKING_BODY, 202),
     Route("GET", f"/api/orders/{ORDER_ID}", Service.ORDERS, MENTEE_OR_ADMIN),
+    # The stand-in's order is confirmed: its stream sends it and ends.
+    Route(
+        "GET",
+        f"/api/orders/{ORDER_ID}/events",
+        Service.ORDERS,
+        MENTEE_OR_ADMIN,
+        asks=f"/api/orders/{ORDER_ID}",
+    ),
     Route("GET", "/api/payments/webhook?payment_ref=pay-1", Service.PAYMENTS, ANYONE),
     Route(
         "GET",
@@ -228,7 +237,7 @@ class TestAuthMatrix:
                     and all(
                         len(recorded) == 1
                         and recorded[0].method == route.method
-                        and recorded[0].path == route.path.split("?")[0]
+                        and recorded[0].path == (route.asks or route.path.split("?")[0])
                         for recorded in reached.values()
                     )
                 )

@@ -26,7 +26,7 @@ def test_the_gateway_keeps_its_contract(system_in_thread: str, gateway_settings:
         if isinstance(result, Err):  # a path the schema cannot describe
             raise result.err()
         operations.append(result.ok())
-    assert len(operations) == 27
+    assert len(operations) == 28
 
     for operation in operations:
         # A mentee books; an admin may do everything else.

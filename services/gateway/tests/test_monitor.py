@@ -215,6 +215,7 @@ class TestAggregatedReport:
             "rabbitmq:connection",  # the gateway's own
             "admin-alerts:connections",  # its live alert feed
             "admin-alerts:consumers",
+            "order-changes:consumers",  # its feed of order changes
             "orders:health",
             "payments:health",
             "calendar:health",

@@ -49,6 +49,13 @@ from booking.contracts.http import (
 )
 from booking.gateway import dead_letters
 from booking.gateway.limits import Limit, rate_limited
+from booking.gateway.order_stream import (
+    MAX_VERSION,
+    MEDIA_TYPE,
+    ORDER_EVENT,
+    OrderStreams,
+    stream_token,
+)
 from booking.gateway.upstreams import Service, Upstreams
 from booking.runtime.auth import Role, authenticated, require_roles
 
@@ -285,6 +292,47 @@ async def get_order(
     request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
 ) -> Response:
     return await up.forward(request, Service.ORDERS)
+
+
+@orders.get(
+    "/api/orders/{order_id}/events",
+    response_class=Response,
+    response_model=None,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `event: order`, `id:` the order's version, "
+            "`data:` the order as GET /api/orders/{order_id} shows it (one line of JSON); first "
+            "the current state, then each change; after a state that ends the order "
+            "(confirmed, payment_failed, cancelled) the stream closes. A `: keepalive` comment "
+            "comes every 15 s",
+            "content": {MEDIA_TYPE: {"schema": ORDER_EVENT}},
+        },
+        204: {"description": "the order ended at or below Last-Event-ID: nothing more to send"},
+        **_problems(*SIGNED_IN, 404),
+    },
+    summary="Follow an order: its changes as Server-Sent Events, until it ends",
+)
+async def follow_order(
+    request: Request,
+    order_id: UUID,
+    token: str = Depends(stream_token),
+    last_event_id: int | None = Query(
+        None, ge=0, le=MAX_VERSION, description="resume after this version (as Last-Event-ID)"
+    ),
+    last_event_id_header: int | None = Header(
+        None,
+        alias="Last-Event-ID",
+        ge=0,
+        le=MAX_VERSION,
+        description="resume: nothing at or below this version is sent again (EventSource "
+        "sends it when it reconnects)",
+    ),
+    up: Upstreams = Depends(upstreams),
+) -> Response:
+    """For the order's mentee and admins, or whoever holds an order link to this order."""
+    after = max(last_event_id or 0, last_event_id_header or 0)
+    streams: OrderStreams = request.app.state.order_streams
+    return await streams.open(up, order_id, token, after)
 
 
 # --- payments: the Konnect webhook -------------------------------------------------------------

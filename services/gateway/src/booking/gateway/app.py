@@ -1,5 +1,5 @@
 """Composition root of the gateway: settings, runtime, limits, upstream clients, routes, the
-system health monitor and the admins' live alert websocket. No database."""
+system health monitor, the admins' live alert websocket and the order streams. No database."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,8 +12,10 @@ from booking.gateway.alerts import AdminAlerts
 from booking.gateway.api import routers
 from booking.gateway.limits import BodyLimitMiddleware, rate_limiters
 from booking.gateway.monitor import HealthMonitor, SystemHealth
+from booking.gateway.order_stream import OrderStreams
 from booking.gateway.settings import GatewaySettings
 from booking.gateway.upstreams import Upstreams, service_urls
+from booking.runtime.auth import check_order_link_settings
 from booking.runtime.host import ServiceRuntime, create_service_app
 
 
@@ -35,6 +37,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     alerts = AdminAlerts(settings, runtime.broker, runtime.verifier)
     alerts.add_checks(runtime.health)
+    # The order streams take order links: no start with a key anyone could derive.
+    check_order_link_settings(settings)
+    order_streams = OrderStreams(settings, runtime.broker, runtime.verifier)
+    order_streams.add_checks(runtime.health)
 
     @asynccontextmanager
     async def open_gateway(app: FastAPI) -> AsyncIterator[None]:
@@ -47,6 +53,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             finally:
                 await monitor.stop()
                 await system.stop()
+                await order_streams.stop()
 
     app = create_service_app(
         runtime,
@@ -64,4 +71,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.trusted_proxies = settings.trusted_proxies  # booking.gateway.forwarded
     app.state.rate_limiters = rate_limiters(settings)
     app.state.admin_alerts = alerts
+    app.state.order_streams = order_streams
     return app

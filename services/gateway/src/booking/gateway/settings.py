@@ -60,3 +60,10 @@ class GatewaySettings(RuntimeSettings):
     alerts_notifications_timeout_seconds: float = Field(default=5.0, gt=0)
     # How long the close frame of a dropped admin may wait behind what it has not read.
     alerts_close_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    # Order streams, GET /api/orders/{id}/events (see booking.gateway.order_stream): a comment
+    # this often keeps an idle stream open through proxies; changes that may wait for one
+    # client before it is dropped; how long one write to it may wait on a client not reading.
+    order_stream_keepalive_seconds: float = Field(default=15.0, gt=0)
+    order_stream_queue_size: int = Field(default=16, ge=2)
+    order_stream_write_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -7,12 +7,10 @@ is a FastStream subscriber on the runtime's broker (`Broker.subscribe_own_queue`
 definition of the alerts exchange), taken with no_ack: an alert is worth something only live,
 the store is elsewhere.
 
-The queue lives as long as the broker connection. What FastStream does not do is kept thin here:
-after a reconnect (aio-pika's reconnect callback; FastStream does not restart its subscribers)
-a new subscriber, on a queue with a new name, replaces the one whose queue went with the old
-connection. What was published while the connection was down is in no queue of this replica:
-each admin connected here then resumes from the last id it was sent (the replay comes from the
-notifications service, which stores everything, not from the broker).
+The queue lives as long as the broker connection; after a reconnect a new one replaces it
+(booking.runtime.fanout). What was published while the connection was down is in no queue of
+this replica: each admin connected here then resumes from the last id it was sent (the replay
+comes from the notifications service, which stores everything, not from the broker).
 
 The fan-out never awaits a socket: it hands each admin's connection the frame (serialised once),
 and a connection that cannot take it is dropped by itself (see connection.py).
@@ -20,7 +18,6 @@ and a connection that cannot take it is dropped by itself (see connection.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -38,7 +35,8 @@ from booking.contracts import (
 )
 from booking.gateway.alerts.frames import Alert, Sent
 from booking.runtime.broker import Broker
-from booking.runtime.health import Observation, Status
+from booking.runtime.fanout import FanoutQueue
+from booking.runtime.health import Observation
 
 log = logging.getLogger(__name__)
 
@@ -63,101 +61,49 @@ class Subscriber(Protocol):
 
 class AlertFeed:
     def __init__(self, broker: Broker, *, reattach_interval: float = 2.0) -> None:
-        self.broker = broker
         self.exchange = broker.alerts_exchange
-        self.reattach_interval = reattach_interval
+        self.queue = FanoutQueue(
+            broker,
+            self.exchange,
+            take=self._on_message,
+            on_gap=self._interrupted,
+            name="admin alert feed",
+            reattach_interval=reattach_interval,
+        )
         self.subscribers: set[Subscriber] = set()
         self.history: deque[Alert] = deque(maxlen=HISTORY)
         self.seq = 0  # of the last alert fanned out
         self.received = 0
         self.dropped_repeats = 0
-        self.queue_name: str | None = None
-        self.attachments = 0  # queues declared and consumed so far
-        self.consumer: RabbitSubscriber | None = None  # FastStream's, on this replica's queue
         self._seen = Sent(REMEMBERED_IDS)
-        self._needs_queue = False
-        self._lost_queue = False  # a queue went with a connection: alerts may have been missed
-        self._attaching: asyncio.Task[None] | None = None
-        self._hooked: set[int] = set()
 
     # --- the queue --------------------------------------------------------------------------
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
-        """`Broker.on_started`: consume a queue of this replica's own; again after every
-        reconnect.
+        """`Broker.on_started`: consume a queue of this replica's own, again after every
+        reconnect (booking.runtime.fanout)."""
+        await self.queue.attach(connection)
 
-        Broker.on_started runs on the first connection only, once the broker's own subscribers
-        consume and before it reports ready: the connection's reconnect callbacks subscribe a
-        new queue each time.
-        """
-        if id(connection) not in self._hooked:
-            self._hooked.add(id(connection))
-            connection.reconnect_callbacks.add(self._on_reconnected)
-        try:
-            await self._subscribe(catch_up=False)
-        except Exception as exc:
-            # Never fail the broker's start: the rest of the gateway does not need the feed.
-            log.warning("admin alert feed: could not declare its queue: %s", exc)
-            self._needs_queue = True
-            self._keep_attached(connection)
+    def _interrupted(self) -> None:
+        # What was published while this replica had no queue is in no queue of its own: each
+        # admin here catches up from the notifications service.
+        for subscriber in list(self.subscribers):
+            subscriber.interrupted()
 
-    def _on_reconnected(self, connection: AbstractRobustConnection | None) -> None:
-        # Not awaited by aio-pika's reconnect path: it must not stall on our declarations.
-        self.queue_name = None
-        self._needs_queue = self._lost_queue = True
-        if connection is None:  # aio-pika types a callback's sender as optional; never None here
-            return
-        self._keep_attached(connection)
+    @property
+    def queue_name(self) -> str | None:
+        return self.queue.queue_name
 
-    def _keep_attached(self, connection: AbstractRobustConnection) -> None:
-        if self._attaching is None or self._attaching.done():
-            self._attaching = asyncio.create_task(
-                self._attach_until_done(connection), name="admin-alerts-attach"
-            )
+    @property
+    def consumer(self) -> RabbitSubscriber | None:
+        return self.queue.consumer
 
-    async def _attach_until_done(self, connection: AbstractRobustConnection) -> None:
-        await self.broker.wait_ready()  # subscribed before the broker started, it would start twice
-        # A reconnect while subscribing asks for one more queue: the one just subscribed may
-        # have been declared on the connection that went.
-        while self._needs_queue and not connection.is_closed:
-            self._needs_queue = False
-            lost, self._lost_queue = self._lost_queue, False
-            try:
-                await self._subscribe(catch_up=lost)
-            except Exception as exc:
-                self._needs_queue = True
-                self._lost_queue = self._lost_queue or lost
-                log.warning(
-                    "admin alert feed: could not declare its queue, retrying in %gs: %s",
-                    self.reattach_interval,
-                    str(exc) or type(exc).__name__,
-                )
-                await asyncio.sleep(self.reattach_interval)
-
-    async def _subscribe(self, *, catch_up: bool) -> None:
-        consumer = await self.broker.subscribe_own_queue(self.exchange, take=self._on_message)
-        # The new queue consumes before the old one goes: on a live connection, no gap.
-        previous, self.consumer = self.consumer, consumer
-        self.queue_name = consumer.queue.name
-        log.info("admin alert feed consuming %s (bound to %s)", self.queue_name, self.exchange)
-        self.attachments += 1
-        if catch_up:
-            # What was published while this replica had no queue is in no queue of its own:
-            # each admin here catches up from the notifications service.
-            for subscriber in list(self.subscribers):
-                subscriber.interrupted()
-        if previous is not None:
-            await _stop_quietly(previous)
+    @property
+    def attachments(self) -> int:
+        return self.queue.attachments
 
     async def stop(self) -> None:
-        if self._attaching is not None:
-            self._attaching.cancel()
-            await asyncio.gather(self._attaching, return_exceptions=True)
-        if self.consumer is not None:
-            # The queue is auto-delete: it goes with its consumer.
-            await _stop_quietly(self.consumer)
-            self.consumer = None
-        self.queue_name = None
+        await self.queue.stop()
 
     # --- fan-out ----------------------------------------------------------------------------
 
@@ -197,45 +143,12 @@ class AlertFeed:
         """The alerts fanned out after `seq` (as far back as the history reaches)."""
         return (alert for alert in self.history if alert.seq > seq)
 
-    # --- health -----------------------------------------------------------------------------
+    # --- health ---------------------------------------------------------------------------
 
     @property
     def consuming(self) -> bool:
-        return self.queue_name is not None and self.broker.is_connected
+        return self.queue.consuming
 
     async def check_queue(self) -> Observation:
-        """Pass when this replica's queue has its consumer; fail when the broker is up and it
-        does not. Without a broker the rabbitmq:connection check already says so: warn."""
-        measurement = "consumers"
-        if not self.broker.is_connected:
-            return Observation(
-                COMPONENT, measurement, "warn", "component", 0,
-                output="not connected to RabbitMQ: no live alerts until it is back",
-            )  # fmt: skip
-        name = self.queue_name
-        if name is None:
-            return Observation(
-                COMPONENT, measurement, "fail", "component", 0,
-                output=f"no queue bound to {self.exchange} yet",
-            )  # fmt: skip
-        try:
-            _, consumers = await self.broker.queue_stats(name)
-        except Exception as exc:
-            return Observation(
-                COMPONENT, measurement, "fail", "component", 0,
-                output=f"queue {name} is gone: {type(exc).__name__}",
-            )  # fmt: skip
-        status: Status = "pass" if consumers > 0 else "fail"
-        return Observation(
-            COMPONENT, measurement, status, "component", consumers,
-            output=f"{name} bound to {self.exchange}",
-        )  # fmt: skip
-
-
-async def _stop_quietly(consumer: RabbitSubscriber) -> None:
-    """Stop a subscriber whose queue may be gone with its connection, or the connection too."""
-    try:
-        async with asyncio.timeout(5):
-            await consumer.stop()
-    except Exception as exc:
-        log.debug("admin alert feed: stopping the consumer of %s: %s", consumer.queue.name, exc)
+        """Pass when this replica's queue has its consumer (see FanoutQueue.check)."""
+        return await self.queue.check(COMPONENT, "no live alerts")
