@@ -211,6 +211,7 @@ class TestScheduleSession:
         assert datetime.fromisoformat(failed["next_attempt_at"]) == attempt["next_attempt_at"]
         assert attempt["next_attempt_at"] - attempt["at"] == timedelta(minutes=1)
         assert (attempt["outcome"], attempt["reason"]) == ("failed", "calendar_api_error")
+        assert (attempt["attempt"], attempt["detail"]) == (1, failed["detail"])
         assert await sandbox.events(mentor.email) == []
         booking = await calendar.booking(paid.session_id)
         assert booking["status"] == "failed" and booking["reason"] == "calendar_api_error"
@@ -334,6 +335,10 @@ class TestScheduleSession:
         confirmed = await calendar.confirmed(paid.session_id)
         assert confirmed["meet_link"].startswith("https://meet.google.com/")
         assert len(await pending_meet_sandbox.events(mentor.email)) == 1
+        attempts = await calendar.attempts(paid.session_id)
+        assert [a["outcome"] for a in attempts] == ["meet_pending"] * 3 + ["confirmed"]
+        assert "Meet data was still pending" in attempts[0]["detail"]
+        assert attempts[-1]["detail"] is None
 
     async def test_an_expired_access_token_is_refreshed_once(self, calendar, sandbox):
         mentor = await calendar.connected()

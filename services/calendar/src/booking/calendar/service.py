@@ -477,20 +477,26 @@ class CalendarService:
         """Schedule a pending booking, unless another run holds it (the fast path)."""
         now = now or utcnow()
         async with self.db.single_statement() as session:
-            claim = await repository.claim_pending(session, session_id, now, now + self.lease)
-        if claim is not None:
-            await self.schedule_claimed(claim)
+            claimed = await repository.claim_pending(session, session_id, now, now + self.lease)
+        if claimed is not None:
+            await self.schedule_claimed(*claimed)
 
-    async def schedule_claimed(self, claim: ClaimedBooking) -> BookingStatus:
+    async def schedule_claimed(
+        self, claim: ClaimedBooking, standing: repository.Standing | None = None
+    ) -> BookingStatus:
         """Put a booking this run holds the lease of into Google; record the outcome.
 
         Runs outside any transaction. A crash before the outcome is recorded leaves the lease
         to lapse, and the sweeper runs it again: Google answers 409 for the event id and the
         event is read, so there is still exactly one. Nothing is counted for the lost run.
+        `standing`: the mentor's, if the claim read it (else it is read here); a reconnect
+        since is seen when the failure is recorded (`_failed`).
         """
         with correlated(claim.correlation_id):
-            async with self.db.single_statement() as session:
-                known, connection = await repository.mentor_standing(session, claim.mentor_id)
+            if standing is None:
+                async with self.db.single_statement() as session:
+                    standing = await repository.mentor_standing(session, claim.mentor_id)
+            known, connection = standing
             missing = missing_connection(connection) if known else unknown_mentor(claim.mentor_id)
             if missing is not None:
                 return await self._failed(claim, *missing, seen=connection)
@@ -557,8 +563,7 @@ class CalendarService:
     ) -> None:
         """A failed attempt, in the caller's transaction: the booking as `fail` left it (its
         lease released), the attempt's row, and its CalendarBookingFailed."""
-        await repository.save_booking(session, booking, release=True)
-        await repository.record_attempt(session, booking, "failed", now)
+        await repository.record_outcome(session, booking, "failed", now)
         await self._record(
             session, failure_of(booking), failure_event_id(booking.session_id, booking.attempts)
         )
@@ -590,8 +595,7 @@ class CalendarService:
                     )
                 except AlreadyConfirmed:
                     return booking.status
-                await repository.save_booking(session, booking, release=True)
-                await repository.record_attempt(session, booking, "confirmed", now)
+                await repository.record_outcome(session, booking, "confirmed", now)
                 await self._record(session, confirmed, event_id("confirmed", claim.session_id))
         if owed is not None:
             await self.delete_claimed(owed)
