@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -319,6 +319,61 @@ class AdminFeed:
                     await self.arrived.wait()
 
 
+class OrderStream:
+    """The mentee following an order at `GET /api/orders/{id}/events` (Server-Sent Events):
+    each change as it happens, nothing polled."""
+
+    def __init__(self, order_id: str, response: httpx.Response) -> None:
+        self.order_id = order_id
+        self.lines = response.aiter_lines()
+        self.last: dict[str, Any] | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, api: Http, order_id: str, headers: dict[str, str]
+    ) -> AsyncIterator[OrderStream]:
+        path = f"/api/orders/{order_id}/events"
+        try:
+            # No read timeout: an idle stream only sends a keepalive comment every 15 s.
+            async with api.client.stream(
+                "GET", path, headers=headers, timeout=httpx.Timeout(15, read=None)
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    hint = _HINTS.get(response.status_code)
+                    raise DemoStopped(
+                        f"GET {path} answered {response.status_code}: {_detail(response)}"
+                        + (f" ({hint})" if hint else "")
+                    )
+                yield cls(order_id, response)
+        except httpx.HTTPError as exc:
+            raise DemoStopped(
+                f"the order stream {path} failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def until(
+        self, wanted: Callable[[dict[str, Any]], bool], what: str, timeout: float
+    ) -> dict[str, Any]:
+        """The first state of the order that is `wanted`, as the stream brings it."""
+        try:
+            async with asyncio.timeout(timeout):
+                data = None
+                async for line in self.lines:
+                    if line.startswith("data: "):
+                        data = line.removeprefix("data: ")
+                    elif not line and data is not None:
+                        self.last, data = json.loads(data), None
+                        if wanted(self.last):
+                            return self.last
+        except TimeoutError:
+            raise DemoStopped(
+                f"{what} did not happen within {timeout:g}s: see `make run`'s output for why"
+            ) from None
+        ended = self.last["status"] if self.last else "unknown"
+        raise DemoStopped(f"order {self.order_id} ended {ended} before {what}")
+
+
 # --- the walkthrough ------------------------------------------------------------------------------
 
 
@@ -473,20 +528,21 @@ class Walkthrough:
     async def book_and_confirm(self, mentor: dict[str, Any]) -> None:
         say = self.say
         say.step(5, f"A mentee books a session with {mentor['name']} and pays")
-        order_id = await self.book_and_pay(mentor, days=7)
+        async with self.book_and_pay(mentor, days=7) as stream:
 
-        async def settled() -> dict[str, Any] | None:
-            order = await self.order(order_id)
-            if order["status"] in ("payment_failed", "cancelled") or (
-                order["session"]["status"] in ("scheduling_failed", "cancelled")
-            ):
-                raise DemoStopped(
-                    f"order {order_id} ended {order['status']}, its session"
-                    f" {order['session']['status']}, instead of confirmed: see `make run`'s output"
-                )
-            return order if order["status"] == "confirmed" else None
+            def settled(order: dict[str, Any]) -> bool:
+                if order["status"] in ("payment_failed", "cancelled") or (
+                    order["session"]["status"] in ("scheduling_failed", "cancelled")
+                ):
+                    raise DemoStopped(
+                        f"order {order['id']} ended {order['status']}, its session"
+                        f" {order['session']['status']}, instead of confirmed: see `make run`'s"
+                        " output"
+                    )
+                return order["status"] == "confirmed"
 
-        order = await until(settled, f"order {order_id} confirmed", self.timeout)
+            order = await stream.until(settled, f"order {stream.order_id} confirmed", self.timeout)
+        say.ok(f"the order's stream brought it confirmed (event id {order['version']})")
         session = order["session"]
         say.ok(f"order {order['status']}, session {session['status']}")
         say.show("Meet link", session["meet_link"])
@@ -510,21 +566,19 @@ class Walkthrough:
     async def book_and_fail(self, mentor: dict[str, Any], feed: AdminFeed) -> None:
         say = self.say
         say.step(6, f"A mentee books a session with {mentor['name']} (no Google) and pays")
-        order_id = await self.book_and_pay(mentor, days=8)
-        say.say("The calendar step cannot succeed: the admin's websocket should hear of it.")
-        alert = await feed.alert_about(self.timeout, order_id=order_id)
-        metadata = alert.get("metadata") or {}
-        say.ok(f"alert #{alert['id']} on the websocket: [{alert['severity']}] {alert['type']}")
-        say.show("title", alert["title"])
-        say.show("message", alert["message"])
-        say.show("reason", metadata.get("reason"))
-
-        async def waiting() -> dict[str, Any] | None:
-            order = await self.order(order_id)
-            paid = order["status"] == "paid" and order["session"]["status"] == "awaiting_calendar"
-            return order if paid else None
-
-        order = await until(waiting, f"order {order_id} paid, its session waiting", self.timeout)
+        async with self.book_and_pay(mentor, days=8) as stream:
+            say.say("The calendar step cannot succeed: the admin's websocket should hear of it.")
+            alert = await feed.alert_about(self.timeout, order_id=stream.order_id)
+            metadata = alert.get("metadata") or {}
+            say.ok(f"alert #{alert['id']} on the websocket: [{alert['severity']}] {alert['type']}")
+            say.show("title", alert["title"])
+            say.show("message", alert["message"])
+            say.show("reason", metadata.get("reason"))
+            order = await stream.until(
+                lambda o: o["status"] == "paid" and o["session"]["status"] == "awaiting_calendar",
+                f"order {stream.order_id} paid, its session waiting",
+                self.timeout,
+            )
         escrow = (order.get("escrow") or {}).get("status")
         say.ok(
             f"order {order['status']} (the escrow {escrow}), session {order['session']['status']}"
@@ -537,7 +591,12 @@ class Walkthrough:
             " frozen for an admin to release or refund."
         )
 
-    async def book_and_pay(self, mentor: dict[str, Any], *, days: int) -> str:
+    @contextlib.asynccontextmanager
+    async def book_and_pay(
+        self, mentor: dict[str, Any], *, days: int
+    ) -> AsyncIterator[OrderStream]:
+        """Book, follow the order's stream, pay with the pay link it brings; the stream, to
+        follow the order further."""
         say = self.say
         start_at = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
         start_at += timedelta(days=days)
@@ -559,21 +618,28 @@ class Walkthrough:
         order_id = accepted.json()["order_id"]
         say.ok(f"POST /api/bookings -> 202: order {order_id} ({accepted.json()['status']})")
         say.say(f"   for {start_at:%A %d %B, %H:%M} UTC, {money(mentor['offering']['price'])}")
+        async with OrderStream.open(self.api, order_id, self.mentee) as stream:
+            say.show("following", f"GET /api/orders/{order_id}/events (Server-Sent Events)")
+            await self._pay(stream)
+            yield stream
 
-        async def pay_link() -> dict[str, Any] | None:
-            order = await self.order(order_id)
+    async def _pay(self, stream: OrderStream) -> None:
+        say, order_id = self.say, stream.order_id
+
+        def payable(order: dict[str, Any]) -> bool:
             if order["status"] in ("cancelled", "payment_failed"):
                 raise DemoStopped(
                     f"order {order_id} was {order['status']} before it could be paid:"
                     " payments could not open a Konnect payment; see `make run`'s output"
                 )
-            payment = order.get("payment") or {}
-            return payment if payment.get("pay_url") else None
+            return bool((order.get("payment") or {}).get("pay_url"))
 
-        payment = await until(pay_link, f"order {order_id}'s pay link", self.timeout)
+        order = await stream.until(payable, f"order {order_id}'s pay link", self.timeout)
+        payment = order["payment"]
         say.behind(
             "orders committed the order with BookingRequested; payments opened a Konnect payment"
-            " (PaymentInitiated); orders stored its pay link."
+            " (PaymentInitiated); orders stored its pay link and recorded the change"
+            " (OrderChanged, on the order.changes fanout), which the gateway streamed to us."
         )
         say.show("pay here", payment["pay_url"])
         say.say("The mentee presses Pay on Konnect's page (the sandbox's control API here);")
@@ -587,10 +653,6 @@ class Walkthrough:
                     f"the webhook for payment {payment['ref']} got {outcome}; the gateway or"
                     " payments is not well: see `make run`'s output"
                 )
-        return order_id
-
-    async def order(self, order_id: str) -> dict[str, Any]:
-        return (await self.api.get(f"/api/orders/{order_id}", headers=self.mentee)).json()
 
     # 7
     async def health(self) -> None:
