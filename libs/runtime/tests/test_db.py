@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from booking.devtools.fixtures import TcpProxy, private_database, url_via
 from booking.runtime.db import Database, create_engine, driver_connection
 from booking.runtime.settings import RuntimeSettings
 
@@ -104,3 +107,38 @@ async def test_the_driver_connection_is_inside_the_unit_of_work(db: Database) ->
     finally:
         async with db.transaction() as session:
             await session.execute(text(f"DROP TABLE {table}"))
+
+
+async def test_a_connection_lost_under_the_driver_is_not_handed_out_again() -> None:
+    """Connections the server dropped while idle in the pool: a unit of work whose first
+    statement runs on the driver fails once on each (as through SQLAlchemy), and the pool
+    replaces them, so every later unit of work succeeds."""
+    async with private_database("rt_driver_lost") as url:
+        proxy = TcpProxy("127.0.0.1", urlsplit(url).port or 5432)
+        await proxy.start()
+        engine = create_engine(RuntimeSettings(database_url=url_via(url, proxy)), pool_size=4)
+        db = Database(engine, "public")
+
+        async def unit_of_work() -> None:
+            async with db.transaction() as session:
+                assert await (await driver_connection(session)).fetchval("SELECT 1") == 1
+
+        async def held_a_while() -> None:
+            async with db.transaction() as session:
+                await (await driver_connection(session)).fetchval("SELECT pg_sleep(0.05)")
+
+        try:
+            await asyncio.gather(*(held_a_while() for _ in range(4)))  # four in the pool
+            await proxy.cut()
+            await proxy.restore()
+            failures = 0
+            for _ in range(12):
+                try:
+                    await unit_of_work()
+                except Exception:
+                    failures += 1
+            assert failures <= 4, "a lost connection went back to the pool"
+            await unit_of_work()
+        finally:
+            await engine.dispose()
+            await proxy.stop()

@@ -54,7 +54,11 @@ class Database:
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: commits at the end, rolls back on error. Nothing else commits."""
         async with self.sessions() as session, session.begin():
-            yield session
+            try:
+                yield session
+            except BaseException:
+                await _discard_if_lost(session)  # before the rollback hands it back to the pool
+                raise
 
     @asynccontextmanager
     async def single_statement(self) -> AsyncIterator[AsyncSession]:
@@ -63,7 +67,11 @@ class Database:
         (or ROLLBACK) round trips. Two statements here would be two units of work: use
         `transaction()` for those."""
         async with self._single() as session:
-            yield session
+            try:
+                yield session
+            except BaseException:
+                await _discard_if_lost(session)
+                raise
 
     async def answers(self, timeout: float = 2.0) -> bool:
         """Whether the database answers a query now (a dependency probe, never raises).
@@ -97,16 +105,28 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
         return cached  # type: ignore[no-any-return]
     connection = await session.connection()
     adapted: Any = (await connection.get_raw_connection()).dbapi_connection
+    driver: asyncpg.Connection[Any] = adapted.driver_connection
+    # Kept before the BEGIN: a BEGIN on a lost connection must discard it too.
+    session.info[_DRIVER] = driver
     if adapted._transaction is None:  # pylint: disable=protected-access
         # No public way to begin SQLAlchemy's asyncpg transaction without a statement; a test
         # (libs/runtime/tests/test_db.py) fails if this stops holding.
         await adapted._start_transaction()  # pylint: disable=protected-access
-    driver: asyncpg.Connection[Any] = adapted.driver_connection
-    session.info[_DRIVER] = driver
     return driver
 
 
 _DRIVER = "booking.driver_connection"
+
+
+async def _discard_if_lost(session: AsyncSession) -> None:
+    """A unit of work failed: if its connection to the server was lost on the driver, throw it
+    away (the pool opens a new one in its place). SQLAlchemy does so for its own statements; a
+    statement on the driver skips that, and the dead connection would go back to the pool and
+    fail every unit of work handed it."""
+    driver = session.info.get(_DRIVER)
+    if driver is not None and driver.is_closed():
+        with contextlib.suppress(Exception):
+            await session.invalidate()
 
 
 async def database(request: Request) -> Database:
