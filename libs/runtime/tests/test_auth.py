@@ -791,7 +791,7 @@ class TestVerifiedTokensAreKept:
         await verifier.verify(token)
         # Past its expiry as the verifier reads the clock (PyJWT's own check is tested above).
         later = time.time() + 60 + verifier.rules.leeway + 1
-        monkeypatch.setattr(auth.time, "time", lambda: later)
+        monkeypatch.setattr(time, "time", lambda: later)
         await verifier.verify(token)
         assert decoded == [token, token]
 
