@@ -327,3 +327,62 @@ class TestUnroutableEvents:
             waits = await conn.scalar(select(row.next_attempt_at - func.clock_timestamp()))
         assert row.sent_at is None
         assert 25 < waits.total_seconds() <= 30
+
+
+class TestLinger:
+    """Busy, a woken relay waits a moment so that the commits landing meanwhile share its claim;
+    idle, it claims at once."""
+
+    async def _relay(self, make_service, linger):
+        service = await make_service(start=False)
+        broker = _Broker()
+        relay = OutboxRelay(
+            service.runtime.db.engine,
+            service.tables,
+            broker,
+            outbox=service.runtime.outbox,
+            listen_dsn=service.settings.database_url,
+            poll_interval=60,  # only the commits' NOTIFY wakes it
+            linger=linger,
+            concurrency=1,
+        )
+        batches: list[int] = []
+        claim = relay.relay_batch
+
+        async def counted() -> int:
+            published = await claim()
+            if published:
+                batches.append(published)
+            return published
+
+        relay.relay_batch = counted  # type: ignore[method-assign]
+        return service, broker, relay, batches
+
+    async def test_under_load_the_commits_of_the_linger_share_one_claim(
+        self, make_service, new_event
+    ):
+        service, broker, relay, batches = await self._relay(make_service, linger=0.5)
+        await service.record(new_event(), new_event())
+        relay.start()
+        try:
+            await eventually(lambda: batches == [2], what="the first batch of two")
+            for _ in range(3):  # three commits 50 ms apart, each waking the relay
+                await service.record(new_event())
+                await asyncio.sleep(0.05)  # the pace of the arrivals, not a wait for an event
+            await eventually(lambda: len(broker.published) == 5, what="all five published")
+        finally:
+            await relay.stop()
+        assert batches == [2, 3]
+
+    async def test_idle_a_commit_is_claimed_at_once(self, make_service, new_event):
+        # A linger far longer than the wait: only a relay that does not linger when idle
+        # publishes in time.
+        service, broker, relay, batches = await self._relay(make_service, linger=60)
+        relay.start()
+        try:
+            for expected in (1, 2):
+                await service.record(new_event())
+                await eventually(lambda n=expected: len(broker.published) == n, timeout=5)
+        finally:
+            await relay.stop()
+        assert batches == [1, 1]

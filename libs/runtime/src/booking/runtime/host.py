@@ -99,6 +99,7 @@ class ServiceRuntime:
                     listen_dsn=settings.database_url,
                     batch_size=settings.outbox_batch_size,
                     poll_interval=settings.outbox_poll_interval_seconds,
+                    linger=settings.outbox_linger_ms / 1000,
                     concurrency=settings.outbox_relay_concurrency,
                     unroutable_retry_max=settings.outbox_unroutable_retry_max_seconds,
                     unroutable_alert_window=settings.outbox_unroutable_alert_window_seconds,

@@ -134,6 +134,7 @@ class OutboxRelay:
         listen_dsn: str,
         batch_size: int = 200,
         poll_interval: float = 1.0,
+        linger: float = 0.0,
         concurrency: int = 2,
         unroutable_retry_max: float = 30.0,
         unroutable_alert_window: float = 3600.0,
@@ -145,6 +146,7 @@ class OutboxRelay:
         self.outbox = outbox
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        self.linger = linger
         self.unroutable_retry_max = unroutable_retry_max
         self.unroutable_alert_window = unroutable_alert_window
         self.outage = OutageLog(log, f"the outbox relay of {tables.schema}")
@@ -325,6 +327,10 @@ class OutboxRelay:
             if published == self.batch_size:
                 continue  # more may be waiting: no pause
             await self.wait_for_work()
+            if published > 1 and self.linger:
+                # Busy: the commits of the next few milliseconds share one claim (its BEGIN,
+                # claim and COMMIT) instead of each waking a claim of its own.
+                await asyncio.sleep(self.linger)
 
     async def wait_for_work(self) -> None:
         """Until a commit wakes this worker, or for the poll interval at most."""

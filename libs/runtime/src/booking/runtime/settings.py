@@ -95,6 +95,9 @@ class RuntimeSettings(BaseSettings):
     outbox_batch_size: int = Field(default=200, ge=1)
     outbox_relay_concurrency: int = Field(default=2, ge=1)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
+    # Under load (the last batch held more than one event) a woken relay waits this long before
+    # it claims, so the commits landing meanwhile share its claim; idle, it claims at once.
+    outbox_linger_ms: float = Field(default=5.0, ge=0)
     outbox_lag_warn_seconds: float = Field(default=30.0, gt=0)
     # An event no queue takes waits 1 s, then twice as long each time, at most this long.
     outbox_unroutable_retry_max_seconds: float = Field(default=30.0, gt=0)
