@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import httpx
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -43,6 +42,7 @@ from booking.contracts.http import (
     cursor_token,
 )
 from booking.gateway.upstreams import (
+    Answer,
     Service,
     Unanswered,
     Upstreams,
@@ -209,10 +209,10 @@ async def _ask_every_service(
     queries: Mapping[Service, Mapping[str, str]] | None = None,
     content: bytes | None = None,
     replaying: bool = False,
-) -> dict[Service, httpx.Response]:
+) -> dict[Service, Answer]:
     """Each service's 200, all asked at once. Raises AnsweredInstead when one gave none."""
 
-    async def ask(service: Service) -> httpx.Response | Unanswered:
+    async def ask(service: Service) -> Answer | Unanswered:
         query = None if queries is None else queries[service]
         try:
             return await up.send(request, service, content=content, query=query)
@@ -224,7 +224,7 @@ async def _ask_every_service(
     answers = {service: task.result() for service, task in tasks.items()}
 
     failed: dict[Service, Response] = {}
-    answered: dict[Service, httpx.Response] = {}
+    answered: dict[Service, Answer] = {}
     for service, answer in answers.items():
         if isinstance(answer, Unanswered):
             failed[service] = answer.problem
@@ -243,7 +243,7 @@ async def _ask_every_service(
     return answered
 
 
-def _read(model: type[_Body], answer: httpx.Response, service: Service) -> _Body:
+def _read(model: type[_Body], answer: Answer, service: Service) -> _Body:
     try:
         return model.model_validate_json(answer.content)
     except ValidationError:
@@ -253,7 +253,7 @@ def _read(model: type[_Body], answer: httpx.Response, service: Service) -> _Body
         ) from None
 
 
-def _replays_done(answered: Mapping[Service, httpx.Response]) -> dict[Service, int]:
+def _replays_done(answered: Mapping[Service, Answer]) -> dict[Service, int]:
     done = {}
     for service, answer in answered.items():
         if answer.status_code == 200:
