@@ -386,3 +386,32 @@ class TestLinger:
         finally:
             await relay.stop()
         assert batches == [1, 1]
+
+
+class TestRecordAll:
+    async def test_several_events_in_one_statement_in_their_order_each_id_once(
+        self, make_service, new_event
+    ):
+        service = await make_service(start=False)
+        outbox = service.runtime.outbox
+        again = uuid.uuid4()
+        async with service.db.transaction() as session:
+            await outbox.record_all(
+                session,
+                [
+                    (new_event("first"), again, None),
+                    (new_event("second"), None, "elsewhere"),
+                    (new_event("first, again"), again, None),
+                ],
+            )
+        table = service.tables.outbox
+        async with service.db.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(table.c.message_id, table.c.exchange, table.c.body).order_by(table.c.id)
+                )
+            ).all()
+        assert len(rows) == 2
+        assert rows[0].message_id == again and '"first"' in rows[0].body
+        assert rows[0].exchange == service.settings.events_exchange
+        assert rows[1].exchange == "elsewhere" and '"second"' in rows[1].body

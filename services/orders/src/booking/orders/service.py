@@ -37,6 +37,7 @@ from booking.contracts import (
     EscrowRefunded,
     EscrowReleased,
     EscrowUnfrozen,
+    Event,
     MenteeContact,
     MentorIdentityLinked,
     MentorRegistered,
@@ -79,7 +80,7 @@ from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated, current_correlation_id
 from booking.runtime.db import Database
 from booking.runtime.domain import EventIds, IllegalTransition, InvalidMoney
-from booking.runtime.outbox import Outbox
+from booking.runtime.outbox import Outbox, Recording
 from booking.runtime.tables import MessagingTables
 
 log = logging.getLogger(__name__)
@@ -241,25 +242,22 @@ class OrderService:
             version=1,
         )
         await repository.add_booking(session, stored, mentee)
-        await self._record_changed(session, stored)
-        await self.outbox.record(
-            session,
-            BookingRequested(
-                order_id=order.id,
-                session_id=booked.id,
-                mentor_id=order.mentor_id,
-                offering=OfferingSnapshot(
-                    offering_id=offering.id,
-                    title=offering.title,
-                    duration_minutes=offering.duration_minutes,
-                ),
-                amount=order.amount.amount,
-                currency=order.amount.currency,
-                mentee=mentee,
-                start_at=booked.start_at,
-                end_at=booked.end_at,
+        requested = BookingRequested(
+            order_id=order.id,
+            session_id=booked.id,
+            mentor_id=order.mentor_id,
+            offering=OfferingSnapshot(
+                offering_id=offering.id,
+                title=offering.title,
+                duration_minutes=offering.duration_minutes,
             ),
+            amount=order.amount.amount,
+            currency=order.amount.currency,
+            mentee=mentee,
+            start_at=booked.start_at,
+            end_at=booked.end_at,
         )
+        await self._record_changed(session, stored, (requested, uuid.uuid4()))
         return http.BookingAccepted(
             order_id=order.id, session_id=booked.id, status=order.status.value
         )
@@ -314,21 +312,41 @@ class OrderService:
                 failed.append(stored)
         return len(claimed), failed
 
-    async def _save(self, session: AsyncSession, stored: StoredOrder) -> None:
+    async def _save(
+        self,
+        session: AsyncSession,
+        stored: StoredOrder,
+        reported: tuple[Event, uuid.UUID] | None = None,
+    ) -> None:
         """Write the order back; if what its view shows changed (its version then grew), record
-        OrderChanged with the view, in the same transaction."""
-        if await repository.save_order(session, stored):
-            await self._record_changed(session, stored)
+        OrderChanged with the view, in the same transaction, and `reported` (an event and its
+        id) beside it, in the same statement."""
+        changed = await repository.save_order(session, stored)
+        await self._record_changed(session, stored, reported, changed=changed)
 
-    async def _record_changed(self, session: AsyncSession, stored: StoredOrder) -> None:
+    async def _record_changed(
+        self,
+        session: AsyncSession,
+        stored: StoredOrder,
+        reported: tuple[Event, uuid.UUID] | None = None,
+        *,
+        changed: bool = True,
+    ) -> None:
         """OrderChanged with the order as GET shows it, built from what the use case holds (no
-        read again), to the order changes fanout; its id is the (order, version) fact's."""
-        await self.outbox.record(
-            session,
-            OrderChanged(order=order_view(stored)),
-            message_id=event_id(f"OrderChanged:{stored.order.id}:{stored.version}"),
-            exchange=self.changes_exchange,
-        )
+        read again), to the order changes fanout; its id is the (order, version) fact's. With
+        `reported`, to the events exchange, in one statement."""
+        recordings: list[Recording] = []
+        if changed:
+            recordings.append(
+                (
+                    OrderChanged(order=order_view(stored)),
+                    event_id(f"OrderChanged:{stored.order.id}:{stored.version}"),
+                    self.changes_exchange,
+                )
+            )
+        if reported is not None:
+            recordings.append((*reported, None))
+        await self.outbox.record_all(session, recordings)
 
     async def _record_cancelled(
         self, session: AsyncSession, stored: StoredOrder, *, reason: str, by: str | None
@@ -512,20 +530,16 @@ class OrderService:
                 "order %s paid, but its session cannot wait for the calendar: %s", order.id, exc
             )
             return
-        await self._save(session, stored)
-        await self.outbox.record(
-            session,
-            OrderPaid(
-                order_id=order.id,
-                session_id=booked.id,
-                mentor_id=order.mentor_id,
-                mentee_email=stored.mentee_email,
-                title=stored.title,
-                start_at=booked.start_at,
-                end_at=booked.end_at,
-            ),
-            message_id=event_id(f"OrderPaid:{order.id}"),
+        paid = OrderPaid(
+            order_id=order.id,
+            session_id=booked.id,
+            mentor_id=order.mentor_id,
+            mentee_email=stored.mentee_email,
+            title=stored.title,
+            start_at=booked.start_at,
+            end_at=booked.end_at,
         )
+        await self._save(session, stored, (paid, event_id(f"OrderPaid:{order.id}")))
 
     async def _raise_issue(
         self,
@@ -642,17 +656,13 @@ class OrderService:
                 )
             return
         order.confirm(utcnow())
-        await self._save(session, stored)
-        await self.outbox.record(
-            session,
-            OrderConfirmed(
-                order_id=order.id,
-                session_id=booked.id,
-                mentor_id=order.mentor_id,
-                end_at=booked.end_at,
-            ),
-            message_id=event_id(f"OrderConfirmed:{order.id}"),
+        confirmed = OrderConfirmed(
+            order_id=order.id,
+            session_id=booked.id,
+            mentor_id=order.mentor_id,
+            end_at=booked.end_at,
         )
+        await self._save(session, stored, (confirmed, event_id(f"OrderConfirmed:{order.id}")))
 
     async def record_scheduling_failure(
         self, session: AsyncSession, event: CalendarBookingFailed
