@@ -16,12 +16,14 @@ from booking.payments.service import PaymentService
 from booking.payments.settings import PaymentsSettings
 from booking.payments.sweeper import Sweeper
 from booking.payments.tables import messaging
+from booking.runtime.auth import check_order_link_settings
 from booking.runtime.host import ServiceRuntime, create_service_app
 from booking.runtime.outside import configured_check, reachable_check
 
 
 def create_app(settings: PaymentsSettings | None = None) -> FastAPI:
     settings = settings or PaymentsSettings()
+    check_order_link_settings(settings)  # payments signs the order links of the return URLs
     konnect = KonnectClient.from_settings(settings)
     runtime = ServiceRuntime(name="payments", settings=settings, tables=messaging)
     assert runtime.db is not None and runtime.outbox is not None
