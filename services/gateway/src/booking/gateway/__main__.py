@@ -1,4 +1,3 @@
-import gc
 import os
 import sys
 
@@ -18,10 +17,9 @@ from booking.gateway.app import create_app  # noqa: E402
 from booking.gateway.settings import GatewaySettings  # noqa: E402
 from booking.runtime.cli import main  # noqa: E402
 
-# What the imports built (~73,000 objects, a 23 ms full collection on its own) lives as long as
-# the process: frozen out of the collector's way, a full collection with a thousand admins
-# connected scans theirs only. Without it, bench.alerts_fanout's delivery p99 was 150-190 ms
-# (target 100) in four runs of four; with it 36-87 ms.
-gc.freeze()
-
+# What the imports built (~73,000 objects, a 23 ms full collection on its own) is frozen out of
+# the collector's way before serving, as in every service (booking.runtime.cli.settle_the_heap):
+# a full collection with a thousand admins connected then scans theirs only. Without it,
+# bench.alerts_fanout's delivery p99 was 150-190 ms (target 100) in four runs of four; with it
+# 36-87 ms.
 main(name="gateway", settings_type=GatewaySettings, create_app=create_app)
