@@ -45,6 +45,7 @@ IO_LIBRARIES = (
     *SQL_LIBRARIES,
     "alembic",
     "httpx",
+    "aiohttp",
     "aio_pika",
     "aiormq",
     "faststream",

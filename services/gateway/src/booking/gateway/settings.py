@@ -21,11 +21,11 @@ class GatewaySettings(RuntimeSettings):
     calendar_url: str = "http://127.0.0.1:8003"
     notifications_url: str = "http://127.0.0.1:8004"
 
-    # Forwarding to the services: one pooled client per service.
+    # Forwarding to the services: one pooled client per service (its idle connections close
+    # after 2 s, under the services' keep-alive, so no cap on how many stay idle is needed).
     upstream_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=3.0, gt=0)
     upstream_max_connections: int = Field(default=100, ge=1)
-    upstream_max_keepalive_connections: int = Field(default=20, ge=0)
 
     # Who the client is (booking.gateway.forwarded): X-Forwarded-For is read only from these
     # proxies (the ingress controller's addresses); empty, the peer is the client.
