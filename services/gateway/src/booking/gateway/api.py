@@ -294,7 +294,11 @@ async def get_order(
     return await up.forward(request, Service.ORDERS)
 
 
-@orders.get(
+# Served by the gateway itself (from the order changes fanout), not forwarded to orders.
+order_streams = APIRouter(tags=["mentors and bookings"])
+
+
+@order_streams.get(
     "/api/orders/{order_id}/events",
     response_class=Response,
     response_model=None,
@@ -718,4 +722,4 @@ async def link_mentor_identity(
     return await up.forward(request, Service.ORDERS, content=_json(body))
 
 
-routers = [orders, payments, calendar, notifications, dead_letter_routes, admin]
+routers = [orders, order_streams, payments, calendar, notifications, dead_letter_routes, admin]
