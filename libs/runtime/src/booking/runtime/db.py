@@ -111,7 +111,15 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     if adapted._transaction is None:  # pylint: disable=protected-access
         # No public way to begin SQLAlchemy's asyncpg transaction without a statement; a test
         # (libs/runtime/tests/test_db.py) fails if this stops holding.
-        await adapted._start_transaction()  # pylint: disable=protected-access
+        try:
+            await adapted._start_transaction()  # pylint: disable=protected-access
+        except Exception as exc:
+            # SQLAlchemy's adapter raises its own DBAPI error from the driver's; every other
+            # statement here raises the driver's, which is what the callers (and the routes'
+            # 503 for an unreachable database) know.
+            if isinstance(exc.__cause__, Exception):
+                raise exc.__cause__ from None
+            raise
     return driver
 
 
