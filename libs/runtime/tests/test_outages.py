@@ -32,6 +32,9 @@ def wrapped(cause: BaseException) -> Exception:
         asyncpg.exceptions.TooManyConnectionsError("too many clients"),
         asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed"),
         asyncpg.exceptions.InterfaceError("connection is closed"),
+        asyncpg.exceptions._base.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        ),
         wrapped(ConnectionRefusedError(111, "refused")),
         sqlalchemy.exc.TimeoutError("QueuePool limit reached"),
     ],

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 _ASYNCPG_UNREACHABLE = (
     "PostgresConnectionError",  # and its subclasses: connection failures, ConnectionDoesNotExist
     "InterfaceError",  # "connection is closed", "cannot perform operation: another operation"
+    # "cannot switch to state ...; another operation is in progress": a BEGIN on a connection
+    # the server dropped mid-operation (met on the driver itself, without SQLAlchemy's wrapper)
+    "InternalClientError",
     "CannotConnectNowError",  # 57P03: starting up or shutting down
     "AdminShutdownError",  # 57P01
     "CrashShutdownError",  # 57P02
