@@ -106,6 +106,7 @@ OUTAGE_SECONDS = 60  # how long Postgres or RabbitMQ stays down in their drills
 # Bytes the system's logs may grow by during an outage drill: a line now and then for each part
 # that meets it, never a stack trace per request or message.
 OUTAGE_LOG_BYTES = 2_000_000
+TRACEBACK = "Traceback (most recent call last)"
 
 # The defaults are the tested settings: attempt counts are the services' own.
 CONSUMER_ATTEMPTS = RuntimeSettings().consumer_max_attempts
@@ -582,16 +583,21 @@ class DrillSystem:
         """Bytes every log together gained since `sizes` (log_bytes of then)."""
         return sum(size - sizes.get(name, 0) for name, size in self.log_bytes().items())
 
-    def tracebacks_since(self, sizes: dict[str, int]) -> dict[str, int]:
-        """Stack traces each log gained since `sizes` (log_bytes of then)."""
+    def tracebacks_since(self, sizes: dict[str, int]) -> dict[str, str]:
+        """The first stack trace each log gained since `sizes` (log_bytes of then), by file.
+
+        The trace itself, so that a drill failing in CI says what was raised and where.
+        """
         logs = next(iter(self.processes.values())).logs
         found = {}
         for path in logs.glob("*.log"):
             with path.open("rb") as log:
                 log.seek(sizes.get(path.name, 0))
-                count = log.read().count(b"Traceback (most recent call last)")
-            if count:
-                found[path.name] = count
+                grown = log.read().decode(errors="replace")
+            first = grown.find(TRACEBACK)
+            if first >= 0:
+                count = grown.count(TRACEBACK)
+                found[path.name] = f"{count} trace(s); the first:\n{grown[first : first + 4000]}"
         return found
 
     def tails(self) -> str:
@@ -1418,7 +1424,7 @@ class Outage:
     ended: float
     refusals: list[Refusal]
     log_bytes: int
-    tracebacks: dict[str, int]
+    tracebacks: dict[str, str]
     outcomes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -1430,7 +1436,8 @@ class Outage:
         wrong = [r for r in self.refusals if r.status != 503 or not r.retry_after]
         assert not wrong, f"refusals other than 503 with Retry-After: {wrong[:5]}"
         assert self.log_bytes <= OUTAGE_LOG_BYTES, f"the logs grew {self.log_bytes} bytes"
-        assert not self.tracebacks, f"stack traces logged during the outage: {self.tracebacks}"
+        traces = "\n".join(f"----- {name}: {trace}" for name, trace in self.tracebacks.items())
+        assert not self.tracebacks, f"stack traces logged during the outage:\n{traces}"
 
 
 # --- the drills -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import logging
 
+import asyncpg
 import httpx
 from fastapi import APIRouter, Depends, FastAPI
 from pydantic import BaseModel, ConfigDict
@@ -88,6 +89,33 @@ async def test_a_request_that_meets_an_unreachable_database_gets_503_and_a_quiet
         assert "try again" in answer.json()["detail"]
     mine = [r for r in caplog.records if r.name.startswith("booking.runtime.problems")]
     assert len(mine) == 1, [r.getMessage() for r in mine]  # once, not once per request
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_the_drivers_lost_connection_errors_get_503_without_a_trace(make_service, caplog):
+    """Errors the driver raises on a connection Postgres dropped, met bare on the driver (as
+    `driver_connection` does), not wrapped by SQLAlchemy."""
+    service = await make_service()
+    router = APIRouter()
+    raised = [
+        asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),
+        asyncpg.InterfaceError("connection is closed"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    ]
+
+    @router.get("/lost/{which}")
+    async def lost(which: int) -> dict:
+        raise raised[which]
+
+    app = create_service_app(service.runtime, [router])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        with caplog.at_level(logging.INFO):
+            answers = [await client.get(f"/lost/{which}") for which in range(len(raised))]
+
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "5"
     assert not any(r.exc_info for r in caplog.records)
 
 

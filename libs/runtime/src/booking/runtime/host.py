@@ -388,7 +388,14 @@ def create_service_app(
         import asyncpg
         from sqlalchemy.exc import SQLAlchemyError
 
-        dependency_errors += [SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError]
+        # InternalClientError: a BEGIN on the driver of a connection the server dropped
+        # mid-operation ("cannot switch to state"); not a subclass of the other two.
+        dependency_errors += [
+            SQLAlchemyError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ]
     install_problem_handlers(app, dependency_errors)
     served: set[str] = set()
     for router in routers:
