@@ -11,6 +11,8 @@ calls the webhook back through the gateway; the booking is done when the stream 
 add deliveries to what it measures) and polls nothing. Reported:
 
 - bookings confirmed per second, sustained, at full speed (a fixed number in flight);
+- the CPU of one `GET /api/orders/{id}` through the gateway, in every process, on a quiet
+  system (2,000 reads one at a time, less what the idle system spends meanwhile);
 - p50/p95/p99 from the POST to the stream showing the order confirmed, at a steady 50 bookings
   per second, and where the time goes (each status as the stream shows it);
 - webhook -> alert: a forged webhook (a ref Konnect never issued) until its PaymentAnomaly
@@ -23,7 +25,8 @@ add deliveries to what it measures) and polls nothing. Reported:
 
 Targets (issue 17, a 2-core machine with everything on it): >= 60 bookings confirmed per second
 sustained (aim 75); system CPU per confirmed booking <= 20 ms (aim 15); p99 booking -> confirmed
-<= 1 s at 50/s; p99 webhook -> alert <= 100 ms (issue 8).
+<= 1 s at 50/s; one GET of an order <= 1 ms of CPU in all processes; p99 webhook -> alert
+<= 100 ms (issue 8).
 The system it starts gets high webhook and callback rate limits (one client IP sends all the
 traffic). Results also go to bench/results/bookings-<time>.json.
 Run: `python -m bench.bookings` (see --help).
@@ -75,6 +78,8 @@ TARGET_CONFIRMED_P99_MS = 1000.0
 TARGET_ALERT_P99_MS = 100.0
 SERVICES = ("gateway", "orders", "payments", "calendar", "notifications")
 SANDBOXES = ("sandbox-konnect", "sandbox-google")
+TARGET_GET_CPU_MS = 1.0  # one GET /api/orders/{id}, in every process
+IDLE_WINDOW_SECONDS = 3.0  # what the idle system spends, taken out of a quiet measurement
 SYSTEM_READY_SECONDS = 180
 # One client IP sends every booking, webhook and OAuth callback: the per-IP limits, meant for
 # the internet, would measure the limiter instead of the system.
@@ -909,6 +914,43 @@ async def full_speed(
     }
 
 
+async def reading_an_order(driver: Driver, meter: CpuMeter, gets: int) -> dict[str, Any]:
+    """`gets` reads of one confirmed order through the gateway, one at a time, on a quiet
+    system: the CPU of one `GET /api/orders/{id}` in every process of the system (the gateway,
+    orders, Postgres...), less what the idle system spends meanwhile (an idle window before)."""
+    booking = await driver.book()
+    if booking.order_id is None:
+        raise BenchError(f"no order to read: the booking ended {booking.outcome}")
+    path = f"/api/orders/{booking.order_id}"
+
+    async def read() -> None:
+        await driver._expect(driver.api.get(path, headers=driver.mentee), 200, "GET order")
+
+    for _ in range(50):  # the connection opened and the token verified, once
+        await read()
+    idle_before = await meter.snapshot()
+    await asyncio.sleep(IDLE_WINDOW_SECONDS)
+    idle_after = await meter.snapshot()
+    before = await meter.snapshot()
+    for _ in range(gets):
+        await read()
+    after = await meter.snapshot()
+    idle = meter.used(idle_before, idle_after, 1)["cpu_seconds"]
+    busy = meter.used(before, after, gets)["cpu_seconds"]
+    scale = (after.at - before.at) / (idle_after.at - idle_before.at)
+    system = [*SERVICES, "postgres (our database's backends)", "rabbitmq (whole broker)"]
+    per_get = {
+        name: round(max(busy.get(name, 0.0) - idle.get(name, 0.0) * scale, 0.0) * 1000 / gets, 3)
+        for name in system
+    }
+    return {
+        "gets": gets,
+        "gets_per_second": round(gets / (after.at - before.at), 1),
+        "cpu_ms_per_get": per_get,
+        "system_cpu_ms_per_get": round(sum(per_get.values()), 3),
+    }
+
+
 async def admin_socket(system: System, headers: dict[str, str]) -> ClientConnection:
     url = system.gateway.replace("http://", "ws://", 1) + "/ws/admin"
     socket_ = await connect(url, additional_headers=headers, open_timeout=30, proxy=None)
@@ -1236,6 +1278,8 @@ async def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
             await driver.add_mentors(args.mentors)
             print(f"  warm-up: {args.warm_up} bookings ...")
             await warm_up(driver, args.warm_up)
+            print(f"  reading an order: {args.gets} GETs, one at a time ...")
+            result["reading_an_order"] = await reading_an_order(driver, meter, args.gets)
             print(f"  webhook -> alert: {args.alerts} forged webhooks, one at a time ...")
             result["webhook_to_alert"] = await webhook_to_alert(driver, args.alerts)
             print(f"  duplicate-webhook storm: {args.duplicates} at once for one payment ...")
@@ -1301,6 +1345,16 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, Any, str, bool | Non
                 at_most(steady["p99_ms"], TARGET_CONFIRMED_P99_MS),
             ),
         ]
+    if reading := result.get("reading_an_order"):
+        get_ms = reading["system_cpu_ms_per_get"]
+        rows.append(
+            (
+                "GET order: CPU, all (ms)",
+                get_ms,
+                f"<= {TARGET_GET_CPU_MS:g}",
+                at_most(get_ms, TARGET_GET_CPU_MS),
+            )
+        )
     if alerts := result.get("webhook_to_alert"):
         rows += [
             ("webhook -> alert p50 (ms)", alerts["p50_ms"], "", None),
@@ -1355,6 +1409,9 @@ def report(result: dict[str, Any]) -> Path:
         print(f"\n  where the time goes at {rate:g}/s (p50 / p99 ms):")
         for stage, qs in steady["stages"].items():
             print(f"    {stage:<58}{qs['p50_ms']!s:>8} {qs['p99_ms']!s:>8}")
+    if reading := result.get("reading_an_order"):
+        each = ", ".join(f"{k.split(' ')[0]} {v}" for k, v in reading["cpu_ms_per_get"].items())
+        print(f"\n  one GET /api/orders/{{id}}, CPU ms in each process: {each}")
     if fast:
         cpu = fast["cpu"]
         print(
@@ -1415,6 +1472,9 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--in-flight", type=int, default=64, help="bookings under way at once at full speed"
+    )
+    parser.add_argument(
+        "--gets", type=int, default=2000, help="reads of one order, one by one, on a quiet system"
     )
     parser.add_argument("--alerts", type=int, default=200, help="forged webhooks, one at a time")
     parser.add_argument("--duplicates", type=int, default=1000, help="the storm's webhooks")
