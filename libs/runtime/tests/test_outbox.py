@@ -356,12 +356,12 @@ class TestLinger:
             return published
 
         relay.relay_batch = counted  # type: ignore[method-assign]
-        return service, broker, relay, batches
+        return service, relay, batches
 
     async def test_under_load_the_commits_of_the_linger_share_one_claim(
         self, make_service, new_event
     ):
-        service, broker, relay, batches = await self._relay(make_service, linger=0.5)
+        service, relay, batches = await self._relay(make_service, linger=0.5)
         await service.record(new_event(), new_event())
         relay.start()
         try:
@@ -378,7 +378,7 @@ class TestLinger:
     async def test_idle_a_commit_is_claimed_at_once(self, make_service, new_event):
         # A linger far longer than the wait: only a relay that does not linger when idle
         # publishes in time.
-        service, broker, relay, batches = await self._relay(make_service, linger=60)
+        service, relay, batches = await self._relay(make_service, linger=60)
         relay.start()
         try:
             for expected in (1, 2):
