@@ -205,6 +205,32 @@ class TestAnIdleStream:
         assert after == before
 
 
+class TestReadingAnOrderAgain:
+    async def test_reads_follow_the_order_without_asking_orders_and_answer_as_orders_does(
+        self, market, api, running_system
+    ):
+        """A page that polls its order: once orders answered the first read, the gateway answers
+        the rest from the order changes feed (orders' own count of the GET does not grow), each
+        answer as orders itself would give it."""
+        offering = await market.offering()
+        await market.connect_calendar(offering["mentor_id"])
+        order_id = await market.booked(offering)
+        ref = await market.payment_ref(order_id)  # read through the gateway until it shows
+        before = await orders_reads(running_system)
+        await market.pay(ref)
+        await market.order_when(order_id, "confirmed", lambda o: o["status"] == "confirmed")
+        read = await api.get(f"/api/orders/{order_id}", headers=market.mentee)
+        assert await orders_reads(running_system) == before
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            direct = await client.get(
+                f"{running_system.url('ORDERS_PORT')}/api/orders/{order_id}",
+                headers=market.mentee,
+            )
+        assert read.status_code == direct.status_code == 200
+        assert read.content == direct.content
+        assert read.headers["content-type"] == direct.headers["content-type"]
+
+
 async def _read_keepalives(events: Events, count: int) -> None:
     """Read the stream until `count` keepalives came; an event meanwhile fails the test."""
     async with asyncio.timeout(FLOW_SECONDS):

@@ -8,6 +8,7 @@ service's relay does. What orders is asked is what the stand-in recorded.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import uuid
@@ -395,10 +396,121 @@ class TestSlowClients:
 
         writing = asyncio.create_task(stream.write(stuck, b"x", timeout=60))
         await asyncio.sleep(0)
-        change = Change(version=1, ended=False, frame=b"")
+        change = Change(version=1, ended=False, data=b"", frame=b"")
         for _ in range(3):
             stream.offer(change)
         with pytest.raises(Exception) as gone:
             async with asyncio.timeout(5):
                 await writing
         assert getattr(gone.value, "reason", None) == "too_slow"
+
+
+class TestReadingAnOrder:
+    """GET /api/orders/{id}: answered by the gateway from the same feed once orders answered
+    the caller, as current as the streams."""
+
+    @staticmethod
+    def owned_by(orders: Orders, mentee: str) -> None:
+        """The stand-in answers like orders: another mentee's order is a 404."""
+        answer = orders.upstream.answer
+        assert answer is not None
+
+        def owner_only(recorded: Any) -> Any:
+            token = recorded.headers["authorization"].removeprefix("Bearer ")
+            claims = json.loads(_payload(token))
+            if claims["role"] == "mentee" and claims["sub"] != mentee:
+                order_id = recorded.path.rsplit("/", 1)[-1]
+                return problem_answer(404, f"there is no order {order_id}")
+            return answer(recorded)
+
+        orders.upstream.answer = owner_only
+
+    async def test_a_read_again_is_answered_by_the_gateway_as_orders_answered(self, world):
+        system, orders = world
+        order_id = str(uuid.uuid4())
+        orders.current[order_id] = view(order_id, 2, "awaiting_payment")
+        mentee = system.auth(Role.MENTEE)
+        first = await system.client.get(f"/api/orders/{order_id}", headers=mentee)
+        again = [await system.client.get(f"/api/orders/{order_id}", headers=mentee) for _ in "ab"]
+        assert len(orders.reads(order_id)) == 1
+        for answer in again:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"] == first.headers["content-type"]
+            assert answer.content == first.content
+        assert first.json() == view(order_id, 2, "awaiting_payment")
+
+    async def test_a_change_on_the_feed_shows_in_the_next_read_without_asking_orders(self, world):
+        system, orders = world
+        order_id = str(uuid.uuid4())
+        orders.current[order_id] = view(order_id, 1)
+        admin = system.auth(Role.ADMIN)
+        await system.client.get(f"/api/orders/{order_id}", headers=admin)
+        await orders.change(view(order_id, 2, "awaiting_payment"))
+
+        async def shows_version_2() -> bool:
+            answer = await system.client.get(f"/api/orders/{order_id}", headers=admin)
+            return answer.json()["version"] == 2
+
+        await eventually(shows_version_2, what="version 2 read")
+        assert len(orders.reads(order_id)) == 1
+
+    async def test_another_mentee_is_sent_on_to_orders_and_gets_its_404(self, world):
+        system, orders = world
+        order_id = str(uuid.uuid4())
+        orders.current[order_id] = view(order_id, 1)
+        self.owned_by(orders, "mentee-a")
+        owner = system.auth(Role.MENTEE, "mentee-a")
+        for _ in range(2):
+            assert (await system.client.get(f"/api/orders/{order_id}", headers=owner)).is_success
+        stranger = system.auth(Role.MENTEE, "mentee-b")
+        for _ in range(2):
+            refused = await system.client.get(f"/api/orders/{order_id}", headers=stranger)
+            assert problem(refused, 404)["detail"] == f"there is no order {order_id}"
+        admin = await system.client.get(f"/api/orders/{order_id}", headers=system.auth(Role.ADMIN))
+        assert admin.json() == view(order_id, 1)
+        # The owner's first read, and each of the stranger's; the admin's came from the feed's view.
+        assert len(orders.reads(order_id)) == 3
+
+    async def test_after_an_admins_cancel_through_this_replica_the_read_asks_orders(self, world):
+        system, orders = world
+        order_id = str(uuid.uuid4())
+        orders.current[order_id] = view(order_id, 1)
+        read_order = orders.upstream.answer
+        assert read_order is not None
+
+        def cancel_or_read(recorded: Any) -> Any:
+            if recorded.path.endswith("/cancel"):
+                orders.current[order_id] = view(order_id, 2, "cancelled")
+                return JSONResponse(orders.current[order_id])
+            return read_order(recorded)
+
+        orders.upstream.answer = cancel_or_read
+        admin = system.auth(Role.ADMIN)
+        await system.client.get(f"/api/orders/{order_id}", headers=admin)
+        cancelled = await system.client.post(
+            f"/api/admin/orders/{order_id}/cancel", headers=admin, json={"reason": "a test"}
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        # Read at once, before any OrderChanged: the change the admin just made shows.
+        answer = await system.client.get(f"/api/orders/{order_id}", headers=admin)
+        assert answer.json()["status"] == "cancelled"
+        assert len(orders.reads(order_id)) == 2
+
+    async def test_after_a_gap_in_the_feed_the_next_read_asks_orders(self, world):
+        system, orders = world
+        streams: OrderStreams = system.app.state.order_streams
+        order_id = str(uuid.uuid4())
+        orders.current[order_id] = view(order_id, 1)
+        admin = system.auth(Role.ADMIN)
+        await system.client.get(f"/api/orders/{order_id}", headers=admin)
+        orders.current[order_id] = view(order_id, 2, "awaiting_payment")  # never published
+        streams.feed.on_gap()
+        answer = await system.client.get(f"/api/orders/{order_id}", headers=admin)
+        assert answer.json()["version"] == 2
+        assert len(orders.reads(order_id)) == 2
+
+
+def _payload(token: str) -> bytes:
+    """A JWT's claims, unverified (the stand-in's own reading of the token it was sent)."""
+    segment = token.split(".")[1]
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))

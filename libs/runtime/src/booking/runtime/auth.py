@@ -602,7 +602,8 @@ class TokenVerifier:
     async def verify_reader(self, token: str) -> Identity | OrderLink:
         """Who may read an order: a login token's identity, or an order link (told apart by
         its audience, then verified with the order links' own key). `TokenRefused` otherwise."""
-        if is_order_link(token):
+        # A login token verified before is no link: no need to read its audience again.
+        if token not in self._verified and is_order_link(token):
             return OrderLink(
                 verify_order_token(self._order_link_key, token, leeway=self.rules.leeway)
             )

@@ -56,8 +56,9 @@ from booking.gateway.order_stream import (
     OrderStreams,
     stream_token,
 )
+from booking.gateway.order_views import read_order
 from booking.gateway.upstreams import Service, Upstreams
-from booking.runtime.auth import Role, authenticated, require_roles
+from booking.runtime.auth import Identity, Role, authenticated, require_roles
 
 
 async def upstreams(request: Request) -> Upstreams:
@@ -285,13 +286,18 @@ async def book_session(
         **_problems(*SIGNED_IN, 404),
         **_links(200, **_order_links("$response.body#/id", "$response.body#/session/id")),
     },
-    dependencies=[Depends(require_roles(Role.MENTEE, Role.ADMIN))],
     summary="An order, its payment, session and escrow",
 )
 async def get_order(
-    request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
+    request: Request,
+    order_id: UUID,
+    reader: Identity = Depends(require_roles(Role.MENTEE, Role.ADMIN)),
+    up: Upstreams = Depends(upstreams),
 ) -> Response:
-    return await up.forward(request, Service.ORDERS)
+    """Answered by the gateway from the order changes feed when it knows the order's latest
+    view and that the caller may read it (booking.gateway.order_views), else by orders."""
+    streams: OrderStreams = request.app.state.order_streams
+    return await read_order(streams.views, up, request, order_id, reader)
 
 
 # Served by the gateway itself (from the order changes fanout), not forwarded to orders.
@@ -664,7 +670,12 @@ NOT_FROM_HERE = "the state machine does not allow this move from where it stands
 async def cancel_order(
     body: AdminReason, request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
 ) -> Response:
-    return await up.forward(request, Service.ORDERS, content=_json(body))
+    answer = await up.forward(request, Service.ORDERS, content=_json(body))
+    # The admin reads their own change next: from orders, not from a view the feed has yet to
+    # bring up to date.
+    streams: OrderStreams = request.app.state.order_streams
+    streams.views.forget(order_id)
+    return answer
 
 
 @admin.post(

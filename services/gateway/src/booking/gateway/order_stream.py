@@ -47,6 +47,7 @@ from starlette.types import Message, Receive, Scope, Send
 from booking.contracts import MalformedMessage, OrderChanged, UnknownEvent, decode, http
 from booking.contracts import parse_envelope as parse_change
 from booking.gateway.alerts.endpoint import token_expiry
+from booking.gateway.order_views import OrderViews
 from booking.gateway.return_page import hide_link_tokens_from_access_logs
 from booking.gateway.settings import GatewaySettings
 from booking.gateway.upstreams import (
@@ -100,13 +101,14 @@ class Change:
 
     version: int
     ended: bool
+    data: bytes  # the order as GET shows it: the same model, the same JSON
     frame: bytes
 
     @classmethod
     def of(cls, order: http.Order) -> Change:
-        data = order.model_dump_json()  # as GET shows it: the same model, the same JSON
-        frame = f"event: order\nid: {order.version}\ndata: {data}\n\n".encode()
-        return cls(order.version, order.status in ENDED, frame)
+        data = order.model_dump_json().encode()
+        frame = b"event: order\nid: %d\ndata: %s\n\n" % (order.version, data)
+        return cls(order.version, order.status in ENDED, data, frame)
 
 
 class Signal(enum.Enum):
@@ -196,6 +198,8 @@ class OrderStreams:
         self.queue_size = settings.order_stream_queue_size
         self.write_timeout = settings.order_stream_write_timeout_seconds
         self.watching: dict[str, set[OrderStream]] = {}
+        # The same feed keeps the views of the orders read lately (GET /api/orders/{id}).
+        self.views = OrderViews(lambda: self.feed.consuming)
         self.dropped = 0  # closed by this replica for being too slow
         hide_link_tokens_from_access_logs()  # `access_token=` too
 
@@ -212,14 +216,17 @@ class OrderStreams:
     # --- the feed ---------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Most changes are of orders nobody here watches: a JSON parse finds out, no validation.
+        # Most changes are of orders nobody here watches nor read lately: a JSON parse finds
+        # out, no validation.
         try:
             order_id = json.loads(message.body)["payload"]["order"]["id"]
         except (ValueError, TypeError, KeyError):
             log.error("order change feed: dropped %s: not an OrderChanged", message.message_id)
             return
-        streams = self.watching.get(order_id) if isinstance(order_id, str) else None
-        if not streams:
+        if not isinstance(order_id, str):
+            return
+        streams = self.watching.get(order_id)
+        if not streams and not self.views.watches(order_id):
             return
         try:
             event = decode(parse_change(message.body))
@@ -230,10 +237,12 @@ class OrderStreams:
             log.warning("order change feed: ignored a %s", type(event).__name__)
             return
         change = Change.of(event.order)
-        for stream in list(streams):
+        self.views.changed(order_id, change.version, change.data)
+        for stream in list(streams or ()):
             stream.offer(change)
 
     def _read_again(self) -> None:
+        self.views.forget_all()
         for streams in list(self.watching.values()):
             for stream in list(streams):
                 stream.offer(Signal.REREAD)

@@ -146,7 +146,7 @@ class Upstreams:
             upstream = await self.send(request, service, content=content)
         except Unanswered as failed:
             return failed.problem
-        return _pass_back(upstream, service)
+        return pass_back(upstream, service)
 
     async def send(
         self,
@@ -299,7 +299,9 @@ def failure_problem(upstream: Answer, service: Service) -> Response:
     )
 
 
-def _pass_back(upstream: Answer, service: Service) -> Response:
+def pass_back(upstream: Answer, service: Service) -> Response:
+    """What the caller is answered for `upstream`: a 5xx as `failure_problem`, the rest as
+    it came (`passed_back`)."""
     if failed_service(upstream):
         return failure_problem(upstream, service)
     return passed_back(upstream)
