@@ -9,7 +9,8 @@ consumer, whose handler stamps each message handled in its inbox transaction. Re
 - latency at a steady 200 events/s (one event per transaction): p50/p95/p99 from commit to
   handled.
 
-Targets (issue 2): >= 1,000 events/s; p99 <= 50 ms. Results also go to bench/results/.
+Targets: >= 2,000 events/s (issue 17; issue 2 asked 1,000); p99 <= 50 ms (issue 2). Results
+also go to bench/results/.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from booking.runtime.settings import DEFAULT_DATABASE_URL, RuntimeSettings
 from booking.runtime.tables import MessagingTables
 
 SCHEMA = "bench_messaging"
+TARGET_EVENTS_PER_SECOND = 2000
 
 
 def bench_tables() -> tuple[MetaData, MessagingTables, Table]:
@@ -289,8 +291,8 @@ def report(head: dict, throughput: dict, latency: dict) -> None:
         (
             "events/s, full speed",
             throughput["events_per_second"],
-            ">= 1000",
-            throughput["events_per_second"] >= 1000,
+            f">= {TARGET_EVENTS_PER_SECOND}",
+            throughput["events_per_second"] >= TARGET_EVENTS_PER_SECOND,
         ),
         (f"p50 at {latency['rate_per_second']}/s (ms)", latency["p50_ms"], "", True),
         (f"p95 at {latency['rate_per_second']}/s (ms)", latency["p95_ms"], "", True),
