@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.responses import JSONResponse
+from prometheus_client import REGISTRY
 
 from booking.contracts import OrderChanged, http
 from booking.devtools.fixtures import eventually, publish_event
@@ -430,9 +431,12 @@ class TestReadingAnOrder:
         order_id = str(uuid.uuid4())
         orders.current[order_id] = view(order_id, 2, "awaiting_payment")
         mentee = system.auth(Role.MENTEE)
+        counted = {by: _reads_answered_by(by) for by in ("gateway", "orders")}
         first = await system.client.get(f"/api/orders/{order_id}", headers=mentee)
         again = [await system.client.get(f"/api/orders/{order_id}", headers=mentee) for _ in "ab"]
         assert len(orders.reads(order_id)) == 1
+        assert _reads_answered_by("orders") - counted["orders"] == 1
+        assert _reads_answered_by("gateway") - counted["gateway"] == 2
         for answer in again:
             assert answer.status_code == 200
             assert answer.headers["content-type"] == first.headers["content-type"]
@@ -514,3 +518,8 @@ def _payload(token: str) -> bytes:
     """A JWT's claims, unverified (the stand-in's own reading of the token it was sent)."""
     segment = token.split(".")[1]
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _reads_answered_by(where: str) -> float:
+    """The gateway's `order_reads_total` for `where` (this process's registry)."""
+    return REGISTRY.get_sample_value("order_reads_total", {"answered_by": where}) or 0.0
