@@ -6,6 +6,7 @@ Each test opens the unit of work itself, as a use case or the consumer does.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from booking.contracts import MenteeContact
+from booking.devtools.fixtures import eventually
 from booking.orders.domain import (
     BookedSession,
     Escrow,
@@ -59,6 +61,44 @@ class TestLocking:
                     )
                     assert free == 0, f"the {table} row is not locked"
         assert await _lock_nothing(orders, uuid.uuid4()) is None
+
+    async def test_what_waited_for_the_lock_reads_the_session_as_the_holder_left_it(
+        self, orders
+    ) -> None:
+        """Postgres reads again, after a wait, only the rows the statement locks: an escrow
+        event applied after a payment failure must see the session the failure cancelled, or
+        its order view (OrderChanged) shows the session as it was."""
+        booked = await orders.booked()
+        order_id = uuid.UUID(booked.order_id)
+        holding, go_on = asyncio.Event(), asyncio.Event()
+
+        async def fail_the_payment() -> None:
+            async with orders.runtime.db.transaction() as session:
+                stored = await lock_order(session, order_id)
+                assert stored is not None
+                stored.booked.cancel()
+                await save_order(session, stored)
+                holding.set()
+                await go_on.wait()
+
+        failing = asyncio.create_task(fail_the_payment())
+        await holding.wait()
+        async with orders.runtime.db.transaction() as session:
+            waiting = asyncio.create_task(lock_order(session, order_id))
+            await eventually(lambda: _waits_for_a_lock(orders), what="the second lock waiting")
+            go_on.set()
+            await failing
+            stored = await waiting
+        assert stored is not None
+        assert stored.booked.status.value == "cancelled"
+
+
+async def _waits_for_a_lock(orders) -> bool:
+    waiting = await orders.scalar(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return bool(waiting)
 
 
 async def _lock_nothing(orders, order_id: uuid.UUID):

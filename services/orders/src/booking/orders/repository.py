@@ -258,9 +258,11 @@ _ORDER_AND_SESSION = f"""
     FROM "{SCHEMA}".orders AS o JOIN "{SCHEMA}".booked_sessions AS s ON s.order_id = o.id
     """
 _FIND_ORDER = f"{_ORDER_AND_SESSION} WHERE o.id = $1"
-# Postgres takes the locks in the order of `OF`: the order first, as everywhere else.
+# Postgres takes the locks in the order of `OF`: the order first, as everywhere else. Both
+# rows are locked, even for a change of the order alone: a statement that waited for the lock
+# reads again only the rows it locks, so an unlocked session would be the one from before the
+# wait, and the order view built from it (OrderChanged) would show a session that no longer is.
 _LOCK_ORDER = f"{_FIND_ORDER} FOR UPDATE OF o, s"
-_LOCK_ORDER_ALONE = f"{_FIND_ORDER} FOR UPDATE OF o"
 _CLAIM_UNOPENED = f"""
     {_ORDER_AND_SESSION}
     WHERE o.status = '{OrderStatus.PENDING.value}' AND o.payment_ref IS NULL
@@ -277,14 +279,10 @@ async def find_order(session: AsyncSession, order_id: UUID) -> StoredOrder | Non
     return None if row is None else _stored_order(row)
 
 
-async def lock_order(
-    session: AsyncSession, order_id: UUID, *, with_session: bool = True
-) -> StoredOrder | None:
+async def lock_order(session: AsyncSession, order_id: UUID) -> StoredOrder | None:
     """The order and its session, locked until the transaction ends, in one round trip; None
-    when there is no such order. Without `with_session` the session is read but not locked
-    (payments' escrow events never change it)."""
-    statement = _LOCK_ORDER if with_session else _LOCK_ORDER_ALONE
-    row = await (await driver_connection(session)).fetchrow(statement, order_id)
+    when there is no such order."""
+    row = await (await driver_connection(session)).fetchrow(_LOCK_ORDER, order_id)
     return None if row is None else _stored_order(row)
 
 

@@ -591,8 +591,9 @@ class OrderService:
         never applied (it came after the order ended): its amounts then fill the empty ones, so
         the order view shows the escrow.
         """
-        # The session is read (the view shows it) but not locked: escrow events never change it.
-        stored = await repository.lock_order(session, event.order_id, with_session=False)
+        # Escrow events never change the session, but the view shows it: it is locked too, so
+        # that it is read as it stands after whatever held the order (repository.lock_order).
+        stored = await repository.lock_order(session, event.order_id)
         if stored is None:
             log.warning("%s for unknown order %s", type(event).__name__, event.order_id)
             return
