@@ -14,6 +14,10 @@ Never older than the feed: a view is answered only while the feed consumes, and 
 when it had no queue for a while (changes may have been missed). A read sent on to orders
 leaves a placeholder first, so that a change arriving while orders answers is not lost to the
 older answer; an answer that comes back across a gap is not kept.
+
+This trusts that a version names one state of the order: orders grows it in the UPDATE that
+changes what the view shows, and records OrderChanged with that view in the same transaction,
+the order and its session both locked (so neither is read from before another's change).
 """
 
 from __future__ import annotations
