@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 
-from booking.runtime.logs import QuietBrokerClient
+from booking.runtime.logs import QuietBrokerClient, configure_logging
 
 
 def record(name: str, message: str, *, exc: bool = False) -> logging.LogRecord:
@@ -40,3 +41,20 @@ def test_the_stack_trace_of_a_lost_connection_is_dropped():
     assert lost.exc_info is None and lost.exc_text is None
     formatted = logging.Formatter().format(lost)
     assert "Traceback" not in formatted
+
+
+def test_lines_go_to_the_stdout_of_the_moment_not_the_one_at_configuration(monkeypatch):
+    """A test runner swaps sys.stdout and closes the old one: lines must follow the swap."""
+    root = logging.getLogger()
+    kept_handlers, kept_level = root.handlers[:], root.level
+    first, then = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stdout", first)
+        configure_logging("test-service")
+        first.close()
+        monkeypatch.setattr(sys, "stdout", then)
+        logging.getLogger("booking.test").warning("after the swap")
+    finally:
+        root.handlers[:] = kept_handlers
+        root.setLevel(kept_level)
+    assert "after the swap" in then.getvalue()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -54,8 +55,29 @@ class QuietBrokerClient(logging.Filter):
 BROKER_CLIENT_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.tools")
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stdout` is when it writes, not the one it was built with.
+
+    A test runner swaps `sys.stdout` for each test and closes the old one: a handler holding it
+    failed every write from then on, and the logging module printed each failure's traceback
+    (formatting one parses source with `ast` on Python 3.11, which raced another thread's parse:
+    "AST constructor recursion depth mismatch" in a property test).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _given: Any) -> None:
+        pass  # always the current one
+
+
 def configure_logging(service: str, level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.addFilter(_ContextFilter(service))
     handler.setFormatter(
         JsonFormatter(
