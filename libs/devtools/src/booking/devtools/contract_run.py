@@ -10,7 +10,6 @@ or on an answer that breaks the document.
 
 from __future__ import annotations
 
-import importlib
 import re
 import uuid
 from collections import Counter
@@ -31,23 +30,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from booking.runtime.auth import Role, issue_token
-
-# Modules schemathesis imports only once it generates. Their hypothesis strategies read their own
-# source with ast.parse as they are defined, and CPython 3.11's compiler can fail there ("AST
-# constructor recursion depth mismatch") under the recursion limit hypothesis sets while a test
-# runs: they are imported now, before any test does.
-for _generating in (
-    "schemathesis.generation.body_overrides",
-    "schemathesis.generation.dictionaries",
-    "schemathesis.generation.jsonschema.strategy",
-    "schemathesis.specs.openapi._hypothesis",
-    "schemathesis.specs.openapi.adapter.parameters",
-    "schemathesis.specs.openapi.headers",
-    "schemathesis.specs.openapi.media_types",
-    "schemathesis.specs.openapi.negative",
-    "schemathesis.specs.openapi.stateful",
-):
-    importlib.import_module(_generating)
 
 CHECKS = [
     not_a_server_error,
