@@ -559,6 +559,7 @@ class TestMakeToken:
 
     def token(self, monkeypatch, capsys, *args: str, **env: str) -> tuple[int, str, str]:
         clean_environment(monkeypatch, **env)
+        capsys.readouterr()  # what the fixtures' servers logged as they started: not the command's
         code = print_token(list(args))
         out, err = capsys.readouterr()
         return code, out.strip(), err
