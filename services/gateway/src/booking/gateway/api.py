@@ -65,6 +65,11 @@ async def upstreams(request: Request) -> Upstreams:
     return request.app.state.upstreams
 
 
+async def order_changes(request: Request) -> OrderStreams:
+    """The order streams and the order views, both fed by this replica's order changes feed."""
+    return request.app.state.order_streams
+
+
 # Which mentor the token may act as is the owning service's to decide (see the docstring).
 mentor_or_admin = require_roles(Role.ADMIN, Role.MENTOR)
 
@@ -293,10 +298,10 @@ async def get_order(
     order_id: UUID,
     reader: Identity = Depends(require_roles(Role.MENTEE, Role.ADMIN)),
     up: Upstreams = Depends(upstreams),
+    streams: OrderStreams = Depends(order_changes),
 ) -> Response:
     """Answered by the gateway from the order changes feed when it knows the order's latest
     view and that the caller may read it (booking.gateway.order_views), else by orders."""
-    streams: OrderStreams = request.app.state.order_streams
     return await read_order(streams.views, up, request, order_id, reader)
 
 
@@ -338,10 +343,10 @@ async def follow_order(
         "sends it when it reconnects)",
     ),
     up: Upstreams = Depends(upstreams),
+    streams: OrderStreams = Depends(order_changes),
 ) -> Response:
     """For the order's mentee and admins, or whoever holds an order link to this order."""
     after = max(last_event_id or 0, last_event_id_header or 0)
-    streams: OrderStreams = request.app.state.order_streams
     return await streams.open(up, order_id, token, after)
 
 
@@ -668,12 +673,15 @@ NOT_FROM_HERE = "the state machine does not allow this move from where it stands
     summary="Cancel an order: its slot freed, its Google event deleted, a paid one's escrow frozen",
 )
 async def cancel_order(
-    body: AdminReason, request: Request, order_id: UUID, up: Upstreams = Depends(upstreams)
+    body: AdminReason,
+    request: Request,
+    order_id: UUID,
+    up: Upstreams = Depends(upstreams),
+    streams: OrderStreams = Depends(order_changes),
 ) -> Response:
     answer = await up.forward(request, Service.ORDERS, content=_json(body))
     # The admin reads their own change next: from orders, not from a view the feed has yet to
     # bring up to date.
-    streams: OrderStreams = request.app.state.order_streams
     streams.views.forget(order_id)
     return answer
 
