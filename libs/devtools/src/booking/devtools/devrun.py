@@ -34,6 +34,8 @@ from urllib.parse import SplitResult, urlsplit
 import aio_pika
 import asyncpg
 import httpx
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL
 
@@ -42,6 +44,16 @@ RABBITMQ_START = "rabbitmq-server -detached"
 MIGRATED = ("orders", "payments", "calendar", "notifications")
 CONNECT_TIMEOUT = 3.0
 POLL_INTERVAL = 0.25
+
+
+class DevRunSettings(BaseSettings):
+    """`make run`'s own patience."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # Seconds to wait for every process to be ready, and between SIGTERM and SIGKILL at a stop.
+    devrun_ready_timeout: float = Field(default=60.0, gt=0)
+    devrun_stop_grace: float = Field(default=15.0, gt=0)
 
 
 class DevRunError(Exception):
