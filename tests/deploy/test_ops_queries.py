@@ -1,5 +1,5 @@
-"""The ops queries of the README's Operations section, read from the document itself, against a
-migrated notifications schema holding notifications of every kind, age and state."""
+"""The ops queries of docs/operations.md, read from the document itself, against a migrated
+notifications schema holding notifications of every kind, age and state."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def ops_queries(document: str) -> dict[str, str]:
     """Each ```sql block of the "Ops queries" section, by the comment on its first line."""
-    section = document.split("### Ops queries", 1)[1].split("\n## ", 1)[0]
+    section = document.split("\n## Ops queries\n", 1)[1].split("\n## ", 1)[0]
     queries = {}
     for block in re.findall(r"```sql\n(.*?)```", section, re.S):
         first, _, _ = block.partition("\n")
@@ -122,7 +122,7 @@ async def notifications_db(database_url: str, deploy) -> AsyncIterator[tuple[str
 
 @pytest.fixture(scope="module")
 def queries(deploy) -> dict[str, str]:
-    return ops_queries((deploy.root / "README.md").read_text())
+    return ops_queries((deploy.root / "docs" / "operations.md").read_text())
 
 
 async def run(url: str, query: str) -> list[asyncpg.Record]:
