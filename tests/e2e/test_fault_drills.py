@@ -46,18 +46,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import glob
 import itertools
 import os
-import pwd
 import reprlib
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -77,6 +72,13 @@ from booking.calendar.settings import CalendarSettings
 from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
 from booking.devtools.devrun import child_environment
 from booking.devtools.fixtures import eventually, pick_free_ports
+from booking.devtools.infra import (
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    postgres_bindir,
+    rabbitmq_scripts,
+    run_command,
+)
 from booking.payments.settings import PaymentsSettings
 from booking.runtime.auth import issue_token
 from booking.runtime.settings import RuntimeSettings
@@ -95,7 +97,6 @@ BOOKING_DEADLINE_SECONDS = 150  # one booking's client steps: accepted, pay link
 SETTLE_SECONDS = 120  # after the load stops: every booking terminal, outboxes sent, queues drained
 READY_SECONDS = 120  # a restarted process (or all of them) answering 200 on /health/ready
 SYSTEM_READY_SECONDS = 240  # the private servers, four migrations and nine processes
-INFRA_SECONDS = 90  # a private server starting or stopping
 DRILL_SECONDS = BOOKING_DEADLINE_SECONDS + SETTLE_SECONDS + READY_SECONDS
 # The first drill also starts the system (module-scoped), so every marker allows for it.
 DRILL_TIMEOUT = SYSTEM_READY_SECONDS + DRILL_SECONDS
@@ -213,232 +214,6 @@ def outcome_of(booking: Any) -> str | None:
     if order_status in ("cancelled", "payment_failed") and session_status == "cancelled":
         return UNPAID
     return None
-
-
-# --- a private Postgres cluster and a private RabbitMQ node -----------------------------------
-
-
-async def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None):
-    """Run a command to its end without blocking the load; its exit code and output."""
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        async with asyncio.timeout(INFRA_SECONDS):
-            output, _ = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise AssertionError(f"{' '.join(argv)} did not finish within {INFRA_SECONDS}s") from None
-    return process.returncode, output.decode(errors="replace")
-
-
-def postgres_bindir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: p.split("/")[4])
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class PrivatePostgres:
-    """A throwaway Postgres cluster of our own, in a temporary directory, on a free port.
-
-    As root it runs as the `postgres` OS user (Postgres refuses root), in a directory it owns.
-    """
-
-    bindir: Path
-    port: int
-    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="drill-pg-")))
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    async def _run(self, program: str, *args: str) -> str:
-        argv = [str(self.bindir / program), *args]
-        if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
-        code, output = await run(argv)
-        assert code == 0, f"{program} {args[-1]} failed:\n{output}\n{self.log_tail()}"
-        return output
-
-    async def create(self) -> None:
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.base, owner.pw_uid, owner.pw_gid)
-        data = str(self.base / "data")
-        await self._run("initdb", "-A", "trust", "-U", "postgres", "--no-sync", "-D", data)
-        await self.start()
-
-    async def start(self) -> None:
-        options = [
-            f"-p {self.port}",
-            f"-k {self.base}",
-            "-c listen_addresses=127.0.0.1",
-            "-c max_connections=300",
-            # Only a crash of the machine could lose what fsync protects; a drill stops the
-            # server, never the machine, and the disk is shared with everyone's tests.
-            "-c fsync=off",
-        ]
-        await self._run(
-            "pg_ctl",
-            *("-D", str(self.base / "data"), "-l", str(self.base / "server.log")),
-            *("-o", " ".join(options), "-w", "-t", str(INFRA_SECONDS - 10), "start"),
-        )
-
-    async def stop(self) -> None:
-        """A fast shutdown: open sessions are cut off, as in an outage."""
-        await self._run(
-            "pg_ctl",
-            *("-D", str(self.base / "data"), "-m", "fast"),
-            *("-w", "-t", str(INFRA_SECONDS - 10), "stop"),
-        )
-
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.base / "server.log"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-    async def destroy(self) -> None:
-        if (self.base / "data" / "postmaster.pid").exists():
-            with contextlib.suppress(AssertionError):
-                await self.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-RABBITMQ_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
-
-
-@dataclass
-class PrivateRabbitMQ:
-    """A RabbitMQ node of our own (its own name, ports, data, logs and Erlang cookie).
-
-    The node runs the scripts of the installed RabbitMQ directly (the /usr/sbin wrappers would
-    switch to the rabbitmq user and its home, hence its cookie): everything it reads and writes
-    is in a temporary directory, and its config names its own listener, so the machine's
-    /etc/rabbitmq (whose listener is the shared node's 5672) is never read.
-    """
-
-    port: int
-    dist_port: int
-    node: str = field(default_factory=lambda: f"drill-{uuid.uuid4().hex[:8]}@localhost")
-    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="drill-rabbitmq-")))
-    process: subprocess.Popen | None = None
-    started_epmd: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    @property
-    def env(self) -> dict[str, str]:
-        base = self.base
-        return {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "HOME": str(base),  # where the Erlang cookie is, for the node and for rabbitmqctl
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),
-        }
-
-    async def start(self) -> None:
-        base = self.base
-        cookie = base / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
-        cookie.chmod(0o400)
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
-        (base / "rabbitmq-env.conf").write_text("")
-        (base / "enabled_plugins").write_text("[].\n")
-        self.started_epmd = not listening(4369)
-        self._spawn()
-
-        async def started() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(
-                    f"the private RabbitMQ exited ({self.process.returncode}):\n{self.log_tail()}"
-                )
-            # await_startup fails at once while the node has not yet registered its name.
-            code, _ = await self.ctl("--timeout", "30", "await_startup")
-            return code == 0
-
-        await eventually(
-            started, timeout=INFRA_SECONDS, interval=0.5, what="the private RabbitMQ started"
-        )
-
-    def _spawn(self) -> None:
-        with (self.base / "server.out").open("wb") as out:
-            self.process = subprocess.Popen(
-                [str(RABBITMQ_SCRIPTS / "rabbitmq-server")],
-                cwd=self.base,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    async def ctl(self, *args: str) -> tuple[int, str]:
-        return await run(
-            [str(RABBITMQ_SCRIPTS / "rabbitmqctl"), "-n", self.node, *args],
-            env=self.env,
-            cwd=self.base,
-        )
-
-    async def stop_app(self) -> None:
-        code, output = await self.ctl("stop_app")
-        assert code == 0, f"rabbitmqctl stop_app failed:\n{output}"
-
-    async def start_app(self) -> None:
-        code, output = await self.ctl("start_app")
-        assert code == 0, f"rabbitmqctl start_app failed:\n{output}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.base / "server.out"
-        if not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-    async def destroy(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            await self.ctl("stop")
-            try:
-                await asyncio.to_thread(process.wait, 30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                await asyncio.to_thread(process.wait, 10)
-        if self.started_epmd and shutil.which("epmd"):
-            # We started the port mapper with our node: stop it again (it refuses while any
-            # other node is registered with it).
-            await run(["epmd", "-kill"])
-        shutil.rmtree(self.base, ignore_errors=True)
 
 
 # --- the processes ----------------------------------------------------------------------------
@@ -608,7 +383,7 @@ class DrillSystem:
 
 
 async def migrate(name: str, env: dict[str, str], logs: Path) -> None:
-    code, output = await run([sys.executable, "-m", f"booking.{name}", "migrate"], env=env)
+    code, output = await run_command([sys.executable, "-m", f"booking.{name}", "migrate"], env=env)
     (logs / f"{name}-migrate.log").write_text(output)
     assert code == 0, f"{name} migrate failed:\n{output}"
 
@@ -681,18 +456,19 @@ def system_processes(env: dict[str, str], logs: Path, ports: list[int]) -> dict[
 @pytest.fixture(scope="module")
 async def drill_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DrillSystem]:
     """The system on a private Postgres and RabbitMQ, with its mentors, for the whole module."""
-    bindir = postgres_bindir()
-    if bindir is None or not (bindir / "pg_ctl").exists():
+    bindir, scripts = postgres_bindir(), rabbitmq_scripts()
+    if bindir is None:
         pytest.skip("the fault drills need Postgres' initdb and pg_ctl for a private cluster")
-    if not (RABBITMQ_SCRIPTS / "rabbitmq-server").exists():
-        pytest.skip(f"the fault drills need RabbitMQ's scripts in {RABBITMQ_SCRIPTS}")
+    if scripts is None:
+        pytest.skip("the fault drills need RabbitMQ's server scripts for a private node")
     if os.geteuid() == 0 and not shutil.which("runuser"):
         pytest.skip("as root, the fault drills need runuser to run Postgres as postgres")
 
     logs = tmp_path_factory.mktemp("drills")
     pg_port, amqp_port, dist_port, *ports = pick_free_ports(12)
-    postgres = PrivatePostgres(bindir, pg_port)
-    rabbitmq = PrivateRabbitMQ(amqp_port, dist_port)
+    # Throwaway: fsync off, since a drill stops the servers, never the machine.
+    postgres = PrivatePostgres(bindir, pg_port, fsync=False)
+    rabbitmq = PrivateRabbitMQ(scripts, amqp_port, dist_port)
     processes: dict[str, Process] = {}
     # The drills' one client: the sandboxes' control calls carry their token, the rest nothing.
     async with httpx.AsyncClient(timeout=15, trust_env=False, auth=ControlAuth()) as http:

@@ -12,6 +12,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -19,6 +21,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from booking.devtools.infra import listening as port_open
+from booking.devtools.infra import postgres_bindir, rabbitmq_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_JSON = "application/health+json"
@@ -220,7 +225,68 @@ class TestMakeRun:
             f"Postgres is not reachable at postgresql://postgres@127.0.0.1:{closed_port}/x"
             in output
         )
-        assert "pg_ctlcluster --skip-systemctl-redirect" in output
-        assert "DATABASE_URL" in output
+        assert "point DATABASE_URL at a running Postgres, or unset DATABASE_URL" in output
         assert "Traceback" not in output
+        # An explicit URL is never replaced by a server of make run's own.
+        assert "private Postgres" not in output
         assert not re.search(r"^devrun +\| started ", output, re.MULTILINE)
+
+    @pytest.mark.skipif(
+        postgres_bindir() is None or rabbitmq_scripts() is None,
+        reason="needs the Postgres and RabbitMQ server programs",
+    )
+    @pytest.mark.timeout(READY_DEADLINE_SECONDS + STOP_DEADLINE_SECONDS + 120)
+    def test_with_nothing_answering_it_brings_its_own_postgres_and_rabbitmq(
+        self, tmp_path: Path, free_ports: Callable[[int], list[int]]
+    ):
+        log = tmp_path / "make-run.log"
+        # Postgres runs as the postgres user when we are root: a folder it can reach (pytest's
+        # own are closed to other users).
+        infra_dir = Path(tempfile.mkdtemp(prefix="make-run-infra-"))
+        infra_dir.chmod(0o755)
+        closed, postgres_port, rabbitmq_port, dist_port, *ports = free_ports(4 + len(PROCESSES))
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_URL")}
+        env.update(
+            # Where it looks for running servers: nothing answers there.
+            INFRA_PROBE_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{closed}/postgres",
+            INFRA_PROBE_RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{closed}/",
+            INFRA_DIR=str(infra_dir),
+            INFRA_POSTGRES_PORT=str(postgres_port),
+            INFRA_RABBITMQ_PORT=str(rabbitmq_port),
+            INFRA_RABBITMQ_DIST_PORT=str(dist_port),
+            NO_COLOR="1",
+        )
+        env.update(zip((v for _, v, _ in PROCESSES), map(str, ports), strict=True))
+        urls = {
+            name: f"http://127.0.0.1:{env[variable]}{path}" for name, variable, path in PROCESSES
+        }
+        process = start_make_run(env, log)
+        tree: dict[int, str] = {}
+        try:
+            wait_until_ready(process, urls, log)
+            output = log.read_text()
+            assert f"Postgres is up at postgresql://postgres@127.0.0.1:{postgres_port}/" in output
+            assert f"RabbitMQ is up at amqp://guest@127.0.0.1:{rabbitmq_port}/" in output
+            assert (infra_dir / "postgres" / "data" / "PG_VERSION").exists()
+            tree = descendants(process.pid)
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=STOP_DEADLINE_SECONDS + 30)
+            assert re.search(r"^devrun +\| stopping the private Postgres$", log.read_text(), re.M)
+            # Both servers stop with it; their data stays for the next run.
+            assert not port_open(postgres_port), tail(log)
+            assert not port_open(rabbitmq_port), tail(log)
+            assert (infra_dir / "postgres" / "data" / "PG_VERSION").exists()
+        finally:
+            if process.poll() is None:
+                tree.update(descendants(process.pid))
+                kill_all([process.pid])
+                process.wait(timeout=10)
+            kill_all(still_running(tree))
+            subprocess.run(
+                [sys.executable, "-m", "booking.devtools.infra", "clean"],
+                env=env,
+                cwd=ROOT,
+                check=False,
+                capture_output=True,
+            )
+            shutil.rmtree(infra_dir, ignore_errors=True)

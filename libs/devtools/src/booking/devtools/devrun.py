@@ -1,7 +1,9 @@
 """`make run`: the whole system on this machine, as child processes of one supervisor.
 
-`python -m booking.devtools.devrun` checks that Postgres and RabbitMQ answer (and says how to start
-them when they do not), migrates every schema, starts the sandbox providers and the five services
+`python -m booking.devtools.devrun` reads an .env file beside the Makefile if there is one (the
+environment wins), settles where Postgres and RabbitMQ are (`booking.devtools.infra`: starting
+its own where a URL is unset and none answers; an explicit URL that does not answer is an
+error), migrates every schema, starts the sandbox providers and the five services
 with this same Python and the environment passed through, prefixes each child's output with its
 name, waits until every one is ready, and prints where each listens. Ctrl-C or SIGTERM stops them
 all (gateway first, sandboxes last) and exits 0; a child that dies on its own stops the rest and
@@ -10,9 +12,8 @@ exits 1, naming it.
 Children run in their own process groups: a Ctrl-C in the terminal reaches only the supervisor,
 which stops them in order. On Linux each child also gets SIGTERM if the supervisor itself dies.
 
-Environment, besides every service's own settings (all passed through):
-`DEVRUN_READY_TIMEOUT` (seconds to wait for readiness, 60), `DEVRUN_STOP_GRACE` (seconds between
-SIGTERM and SIGKILL, 15), `NO_COLOR` (no colours even on a terminal).
+Environment, besides every service's own settings (all passed through): `DevRunSettings`,
+`InfraSettings`, and `NO_COLOR` (no colours even on a terminal).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from urllib.parse import SplitResult, urlsplit
 import aio_pika
 import asyncpg
 import httpx
-from pydantic import Field
+from dotenv import dotenv_values
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from booking.devtools import infra
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL
 
-POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-RABBITMQ_START = "rabbitmq-server -detached"
 MIGRATED = ("orders", "payments", "calendar", "notifications")
 CONNECT_TIMEOUT = 3.0
 POLL_INTERVAL = 0.25
@@ -262,30 +263,26 @@ async def check_infrastructure(env: dict[str, str], output: Output) -> None:
         "Postgres": (
             check_postgres(database_url),
             database_url,
-            POSTGRES_START,
             "DATABASE_URL",
             "user, password and database",
         ),
         "RabbitMQ": (
             check_rabbitmq(rabbitmq_url),
             rabbitmq_url,
-            RABBITMQ_START,
             "RABBITMQ_URL",
             "user, password and virtual host",
         ),
     }
     results = await asyncio.gather(*(c[0] for c in checks.values()), return_exceptions=True)
     problems = []
-    for (name, (_, url, start, variable, parts)), result in zip(
-        checks.items(), results, strict=True
-    ):
+    for (name, (_, url, variable, parts)), result in zip(checks.items(), results, strict=True):
         if result is None:
             output.say(f"{name} is up at {redacted(url)}")
         elif isinstance(result, Unreachable):
             problems.append(
                 f"{name} is not reachable at {redacted(url)}: {result}\n"
-                f"  start it with:  {start}\n"
-                f"  or point {variable} at a running {name}."
+                f"  start it there, or point {variable} at a running {name}, or unset"
+                f" {variable}: make run then brings its own when none answers."
             )
         elif isinstance(result, Refused):
             problems.append(
@@ -553,17 +550,20 @@ async def terminate_group(process: asyncio.subprocess.Process, grace: float) -> 
         await process.wait()
 
 
-def _seconds(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if not raw:
-        return default
+def environment() -> dict[str, str]:
+    """Ours, over the lines of an .env file beside the Makefile, if there is one."""
+    env_file = infra.PROJECT_ROOT / ".env"
+    from_file = dotenv_values(env_file) if env_file.exists() else {}
+    return {**{k: v for k, v in from_file.items() if v is not None}, **os.environ}
+
+
+def devrun_settings(env: dict[str, str]) -> DevRunSettings:
+    given = {n: env[n.upper()] for n in DevRunSettings.model_fields if n.upper() in env}
     try:
-        value = float(raw)
-    except ValueError:
-        raise DevRunError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise DevRunError(f"{name} must be more than 0 seconds")
-    return value
+        return DevRunSettings.model_validate(given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'][0]}".upper() + f": {e['msg']}" for e in exc.errors())
+        raise DevRunError(problems) from None
 
 
 async def main() -> int:
@@ -572,13 +572,15 @@ async def main() -> int:
     output = Output(names, colour=colour)
     loop = asyncio.get_running_loop()
     supervisor: Supervisor | None = None
+    provided: infra.Provided | None = None
     try:
-        env = child_environment(dict(os.environ))
+        env = child_environment(environment())
+        settings = devrun_settings(env)
         supervisor = Supervisor(
             env,
             output,
-            ready_timeout=_seconds(env, "DEVRUN_READY_TIMEOUT", 60.0),
-            stop_grace=_seconds(env, "DEVRUN_STOP_GRACE", 15.0),
+            ready_timeout=settings.devrun_ready_timeout,
+            stop_grace=settings.devrun_stop_grace,
         )
         requested = supervisor.stop_requested
 
@@ -596,9 +598,12 @@ async def main() -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
         check_ports(env)
+        # Postgres and RabbitMQ: ours, where their URL is unset and none answers.
+        provided = await infra.start(env, output.say)
+        env.update(provided.urls)
         await check_infrastructure(env, output)
         return await supervisor.run()
-    except DevRunError as exc:
+    except (DevRunError, infra.InfraError) as exc:
         output.say(str(exc))
         if supervisor is not None and supervisor.running and not supervisor.stopping:
             await supervisor.stop_all()
@@ -608,6 +613,9 @@ async def main() -> int:
         if supervisor is not None and not supervisor.stopping:
             await asyncio.shield(supervisor.stop_all())
         raise
+    finally:
+        if provided is not None:
+            await asyncio.shield(infra.stop(provided, output.say))
 
 
 if __name__ == "__main__":
