@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from booking.contracts.money import format_money
 from booking.devtools.devrun import CHILDREN, DevRunError, probe_host
+from booking.gateway.dashboard import PREFIX as DASHBOARD_PREFIX
 from booking.runtime.auth import issue_token
 from booking.runtime.settings import RuntimeSettings
 from booking.sandbox.control import ControlAuth
@@ -35,6 +36,8 @@ from booking.sandbox.control import ControlAuth
 T = TypeVar("T")
 STEPS = 7
 POLL_SECONDS = 0.2
+# The demo's tokens, the dashboard's included: long enough to watch a few runs with one.
+TOKEN_SECONDS = 3600
 
 
 class DemoStopped(Exception):
@@ -72,8 +75,16 @@ class System:
             secret=secret,
         )
 
+    def bearer(self, role: str, sub: str) -> str:
+        return issue_token(self.secret, sub, role, ttl_seconds=TOKEN_SECONDS)
+
     def token(self, role: str, sub: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {issue_token(self.secret, sub, role)}"}
+        return {"Authorization": f"Bearer {self.bearer(role, sub)}"}
+
+    @property
+    def dashboard(self) -> str:
+        # The page's modules are relative to it: /admin/, not the redirect at /admin.
+        return f"{self.gateway}{DASHBOARD_PREFIX}/"
 
 
 # --- what it prints -------------------------------------------------------------------------------
@@ -385,7 +396,9 @@ class Walkthrough:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
     def __post_init__(self) -> None:
-        self.admin = self.system.token("admin", f"demo-admin-{self.run_id}")
+        # Printed for the dashboard too, so the person watching signs in as the demo's admin.
+        self.admin_token = self.system.bearer("admin", f"demo-admin-{self.run_id}")
+        self.admin = {"Authorization": f"Bearer {self.admin_token}"}
         self.mentee = self.system.token("mentee", f"demo-mentee-{self.run_id}")
         down = "start it with `make run` (or set GATEWAY_PORT as for `make run`)"
         self.api = Http(self.system.gateway, "the gateway", down)
@@ -417,6 +430,7 @@ class Walkthrough:
         say = self.say
         say.title("Mentor booking: a walkthrough of the whole system")
         say.say(f"gateway {self.system.gateway}; run {self.run_id}")
+        self.show_dashboard()
         await self.check_running()
         say.step(2, "An admin opens the live alert feed")
         async with AdminFeed.open(self.system, self.admin, self.timeout) as feed:
@@ -431,6 +445,22 @@ class Walkthrough:
         say._print()
         say.say(f"Done in {say.elapsed():.1f} s. Run it again whenever you like: every run")
         say.say("makes its own mentors and bookings.")
+
+    def show_dashboard(self) -> None:
+        """Where a person can watch step 6's alert arrive. The page reads no token from its URL,
+        only one pasted into its sign-in form, so the URL and the token are printed apart."""
+        say = self.say
+        say._print()
+        say.say("Open the dashboard with this token to watch the alerts arrive live:")
+        say.show("dashboard", self.system.dashboard)
+        say.show("admin token", self.admin_token)
+        # The walkthrough may well reach its alert before anyone has signed in.
+        how = (
+            "(paste the token into the page's Admin token box and press Sign in; it is good for"
+            f" {TOKEN_SECONDS // 60} minutes. Alerts raised before you sign in are in the page's"
+            " list; run the demo again to see new ones arrive. Nothing opens by itself.)"
+        )
+        say.say("\n".join(textwrap.wrap(how, width=84)))
 
     # 1
     async def check_running(self) -> None:
