@@ -1,8 +1,9 @@
--- One Postgres role per service, each owning only its own schema (the README's Postgres roles).
+-- One Postgres role per service, each owning only its own schema (docs/operations.md, Postgres
+-- roles).
 --
 -- Run once per database, as a superuser (on a managed Postgres, its admin user: see
--- the README's Operations section), with psql: it uses psql variables and \gexec. Running it again changes
--- nothing:
+-- docs/operations.md, Postgres roles), with psql: it uses psql variables and \gexec. Running it
+-- again changes nothing:
 --
 --   psql "postgresql://postgres@db.example:5432/booking" -v ON_ERROR_STOP=1 \
 --     -v orders_password="$ORDERS_DB_PASSWORD" -v payments_password="$PAYMENTS_DB_PASSWORD" \

@@ -267,7 +267,7 @@ class TestTheMigrationJob:
             assert {s for s in served[1] if s.startswith("booking-shared")} <= secrets
 
     def test_can_run_before_anything_else_is_applied(self, rendered, output):
-        # The README's Operations section: apply -l 'app.kubernetes.io/component in (config,
+        # docs/operations.md, Kubernetes: apply -l 'app.kubernetes.io/component in (config,
         # external,migration)', wait for the Job, then apply the rest.
         docs = rendered[output]
         component = "app.kubernetes.io/component"

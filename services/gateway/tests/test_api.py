@@ -37,7 +37,7 @@ BOOKING_BODY = {
     },
 }
 
-# Who may call each route (the README and docs/recovery.md say so route by route). A mentor's
+# Who may call each route (docs/api.md and docs/recovery.md say so route by route). A mentor's
 # routes pass any mentor here: which mentor a token acts as is the owning service's to decide.
 ADMIN, SIGNED_IN, MENTEE, MENTEE_OR_ADMIN, MENTOR_OR_ADMIN, ANYONE = (
     "admin",

@@ -1,4 +1,4 @@
-"""GatewaySettings: where the gateway finds each service (the README's Settings section)."""
+"""GatewaySettings: where the gateway finds each service (docs/settings.md)."""
 
 import pytest
 

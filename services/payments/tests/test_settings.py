@@ -1,4 +1,4 @@
-"""PaymentsSettings: the README's environment names, sandbox defaults, hidden secrets."""
+"""PaymentsSettings: docs/settings.md's environment names, sandbox defaults, hidden secrets."""
 
 from decimal import Decimal
 

@@ -1,4 +1,4 @@
-"""Health reports in application/health+json (the README's Health section).
+"""Health reports in application/health+json (docs/health.md).
 
 `/health/live` answers while the process does and checks nothing. `/health/ready` runs the checks
 marked for readiness (the service's own dependencies); `/health` runs them all, and so does

@@ -1,6 +1,6 @@
 """What every client of an outside system (Konnect, Google) shares: the lifecycle of its HTTP
 client, reading Retry-After, the retry policy, naming a failed call, and the two health checks
-of the README's Health section (configured; reachable); and whether a host is this machine."""
+of docs/health.md (configured; reachable); and whether a host is this machine."""
 
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ async def configured_check(component: str, missing: Sequence[str], target: str) 
 async def reachable_check(
     component: str, ping: Callable[[], Awaitable[int]], target: str
 ) -> Observation:
-    """Any HTTP answer in time is reachable; no answer is warn, never fail (README: Health): an
+    """Any HTTP answer in time is reachable; no answer is warn, never fail (docs/health.md): an
     outage at a provider must not take our pods out."""
     start = time.perf_counter()
     try:

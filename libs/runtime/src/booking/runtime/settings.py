@@ -1,4 +1,4 @@
-"""Settings from the environment (the README's Settings section), with defaults that run locally."""
+"""Settings from the environment (docs/settings.md), with defaults that run locally."""
 
 from __future__ import annotations
 

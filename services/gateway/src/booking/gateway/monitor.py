@@ -2,7 +2,7 @@
 
 `SystemHealth` asks each service for its `GET /health` at the same time, each under its own
 timeout, over one pooled client, and folds the answers into the gateway's own report
-(application/health+json; the README's Health): one `checks["<service>:health"]` entry per service.
+(application/health+json; docs/health.md): one `checks["<service>:health"]` entry per service.
 That report names hosts, queues and errors, so the public `/health` shows only its overall status;
 the whole report is for admins (`GET /api/admin/health`) and for monitoring inside the cluster
 (`GET /internal/health`, which the ingress does not route).

@@ -1,4 +1,4 @@
-"""Settings of the gateway service (the README's Settings section)."""
+"""Settings of the gateway service (docs/settings.md)."""
 
 from typing import Annotated
 

@@ -1,4 +1,4 @@
-"""The admins' notification feed over HTTP (README: What the admins see): list, read, delete, count.
+"""The admins' notification feed over HTTP (docs/alerts.md): list, read, delete, count.
 
 Admin only: the gateway forwards the caller's token and every route verifies it again (401
 without one, 403 for another role). Bodies are the public contract's (`booking.contracts.http`);

@@ -107,7 +107,8 @@ from booking.runtime.domain import DomainError, keep_ends
 
 
 class NotificationType(IntEnum):
-    """Stored as these small integers (the README's ops queries use them); the API speaks names."""
+    """Stored as these small integers (the ops queries of docs/operations.md use them); the API
+    speaks names."""
 
     IntegrationFailure = 0
     PaymentAnomaly = 1

@@ -1,4 +1,4 @@
-"""Settings of the notifications service (the README's Settings section)."""
+"""Settings of the notifications service (docs/settings.md)."""
 
 from pydantic import Field
 

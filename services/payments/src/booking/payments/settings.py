@@ -1,4 +1,4 @@
-"""Settings of the payments service (the README's Settings section)."""
+"""Settings of the payments service (docs/settings.md)."""
 
 from decimal import Decimal
 

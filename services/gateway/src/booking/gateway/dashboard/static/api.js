@@ -1,4 +1,4 @@
-// The gateway's public API as the dashboard uses it (the README's API and Health sections).
+// The gateway's public API as the dashboard uses it (docs/api.md and docs/health.md).
 // Errors are problem+json; an ApiError carries the status and the server's own `detail`.
 
 const HEALTH_JSON = "application/health+json";
