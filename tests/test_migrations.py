@@ -39,6 +39,7 @@ def statements(function: ast.FunctionDef) -> list[ast.stmt]:
     ]
 
 
+@pytest.mark.servers  # private databases of its own
 @pytest.mark.parametrize("service", MIGRATED)
 def test_make_migration_writes_an_empty_revision_while_tables_and_migrations_agree(
     service: str, tmp_path: Path
@@ -97,6 +98,7 @@ async def tables_in(url: str, schema: str) -> list[str]:
         await conn.close()
 
 
+@pytest.mark.servers  # private databases of its own
 @pytest.mark.parametrize("service", MIGRATED)
 async def test_the_schema_goes_up_to_head_down_to_base_and_up_again(service: str) -> None:
     schema = schema_of(service)

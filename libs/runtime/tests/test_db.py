@@ -110,6 +110,7 @@ async def test_the_driver_connection_is_inside_the_unit_of_work(db: Database) ->
             await session.execute(text(f"DROP TABLE {table}"))
 
 
+@pytest.mark.servers  # a private database of its own
 async def test_a_connection_lost_under_the_driver_is_not_handed_out_again() -> None:
     """Connections the server dropped while idle in the pool: a unit of work whose first
     statement runs on the driver fails once on each (as through SQLAlchemy), and the pool

@@ -6,6 +6,7 @@ import asyncio
 import re
 
 import asyncpg
+import pytest
 from alembic import command
 
 from booking.devtools.fixtures import private_database, schema_differences
@@ -55,6 +56,7 @@ async def test_the_escrow_status_can_only_be_one_the_domain_knows(migrated: str)
     assert set(re.findall(r"'(\w+)'::text", allowed)) == {s.value for s in EscrowStatus}
 
 
+@pytest.mark.servers  # a private database of its own
 async def test_the_recovery_revision_downgrades_and_upgrades_again() -> None:
     async with private_database("orders_migrations") as url:
         settings = OrdersSettings.model_validate({"database_url": url})

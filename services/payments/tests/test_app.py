@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import asyncpg
+import pytest
 from alembic import command
 
 from booking.devtools.fixtures import (
@@ -63,6 +64,7 @@ class TestMigrations:
     async def test_the_migrated_schema_is_exactly_the_tables(self, migrated: str) -> None:
         assert await schema_differences(migrated, SCHEMA) == []
 
+    @pytest.mark.servers  # a private database of its own
     async def test_holds_and_payments_of_0002_are_carried_over_and_back(self) -> None:
         async with private_database("payments_migration") as url:
             settings = PaymentsSettings(database_url=url)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -40,6 +40,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from booking.devtools import infra
+from booking.devtools.infra import redacted
 from booking.runtime.settings import DEFAULT_DATABASE_URL, DEFAULT_RABBITMQ_URL
 
 MIGRATED = ("orders", "payments", "calendar", "notifications")
@@ -190,21 +191,6 @@ async def pump(stream: asyncio.StreamReader, name: str, output: Output) -> None:
 
 
 # --- checks before anything starts -------------------------------------------------------------
-
-
-def redacted(url: str) -> str:
-    """`url` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    return SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment).geturl()
 
 
 class Unreachable(DevRunError):

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -110,6 +110,21 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
         return sock.connect_ex((host, port)) == 0
+
+
+def redacted(url: str) -> str:
+    """`url` without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment).geturl()
 
 
 async def answers(url: str, default_port: int) -> bool:
@@ -604,7 +619,7 @@ async def _run(command: list[str]) -> int:
         async with provide(env, _say) as provided:
             env.update(provided.urls)
             for name, url in provided.urls.items():
-                _say(f"{name}={url}")
+                _say(f"{name}={redacted(url)}")
             process = await asyncio.create_subprocess_exec(*command, env=env)
             try:
                 return await process.wait()
