@@ -1,7 +1,8 @@
-"""booking.devtools.infra: where make run and make test find Postgres and RabbitMQ, or bring them."""
+"""booking.devtools.infra: where make run and make test find the servers, or start their own."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ async def test_servers_that_answer_where_it_looks_are_used(
     provided = await infra.start(env, Said())
     assert provided.urls == {"DATABASE_URL": database_url, "RABBITMQ_URL": rabbitmq_url}
     assert provided.postgres is provided.rabbitmq is None
-    assert list(infra_dir.iterdir()) == []
+    assert await asyncio.to_thread(lambda: list(infra_dir.iterdir())) == []
 
 
 async def test_without_servers_binaries_or_docker_one_message_says_what_to_install(
@@ -125,7 +126,7 @@ async def test_its_own_servers_keep_their_data_across_runs_until_cleaned(infra_d
             assert kept is not None and kept.body == b"hello"
 
     await infra.clean(infra.InfraSettings.from_environment(env))
-    assert not infra_dir.exists()
+    assert not await asyncio.to_thread(infra_dir.exists)
 
 
 def test_check_tools_names_each_missing_tool_and_how_to_get_it(monkeypatch: pytest.MonkeyPatch):
