@@ -306,6 +306,9 @@ class TestTheInfraProfile:
         assert argv[argv.index("--profile") + 1] == "infra"
         assert infra.COMPOSE_FILE == infra.PROJECT_ROOT / "docker-compose.yml"
         assert argv[argv.index("-f") + 1] == str(infra.COMPOSE_FILE)
+        # A project apart from the system's: `clean`'s `down --volumes` ignores profiles, and in
+        # the system's project it would remove a `docker compose up` system's data too.
+        assert argv[argv.index("-p") + 1] not in ("booking", compose["name"])
 
     def test_nothing_outside_the_profile_reaches_them(self, compose, services):
         for name, service in services.items():

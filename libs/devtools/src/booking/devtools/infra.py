@@ -411,7 +411,19 @@ async def docker_answers() -> bool:
 
 
 def compose_argv(*args: str) -> list[str]:
-    return ["docker", "compose", "-f", str(COMPOSE_FILE), "--profile", "infra", *args]
+    # A project of its own: `down --volumes` ignores profiles, and in the system's project
+    # (`booking`) it would remove the data of a `docker compose up` system too.
+    return [
+        "docker",
+        "compose",
+        "-f",
+        str(COMPOSE_FILE),
+        "-p",
+        "booking-infra",
+        "--profile",
+        "infra",
+        *args,
+    ]
 
 
 def compose_environment(settings: InfraSettings) -> dict[str, str]:
