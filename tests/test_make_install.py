@@ -27,7 +27,8 @@ pytestmark = [
 def path_without_uv(bin_dir: Path) -> str:
     """A PATH of our own: a Python 3.11 and make, then the system's directories that hold no uv."""
     bin_dir.mkdir()
-    python = Path(os.path.realpath(sys._base_executable))  # the interpreter, not a pyenv shim
+    # The interpreter itself, not a pyenv shim (whose directory holds a uv shim too).
+    python = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
     (bin_dir / "python3").symlink_to(python)
     (bin_dir / "python3.11").symlink_to(python)
     make = shutil.which("make")

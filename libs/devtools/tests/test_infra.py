@@ -130,7 +130,7 @@ async def test_its_own_servers_keep_their_data_across_runs_until_cleaned(infra_d
 
 
 def test_check_tools_names_each_missing_tool_and_how_to_get_it(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(infra.shutil, "which", lambda name, **_: None)
+    monkeypatch.setattr(shutil, "which", lambda name, **_: None)
     monkeypatch.setattr(infra, "postgres_bindir", lambda: None)
     monkeypatch.setattr(infra, "rabbitmq_scripts", lambda: None)
     missing = "\n".join(infra.missing_tools())
