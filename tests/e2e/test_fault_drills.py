@@ -49,7 +49,6 @@ import functools
 import itertools
 import os
 import reprlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -73,8 +72,10 @@ from booking.contracts import MentorRegistered, OrderCancelled, OrderPaid
 from booking.devtools.devrun import child_environment
 from booking.devtools.fixtures import eventually, pick_free_ports
 from booking.devtools.infra import (
+    InfraError,
     PrivatePostgres,
     PrivateRabbitMQ,
+    as_postgres,
     postgres_bindir,
     rabbitmq_scripts,
     run_command,
@@ -461,8 +462,11 @@ async def drill_system(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         pytest.skip("the fault drills need Postgres' initdb and pg_ctl for a private cluster")
     if scripts is None:
         pytest.skip("the fault drills need RabbitMQ's server scripts for a private node")
-    if os.geteuid() == 0 and not shutil.which("runuser"):
-        pytest.skip("as root, the fault drills need runuser to run Postgres as postgres")
+    if os.geteuid() == 0:
+        try:
+            as_postgres()
+        except InfraError:
+            pytest.skip("as root, the fault drills need runuser to run Postgres as postgres")
 
     logs = tmp_path_factory.mktemp("drills")
     pg_port, amqp_port, dist_port, *ports = pick_free_ports(12)

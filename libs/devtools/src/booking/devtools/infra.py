@@ -174,6 +174,15 @@ def rabbitmq_scripts() -> Path | None:
     return None
 
 
+def as_postgres() -> list[str]:
+    """The prefix that runs a command as the postgres user (Postgres refuses to run as root)."""
+    # runuser is in /usr/sbin, which a PATH need not hold.
+    runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if runuser is None:
+        raise InfraError("as root, Postgres must run as the postgres user: that needs runuser")
+    return [runuser, "-u", "postgres", "--"]
+
+
 @dataclass
 class PrivatePostgres:
     """A Postgres cluster of our own, in `base`, on `port`, trusting local connections.
@@ -198,7 +207,7 @@ class PrivatePostgres:
     async def _run(self, program: str, *args: str) -> str:
         argv = [str(self.bindir / program), *args]
         if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
+            argv = [*as_postgres(), *argv]
         code, output = await run_command(argv)
         if code != 0:
             raise InfraError(f"{program} {args[-1]} failed:\n{output}\n{self.log_tail()}")
@@ -208,15 +217,11 @@ class PrivatePostgres:
         """Create the cluster unless it exists, then start it."""
         self.base.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            if not shutil.which("runuser"):
-                raise InfraError("as root, Postgres must run as the postgres user: needs runuser")
             import pwd  # Unix only, as is everything here
 
             owner = pwd.getpwnam("postgres")
             os.chown(self.base, owner.pw_uid, owner.pw_gid)
-            code, _ = await run_command(
-                ["runuser", "-u", "postgres", "--", "test", "-w", str(self.base)]
-            )
+            code, _ = await run_command([*as_postgres(), "test", "-w", str(self.base)])
             if code != 0:
                 raise InfraError(
                     f"Postgres runs as the postgres user, which cannot reach {self.base} (a folder"
@@ -232,7 +237,7 @@ class PrivatePostgres:
     async def running(self) -> bool:
         argv = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"]
         if os.geteuid() == 0:
-            argv = ["runuser", "-u", "postgres", "--", *argv]
+            argv = [*as_postgres(), *argv]
         code, _ = await run_command(argv)
         return code == 0
 
