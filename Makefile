@@ -119,6 +119,7 @@ lint: install
 		libs/*/tests services/*/tests sandbox/tests tests conftest.py
 	$(VENV)/bin/pylint libs/*/src services/*/src sandbox/src
 
+## format: rewrite the code as make lint wants it (ruff's fixes and formatting)
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +140,23 @@ def test_check_tools_names_each_missing_tool_and_how_to_get_it(monkeypatch: pyte
     assert "Chromium" in missing and "sudo apt-get install chromium" in missing
     assert "initdb and pg_ctl" in missing and "brew install postgresql@15" in missing
     assert "RabbitMQ's server" in missing and "sudo dnf install rabbitmq-server" in missing
+
+
+def test_run_passes_the_servers_it_settled_on_to_the_command_and_its_exit_code_back(
+    infra_dir: Path, database_url: str, rabbitmq_url: str
+):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "RABBITMQ_URL")}
+    env.update(nothing_answers(infra_dir))
+    env.update(INFRA_PROBE_DATABASE_URL=database_url, INFRA_PROBE_RABBITMQ_URL=rabbitmq_url)
+    script = (
+        "import os, sys; print(os.environ['DATABASE_URL'], os.environ['RABBITMQ_URL']); sys.exit(7)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "booking.devtools.infra", "run", "--", sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == f"{database_url} {rabbitmq_url}"
