@@ -20,3 +20,12 @@ OUTBOX_UNROUTABLE = Counter(
 DEAD_LETTERS_KEPT = Counter(
     "dead_letters_kept_total", "Messages kept as dead letters", ["consumer", "type"]
 )
+
+# --- alerts routed to people (booking.notifications.dispatcher) ---------------------------------
+
+ALERT_DELIVERIES = Counter(
+    "booking_alert_deliveries_total",
+    "Attempts to send an alert to people, by channel (webhook, email) and result (sent; "
+    "retried: failed, tried again later; given_up: failed, the retry schedule spent)",
+    ["channel", "result"],
+)

@@ -73,16 +73,21 @@ stays near the top of a feed ordered newest first. A HealthCheckRecovered closes
 open failure, so the next failure is a new notification (a new incident).
 
 Times are the events' `occurred_at`: when the failure happened, not when it was handled.
+
+**Routing to people** (the last section): which channels (webhook, email) take a notification,
+the quiet period between two sends of one notification on a channel, the retry schedule, the
+idempotency key of each delivery, the messages sent, and the alerts about a failing channel.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from enum import IntEnum
-from typing import Any, TypeVar
+from enum import IntEnum, StrEnum
+from typing import Any, Literal, TypeVar
 
 from booking.contracts import (
     UNKNOWN_REF_SAMPLE,
@@ -903,3 +908,311 @@ class DayCount:
     day: date
     severity: Severity
     count: int
+
+
+# --- routing alerts to people ---------------------------------------------------------------
+#
+# Besides the feed, a notification may go to people through channels: a webhook (Slack's
+# incoming-webhook shape) and email. Each (notification, occurrence, channel) is one delivery,
+# queued in the transaction that stores or counts up the notification and sent later by the
+# dispatcher, on a retry schedule of its own (docs/alerts.md, "Routing alerts to people").
+
+
+class Channel(StrEnum):
+    """Where alerts go besides the feed; stored by these names."""
+
+    webhook = "webhook"
+    email = "email"
+
+
+class DeliveryStatus(StrEnum):
+    """A delivery's state, stored by these names."""
+
+    pending = "pending"
+    """Waits for its `next_attempt_at`."""
+    sending = "sending"
+    """Claimed by a dispatcher until its `next_attempt_at` (a lease: if that dispatcher dies, the
+    delivery is due again then, with the same idempotency key)."""
+    sent = "sent"
+    failed = "failed"
+    """Given up: every attempt failed over the retry schedule."""
+    superseded = "superseded"
+    """A later occurrence of its notification goes on its channel instead (it carries the count)."""
+
+
+UNSENT = (DeliveryStatus.pending, DeliveryStatus.sending)
+
+CHANNEL_FAILING = "alert_channel_failing"
+CHANNEL_RECOVERED = "alert_channel_recovered"
+ABOUT_CHANNEL = "alert_channel"
+"""The metadata key naming the channel a notification is about: it never goes through that one."""
+
+_DELIVERY_KEYS = uuid.UUID("5f0c2b7e-9d1a-4c3e-8b6f-2a7d4e1c9b30")
+
+
+def delivery_key(notification_id: int, occurrence: int, channel: Channel) -> str:
+    """The idempotency key of one delivery: derived from what it delivers, so every attempt of
+    it, from any replica and after any restart, carries the same key."""
+    return str(uuid.uuid5(_DELIVERY_KEYS, f"{notification_id}:{occurrence}:{channel.value}"))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which notifications one channel takes: at least `min_severity`, of `types` (empty: all)."""
+
+    channel: Channel
+    min_severity: Severity
+    types: frozenset[NotificationType] = frozenset()
+
+    def takes(self, notification: Notification) -> bool:
+        if notification.metadata.get(ABOUT_CHANNEL) == self.channel.value:
+            return False  # news of a failing channel cannot go through it (nor loop on it)
+        if self.types and notification.type not in self.types:
+            return False
+        return notification.severity >= self.min_severity
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """After each failed attempt: wait `first`, then twice as long each time, at most `longest`;
+    the last attempt is made `give_up_after` the delivery was queued, and if it fails too the
+    delivery is given up."""
+
+    first: timedelta
+    longest: timedelta
+    give_up_after: timedelta
+
+    def delay(self, failures: int) -> timedelta:
+        """The wait after the `failures`-th failure in a row (1 for the first)."""
+        doublings = min(max(failures, 1) - 1, 60)  # 2**60 of any first is past any longest
+        seconds = self.first.total_seconds() * 2.0**doublings
+        return timedelta(seconds=min(seconds, self.longest.total_seconds()))
+
+    def next_attempt(self, queued_at: datetime, failures: int, now: datetime) -> datetime | None:
+        """When to try again after the `failures`-th failure at `now`; None: give up."""
+        deadline = queued_at + self.give_up_after
+        if now >= deadline:
+            return None
+        return min(now + self.delay(failures), deadline)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The routes of every configured channel, the quiet period and the retry schedule."""
+
+    routes: tuple[Route, ...] = ()
+    quiet_period: timedelta = timedelta(0)
+    retries: RetrySchedule = RetrySchedule(
+        timedelta(seconds=10), timedelta(hours=1), timedelta(hours=24)
+    )
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        return tuple(route.channel for route in self.routes)
+
+    def channels_for(self, notification: Notification) -> list[Channel]:
+        """The channels `notification` goes to."""
+        return [route.channel for route in self.routes if route.takes(notification)]
+
+    def first_due(self, now: datetime, last_sent_at: datetime | None) -> datetime:
+        """When a new delivery is due: at once, unless its notification was sent on the same
+        channel within the quiet period (a count-up): then when the period ends. The first
+        occurrence (nothing sent yet) always goes at once."""
+        if last_sent_at is None:
+            return now
+        return max(now, last_sent_at + self.quiet_period)
+
+
+def snapshot(notification: Notification) -> dict[str, Any]:
+    """A notification as a delivery keeps it (JSON): what it said at that occurrence."""
+    fields = notification.public_fields()
+    return {
+        name: value.isoformat() if isinstance(value, datetime) else value
+        for name, value in fields.items()
+    }
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery about to be queued."""
+
+    notification_id: int
+    occurrence: int
+    channel: Channel
+    payload: dict[str, Any]
+    queued_at: datetime
+    due_at: datetime
+
+    @property
+    def key(self) -> str:
+        return delivery_key(self.notification_id, self.occurrence, self.channel)
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A delivery due now, as a dispatcher found it (locked), with what it knows of the other
+    deliveries of the same notification on the same channel."""
+
+    id: int
+    notification_id: int
+    occurrence: int
+    channel: Channel
+    newest_occurrence: int
+    """The newest occurrence queued or sent on this channel for the notification (its own
+    included)."""
+    last_sent_at: datetime | None
+    in_flight_until: datetime | None
+    """Another delivery of the same notification and channel is being sent until then."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a dispatcher does with a due delivery: send it, leave it until `until`, or drop it
+    for a later occurrence (superseded)."""
+
+    action: Literal["send", "postpone", "supersede"]
+    until: datetime | None = None
+
+
+def decide(due: DueDelivery, now: datetime, quiet_period: timedelta) -> Decision:
+    """Send a due delivery unless a later occurrence of its notification is queued on its
+    channel (that one carries the newer count), another is being sent right now, or one was sent
+    within the quiet period (then it waits for the period's end)."""
+    if due.newest_occurrence > due.occurrence:
+        return Decision("supersede")
+    if due.in_flight_until is not None and due.in_flight_until > now:
+        return Decision("postpone", due.in_flight_until)
+    if due.last_sent_at is not None and now < due.last_sent_at + quiet_period:
+        return Decision("postpone", due.last_sent_at + quiet_period)
+    return Decision("send")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A delivery a dispatcher claimed to send: `attempts` counts this one."""
+
+    id: int
+    notification_id: int
+    occurrence: int
+    channel: Channel
+    key: str
+    attempts: int
+    queued_at: datetime
+    payload: dict[str, Any]
+
+
+def _plain(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _slack_escaped(text: str) -> str:
+    """Text Slack shows as written: `<!channel>`, `<@U123>` and links are markup there, and an
+    alert's text may quote what an outsider sent (a forged payment ref)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _times(occurrences: int) -> str:
+    return f" ({occurrences} times)" if occurrences > 1 else ""
+
+
+def dashboard_url(public_base_url: str) -> str:
+    """The admin dashboard, served by the gateway."""
+    return public_base_url.rstrip("/") + "/admin/"
+
+
+def webhook_body(dispatch: Dispatch, dashboard: str) -> dict[str, Any]:
+    """The webhook's JSON: Slack's incoming-webhook `text`, and the notification's fields for a
+    receiver that reads them."""
+    p = dispatch.payload
+    text = (
+        f"[{p['severity']}] {_plain(p['title'])}{_times(dispatch.occurrence)}\n"
+        f"{p['message']}\n"
+        f"Notification {p['id']} in the admin dashboard: {dashboard}"
+    )
+    return {
+        "text": _slack_escaped(text),
+        "id": p["id"],
+        "type": p["type"],
+        "severity": p["severity"],
+        "title": p["title"],
+        "detail": p["message"],
+        "occurrences": dispatch.occurrence,
+        "first_occurred_at": p["created_at"],
+        "last_occurred_at": p["last_occurred_at"],
+        "metadata": p["metadata"],
+        "idempotency_key": dispatch.key,
+        "dashboard_url": dashboard,
+    }
+
+
+MAX_SUBJECT = 200
+
+
+def email_message(dispatch: Dispatch, dashboard: str) -> tuple[str, str]:
+    """The email's subject (one line) and plain-text body."""
+    p = dispatch.payload
+    subject = _plain(f"[booking {p['severity']}] {p['title']}{_times(dispatch.occurrence)}")
+    if len(subject) > MAX_SUBJECT:
+        subject = subject[: MAX_SUBJECT - 1] + "…"
+    details = "\n".join(f"  {name}: {value}" for name, value in p["metadata"].items())
+    body = (
+        f"{p['title']}\n\n{p['message']}\n\n"
+        f"Severity: {p['severity']}\n"
+        f"Type: {p['type']}\n"
+        f"Occurrences: {dispatch.occurrence} (first {p['created_at']}, latest "
+        f"{p['last_occurred_at']})\n"
+        f"Notification: {p['id']}\n"
+        f"Details:\n{details}\n\n"
+        f"The admin dashboard: {dashboard}\n"
+        f"Idempotency key: {dispatch.key}\n"
+    )
+    return subject, body
+
+
+def channel_failing_fingerprint(channel: Channel) -> str:
+    return fingerprint(T.SystemError.name, "AlertChannel", CHANNEL_FAILING, f"channel={channel}")
+
+
+def channel_failing_alert(
+    channel: Channel, target: str, error: str, attempts: int, notification_id: int, at: datetime
+) -> Alert:
+    """A channel failed `attempts` times in a row to take a delivery: the admins hear of it in
+    the feed (and on the other channels), never through the failing one."""
+    metadata = {
+        ABOUT_CHANNEL: channel.value,
+        "target": target,
+        "error": _clean_value(error),
+        "attempts": attempts,
+        "notification_id": notification_id,
+        "reason": CHANNEL_FAILING,
+    }
+    return Alert(
+        type=T.SystemError,
+        severity=S.Error,
+        title=f"Alerts cannot reach people by {channel.value}",
+        message=_clean_value(
+            f"{attempts} attempts in a row to send notification {notification_id} by "
+            f"{channel.value} ({target}) failed: {_summary(error)}. The deliveries wait and are "
+            "tried again on their schedule; they go out once it answers."
+        ),
+        metadata=metadata,
+        fingerprint=channel_failing_fingerprint(channel),
+        occurred_at=at,
+        reason=CHANNEL_FAILING,
+    )
+
+
+def channel_recovered_alert(channel: Channel, target: str, at: datetime) -> Alert:
+    """A channel that was failing took a delivery again; its failure is closed."""
+    return Alert(
+        type=T.SystemError,
+        severity=S.Info,
+        title=f"Alerts reach people by {channel.value} again",
+        message=f"{channel.value} ({target}) took a delivery again; the waiting ones follow.",
+        metadata={ABOUT_CHANNEL: channel.value, "target": target, "reason": CHANNEL_RECOVERED},
+        fingerprint=fingerprint(
+            T.SystemError.name, "AlertChannel", CHANNEL_RECOVERED, f"channel={channel}"
+        ),
+        occurred_at=at,
+        reason=CHANNEL_RECOVERED,
+    )

@@ -1,5 +1,6 @@
 """All of the notifications service's SQL: store an alert (deduplicated), list, read, delete,
-count; and the mapping of the table's rows to domain.Notification.
+count; queue, claim and record the deliveries to people; and the mapping of the table's rows to
+domain.Notification.
 
 Used by the service's use cases and the listing benchmark, always inside a transaction their
 caller opened (a request's, or the consumer's for a message): nothing here commits.
@@ -23,6 +24,7 @@ from sqlalchemy import (
     CursorResult,
     Row,
     Select,
+    and_,
     case,
     delete,
     func,
@@ -35,16 +37,23 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from booking.notifications.domain import (
+    UNSENT,
     Alert,
+    Channel,
     Cursor,
+    DeliveryStatus,
+    Dispatch,
+    DueDelivery,
     FeedPage,
     Filters,
+    NewDelivery,
     Notification,
     NotificationType,
     Severity,
     Stored,
 )
 from booking.notifications.tables import admin_notifications as table
+from booking.notifications.tables import alert_deliveries as deliveries
 
 # pg_advisory_xact_lock key of "writing notifications" ('notif' in ASCII).
 WRITE_LOCK = 0x6E6F74696600
@@ -271,3 +280,240 @@ async def remove(session: AsyncSession, notification_id: int) -> bool:
         delete(table).where(table.c.id == notification_id).returning(table.c.id)
     )
     return result.one_or_none() is not None
+
+
+async def lock_writes(session: AsyncSession) -> None:
+    """The writers' lock, for a use case that reads the feed before it stores (it is taken again
+    by `store_alert`, which is allowed: a transaction's advisory lock is its own)."""
+    await session.execute(_lock)
+
+
+async def is_open(session: AsyncSession, fingerprint: str) -> bool:
+    """Whether a notification of `fingerprint` is open (its incident not yet ended)."""
+    found = await session.scalar(
+        select(table.c.id).where(table.c.fingerprint == fingerprint, table.c.is_open)
+    )
+    return found is not None
+
+
+# --- deliveries to people ---------------------------------------------------------------------
+
+_UNSENT = [status.value for status in UNSENT]
+_QUEUED = [*_UNSENT, DeliveryStatus.sent.value]
+MAX_ERROR = 2_000
+"""The longest `last_error` kept."""
+
+
+async def last_sent(
+    session: AsyncSession, notification_id: int, channels: list[Channel]
+) -> dict[Channel, datetime]:
+    """When each of `channels` last sent `notification_id` (a channel that never did is absent)."""
+    rows = await session.execute(
+        select(deliveries.c.channel, func.max(deliveries.c.sent_at))
+        .where(
+            deliveries.c.notification_id == notification_id,
+            deliveries.c.channel.in_([channel.value for channel in channels]),
+            deliveries.c.sent_at.is_not(None),
+        )
+        .group_by(deliveries.c.channel)
+    )
+    return {Channel(channel): sent_at for channel, sent_at in rows}
+
+
+async def queue_deliveries(session: AsyncSession, new: list[NewDelivery]) -> int:
+    """Queue `new` deliveries; one already queued for its (notification, occurrence, channel) is
+    left as it is. How many were queued."""
+    if not new:
+        return 0
+    statement = (
+        insert(deliveries)
+        .values(
+            [
+                {
+                    "notification_id": d.notification_id,
+                    "occurrence": d.occurrence,
+                    "channel": d.channel.value,
+                    "idempotency_key": d.key,
+                    "status": DeliveryStatus.pending.value,
+                    "attempts": 0,
+                    "next_attempt_at": d.due_at,
+                    "payload": d.payload,
+                    "created_at": d.queued_at,
+                }
+                for d in new
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+    return _rowcount(await session.execute(statement))
+
+
+async def due_deliveries(
+    session: AsyncSession, now: datetime, channels: list[Channel], limit: int
+) -> list[DueDelivery]:
+    """Up to `limit` unsent deliveries on `channels` due at `now`, oldest due first, locked until
+    the transaction ends (`SKIP LOCKED`: replicas share them); each with what is known of the
+    other deliveries of its notification on its channel."""
+    if not channels:
+        return []
+    locked = (
+        await session.execute(
+            select(
+                deliveries.c.id,
+                deliveries.c.notification_id,
+                deliveries.c.occurrence,
+                deliveries.c.channel,
+            )
+            .where(
+                deliveries.c.status.in_(_UNSENT),
+                deliveries.c.next_attempt_at <= now,
+                deliveries.c.channel.in_([channel.value for channel in channels]),
+            )
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    if not locked:
+        return []
+    siblings = await session.execute(
+        select(
+            deliveries.c.notification_id,
+            deliveries.c.channel,
+            func.max(deliveries.c.occurrence)
+            .filter(deliveries.c.status.in_(_QUEUED))
+            .label("newest"),
+            func.max(deliveries.c.sent_at).label("last_sent_at"),
+            # A due row's own lease has ended: only another one's can be in the future.
+            func.max(deliveries.c.next_attempt_at)
+            .filter(
+                and_(
+                    deliveries.c.status == DeliveryStatus.sending.value,
+                    deliveries.c.next_attempt_at > now,
+                )
+            )
+            .label("in_flight_until"),
+        )
+        .where(deliveries.c.notification_id.in_({row.notification_id for row in locked}))
+        .group_by(deliveries.c.notification_id, deliveries.c.channel)
+    )
+    known = {(row.notification_id, row.channel): row for row in siblings}
+    found = []
+    for row in locked:
+        sibling = known[(row.notification_id, row.channel)]
+        found.append(
+            DueDelivery(
+                id=row.id,
+                notification_id=row.notification_id,
+                occurrence=row.occurrence,
+                channel=Channel(row.channel),
+                newest_occurrence=sibling.newest or row.occurrence,
+                last_sent_at=sibling.last_sent_at,
+                in_flight_until=sibling.in_flight_until,
+            )
+        )
+    return found
+
+
+async def claim_for_sending(
+    session: AsyncSession, ids: list[int], now: datetime, lease_until: datetime
+) -> list[Dispatch]:
+    """Mark these deliveries (locked by `due_deliveries`) as being sent until `lease_until`, an
+    attempt counted; what to send."""
+    if not ids:
+        return []
+    rows = await session.execute(
+        update(deliveries)
+        .where(deliveries.c.id.in_(ids))
+        .values(
+            status=DeliveryStatus.sending.value,
+            attempts=deliveries.c.attempts + 1,
+            next_attempt_at=lease_until,
+            last_attempt_at=now,
+        )
+        .returning(*deliveries.c)
+    )
+    return sorted(
+        (
+            Dispatch(
+                id=row.id,
+                notification_id=row.notification_id,
+                occurrence=row.occurrence,
+                channel=Channel(row.channel),
+                key=row.idempotency_key,
+                attempts=row.attempts,
+                queued_at=row.created_at,
+                payload=row.payload,
+            )
+            for row in rows
+        ),
+        key=lambda dispatch: ids.index(dispatch.id),
+    )
+
+
+async def postpone(session: AsyncSession, delivery_id: int, until: datetime) -> None:
+    await session.execute(
+        update(deliveries).where(deliveries.c.id == delivery_id).values(next_attempt_at=until)
+    )
+
+
+async def supersede(session: AsyncSession, ids: list[int]) -> None:
+    """These deliveries will not be sent: a later occurrence goes on their channel instead."""
+    if ids:
+        await session.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(ids))
+            .values(status=DeliveryStatus.superseded.value)
+        )
+
+
+def _still_claimed(dispatch: Dispatch) -> ColumnElement[bool]:
+    """The claim `dispatch` came from still holds: no other dispatcher took the row again after
+    its lease ended (then that one records its own attempt)."""
+    return and_(
+        deliveries.c.id == dispatch.id,
+        deliveries.c.status == DeliveryStatus.sending.value,
+        deliveries.c.attempts == dispatch.attempts,
+    )
+
+
+async def record_sent(session: AsyncSession, dispatch: Dispatch, now: datetime) -> bool:
+    """The channel took the delivery; False when the claim no longer held."""
+    result = await session.execute(
+        update(deliveries)
+        .where(_still_claimed(dispatch))
+        .values(status=DeliveryStatus.sent.value, sent_at=now)
+    )
+    return _rowcount(result) == 1
+
+
+async def record_failure(
+    session: AsyncSession, dispatch: Dispatch, error: str, next_attempt_at: datetime | None
+) -> bool:
+    """The attempt failed: due again at `next_attempt_at`, or given up (None). False when the
+    claim no longer held."""
+    status = DeliveryStatus.failed if next_attempt_at is None else DeliveryStatus.pending
+    values: dict[str, Any] = {"status": status.value, "last_error": error[:MAX_ERROR]}
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+    result = await session.execute(
+        update(deliveries).where(_still_claimed(dispatch)).values(values)
+    )
+    return _rowcount(result) == 1
+
+
+async def delivery_backlog(
+    session: AsyncSession, now: datetime, channels: list[Channel]
+) -> tuple[int, datetime | None]:
+    """How many deliveries on `channels` are still to send, and when the oldest was queued. One
+    held back by the quiet period and never tried yet is not backlog."""
+    row = (
+        await session.execute(
+            select(func.count(), func.min(deliveries.c.created_at)).where(
+                deliveries.c.status.in_(_UNSENT),
+                deliveries.c.channel.in_([channel.value for channel in channels]),
+                (deliveries.c.attempts > 0) | (deliveries.c.next_attempt_at <= now),
+            )
+        )
+    ).one()
+    return row[0], row[1]

@@ -1,4 +1,5 @@
-"""The notifications schema's tables: the admin notifications, and the messaging tables.
+"""The notifications schema's tables: the admin notifications, their deliveries to people, and
+the messaging tables.
 
 Type and severity are small integers (domain.NotificationType, domain.Severity) so that ops can
 write `WHERE is_read = false AND severity = 3`. The migrations (`migrations/versions`) create
@@ -11,18 +12,21 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    ForeignKey,
     Identity,
     Index,
     Integer,
     SmallInteger,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import SQLModel
 
-from booking.runtime.tables import MessagingTables
+from booking.notifications.domain import Channel, DeliveryStatus
+from booking.runtime.tables import MessagingTables, one_of
 
 SCHEMA = "notifications"
 
@@ -74,4 +78,52 @@ Index(
     admin_notifications.c.fingerprint,
     unique=True,
     postgresql_where=text("is_open"),
+)
+
+DELIVERY_OCCURRENCE = "ux_alert_deliveries_occurrence"
+CHANNELS = tuple(channel.value for channel in Channel)
+STATUSES = tuple(status.value for status in DeliveryStatus)
+
+# One row per (notification, occurrence, channel): queued in the transaction that stores or counts
+# up the notification, sent by the dispatcher (booking.notifications.dispatcher).
+alert_deliveries = Table(
+    "alert_deliveries",
+    SQLModel.metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    # A deleted notification is dealt with: what was still to send about it goes with it.
+    Column(
+        "notification_id",
+        BigInteger,
+        ForeignKey(f"{SCHEMA}.admin_notifications.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("occurrence", Integer, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("idempotency_key", Text, nullable=False, unique=True),
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # Due then (pending); a sending row's lease ends then.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text, nullable=True),
+    # The notification as it was at this occurrence (domain.snapshot): what is sent.
+    Column("payload", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True), nullable=True),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("notification_id", "occurrence", "channel", name=DELIVERY_OCCURRENCE),
+    CheckConstraint(one_of("channel", CHANNELS), name="ck_alert_deliveries_channel"),
+    CheckConstraint(one_of("status", STATUSES), name="ck_alert_deliveries_status"),
+    CheckConstraint("occurrence >= 1", name="ck_alert_deliveries_occurrence"),
+    CheckConstraint("attempts >= 0", name="ck_alert_deliveries_attempts"),
+    CheckConstraint(
+        "(status = 'sent') = (sent_at IS NOT NULL)", name="ck_alert_deliveries_sent_at"
+    ),
+    schema=SCHEMA,
+)
+
+# The dispatcher's claim: unsent rows by when they are due.
+Index(
+    "ix_alert_deliveries_due",
+    alert_deliveries.c.next_attempt_at,
+    postgresql_where=text("status IN ('pending', 'sending')"),
 )
