@@ -97,7 +97,7 @@ async def orders_reads(running_system) -> float:
         sample.value
         for family in text_string_to_metric_families(metrics.text)
         for sample in family.samples
-        if sample.name == "http_requests_total"
+        if sample.name == "booking_http_requests_total"
         and sample.labels.get("route") == "/api/orders/{order_id}"
         and sample.labels.get("method") == "GET"
     )

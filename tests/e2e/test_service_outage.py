@@ -175,7 +175,8 @@ class EventTap:
 
 
 HEALTH_REQUESTS = re.compile(
-    r'^http_requests_total\{method="GET",route="/health",status="\d+"\} (\S+)$', re.MULTILINE
+    r'^booking_http_requests_total\{method="GET",route="/health",status="\d+"\} (\S+)$',
+    re.MULTILINE,
 )
 
 

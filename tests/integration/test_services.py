@@ -112,4 +112,4 @@ async def test_each_service_serves_ready_live_and_metrics(service, migrated, mak
     assert ready.json()["serviceId"] == service
     assert live.status_code == 200
     assert metrics.status_code == 200
-    assert "http_requests_total" in metrics.text
+    assert "booking_http_requests_total" in metrics.text

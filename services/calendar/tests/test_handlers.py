@@ -65,7 +65,7 @@ async def consumed(calendar, outcome: str, type_: str = "MentorIdentityLinked") 
         sample.value
         for family in text_string_to_metric_families(answer.text)
         for sample in family.samples
-        if sample.name == "messages_handled_total"
+        if sample.name == "booking_messages_handled_total"
         and sample.labels == {**labels, "outcome": outcome}
     )
 

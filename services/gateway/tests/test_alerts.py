@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from faststream import AckPolicy
 from faststream.rabbit.subscriber import RabbitSubscriber
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -898,3 +899,33 @@ class TestFeedQueue:
         assert connections["observedValue"] == 2
         assert connections["observedUnit"] == "connections"
         assert not any(key.startswith("admin-alerts") for key in ready)
+
+
+class TestConnectedAdminsMetric:
+    async def test_metrics_count_the_admins_connected_to_the_replica(
+        self, world: AlertsWorld
+    ) -> None:
+        gateway = await world.gateway()
+
+        async def connected() -> float:
+            async with httpx.AsyncClient(base_url=gateway.url, trust_env=False) as client:
+                answer = await client.get("/metrics")
+            [value] = [
+                sample.value
+                for family in text_string_to_metric_families(answer.text)
+                for sample in family.samples
+                if sample.name == "booking_admin_websockets"
+            ]
+            return value
+
+        before = await connected()  # other gateways of this process count in the same registry
+        first = await world.admin(gateway)
+        await world.admin(gateway)
+        assert await connected() == before + 2
+
+        await first.ws.close()
+        await eventually(
+            lambda: gateway.alerts.connections and len(gateway.alerts.connections) == 1,
+            what="the closed connection gone",
+        )
+        assert await connected() == before + 1

@@ -521,5 +521,5 @@ def _payload(token: str) -> bytes:
 
 
 def _reads_answered_by(where: str) -> float:
-    """The gateway's `order_reads_total` for `where` (this process's registry)."""
-    return REGISTRY.get_sample_value("order_reads_total", {"answered_by": where}) or 0.0
+    """The gateway's `booking_order_reads_total` for `where` (this process's registry)."""
+    return REGISTRY.get_sample_value("booking_order_reads_total", {"answered_by": where}) or 0.0

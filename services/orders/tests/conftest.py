@@ -255,7 +255,10 @@ class Orders:
         for family in text_string_to_metric_families(answer.text):
             for sample in family.samples:
                 labels = sample.labels
-                if sample.name == "messages_handled_total" and labels.get("consumer") == consumer:
+                if (
+                    sample.name == "booking_messages_handled_total"
+                    and labels.get("consumer") == consumer
+                ):
                     counts[labels["type"], labels["outcome"]] = sample.value
         return counts
 

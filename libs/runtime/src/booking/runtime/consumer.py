@@ -313,6 +313,11 @@ class Consumer(QueueWorker):
         self.handlers = dict(handlers)
         self.queues = ConsumerQueues.named(name, max_attempts, retry_base_delay_ms)
         self._after_commit: set[asyncio.Task[None]] = set()
+        # Each metric's children resolved once: a delivery only looks them up.
+        self._handled = metrics.Children(metrics.MESSAGES_HANDLED)
+        self._handler_latency = metrics.Children(metrics.HANDLER_LATENCY)
+        self._batch_latency = metrics.BATCH_LATENCY.labels(name)
+        self._age = metrics.MESSAGE_AGE.labels(name)
         # The whole batch in one statement, on the driver itself (`driver_connection`); what it
         # returns is new to this consumer.
         self._record_in_inbox = f"""
@@ -385,10 +390,13 @@ class Consumer(QueueWorker):
             return
         if self.outage.in_outage:
             self.outage.recovered()
+        committed = time.time()
         for (message, envelope, *_), outcome in zip(work, outcomes, strict=True):
             await message.ack()  # only now: the effects and the inbox record are committed
-            metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, outcome).inc()
-        metrics.HANDLER_LATENCY.labels(self.name).observe(time.perf_counter() - started)
+            self._handled(self.name, envelope.type, outcome).inc()
+            if outcome == "handled":
+                self._age.observe(max(0.0, committed - envelope.occurred_at.timestamp()))
+        self._batch_latency.observe(time.perf_counter() - started)
         for step, envelope in after_commit:
             self._run_after_commit(step, envelope)
 
@@ -422,7 +430,10 @@ class Consumer(QueueWorker):
                 first_seen.discard(envelope.message_id)  # the same message twice in one batch
                 context = MessageContext(session, envelope, self.outbox)
                 with correlated(envelope.correlation_id, str(envelope.message_id)):
+                    began = time.perf_counter()
                     await handler(event, context)
+                    elapsed = time.perf_counter() - began
+                self._handler_latency(self.name, envelope.type).observe(elapsed)
                 after_commit.extend((step, envelope) for step in context.after_commit)
                 outcomes.append("handled")
         return outcomes, after_commit
@@ -458,7 +469,7 @@ class Consumer(QueueWorker):
             {"x-attempt": attempt, "x-last-error": error[:1000]},
         )
         await message.ack()  # only now: the copy in the delay queue is confirmed
-        metrics.MESSAGES_HANDLED.labels(self.name, envelope.type, "retried").inc()
+        self._handled(self.name, envelope.type, "retried").inc()
 
     async def _dead_letter(
         self,
@@ -482,9 +493,7 @@ class Consumer(QueueWorker):
             },
         )
         await message.ack()
-        metrics.MESSAGES_HANDLED.labels(
-            self.name, envelope.type if envelope else "unreadable", "dead_lettered"
-        ).inc()
+        self._handled(self.name, envelope.type if envelope else "unreadable", "dead_lettered").inc()
 
 
 def _attempts_before(message: AbstractIncomingMessage) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -52,13 +52,16 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One unit of work: commits at the end, rolls back on error. Nothing else commits."""
-        async with self.sessions() as session, session.begin():
-            try:
-                yield session
-            except BaseException:
-                await _discard_if_lost(session)  # before the rollback hands it back to the pool
-                raise
+        """One unit of work: commits at the end, rolls back on error. Nothing else commits.
+        What `on_commit` gave it runs once it has committed."""
+        async with self.sessions() as session:
+            async with session.begin():
+                try:
+                    yield session
+                except BaseException:
+                    await _discard_if_lost(session)  # before the rollback hands it back
+                    raise
+            _committed(session)
 
     @asynccontextmanager
     async def single_statement(self) -> AsyncIterator[AsyncSession]:
@@ -72,6 +75,7 @@ class Database:
             except BaseException:
                 await _discard_if_lost(session)
                 raise
+            _committed(session)
 
     async def answers(self, timeout: float = 2.0) -> bool:
         """Whether the database answers a query now (a dependency probe, never raises).
@@ -124,6 +128,19 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
 
 
 _DRIVER = "booking.driver_connection"
+_ON_COMMIT = "booking.on_commit"
+
+
+def on_commit(session: AsyncSession, step: Callable[[], object]) -> None:
+    """Run `step` once the unit of work `session` belongs to has committed; never if it rolls
+    back. For what must count only what happened: a metric of an outcome (`Counter.inc` of its
+    child). `step` is quick and synchronous, and what it raises is the caller's."""
+    session.info.setdefault(_ON_COMMIT, []).append(step)
+
+
+def _committed(session: AsyncSession) -> None:
+    for step in session.info.pop(_ON_COMMIT, ()):
+        step()
 
 
 async def _discard_if_lost(session: AsyncSession) -> None:

@@ -10,11 +10,13 @@ import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import (
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -36,6 +38,7 @@ from booking.runtime import context, metrics
 from booking.runtime.auth import TokenVerifier
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, Observation, Status, timed_ms
+from booking.runtime.outages import describe
 from booking.runtime.problems import install_problem_handlers
 from booking.runtime.settings import RuntimeSettings
 
@@ -80,6 +83,7 @@ class ServiceRuntime:
         self.dead_letter_keeper: DeadLetterKeeper | None = None
         self.dead_letters: DeadLetters | None = None
         self.housekeeping: Housekeeping | None = None
+        self._scrape: list[Callable[[], Awaitable[None]]] = []
         if tables is not None:
             # Loaded only by a service with a database: the gateway never pays for SQLAlchemy.
             from booking.runtime.db import Database, create_engine
@@ -154,6 +158,7 @@ class ServiceRuntime:
         self.health.add(
             "rabbitmq", "queues", self._check_queue_depths, ready=False, component_type="system"
         )
+        self.on_scrape(self._observe_queues)
 
     async def start(self) -> None:
         if self.consumer is not None and self.dead_letter_keeper is not None:
@@ -195,6 +200,49 @@ class ServiceRuntime:
         finally:
             await self.stop()
 
+    # --- gauges read on scrape -------------------------------------------------------------
+
+    def on_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Await `refresh` (which sets gauges of booking.runtime.metrics) before each /metrics
+        answer: a backlog is read when Prometheus asks, never on a message's path."""
+        self._scrape.append(refresh)
+
+    async def refresh_gauges(self) -> None:
+        """Every refresher at once, each within HEALTH_CHECK_TIMEOUT_SECONDS. One that fails
+        (the database or the broker away) leaves its gauges as they were: the scrape still
+        answers, and `up` and the health checks tell of the outage."""
+        if self._scrape:
+            await asyncio.gather(*(self._refresh(refresh) for refresh in self._scrape))
+
+    async def _refresh(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        try:
+            async with asyncio.timeout(self.settings.health_check_timeout_seconds):
+                await refresh()
+        except Exception as exc:
+            log.debug("a gauge was not refreshed for /metrics: %s", describe(exc))
+
+    async def _observe_queues(self) -> None:
+        assert self.consumer is not None
+        if not self.broker.is_connected:
+            return
+        queues = self.consumer.queues
+        (ready, consumers), (dead, _) = await asyncio.gather(
+            self.broker.queue_stats(queues.main), self.broker.queue_stats(queues.dead_letter)
+        )
+        metrics.QUEUE_MESSAGES.labels(queues.main).set(ready)
+        metrics.QUEUE_CONSUMERS.labels(queues.main).set(consumers)
+        metrics.DEAD_LETTER_QUEUE_MESSAGES.labels(queues.dead_letter).set(dead)
+
+    async def _observe_outbox(self) -> None:
+        assert self.relay is not None and self.tables is not None
+        age = await self.relay.oldest_unsent_age()
+        metrics.OUTBOX_LAG.labels(self.tables.schema).set(age)
+
+    async def _observe_dead_letters(self) -> None:
+        assert self.tables is not None
+        kept = await self._count_kept_dead_letters()
+        metrics.DEAD_LETTERS_WAITING.labels(self.tables.schema).set(kept)
+
     # --- health -----------------------------------------------------------------------------
 
     def _add_standard_checks(self) -> None:
@@ -213,6 +261,7 @@ class ServiceRuntime:
             self.health.add(
                 "outbox", "lag", self._check_outbox_lag, ready=False, component_type="component"
             )
+            self.on_scrape(self._observe_outbox)
         if self.dead_letters is not None:
             self.health.add(
                 "deadLetters",
@@ -221,6 +270,7 @@ class ServiceRuntime:
                 ready=False,
                 component_type="component",
             )
+            self.on_scrape(self._observe_dead_letters)
 
     async def _check_database(self) -> Observation:
         from sqlalchemy import text
@@ -274,7 +324,7 @@ class ServiceRuntime:
             ),
         ]
 
-    async def _check_dead_letters(self) -> Observation:
+    async def _count_kept_dead_letters(self) -> int:
         from sqlalchemy import func, select
 
         assert self.db is not None and self.tables is not None
@@ -283,6 +333,10 @@ class ServiceRuntime:
             kept = await conn.scalar(
                 select(func.count()).select_from(dead).where(dead.c.status == "kept")
             )
+        return int(kept or 0)
+
+    async def _check_dead_letters(self) -> Observation:
+        kept = await self._count_kept_dead_letters()
         return Observation(
             "deadLetters",
             "kept",
@@ -308,8 +362,27 @@ class ServiceRuntime:
         )
 
 
+ACCESS_LOGGER = "booking.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+# Probes and scrapes come every few seconds from the platform: logged only when they fail.
+_QUIET_ROUTES = frozenset(
+    {"/health", "/health/live", "/health/ready", "/internal/health", "/metrics"}
+)
+
+_requests = metrics.Children(metrics.HTTP_REQUESTS)
+_latency = metrics.Children(metrics.HTTP_LATENCY)
+
+
+def configure_access_log(enabled: bool) -> None:
+    """ACCESS_LOG: one line per request at INFO on `booking.access`, whatever LOG_LEVEL says
+    (off: the logger is silenced, and the middleware skips building the line)."""
+    access_log.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
+
+
 class RequestContextMiddleware:
-    """Correlation id in (X-Correlation-ID) and out, plus request metrics. Plain ASGI: cheap."""
+    """Correlation id in (X-Correlation-ID) and out, request metrics and the access log line.
+    Plain ASGI: cheap."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -337,12 +410,33 @@ class RequestContextMiddleware:
             try:
                 await self.app(scope, receive, send_with_header)
             finally:
+                elapsed = time.perf_counter() - started
                 route = scope.get("route")
                 path = getattr(route, "path", "unmatched")
-                metrics.HTTP_REQUESTS.labels(
-                    scope["method"], path, str(status_holder["status"])
-                ).inc()
-                metrics.HTTP_LATENCY.labels(path).observe(time.perf_counter() - started)
+                method, status = scope["method"], status_holder["status"]
+                _requests(method, path, str(status)).inc()
+                _latency(path).observe(elapsed)
+                if access_log.isEnabledFor(logging.INFO) and (
+                    status >= 400 or path not in _QUIET_ROUTES
+                ):
+                    _log_access(method, path, status, elapsed)
+
+
+def _log_access(method: str, route: str, status: int, elapsed: float) -> None:
+    """The request's line: its route template (never the path: it may hold ids and tokens);
+    the correlation id (and a trace id, when tracing sets one) come with every log record."""
+    access_log.info(
+        "%s %s %d",
+        method,
+        route,
+        status,
+        extra={
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+        },
+    )
 
 
 def _valid_correlation_id(value: str) -> bool:
@@ -380,6 +474,7 @@ def create_service_app(
         openapi_url="/openapi.json",
         middleware=[Middleware(RequestContextMiddleware), *middleware],
     )
+    configure_access_log(runtime.settings.access_log)
     app.state.settings = runtime.settings
     app.state.runtime = runtime
     app.state.token_verifier = runtime.verifier  # booking.runtime.auth.authenticated
@@ -409,6 +504,7 @@ def create_service_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
+        await runtime.refresh_gauges()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -22,6 +22,7 @@ from tenacity import (
     retry_if_exception,
 )
 
+from booking.runtime import metrics
 from booking.runtime.health import Observation, timed_ms
 from booking.runtime.transport import CancelSafeTransport
 
@@ -159,21 +160,35 @@ class RetryPolicy:
 
     async def call(self, what: str, once: Callable[[int], Awaitable[T]]) -> T:
         """`once(attempt)` (attempt counts from 1) until it returns, raises what is not worth
-        another attempt, or the retries end in `RetriesExhausted`."""
+        another attempt, or the retries end in `RetriesExhausted`. Each call is counted by its
+        result, timed (retries and waits included) and its retries counted (metrics.py)."""
         attempts = AsyncRetrying(
             retry=retry_if_exception(self.retryable),
             stop=self._stop,
             wait=self._wait,
             before_sleep=lambda state: self._log_retry(what, state),
         )
+        started = time.perf_counter()
+        result: str | None = None  # a cancelled call has no result: not counted
         try:
             async for attempt in attempts:
                 with attempt:
-                    return await once(attempt.retry_state.attempt_number)
+                    answer = await once(attempt.retry_state.attempt_number)
+                    result = "ok"
+                    return answer
         except RetryError as exhausted:
+            result = "unavailable"
             last = exhausted.last_attempt.exception()
             assert last is not None  # only a failed attempt is retried, so only one ends them
             raise RetriesExhausted(what, exhausted.last_attempt.attempt_number, last) from last
+        except Exception:
+            result = "refused"
+            raise
+        finally:
+            if result is not None:
+                provider = self.system.lower()
+                _calls(provider, what, result).inc()
+                _latency(provider, what).observe(time.perf_counter() - started)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _stop(self, state: RetryCallState) -> bool:
@@ -184,6 +199,7 @@ class RetryPolicy:
         return self.wait(state.attempt_number, _failure(state))
 
     def _log_retry(self, what: str, state: RetryCallState) -> None:
+        _retries(self.system.lower(), what).inc()
         error = _failure(state)
         self.log.warning(
             "%s %s attempt %d failed (%s); retrying in %.2fs",
@@ -193,6 +209,11 @@ class RetryPolicy:
             describe_failure(error) if error else "?",
             state.next_action.sleep if state.next_action else 0.0,
         )
+
+
+_calls = metrics.Children(metrics.PROVIDER_CALLS)
+_latency = metrics.Children(metrics.PROVIDER_LATENCY)
+_retries = metrics.Children(metrics.PROVIDER_RETRIES)
 
 
 def _failure(state: RetryCallState) -> BaseException | None:

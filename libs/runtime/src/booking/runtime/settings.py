@@ -72,6 +72,9 @@ class RuntimeSettings(BaseSettings):
     # per-address limit. A deployment leaves it off.
     development_mode: bool = False
     log_level: str = "INFO"
+    # One JSON line per HTTP request on the `booking.access` logger (method, route template,
+    # status, duration, correlation id), at INFO whatever LOG_LEVEL says; false turns them off.
+    access_log: bool = True
     bind_host: str = "127.0.0.1"
     port: int = 8000  # each service reads its own <SERVICE>_PORT instead
 

@@ -39,7 +39,6 @@ from uuid import UUID
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import Depends, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -58,6 +57,7 @@ from booking.gateway.upstreams import (
     failure_problem,
     passed_back,
 )
+from booking.runtime import metrics
 from booking.runtime.auth import OrderLink, Role, TokenRefused, TokenVerifier
 from booking.runtime.broker import Broker
 from booking.runtime.fanout import FanoutQueue
@@ -89,10 +89,8 @@ ORDER_EVENT = {
     "required": ["event", "id", "data"],
 }
 
-OPEN = Gauge("order_streams", "Order event streams open on this replica")
-DROPPED = Counter(
-    "order_streams_dropped_total", "Order event streams closed by the server", ["reason"]
-)
+OPEN = metrics.ORDER_STREAMS
+DROPPED = metrics.ORDER_STREAMS_DROPPED
 
 
 @dataclass(frozen=True, slots=True)

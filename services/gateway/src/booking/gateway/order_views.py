@@ -29,21 +29,17 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from fastapi import Request
-from prometheus_client import Counter
 from starlette.responses import Response
 
 from booking.gateway.upstreams import Service, Unanswered, Upstreams, pass_back
+from booking.runtime import metrics
 from booking.runtime.auth import Identity, Role
 
 JSON = "application/json"
 
 KEPT_ORDERS = 10_000  # the most orders kept; the least recently read go first
 
-READS = Counter(
-    "order_reads_total",
-    "GET /api/orders/{id} through this replica, by where it was answered from",
-    ["answered_by"],
-)
+READS = metrics.ORDER_READS
 ANSWERED_HERE, SENT_ON = READS.labels("gateway"), READS.labels("orders")
 
 

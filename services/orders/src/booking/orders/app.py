@@ -44,6 +44,7 @@ def create_app(settings: OrdersSettings | None = None) -> FastAPI:
         max_price_major_units=settings.offering_max_price_major_units,
     )
     runtime.subscribe(subscribers(orders))
+    runtime.on_scrape(orders.observe_oldest_pending)
     sweeper = Sweeper(orders, settings)
 
     @asynccontextmanager

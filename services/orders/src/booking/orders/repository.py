@@ -272,6 +272,18 @@ _CLAIM_UNOPENED = f"""
     """
 
 
+# Answered by the partial index on pending orders' created_at (ix_orders_pending_created_at).
+_OLDEST_PENDING = f"""
+    SELECT min(created_at) FROM "{SCHEMA}".orders WHERE status = '{OrderStatus.PENDING.value}'
+    """
+
+
+async def oldest_pending_created_at(session: AsyncSession) -> datetime | None:
+    """When the oldest order still pending (no payment opened yet) was booked; None: none."""
+    oldest: datetime | None = await (await driver_connection(session)).fetchval(_OLDEST_PENDING)
+    return oldest
+
+
 async def find_order(session: AsyncSession, order_id: UUID) -> StoredOrder | None:
     """The order and its session (created together, never deleted) in one statement, from one
     snapshot; None when there is no such order."""

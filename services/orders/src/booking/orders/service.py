@@ -74,11 +74,12 @@ from booking.orders.domain import (
     plan_session,
 )
 from booking.orders.repository import StoredOrder
+from booking.runtime import metrics
 from booking.runtime.audit import record_admin_action
 from booking.runtime.auth import Identity, acts_as_mentor
 from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated, current_correlation_id
-from booking.runtime.db import Database
+from booking.runtime.db import Database, on_commit
 from booking.runtime.domain import EventIds, IllegalTransition, InvalidMoney
 from booking.runtime.outbox import Outbox, Recording
 from booking.runtime.tables import MessagingTables
@@ -95,6 +96,21 @@ PAYMENT_NEVER_OPENED = "payment_never_opened"
 
 # The message id of the event reporting a fact (e.g. "OrderCancelled:<order id>").
 event_id = EventIds(_EVENTS)
+
+# The booking funnel (booking_bookings_total, by outcome and reason), counted once the use case
+# that reached the outcome commits (`on_commit`). Every pair is there from the start, at 0.
+_BOOKINGS = metrics.Children(metrics.BOOKINGS)
+for _outcome, _reason in (
+    ("requested", ""),
+    ("confirmed", ""),
+    ("failed", "payment_failed"),
+    ("failed", "payment_expired"),
+    ("failed", PAYMENT_NEVER_OPENED),
+    ("failed", "scheduling_abandoned"),
+    ("cancelled", "payment_initiation_failed"),
+    ("cancelled", "admin"),
+):
+    _BOOKINGS(_outcome, _reason)
 
 
 class NoSuchOrder(Exception):
@@ -258,6 +274,7 @@ class OrderService:
             end_at=booked.end_at,
         )
         await self._record_changed(session, stored, (requested, uuid.uuid4()))
+        on_commit(session, _BOOKINGS("requested", "").inc)
         return http.BookingAccepted(
             order_id=order.id, session_id=booked.id, status=order.status.value
         )
@@ -270,6 +287,15 @@ class OrderService:
         # one round trip. Clients poll this.
         async with self.db.single_statement() as session:
             return await repository.find_order(session, order_id)
+
+    async def observe_oldest_pending(self) -> None:
+        """Set booking_orders_oldest_pending_seconds (read on each scrape): how long the oldest
+        order whose payment has not opened has waited. The sweeper fails those past
+        PAYMENT_OPENING_TIMEOUT_MINUTES, so a value far past it means the flow is stuck."""
+        async with self.db.single_statement() as session:
+            oldest = await repository.oldest_pending_created_at(session)
+        age = 0.0 if oldest is None else (utcnow() - oldest).total_seconds()
+        metrics.OLDEST_PENDING_ORDER.set(max(0.0, age))
 
     async def fail_unopened_batch(
         self, now: datetime, opening_timeout: timedelta, limit: int
@@ -309,6 +335,7 @@ class OrderService:
                             f"SessionIssueDetected:{PAYMENT_NEVER_OPENED}:{order.id}"
                         ),
                     )
+                on_commit(session, _BOOKINGS("failed", PAYMENT_NEVER_OPENED).inc)
                 failed.append(stored)
         return len(claimed), failed
 
@@ -400,6 +427,7 @@ class OrderService:
                     session_id=booked.id,
                     detail=f"was {was}",
                 )
+            on_commit(session, _BOOKINGS("cancelled", "admin").inc)
         log.warning("order %s cancelled by %s (was %s): %s", order_id, by, was, reason)
         return stored
 
@@ -451,6 +479,7 @@ class OrderService:
         booked.cancel()
         stored.payment_status = PaymentStatus.INITIATION_FAILED
         await self._save(session, stored)
+        on_commit(session, _BOOKINGS("cancelled", "payment_initiation_failed").inc)
         log.info("order %s cancelled: no payment could be opened (%s)", order.id, event.reason)
 
     async def apply_payment(self, session: AsyncSession, event: PaymentCompleted) -> None:
@@ -583,6 +612,7 @@ class OrderService:
         order.payment_ref = event.payment_ref
         stored.payment_status = PaymentStatus(event.reason.value)
         await self._save(session, stored)
+        on_commit(session, _BOOKINGS("failed", f"payment_{event.reason.value}").inc)
 
     async def record_escrow_status(self, session: AsyncSession, event: EscrowEvent) -> None:
         """Payments moved the order's escrow: keep the status of the highest sequence heard of.
@@ -664,6 +694,7 @@ class OrderService:
             end_at=booked.end_at,
         )
         await self._save(session, stored, (confirmed, event_id(f"OrderConfirmed:{order.id}")))
+        on_commit(session, _BOOKINGS("confirmed", "").inc)
 
     async def record_scheduling_failure(
         self, session: AsyncSession, event: CalendarBookingFailed
@@ -700,6 +731,7 @@ class OrderService:
             log.warning("final CalendarBookingFailed (%s) is stale: %s", event.reason.value, exc)
             return
         await self._save(session, stored)
+        on_commit(session, _BOOKINGS("failed", "scheduling_abandoned").inc)
         log.warning(
             "calendar gave up on session %s of order %s (%s): %s",
             booked.id,

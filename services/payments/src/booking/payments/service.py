@@ -83,11 +83,12 @@ from booking.payments.repository import (
     StoredPayment,
 )
 from booking.payments.settings import PaymentsSettings
+from booking.runtime import metrics
 from booking.runtime.audit import record_admin_action
 from booking.runtime.auth import issue_order_token
 from booking.runtime.clock import utcnow
 from booking.runtime.context import correlated
-from booking.runtime.db import Database
+from booking.runtime.db import Database, on_commit
 from booking.runtime.domain import EventIds, IllegalTransition
 from booking.runtime.outages import describe, is_unreachable
 from booking.runtime.outbox import Outbox
@@ -160,6 +161,29 @@ _SETTLEMENTS: dict[str, AdminAction] = {
     "release": AdminAction.RELEASE_ESCROW,
     "refund": AdminAction.REFUND_ESCROW,
     "refunded": AdminAction.RECORD_REFUND,
+}
+
+
+# Payments by outcome (booking_payments_total), counted once the use case that reached the
+# outcome commits (`on_commit`). The usual pairs are there from the start, at 0.
+_PAYMENTS = metrics.Children(metrics.PAYMENTS)
+for _outcome, _reason in (
+    ("initiated", ""),
+    ("initiation_failed", "konnect_unavailable"),
+    ("initiation_failed", "konnect_unauthorized"),
+    ("initiation_failed", "konnect_refused"),
+    ("completed", ""),
+    ("completed", "overpaid"),
+    ("underpaid", ""),
+    ("expired", ""),
+):
+    _PAYMENTS(_outcome, _reason)
+
+
+_SETTLED = {
+    MoneyFate.HELD: ("completed", ""),
+    MoneyFate.OVERPAID: ("completed", "overpaid"),
+    MoneyFate.UNDERPAID: ("underpaid", ""),
 }
 
 
@@ -325,6 +349,7 @@ class PaymentService:
                 return payment.status
             payment.initiated(payment_ref, pay_url, expires_at, now)
             await repo.save_payment(session, payment, lease_ended=True)
+            on_commit(session, _PAYMENTS("initiated", "").inc)
             await self._record(
                 session,
                 PaymentInitiated(
@@ -348,6 +373,7 @@ class PaymentService:
                 return payment.status
             payment.initiation_failed(now)
             await repo.save_payment(session, payment, lease_ended=True)
+            on_commit(session, _PAYMENTS("initiation_failed", reason).inc)
             await self._record(
                 session,
                 PaymentInitiationFailed(order_id=payment.order_id, reason=reason, detail=detail),
@@ -404,6 +430,7 @@ class PaymentService:
             )
             return
         if settlement.expired:
+            on_commit(session, _PAYMENTS("expired", "").inc)
             await self._record(
                 session,
                 PaymentFailed(
@@ -423,6 +450,7 @@ class PaymentService:
         if fate in (MoneyFate.HELD, MoneyFate.OVERPAID, MoneyFate.UNDERPAID):
             assert money is not None
             await self._completed(session, payment, money)
+            on_commit(session, _PAYMENTS(*_SETTLED[fate]).inc)
         if fate is MoneyFate.HELD or fate is MoneyFate.OVERPAID:
             assert money is not None
             await self._hold(session, stored, money, now)

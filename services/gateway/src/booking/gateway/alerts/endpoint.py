@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import jwt
-from prometheus_client import Counter, Gauge
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -24,7 +23,7 @@ from booking.gateway.alerts.connection import (
 from booking.gateway.alerts.feed import COMPONENT, AlertFeed
 from booking.gateway.alerts.notifications import Notifications
 from booking.gateway.settings import GatewaySettings
-from booking.runtime import context
+from booking.runtime import context, metrics
 from booking.runtime.auth import Identity, TokenRefused, TokenVerifier
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, Observation
@@ -34,10 +33,8 @@ log = logging.getLogger(__name__)
 
 PATH = "/ws/admin"
 
-CONNECTED = Gauge("admin_websockets", "Admin alert websockets connected")
-DROPPED = Counter(
-    "admin_websockets_dropped_total", "Admin alert websockets closed by the server", ["reason"]
-)
+CONNECTED = metrics.ADMIN_WEBSOCKETS
+DROPPED = metrics.ADMIN_WEBSOCKETS_DROPPED
 
 
 class Refused(Exception):
