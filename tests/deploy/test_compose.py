@@ -34,6 +34,9 @@ INFRA = {
     "infra-rabbitmq": ("INFRA_RABBITMQ_PORT", "infra_rabbitmq_port", 5672),
 }
 INFRA_FOR = {"DATABASE_URL": "infra-postgres", "RABBITMQ_URL": "infra-rabbitmq"}
+# The `observability` profile's services and their pages' default host ports, on loopback
+# (test_observability.py tests the profile itself).
+OBSERVABILITY = {"prometheus": 9090, "grafana": 3000, "jaeger": 16686}
 
 
 def validator(deploy) -> list[str]:
@@ -159,15 +162,17 @@ class TestPortsAndScaling:
             name: [host_port(p) for p in service.get("ports", []) if host_port(p)]
             for name, service in all_services.items()
         }
-        # The one exception: the infra profile's, which make run's URLs name (on loopback only,
-        # and never started by a plain `up`; TestTheInfraProfile).
+        # The exceptions: the infra profile's, which make run's URLs name, and the observability
+        # profile's pages (on loopback only, and never started by a plain `up`;
+        # TestTheInfraProfile, test_observability.py).
         infra_ports = {
             name: [str(InfraSettings.model_fields[field].default)]
             for name, (_, field, _) in INFRA.items()
         }
+        observability_ports = {name: [str(port)] for name, port in OBSERVABILITY.items()}
         assert {n: p for n, p in fixed.items() if p} == {
             n: [str(port)] for n, port in PUBLISHED.items()
-        } | infra_ports
+        } | infra_ports | observability_ports
 
     @pytest.mark.parametrize("name", [n for n in SERVICES if n != "gateway"])
     def test_each_service_behind_the_gateway_scales(self, services, name):
@@ -300,7 +305,9 @@ class TestTheInfraProfile:
     def test_a_plain_up_starts_the_system_and_only_the_profile_starts_these(self, compose):
         profiles = {name: s.get("profiles") for name, s in compose["services"].items()}
         assert {name for name, p in profiles.items() if not p} == DEFAULT_PROFILE
-        assert {name: p for name, p in profiles.items() if p} == {n: ["infra"] for n in INFRA}
+        assert {name: p for name, p in profiles.items() if p} == {n: ["infra"] for n in INFRA} | {
+            n: ["observability"] for n in OBSERVABILITY
+        }
         # And the profile is the one infra.py activates, in this file.
         argv = infra.compose_argv("up")
         assert argv[argv.index("--profile") + 1] == "infra"
