@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no types-jsonschema in the dev group
 import kubernetes_validate  # type: ignore[import-untyped]  # the package ships no types
 import pytest
 import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the dev group
