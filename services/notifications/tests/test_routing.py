@@ -389,6 +389,31 @@ async def test_a_counted_up_alert_waits_out_the_quiet_period_then_goes_with_its_
     assert len(routed.hook.requests) == 3
 
 
+async def test_a_count_up_queued_while_the_last_send_is_in_flight_still_waits_its_turn(
+    route_alerts,
+) -> None:
+    routed = await route_alerts(email=False)
+    event = initiation_failed()
+    first = await routed.raise_(event)
+    routed.hook.hold()
+    routed.clock.at(0)
+    sending = asyncio.create_task(routed.dispatcher.run_once())
+    await eventually(lambda: routed.hook.requests, what="the first send")
+
+    routed.clock.at(1)
+    await routed.raise_(event)  # counted up while the first occurrence is on its way
+    await routed.dispatcher.run_once()  # another replica's round: it waits for that send
+    assert len(routed.hook.requests) == 1
+    routed.hook.release()
+    assert (await sending).sent == 1
+
+    await routed.round(40)  # the first one's lease is over; the quiet period is not
+    assert len(routed.hook.requests) == 1
+    await routed.round(901)
+    assert [r.body["occurrences"] for r in routed.hook.taken()] == [1, 2]
+    assert [d["status"] for d in await routed.deliveries(first["id"])] == ["sent", "sent"]
+
+
 async def test_a_channel_that_is_down_gets_every_alert_once_it_is_back_and_nothing_dead_letters(
     route_alerts,
 ) -> None:
