@@ -244,3 +244,50 @@ def test_an_event_from_any_service_names_its_sender():
 def test_an_event_cannot_claim_another_producer():
     with pytest.raises(ValueError, match="produced by payments"):
         wrap(payment_completed(), message_id=uuid4(), correlation_id="c", producer="orders")
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_trace_an_event_was_recorded_in_goes_with_it():
+    event = payment_completed()
+    envelope = wrap(
+        event,
+        message_id=MESSAGE_ID,
+        correlation_id="c-1",
+        traceparent=TRACEPARENT,
+        tracestate="vendor=opaque",
+    )
+
+    read = parse_envelope(envelope.model_dump_json())
+
+    assert (read.traceparent, read.tracestate) == (TRACEPARENT, "vendor=opaque")
+    assert read == envelope
+    assert decode(read) == event
+
+
+def test_an_event_recorded_outside_any_trace_carries_no_trace_field():
+    # A consumer that predates the fields refuses any field it does not know: while tracing
+    # is off, the body is what it was before them.
+    envelope = wrap(payment_completed(), message_id=MESSAGE_ID, correlation_id="c-1")
+
+    written = json.loads(envelope.model_dump_json())
+
+    assert "traceparent" not in written and "tracestate" not in written
+    assert written["causation_id"] is None  # the other optional field stays as it was
+    assert parse_envelope(envelope.model_dump_json()).traceparent is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"traceparent": "not-a-traceparent"},
+        {"traceparent": TRACEPARENT.upper()},
+        {"traceparent": TRACEPARENT + "-extra"},
+        {"traceparent": TRACEPARENT, "tracestate": "k=" + "v" * 600},
+    ],
+    ids=["garbage", "uppercase", "extra-field", "tracestate-too-long"],
+)
+def test_a_malformed_trace_field_is_malformed(changes: dict[str, Any]):
+    with pytest.raises(MalformedMessage, match="trace"):
+        parse_envelope(json.dumps(envelope_dict(**changes)))

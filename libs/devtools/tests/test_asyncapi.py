@@ -38,7 +38,11 @@ ENVELOPE_FIELDS = {
     "causation_id",
     "producer",
     "payload",
+    "traceparent",
+    "tracestate",
 }
+# Set only while tracing is on (docs/operations.md, Traces).
+OPTIONAL_ENVELOPE_FIELDS = {"causation_id", "traceparent", "tracestate"}
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +175,7 @@ def test_event_message_is_the_envelope_around_the_payload(
 ):
     envelope = message_payload(document, document["channels"][channel_of(event)])
     assert set(envelope["properties"]) == ENVELOPE_FIELDS
+    assert set(envelope["required"]) == ENVELOPE_FIELDS - OPTIONAL_ENVELOPE_FIELDS
     assert envelope["properties"]["type"]["const"] == event.event_type()
     assert envelope["properties"]["version"]["const"] == event.version
     producer = envelope["properties"]["producer"]

@@ -2,7 +2,8 @@
 
 An event is a past-tense fact with a payload model; the envelope adds identity (message_id),
 the event's name and version, when it happened, and the correlation/causation chain that ties
-every message of one booking together.
+every message of one booking together; while tracing is on, also the trace it belongs to
+(`traceparent`, `tracestate`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ the service that did; consumers bind `*.<event>`."""
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda value: value.astimezone(UTC))]
 """A timezone-aware datetime, normalised to UTC; naive datetimes are rejected."""
+
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+"""A W3C Trace Context `traceparent`: version, trace id, parent span id, flags (lowercase hex)."""
+
+TRACESTATE_MAX_CHARS = 512
+"""The longest `tracestate` kept: W3C lets a carrier drop one longer than this."""
+
+
+def _absent(value: object) -> bool:
+    return value is None
 
 
 def snake_case(name: str) -> str:
@@ -75,6 +86,13 @@ class Envelope(BaseModel):
     causation_id: str | None = None
     producer: str = Field(min_length=1)
     payload: dict[str, Any]
+    # The trace the event was recorded in (booking.runtime.tracing): W3C Trace Context, set only
+    # while tracing is on. Left out of the JSON when unset, so that a message from a producer
+    # that traces nothing stays readable by a consumer that predates these fields.
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN, exclude_if=_absent)
+    tracestate: str | None = Field(
+        default=None, max_length=TRACESTATE_MAX_CHARS, exclude_if=_absent
+    )
 
     @property
     def routing_key(self) -> str:
@@ -126,22 +144,43 @@ def wrap(
     causation_id: str | None = None,
     occurred_at: datetime | None = None,
     producer: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> Envelope:
-    """The envelope of `event`. `producer` names the sender of an ANY_PRODUCER event."""
+    """The envelope of `event`. `producer` names the sender of an ANY_PRODUCER event;
+    `traceparent` and `tracestate` the trace it was recorded in, if any."""
     if event.producer == ANY_PRODUCER:
         if not producer or producer == ANY_PRODUCER:
             raise ValueError(f"{event.event_type()} can come from any service: name the producer")
     elif producer not in (None, event.producer):
         raise ValueError(f"{event.event_type()} is produced by {event.producer}, not {producer}")
+    occurred_at = occurred_at or datetime.now(UTC)
+    producer = producer or event.producer
+    payload = event.model_dump(mode="json")
+    if traceparent is None and tracestate is None:
+        # Without the trace's fields at all: passing them as None cost every event recorded
+        # a quarter of a microsecond more (measured), and `**` of a mapping twice that.
+        return Envelope(
+            message_id=message_id,
+            type=event.event_type(),
+            version=event.version,
+            occurred_at=occurred_at,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            producer=producer,
+            payload=payload,
+        )
     return Envelope(
         message_id=message_id,
         type=event.event_type(),
         version=event.version,
-        occurred_at=occurred_at or datetime.now(UTC),
+        occurred_at=occurred_at,
         correlation_id=correlation_id,
         causation_id=causation_id,
-        producer=producer or event.producer,
-        payload=event.model_dump(mode="json"),
+        producer=producer,
+        payload=payload,
+        traceparent=traceparent,
+        tracestate=tracestate,
     )
 
 
