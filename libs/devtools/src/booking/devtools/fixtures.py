@@ -578,11 +578,12 @@ async def deliver(
     correlation_id: str | None = None,
     occurred_at: datetime | None = None,
     producer: str | None = None,
+    traceparent: str | None = None,
 ) -> uuid.UUID:
     """Deliver `event` to the runtime's consumer (under `on_test_broker`) as its queue would:
-    in its envelope (dated `occurred_at`, from `producer` for an event any service may send),
-    with its message id; returns that id. The handler runs in the consumer's workers: wait for
-    its effect with `eventually`."""
+    in its envelope (dated `occurred_at`, from `producer` for an event any service may send,
+    in the trace `traceparent` names), with its message id; returns that id. The handler runs
+    in the consumer's workers: wait for its effect with `eventually`."""
     assert runtime.consumer is not None
     envelope = wrap(
         event,
@@ -590,6 +591,7 @@ async def deliver(
         correlation_id=correlation_id or str(uuid.uuid4()),
         occurred_at=occurred_at,
         producer=producer,
+        traceparent=traceparent,
     )
     await runtime.broker.faststream.publish(
         aio_pika.Message(

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from booking.runtime.logs import configure_logging
 from booking.runtime.settings import RefusedSettings, RuntimeSettings
+from booking.runtime.tracing import configure_tracing
 
 
 def declare_topology(app: FastAPI) -> None:
@@ -83,6 +84,10 @@ def main(
 
     settings = settings_type()
     configure_logging(name, settings.log_level)
+    if args.command == "serve":
+        # Before the app is built: its middleware follows. Only a service with a schema has a
+        # database to trace.
+        configure_tracing(name, database=schema is not None)
     try:
         # Before anything is done, a migration included: settings no deployment may run with
         # (a JWT secret anyone knows) stop the process with the reason, not a trace.

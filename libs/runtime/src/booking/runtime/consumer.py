@@ -48,7 +48,7 @@ from booking.contracts import (
     decode,
     parse_envelope,
 )
-from booking.runtime import metrics
+from booking.runtime import metrics, tracing
 from booking.runtime.broker import (
     Broker,
     ConsumerQueues,
@@ -97,7 +97,8 @@ class MessageContext:
         transaction of its own. A crash before `step` ends leaves the intent for a sweeper to
         finish, so `step` is a fast path, never the only path. It is dropped if the commit fails.
         """
-        self.after_commit.append(step)
+        # In the trace of this message (tracing off: `step` itself).
+        self.after_commit.append(tracing.carried(step, f"{self.envelope.type} after commit"))
 
 
 Handler = Callable[[Any, MessageContext], Awaitable[None]]
@@ -429,7 +430,10 @@ class Consumer(QueueWorker):
                     continue
                 first_seen.discard(envelope.message_id)  # the same message twice in one batch
                 context = MessageContext(session, envelope, self.outbox)
-                with correlated(envelope.correlation_id, str(envelope.message_id)):
+                with (
+                    correlated(envelope.correlation_id, str(envelope.message_id)),
+                    tracing.consuming(envelope, self.name),
+                ):
                     began = time.perf_counter()
                     await handler(event, context)
                     elapsed = time.perf_counter() - began

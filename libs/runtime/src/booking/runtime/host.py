@@ -34,7 +34,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from booking.contracts import Event
-from booking.runtime import context, metrics
+from booking.runtime import context, metrics, tracing
 from booking.runtime.auth import TokenVerifier
 from booking.runtime.broker import Broker
 from booking.runtime.health import Health, Observation, Status, timed_ms
@@ -450,13 +450,16 @@ def create_service_app(
     title: str | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     middleware: Sequence[Middleware] = (),
+    edge: bool = False,
 ) -> FastAPI:
     """The service's FastAPI app around its runtime.
 
     `routers` come before the standard health routes, and a health path one of them serves is
     left to it (the gateway answers its own `/health` and `/internal/health`). `lifespan` runs
     inside the runtime's (the broker is being connected, the database is there); `middleware`
-    sits inside the correlation middleware.
+    sits inside the correlation middleware. While tracing is on, each request has a span
+    (outermost, so the logs of every layer carry its ids); `edge`: the callers are outside the
+    system, and their trace headers are ignored (booking.runtime.tracing.ServerSpans).
     """
 
     @asynccontextmanager
@@ -472,7 +475,14 @@ def create_service_app(
         title=title or f"booking {runtime.name}",
         lifespan=run,
         openapi_url="/openapi.json",
-        middleware=[Middleware(RequestContextMiddleware), *middleware],
+        middleware=[
+            *([Middleware(tracing.ServerSpans, edge=edge)] if tracing.enabled() else []),
+            Middleware(RequestContextMiddleware),
+            *middleware,
+        ],
+        # FastAPI's own tracing would start a second span per request, trusting any caller's
+        # trace headers and keeping the query string: ServerSpans traces them instead.
+        telemetry={"tracing": False},
     )
     configure_access_log(runtime.settings.access_log)
     app.state.settings = runtime.settings

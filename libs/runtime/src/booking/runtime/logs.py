@@ -1,4 +1,5 @@
-"""Structured JSON logs that carry the service name and the correlation id."""
+"""Structured JSON logs that carry the service name and the correlation id, and the trace and
+span ids while tracing is on and a span is in progress (booking.runtime.tracing)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from booking.runtime import context
+from booking.runtime import context, tracing
 
 
 class _ContextFilter(logging.Filter):
@@ -21,6 +22,9 @@ class _ContextFilter(logging.Filter):
         record.service = self.service
         record.correlation_id = context.correlation_id.get()
         record.causation_id = context.causation_id.get()
+        ids = tracing.log_ids()
+        if ids is not None:
+            record.trace_id, record.span_id = ids
         return True
 
 

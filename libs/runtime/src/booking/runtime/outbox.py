@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from booking.contracts import ANY_PRODUCER, Event, SystemErrorKind, SystemErrorReported, wrap
-from booking.runtime import context, metrics
+from booking.runtime import context, metrics, tracing
 from booking.runtime.broker import Broker, OutgoingMessage, Unroutable
 from booking.runtime.db import driver_connection
 from booking.runtime.outages import OutageLog, is_unreachable
@@ -68,12 +68,15 @@ class Outbox:
         `exchange` sends it elsewhere than the events exchange (admin alerts go to a fanout).
         """
         message_id = message_id or uuid.uuid4()
+        traceparent, tracestate = tracing.current_headers()
         row = self.row(
             event,
             message_id=message_id,
             correlation_id=context.current_correlation_id(),
             causation_id=context.causation_id.get(),
             exchange=exchange,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
         await (await driver_connection(session)).execute(self._insert, *insert_arguments(row))
         # The outbox's trigger NOTIFYs the relays when this transaction commits.
@@ -85,6 +88,7 @@ class Outbox:
         twice (its change to a fanout, its fact to the events exchange) pays one round trip."""
         if not events:
             return
+        traceparent, tracestate = tracing.current_headers()
         rows = [
             self.row(
                 event,
@@ -92,6 +96,8 @@ class Outbox:
                 correlation_id=context.current_correlation_id(),
                 causation_id=context.causation_id.get(),
                 exchange=exchange,
+                traceparent=traceparent,
+                tracestate=tracestate,
             )
             for event, message_id, exchange in events
         ]
@@ -107,14 +113,19 @@ class Outbox:
         correlation_id: str,
         causation_id: str | None,
         exchange: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> dict[str, Any]:
-        """The outbox row of `event`, as `record` inserts it."""
+        """The outbox row of `event`, as `record` inserts it; its envelope names the trace
+        given (`record` gives the span in progress), so the body carries it to the consumer."""
         envelope = wrap(
             event,
             message_id=message_id,
             correlation_id=correlation_id,
             causation_id=causation_id,
             producer=self.producer if event.producer == ANY_PRODUCER else None,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
         return {
             "message_id": message_id,
@@ -252,20 +263,7 @@ class OutboxRelay:
                     if not rows:
                         return 0
                     results = await asyncio.gather(
-                        *(
-                            self.broker.publish(
-                                OutgoingMessage(
-                                    body=row["body"].encode(),
-                                    exchange=row["exchange"],
-                                    routing_key=row["routing_key"],
-                                    message_id=str(row["message_id"]),
-                                    correlation_id=row["correlation_id"],
-                                    type=row["event_type"],
-                                )
-                            )
-                            for row in rows
-                        ),
-                        return_exceptions=True,
+                        *(self._publish(row) for row in rows), return_exceptions=True
                     )
                     failed = []
                     unroutable = []
@@ -291,6 +289,27 @@ class OutboxRelay:
         if failed:
             raise failed[0][1]
         return sent
+
+    async def _publish(self, row: Any) -> None:
+        """Publish one claimed row (in a PRODUCER span of the trace its envelope names)."""
+        message_id = str(row["message_id"])
+        with tracing.publishing(
+            body=row["body"],
+            event_type=row["event_type"],
+            exchange=row["exchange"],
+            routing_key=row["routing_key"],
+            message_id=message_id,
+        ):
+            await self.broker.publish(
+                OutgoingMessage(
+                    body=row["body"].encode(),
+                    exchange=row["exchange"],
+                    routing_key=row["routing_key"],
+                    message_id=message_id,
+                    correlation_id=row["correlation_id"],
+                    type=row["event_type"],
+                )
+            )
 
     async def _keep_unroutable(self, driver: Any, rows: list[Any]) -> None:
         """Leave unroutable events unsent for a while, and tell the admins once per type and
