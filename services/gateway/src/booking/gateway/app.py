@@ -67,6 +67,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             alerts.middleware(),  # /ws/admin: before the layers below, kept for every admin
             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
         ],
+        edge=True,  # the public entry: every trace starts here, whatever a caller sends
     )
     app.state.trusted_proxies = settings.trusted_proxies  # booking.gateway.forwarded
     app.state.rate_limiters = rate_limiters(settings)

@@ -16,6 +16,9 @@ an asyncio.Semaphore, and aiohttp closes a connection whose exchange was cut sho
 pool it, so nothing is leaked (tests/test_upstreams.py churns cancelled callers to prove it).
 aiohttp sends a request once; the one resend it makes on a kept-alive connection that the
 service closed unanswered is for idempotent methods only, never a POST.
+
+While tracing is on, each call is a CLIENT span whose `traceparent` goes with it, so the
+service's spans join the gateway's trace (OpenTelemetry instruments httpx, not aiohttp).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from yarl import URL
 
 from booking.gateway.forwarded import request_client
 from booking.gateway.settings import GatewaySettings
+from booking.runtime import tracing
 from booking.runtime.context import current_correlation_id
 from booking.runtime.problems import PROBLEM_MEDIA_TYPE, problem
 from booking.runtime.transport import KEEPALIVE_EXPIRY_SECONDS
@@ -204,14 +208,17 @@ class Upstreams:
             async with asyncio.timeout(self.timeout):
                 await self._admit(pool.slots, service)
                 try:
-                    async with pool.session.request(
-                        method,
-                        url,
-                        headers=headers,
-                        data=content,
-                        allow_redirects=False,  # a 302 to Google is the answer, not a hop
-                    ) as answer:
-                        return Answer(answer.status, answer.headers, await answer.read())
+                    with tracing.outgoing(method, str(url), headers, peer=service) as span:
+                        async with pool.session.request(
+                            method,
+                            url,
+                            headers=headers,
+                            data=content,
+                            allow_redirects=False,  # a 302 to Google is the answer, not a hop
+                        ) as answer:
+                            if span is not None:
+                                tracing.answered(span, answer.status)
+                            return Answer(answer.status, answer.headers, await answer.read())
                 finally:
                     pool.slots.release()
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
