@@ -87,6 +87,20 @@ class TestPayments:
         )
         assert await repo.payment_of_ref(session, "b" * 24) is None
 
+    async def test_the_bookings_trace_is_kept_for_the_webhook_and_every_later_step(self, session):
+        traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        booking = replace(BOOKING, traceparent=traceparent)
+        payment = opened()
+        await repo.add_payment_unless_ended(session, payment, booking)
+        payment.initiated("c" * 24, "https://pay.example/c", NOW + timedelta(minutes=30), NOW)
+        await repo.save_payment(session, payment, lease_ended=True)
+
+        found = await repo.payment_of_ref(session, "c" * 24)
+        stored = await repo.locked_payment(session, payment.id)
+
+        assert found is not None and found.traceparent == traceparent
+        assert stored.booking == booking
+
     async def test_a_lease_and_a_check_stay_until_a_save_says_otherwise(self, session):
         payment = opened()
         await repo.add_payment_unless_ended(session, payment, BOOKING)

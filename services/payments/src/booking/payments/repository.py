@@ -76,6 +76,7 @@ _PAYMENT = (
     "mentee_email",
     "mentee_phone",
     "correlation_id",
+    "traceparent",
 )
 # The columns of a payment the domain may change, as `_payment_changes` gives them.
 _PAYMENT_CHANGES = (
@@ -105,6 +106,7 @@ _NEW_PAYMENT = (
     "mentee_email",
     "mentee_phone",
     "correlation_id",
+    "traceparent",
     *_PAYMENT_CHANGES,
 )
 # What `_hold_of` maps.
@@ -183,7 +185,8 @@ async def lock_order(session: AsyncSession, order_id: uuid.UUID) -> None:
 class Booking:
     """What a payment keeps of the booking it pays for: the session and its mentor (for the
     escrow), what Konnect's page shows and who pays, and the booking's correlation id, which
-    every later event about the payment carries."""
+    every later event about the payment carries, and its trace (while tracing is on), which
+    the later work on the payment joins."""
 
     session_id: uuid.UUID
     mentor_id: uuid.UUID
@@ -194,6 +197,7 @@ class Booking:
     mentee_email: str
     mentee_phone: str | None
     correlation_id: str
+    traceparent: str | None = None
 
 
 @dataclass(slots=True)
@@ -215,11 +219,13 @@ class Opening:
 
 @dataclass(frozen=True, slots=True)
 class PaymentOfRef:
-    """What the webhook needs to know of the payment with a Konnect ref."""
+    """What the webhook needs to know of the payment with a Konnect ref (and the booking's
+    trace, which it joins)."""
 
     id: uuid.UUID
     order_id: uuid.UUID
     status: PaymentState
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +267,7 @@ def _stored_payment(row: asyncpg.Record) -> StoredPayment:
             mentee_email=row["mentee_email"],
             mentee_phone=row["mentee_phone"],
             correlation_id=row["correlation_id"],
+            traceparent=row["traceparent"],
         ),
     )
 
@@ -297,6 +304,7 @@ def _new_payment(payment: Payment, booking: Booking) -> tuple[object, ...]:
         booking.mentee_email,
         booking.mentee_phone,
         booking.correlation_id,
+        booking.traceparent,
         *_payment_changes(payment),
     )
 
@@ -336,7 +344,7 @@ async def add_payment_unless_ended(
 
 
 # Every webhook runs it, a flood of forged ones too.
-_BY_REF = f"SELECT id, order_id, status FROM {_PAYMENTS} WHERE payment_ref = $1"
+_BY_REF = f"SELECT id, order_id, status, traceparent FROM {_PAYMENTS} WHERE payment_ref = $1"
 
 
 async def payment_of_ref(session: AsyncSession, payment_ref: str) -> PaymentOfRef | None:
@@ -345,7 +353,12 @@ async def payment_of_ref(session: AsyncSession, payment_ref: str) -> PaymentOfRe
     row = await (await driver_connection(session)).fetchrow(_BY_REF, payment_ref)
     if row is None:
         return None
-    return PaymentOfRef(id=row["id"], order_id=row["order_id"], status=PaymentState(row["status"]))
+    return PaymentOfRef(
+        id=row["id"],
+        order_id=row["order_id"],
+        status=PaymentState(row["status"]),
+        traceparent=row["traceparent"],
+    )
 
 
 _LOCKED = f"SELECT {', '.join(_PAYMENT)} FROM {_PAYMENTS} WHERE id = $1 FOR UPDATE"

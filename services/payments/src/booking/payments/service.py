@@ -83,7 +83,7 @@ from booking.payments.repository import (
     StoredPayment,
 )
 from booking.payments.settings import PaymentsSettings
-from booking.runtime import metrics
+from booking.runtime import metrics, tracing
 from booking.runtime.audit import record_admin_action
 from booking.runtime.auth import issue_order_token
 from booking.runtime.clock import utcnow
@@ -250,6 +250,8 @@ class PaymentService:
             mentee_email=event.mentee.email,
             mentee_phone=event.mentee.phone,
             correlation_id=correlation_id,
+            # The span handling BookingRequested: what later comes of the payment joins it.
+            traceparent=tracing.current_headers()[0],
         )
         opening = await repo.add_payment_unless_ended(session, payment, booking)
         if opening.ending is not None:
@@ -314,7 +316,10 @@ class PaymentService:
                 self.settings.konnect_fail_url or "", payment.order_id, "failed", token
             ),
         )
-        with correlated(booking.correlation_id):
+        with (
+            correlated(booking.correlation_id),
+            tracing.joined(booking.traceparent, "initiate payment"),
+        ):
             try:
                 initiated = await self.konnect.init_payment(request)
             except KonnectUnavailable as error:
@@ -642,7 +647,8 @@ class PaymentService:
         not asked. A completed payment is answered as it is: nothing Konnect says changes it.
         Any other payment is asked about within the webhooks' share of the lookup budget:
         `LookupsSpent` when it is used up, `KonnectCannotBeAsked` when Konnect cannot be asked;
-        reconciliation makes both good.
+        reconciliation makes both good. Konnect's call carries no trace: what it sets off joins
+        the booking's, stored with the payment (linked to the request's own).
         """
         async with self.db.single_statement() as session:
             found = await repo.payment_of_ref(session, payment_ref)
@@ -653,7 +659,8 @@ class PaymentService:
             # Applied before: nothing Konnect could say now changes it.
             return WebhookAnswer(payment_ref, found.status.value)
         # Ended payments are asked too: money that arrives after the end is never dropped.
-        status = await self._ask_once_for_all(found, payment_ref, now)
+        with tracing.joined(found.traceparent, "payment webhook"):
+            status = await self._ask_once_for_all(found, payment_ref, now)
         return WebhookAnswer(payment_ref, status.value)
 
     async def _ask_once_for_all(

@@ -71,6 +71,9 @@ class PaymentRow(SQLModel, table=True):
     mentee_phone: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # The booking's correlation id: every later event about this payment carries it.
     correlation_id: str = Field(sa_column=Column(Text, nullable=False))
+    # The booking's trace (W3C traceparent) while tracing is on: the webhook, which Konnect
+    # sends with no trace, joins it.
+    traceparent: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     status: str = Field(sa_column=Column(Text, nullable=False))
     payment_ref: str | None = Field(
         default=None, sa_column=Column(Text, nullable=True, unique=True)
