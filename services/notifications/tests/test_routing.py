@@ -427,7 +427,8 @@ async def test_a_channel_that_is_down_gets_every_alert_once_it_is_back_and_nothi
     await routed.mail.stop()  # connections refused
     raised = [await routed.raise_(initiation_failed()) for _ in range(2)]
 
-    for seconds in (0, 10, 30, 70):  # four attempts each, every one failed
+    # Down for ten minutes: six attempts each (10 s doubling), every one failed.
+    for seconds in (0, 10, 30, 70, 150, 310, 600):
         await routed.round(seconds)
     assert routed.hook.taken() == [] and routed.mail.messages == []
     waiting = await routed.deliveries()
@@ -435,7 +436,7 @@ async def test_a_channel_that_is_down_gets_every_alert_once_it_is_back_and_nothi
 
     routed.hook.status = 200
     await routed.mail.start()
-    await routed.round(200)  # every retry due by now
+    await routed.round(1300)  # every retry due by now
 
     for notification in raised:
         hook_key = delivery_key(notification["id"], 1, Channel.webhook)
@@ -443,7 +444,7 @@ async def test_a_channel_that_is_down_gets_every_alert_once_it_is_back_and_nothi
         assert len(routed.hook.taken(hook_key)) == 1
         assert len(routed.mail.with_key(mail_key)) == 1
         failed = [r for r in routed.hook.requests if r.key == hook_key and r.status == 503]
-        assert len(failed) == 4  # each attempt of the outage carried the same key
+        assert len(failed) == 6  # each attempt of the outage carried the same key
     assert {d["status"] for d in await routed.deliveries()} == {"sent"}
 
     # Nothing of it ever touched the messages: handled once, nothing dead-lettered.
