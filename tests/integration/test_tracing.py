@@ -197,12 +197,15 @@ async def test_a_request_its_statements_and_an_event_consumed_in_reply_are_one_t
     assert statements_under(receiver, request), "the booking's statements, under its request"
     # What the request recorded names the request's span; the relay's publish is under it.
     assert requested.traceparent.split("-")[1:3] == [request.trace_id, request.span_id]
-    [publish] = receiver.named("BookingRequested publish", "orders")
-    assert (publish.kind, publish.trace_id, publish.parent_id) == (
-        "PRODUCER",
-        request.trace_id,
-        request.span_id,
-    )
+    # At least once: a relay whose confirm came late publishes again, in a span of its own.
+    publishes = receiver.named("BookingRequested publish", "orders")
+    assert publishes
+    for publish in publishes:
+        assert (publish.kind, publish.trace_id, publish.parent_id) == (
+            "PRODUCER",
+            request.trace_id,
+            request.span_id,
+        )
     # The reply is handled in a consumer span of the same trace, its statements under it.
     [consumer] = consumed()
     assert (consumer.kind, consumer.trace_id, consumer.parent_id) == (

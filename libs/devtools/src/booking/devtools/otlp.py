@@ -54,6 +54,7 @@ class ReceivedSpan:
 class SpanReceiver:
     url: str = ""
     spans: list[ReceivedSpan] = field(default_factory=list)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         """Every span of the trace received so far."""
@@ -72,7 +73,12 @@ class SpanReceiver:
             resource = _attributes(resource_spans.resource.attributes)
             service = str(resource.get("service.name", "?"))
             for scope_spans in resource_spans.scope_spans:
-                self.spans.extend(_span(service, span) for span in scope_spans.spans)
+                for proto in scope_spans.spans:
+                    span = _span(service, proto)
+                    # An export retried after a timeout sends the same spans again: one each.
+                    if (span.trace_id, span.span_id) not in self._seen:
+                        self._seen.add((span.trace_id, span.span_id))
+                        self.spans.append(span)
 
 
 def _span(service: str, span: ProtoSpan) -> ReceivedSpan:
