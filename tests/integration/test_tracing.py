@@ -18,10 +18,11 @@ import httpx
 import pytest
 
 from booking.contracts import PaymentInitiated, parse_envelope, wrap
-from booking.devtools.fixtures import eventually, free_port
+from booking.devtools.fixtures import eventually, free_port, serving_process
 from booking.devtools.otlp import ReceivedSpan, SpanReceiver, receiving_spans
 from booking.orders.settings import OrdersSettings
 from booking.runtime.auth import issue_token
+from booking.runtime.settings import RuntimeSettings
 
 
 @pytest.fixture
@@ -40,8 +41,7 @@ def service_environment(settings: OrdersSettings, port: int, endpoint: str) -> d
         "ADMIN_ALERTS_EXCHANGE": settings.admin_alerts_exchange,
         "ORDER_CHANGES_EXCHANGE": settings.order_changes_exchange,
         "QUEUE_PREFIX": settings.queue_prefix,
-        # Its queues as make_settings names them, which is what its teardown deletes.
-        "CONSUMER_MAX_ATTEMPTS": str(settings.consumer_max_attempts),
+        # Its retry delays as make_settings names its queues, which is what its teardown deletes.
         "CONSUMER_RETRY_BASE_DELAY_MS": str(settings.consumer_retry_base_delay_ms),
         "ORDERS_PORT": str(port),
         "BIND_HOST": "127.0.0.1",
@@ -56,7 +56,11 @@ async def orders(
     make_settings: Callable[..., Any], receiver: SpanReceiver
 ) -> AsyncIterator[tuple[OrdersSettings, httpx.AsyncClient]]:
     """The orders service as a process of its own, migrated and ready, tracing to `receiver`."""
-    settings = make_settings(OrdersSettings)
+    # The default attempt count, as the process has it: its retry queues are the ones the
+    # teardown deletes.
+    settings = make_settings(
+        OrdersSettings, consumer_max_attempts=RuntimeSettings().consumer_max_attempts
+    )
     port = free_port()
     env = service_environment(settings, port, receiver.url)
     migrated = await asyncio.to_thread(
@@ -68,34 +72,8 @@ async def orders(
         timeout=120,
     )
     assert migrated.returncode == 0, migrated.stderr
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "booking.orders",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
-        ) as http:
-
-            async def ready() -> bool:
-                assert process.returncode is None, "orders exited"
-                try:
-                    return (await http.get("/health/ready")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(ready, timeout=60, interval=0.1, what="orders ready")
-            yield settings, http
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        async with asyncio.timeout(30):
-            await process.wait()
+    async with serving_process("orders", env, port) as http:
+        yield settings, http
 
 
 def bearer(settings: OrdersSettings, sub: str, role: str) -> dict[str, str]:

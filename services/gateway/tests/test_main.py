@@ -1,15 +1,12 @@
 """`python -m booking.gateway`: what the gateway process loads (its resident memory, issue 6)."""
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 
-import httpx
-
-from booking.devtools.fixtures import eventually, free_port
+from booking.devtools.fixtures import free_port, serving_process
 from booking.gateway.settings import GatewaySettings
 
 # Runs the module's preamble and imports as `python -m booking.gateway --help` does (argparse
@@ -75,40 +72,14 @@ class TestServe:
             "QUEUE_PREFIX": settings.queue_prefix,
             "PAYMENTS_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: a 503
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "booking.gateway",
-            "serve",
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
-            ) as http:
-
-                async def live() -> bool:
-                    assert process.returncode is None, "the gateway exited"
-                    try:
-                        return (await http.get("/health/live")).status_code == 200
-                    except httpx.TransportError:
-                        return False
-
-                await eventually(live, timeout=60, interval=0.1, what="the gateway serving")
-                found = [
-                    await http.get(
-                        "/api/payments/webhook?payment_ref=p",
-                        headers={"X-Forwarded-For": f"198.51.100.{n}"},
-                    )
-                    for n in range(2)
-                ]
-        finally:
-            if process.returncode is None:
-                process.terminate()
-            async with asyncio.timeout(30):
-                await process.wait()
+        async with serving_process("gateway", env, port, health="/health/live") as http:
+            found = [
+                await http.get(
+                    "/api/payments/webhook?payment_ref=p",
+                    headers={"X-Forwarded-For": f"198.51.100.{n}"},
+                )
+                for n in range(2)
+            ]
 
         assert [r.status_code for r in found] == [503, 429]
         assert "from 127.0.0.1" in found[1].json()["detail"]

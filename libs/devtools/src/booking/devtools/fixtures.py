@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 import uuid
 import warnings
@@ -486,6 +487,42 @@ def url_via(url: str, proxy: TcpProxy) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@contextlib.asynccontextmanager
+async def serving_process(
+    service: str, env: dict[str, str], port: int, *, health: str = "/health/ready"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """`python -m booking.<service> serve` as a process of its own, with `env` and listening on
+    `port`: a client on it once it answers 200 on `health`. It is stopped at the end."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        f"booking.{service}",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
+        ) as http:
+
+            async def answering() -> bool:
+                assert process.returncode is None, f"{service} exited"
+                try:
+                    return (await http.get(health)).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(answering, timeout=60, interval=0.1, what=f"{service} serving")
+            yield http
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        async with asyncio.timeout(30):
+            await process.wait()
 
 
 @contextlib.asynccontextmanager
