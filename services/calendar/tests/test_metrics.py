@@ -5,22 +5,13 @@ was unavailable. The registry is the process's, so each check is a change."""
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from booking.devtools.fixtures import scrape_metrics
 
 
 @pytest.fixture
 async def calendar(start_on_test_broker):
     return await start_on_test_broker()
-
-
-async def metrics_of(calendar) -> dict[tuple[str, frozenset], float]:
-    answer = await calendar.http.get("/metrics")
-    assert answer.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(answer.text)
-        for sample in family.samples
-    }
 
 
 def moved(before: dict, after: dict, name: str, **labels: str) -> float:
@@ -36,11 +27,11 @@ async def test_a_session_scheduled_through_two_failures_counts_one_call_and_two_
 ):
     mentor = await calendar.connected()
     await sandbox.fault("http_500", count=2, endpoint="insert")
-    before = await metrics_of(calendar)
+    before = await scrape_metrics(calendar.http)
 
     paid = await calendar.pay(mentor)
     await calendar.confirmed(paid.session_id)
-    after = await metrics_of(calendar)
+    after = await scrape_metrics(calendar.http)
 
     assert moved(before, after, "booking_provider_calls_total", **INSERT, result="ok") == 1
     assert moved(before, after, "booking_provider_calls_total", **INSERT, result="unavailable") == 0
@@ -53,11 +44,11 @@ async def test_google_failing_throughout_counts_a_call_unavailable(calendar, san
     mentor = await calendar.connected()
     attempts = calendar.settings.google_max_attempts
     await sandbox.fault("http_503", count=attempts, endpoint="insert")
-    before = await metrics_of(calendar)
+    before = await scrape_metrics(calendar.http)
 
     paid = await calendar.pay(mentor)
     await calendar.failed(paid.session_id)
-    after = await metrics_of(calendar)
+    after = await scrape_metrics(calendar.http)
 
     assert moved(before, after, "booking_provider_calls_total", **INSERT, result="unavailable") == 1
     assert moved(before, after, "booking_provider_calls_total", **INSERT, result="ok") == 0

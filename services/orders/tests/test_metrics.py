@@ -5,17 +5,7 @@ a change."""
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
-
-
-async def metrics_of(orders) -> dict[tuple[str, frozenset], float]:
-    answer = await orders.client.get("/metrics")
-    assert answer.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(answer.text)
-        for sample in family.samples
-    }
+from booking.devtools.fixtures import scrape_metrics
 
 
 def moved(before: dict, after: dict, outcome: str, reason: str = "") -> float:
@@ -24,7 +14,7 @@ def moved(before: dict, after: dict, outcome: str, reason: str = "") -> float:
 
 
 async def test_each_outcome_is_counted_once_committed(orders):
-    before = await metrics_of(orders)
+    before = await scrape_metrics(orders.client)
     confirmed = await orders.booked()
     expired = await orders.booked()
     failed = await orders.booked()
@@ -38,7 +28,7 @@ async def test_each_outcome_is_counted_once_committed(orders):
     # Repeats under new message ids: handled, and nothing changes, so nothing is counted.
     await orders.handled(await orders.publish(confirmed.confirmed()))
     await orders.handled(await orders.publish(expired.failed(reason="expired")))
-    after = await metrics_of(orders)
+    after = await scrape_metrics(orders.client)
 
     assert moved(before, after, "requested") == 3
     assert moved(before, after, "confirmed") == 1
@@ -52,13 +42,13 @@ async def test_each_outcome_is_counted_once_committed(orders):
         headers=orders.admin,
     )
     assert cancelled.status_code == 200, cancelled.text
-    assert moved(after, await metrics_of(orders), "cancelled", "admin") == 1
+    assert moved(after, await scrape_metrics(orders.client), "cancelled", "admin") == 1
 
 
 async def test_the_oldest_pending_order_is_read_on_scrape(orders):
     booked = await orders.booked()  # pending: its payment has not opened
     # Booked 20 minutes ago (the sweeper fails such an order only at 30).
     await orders.backdate(booked.order_id, minutes=20)
-    waiting = await metrics_of(orders)
+    waiting = await scrape_metrics(orders.client)
     # At least its age: other tests' orders in this database may have waited longer.
     assert waiting[("booking_orders_oldest_pending_seconds", frozenset())] >= 20 * 60

@@ -5,19 +5,7 @@ broker against the sandbox Konnect; the registry is the process's, so each check
 
 from __future__ import annotations
 
-from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
-
-
-async def metrics_of(running: Any) -> dict[tuple[str, frozenset], float]:
-    answer = await running.http.get("/metrics")
-    assert answer.status_code == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(answer.text)
-        for sample in family.samples
-    }
+from booking.devtools.fixtures import scrape_metrics
 
 
 def read(metrics: dict, name: str, **labels: str) -> float:
@@ -39,13 +27,13 @@ async def test_a_paid_booking_and_a_konnect_outage_move_the_metrics(
     payments = payments_service
     consumer = f"{payments.settings.queue_prefix}payments"
     init = {"provider": "konnect", "operation": "init-payment"}
-    before = await metrics_of(payments)
+    before = await scrape_metrics(payments.http)
 
     # A booking whose payment opens, then is paid (the webhook reads it back from Konnect).
     event, ref = await book(payments)
     await sandbox.complete(ref)
     await payments.one("PaymentCompleted", event.order_id)
-    paid = await metrics_of(payments)
+    paid = await scrape_metrics(payments.http)
 
     assert moved(before, paid, "booking_payments_total", outcome="initiated", reason="") == 1
     assert moved(before, paid, "booking_payments_total", outcome="completed", reason="") == 1
@@ -65,7 +53,7 @@ async def test_a_paid_booking_and_a_konnect_outage_move_the_metrics(
     await sandbox.fault("http_503", count=attempts, endpoint="init")
     failed = await payments.request_booking()
     await payments.one("PaymentInitiationFailed", failed.order_id)
-    after = await metrics_of(payments)
+    after = await scrape_metrics(payments.http)
 
     outcome = {"outcome": "initiation_failed", "reason": "konnect_unavailable"}
     assert moved(paid, after, "booking_payments_total", **outcome) == 1

@@ -38,6 +38,7 @@ import uvicorn
 from aio_pika.abc import AbstractIncomingMessage
 from fastapi import FastAPI
 from faststream.rabbit import RabbitBroker
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
@@ -487,6 +488,17 @@ def url_via(url: str, proxy: TcpProxy) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def scrape_metrics(http: httpx.AsyncClient) -> dict[tuple[str, frozenset[Any]], float]:
+    """A service's /metrics, each sample's value by (name, its labels)."""
+    answer = await http.get("/metrics")
+    assert answer.status_code == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
 
 
 @contextlib.asynccontextmanager
